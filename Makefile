@@ -1,0 +1,31 @@
+# `make demo` and `make test` set up .venv (CPU torch pinned by constraints-cpu.txt) and run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CATALOG ?= catalog.yaml
+INSTALLED := $(VENV)/.installed
+
+.PHONY: setup demo test test-all benchmark clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints-cpu.txt -e ".[test]"
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/relcohort run $(CATALOG)
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+test-all: $(INSTALLED)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+benchmark: $(INSTALLED)
+	$(BIN)/python benchmarks/ingest_throughput.py
+
+clean:
+	rm -rf $(VENV) workspace

@@ -1,0 +1,9 @@
+"""Cluster profiles: where a catalog run's Dask tasks execute.
+
+A profile is configuration plus one ``start()`` that yields a connected ``distributed.Client``.
+The catalog's ``cluster:`` section picks the profile by its ``profile`` field.
+"""
+
+from cluster.profiles import ClusterProfile, LocalProfile
+
+__all__ = ["ClusterProfile", "LocalProfile"]

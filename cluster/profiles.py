@@ -1,0 +1,46 @@
+"""Cluster profiles as pydantic models; each starts a cluster and yields a Dask client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LocalProfile(BaseModel):
+    """A ``distributed.LocalCluster`` on this machine (worker processes bound to 127.0.0.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Literal["local"] = "local"
+    n_workers: int = Field(2, ge=1, description="worker processes")
+    threads_per_worker: int = Field(1, ge=1, description="threads in each worker")
+    memory_limit: str = Field("auto", description="per worker, e.g. '4GiB'; 'auto' splits the machine's memory")
+    dashboard: bool = Field(False, description="serve the Dask dashboard on 127.0.0.1:8787")
+    gpus_per_worker: int = Field(0, ge=0, description="advertise this many GPU resources on every worker")
+
+    @contextlib.contextmanager
+    def start(self) -> Iterator:
+        from distributed import Client, LocalCluster
+
+        resources = {"GPU": self.gpus_per_worker} if self.gpus_per_worker else None
+        with LocalCluster(
+            n_workers=self.n_workers,
+            threads_per_worker=self.threads_per_worker,
+            memory_limit=self.memory_limit,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:8787" if self.dashboard else None,
+            resources=resources,
+            silence_logs=40,  # logging.ERROR
+        ) as cluster, Client(cluster) as client:
+            yield client
+
+    def describe(self) -> str:
+        return (f"LocalCluster: {self.n_workers} worker(s) × {self.threads_per_worker} thread(s), "
+                f"memory {self.memory_limit}")
+
+
+#: Every profile the catalog accepts, told apart by ``profile:`` (SLURM comes with its issue).
+ClusterProfile = Annotated[Union[LocalProfile], Field(discriminator="profile")]

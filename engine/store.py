@@ -1,0 +1,601 @@
+"""The cohort store: subject × voxel arrays inside a brain mask, in Zarr v3, read through xarray.
+
+Layout of ``images.zarr`` (one Zarr group)::
+
+    <modality>          (subject, voxel)  one array per modality, chunked (subjects, voxels)
+    subject             (subject,)        participant_id
+    <column>            (subject,)        participant columns (age, sex, site, ...)
+    i, j, k             (voxel,)          grid indices of each voxel inside the mask
+    ingest/<modality>   (subject,)        sha256 of the ingested file; '' = row not written
+
+Root attributes hold the grid (shape, affine, space), the mask's hash, the committed number of
+subjects and the ingest record (state, skipped participants and why). A subject's row of a
+modality counts only once its hash is written, which happens after its data: a store whose
+ingest was interrupted never shows a row that is not whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from engine.grid import Grid
+from engine.tasks import run_tasks
+
+LAYOUT = "relcohort.images/1"
+INGEST_GROUP = "ingest"
+VOXEL_COORDS = ("i", "j", "k")
+
+
+class InputError(ValueError):
+    """A participant's input is unusable; the message names the participant, file and problem."""
+
+    def __init__(self, problem: str, participant: str | None = None, file: str | Path | None = None):
+        self.problem, self.participant, self.file = problem, participant, None if file is None else str(file)
+        where = ", ".join(part for part in (
+            f"participant {participant}" if participant else "",
+            f"file {file}" if file else "",
+        ) if part)
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+    def record(self) -> dict:
+        return {"participant_id": self.participant, "file": self.file, "problem": self.problem}
+
+
+class IngestError(RuntimeError):
+    """Ingest stopped (``on_error='fail'``); ``problems`` lists every :class:`InputError` found."""
+
+    def __init__(self, problems: list[InputError]):
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{len(problems)} input problem(s); nothing was written for these participants:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One image modality: a path template relative to the cohort root and its stored dtype.
+
+    The template may name any participants-table column, e.g.
+    ``"{participant_id}/anat/{participant_id}_T1w.nii.gz"``.
+    """
+
+    name: str
+    template: str
+    dtype: str = "float32"
+
+
+# ---------------------------------------------------------------------------------------
+# Participants table and files
+
+
+def read_participants(path: str | Path) -> pd.DataFrame:
+    """Read a BIDS ``participants.tsv`` (or .csv); check IDs are present and unique, age numeric."""
+    path = Path(path)
+    separator = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=["", "n/a", "NA"])
+    except FileNotFoundError:
+        raise InputError("participants table not found", file=path) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"malformed participants table: {error}", file=path) from None
+    if "participant_id" not in table.columns:
+        raise InputError(
+            f"malformed participants table: no 'participant_id' column (columns: {list(table.columns)}; "
+            f"expected {'comma' if separator == ',' else 'tab'}-separated values)", file=path)
+    missing = table.index[table["participant_id"].isna()]
+    if len(missing):
+        raise InputError(f"malformed participants table: empty participant_id on line(s) {list(missing + 2)}", file=path)
+    duplicated = table["participant_id"][table["participant_id"].duplicated(keep=False)]
+    if len(duplicated):
+        lines = {pid: list(duplicated.index[duplicated == pid] + 2) for pid in duplicated.unique()}
+        raise InputError(f"duplicate participant IDs (with their lines): {lines}", file=path)
+    for column in table.columns.drop("participant_id"):
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        bad = table[column].notna() & numbers.isna()
+        if column == "age" and bad.any():
+            row = bad.idxmax()
+            raise InputError(f"age {table[column][row]!r} on line {row + 2} is not a number",
+                             participant=table["participant_id"][row], file=path)
+        if not bad.any() and table[column].notna().any():
+            table[column] = numbers
+    return table
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern, position = "", 0
+    for match in re.finditer(r"\{(\w+)\}", template):
+        pattern += re.escape(template[position:match.start()])
+        name = match.group(1)
+        pattern += f"(?P={name})" if f"(?P<{name}>" in pattern else f"(?P<{name}>[^/]+)"
+        position = match.end()
+    return re.compile(pattern + re.escape(template[position:]) + "$")
+
+
+def resolve_files(root: str | Path, table: pd.DataFrame, modalities: list[Modality]):
+    """Each participant's file per modality, plus the problems: missing files and unlisted files.
+
+    Returns ``(files, problems)``: ``files[participant_id][modality]`` is a path; problems are
+    :class:`InputError` for listed participants without a file and files matching a template
+    whose participant is not in the table.
+    """
+    root = Path(root)
+    records = table.astype(object).where(table.notna(), "").to_dict("records")
+    files, problems = {}, []
+    listed = set(table["participant_id"])
+    for modality in modalities:
+        if "{participant_id}" not in modality.template:
+            raise InputError(f"modality {modality.name}: path template {modality.template!r} must contain "
+                             "{participant_id}")
+        for record in records:
+            pid = record["participant_id"]
+            try:
+                path = root / modality.template.format_map(record)
+            except KeyError as error:
+                raise InputError(f"modality {modality.name}: template {modality.template!r} names "
+                                 f"{error} which is not a participants-table column") from None
+            if path.is_file():
+                files.setdefault(pid, {})[modality.name] = path
+            else:
+                problems.append(InputError(f"no {modality.name} file (expected {path})", pid, path))
+        regex = _template_regex(modality.template)
+        glob = re.sub(r"\{\w+\}", "*", modality.template)
+        for path in sorted(root.glob(glob)):
+            match = regex.match(path.relative_to(root).as_posix())
+            if match and match["participant_id"] not in listed:
+                problems.append(InputError(
+                    f"{modality.name} file belongs to participant {match['participant_id']!r}, "
+                    f"who is not in the participants table", file=path))
+    return files, problems
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_header(image, grid: Grid | None, participant: str, path: Path) -> None:
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"expected a 3D image, got shape {image.shape} ({len(image.shape)}D)", participant, path)
+    if grid is not None and not grid.matches(shape, image.affine, atol=1e-3):
+        raise InputError(
+            f"grid differs from the cohort's: shape {tuple(shape)} vs {grid.shape}, affine\n"
+            f"{np.round(image.affine, 4)}\nvs\n{np.round(grid.affine, 4)}", participant, path)
+
+
+def inspect_file(path: Path, grid: Grid, participant: str) -> str:
+    """Hash a file and check its header (readable, 3D, on the cohort grid); return the sha256."""
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise InputError(f"unreadable image: {error}", participant, path) from None
+    _check_header(image, grid, participant, path)
+    return file_sha256(path)
+
+
+def read_masked(path: Path, flat_mask: np.ndarray, dtype: str, participant: str) -> np.ndarray:
+    """Load a 3D image and return its values inside the mask (C-order flat indices) as ``dtype``."""
+    try:
+        volume = np.asanyarray(nib.load(path).dataobj)
+    except Exception as error:
+        raise InputError(f"unreadable or truncated image data: {error}", participant, path) from None
+    values = volume.reshape(-1)[flat_mask] if volume.ndim == 3 else volume[..., 0].reshape(-1)[flat_mask]
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        bad = ~np.isfinite(values)
+        raise InputError(f"{bad.sum()} NaN/Inf voxel(s) inside the brain mask "
+                         f"(first at grid index {_first_index(flat_mask[bad], volume.shape[:3])})", participant, path)
+    stored = values.astype(dtype)
+    if np.issubdtype(np.dtype(dtype), np.integer) and not np.array_equal(stored, values):
+        raise InputError(f"values do not fit the modality's dtype {dtype} (e.g. {values[stored != values][0]})",
+                         participant, path)
+    return stored
+
+
+def _first_index(flat: np.ndarray, shape) -> tuple:
+    return tuple(int(n) for n in np.unravel_index(flat[0], shape))
+
+
+# ---------------------------------------------------------------------------------------
+# Creating and growing the store
+
+
+def _string_array(values) -> np.ndarray:
+    return np.asarray([str(value) for value in values], dtype=object)
+
+
+def _create_store(path: Path, mask_path: Path, space: str | None, voxels_per_chunk: int) -> zarr.Group:
+    image = nib.load(mask_path)
+    mask = np.asanyarray(image.dataobj)
+    if mask.ndim == 4 and mask.shape[3] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 3:
+        raise InputError(f"the brain mask must be 3D, got shape {mask.shape}", file=mask_path)
+    indices = np.argwhere(mask > 0)
+    if not len(indices):
+        raise InputError("the brain mask is empty", file=mask_path)
+    if space is None:
+        space = "MNI152" if int(image.header["sform_code"]) == 4 else "unknown"
+    grid = Grid(mask.shape, image.affine, space)
+
+    partial = path.with_name(path.name + ".creating")
+    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    chunk = min(len(indices), voxels_per_chunk)
+    for axis, name in enumerate(VOXEL_COORDS):
+        array = group.create_array(name, shape=(len(indices),), chunks=(chunk,), dtype="int16",
+                                   dimension_names=("voxel",))
+        array[:] = indices[:, axis]
+    group.create_array("subject", shape=(0,), chunks=(1024,), dtype=str, fill_value="", dimension_names=("subject",))
+    group.create_group(INGEST_GROUP)
+    group.attrs.update({
+        "grid": grid.to_attrs(),
+        "mask_sha256": file_sha256(mask_path),
+        "mask_file": str(mask_path),
+        "n_subjects": 0,
+        "modalities": {},
+        "ingest": {"state": "empty"},
+        "layout": LAYOUT,
+    })
+    partial.rename(path)  # a store exists only once it is whole
+    return zarr.open_group(path, mode="r+", zarr_format=3)
+
+
+def _open_for_ingest(path: Path, mask_path: Path, space: str | None, voxels_per_chunk: int) -> zarr.Group:
+    if not (path / "zarr.json").exists():
+        return _create_store(path, mask_path, space, voxels_per_chunk)
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    if group.attrs.get("layout") != LAYOUT:
+        raise InputError(f"not a relcohort images store (layout {group.attrs.get('layout')!r})", file=path)
+    if file_sha256(mask_path) != group.attrs["mask_sha256"]:
+        raise InputError(f"the brain mask differs from the one this store was built with "
+                         f"({group.attrs['mask_file']}); use a new workspace for a new mask", file=mask_path)
+    _truncate_to_committed(group)
+    return group
+
+
+def _subject_arrays(group: zarr.Group):
+    """Every array with a subject dimension, the ingest hashes included."""
+    for _, array in group.arrays():
+        if array.metadata.dimension_names and array.metadata.dimension_names[0] == "subject":
+            yield array
+    yield from (array for _, array in group[INGEST_GROUP].arrays())
+
+
+def _truncate_to_committed(group: zarr.Group) -> None:
+    """Undo a growth that was interrupted before its subject count was committed."""
+    n = group.attrs["n_subjects"]
+    for array in _subject_arrays(group):
+        if array.shape[0] != n:
+            array.resize((n, *array.shape[1:]))
+
+
+def _grow(group: zarr.Group, new_ids: list[str]) -> None:
+    n_old = group.attrs["n_subjects"]
+    n_new = n_old + len(new_ids)
+    for array in _subject_arrays(group):
+        array.resize((n_new, *array.shape[1:]))
+    group["subject"][n_old:n_new] = _string_array(new_ids)
+    group.attrs["n_subjects"] = n_new
+
+
+def _write_participant_columns(group: zarr.Group, table: pd.DataFrame, path: Path) -> None:
+    """Write the table's columns as subject coordinates aligned to the store's rows.
+
+    Subjects in the store but not in the table keep what is stored for them.
+    """
+    ids = list(group["subject"][:])
+    aligned = table.set_index("participant_id")
+    reserved = {"subject", *VOXEL_COORDS, *group.attrs["modalities"], INGEST_GROUP}
+    for column in aligned.columns:
+        if column in reserved:
+            raise InputError(f"participants-table column {column!r} clashes with a modality or store name", file=path)
+        numeric = pd.api.types.is_numeric_dtype(aligned[column])
+        if column not in group:
+            group.create_array(column, shape=(len(ids),), chunks=(1024,), dtype="float64" if numeric else str,
+                               fill_value=np.nan if numeric else "", dimension_names=("subject",))
+        elif (group[column].dtype.kind == "f") != numeric:
+            raise InputError(f"participants-table column {column!r} was {'text' if numeric else 'numeric'} "
+                             f"when the store was built and is now {'numeric' if numeric else 'text'}", file=path)
+        stored = pd.Series(group[column][:], index=ids)
+        values = aligned[column].reindex(ids)
+        values = values.where(pd.Series(ids, index=ids).isin(aligned.index), stored)
+        group[column][:] = values.to_numpy(float) if numeric else _string_array(values.fillna(""))
+    columns = sorted(set(group.attrs.get("participant_columns", [])) | set(aligned.columns))
+    group.attrs["participant_columns"] = columns
+    for name in group.attrs["modalities"]:
+        group[name].attrs["coordinates"] = " ".join([*columns, *VOXEL_COORDS])
+
+
+def _add_modality(group: zarr.Group, modality: Modality, subjects_per_chunk: int, voxels_per_chunk: int) -> None:
+    n_voxels = group["i"].shape[0]
+    grid = group.attrs["grid"]
+    group.create_array(
+        modality.name, shape=(group.attrs["n_subjects"], n_voxels),
+        chunks=(subjects_per_chunk, min(n_voxels, voxels_per_chunk)), dtype=modality.dtype,
+        fill_value=np.nan if np.dtype(modality.dtype).kind == "f" else 0, dimension_names=("subject", "voxel"),
+        attributes={"coordinates": " ".join(VOXEL_COORDS), "grid_shape": grid["shape"],
+                    "grid_affine": grid["affine"], "space": grid["space"], "source_template": modality.template},
+    )
+    group[INGEST_GROUP].create_array(modality.name, shape=(group.attrs["n_subjects"],),
+                                     chunks=(subjects_per_chunk,), dtype=str, fill_value="")
+    group.attrs["modalities"] = {**group.attrs["modalities"], modality.name: {"template": modality.template,
+                                                                            "dtype": modality.dtype}}
+
+
+# ---------------------------------------------------------------------------------------
+# The ingest
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did: rows written, skipped as unchanged, and the problems found."""
+
+    store: Path
+    written: dict[str, int] = field(default_factory=dict)
+    unchanged: int = 0
+    appended: int = 0
+    problems: list[InputError] = field(default_factory=list)
+    n_subjects: int = 0
+
+
+@dataclass
+class _RowWork:
+    row: int
+    participant_id: str
+    files: dict[str, tuple[str, str]]  # modality -> (path, sha256)
+
+
+def _inspect_participant(item):
+    """Dask task: hash every file of one participant and check its headers."""
+    pid, files, grid = item
+    hashes, problems = {}, []
+    for modality, path in files.items():
+        try:
+            hashes[modality] = inspect_file(path, grid, pid)
+        except InputError as problem:
+            problems.append(problem)
+    return hashes, problems
+
+
+@lru_cache(maxsize=8)
+def _flat_mask(store: str, mask_sha256: str) -> np.ndarray:
+    group = zarr.open_group(store, mode="r")
+    indices = np.stack([group[name][:] for name in VOXEL_COORDS]).astype(np.int64)
+    return np.ravel_multi_index(indices, tuple(group.attrs["grid"]["shape"]))
+
+
+def _write_block(item):
+    """Dask task: read, check and write the rows of one subject chunk; then commit their hashes."""
+    store, mask_sha256, dtypes, block = item
+    flat_mask = _flat_mask(store, mask_sha256)
+    group = zarr.open_group(store, mode="r+")
+    problems, written = [], {}
+    for modality, dtype in dtypes.items():
+        rows, values = [], []
+        for work in block:
+            if modality not in work.files:
+                continue
+            try:
+                values.append(read_masked(Path(work.files[modality][0]), flat_mask, dtype, work.participant_id))
+                rows.append(work)
+            except InputError as problem:
+                problems.append(problem)
+        if not rows:
+            continue
+        hashes = group[INGEST_GROUP][modality]
+        index = [work.row for work in rows]
+        start, stop = min(index), max(index) + 1
+        committed = hashes[start:stop]
+        committed[np.subtract(index, start)] = ""
+        hashes[start:stop] = committed  # rows being rewritten stop counting first
+        data = group[modality]
+        if stop - start == len(index):
+            block_values = np.stack(values)
+        else:
+            block_values = data[start:stop]
+            block_values[np.subtract(index, start)] = np.stack(values)
+        data[start:stop] = block_values
+        committed[np.subtract(index, start)] = [work.files[modality][1] for work in rows]
+        hashes[start:stop] = committed
+        written[modality] = len(rows)
+    return written, problems
+
+
+def ingest(
+    store: str | Path,
+    participants: pd.DataFrame,
+    root: str | Path,
+    modalities: list[Modality],
+    mask: str | Path,
+    *,
+    space: str | None = None,
+    on_error: str = "fail",
+    subjects_per_chunk: int = 16,
+    voxels_per_chunk: int = 65536,
+    client=None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> IngestReport:
+    """Ingest the participants' images into ``store`` (created on first use), incrementally.
+
+    Participants whose files are unchanged (sha256) are skipped, new ones appended, changed
+    ones rewritten in place. ``on_error='fail'`` stops before writing anything when a file is
+    missing, unlisted or has a bad header, and raises :class:`IngestError` at the end for bad
+    image data; ``'skip'`` leaves those participants out and records them in the store's
+    ``ingest`` attribute. With a Dask ``client`` every subject chunk is one task.
+    ``progress(phase, done, total)`` reports progress.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    store, root, mask = Path(store), Path(root), Path(mask)
+    if not mask.is_file():
+        raise InputError("brain mask not found", file=mask)
+    names = [modality.name for modality in modalities]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"modality names must be unique and at least one, got {names}")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    files, problems = resolve_files(root, participants, modalities)
+    _fail_fast(problems, on_error)
+    group = _open_for_ingest(store, mask, space, voxels_per_chunk)
+    grid = Grid.from_attrs(group.attrs["grid"])
+    report = IngestReport(store)
+
+    # 1. hash every file and check its header (one task per participant)
+    listed = [pid for pid in participants["participant_id"] if pid in files]
+    hashes, header_problems = {}, []
+    items = [(pid, files[pid], grid) for pid in listed]
+    for done, ((pid, _, _), (participant_hashes, found)) in enumerate(
+            run_tasks(_inspect_participant, items, client=client), start=1):
+        hashes[pid] = participant_hashes
+        header_problems += found
+        if progress:
+            progress("check", done, len(items))
+    problems += header_problems
+    _fail_fast(problems, on_error)
+    bad = {problem.participant for problem in problems}
+
+    # 2. plan: which rows of which modality need writing
+    for modality in modalities:
+        stored = group.attrs["modalities"].get(modality.name)
+        if stored is None:
+            _add_modality(group, modality, subjects_per_chunk, voxels_per_chunk)
+        elif stored["dtype"] != modality.dtype:
+            raise InputError(f"modality {modality.name} is stored as {stored['dtype']}, the catalog asks for "
+                             f"{modality.dtype}; use a new workspace to change it", file=store)
+    rows = {pid: row for row, pid in enumerate(group["subject"][:])}
+    new_ids = [pid for pid in listed if pid not in rows and pid not in bad]
+    _grow(group, new_ids)
+    report.appended = len(new_ids)
+    rows.update({pid: len(rows) + n for n, pid in enumerate(new_ids)})
+    _write_participant_columns(group, participants, store)
+
+    stored_hashes = {name: group[INGEST_GROUP][name][:] for name in names}
+    work = {}
+    for pid in listed:
+        if pid in bad:
+            continue
+        row = rows[pid]
+        changed = {name: (str(files[pid][name]), hashes[pid][name]) for name in names
+                   if stored_hashes[name][row] != hashes[pid][name]}
+        if changed:
+            work.setdefault(row // subjects_per_chunk, []).append(_RowWork(row, pid, changed))
+        else:
+            report.unchanged += 1
+
+    # 3. write whole subject chunks (one task per chunk), each committing its rows' hashes
+    dtypes = {modality.name: modality.dtype for modality in modalities}
+    blocks = [(str(store), group.attrs["mask_sha256"], dtypes, block) for block in work.values()]
+    group.attrs["ingest"] = {**group.attrs["ingest"], "state": "in progress", "started": started}
+    total, done = sum(len(block) for block in work.values()), 0
+    for (_, _, _, block), (written, found) in run_tasks(_write_block, blocks, client=client):
+        for name, count in written.items():
+            report.written[name] = report.written.get(name, 0) + count
+        problems += found
+        done += len(block)
+        if progress:
+            progress("write", done, total)
+
+    report.problems = problems
+    report.n_subjects = group.attrs["n_subjects"]
+    group.attrs["ingest"] = {
+        "state": "complete" if not problems else ("incomplete" if on_error == "fail" else "complete"),
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "on_error": on_error,
+        "skipped": [problem.record() for problem in problems],
+        "written": report.written,
+        "unchanged": report.unchanged,
+        "appended": report.appended,
+    }
+    if problems and on_error == "fail":
+        raise IngestError(problems)
+    return report
+
+
+def _fail_fast(problems: list[InputError], on_error: str) -> None:
+    if problems and on_error == "fail":
+        raise IngestError(problems)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def open_cohort(path: str | Path, include_incomplete: bool = False) -> xr.Dataset:
+    """Open ``images.zarr`` as a lazy ``xarray.Dataset`` of (subject, voxel) arrays.
+
+    Subject metadata (age, sex, site, ...) are coordinates, so ``ds.where(ds.age > 60,
+    drop=True)`` works. Rows not wholly ingested (an interrupted or failed ingest) are left
+    out unless ``include_incomplete``.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"no cohort store at {path}")
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get("layout") != LAYOUT:
+        raise ValueError(f"{path} is not a relcohort images store")
+    n = group.attrs["n_subjects"]
+    lengths = {array.path: array.shape[0] for array in _subject_arrays(group)}
+    if any(length != n for length in lengths.values()):
+        raise ValueError(f"{path} was interrupted while growing; run the ingest again to repair it")
+    dataset = xr.open_zarr(path, consolidated=False, zarr_format=3)
+    eager = ["subject", *group.attrs.get("participant_columns", []), *VOXEL_COORDS]
+    dataset = dataset.assign_coords(
+        {name: (dataset[name].dims, _plain(dataset[name].values)) for name in eager if name in dataset.coords})
+    complete = np.ones(n, bool)
+    for name in group.attrs["modalities"]:
+        complete &= group[INGEST_GROUP][name][:] != ""
+    return dataset if include_incomplete else dataset.isel(subject=complete)
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    return values.astype(object) if values.dtype.kind in "TUS" else values
+
+
+def cohort_grid(data: xr.Dataset | xr.DataArray) -> Grid:
+    """The voxel grid of a store's arrays."""
+    attrs = data.attrs
+    if "grid" in attrs:
+        return Grid.from_attrs(attrs["grid"])
+    return Grid(tuple(attrs["grid_shape"]), np.array(attrs["grid_affine"]), attrs.get("space", "unknown"))
+
+
+def to_volume(row: xr.DataArray, fill: float = 0) -> nib.Nifti1Image:
+    """Turn one (voxel,) row of a store array back into a NIfTI image on the cohort grid."""
+    if row.dims != ("voxel",):
+        raise ValueError(f"to_volume needs one row with dims ('voxel',), got {row.dims}; select a subject first")
+    grid = cohort_grid(row)
+    values = np.asarray(row.values)
+    volume = np.full(grid.shape, fill, dtype=values.dtype)
+    volume[row["i"].values, row["j"].values, row["k"].values] = values
+    image = nib.Nifti1Image(volume, grid.affine)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+def mask_image(data: xr.Dataset | xr.DataArray) -> nib.Nifti1Image:
+    """The cohort brain mask as a NIfTI image."""
+    grid = cohort_grid(data)
+    volume = np.zeros(grid.shape, np.uint8)
+    volume[data["i"].values, data["j"].values, data["k"].values] = 1
+    return nib.Nifti1Image(volume, grid.affine)
+
+
+def ingest_record(path: str | Path) -> Mapping:
+    """The store's root attributes: grid, modalities, subject count and the last ingest record."""
+    return dict(zarr.open_group(Path(path), mode="r").attrs)

@@ -1,0 +1,35 @@
+"""Running many independent tasks on a Dask cluster, or inline when there is none."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+def run_tasks(
+    func: Callable,
+    items: Iterable,
+    *,
+    client=None,
+    resources: dict | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """Run ``func(item)`` for every item and yield ``(item, result)`` as each finishes.
+
+    With a ``distributed.Client`` the calls are Dask tasks spread over its workers (retried
+    once if a worker dies); without one they run inline, in order. A task's exception is
+    raised here, after the tasks that finished before it were yielded.
+    """
+    items = list(items)
+    if client is None:
+        for item in items:
+            yield item, func(item)
+        return
+
+    from distributed import as_completed
+
+    futures = {client.submit(func, item, resources=resources, retries=1, pure=False): item for item in items}
+    try:
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        client.cancel(list(futures))

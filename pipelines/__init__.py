@@ -1,0 +1,1 @@
+"""The catalog schema, the stages, the runner and the ``relcohort`` command line."""

