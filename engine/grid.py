@@ -15,7 +15,7 @@ _MNI_ORIGIN = np.array([90.0, -126.0, -72.0])
 _MNI_EXTENT = np.array([181.0, 217.0, 181.0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grid:
     """A 3D voxel grid: ``shape``, the voxel→world ``affine`` (4×4) and the ``space`` name."""
 
@@ -28,6 +28,12 @@ class Grid:
         object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
         if len(self.shape) != 3 or self.affine.shape != (4, 4):
             raise ValueError(f"a grid needs a 3D shape and a 4x4 affine, got {self.shape} and {self.affine.shape}")
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Grid) and self.shape == other.shape and self.space == other.space
+                and np.array_equal(self.affine, other.affine))
+
+    __hash__ = None
 
     @property
     def voxel_size(self) -> np.ndarray:

@@ -16,6 +16,7 @@ ingest was interrupted never shows a row that is not whole.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 from collections.abc import Callable, Mapping
@@ -84,11 +85,20 @@ def read_participants(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     separator = "," if path.suffix.lower() == ".csv" else "\t"
     try:
-        table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=["", "n/a", "NA"])
+        with open(path, newline="") as stream:
+            rows = list(csv.reader(stream, delimiter=separator))
     except FileNotFoundError:
         raise InputError("participants table not found", file=path) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"malformed participants table: {error}", file=path) from None
+    if not rows or not any(rows[0]):
+        raise InputError("malformed participants table: it is empty (no header line)", file=path)
+    for number, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(rows[0]):
+            raise InputError(f"malformed participants table: line {number} has {len(row)} fields, "
+                             f"the header has {len(rows[0])}", file=path)
+    table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=["", "n/a", "NA"],
+                        index_col=False)
     if "participant_id" not in table.columns:
         raise InputError(
             f"malformed participants table: no 'participant_id' column (columns: {list(table.columns)}; "

@@ -53,12 +53,12 @@ class PlantedEffects:
     hippocampus_loss: float = 0.28
     amygdala_loss: float = 0.22
     thalamus_loss: float = 0.16
-    cortical_thinning: float = 0.10
-    ventricle_dilation_mm: float = 4.5
+    cortical_thinning: float = 0.22
+    ventricle_dilation_mm: float = 6.0
     fa_decline: float = 0.22
     wmh_lesions_at_80: float = 10.0
-    rate_variability: float = 0.35
-    regional_volume_sd: float = 0.08
+    rate_variability: float = 0.20
+    regional_volume_sd: float = 0.06
     deformation_mm: float = 2.5
     male_head_scale: float = 1.045
     head_scale_sd: float = 0.03
@@ -262,7 +262,7 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     dilation = effects.ventricle_dilation_mm * max(t, 0) ** 1.5 * np.exp(rng.normal(0, effects.rate_variability))
     latent["ventricle_dilation_mm"] = dilation
     distance = ndimage.distance_transform_edt(~in_ventricle, sampling=grid.voxel_size)
-    ventricle = np.where(in_ventricle, 1.0, np.clip((dilation + voxel / 2 - distance) / voxel, 0, 1)) * brain
+    ventricle = np.where(in_ventricle, 1.0, np.clip((dilation + voxel - distance) / voxel, 0, 1)) * brain
     gm *= 1 - ventricle
     wm *= 1 - ventricle
 

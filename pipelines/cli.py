@@ -80,3 +80,7 @@ def synth(
         table = generate_cohort(out_dir, subjects, voxel_size, seed, client=client,
                                 progress=progress_callback(bar, "synth"))
     console.print(f"{len(table)} participants in {out_dir} (participants.tsv, planted_effects.json, mask.nii.gz)")
+
+
+if __name__ == "__main__":
+    app()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import store, synth
+from engine.grid import MNI_SPACE
 from pipelines.catalog import Catalog
 
 Progress = Callable[[str, int, int], None]
@@ -61,7 +62,7 @@ class IngestStage:
         participants = store.read_participants(catalog.participants_file)
         report = store.ingest(
             catalog.workspace / IMAGES, participants, catalog.cohort_root, catalog.modality_list(),
-            catalog.mask_file, space=catalog.cohort.space, on_error=catalog.ingest.on_error,
+            catalog.mask_file, space=catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None), on_error=catalog.ingest.on_error,
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
             client=client, progress=progress,
         )

@@ -1,0 +1,46 @@
+"""Shared fixtures: small synthetic cohorts (generated once per session) and a Dask client."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.store import Modality
+from engine.synth import MODALITY_PATHS, generate_cohort
+
+MODALITIES = [Modality(name, template, "uint8" if name == "WMH" else "float32")
+              for name, template in MODALITY_PATHS.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """24 participants on an 8 mm grid: fast, for store and pipeline tests. Do not modify."""
+    out = tmp_path_factory.mktemp("tiny") / "cohort"
+    generate_cohort(out, 24, voxel_size=8.0, seed=11)
+    return out
+
+
+@pytest.fixture(scope="session")
+def effects_cohort(tmp_path_factory) -> Path:
+    """60 participants on a 6 mm grid: enough to see the planted age effects. Do not modify."""
+    out = tmp_path_factory.mktemp("effects") / "cohort"
+    generate_cohort(out, 60, voxel_size=6.0, seed=5)
+    return out
+
+
+@pytest.fixture
+def cohort_copy(tiny_cohort, tmp_path) -> Path:
+    """A private copy of the tiny cohort that a test may break."""
+    return Path(shutil.copytree(tiny_cohort, tmp_path / "cohort"))
+
+
+@pytest.fixture(scope="session")
+def client():
+    """An in-process Dask cluster (threads), shared by the tests that run tasks on one."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as dask_client:
+        yield dask_client
