@@ -43,4 +43,4 @@ class LocalProfile(BaseModel):
 
 
 #: Every profile the catalog accepts, told apart by ``profile:`` (SLURM comes with its issue).
-ClusterProfile = Annotated[Union[LocalProfile], Field(discriminator="profile")]
+ClusterProfile = Annotated[Union[LocalProfile], Field(discriminator="profile")]  # noqa: UP007 (grows)

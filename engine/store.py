@@ -105,7 +105,8 @@ def read_participants(path: str | Path) -> pd.DataFrame:
             f"expected {'comma' if separator == ',' else 'tab'}-separated values)", file=path)
     missing = table.index[table["participant_id"].isna()]
     if len(missing):
-        raise InputError(f"malformed participants table: empty participant_id on line(s) {list(missing + 2)}", file=path)
+        raise InputError(f"malformed participants table: empty participant_id on line(s) {list(missing + 2)}",
+                         file=path)
     duplicated = table["participant_id"][table["participant_id"].duplicated(keep=False)]
     if len(duplicated):
         lines = {pid: list(duplicated.index[duplicated == pid] + 2) for pid in duplicated.unique()}

@@ -285,7 +285,7 @@ def _plant_lesions(rng, grid, world, wm, ventricle_distance, age, effects) -> np
     centers = world[rng.choice(candidates, size=count, p=weights / weights.sum())]
     radii = rng.uniform(2.5, 5.0, count) + 2.0 * (age > 60) * rng.random(count)
     voxel = float(grid.voxel_size.mean())
-    for center, radius in zip(centers, radii):
+    for center, radius in zip(centers, radii, strict=True):
         distance = np.linalg.norm(world - center, axis=1).reshape(grid.shape)
         lesion = np.maximum(lesion, np.clip((radius + voxel / 2 - distance) / voxel, 0, 1))
     return lesion * (wm > 0.3)
@@ -402,7 +402,7 @@ def format_aseg_stats(subject: str, rows: list[tuple], measures: dict, intensiti
         "# user     relcohort",
         "# anatomy_type volume",
         "# ",
-        f"# SUBJECTS_DIR derivatives/freesurfer",
+        "# SUBJECTS_DIR derivatives/freesurfer",
         f"# subjectname {subject}",
     ]
     for key, name, description, unit in _ASEG_MEASURES:
@@ -532,7 +532,8 @@ def generate_cohort(
     demographics = ["participant_id", "age", "sex", "site"]
     table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)
     table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
-    (out_dir / "planted_effects.json").write_text(json.dumps(_effects_record(seed, voxel_size, grid, effects), indent=2))
+    record = _effects_record(seed, voxel_size, grid, effects)
+    (out_dir / "planted_effects.json").write_text(json.dumps(record, indent=2))
     (out_dir / "dataset_description.json").write_text(
         json.dumps({"Name": "relcohort synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
                     "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size}]}, indent=2)
@@ -582,7 +583,7 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
              "fraction_lost_at_80": effects.fa_decline, "modalities": ["FA"]},
         ],
         "nuisance": {
-            "sites": {site: dict(zip(("gain", "contrast_exponent", "noise_sd"), values))
+            "sites": {site: dict(zip(("gain", "contrast_exponent", "noise_sd"), values, strict=True))
                       for site, values in SITE_SCANNER.items()},
             "head_scale": {"male": effects.male_head_scale, "sd_log": effects.head_scale_sd},
             "deformation_sd_mm": effects.deformation_mm,

@@ -81,7 +81,8 @@ class Catalog(_Strict):
     def _modality_names(cls, modalities: dict) -> dict:
         for name in modalities:
             if not MODALITY_NAME.match(name) or name in RESERVED_NAMES:
-                raise ValueError(f"modality name {name!r} must be an identifier and not one of {sorted(RESERVED_NAMES)}")
+                raise ValueError(f"modality name {name!r} must be an identifier and not one of "
+                                 f"{sorted(RESERVED_NAMES)}")
         return {name: ModalitySpec(path=spec) if isinstance(spec, str) else spec for name, spec in modalities.items()}
 
     # -- derived, resolved against the catalog's folder by ``load_catalog``

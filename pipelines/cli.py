@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cohort analysis of brain-MRI relevance maps.")
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str) -> None:
@@ -18,7 +19,7 @@ def _fail(message: str) -> None:
 
 
 @app.command()
-def validate(catalog: Path = typer.Argument(..., help="catalog YAML file")) -> None:
+def validate(catalog: Annotated[Path, typer.Argument(help="catalog YAML file")]) -> None:
     """Check a catalog against the schema and report every error with its field."""
     from pipelines.catalog import CatalogError, check_inputs, load_catalog
 
@@ -33,7 +34,7 @@ def validate(catalog: Path = typer.Argument(..., help="catalog YAML file")) -> N
 
 
 @app.command()
-def run(catalog: Path = typer.Argument(..., help="catalog YAML file")) -> None:
+def run(catalog: Annotated[Path, typer.Argument(help="catalog YAML file")]) -> None:
     """Run every stage of a catalog (those already done are skipped)."""
     from engine.store import IngestError, InputError
     from pipelines.catalog import CatalogError
@@ -46,7 +47,7 @@ def run(catalog: Path = typer.Argument(..., help="catalog YAML file")) -> None:
 
 
 @app.command()
-def status(workspace: Path = typer.Argument(..., help="workspace folder of a catalog run")) -> None:
+def status(workspace: Annotated[Path, typer.Argument(help="workspace folder of a catalog run")]) -> None:
     """List what each stage has produced in a workspace."""
     from pipelines.runner import read_provenance, workspace_status
 
@@ -65,11 +66,11 @@ def status(workspace: Path = typer.Argument(..., help="workspace folder of a cat
 
 @app.command()
 def synth(
-    out_dir: Path = typer.Argument(..., help="folder to write the cohort into"),
-    subjects: int = typer.Option(..., "--subjects", "-n", min=1, help="number of participants"),
-    voxel_size: float = typer.Option(4.0, "--voxel-size", min=0.5, max=12, help="isotropic voxel size in mm"),
-    seed: int = typer.Option(0, "--seed", min=0, help="random seed"),
-    workers: int = typer.Option(2, "--workers", min=1, help="local Dask worker processes"),
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the cohort into")],
+    subjects: Annotated[int, typer.Option("--subjects", "-n", min=1, help="number of participants")],
+    voxel_size: Annotated[float, typer.Option(min=0.5, max=12, help="isotropic voxel size in mm")] = 4.0,
+    seed: Annotated[int, typer.Option(min=0, help="random seed")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="local Dask worker processes")] = 2,
 ) -> None:
     """Generate a synthetic cohort with planted age effects (BIDS-like files)."""
     from cluster import LocalProfile

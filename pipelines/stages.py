@@ -60,9 +60,10 @@ class IngestStage:
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
         participants = store.read_participants(catalog.participants_file)
+        space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
         report = store.ingest(
             catalog.workspace / IMAGES, participants, catalog.cohort_root, catalog.modality_list(),
-            catalog.mask_file, space=catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None), on_error=catalog.ingest.on_error,
+            catalog.mask_file, space=space, on_error=catalog.ingest.on_error,
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
             client=client, progress=progress,
         )

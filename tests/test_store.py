@@ -260,3 +260,21 @@ def test_store_refuses_a_different_mask(tiny_cohort, tmp_path):
     nib.save(nib.Nifti1Image(np.ones(mask.shape, np.uint8), mask.affine), other)
     with pytest.raises(InputError, match="brain mask differs"):
         ingest(store, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES, other)
+
+
+@pytest.mark.parametrize("extension, image_class", [(".mgz", nib.MGHImage), (".nii", nib.Nifti1Image)])
+def test_freesurfer_mgz_and_uncompressed_nifti_round_trip(cohort_copy, tmp_path, extension, image_class):
+    table = read_participants(cohort_copy / "participants.tsv").iloc[:3]
+    for pid in table.participant_id:
+        original = source(cohort_copy, MODALITIES[0], pid)
+        image_class(np.asanyarray(original.dataobj), original.affine).to_filename(
+            cohort_copy / f"{pid}_T1{extension}")
+    modality = Modality("T1", "{participant_id}_T1" + extension)
+    store = tmp_path / "images.zarr"
+    report = ingest(store, table, cohort_copy, [modality], cohort_copy / "mask.nii.gz")
+    assert report.written == {"T1": 3}
+    ds = open_cohort(store)
+    mask = np.asanyarray(nib.load(cohort_copy / "mask.nii.gz").dataobj) > 0
+    for pid in table.participant_id:
+        expected = np.asanyarray(source(cohort_copy, MODALITIES[0], pid).dataobj)[mask]
+        assert np.array_equal(np.asanyarray(to_volume(ds.T1.sel(subject=pid)).dataobj)[mask], expected)

@@ -1,0 +1,138 @@
+"""The catalog schema and the ``relcohort`` command line, run as a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.store import open_cohort
+from pipelines.catalog import CatalogError, load_catalog
+
+REPO = Path(__file__).parents[1]
+
+
+def relcohort(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def write_catalog(path: Path, **sections) -> Path:
+    base = yaml.safe_load((REPO / "catalog.yaml").read_text())
+    base.update(sections)
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def test_default_catalog_is_valid():
+    catalog, digest = load_catalog(REPO / "catalog.yaml")
+    assert catalog.workspace == (REPO / "workspace/demo").resolve()
+    assert catalog.cohort.demo.subjects >= 128 and list(catalog.modalities) == ["T1", "FLAIR", "GM", "FA", "WMH"]
+    assert catalog.modalities["WMH"].dtype == "uint8"
+    assert digest == hashlib.sha256((REPO / "catalog.yaml").read_bytes()).hexdigest()
+
+
+def test_every_schema_error_is_reported_with_its_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "cohort": {"demo": {"subjects": 0}, "directory": "data"},
+        "modalities": {"T1": "{participant_id}.nii.gz", "2bad": "x_{participant_id}.nii", "FA": "fa.nii.gz"},
+        "ingest": {"on_error": "ignore"},
+        "cluster": {"profile": "local", "n_workers": 0},
+        "colour": "blue",
+    }))
+    with pytest.raises(CatalogError) as failure:
+        load_catalog(path)
+    fields = {field for field, _ in failure.value.errors}
+    assert {"workspace", "cohort.demo.subjects", "modalities", "ingest.on_error", "cluster.local.n_workers",
+            "colour"} <= fields
+    result = relcohort("validate", path)
+    assert result.returncode == 1
+    for field in ("workspace", "cohort.demo.subjects", "ingest.on_error", "cluster.local.n_workers", "colour"):
+        assert field in result.stderr
+
+
+def test_unsafe_or_broken_yaml_is_refused(tmp_path):
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("workspace: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(CatalogError, match="invalid YAML"):
+        load_catalog(unsafe)
+    assert not (tmp_path / "pwned").exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("workspace: ws\ncohort:\n  demo: [unclosed\n")
+    with pytest.raises(CatalogError, match="line 4"):
+        load_catalog(broken)
+
+
+def test_directory_cohort_needs_its_files(tmp_path):
+    path = write_catalog(tmp_path / "catalog.yaml", workspace="ws", cohort={"directory": "missing"})
+    result = relcohort("validate", path)
+    assert result.returncode == 1 and "cohort.directory" in result.stderr and "is not a folder" in result.stderr
+
+
+def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
+                            cohort={"demo": {"subjects": 10, "voxel_size": 8.0, "seed": 3}},
+                            cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
+    assert relcohort("validate", catalog).returncode == 0
+    first = relcohort("run", catalog, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    workspace = tmp_path / "ws"
+    assert str(workspace / "images.zarr") in first.stdout and "open_cohort" in first.stdout
+
+    ds = open_cohort(workspace / "images.zarr")
+    assert ds.sizes["subject"] == 10 and set(ds.data_vars) == {"T1", "FLAIR", "GM", "FA", "WMH"}
+    assert ds.T1.attrs["space"] == "MNI152NLin2009aSym"
+    provenance = json.loads((workspace / "provenance.json").read_text())
+    run = provenance["runs"][-1]
+    assert run["state"] == "complete" and run["seeds"] == {"demo": 3}
+    assert run["catalog_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
+    assert run["packages"]["zarr"] and run["packages"]["relcohort"] == "0.1.0"
+    assert set(run["stages"]) == {"synth", "ingest"}
+
+    second = relcohort("run", catalog, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
+    assert rerun["synth"]["generated"] == 0 and rerun["ingest"]["unchanged"] == 10
+    assert rerun["ingest"]["written"] == {}
+
+    status = relcohort("status", workspace)
+    assert status.returncode == 0
+    assert "synth" in status.stdout and "10 synthetic participants" in status.stdout
+    assert "10 complete subjects" in status.stdout
+
+
+def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_path):
+    (cohort_copy / "sub-0004/anat/sub-0004_FLAIR.nii.gz").write_bytes(b"\x1f\x8b broken")
+    modalities = yaml.safe_load((REPO / "catalog.yaml").read_text())["modalities"]
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities,
+                            cohort={"directory": str(cohort_copy)},
+                            ingest={"on_error": "skip", "subjects_per_chunk": 4},
+                            cluster={"profile": "local", "n_workers": 1})
+    result = relcohort("run", catalog)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped" in result.stdout and "sub-0004" in result.stdout
+    ds = open_cohort(tmp_path / "ws/images.zarr")
+    assert ds.sizes["subject"] == 23 and "sub-0004" not in ds.subject.values
+    status = relcohort("status", tmp_path / "ws")
+    assert "skipped sub-0004" in status.stdout and "unreadable image" in status.stdout
+
+    failing = write_catalog(tmp_path / "failing.yaml", workspace="ws2", modalities=modalities,
+                            cohort={"directory": str(cohort_copy)}, cluster={"profile": "local", "n_workers": 1})
+    result = relcohort("run", failing)
+    assert result.returncode == 1
+    assert "participant sub-0004" in result.stderr and "sub-0004_FLAIR.nii.gz" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_synth_command_writes_a_cohort(tmp_path):
+    result = relcohort("synth", tmp_path / "cohort", "--subjects", 3, "--voxel-size", 8, "--seed", 4, "--workers", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "cohort/participants.tsv").read_text().count("\n") == 4
+    assert np.all([(tmp_path / f"cohort/sub-000{n}/anat/sub-000{n}_T1w.nii.gz").is_file() for n in (1, 2, 3)])
