@@ -1,11 +1,11 @@
 """Ingest throughput: relcohort's Dask ingest against a bare nibabel load loop on the same files.
 
-    python benchmarks/ingest_throughput.py [--subjects 64] [--voxel-sizes 4 2] [--out benchmarks/results]
+    python benchmarks/ingest_throughput.py [--subjects 128] [--voxel-sizes 4 2] [--out benchmarks/results]
 
 For each voxel size a demo cohort is generated once (cached under benchmarks/work/), the files
 are read once to warm the page cache, then timed:
   * nibabel loop: one process loads every image (``np.asanyarray(nib.load(f).dataobj)``);
-  * relcohort ingest into a fresh store on a LocalCluster of 1 worker and of 2 workers
+  * relcohort ingest into a fresh store on the local profile's cluster, 1 worker and 2 workers
     (hashing, header checks, masking, Zarr writes; cluster start-up excluded);
   * relcohort re-ingest of the unchanged cohort (hash and skip).
 Results go to ``<out>/ingest.json`` and a Markdown table on stdout.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from distributed import Client, LocalCluster
 
+from cluster import LocalProfile
 from engine.store import Modality, ingest, read_participants
 from engine.synth import MODALITY_PATHS, generate_cohort
 
@@ -54,8 +54,7 @@ def relcohort_ingest(cohort: Path, store: Path, client) -> float:
 def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     cohort = work / f"cohort_{subjects}_{voxel_size:g}mm"
     if not (cohort / "participants.tsv").is_file():
-        with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        with LocalProfile(n_workers=2).start() as client:
             generate_cohort(cohort, subjects, voxel_size, seed=1, client=client)
     files = cohort_files(cohort)
     megabytes = sum(path.stat().st_size for path in files) / 1e6
@@ -64,8 +63,7 @@ def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     result = {"voxel_size_mm": voxel_size, "subjects": subjects, "files": len(files), "file_megabytes": megabytes,
               "nibabel_loop_s": baseline, "nibabel_subjects_per_s": subjects / baseline}
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with LocalProfile(n_workers=workers, threads_per_worker=1).start() as client:
             times = []
             for _ in range(2):
                 store = work / "images.zarr"
@@ -95,7 +93,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=64)
+    parser.add_argument("--subjects", type=int, default=128)
     parser.add_argument("--voxel-sizes", type=float, nargs="+", default=[4.0, 2.0])
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

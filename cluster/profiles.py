@@ -20,13 +20,18 @@ class LocalProfile(BaseModel):
     memory_limit: str = Field("auto", description="per worker, e.g. '4GiB'; 'auto' splits the machine's memory")
     dashboard: bool = Field(False, description="serve the Dask dashboard on 127.0.0.1:8787")
     gpus_per_worker: int = Field(0, ge=0, description="advertise this many GPU resources on every worker")
+    malloc_trim_threshold: int | None = Field(
+        None, ge=0, description="MALLOC_TRIM_THRESHOLD_ for worker processes; None keeps glibc's adaptive default "
+        "(Dask's 65536 makes every whole-volume array a fresh mmap: ingest ran 1.5× slower with it)")
 
     @contextlib.contextmanager
     def start(self) -> Iterator:
+        import dask
         from distributed import Client, LocalCluster
 
         resources = {"GPU": self.gpus_per_worker} if self.gpus_per_worker else None
-        with LocalCluster(
+        environ = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": self.malloc_trim_threshold}
+        with dask.config.set(environ), LocalCluster(
             n_workers=self.n_workers,
             threads_per_worker=self.threads_per_worker,
             memory_limit=self.memory_limit,

@@ -121,7 +121,7 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     ds = open_cohort(tmp_path / "ws/images.zarr")
     assert ds.sizes["subject"] == 23 and "sub-0004" not in ds.subject.values
     status = relcohort("status", tmp_path / "ws")
-    assert "skipped sub-0004" in status.stdout and "unreadable image" in status.stdout
+    assert "skipped sub-0004" in status.stdout and "unreadable or truncated image" in status.stdout
 
     failing = write_catalog(tmp_path / "failing.yaml", workspace="ws2", modalities=modalities,
                             cohort={"directory": str(cohort_copy)}, cluster={"profile": "local", "n_workers": 1})

@@ -127,13 +127,13 @@ def _path(cohort, pid, modality="T1"):
 def _truncate(cohort):
     path = _path(cohort, "sub-0007")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    return "sub-0007", path, "unreadable or truncated"
+    return "sub-0007", path, "unreadable or truncated image"
 
 
 def _garbage(cohort):
     path = _path(cohort, "sub-0007", "FLAIR")
     path.write_bytes(gzip.compress(b"this is not an image" * 50))
-    return "sub-0007", path, "unreadable image"
+    return "sub-0007", path, "unreadable or truncated image"
 
 
 def _four_d(cohort):
@@ -278,3 +278,39 @@ def test_freesurfer_mgz_and_uncompressed_nifti_round_trip(cohort_copy, tmp_path,
     for pid in table.participant_id:
         expected = np.asanyarray(source(cohort_copy, MODALITIES[0], pid).dataobj)[mask]
         assert np.array_equal(np.asanyarray(to_volume(ds.T1.sel(subject=pid)).dataobj)[mask], expected)
+
+
+def test_incompatible_catalog_changes_are_refused_before_the_store_changes(tiny_cohort, tmp_path):
+    store = tmp_path / "images.zarr"
+    table = read_participants(tiny_cohort / "participants.tsv")
+    run_ingest(tiny_cohort, store, table.iloc[:4], on_error="skip")
+    clash = table.assign(T1="x")
+    with pytest.raises(InputError, match="column 'T1' clashes"):
+        run_ingest(tiny_cohort, store, clash)
+    retyped = table.assign(site=range(len(table)))
+    with pytest.raises(InputError, match="column 'site' was text"):
+        run_ingest(tiny_cohort, store, retyped)
+    relabelled = [Modality(m.name, m.template, "float64" if m.name == "FA" else m.dtype) for m in MODALITIES]
+    with pytest.raises(InputError, match="FA is stored as float32"):
+        ingest(store, table, tiny_cohort, relabelled, tiny_cohort / "mask.nii.gz")
+    assert ingest_record(store)["n_subjects"] == 4 and open_cohort(store).sizes["subject"] == 4
+
+
+@pytest.mark.parametrize("name, image_class, dtype", [
+    ("a.nii.gz", nib.Nifti1Image, "<f4"), ("a.nii", nib.Nifti1Image, ">i2"), ("a.nii.gz", nib.Nifti2Image, "<f8"),
+    ("a.mgz", nib.MGHImage, ">f4"), ("a.mgh", nib.MGHImage, ">i4"),
+])
+def test_load_image_equals_nibabel(tmp_path, name, image_class, dtype):
+    from engine.store import load_image, file_sha256
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([-2.0, 2.0, 2.5, 1.0])
+    affine[:3, 3] = [90, -126, -72]
+    data = (rng.normal(0, 100, (7, 8, 9))).astype(np.dtype(dtype).newbyteorder("="))
+    path = tmp_path / name
+    image_class(data, affine).to_filename(path)
+    image, sha256 = load_image(path)
+    reference = nib.load(path)
+    assert type(image) is type(reference)
+    assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(reference.dataobj))
+    assert np.array_equal(image.affine, reference.affine) and sha256 == file_sha256(path)
