@@ -59,13 +59,13 @@ def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     files = cohort_files(cohort)
     megabytes = sum(path.stat().st_size for path in files) / 1e6
     nibabel_loop(files)  # warm the page cache
-    baseline = min(nibabel_loop(files) for _ in range(2))
+    baseline = min(nibabel_loop(files) for _ in range(3))
     result = {"voxel_size_mm": voxel_size, "subjects": subjects, "files": len(files), "file_megabytes": megabytes,
               "nibabel_loop_s": baseline, "nibabel_subjects_per_s": subjects / baseline}
     for workers in (1, 2):
         with LocalProfile(n_workers=workers, threads_per_worker=1).start() as client:
             times = []
-            for _ in range(2):
+            for _ in range(3):
                 store = work / "images.zarr"
                 shutil.rmtree(store, ignore_errors=True)
                 times.append(relcohort_ingest(cohort, store, client))

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import re
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -442,41 +443,51 @@ def _write_block(item):
 
     Rows are written only once their file passed every check, so a bad replacement file never
     overwrites what is stored; a row being rewritten stops counting until its new hash lands.
+    One modality's block is written (compressed by Zarr, off the GIL) while the next one's
+    files are read.
     """
     store, mask_sha256, dtypes, block = item
     mask = _mask_index(store, mask_sha256)
     group = zarr.open_group(store, mode="r+")
     grid = Grid.from_attrs(group.attrs["grid"])
     start, stop = min(work.row for work in block), max(work.row for work in block) + 1
-    problems, written = [], {}
-    for modality, dtype in dtypes.items():
-        rows, values, hashes = [], [], []
-        for work in block:
-            if modality in work.files:
-                try:
-                    row_values, sha256 = read_masked(Path(work.files[modality]), grid, mask, dtype,
-                                                     work.participant_id)
-                except InputError as problem:
-                    problems.append(problem)
-                    continue
-                rows.append(work.row - start)
-                values.append(row_values)
-                hashes.append(sha256)
-        if not rows:
-            continue
-        committed = group[INGEST_GROUP][modality]
-        block_hashes = committed[start:stop]
-        if block_hashes[rows].any():
-            block_hashes[rows] = ""
-            committed[start:stop] = block_hashes
-        data = group[modality]
-        block_values = data[start:stop] if len(rows) < stop - start else np.empty((stop - start, len(mask)), dtype)
-        block_values[rows] = values
-        data[start:stop] = block_values
-        block_hashes[rows] = hashes
-        committed[start:stop] = block_hashes
-        written[modality] = len(rows)
+    problems, written, pending = [], {}, []
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for modality, dtype in dtypes.items():
+            rows, values, hashes = [], [], []
+            for work in block:
+                if modality in work.files:
+                    try:
+                        row_values, sha256 = read_masked(Path(work.files[modality]), grid, mask, dtype,
+                                                         work.participant_id)
+                    except InputError as problem:
+                        problems.append(problem)
+                        continue
+                    rows.append(work.row - start)
+                    values.append(row_values)
+                    hashes.append(sha256)
+            if rows:
+                pending.append(writer.submit(_write_rows, group, modality, (start, stop), rows, values, hashes))
+                written[modality] = len(rows)
+        for write in pending:
+            write.result()
     return written, problems
+
+
+def _write_rows(group: zarr.Group, modality: str, span: tuple[int, int], rows: list[int], values, hashes) -> None:
+    """Write ``values`` into rows ``span[0] + rows`` of one subject chunk, then commit their hashes."""
+    start, stop = span
+    committed = group[INGEST_GROUP][modality]
+    block_hashes = committed[start:stop]
+    if block_hashes[rows].any():
+        block_hashes[rows] = ""
+        committed[start:stop] = block_hashes
+    data = group[modality]
+    block_values = data[start:stop] if len(rows) < stop - start else np.empty((stop - start, data.shape[1]), data.dtype)
+    block_values[rows] = values
+    data[start:stop] = block_values
+    block_hashes[rows] = hashes
+    committed[start:stop] = block_hashes
 
 
 def ingest(

@@ -47,7 +47,9 @@ class PlantedEffects:
     """Strength of every planted effect; all age effects are relative to age 20.
 
     ``*_loss`` are the fractional gray-matter losses at age 80 for the average person; each
-    participant's own rate varies log-normally with SD ``rate_variability``.
+    participant's own rate varies log-normally with SD ``rate_variability``. The ``*_sd``
+    fields set variation between people that is unrelated to age (regional volumes, baseline
+    ventricle size, susceptibility to white-matter lesions, FA level, head size, anatomy).
     """
 
     hippocampus_loss: float = 0.28
@@ -58,7 +60,10 @@ class PlantedEffects:
     fa_decline: float = 0.22
     wmh_lesions_at_80: float = 10.0
     rate_variability: float = 0.20
-    regional_volume_sd: float = 0.06
+    regional_volume_sd: float = 0.07
+    ventricle_size_sd_mm: float = 1.5
+    wmh_susceptibility_sd: float = 0.8
+    fa_individual_sd: float = 0.05
     deformation_mm: float = 2.5
     male_head_scale: float = 1.045
     head_scale_sd: float = 0.03
@@ -259,7 +264,9 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     # Lateral ventricles grow outward by a distance that accelerates with age.
     in_ventricle = np.isin(labels, LATERAL_VENTRICLES)
     voxel = float(grid.voxel_size.mean())
-    dilation = effects.ventricle_dilation_mm * max(t, 0) ** 1.5 * np.exp(rng.normal(0, effects.rate_variability))
+    own_size = max(0.0, effects.ventricle_size_sd_mm * (1 + rng.normal()))
+    dilation = own_size + effects.ventricle_dilation_mm * max(t, 0) ** 1.5 * np.exp(
+        rng.normal(0, effects.rate_variability))
     latent["ventricle_dilation_mm"] = dilation
     distance = ndimage.distance_transform_edt(~in_ventricle, sampling=grid.voxel_size)
     ventricle = np.where(in_ventricle, 1.0, np.clip((dilation + voxel - distance) / voxel, 0, 1)) * brain
@@ -276,7 +283,7 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
 
 def _plant_lesions(rng, grid, world, wm, ventricle_distance, age, effects) -> np.ndarray:
     rate = effects.wmh_lesions_at_80 / (1 + np.exp(-(age - 62) / 7)) * (1 + np.exp(-(80 - 62) / 7))
-    count = rng.poisson(0.5 + rate)
+    count = rng.poisson((0.5 + rate) * np.exp(rng.normal(0, effects.wmh_susceptibility_sd)))
     candidates = np.flatnonzero(wm.ravel() > 0.7)
     weights = np.exp(-ventricle_distance.ravel()[candidates] / 8.0) + 0.15
     lesion = np.zeros(grid.shape, np.float32)
@@ -313,7 +320,8 @@ def render_contrast(anatomy: Anatomy, contrast: str, site: str, rng, grid: Grid)
 def render_fa(anatomy: Anatomy, participant: Participant, rng, effects: PlantedEffects) -> np.ndarray:
     """FA-like map: high along Juelich tracts, falling with age there, lowered in lesions."""
     decline = effects.fa_decline * np.exp(rng.normal(0, effects.rate_variability)) * _age_fraction(participant.age)
-    white = anatomy.wm * (0.22 + 0.5 * anatomy.tract * (1 - decline))
+    own_level = np.exp(rng.normal(0, effects.fa_individual_sd))
+    white = anatomy.wm * (0.22 + 0.5 * anatomy.tract * (1 - decline)) * own_level
     fa = white + (1 - anatomy.wm) * 0.08
     fa *= 1 - 0.5 * anatomy.lesion
     fa += rng.normal(0, 0.02, fa.shape)

@@ -314,3 +314,19 @@ def test_load_image_equals_nibabel(tmp_path, name, image_class, dtype):
     assert type(image) is type(reference)
     assert np.array_equal(np.asanyarray(image.dataobj), np.asanyarray(reference.dataobj))
     assert np.array_equal(image.affine, reference.affine) and sha256 == file_sha256(path)
+
+
+def test_rewrites_land_on_their_own_rows_whatever_the_table_order(cohort_copy, tmp_path):
+    store = tmp_path / "images.zarr"
+    run_ingest(cohort_copy, store)
+    before = open_cohort(store).GM.values.copy()
+    for pid, factor in (("sub-0003", 0.5), ("sub-0002", 0.25)):  # same subject chunk, reverse order
+        path = _path(cohort_copy, pid, "GM")
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) * np.float32(factor), image.affine), path)
+    shuffled = read_participants(cohort_copy / "participants.tsv").iloc[::-1]
+    assert run_ingest(cohort_copy, store, shuffled).written == {"GM": 2}
+    after = open_cohort(store).GM
+    np.testing.assert_array_equal(after.sel(subject="sub-0003").values, before[2] * np.float32(0.5))
+    np.testing.assert_array_equal(after.sel(subject="sub-0002").values, before[1] * np.float32(0.25))
+    np.testing.assert_array_equal(after.sel(subject="sub-0001").values, before[0])
