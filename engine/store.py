@@ -183,13 +183,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_header(image, grid: Grid | None, participant: str, path: Path) -> None:
+def _check_header(image, grid: Grid, participant: str, path: Path) -> None:
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"expected a 3D image, got shape {image.shape} ({len(image.shape)}D)", participant, path)
-    if grid is not None and not grid.matches(shape, image.affine, atol=1e-3):
+    if not grid.matches(shape, image.affine, atol=1e-3):
         raise InputError(
             f"grid differs from the cohort's: shape {tuple(shape)} vs {grid.shape}, affine\n"
             f"{np.round(image.affine, 4)}\nvs\n{np.round(grid.affine, 4)}", participant, path)
@@ -593,8 +593,7 @@ def ingest(
         "unchanged": report.unchanged,
         "appended": report.appended,
     }
-    if problems and on_error == "fail":
-        raise IngestError(problems)
+    _fail_fast(problems, on_error)
     return report
 
 

@@ -108,7 +108,7 @@ def progress_callback(bar: Progress, stage: str):
 
 def _print_results(console: Console, workspace: Path, run: dict) -> None:
     for name, summary in run["stages"].items():
-        details = {key: value for key, value in summary.items() if key not in ("skipped",)}
+        details = {key: value for key, value in summary.items() if key not in ("seconds", "skipped")}
         console.print(f"[green]✓[/] {name} ({summary['seconds']} s): {details}")
         for skipped in summary.get("skipped", []):
             console.print(f"  [yellow]skipped[/] {skipped['participant_id'] or '-'} {skipped['file'] or ''}: "
