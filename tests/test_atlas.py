@@ -1,0 +1,142 @@
+"""Atlases on the cohort grid and region reductions, against numpy (float64) and nilearn."""
+
+from __future__ import annotations
+
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from nilearn.maskers import NiftiLabelsMasker
+
+from engine.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, top_k_overlap, top_regions,
+                          without_hemisphere)
+from engine.grid import Grid
+from engine.store import open_cohort, to_volume
+from tests.test_store import run_ingest
+
+SHAPE = (6, 5, 4)
+AFFINE = np.diag([-3.0, 3.0, 3.0, 1.0])
+GRID = Grid(SHAPE, AFFINE, "MNI152NLin2009aSym")
+
+
+@pytest.fixture
+def hand_atlas(tmp_path):
+    """A label image with four named regions (two hemispheres of two structures) and a mask."""
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 3, 4, 7, 9], size=SHAPE).astype(np.int16)
+    mask = rng.random(SHAPE) > 0.25
+    nib.save(nib.Nifti1Image(labels, AFFINE), tmp_path / "labels.nii.gz")
+    pd.DataFrame({"index": [3, 4, 7, 9, 11], "name": ["Left_Hippocampus", "Right_Hippocampus", "Precentral_L",
+                                                     "Precentral_R", "Unused"]}).to_csv(
+        tmp_path / "labels.tsv", sep="\t", index=False)
+    return labels, mask, tmp_path
+
+
+def test_user_atlas_on_the_same_grid_is_exact(hand_atlas):
+    labels, mask, folder = hand_atlas
+    indices = np.nonzero(mask)
+    atlas = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv")
+    np.testing.assert_array_equal(atlas.voxel_labels, labels[indices])
+    assert atlas.region_names == ["Left_Hippocampus", "Right_Hippocampus", "Precentral_L", "Precentral_R", "Unused"]
+    assert atlas.voxel_counts()["Unused"] == 0
+    assert atlas.voxel_counts()["Precentral_L"] == np.sum(labels[indices] == 7)
+
+
+def test_region_reduce_equals_numpy_float64(hand_atlas):
+    labels, mask, folder = hand_atlas
+    indices = np.nonzero(mask)
+    atlas = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv")
+    rng = np.random.default_rng(2)
+    values = rng.normal(0, 1, (7, len(indices[0]))).astype(np.float32)
+    data = xr.DataArray(da.from_array(values, chunks=(3, 11)), dims=("subject", "voxel"),
+                        coords={"subject": [f"s{n}" for n in range(7)], "age": ("subject", np.arange(7.0))},
+                        name="R")
+    result = region_reduce(data, atlas)
+    assert isinstance(result["sum"].data, da.Array)  # lazy until asked
+    result = result.compute()
+    for label, name in zip(atlas.regions.index, atlas.region_names, strict=True):
+        inside = values[:, labels[indices] == label].astype(np.float64)
+        np.testing.assert_allclose(result["sum"].sel(region=name), inside.sum(1), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(result["abs_sum"].sel(region=name), np.abs(inside).sum(1), rtol=1e-12)
+        np.testing.assert_allclose(result["pos_sum"].sel(region=name), np.clip(inside, 0, None).sum(1), rtol=1e-12)
+        assert int(result["count"].sel(region=name)) == inside.shape[1]
+        if inside.shape[1]:
+            np.testing.assert_allclose(result["mean"].sel(region=name), inside.mean(1), rtol=1e-12)
+        else:
+            assert result["mean"].sel(region=name).isnull().all()
+    np.testing.assert_array_equal(result["age"], np.arange(7.0))
+
+
+def test_merging_hemispheres_adds_up(hand_atlas):
+    labels, mask, folder = hand_atlas
+    indices = np.nonzero(mask)
+    separate = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv")
+    merged = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv", merge_hemispheres=True)
+    assert merged.region_names == ["Hippocampus", "Precentral", "Unused"]
+    values = xr.DataArray(np.random.default_rng(3).normal(size=(4, len(indices[0]))), dims=("subject", "voxel"),
+                          coords={"subject": list("abcd")})
+    both, one = region_reduce(values, separate).compute(), region_reduce(values, merged).compute()
+    np.testing.assert_allclose(one["sum"].sel(region="Hippocampus"),
+                               both["sum"].sel(region=["Left_Hippocampus", "Right_Hippocampus"]).sum("region"))
+    assert [without_hemisphere(name) for name in ("ctx-lh-cuneus", "Frontal_Sup_2_R", "WM_Callosal_body")] == [
+        "ctx-cuneus", "Frontal_Sup_2", "WM_Callosal_body"]
+
+
+def test_atlas_errors_are_clear(hand_atlas, tmp_path):
+    labels, mask, folder = hand_atlas
+    indices = np.nonzero(mask)
+    with pytest.raises(ValueError, match="unknown atlas 'brodmann'.*neuromorphometrics"):
+        load_atlas("brodmann", GRID, indices)
+    short = tmp_path / "short.csv"
+    pd.DataFrame({"index": [3, 4], "name": ["a", "b"]}).to_csv(short, index=False)
+    with pytest.raises(ValueError, match=r"labels \[7, 9\] that its label table does not name"):
+        load_atlas(str(folder / "labels.nii.gz"), GRID, indices, short)
+    with pytest.raises(ValueError, match="label table"):
+        load_atlas(str(folder / "labels.nii.gz"), GRID, indices)
+    native = Grid(SHAPE, AFFINE, "T1w")
+    with pytest.raises(ValueError, match="atlas neuromorphometrics is in MNI152 space but the cohort is in T1w"):
+        load_atlas("neuromorphometrics", native, indices)
+    bad_table = tmp_path / "bad.tsv"
+    bad_table.write_text("region\tcolour\nx\tred\n")
+    with pytest.raises(ValueError, match="needs an integer label column"):
+        load_atlas(str(folder / "labels.nii.gz"), GRID, indices, bad_table)
+
+
+def test_bundled_atlases_match_nilearn_labels_masker(tiny_cohort, tmp_path):
+    store = tmp_path / "images.zarr"
+    run_ingest(tiny_cohort, store)
+    ds = open_cohort(store)
+    atlas = cohort_atlas(ds, "neuromorphometrics")
+    assert {"Left_Hippocampus", "Right_Thalamus_Proper"} <= set(atlas.region_names)
+    result = region_reduce(ds.GM, atlas).compute()
+
+    # nilearn: the same atlas put on the grid, averaged over the same mask, file by file
+    label_image = to_volume(xr.DataArray(atlas.voxel_labels, dims=("voxel",), coords=ds.GM.isel(subject=0).coords,
+                                         attrs=ds.GM.attrs))
+    masker = NiftiLabelsMasker(label_image, strategy="mean", standardize=None,
+                               mask_img=nib.load(tiny_cohort / "mask.nii.gz")).fit()
+    files = [tiny_cohort / f"derivatives/synth/{pid}/{pid}_label-GM_probseg.nii.gz" for pid in ds.subject.values]
+    reference = masker.transform(files)
+    present = [int(label) for key, label in masker.region_ids_.items() if key != "background"]
+    ours = result["mean"].sel(region=atlas.regions.loc[present, "name"].to_list()).values
+    np.testing.assert_allclose(ours, reference, rtol=1e-5)
+
+    for name in ("harvard_oxford", "juelich", "aal", "desikan_killiany"):
+        other = cohort_atlas(ds, name, merge_hemispheres=True)
+        assert (other.voxel_labels > 0).sum() > 100 and other.voxel_counts().sum() > 100
+
+
+def test_gain_and_top_k_helpers_by_hand():
+    sums = xr.DataArray([[1.0, 4.0, 2.0], [3.0, 2.0, 2.0], [2.0, 0.0, 1.0], [2.0, 2.0, 3.0]],
+                        dims=("subject", "region"), coords={"subject": list("abcd"), "region": ["x", "y", "z"]})
+    patients = xr.DataArray([True, True, False, False], dims="subject")
+    gain = region_gain(sums, patients, ~patients)
+    np.testing.assert_allclose(gain.values, [2.0 / 2.0, 3.0 / 1.0, 2.0 / 2.0])
+    assert list(top_regions(sums.isel(subject=0), 2).values) == ["y", "z"]
+    per_subject = top_regions(sums, 1)
+    assert per_subject.dims == ("subject", "rank") and list(per_subject.values[:, 0]) == ["y", "x", "x", "z"]
+    assert top_k_overlap(["x", "y"], ["y", "z"]) == 0.5
+    with pytest.raises(ValueError):
+        top_k_overlap(["x"], ["x", "y"])
