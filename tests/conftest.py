@@ -5,10 +5,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pandas as pd
 import pytest
 
 from engine.store import Modality
 from engine.synth import MODALITY_PATHS, generate_cohort
+
+HAND_SHAPE = (6, 5, 4)
+HAND_AFFINE = np.diag([-3.0, 3.0, 3.0, 1.0])
 
 MODALITIES = [Modality(name, template, "uint8" if name == "WMH" else "float32")
               for name, template in MODALITY_PATHS.items()]
@@ -44,3 +50,16 @@ def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as dask_client:
         yield dask_client
+
+
+@pytest.fixture
+def hand_atlas(tmp_path):
+    """A label image with four named regions (two hemispheres of two structures) and a mask."""
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 3, 4, 7, 9], size=HAND_SHAPE).astype(np.int16)
+    mask = rng.random(HAND_SHAPE) > 0.25
+    nib.save(nib.Nifti1Image(labels, HAND_AFFINE), tmp_path / "labels.nii.gz")
+    pd.DataFrame({"index": [3, 4, 7, 9, 11], "name": ["Left_Hippocampus", "Right_Hippocampus", "Precentral_L",
+                                                     "Precentral_R", "Unused"]}).to_csv(
+        tmp_path / "labels.tsv", sep="\t", index=False)
+    return labels, mask, tmp_path

@@ -14,24 +14,11 @@ from engine.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, 
                           without_hemisphere)
 from engine.grid import Grid
 from engine.store import open_cohort, to_volume
+from tests.conftest import HAND_AFFINE as AFFINE
+from tests.conftest import HAND_SHAPE as SHAPE
 from tests.test_store import run_ingest
 
-SHAPE = (6, 5, 4)
-AFFINE = np.diag([-3.0, 3.0, 3.0, 1.0])
 GRID = Grid(SHAPE, AFFINE, "MNI152NLin2009aSym")
-
-
-@pytest.fixture
-def hand_atlas(tmp_path):
-    """A label image with four named regions (two hemispheres of two structures) and a mask."""
-    rng = np.random.default_rng(1)
-    labels = rng.choice([0, 3, 4, 7, 9], size=SHAPE).astype(np.int16)
-    mask = rng.random(SHAPE) > 0.25
-    nib.save(nib.Nifti1Image(labels, AFFINE), tmp_path / "labels.nii.gz")
-    pd.DataFrame({"index": [3, 4, 7, 9, 11], "name": ["Left_Hippocampus", "Right_Hippocampus", "Precentral_L",
-                                                     "Precentral_R", "Unused"]}).to_csv(
-        tmp_path / "labels.tsv", sep="\t", index=False)
-    return labels, mask, tmp_path
 
 
 def test_user_atlas_on_the_same_grid_is_exact(hand_atlas):

@@ -1,0 +1,193 @@
+"""Structural features: FreeSurfer stats files, features from voxel maps, and per-subject tables.
+
+Every table comes out tidy (one row per participant × structure × measure) or wide
+(subject × region DataArrays) so it joins the cohort on ``participant_id``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from engine.atlas import Atlas, region_reduce
+from engine.store import cohort_grid
+
+TIDY_COLUMNS = ["participant_id", "structure", "hemisphere", "measure", "value", "unit"]
+# Columns of ?h.aparc*.stats tables and the measure each holds.
+APARC_MEASURES = {"NumVert": ("vertices", "unitless"), "SurfArea": ("surface_area", "mm^2"),
+                  "GrayVol": ("gray_matter_volume", "mm^3"), "ThickAvg": ("thickness_mean", "mm"),
+                  "ThickStd": ("thickness_sd", "mm"), "MeanCurv": ("mean_curvature", "mm^-1"),
+                  "GausCurv": ("gaussian_curvature", "mm^-2"), "FoldInd": ("folding_index", "unitless"),
+                  "CurvInd": ("curvature_index", "unitless")}
+
+
+def read_stats(path: str | Path) -> tuple[dict[str, tuple[float, str]], pd.DataFrame, dict[str, str]]:
+    """Parse a FreeSurfer ``.stats`` file (mri_segstats or mris_anatomical_stats).
+
+    Returns ``(measures, table, header)``: header measures as ``{short name: (value, unit)}``
+    (e.g. ``eTIV``, ``BrainSegVol``, ``MeanThickness``), the structure table with its own
+    column headers, and the other ``# key value`` header lines (``hemi``, ``subjectname``, ...).
+    """
+    path = Path(path)
+    measures, header, rows, columns = {}, {}, [], None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read FreeSurfer stats file: {error.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if line.startswith("# Measure "):
+            parts = [part.strip() for part in line[len("# Measure "):].split(",")]
+            if len(parts) != 5:
+                raise ValueError(f"{path}, line {number}: malformed Measure line {line!r}")
+            measures[parts[1]] = (float(parts[3]), parts[4])
+        elif line.startswith("# ColHeaders"):
+            columns = line.split()[2:]
+        elif line.startswith("#"):
+            match = re.match(r"#\s+(\w+)\s+(.*\S)", line)
+            if match and match.group(1) not in ("TableCol", "Measure"):
+                header.setdefault(match.group(1), match.group(2))
+        elif line.strip():
+            if columns is None:
+                raise ValueError(f"{path}, line {number}: table row before the '# ColHeaders' line")
+            fields = line.split()
+            if len(fields) != len(columns):
+                raise ValueError(f"{path}, line {number}: {len(fields)} fields, the ColHeaders line has {len(columns)}")
+            rows.append(fields)
+    if columns is None:
+        raise ValueError(f"{path}: no '# ColHeaders' line; not a FreeSurfer stats table")
+    table = pd.DataFrame(rows, columns=columns)
+    for column in table.columns:
+        converted = pd.to_numeric(table[column], errors="coerce")
+        if converted.notna().all():
+            table[column] = converted
+    return measures, table, header
+
+
+def _hemisphere(path: Path, header: dict) -> str:
+    if header.get("hemi") in ("lh", "rh"):
+        return header["hemi"]
+    match = re.match(r"^(lh|rh)\.", path.name)
+    if not match:
+        raise ValueError(f"{path}: cannot tell the hemisphere (no '# hemi' line, name does not start lh./rh.)")
+    return match.group(1)
+
+
+def aseg_table(participant_id: str, path: str | Path) -> pd.DataFrame:
+    """Tidy rows of an ``aseg.stats``: volume per structure plus the header measures (eTIV, ...)."""
+    measures, table, _ = read_stats(path)
+    if not {"StructName", "Volume_mm3"} <= set(table.columns):
+        raise ValueError(f"{path}: an aseg.stats table needs StructName and Volume_mm3 columns")
+    rows = pd.DataFrame({
+        "participant_id": participant_id, "structure": table["StructName"],
+        "hemisphere": table["StructName"].map(_structure_hemisphere), "measure": "volume",
+        "value": table["Volume_mm3"].astype(float), "unit": "mm^3"})
+    header = pd.DataFrame([{"participant_id": participant_id, "structure": name, "hemisphere": "both",
+                            "measure": "global", "value": value, "unit": unit}
+                           for name, (value, unit) in measures.items()])
+    return pd.concat([rows, header], ignore_index=True)[TIDY_COLUMNS]
+
+
+def _structure_hemisphere(name: str) -> str:
+    lowered = name.lower()
+    return "lh" if lowered.startswith("left") else "rh" if lowered.startswith("right") else "both"
+
+
+def aparc_table(participant_id: str, path: str | Path) -> pd.DataFrame:
+    """Tidy rows of an ``lh/rh.aparc(.DKTatlas|.a2009s).stats``: volume, thickness, area, vertices."""
+    path = Path(path)
+    measures, table, header = read_stats(path)
+    hemisphere = _hemisphere(path, header)
+    if "StructName" not in table.columns:
+        raise ValueError(f"{path}: an aparc stats table needs a StructName column")
+    long = table.melt(id_vars="StructName", value_vars=[c for c in table.columns if c in APARC_MEASURES],
+                      var_name="column", value_name="value")
+    rows = pd.DataFrame({
+        "participant_id": participant_id, "structure": long["StructName"], "hemisphere": hemisphere,
+        "measure": long["column"].map(lambda column: APARC_MEASURES[column][0]),
+        "value": long["value"].astype(float), "unit": long["column"].map(lambda column: APARC_MEASURES[column][1])})
+    header_rows = pd.DataFrame([{"participant_id": participant_id, "structure": name, "hemisphere": hemisphere,
+                                 "measure": "global", "value": value, "unit": unit}
+                                for name, (value, unit) in measures.items()])
+    return pd.concat([rows, header_rows], ignore_index=True)[TIDY_COLUMNS]
+
+
+def freesurfer_table(subjects_dir: str | Path, participant_ids, parcellations=("aparc",)) -> pd.DataFrame:
+    """Tidy table of every participant's ``stats/aseg.stats`` and ``stats/?h.<parcellation>.stats``.
+
+    ``parcellations`` may name ``aparc``, ``aparc.DKTatlas``, ``aparc.a2009s``. A listed
+    participant without its files is an error naming the file.
+    """
+    subjects_dir = Path(subjects_dir)
+    parts = []
+    for pid in participant_ids:
+        stats = subjects_dir / pid / "stats"
+        files = [(aseg_table, stats / "aseg.stats")] + [
+            (aparc_table, stats / f"{hemi}.{parcellation}.stats")
+            for parcellation in parcellations for hemi in ("lh", "rh")]
+        for reader, path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"participant {pid}: FreeSurfer stats file {path} not found")
+            table = reader(pid, path)
+            if reader is aparc_table:
+                table = table.assign(structure=table["structure"].map(lambda s, p=path: f"{_parcellation(p)}:{s}"))
+            parts.append(table)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _parcellation(path: Path) -> str:
+    return path.name.split(".", 1)[1].removesuffix(".stats")
+
+
+# ---------------------------------------------------------------------------------------
+# Features from voxel maps in the store (lazy)
+
+
+def regional_volume(probability: xr.DataArray, atlas: Atlas) -> xr.DataArray:
+    """Regional tissue volume in mm³ from a probability map (e.g. GM): Σ probability × voxel volume."""
+    volume = region_reduce(probability, atlas)["sum"] * cohort_grid(probability).voxel_volume
+    return volume.rename("volume_mm3").assign_attrs(units="mm^3", source=str(probability.name), atlas=atlas.name)
+
+
+def tract_mean(fa: xr.DataArray, atlas: Atlas, threshold: float = 0.2) -> xr.DataArray:
+    """Mean FA per tract over the voxels whose FA exceeds ``threshold`` (0.2, as in the study)."""
+    above = fa.where(fa > threshold)
+    reduced = region_reduce(above.fillna(0), atlas)["sum"]
+    counts = region_reduce((fa > threshold).astype(np.float32), atlas)["sum"]
+    return (reduced / counts.where(counts > 0)).rename("fa_mean").assign_attrs(threshold=threshold, atlas=atlas.name)
+
+
+def lesion_load(lesions: xr.DataArray) -> xr.Dataset:
+    """Per subject: lesion voxel count and volume in mm³ from a binary lesion mask modality."""
+    count = (lesions > 0).sum("voxel")
+    return xr.Dataset({"lesion_voxels": count,
+                       "lesion_volume_mm3": count * cohort_grid(lesions).voxel_volume})
+
+
+def join_on_participant(features: pd.DataFrame, participants: pd.DataFrame, source: str = "features") -> pd.DataFrame:
+    """Left-join a per-subject table onto the participants; IDs that match nobody are an error."""
+    if "participant_id" not in features.columns:
+        raise ValueError(f"{source}: no 'participant_id' column (columns: {list(features.columns)})")
+    unknown = sorted(set(features["participant_id"]) - set(participants["participant_id"]))
+    if unknown:
+        raise ValueError(f"{source}: participant IDs {unknown[:10]}{' …' if len(unknown) > 10 else ''} "
+                         "match no participant in the cohort")
+    if features["participant_id"].duplicated().any():
+        duplicated = sorted(features["participant_id"][features["participant_id"].duplicated()].unique())
+        raise ValueError(f"{source}: participant IDs {duplicated[:10]} appear more than once")
+    return participants.merge(features, on="participant_id", how="left", validate="one_to_one")
+
+
+def read_feature_table(path: str | Path) -> pd.DataFrame:
+    """A per-subject table from CSV, TSV or Parquet with a ``participant_id`` column."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+    else:
+        table = pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".txt") else ",")
+    if "participant_id" not in table.columns:
+        raise ValueError(f"{path}: no 'participant_id' column (columns: {list(table.columns)})")
+    return table.astype({"participant_id": str})

@@ -1,0 +1,180 @@
+"""Structural features: FreeSurfer stats files in their published format, voxel-map features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from scipy import stats
+
+from engine.atlas import cohort_atlas
+from engine.features import (aparc_table, aseg_table, freesurfer_table, join_on_participant, lesion_load,
+                             read_stats, regional_volume, tract_mean)
+from engine.store import open_cohort, read_participants
+from tests.test_atlas import GRID, SHAPE
+from tests.test_store import run_ingest
+
+# FreeSurfer 7.x output as written by mri_segstats / mris_anatomical_stats (abridged rows).
+ASEG = """\
+# Title Segmentation Statistics 
+# 
+# generating_program mri_segstats
+# cvs_version 7.1.1
+# cmdline mri_segstats --seed 1234 --seg mri/aseg.mgz --sum stats/aseg.stats --pv mri/norm.mgz --empty 
+# sysname  Linux
+# hostname node17
+# machine  x86_64
+# user     lab
+# anatomy_type volume
+# 
+# SUBJECTS_DIR /data/derivatives/freesurfer
+# subjectname sub-01
+# Measure BrainSeg, BrainSegVol, Brain Segmentation Volume, 1162365.000000, mm^3
+# Measure BrainSegNotVent, BrainSegVolNotVent, Brain Segmentation Volume Without Ventricles, 1137802.000000, mm^3
+# Measure lhCortex, lhCortexVol, Left hemisphere cortical gray matter volume, 240365.586231, mm^3
+# Measure EstimatedTotalIntraCranialVol, eTIV, Estimated Total Intracranial Volume, 1482637.110000, mm^3
+# SegVolFile mri/aseg.mgz 
+# ColorTable $FREESURFER_HOME/ASegStatsLUT.txt 
+# NRows 3 
+# NTableCols 10 
+# TableCol  1 ColHeader Index 
+# TableCol  1 FieldName Index 
+# TableCol  1 Units     NA 
+# ColHeaders  Index SegId NVoxels Volume_mm3 StructName normMean normStdDev normMin normMax normRange  
+  1   4     9281     9281.0  Left-Lateral-Ventricle            33.6402    12.5271    12.0000    87.0000    75.0000 
+  2  17     4095     4095.3  Left-Hippocampus                  77.9861     9.2031    32.0000   107.0000    75.0000 
+  3  53     4201     4201.1  Right-Hippocampus                 78.1262     9.0532    38.0000   106.0000    68.0000 
+"""
+
+LH_APARC = """\
+# Table of FreeSurfer cortical parcellation anatomical statistics 
+# 
+# CreationTime 2021/03/10-12:22:07-GMT
+# generating_program mris_anatomical_stats
+# cvs_version 7.1.1
+# cmdline mris_anatomical_stats -th3 -mgz -cortex ../label/lh.cortex.label -f ../stats/lh.aparc.stats -b -a ../label/lh.aparc.annot -c ../label/aparc.annot.ctab sub-01 lh white 
+# sysname  Linux
+# 
+# SUBJECTS_DIR /data/derivatives/freesurfer
+# anatomy_type surface
+# subjectname sub-01
+# hemi lh
+# AnnotationFile ../label/lh.aparc.annot
+# Measure Cortex, NumVert, Number of Vertices, 150123, unitless
+# Measure Cortex, WhiteSurfArea, White Surface Total Area, 89456.4, mm^2
+# Measure Cortex, MeanThickness, Mean Thickness, 2.45012, mm
+# NTableCols 10
+# TableCol  1 ColHeader StructName
+# TableCol  1 FieldName Structure Name
+# TableCol  1 Units     NA
+# ColHeaders StructName NumVert SurfArea GrayVol ThickAvg ThickStd MeanCurv GausCurv FoldInd CurvInd
+bankssts                                 1493    1004   2554  2.729 0.441     0.108     0.023       13     1.4
+caudalanteriorcingulate                  1012     668   2108  2.615 0.693     0.130     0.022       15     0.9
+entorhinal                                518     376   2025  3.256 0.786     0.119     0.028        5     0.5
+"""
+
+
+def test_aseg_stats_in_the_published_format(tmp_path):
+    path = tmp_path / "aseg.stats"
+    path.write_text(ASEG)
+    measures, table, header = read_stats(path)
+    assert measures["eTIV"] == (1482637.11, "mm^3") and header["subjectname"] == "sub-01"
+    assert list(table.columns[:5]) == ["Index", "SegId", "NVoxels", "Volume_mm3", "StructName"]
+    tidy = aseg_table("sub-01", path).set_index(["structure", "measure"])
+    assert tidy.loc[("Left-Hippocampus", "volume"), "value"] == 4095.3
+    assert tidy.loc[("Left-Hippocampus", "volume"), "hemisphere"] == "lh"
+    assert tidy.loc[("eTIV", "global"), "value"] == 1482637.11
+
+
+def test_aparc_stats_in_the_published_format(tmp_path):
+    path = tmp_path / "lh.aparc.stats"
+    path.write_text(LH_APARC)
+    tidy = aparc_table("sub-01", path)
+    entorhinal = tidy[tidy.structure == "entorhinal"].set_index("measure")
+    assert entorhinal.loc["thickness_mean", "value"] == 3.256
+    assert entorhinal.loc["gray_matter_volume", "value"] == 2025
+    assert entorhinal.loc["surface_area", "unit"] == "mm^2" and entorhinal.loc["vertices", "value"] == 518
+    assert set(tidy.hemisphere) == {"lh"}
+    assert tidy[(tidy.structure == "MeanThickness")].value.item() == 2.45012
+
+
+def test_freesurfer_table_over_a_subjects_dir(tmp_path):
+    for pid in ("sub-01", "sub-02"):
+        stats_dir = tmp_path / pid / "stats"
+        stats_dir.mkdir(parents=True)
+        (stats_dir / "aseg.stats").write_text(ASEG)
+        for parcellation in ("aparc", "aparc.DKTatlas"):
+            (stats_dir / f"lh.{parcellation}.stats").write_text(LH_APARC)
+            (stats_dir / f"rh.{parcellation}.stats").write_text(LH_APARC.replace("# hemi lh", "# hemi rh"))
+    table = freesurfer_table(tmp_path, ["sub-01", "sub-02"], parcellations=("aparc", "aparc.DKTatlas"))
+    assert set(table.participant_id) == {"sub-01", "sub-02"}
+    thickness = table[(table.measure == "thickness_mean") & (table.structure == "aparc.DKTatlas:entorhinal")]
+    assert sorted(thickness.hemisphere) == ["lh", "lh", "rh", "rh"]
+    (tmp_path / "sub-02/stats/rh.aparc.stats").unlink()
+    with pytest.raises(FileNotFoundError, match="participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
+        freesurfer_table(tmp_path, ["sub-01", "sub-02"])
+
+
+def test_malformed_stats_files_are_named(tmp_path):
+    path = tmp_path / "aseg.stats"
+    path.write_text(ASEG.replace("  3  53     4201     4201.1", "  3  53     4201"))
+    with pytest.raises(ValueError, match=r"aseg.stats, line \d+: 9 fields, the ColHeaders line has 10"):
+        read_stats(path)
+    path.write_text("just text\n")
+    with pytest.raises(ValueError, match="table row before the '# ColHeaders' line"):
+        read_stats(path)
+
+
+def _hand_data(values, grid=GRID):
+    indices = np.nonzero(np.ones(SHAPE, bool))
+    coords = {"subject": [f"s{n}" for n in range(values.shape[0])], "i": ("voxel", indices[0]),
+              "j": ("voxel", indices[1]), "k": ("voxel", indices[2])}
+    attrs = {"grid_shape": list(grid.shape), "grid_affine": grid.affine.tolist(), "space": grid.space}
+    return xr.DataArray(values, dims=("subject", "voxel"), coords=coords, attrs=attrs, name="map")
+
+
+def test_voxel_map_features_equal_numpy(hand_atlas):
+    labels, _, folder = hand_atlas
+    rng = np.random.default_rng(4)
+    gm = _hand_data(rng.random((5, labels.size)))
+    atlas = cohort_atlas(gm, str(folder / "labels.nii.gz"), folder / "labels.tsv")
+    flat_labels = labels.ravel()
+    volume = regional_volume(gm, atlas).compute()
+    for label, name in zip(atlas.regions.index, atlas.region_names, strict=True):
+        expected = gm.values[:, flat_labels == label].sum(1) * 27.0  # 3 mm voxels
+        np.testing.assert_allclose(volume.sel(region=name), expected, rtol=1e-12)
+    fa = gm * 0.6
+    means = tract_mean(fa, atlas, threshold=0.2).compute()
+    inside = fa.values[:, flat_labels == 3]
+    expected = np.array([row[row > 0.2].mean() for row in inside])
+    np.testing.assert_allclose(means.sel(region="Left_Hippocampus"), expected, rtol=1e-12)
+    lesions = _hand_data((rng.random((5, labels.size)) > 0.9).astype(np.uint8))
+    load = lesion_load(lesions)
+    np.testing.assert_array_equal(load.lesion_voxels, (lesions.values > 0).sum(1))
+    np.testing.assert_allclose(load.lesion_volume_mm3, (lesions.values > 0).sum(1) * 27.0)
+
+
+def test_planted_effects_show_in_regional_features(effects_cohort, tmp_path):
+    store = tmp_path / "images.zarr"
+    run_ingest(effects_cohort, store)
+    ds = open_cohort(store)
+    gmv = regional_volume(ds.GM, cohort_atlas(ds, "neuromorphometrics", merge_hemispheres=True)).compute()
+    assert stats.pearsonr(ds.age, gmv.sel(region="Hippocampus")).statistic < -0.4
+    fa = tract_mean(ds.FA, cohort_atlas(ds, "juelich"), threshold=0.2).compute()
+    tracts = [name for name in fa.region.values if name.startswith("WM_") and fa.sel(region=name).notnull().all()]
+    assert len(tracts) >= 5
+    assert stats.pearsonr(ds.age, fa.sel(region=tracts).mean("region")).statistic < -0.4
+    assert stats.spearmanr(ds.age, lesion_load(ds.WMH).lesion_voxels).statistic > 0.4
+
+
+def test_joining_feature_tables_names_unknown_ids(tiny_cohort):
+    participants = read_participants(tiny_cohort / "participants.tsv")
+    features = pd.DataFrame({"participant_id": ["sub-0001", "sub-0002"], "pvs_count": [12, 30]})
+    joined = join_on_participant(features, participants)
+    assert len(joined) == 24 and joined.pvs_count.notna().sum() == 2
+    with pytest.raises(ValueError, match=r"pvs.tsv: participant IDs \['sub-9999'\] match no participant"):
+        join_on_participant(pd.DataFrame({"participant_id": ["sub-9999"], "pvs_count": [1]}), participants,
+                            source="pvs.tsv")
+    with pytest.raises(ValueError, match="appear more than once"):
+        join_on_participant(pd.concat([features, features]), participants)
