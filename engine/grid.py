@@ -33,7 +33,8 @@ class Grid:
         return (isinstance(other, Grid) and self.shape == other.shape and self.space == other.space
                 and np.array_equal(self.affine, other.affine))
 
-    __hash__ = None
+    def __hash__(self) -> int:
+        return hash((self.shape, self.affine.tobytes(), self.space))
 
     @property
     def voxel_size(self) -> np.ndarray:

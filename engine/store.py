@@ -65,7 +65,7 @@ class IngestError(RuntimeError):
     def __init__(self, problems: list[InputError]):
         self.problems = problems
         lines = "\n".join(f"  - {problem}" for problem in problems)
-        super().__init__(f"{len(problems)} input problem(s); nothing was written for these participants:\n{lines}")
+        super().__init__(f"{len(problems)} input problem(s); the rows they concern are not in the store:\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def resolve_files(root: str | Path, table: pd.DataFrame, modalities: list[Modali
             if path.is_file():
                 files.setdefault(pid, {})[modality.name] = path
             else:
-                problems.append(InputError(f"no {modality.name} file (expected {path})", pid, path))
+                problems.append(InputError(f"no {modality.name} file", pid, path))
         regex = _template_regex(modality.template)
         glob = re.sub(r"\{\w+\}", "*", modality.template)
         for path in sorted(root.glob(glob)):
@@ -655,6 +655,9 @@ def to_volume(row: xr.DataArray, fill: float = 0) -> nib.Nifti1Image:
     volume[row["i"].values, row["j"].values, row["k"].values] = values
     image = nib.Nifti1Image(volume, grid.affine)
     image.header.set_xyzt_units("mm")
+    code = 4 if grid.space.upper().startswith("MNI") else 2  # NIfTI xform codes: MNI_152 or ALIGNED_ANAT
+    image.header.set_sform(grid.affine, code=code)
+    image.header.set_qform(grid.affine, code=code)
     return image
 
 
@@ -664,6 +667,18 @@ def mask_image(data: xr.Dataset | xr.DataArray) -> nib.Nifti1Image:
     volume = np.zeros(grid.shape, np.uint8)
     volume[data["i"].values, data["j"].values, data["k"].values] = 1
     return nib.Nifti1Image(volume, grid.affine)
+
+
+def content_fingerprint(path: str | Path) -> str:
+    """sha256 over the store's subjects and the hashes of every ingested file: changes iff the data do."""
+    group = zarr.open_group(Path(path), mode="r")
+    digest = hashlib.sha256()
+    for value in group["subject"][:]:
+        digest.update(str(value).encode() + b"\0")
+    for name in sorted(group.attrs["modalities"]):
+        for value in group[INGEST_GROUP][name][:]:
+            digest.update(f"{name}:{value}\0".encode())
+    return digest.hexdigest()
 
 
 def ingest_record(path: str | Path) -> Mapping:

@@ -20,6 +20,7 @@ dependent intensity scaling, a bias field and noise. Files are written BIDS-like
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -483,16 +484,28 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
         "FA": render_fa(anatomy, participant, rng, effects),
         "WMH": (anatomy.lesion >= 0.5).astype(np.uint8),
     }
+    mask = cohort_mask(grid)
     for modality, volume in volumes.items():
-        _save(volume, grid, out_dir / MODALITY_PATHS[modality].format(participant_id=pid))
+        _save(volume * mask.astype(volume.dtype), grid, out_dir / MODALITY_PATHS[modality].format(participant_id=pid))
 
     rows, measures = aseg_volumes(anatomy, grid)
     aseg = out_dir / ASEG_PATH.format(participant_id=pid)
     aseg.parent.mkdir(parents=True, exist_ok=True)
     aseg.write_text(format_aseg_stats(pid, rows, measures, _region_intensities(anatomy, t1)))
 
-    brain = (anatomy.gm + anatomy.wm + anatomy.csf) > 0.05
-    return {**asdict(participant), **anatomy.latent, "support": np.packbits(brain)}
+    outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
+    return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}
+
+
+COHORT_MASK_MARGIN_MM = 20.0
+
+
+@lru_cache(maxsize=4)
+def cohort_mask(grid: Grid) -> np.ndarray:
+    """The template brain on ``grid`` grown by 20 mm: holds every participant's brain, whatever N is."""
+    volume, affine = _smoothed_templates(float(grid.voxel_size.max()))["brain"]
+    brain = _sample(volume, affine, grid.world_coordinates(), order=1).reshape(grid.shape) > 0.5
+    return ndimage.distance_transform_edt(~brain, sampling=grid.voxel_size) <= COHORT_MASK_MARGIN_MM
 
 
 def generate_cohort(
@@ -503,31 +516,35 @@ def generate_cohort(
     effects: PlantedEffects = PlantedEffects(),
     client=None,
     progress: Callable[[str, int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table.
 
     Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. With a Dask
     ``client`` each participant is one task; ``progress("synth", done, total)`` reports progress.
+    ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first.
     """
     if n_subjects < 1:
         raise ValueError(f"--subjects must be at least 1, got {n_subjects}")
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; choose a new folder or overwrite it")
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = mni_grid(voxel_size)
 
     def simulate(index):
         return write_participant(out_dir, grid, seed, index, effects)
 
-    records, support = [], np.zeros(int(np.prod(grid.shape)), bool)
+    records = []
     for done, (_, record) in enumerate(run_tasks(simulate, range(n_subjects), client=client), start=1):
-        support |= np.unpackbits(record.pop("support"))[: support.size].astype(bool)
         records.append(record)
         if progress:
             progress("synth", done, n_subjects)
 
     table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
-    mask = ndimage.binary_dilation(support.reshape(grid.shape))
-    _save(mask.astype(np.uint8), grid, out_dir / "mask.nii.gz")
+    _save(cohort_mask(grid).astype(np.uint8), grid, out_dir / "mask.nii.gz")
     _save(_truth_regions(grid), grid, out_dir / "truth_regions.nii.gz")
     demographics = ["participant_id", "age", "sex", "site"]
     table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)

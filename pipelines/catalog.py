@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from cluster import ClusterProfile, LocalProfile
+from engine.atlas import BUNDLED_ATLASES
 from engine.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED_NAMES = {"subject", "voxel", "i", "j", "k", "ingest", "participant_id"}
 STORED_DTYPES = ("float32", "float64", "int16", "int32", "uint8", "uint16")
+
+
+def _modality_name(name: str) -> str:
+    if not MODALITY_NAME.match(name) or name in RESERVED_NAMES:
+        raise ValueError(f"modality name {name!r} must be an identifier and not one of {sorted(RESERVED_NAMES)}")
+    return name
+
+
+ModalityName = Annotated[str, AfterValidator(_modality_name)]
 
 
 class _Strict(BaseModel):
@@ -55,9 +67,16 @@ class ModalitySpec(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _names_participant(cls, path: str) -> str:
-        if "{participant_id}" not in path:
-            raise ValueError("the path template must contain {participant_id}")
+    def _valid_template(cls, path: str) -> str:
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(path) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"malformed path template {path!r}: {error}") from None
+        bad = [field for field in fields if not re.fullmatch(r"[A-Za-z_]\w*", field)]
+        if bad:
+            raise ValueError(f"path template {path!r}: {{{bad[0]}}} must name a participants-table column")
+        if "participant_id" not in fields:
+            raise ValueError(f"path template {path!r} must contain {{participant_id}}")
         return path
 
 
@@ -67,23 +86,80 @@ class IngestSettings(_Strict):
     voxels_per_chunk: int = Field(65536, ge=1024)
 
 
+class AtlasSettings(_Strict):
+    """An atlas: a bundled name or a NIfTI label image with its label table."""
+
+    name: str = Field("neuromorphometrics", description="bundled atlas name, or path to a NIfTI label image")
+    labels: Path | None = Field(None, description="label table (TSV/CSV) of a NIfTI label image")
+    merge_hemispheres: bool = Field(False, description="join regions that differ only by left/right")
+    space: str | None = Field(None, description="space of a NIfTI label image (default: the cohort's)")
+
+    @model_validator(mode="after")
+    def _table_for_files(self):
+        if self.name not in BUNDLED_ATLASES and self.labels is None:
+            raise ValueError(f"{self.name!r} is not a bundled atlas ({', '.join(BUNDLED_ATLASES)}); "
+                             "a label image needs 'labels'")
+        return self
+
+
+class TractSettings(_Strict):
+    modality: str = Field("FA", description="modality holding FA maps")
+    atlas: AtlasSettings = AtlasSettings(name="juelich")
+    threshold: float = Field(0.2, ge=0, le=1, description="only voxels with FA above this count")
+
+
+class FreeSurferSettings(_Strict):
+    subjects_dir: Path = Field(..., description="FreeSurfer SUBJECTS_DIR, relative to the cohort root")
+    parcellations: list[Literal["aparc", "aparc.DKTatlas", "aparc.a2009s"]] = ["aparc"]
+
+
+class FeatureSettings(_Strict):
+    """Structural features written as tables to <workspace>/features/."""
+
+    gray_matter: str | None = Field(None, description="GM-probability modality → regional GM volume (mm³)")
+    fa: TractSettings | None = Field(None, description="mean FA per white-matter tract")
+    lesions: str | None = Field(None, description="binary lesion-mask modality → lesion load per subject")
+    freesurfer: FreeSurferSettings | None = None
+    tables: list[Path] = Field([], description="other per-subject tables (CSV/TSV/Parquet with participant_id)")
+
+    def modalities_used(self) -> dict[str, str]:
+        used = {"features.gray_matter": self.gray_matter, "features.lesions": self.lesions,
+                "features.fa.modality": self.fa.modality if self.fa else None}
+        return {field: name for field, name in used.items() if name is not None}
+
+
 class Catalog(_Strict):
-    """A whole run: workspace, cohort, modalities, ingest settings and cluster profile."""
+    """A whole run: workspace, cohort, modalities, ingest, atlas, features and cluster profile."""
 
     workspace: Path = Field(..., description="folder for everything the run produces")
     cohort: CohortSource
-    modalities: dict[str, ModalitySpec | str] = Field(..., min_length=1)
+    modalities: dict[ModalityName, ModalitySpec] = Field(..., min_length=1)
     ingest: IngestSettings = IngestSettings()
+    atlas: AtlasSettings = AtlasSettings()
+    features: FeatureSettings | None = None
     cluster: ClusterProfile = LocalProfile()
 
-    @field_validator("modalities")
+    @model_validator(mode="after")
+    def _features_name_modalities(self):
+        if self.features is not None:
+            for field, name in self.features.modalities_used().items():
+                if name not in self.modalities:
+                    raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
+        return self
+
+    @model_validator(mode="before")
     @classmethod
-    def _modality_names(cls, modalities: dict) -> dict:
-        for name in modalities:
-            if not MODALITY_NAME.match(name) or name in RESERVED_NAMES:
-                raise ValueError(f"modality name {name!r} must be an identifier and not one of "
-                                 f"{sorted(RESERVED_NAMES)}")
-        return {name: ModalitySpec(path=spec) if isinstance(spec, str) else spec for name, spec in modalities.items()}
+    def _shorthands(cls, data):
+        """``T1: "path"`` means ``T1: {path: "path"}``; a ``cluster:`` without ``profile`` is local."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("modalities"), dict):
+                data["modalities"] = {name: {"path": spec} if isinstance(spec, str) else spec
+                                      for name, spec in data["modalities"].items()}
+            if isinstance(data.get("cluster"), dict) and "profile" not in data["cluster"]:
+                data["cluster"] = {"profile": "local", **data["cluster"]}
+        return data
+
 
     # -- derived, resolved against the catalog's folder by ``load_catalog``
 
@@ -98,6 +174,12 @@ class Catalog(_Strict):
     @property
     def mask_file(self) -> Path:
         return self.cohort_root / self.cohort.mask
+
+    @property
+    def freesurfer_dir(self) -> Path | None:
+        if self.features is None or self.features.freesurfer is None:
+            return None
+        return self.cohort_root / self.features.freesurfer.subjects_dir
 
     def modality_list(self) -> list[Modality]:
         return [Modality(name, spec.path, spec.dtype) for name, spec in self.modalities.items()]
@@ -134,7 +216,9 @@ def load_catalog(path: str | Path) -> tuple[Catalog, str]:
     try:
         catalog = Catalog.model_validate(data)
     except ValidationError as error:
-        raise CatalogError(path, [(".".join(str(part) for part in item["loc"]) or "(top level)", item["msg"])
+        raise CatalogError(path, [(".".join(str(part) for part in item["loc"] if str(part) not in ("", "[key]"))
+                                   or "(top level)",
+                                   item["msg"].removeprefix("Value error, "))
                                   for item in error.errors()]) from None
     catalog = _resolve_paths(catalog, path.parent)
     return catalog, hashlib.sha256(text.encode()).hexdigest()
@@ -144,15 +228,25 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
     def resolve(value: Path) -> Path:
         return (base / value.expanduser()).resolve()
 
+    def resolve_atlas(atlas: AtlasSettings) -> AtlasSettings:
+        if atlas.name in BUNDLED_ATLASES:
+            return atlas
+        return atlas.model_copy(update={"name": str(resolve(Path(atlas.name))), "labels": resolve(atlas.labels)})
+
     cohort = catalog.cohort.model_copy(update={"directory": resolve(catalog.cohort.directory)}
                                        if catalog.cohort.directory is not None else {})
-    return catalog.model_copy(update={"workspace": resolve(catalog.workspace), "cohort": cohort})
+    update = {"workspace": resolve(catalog.workspace), "cohort": cohort, "atlas": resolve_atlas(catalog.atlas)}
+    if catalog.features is not None:
+        features = catalog.features
+        fa = features.fa.model_copy(update={"atlas": resolve_atlas(features.fa.atlas)}) if features.fa else None
+        update["features"] = features.model_copy(update={"fa": fa, "tables": [resolve(t) for t in features.tables]})
+    return catalog.model_copy(update=update)
 
 
 def check_inputs(catalog: Catalog) -> list[tuple[str, str]]:
     """Problems with the files a catalog names that can be seen before running (demo: none)."""
     if catalog.cohort.demo is not None:
-        return []
+        return _atlas_file_problems(catalog)
     problems = []
     if not catalog.cohort_root.is_dir():
         problems.append(("cohort.directory", f"{catalog.cohort_root} is not a folder"))
@@ -161,4 +255,22 @@ def check_inputs(catalog: Catalog) -> list[tuple[str, str]]:
         problems.append(("cohort.participants", f"{catalog.participants_file} does not exist"))
     if not catalog.mask_file.is_file():
         problems.append(("cohort.mask", f"{catalog.mask_file} does not exist"))
+    if catalog.freesurfer_dir is not None and not catalog.freesurfer_dir.is_dir():
+        problems.append(("features.freesurfer.subjects_dir", f"{catalog.freesurfer_dir} is not a folder"))
+    return problems + _atlas_file_problems(catalog)
+
+
+def _atlas_file_problems(catalog: Catalog) -> list[tuple[str, str]]:
+    atlases = {"atlas": catalog.atlas}
+    if catalog.features is not None and catalog.features.fa is not None:
+        atlases["features.fa.atlas"] = catalog.features.fa.atlas
+    problems = []
+    for field, atlas in atlases.items():
+        if atlas.name not in BUNDLED_ATLASES:
+            for key, path in (("name", Path(atlas.name)), ("labels", atlas.labels)):
+                if not path.is_file():
+                    problems.append((f"{field}.{key}", f"{path} does not exist"))
+    if catalog.features is not None:
+        problems += [("features.tables", f"{table} does not exist")
+                     for table in catalog.features.tables if not table.is_file()]
     return problems

@@ -55,13 +55,19 @@ def status(workspace: Annotated[Path, typer.Argument(help="workspace folder of a
         stages = workspace_status(workspace)
     except FileNotFoundError as error:
         _fail(str(error))
-    runs = read_provenance(workspace)["runs"]
-    if runs:
-        last = runs[-1]
+    provenance = read_provenance(workspace)
+    if provenance["runs"]:
+        last = provenance["runs"][-1]
         console.print(f"last run {last['started']} → {last.get('finished', '?')}: {last.get('state', 'running?')} "
                       f"(catalog {last['catalog_file']}, sha256 {last['catalog_sha256'][:12]})", highlight=False)
+        if "error" in last:
+            console.print("  " + last["error"].replace("\n", "\n  "), style="red", highlight=False)
+    used = provenance.get("stages")
     for name, report in stages:
-        console.print(f"[bold]{name:<8}[/] {report or '[dim]nothing yet[/]'}", highlight=False)
+        if report is None:
+            unused = used and name not in used
+            report = "[dim]not part of this workspace's catalog[/]" if unused else "[dim]nothing yet[/]"
+        console.print(f"[bold]{name:<8}[/] {report}", highlight=False)
 
 
 @app.command()
@@ -71,15 +77,18 @@ def synth(
     voxel_size: Annotated[float, typer.Option(min=0.5, max=12, help="isotropic voxel size in mm")] = 4.0,
     seed: Annotated[int, typer.Option(min=0, help="random seed")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="local Dask worker processes")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="delete what OUT_DIR holds first")] = False,
 ) -> None:
     """Generate a synthetic cohort with planted age effects (BIDS-like files)."""
     from cluster import LocalProfile
     from engine.synth import generate_cohort
     from pipelines.runner import progress_bar, progress_callback
 
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        _fail(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
     with LocalProfile(n_workers=workers).start() as client, progress_bar(console) as bar:
         table = generate_cohort(out_dir, subjects, voxel_size, seed, client=client,
-                                progress=progress_callback(bar, "synth"))
+                                progress=progress_callback(bar, "synth"), overwrite=overwrite)
     console.print(f"{len(table)} participants in {out_dir} (participants.tsv, planted_effects.json, mask.nii.gz)")
 
 

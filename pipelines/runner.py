@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipelines.catalog import CatalogError, check_inputs, load_catalog
-from pipelines.stages import IMAGES, STAGES
+from pipelines.stages import IMAGES, STAGES, describe_problem
 
 PROVENANCE = "provenance.json"
 PACKAGES = ("relcohort", "numpy", "scipy", "pandas", "dask", "distributed", "xarray", "zarr", "nibabel",
@@ -80,7 +80,8 @@ def run_catalog(path: str | Path, console: Console | None = None) -> Path:
                 _write_provenance(workspace, provenance)
         run["state"] = "complete"
     except BaseException as error:
-        run["state"] = f"failed: {type(error).__name__}"
+        run["state"] = "failed"
+        run["error"] = f"{type(error).__name__}: {error}"
         raise
     finally:
         run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -111,16 +112,20 @@ def _print_results(console: Console, workspace: Path, run: dict) -> None:
         details = {key: value for key, value in summary.items() if key not in ("seconds", "skipped")}
         console.print(f"[green]✓[/] {name} ({summary['seconds']} s): {details}")
         for skipped in summary.get("skipped", []):
-            console.print(f"  [yellow]skipped[/] {skipped['participant_id'] or '-'} {skipped['file'] or ''}: "
-                          f"{skipped['problem']}")
+            console.print(f"  [yellow]skipped[/] {describe_problem(skipped)}", highlight=False)
     console.print(f"\nResults in [bold]{workspace}[/]:")
     console.print(f"  {IMAGES:<16} the cohort's images, subject × voxel (Zarr v3)")
+    if "features" in run["stages"]:
+        console.print(f"  {'features/':<16} {', '.join(run['stages']['features']['tables'])}")
     console.print(f"  {PROVENANCE:<16} catalog hash, package versions, seeds, stage times")
     console.print("\nOpen them in Python:")
     console.print("  from engine.store import open_cohort, to_volume", markup=False)
     console.print(f"  ds = open_cohort({str(workspace / IMAGES)!r})", markup=False)
     console.print("  old = ds.where(ds.age > 60, drop=True)        # lazy, labelled", markup=False)
     console.print("  to_volume(ds.T1.isel(subject=0)).to_filename('sub.nii.gz')", markup=False)
+    if "features" in run["stages"]:
+        console.print(f"  pandas.read_parquet({str(workspace / 'features' / 'regional_gm_volume.parquet')!r})",
+                      markup=False)
     console.print(f"or run: relcohort status {workspace}", markup=False)
 
 

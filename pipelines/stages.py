@@ -10,7 +10,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from engine import store, synth
+import pandas as pd
+
+from engine import features, store, synth
+from engine.atlas import Atlas, cohort_atlas
 from engine.grid import MNI_SPACE
 from pipelines.catalog import Catalog
 
@@ -35,9 +38,8 @@ class SynthStage:
         record = out / SYNTH_RECORD
         if record.is_file() and json.loads(record.read_text()) == settings:
             return {"cohort": str(out), "subjects": settings["subjects"], "generated": 0}
-        record.unlink(missing_ok=True)
         synth.generate_cohort(out, settings["subjects"], settings["voxel_size"], settings["seed"],
-                              client=client, progress=progress)
+                              client=client, progress=progress, overwrite=True)
         record.write_text(json.dumps(settings))  # written last: marks the cohort whole
         return {"cohort": str(out), "subjects": settings["subjects"], "generated": settings["subjects"]}
 
@@ -83,10 +85,97 @@ class IngestStage:
                  f"({attrs['grid']['space']}); last ingest {ingest['state']} at {ingest.get('finished', '?')}"]
         incomplete = attrs["n_subjects"] - dataset.sizes["subject"]
         if incomplete:
-            lines.append(f"  {incomplete} row(s) not wholly ingested (hidden); run the ingest again")
-        for skipped in ingest.get("skipped", []):
-            lines.append(f"  skipped {skipped['participant_id'] or '-'}: {skipped['file'] or ''} {skipped['problem']}")
+            lines.append(f"  {incomplete} row(s) not wholly ingested (hidden until their files are usable)")
+        lines += [f"  skipped {describe_problem(skipped)}" for skipped in ingest.get("skipped", [])]
         return "\n".join(lines)
 
 
-STAGES = [SynthStage(), IngestStage()]
+class FeaturesStage:
+    """Structural feature tables from the store and the cohort's files, in ``features/``."""
+
+    name = "features"
+    folder = "features"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return catalog.features is not None
+
+    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+        settings = catalog.features
+        dataset = store.open_cohort(catalog.workspace / IMAGES)
+        out = catalog.workspace / self.folder
+        record_file = out / RECORD
+        record = {"features": settings.model_dump(mode="json"), "atlas": catalog.atlas.model_dump(mode="json"),
+                  "store": store.content_fingerprint(catalog.workspace / IMAGES),
+                  "subjects": list(dataset.subject.values)}
+        if record_file.is_file() and json.loads(record_file.read_text()) == record:
+            return {"folder": str(out), "tables": sorted(p.name for p in out.glob("*.parquet")), "computed": 0}
+        out.mkdir(parents=True, exist_ok=True)
+        record_file.unlink(missing_ok=True)
+
+        jobs = {}
+        if settings.gray_matter:
+            jobs["regional_gm_volume"] = lambda: _tidy(features.regional_volume(
+                dataset[settings.gray_matter], _atlas(dataset, catalog.atlas)))
+        if settings.fa:
+            jobs["tract_fa"] = lambda: _tidy(features.tract_mean(
+                dataset[settings.fa.modality], _atlas(dataset, settings.fa.atlas), settings.fa.threshold))
+        if settings.lesions:
+            jobs["lesion_load"] = lambda: features.lesion_load(dataset[settings.lesions]).compute().to_dataframe()[
+                ["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
+        if settings.freesurfer:
+            jobs["freesurfer"] = lambda: features.freesurfer_table(
+                catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations)
+        if settings.tables:
+            jobs["subject_features"] = lambda: _joined_tables(settings.tables, dataset)
+        for done, (name, job) in enumerate(jobs.items(), start=1):
+            _write_table(job(), out / f"{name}.parquet")
+            progress("features", done, len(jobs))
+        record_file.write_text(json.dumps(record))  # written last: marks the tables current
+        return {"folder": str(out), "tables": [f"{name}.parquet" for name in jobs], "computed": len(jobs)}
+
+    def report(self, workspace: Path) -> str | None:
+        out = workspace / self.folder
+        if not (out / RECORD).is_file():
+            return None
+        tables = sorted(out.glob("*.parquet"))
+        return f"{out}: " + ", ".join(f"{path.name} ({len(pd.read_parquet(path))} rows)" for path in tables)
+
+
+RECORD = ".relcohort-record.json"
+
+
+def describe_problem(record: dict) -> str:
+    """One line for a skipped input: who, which file, what is wrong."""
+    who = f"participant {record['participant_id']}" if record["participant_id"] else "unlisted file"
+    return f"{who}: {record['file'] or ''}: {record['problem']}"
+
+
+def _atlas(dataset, settings) -> Atlas:
+    return cohort_atlas(dataset, settings.name, settings.labels, merge_hemispheres=settings.merge_hemispheres,
+                        atlas_space=settings.space)
+
+
+def _tidy(values) -> pd.DataFrame:
+    """(subject × region) DataArray → participant_id, region, value."""
+    name = values.name or "value"
+    frame = values.compute().drop_vars([c for c in values.coords if c not in ("subject", "region")])
+    return frame.to_dataframe(name).reset_index().rename(columns={"subject": "participant_id"})
+
+
+def _joined_tables(paths, dataset) -> pd.DataFrame:
+    participants = pd.DataFrame({"participant_id": list(dataset.subject.values)})
+    joined = participants
+    for path in paths:
+        table = features.read_feature_table(path)
+        joined = joined.merge(features.join_on_participant(table, participants, source=str(path)),
+                              on="participant_id", how="left")
+    return joined
+
+
+def _write_table(table: pd.DataFrame, path: Path) -> None:
+    partial = path.with_name("." + path.name)
+    table.to_parquet(partial, index=False)
+    partial.replace(path)
+
+
+STAGES = [SynthStage(), IngestStage(), FeaturesStage()]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -50,12 +51,31 @@ def test_every_schema_error_is_reported_with_its_field(tmp_path):
     with pytest.raises(CatalogError) as failure:
         load_catalog(path)
     fields = {field for field, _ in failure.value.errors}
-    assert {"workspace", "cohort.demo.subjects", "modalities", "ingest.on_error", "cluster.local.n_workers",
-            "colour"} <= fields
+    assert {"workspace", "cohort.demo.subjects", "modalities.2bad", "modalities.FA.path", "ingest.on_error",
+            "cluster.local.n_workers", "colour"} <= fields
     result = relcohort("validate", path)
     assert result.returncode == 1
     for field in ("workspace", "cohort.demo.subjects", "ingest.on_error", "cluster.local.n_workers", "colour"):
         assert field in result.stderr
+
+
+def test_feature_and_atlas_sections_are_checked(tmp_path):
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
+                            features={"gray_matter": "NOPE", "fa": {"modality": "FA", "threshold": 2}},
+                            atlas={"name": "brodmann"})
+    with pytest.raises(CatalogError) as failure:
+        load_catalog(catalog)
+    text = str(failure.value)
+    assert "features.fa.threshold" in text and "'brodmann' is not a bundled atlas" in text
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", features={"gray_matter": "NOPE"},
+                            atlas={"name": "my_atlas.nii.gz", "labels": "my_atlas.tsv"})
+    with pytest.raises(CatalogError, match="features.gray_matter: 'NOPE' is not one of the modalities"):
+        load_catalog(catalog)
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
+                            atlas={"name": "my_atlas.nii.gz", "labels": "my_atlas.tsv"})
+    result = relcohort("validate", catalog)
+    assert result.returncode == 1
+    assert "atlas.name" in result.stderr and "my_atlas.nii.gz does not exist" in result.stderr
 
 
 def test_unsafe_or_broken_yaml_is_refused(tmp_path):
@@ -94,18 +114,36 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert run["state"] == "complete" and run["seeds"] == {"demo": 3}
     assert run["catalog_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
     assert run["packages"]["zarr"] and run["packages"]["relcohort"] == "0.1.0"
-    assert set(run["stages"]) == {"synth", "ingest"}
+    assert set(run["stages"]) == {"synth", "ingest", "features"}
+    gmv = pd.read_parquet(workspace / "features/regional_gm_volume.parquet")
+    assert set(gmv.columns) == {"participant_id", "region", "volume_mm3"} and gmv.participant_id.nunique() == 10
+    assert "Left_Hippocampus" in set(gmv.region) and (gmv.volume_mm3 >= 0).all()
+    fa = pd.read_parquet(workspace / "features/tract_fa.parquet")
+    assert {"WM_Corticospinal_tract_L", "WM_Callosal_body"} <= set(fa.region)
+    aseg = pd.read_parquet(workspace / "features/freesurfer.parquet")
+    assert len(aseg[(aseg.structure == "eTIV") & (aseg.measure == "global")]) == 10
+    assert len(pd.read_parquet(workspace / "features/lesion_load.parquet")) == 10
 
     second = relcohort("run", catalog, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
     assert rerun["synth"]["generated"] == 0 and rerun["ingest"]["unchanged"] == 10
+    assert rerun["features"]["computed"] == 0
     assert rerun["ingest"]["written"] == {}
 
     status = relcohort("status", workspace)
     assert status.returncode == 0
     assert "synth" in status.stdout and "10 synthetic participants" in status.stdout
-    assert "10 complete subjects" in status.stdout
+
+    # a smaller demo regenerates the cohort folder; what the store holds stays
+    smaller = write_catalog(tmp_path / "smaller.yaml", workspace="ws",
+                            cohort={"demo": {"subjects": 8, "voxel_size": 8.0, "seed": 3}},
+                            cluster={"profile": "local", "n_workers": 1})
+    result = relcohort("run", smaller, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (workspace / "demo_cohort/sub-0009").exists()
+    assert open_cohort(workspace / "images.zarr").sizes["subject"] == 10
+    assert "10 complete subjects" in status.stdout and "regional_gm_volume.parquet (" in status.stdout
 
 
 def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_path):
@@ -121,7 +159,8 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     ds = open_cohort(tmp_path / "ws/images.zarr")
     assert ds.sizes["subject"] == 23 and "sub-0004" not in ds.subject.values
     status = relcohort("status", tmp_path / "ws")
-    assert "skipped sub-0004" in status.stdout and "unreadable or truncated image" in status.stdout
+    assert "skipped participant sub-0004" in status.stdout and "unreadable or truncated image" in status.stdout
+    assert "not part of this workspace's catalog" in status.stdout  # no synth for a directory cohort
 
     failing = write_catalog(tmp_path / "failing.yaml", workspace="ws2", modalities=modalities,
                             cohort={"directory": str(cohort_copy)}, cluster={"profile": "local", "n_workers": 1})
@@ -129,6 +168,8 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     assert result.returncode == 1
     assert "participant sub-0004" in result.stderr and "sub-0004_FLAIR.nii.gz" in result.stderr
     assert "Traceback" not in result.stderr
+    status = relcohort("status", tmp_path / "ws2")
+    assert "failed" in status.stdout and "IngestError" in status.stdout and "sub-0004_FLAIR" in status.stdout
 
 
 def test_synth_command_writes_a_cohort(tmp_path):
@@ -136,3 +177,6 @@ def test_synth_command_writes_a_cohort(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "cohort/participants.tsv").read_text().count("\n") == 4
     assert np.all([(tmp_path / f"cohort/sub-000{n}/anat/sub-000{n}_T1w.nii.gz").is_file() for n in (1, 2, 3)])
+    again = relcohort("synth", tmp_path / "cohort", "--subjects", 2, "--voxel-size", 8, "--workers", 1)
+    assert again.returncode == 1 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "cohort/sub-0003").is_dir()
