@@ -51,11 +51,17 @@ def relcohort_ingest(cohort: Path, store: Path, client) -> float:
     return time.perf_counter() - started
 
 
-def measure(voxel_size: float, subjects: int, work: Path) -> dict:
+def ensure_cohort(voxel_size: float, subjects: int, work: Path) -> Path:
+    """The benchmark cohort (seed 1) under ``work``, generated on first use."""
     cohort = work / f"cohort_{subjects}_{voxel_size:g}mm"
     if not (cohort / "participants.tsv").is_file():
         with LocalProfile(n_workers=2).start() as client:
-            generate_cohort(cohort, subjects, voxel_size, seed=1, client=client)
+            generate_cohort(cohort, subjects, voxel_size, seed=1, client=client, overwrite=True)
+    return cohort
+
+
+def measure(voxel_size: float, subjects: int, work: Path) -> dict:
+    cohort = ensure_cohort(voxel_size, subjects, work)
     files = cohort_files(cohort)
     megabytes = sum(path.stat().st_size for path in files) / 1e6
     nibabel_loop(files)  # warm the page cache
