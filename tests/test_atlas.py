@@ -31,12 +31,13 @@ def test_user_atlas_on_the_same_grid_is_exact(hand_atlas):
     assert atlas.voxel_counts()["Precentral_L"] == np.sum(labels[indices] == 7)
 
 
-def test_region_reduce_equals_numpy_float64(hand_atlas):
+@pytest.mark.parametrize("offset", [0.0, 5.0], ids=["signed", "non-negative"])
+def test_region_reduce_equals_numpy_float64(hand_atlas, offset):
     labels, mask, folder = hand_atlas
     indices = np.nonzero(mask)
     atlas = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv")
     rng = np.random.default_rng(2)
-    values = rng.normal(0, 1, (7, len(indices[0]))).astype(np.float32)
+    values = (rng.normal(0, 1, (7, len(indices[0]))) + offset).astype(np.float32)
     data = xr.DataArray(da.from_array(values, chunks=(3, 11)), dims=("subject", "voxel"),
                         coords={"subject": [f"s{n}" for n in range(7)], "age": ("subject", np.arange(7.0))},
                         name="R")
