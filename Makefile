@@ -26,6 +26,7 @@ test-all: $(INSTALLED)
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/ingest_throughput.py
+	$(BIN)/python benchmarks/region_reduction.py
 
 clean:
 	rm -rf $(VENV) workspace
