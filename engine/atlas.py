@@ -252,12 +252,12 @@ def region_gain(region_sums: xr.DataArray, group: xr.DataArray, reference: xr.Da
 
 def top_regions(scores: xr.DataArray, k: int = 10) -> xr.DataArray:
     """Names of the ``k`` highest-scoring regions along ``region`` (per subject if present), best first."""
+    if scores.dims[-1] != "region":
+        raise ValueError(f"top_regions needs 'region' as the last dimension, got {scores.dims}")
     order = np.argsort(-scores.values, axis=-1, kind="stable")[..., :k]
     names = np.asarray(scores["region"].values, dtype=object)[order]
-    dims = (*scores.dims[:-1], "rank") if scores.dims[-1] == "region" else None
-    if dims is None:
-        raise ValueError("top_regions needs 'region' as the last dimension")
-    return xr.DataArray(names, dims=dims, coords={d: scores[d] for d in scores.dims[:-1]}).assign_coords(
+    return xr.DataArray(names, dims=(*scores.dims[:-1], "rank"),
+                        coords={dim: scores[dim] for dim in scores.dims[:-1]}).assign_coords(
         rank=np.arange(1, order.shape[-1] + 1))
 
 
