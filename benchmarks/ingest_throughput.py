@@ -84,6 +84,12 @@ def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     return result
 
 
+def save_results(path: Path, results: list[dict]) -> None:
+    """Raw benchmark numbers with the machine they were measured on."""
+    record = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results}
+    path.write_text(json.dumps(record, indent=2))
+
+
 def table(results: list[dict]) -> str:
     lines = ["| grid | subjects × files | nibabel loop (subj/s) | relcohort 1 worker (subj/s) | ratio / worker "
              "| relcohort 2 workers (subj/s) | ratio / worker | unchanged re-run (s, 2 workers) |",
@@ -107,8 +113,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure(size, args.subjects, args.work) for size in args.voxel_sizes]
-    record = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results}
-    (args.out / "ingest.json").write_text(json.dumps(record, indent=2))
+    save_results(args.out / "ingest.json", results)
     print(table(results))
 
 

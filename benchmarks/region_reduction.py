@@ -15,9 +15,6 @@ Writes ``<out>/region_reduction.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ from nilearn.maskers import NiftiLabelsMasker
 
 from engine.atlas import cohort_atlas, region_reduce
 from engine.store import ingest, open_cohort, read_participants, to_volume
-from ingest_throughput import MODALITIES, ensure_cohort  # sibling script
+from ingest_throughput import MODALITIES, ensure_cohort, save_results  # sibling script
 
 
 def best_of(function, repeats: int = 3) -> float:
@@ -101,8 +98,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure(size, args.subjects, args.atlas, args.work) for size in args.voxel_sizes]
-    record = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results}
-    (args.out / "region_reduction.json").write_text(json.dumps(record, indent=2))
+    save_results(args.out / "region_reduction.json", results)
     print(table(results))
 
 

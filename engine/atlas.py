@@ -199,16 +199,23 @@ def _merge_hemispheres(atlas: Atlas) -> Atlas:
 def _block_region_sums(block: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Sum, |sum| and positive sum of one (subject × voxel) block per label: (subject, 1, label, 3).
 
-    ``np.bincount`` per subject row (contiguous, accumulated in float64); a block without
-    negative values needs no second pass for |sum|; the positive sum is (sum + |sum|) / 2.
+    Voxels in mask order come in runs of one label (about 25 voxels per run at 2 mm), so each
+    run is summed with ``np.add.reduceat`` (contiguous, float64) and the run sums are binned
+    by label. A signed block is summed as its positive and negative parts.
     """
     labels = labels.ravel()
-    totals = np.stack([np.bincount(labels, weights=row, minlength=n_labels) for row in block])
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1])
+    run_labels = labels[starts]
+
+    def by_label(values):
+        runs = np.add.reduceat(values, starts, axis=1, dtype=np.float64)
+        return np.stack([np.bincount(run_labels, weights=row, minlength=n_labels) for row in runs])
+
     if block.size and block.min() >= 0:
-        absolute = totals
+        positive, negative = by_label(block), np.zeros((len(block), n_labels))
     else:
-        absolute = np.stack([np.bincount(labels, weights=np.abs(row), minlength=n_labels) for row in block])
-    return np.stack([totals, absolute, (totals + absolute) / 2], axis=-1)[:, None]
+        positive, negative = by_label(np.maximum(block, 0)), by_label(np.minimum(block, 0))
+    return np.stack([positive + negative, positive - negative, positive], axis=-1)[:, None]
 
 
 def region_reduce(data: xr.DataArray, atlas: Atlas) -> xr.Dataset:
