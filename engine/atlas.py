@@ -248,6 +248,20 @@ def region_reduce(data: xr.DataArray, atlas: Atlas) -> xr.Dataset:
     return result
 
 
+def region_table(regions: xr.Dataset | xr.DataArray) -> pd.DataFrame:
+    """A tidy table (participant_id, region, one column per statistic) of per-subject region values.
+
+    Takes :func:`region_reduce`'s dataset or any (``subject`` × ``region``) DataArray; write it
+    with ``.to_parquet`` or ``.to_csv``.
+    """
+    keep = [name for name in regions.coords if name not in ("subject", "region")]
+    frame = regions.compute().drop_vars(keep)
+    if isinstance(frame, xr.DataArray):
+        frame = frame.to_dataset(name=frame.name or "value")
+    table = frame.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
+    return table[["participant_id", "region", *frame.data_vars]]
+
+
 def region_gain(region_sums: xr.DataArray, group: xr.DataArray, reference: xr.DataArray) -> xr.DataArray:
     """Gain of a group against a reference group: mean region sum in ``group`` ÷ in ``reference``.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from engine import features, store, synth
-from engine.atlas import Atlas, cohort_atlas
+from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
 from pipelines.catalog import Catalog
 
@@ -114,10 +114,10 @@ class FeaturesStage:
 
         jobs = {}
         if settings.gray_matter:
-            jobs["regional_gm_volume"] = lambda: _tidy(features.regional_volume(
+            jobs["regional_gm_volume"] = lambda: region_table(features.regional_volume(
                 dataset[settings.gray_matter], _atlas(dataset, catalog.atlas)))
         if settings.fa:
-            jobs["tract_fa"] = lambda: _tidy(features.tract_mean(
+            jobs["tract_fa"] = lambda: region_table(features.tract_mean(
                 dataset[settings.fa.modality], _atlas(dataset, settings.fa.atlas), settings.fa.threshold))
         if settings.lesions:
             jobs["lesion_load"] = lambda: features.lesion_load(dataset[settings.lesions]).compute().to_dataframe()[
@@ -153,13 +153,6 @@ def describe_problem(record: dict) -> str:
 def _atlas(dataset, settings) -> Atlas:
     return cohort_atlas(dataset, settings.name, settings.labels, merge_hemispheres=settings.merge_hemispheres,
                         atlas_space=settings.space)
-
-
-def _tidy(values) -> pd.DataFrame:
-    """(subject × region) DataArray → participant_id, region, value."""
-    name = values.name or "value"
-    frame = values.compute().drop_vars([c for c in values.coords if c not in ("subject", "region")])
-    return frame.to_dataframe(name).reset_index().rename(columns={"subject": "participant_id"})
 
 
 def _joined_tables(paths, dataset) -> pd.DataFrame:

@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 from nilearn.maskers import NiftiLabelsMasker
 
-from engine.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, top_k_overlap, top_regions,
-                          without_hemisphere)
+from engine.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap,
+                          top_regions, without_hemisphere)
 from engine.grid import Grid
 from engine.store import open_cohort, to_volume
 from tests.conftest import HAND_AFFINE as AFFINE
@@ -55,6 +55,11 @@ def test_region_reduce_equals_numpy_float64(hand_atlas, offset):
         else:
             assert result["mean"].sel(region=name).isnull().all()
     np.testing.assert_array_equal(result["age"], np.arange(7.0))
+    table = region_table(result)
+    assert list(table.columns) == ["participant_id", "region", "sum", "abs_sum", "pos_sum", "count", "mean"]
+    assert len(table) == 7 * len(atlas.regions)
+    row = table[(table.participant_id == "s3") & (table.region == "Precentral_R")].iloc[0]
+    np.testing.assert_allclose(row["sum"], values[3, labels[indices] == 9].astype(np.float64).sum(), rtol=1e-12)
 
 
 def test_merging_hemispheres_adds_up(hand_atlas):
