@@ -183,10 +183,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _spatial(shape: tuple) -> tuple:
+    """A shape without a trailing singleton 4th axis (a 3D image saved as one volume)."""
+    return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
+
+
 def _check_header(image, grid: Grid, participant: str, path: Path) -> None:
-    shape = image.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    shape = _spatial(image.shape)
     if len(shape) != 3:
         raise InputError(f"expected a 3D image, got shape {image.shape} ({len(image.shape)}D)", participant, path)
     if not grid.matches(shape, image.affine, atol=1e-3):
@@ -251,8 +254,7 @@ def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant
         volume = np.asanyarray(image.dataobj)
     except Exception as error:
         raise InputError(f"unreadable or truncated image: {error}", participant, path) from None
-    if volume.ndim == 4:
-        volume = volume[..., 0]
+    volume = volume.reshape(_spatial(volume.shape))
     # NIfTI data are usually Fortran-ordered: index the flat view in its own memory order
     flat = mask.fortran if volume.flags.f_contiguous else mask.c_order
     values = volume.ravel(order="K")[flat] if volume.flags.forc else volume[mask.indices]
@@ -279,8 +281,7 @@ def _string_array(values) -> np.ndarray:
 def _create_store(path: Path, mask_path: Path, space: str | None, voxels_per_chunk: int) -> zarr.Group:
     image = nib.load(mask_path)
     mask = np.asanyarray(image.dataobj)
-    if mask.ndim == 4 and mask.shape[3] == 1:
-        mask = mask[..., 0]
+    mask = mask.reshape(_spatial(mask.shape))
     if mask.ndim != 3:
         raise InputError(f"the brain mask must be 3D, got shape {mask.shape}", file=mask_path)
     indices = np.argwhere(mask > 0)

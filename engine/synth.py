@@ -326,21 +326,25 @@ def render_fa(anatomy: Anatomy, participant: Participant, rng, effects: PlantedE
 # FreeSurfer aseg.stats
 
 
-def aseg_volumes(anatomy: Anatomy, grid: Grid) -> tuple[list[tuple], dict]:
+def aseg_structures(anatomy: Anatomy) -> dict[str, np.ndarray]:
+    """Voxels of every aseg structure: its atlas labels, or the lesion mask for WM-hypointensities."""
+    return {name: np.isin(anatomy.labels, labels) if labels else anatomy.lesion >= 0.5
+            for _, name, labels, _ in ASEG_STRUCTURES}
+
+
+def aseg_volumes(anatomy: Anatomy, structures: dict[str, np.ndarray], grid: Grid) -> tuple[list[tuple], dict]:
     """Structure rows (SegId, name, volume mm³) and the header measures of an ``aseg.stats``."""
     voxel_volume = grid.voxel_volume
     left = (grid.world_coordinates()[:, 0] < 0).reshape(grid.shape)
-    lesion = anatomy.lesion >= 0.5
     rows = []
-    for seg_id, name, labels, tissue in ASEG_STRUCTURES:
+    for seg_id, name, _, tissue in ASEG_STRUCTURES:
         if tissue == "lesion":
-            volume = lesion.sum() * voxel_volume
+            volume = structures[name].sum() * voxel_volume
         elif tissue == "ventricle":
             side = left if name.startswith("Left") else ~left
             volume = (anatomy.ventricle * side).sum() * voxel_volume
         else:
-            region = np.isin(anatomy.labels, labels)
-            volume = getattr(anatomy, tissue)[region].sum() * voxel_volume
+            volume = getattr(anatomy, tissue)[structures[name]].sum() * voxel_volume
         rows.append((seg_id, name, float(volume)))
     cortex = anatomy.labels >= CORTEX_MIN_LABEL
     cerebral_wm = np.isin(anatomy.labels, (44, 45))
@@ -434,13 +438,13 @@ def format_aseg_stats(subject: str, rows: list[tuple], measures: dict, intensiti
     return "\n".join(lines) + "\n"
 
 
-def _region_intensities(anatomy: Anatomy, t1: np.ndarray) -> dict:
+def _region_intensities(anatomy: Anatomy, structures: dict[str, np.ndarray], t1: np.ndarray) -> dict:
     """Mean and SD of the T1 image per aseg structure, scaled so white matter sits at 110 (like norm.mgz)."""
     white = t1[anatomy.wm > 0.9]
     scale = 110.0 / np.median(white) if white.size else 1.0
     result = {}
-    for _, name, labels, _ in ASEG_STRUCTURES:
-        values = t1[np.isin(anatomy.labels, labels)] * scale if labels else t1[anatomy.lesion >= 0.5] * scale
+    for name, voxels in structures.items():
+        values = t1[voxels] * scale
         result[name] = (float(values.mean()), float(values.std())) if values.size else (0.0, 0.0)
     return result
 
@@ -488,10 +492,11 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
     for modality, volume in volumes.items():
         _save(volume * mask.astype(volume.dtype), grid, out_dir / MODALITY_PATHS[modality].format(participant_id=pid))
 
-    rows, measures = aseg_volumes(anatomy, grid)
+    structures = aseg_structures(anatomy)
+    rows, measures = aseg_volumes(anatomy, structures, grid)
     aseg = out_dir / ASEG_PATH.format(participant_id=pid)
     aseg.parent.mkdir(parents=True, exist_ok=True)
-    aseg.write_text(format_aseg_stats(pid, rows, measures, _region_intensities(anatomy, t1)))
+    aseg.write_text(format_aseg_stats(pid, rows, measures, _region_intensities(anatomy, structures, t1)))
 
     outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
     return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}
