@@ -42,8 +42,11 @@ class LocalProfile(BaseModel):
         from distributed import Client, LocalCluster
 
         resources = {"GPU": self.gpus_per_worker} if self.gpus_per_worker else None
-        environ = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": self.malloc_trim_threshold}
-        with dask.config.set(environ), LocalCluster(
+        settings = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": self.malloc_trim_threshold,
+                    # one queued task per thread: long tasks (training a member) spread over idle workers
+                    # instead of two landing on one single-threaded worker (the default 1.1 rounds up to 2)
+                    "distributed.scheduler.worker-saturation": 1.0}
+        with dask.config.set(settings), LocalCluster(
             n_workers=self.n_workers,
             threads_per_worker=self.threads_per_worker,
             memory_limit=self.memory_limit,

@@ -167,6 +167,35 @@ def lesion_load(lesions: xr.DataArray) -> xr.Dataset:
                        "lesion_volume_mm3": count * cohort_grid(lesions).voxel_volume})
 
 
+def lesion_relevance(lesions: xr.DataArray, relevance: xr.DataArray) -> xr.Dataset:
+    """Per subject (and any other dims of ``relevance``): relevance inside lesions, as the study computed it.
+
+    ``lesions`` is a binary lesion (or PVS) mask modality and ``relevance`` maps of the same
+    subjects and voxels. Returns ``lesion_voxels``, ``lesion_relevance`` (Σ R over lesion
+    voxels), ``lesion_positive_share`` (share of the positive relevance that lies in lesions),
+    ``uniform_share`` (the share expected if relevance were uniform: lesion voxels / voxels) and
+    their ratio ``share_ratio`` (> 1: relevance concentrates in lesions). Subjects without
+    lesions or positive relevance get NaN shares. Lazy.
+    """
+    if "subject" not in relevance.dims or "voxel" not in relevance.dims:
+        raise ValueError(f"relevance needs 'subject' and 'voxel' dims, got {relevance.dims}")
+    missing = sorted(set(relevance.subject.values) - set(lesions.subject.values))
+    if missing:
+        raise ValueError(f"relevance maps of {missing[:5]} have no lesion mask in the store")
+    if lesions.sizes["voxel"] != relevance.sizes["voxel"]:
+        raise ValueError(f"lesion masks have {lesions.sizes['voxel']} voxels, relevance maps "
+                         f"{relevance.sizes['voxel']}: not the same cohort mask")
+    inside = (lesions.sel(subject=relevance.subject.values) > 0)
+    inside = inside.drop_vars([name for name in inside.coords if name not in inside.dims])
+    positive = relevance.clip(min=0)
+    count = inside.sum("voxel")
+    positive_total = positive.sum("voxel")
+    share = (positive.where(inside, 0).sum("voxel") / positive_total).where((positive_total > 0) & (count > 0))
+    uniform = (count / relevance.sizes["voxel"]).where(count > 0)
+    return xr.Dataset({"lesion_voxels": count, "lesion_relevance": relevance.where(inside, 0).sum("voxel"),
+                       "lesion_positive_share": share, "uniform_share": uniform, "share_ratio": share / uniform})
+
+
 def join_on_participant(features: pd.DataFrame, participants: pd.DataFrame, source: str = "features") -> pd.DataFrame:
     """Left-join a per-subject table onto the participants; IDs that match nobody are an error."""
     if "participant_id" not in features.columns:

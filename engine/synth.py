@@ -550,7 +550,7 @@ def generate_cohort(
 
     table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
     _save(cohort_mask(grid).astype(np.uint8), grid, out_dir / "mask.nii.gz")
-    _save(_truth_regions(grid), grid, out_dir / "truth_regions.nii.gz")
+    _save(_truth_regions(grid), grid, out_dir / TRUTH_REGIONS)
     demographics = ["participant_id", "age", "sex", "site"]
     table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)
     table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
@@ -563,7 +563,10 @@ def generate_cohort(
     return table[demographics]
 
 
+TRUTH_REGIONS = "truth_regions.nii.gz"
 TRUTH_LABELS = {1: "hippocampus", 2: "amygdala", 3: "thalamus", 4: "lateral_ventricles", 5: "cortex"}
+#: The focal planted effects (the cortex-wide thinning is diffuse): what explanations are scored against.
+FOCAL_TRUTH_LABELS = [1, 2, 3, 4]
 
 
 def _truth_regions(grid: Grid) -> np.ndarray:
@@ -585,7 +588,7 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
         "grid": grid.to_attrs(),
         "age_reference": 20.0,
         "parameters": asdict(effects),
-        "truth_regions_image": "truth_regions.nii.gz",
+        "truth_regions_image": TRUTH_REGIONS,
         "truth_labels": TRUTH_LABELS,
         "effects": [
             {"kind": "gray_matter_loss", "region": region, "atlas": "neuromorphometrics", "labels": list(labels),

@@ -33,3 +33,29 @@ def run_tasks(
             yield futures[future], future.result()
     finally:
         client.cancel(list(futures))
+
+
+def gpu_resources(client) -> dict | None:
+    """``{"GPU": 1}`` when any of the client's workers advertises a GPU resource, else ``None``."""
+    if client is None:
+        return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers) else None
+
+
+def torch_device():
+    """The device for torch work in this process: CUDA when available, else CPU.
+
+    Inside a Dask worker, CPU torch uses as many threads as the worker has (not every core).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    try:
+        from distributed import get_worker
+
+        torch.set_num_threads(get_worker().state.nthreads)
+    except ValueError:
+        pass  # not in a worker
+    return torch.device("cpu")

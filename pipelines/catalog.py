@@ -17,6 +17,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from cluster import ClusterProfile, LocalProfile
 from engine.atlas import BUNDLED_ATLASES
+from engine.attribution import METHODS, AttributionOptions
+from engine.models import MODELS
 from engine.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -128,6 +130,76 @@ class FeatureSettings(_Strict):
         return {field: name for field, name in used.items() if name is not None}
 
 
+class SplitSettings(_Strict):
+    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train, validation, test")
+    stratify: list[str] = Field(["age", "sex"], description="participant columns; numeric ones in 5 quantile bands")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, fractions):
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9 or fractions[0] == 0 or fractions[1] == 0:
+            raise ValueError(f"fractions {list(fractions)} must be non-negative and sum to 1, "
+                             "with train and validation > 0")
+        return fractions
+
+
+class TrainSettings(_Strict):
+    """An ensemble of CNNs trained on the store (see ``engine.training``), written to <workspace>/models/."""
+
+    target: str = Field("age", description="participant column to predict")
+    task: Literal["regression", "classification"] = "regression"
+    model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
+    model_options: dict = Field({}, description="architecture options, e.g. sfcn channels")
+    modalities: list[str] = Field(["T1"], min_length=1, description="input channels")
+    members: int = Field(3, ge=1, le=100, description="ensemble members (differ by seed and batch order)")
+    epochs: int = Field(25, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+    seed: int = Field(0, ge=0)
+    split: SplitSettings = SplitSettings()
+    finetune_from: Path | None = Field(None, description="models folder or member .safetensors to start from")
+    freeze: list[str] = Field([], description="parameter-name prefixes to keep fixed, e.g. 'features.0'")
+    cache_gib: float = Field(2.0, gt=0, description="training subjects held in memory up to this size")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+        return model
+
+
+class ExplainSettings(_Strict):
+    """Relevance maps of the trained members into <workspace>/relevance.zarr, scored in <workspace>/validation/."""
+
+    methods: list[str] = Field(["lrp"], min_length=1, description="attribution methods: " + ", ".join(METHODS))
+    subjects: Literal["test", "validation", "train", "all"] = Field("test", description="whose maps to compute")
+    subjects_per_chunk: int = Field(8, ge=1, le=1024)
+    options: dict = Field({}, description="method settings (engine.attribution.AttributionOptions)")
+    truth: Path | None = Field(None, description="ground-truth label image for scoring (demo: planted regions)")
+    truth_labels: list[int] | None = Field(None, description="labels of the truth image to score against")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = [method for method in methods if method not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        return methods
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict) -> dict:
+        known = set(AttributionOptions.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(sorted(known))}")
+        AttributionOptions(**options)
+        return options
+
+
 class Catalog(_Strict):
     """A whole run: workspace, cohort, modalities, ingest, atlas, features and cluster profile."""
 
@@ -137,14 +209,20 @@ class Catalog(_Strict):
     ingest: IngestSettings = IngestSettings()
     atlas: AtlasSettings = AtlasSettings()
     features: FeatureSettings | None = None
+    train: TrainSettings | None = None
+    explain: ExplainSettings | None = None
     cluster: ClusterProfile = LocalProfile()
 
     @model_validator(mode="after")
-    def _features_name_modalities(self):
-        if self.features is not None:
-            for field, name in self.features.modalities_used().items():
-                if name not in self.modalities:
-                    raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
+    def _sections_name_modalities(self):
+        used = self.features.modalities_used() if self.features is not None else {}
+        if self.train is not None:
+            used.update({f"train.modalities[{index}]": name for index, name in enumerate(self.train.modalities)})
+        for field, name in used.items():
+            if name not in self.modalities:
+                raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
+        if self.explain is not None and self.train is None:
+            raise ValueError("explain: needs a train section (the models it explains)")
         return self
 
     @model_validator(mode="before")
@@ -236,6 +314,10 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
     cohort = catalog.cohort.model_copy(update={"directory": resolve(catalog.cohort.directory)}
                                        if catalog.cohort.directory is not None else {})
     update = {"workspace": resolve(catalog.workspace), "cohort": cohort, "atlas": resolve_atlas(catalog.atlas)}
+    if catalog.train is not None and catalog.train.finetune_from is not None:
+        update["train"] = catalog.train.model_copy(update={"finetune_from": resolve(catalog.train.finetune_from)})
+    if catalog.explain is not None and catalog.explain.truth is not None:
+        update["explain"] = catalog.explain.model_copy(update={"truth": resolve(catalog.explain.truth)})
     if catalog.features is not None:
         features = catalog.features
         fa = features.fa.model_copy(update={"atlas": resolve_atlas(features.fa.atlas)}) if features.fa else None
@@ -273,4 +355,9 @@ def _atlas_file_problems(catalog: Catalog) -> list[tuple[str, str]]:
     if catalog.features is not None:
         problems += [("features.tables", f"{table} does not exist")
                      for table in catalog.features.tables if not table.is_file()]
+    finetune_from = catalog.train.finetune_from if catalog.train is not None else None
+    if finetune_from is not None and not finetune_from.exists():
+        problems.append(("train.finetune_from", f"{finetune_from} does not exist"))
+    if catalog.explain is not None and catalog.explain.truth is not None and not catalog.explain.truth.is_file():
+        problems.append(("explain.truth", f"{catalog.explain.truth} does not exist"))
     return problems

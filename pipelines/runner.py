@@ -117,6 +117,17 @@ def _print_results(console: Console, workspace: Path, run: dict) -> None:
     console.print(f"  {IMAGES:<16} the cohort's images, subject × voxel (Zarr v3)")
     if "features" in run["stages"]:
         console.print(f"  {'features/':<16} {', '.join(run['stages']['features']['tables'])}")
+    if "train" in run["stages"]:
+        test = run["stages"]["train"]["test"]
+        scores = ", ".join(f"{who} MAE {values['mae']:.2f}" for who, values in test.items() if "mae" in values)
+        console.print(f"  {'models/':<16} {run['stages']['train']['members']} member(s) (safetensors), predictions, "
+                      f"metrics{'; test ' + scores if scores else ''}")
+    if "explain" in run["stages"]:
+        explain = run["stages"]["explain"]
+        console.print(f"  {'relevance.zarr':<16} {', '.join(explain['methods'])} × {explain['members']} member(s) × "
+                      f"{explain['subjects']} subject(s)")
+        if "validation" in explain:
+            console.print(f"  {'validation/':<16} scores.parquet (vs planted truth), robustness.parquet (across members)")
     console.print(f"  {PROVENANCE:<16} catalog hash, package versions, seeds, stage times")
     console.print("\nOpen them in Python:")
     console.print("  from engine.store import open_cohort, to_volume", markup=False)
@@ -125,6 +136,11 @@ def _print_results(console: Console, workspace: Path, run: dict) -> None:
     console.print("  to_volume(ds.T1.isel(subject=0)).to_filename('sub.nii.gz')", markup=False)
     if "features" in run["stages"]:
         console.print(f"  pandas.read_parquet({str(workspace / 'features' / 'regional_gm_volume.parquet')!r})",
+                      markup=False)
+    if "explain" in run["stages"]:
+        console.print("  from engine.attribution import open_relevance", markup=False)
+        console.print(f"  rel = open_relevance({str(workspace / 'relevance.zarr')!r})", markup=False)
+        console.print("  to_volume(rel.relevance_mean.sel({'method': 'lrp'}).mean('subject'))  # mean LRP map",
                       markup=False)
     console.print(f"or run: relcohort status {workspace}", markup=False)
 

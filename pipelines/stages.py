@@ -10,9 +10,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from engine import features, store, synth
+from engine import attribution, features, store, synth, training, validation
 from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
 from pipelines.catalog import Catalog
@@ -142,6 +143,142 @@ class FeaturesStage:
 
 
 RECORD = ".relcohort-record.json"
+MODELS = "models"
+RELEVANCE = "relevance.zarr"
+
+
+class TrainStage:
+    """Train the ensemble on the store into ``models/`` (members already trained are kept)."""
+
+    name = "train"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return catalog.train is not None
+
+    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+        settings = catalog.train
+        images = catalog.workspace / IMAGES
+        dataset = store.open_cohort(images)
+        participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
+                                     if dataset[name].dims == ("subject",)})
+        participants = participants.rename(columns={"subject": "participant_id"})
+        strata = list(dict.fromkeys([*settings.split.stratify] +
+                                    ([settings.target] if settings.task == "classification" else [])))
+        split = training.stratified_split(participants, settings.split.fractions, strata, seed=settings.split.seed)
+        config = training.TrainingConfig(
+            target=settings.target, task=settings.task, modalities=tuple(settings.modalities), model=settings.model,
+            model_options=settings.model_options, epochs=settings.epochs, batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate, patience=settings.patience, seed=settings.seed,
+            cache_bytes=int(settings.cache_gib * 2**30),
+            finetune_from=str(settings.finetune_from) if settings.finetune_from else None,
+            freeze=tuple(settings.freeze))
+        out = catalog.workspace / MODELS
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"store": store.content_fingerprint(images)}
+        if not _current(out, record):  # the images changed: every member is stale
+            for stale in out.glob("member_*.json"):
+                stale.unlink()
+        (out / RECORD).unlink(missing_ok=True)
+        result = training.train_ensemble(images, config, settings.members, out, split, client=client,
+                                         progress=progress)
+        (out / RECORD).write_text(json.dumps(record))
+        return {"folder": str(out), "members": settings.members, "trained": result["trained"],
+                "test": _test_metrics(result["metrics"])}
+
+    def report(self, workspace: Path) -> str | None:
+        path = workspace / MODELS / "metrics.parquet"
+        if not path.is_file():
+            return None
+        metrics = pd.read_parquet(path)
+        members = sorted(set(metrics["member"]) - {"ensemble", "predict_train_mean"})
+        return f"{workspace / MODELS}: {len(members)} member(s); test: {_test_metrics(metrics)}"
+
+
+def _test_metrics(metrics: pd.DataFrame) -> dict:
+    test = metrics[(metrics["split"] == "test") & metrics["member"].isin(["ensemble", "predict_train_mean"])]
+    columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc") if column in test]
+    return {row["member"]: {column: round(float(row[column]), 3) for column in columns} for _, row in test.iterrows()}
+
+
+class ExplainStage:
+    """Relevance maps of every member into ``relevance.zarr``; scores against ground truth in ``validation/``."""
+
+    name = "explain"
+    folder = "validation"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return catalog.explain is not None
+
+    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+        settings = catalog.explain
+        images, models = catalog.workspace / IMAGES, catalog.workspace / MODELS
+        dataset = store.open_cohort(images)
+        split = pd.read_csv(models / "split.tsv", sep="\t", dtype={"participant_id": str}).set_index(
+            "participant_id")["split"]
+        chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
+        subjects = [subject for subject in dataset.subject.values if subject in chosen]
+        atlas = _atlas(dataset, catalog.atlas)
+        region_labels = None
+        if "region_occlusion" in settings.methods:
+            volumes = training.CohortVolumes(images, catalog.train.modalities)
+            region_labels = volumes.to_volumes(atlas.voxel_labels[None, None].astype(np.float32))[0, 0].astype(np.int64)
+        relevance = attribution.explain(
+            catalog.workspace / RELEVANCE, images, models, settings.methods, list(range(catalog.train.members)),
+            subjects, attribution.AttributionOptions(**settings.options), region_labels,
+            settings.subjects_per_chunk, client=client, progress=progress)
+        summary = {"store": str(catalog.workspace / RELEVANCE), "methods": settings.methods,
+                   "subjects": len(subjects), "members": catalog.train.members}
+        if catalog.features is not None and catalog.features.lesions:
+            summary["lesion_relevance"] = str(self._lesion_relevance(catalog, relevance, dataset))
+        truth = settings.truth or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
+        if truth is not None:
+            summary["validation"] = self._validate(catalog, relevance, dataset, atlas, truth)
+        return summary
+
+    def _lesion_relevance(self, catalog: Catalog, relevance, dataset) -> Path:
+        """The study's lesion indices of the ensemble-mean maps: ``features/lesion_relevance.parquet``."""
+        indices = features.lesion_relevance(dataset[catalog.features.lesions], relevance.relevance_mean).compute()
+        table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
+        path = catalog.workspace / FeaturesStage.folder / "lesion_relevance.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_table(table[["method", "participant_id", *indices.data_vars]], path)
+        return path
+
+    def _validate(self, catalog: Catalog, relevance, dataset, atlas, truth: Path) -> dict:
+        out = catalog.workspace / self.folder
+        out.mkdir(parents=True, exist_ok=True)
+        labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
+        mask = validation.truth_mask(truth, dataset, labels)
+        tables = []
+        for absolute in (False, True):  # signed relevance, and its magnitude (for maps whose sign flips)
+            ensemble = validation.score_methods(relevance.relevance_mean, mask, atlas, absolute=absolute).reset_index()
+            members = validation.score_methods(relevance.relevance, mask, atlas, absolute=absolute).reset_index()
+            tables += [ensemble.assign(member="ensemble", scored="|R|" if absolute else "R"),
+                       members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
+        scores = pd.concat(tables, ignore_index=True)
+        _write_table(scores, out / "scores.parquet")
+        ensemble = scores[(scores.member == "ensemble") & (scores.scored == "R")]
+        if relevance.sizes["member"] > 1:
+            age = relevance["age"].values
+            robustness = validation.member_robustness(relevance.relevance, atlas, age >= np.median(age))
+            _write_table(robustness.reset_index(), out / "robustness.parquet")
+        return {row["method"]: {"roc_auc": round(float(row["roc_auc"]), 3),
+                                "mass_accuracy": round(float(row["mass_accuracy"]), 3)}
+                for _, row in ensemble.iterrows()}
+
+    def report(self, workspace: Path) -> str | None:
+        try:
+            relevance = attribution.open_relevance(workspace / RELEVANCE)
+        except (FileNotFoundError, ValueError):
+            return None
+        sizes = relevance.relevance.sizes
+        return (f"{workspace / RELEVANCE}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
+                f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
+
+
+def _current(folder: Path, record: dict) -> bool:
+    path = folder / RECORD
+    return path.is_file() and json.loads(path.read_text()) == record
 
 
 def describe_problem(record: dict) -> str:
@@ -171,4 +308,4 @@ def _write_table(table: pd.DataFrame, path: Path) -> None:
     partial.replace(path)
 
 
-STAGES = [SynthStage(), IngestStage(), FeaturesStage()]
+STAGES = [SynthStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage()]

@@ -9,6 +9,7 @@ import xarray as xr
 from scipy import stats
 
 from engine.atlas import cohort_atlas
+from engine import features
 from engine.features import (aparc_table, aseg_table, freesurfer_table, join_on_participant, lesion_load,
                              read_stats, regional_volume, tract_mean)
 from engine.store import open_cohort, read_participants
@@ -178,3 +179,32 @@ def test_joining_feature_tables_names_unknown_ids(tiny_cohort):
                             source="pvs.tsv")
     with pytest.raises(ValueError, match="appear more than once"):
         join_on_participant(pd.concat([features, features]), participants)
+
+
+def test_lesion_relevance_indices_equal_a_hand_computation():
+    rng = np.random.default_rng(4)
+    subjects = ["sub-a", "sub-b", "sub-c"]
+    lesions = rng.random((3, 50)) < 0.1
+    lesions[2] = False  # a participant without lesions
+    relevance = rng.normal(0, 1, (3, 50))
+    relevance[lesions] += 2.0  # relevance concentrated in lesions
+    lesion_data = xr.DataArray(lesions.astype(np.uint8), dims=("subject", "voxel"), coords={"subject": subjects})
+    maps = xr.DataArray(relevance, dims=("subject", "voxel"), coords={"subject": subjects})
+    result = features.lesion_relevance(lesion_data, maps.isel(subject=[1, 0, 2])).compute()
+    for position, subject in enumerate(["sub-b", "sub-a", "sub-c"]):
+        row, inside = relevance[subjects.index(subject)], lesions[subjects.index(subject)]
+        positive = np.clip(row, 0, None)
+        assert result.lesion_voxels[position] == inside.sum()
+        assert result.lesion_relevance[position] == pytest.approx(row[inside].sum())
+        if inside.any():
+            share = positive[inside].sum() / positive.sum()
+            assert result.lesion_positive_share[position] == pytest.approx(share)
+            assert result.uniform_share[position] == pytest.approx(inside.mean())
+            assert result.share_ratio[position] == pytest.approx(share / inside.mean())
+            assert result.share_ratio[position] > 1
+        else:
+            assert np.isnan(result.lesion_positive_share[position]) and np.isnan(result.share_ratio[position])
+    with pytest.raises(ValueError, match="no lesion mask"):
+        features.lesion_relevance(lesion_data.isel(subject=[0]), maps)
+    with pytest.raises(ValueError, match="not the same cohort mask"):
+        features.lesion_relevance(lesion_data.isel(voxel=slice(0, 40)), maps)

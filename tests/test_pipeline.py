@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from engine.attribution import open_relevance
 from engine.store import open_cohort
 from pipelines.catalog import CatalogError, load_catalog
 
@@ -98,7 +99,9 @@ def test_directory_cohort_needs_its_files(tmp_path):
 
 def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
-                            cohort={"demo": {"subjects": 10, "voxel_size": 8.0, "seed": 3}},
+                            cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
+                            train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4},
+                            explain={"methods": ["lrp", "gradient"], "subjects": "test"},
                             cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
     assert relcohort("validate", catalog).returncode == 0
     first = relcohort("run", catalog, cwd=tmp_path)
@@ -107,43 +110,63 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert str(workspace / "images.zarr") in first.stdout and "open_cohort" in first.stdout
 
     ds = open_cohort(workspace / "images.zarr")
-    assert ds.sizes["subject"] == 10 and set(ds.data_vars) == {"T1", "FLAIR", "GM", "FA", "WMH"}
+    assert ds.sizes["subject"] == 16 and set(ds.data_vars) == {"T1", "FLAIR", "GM", "FA", "WMH"}
     assert ds.T1.attrs["space"] == "MNI152NLin2009aSym"
     provenance = json.loads((workspace / "provenance.json").read_text())
     run = provenance["runs"][-1]
     assert run["state"] == "complete" and run["seeds"] == {"demo": 3}
     assert run["catalog_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
     assert run["packages"]["zarr"] and run["packages"]["relcohort"] == "0.1.0"
-    assert set(run["stages"]) == {"synth", "ingest", "features"}
+    assert set(run["stages"]) == {"synth", "ingest", "features", "train", "explain"}
     gmv = pd.read_parquet(workspace / "features/regional_gm_volume.parquet")
-    assert set(gmv.columns) == {"participant_id", "region", "volume_mm3"} and gmv.participant_id.nunique() == 10
+    assert set(gmv.columns) == {"participant_id", "region", "volume_mm3"} and gmv.participant_id.nunique() == 16
     assert "Left_Hippocampus" in set(gmv.region) and (gmv.volume_mm3 >= 0).all()
     fa = pd.read_parquet(workspace / "features/tract_fa.parquet")
     assert {"WM_Corticospinal_tract_L", "WM_Callosal_body"} <= set(fa.region)
     aseg = pd.read_parquet(workspace / "features/freesurfer.parquet")
-    assert len(aseg[(aseg.structure == "eTIV") & (aseg.measure == "global")]) == 10
-    assert len(pd.read_parquet(workspace / "features/lesion_load.parquet")) == 10
+    assert len(aseg[(aseg.structure == "eTIV") & (aseg.measure == "global")]) == 16
+    assert len(pd.read_parquet(workspace / "features/lesion_load.parquet")) == 16
+
+    metrics = pd.read_parquet(workspace / "models/metrics.parquet")
+    assert {"0", "1", "ensemble", "predict_train_mean"} <= set(metrics.member)
+    split = pd.read_csv(workspace / "models/split.tsv", sep="\t")
+    relevance = open_relevance(workspace / "relevance.zarr")
+    assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
+    assert list(relevance.method.values) == ["lrp", "gradient"] and relevance.sizes["member"] == 2
+    assert sorted(relevance.subject.values) == sorted(split.participant_id[split.split == "test"])
+    assert relevance.relevance.notnull().all()
+    scores = pd.read_parquet(workspace / "validation/scores.parquet")
+    assert set(scores.method) == {"lrp", "gradient"} and set(scores.member) == {"ensemble", "0", "1"}
+    assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 2 * 3
+    assert scores.roc_auc.between(0, 1).all()
+    assert len(pd.read_parquet(workspace / "validation/robustness.parquet")) == 2
+    lesion_relevance = pd.read_parquet(workspace / "features/lesion_relevance.parquet")
+    assert len(lesion_relevance) == 2 * relevance.sizes["subject"]
+    assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
+    relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}
 
     second = relcohort("run", catalog, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
-    assert rerun["synth"]["generated"] == 0 and rerun["ingest"]["unchanged"] == 10
-    assert rerun["features"]["computed"] == 0
+    assert rerun["synth"]["generated"] == 0 and rerun["ingest"]["unchanged"] == 16
+    assert rerun["features"]["computed"] == 0 and rerun["train"]["trained"] == 0
+    assert {path: path.stat().st_mtime_ns for path in relevance_chunks} == relevance_chunks
     assert rerun["ingest"]["written"] == {}
 
     status = relcohort("status", workspace)
     assert status.returncode == 0
-    assert "synth" in status.stdout and "10 synthetic participants" in status.stdout
+    assert "synth" in status.stdout and "16 synthetic participants" in status.stdout
+    assert "2 member(s)" in status.stdout and "2 method(s) (lrp, gradient)" in status.stdout
 
     # a smaller demo regenerates the cohort folder; what the store holds stays
     smaller = write_catalog(tmp_path / "smaller.yaml", workspace="ws",
-                            cohort={"demo": {"subjects": 8, "voxel_size": 8.0, "seed": 3}},
+                            cohort={"demo": {"subjects": 8, "voxel_size": 8.0, "seed": 3}}, train=None, explain=None,
                             cluster={"profile": "local", "n_workers": 1})
     result = relcohort("run", smaller, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (workspace / "demo_cohort/sub-0009").exists()
-    assert open_cohort(workspace / "images.zarr").sizes["subject"] == 10
-    assert "10 complete subjects" in status.stdout and "regional_gm_volume.parquet (" in status.stdout
+    assert open_cohort(workspace / "images.zarr").sizes["subject"] == 16
+    assert "16 complete subjects" in status.stdout and "regional_gm_volume.parquet (" in status.stdout
 
 
 def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_path):
@@ -151,7 +174,7 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     modalities = yaml.safe_load((REPO / "catalog.yaml").read_text())["modalities"]
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities,
                             cohort={"directory": str(cohort_copy)},
-                            ingest={"on_error": "skip", "subjects_per_chunk": 4},
+                            ingest={"on_error": "skip", "subjects_per_chunk": 4}, train=None, explain=None,
                             cluster={"profile": "local", "n_workers": 1})
     result = relcohort("run", catalog)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -163,7 +186,8 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     assert "not part of this workspace's catalog" in status.stdout  # no synth for a directory cohort
 
     failing = write_catalog(tmp_path / "failing.yaml", workspace="ws2", modalities=modalities,
-                            cohort={"directory": str(cohort_copy)}, cluster={"profile": "local", "n_workers": 1})
+                            cohort={"directory": str(cohort_copy)}, train=None, explain=None,
+                            cluster={"profile": "local", "n_workers": 1})
     result = relcohort("run", failing)
     assert result.returncode == 1
     assert "participant sub-0004" in result.stderr and "sub-0004_FLAIR.nii.gz" in result.stderr
@@ -180,3 +204,24 @@ def test_synth_command_writes_a_cohort(tmp_path):
     again = relcohort("synth", tmp_path / "cohort", "--subjects", 2, "--voxel-size", 8, "--workers", 1)
     assert again.returncode == 1 and "is not empty" in again.stderr and "--overwrite" in again.stderr
     assert (tmp_path / "cohort/sub-0003").is_dir()
+
+
+def test_train_and_explain_sections_are_checked(tmp_path):
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
+                            train={"model": "resnet", "modalities": ["T2"], "split": {"fractions": [0.5, 0.5, 0.5]}},
+                            explain={"methods": ["lrp", "deeplift"], "options": {"ig_stepz": 3}})
+    with pytest.raises(CatalogError) as failure:
+        load_catalog(catalog)
+    text = str(failure.value)
+    for expected in ("train.model: unknown model 'resnet'", "train.split.fractions", "explain.methods: unknown method",
+                     "'deeplift'", "explain.options: unknown option(s) ['ig_stepz']"):
+        assert expected in text
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"modalities": ["T2"]})
+    with pytest.raises(CatalogError, match=r"train.modalities\[0\]: 'T2' is not one of the modalities"):
+        load_catalog(catalog)
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train=None)
+    with pytest.raises(CatalogError, match="explain: needs a train section"):
+        load_catalog(catalog)
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"})
+    result = relcohort("validate", catalog)
+    assert result.returncode == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr

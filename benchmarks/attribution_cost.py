@@ -1,0 +1,104 @@
+"""Attribution cost per subject relative to a plain input-gradient pass, on CPU (or GPU if present).
+
+    python benchmarks/attribution_cost.py [--voxel-size 4] [--batch 8] [--threads 1 2]
+
+An MRInet on the demo grid's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
+on the trained weights, so a freshly initialised model is used) explains a batch of random
+inputs with every method, best of three after a warm-up. The reference is one forward and
+one backward pass to the input (``torch.autograd.grad``), the cheapest attribution there is.
+Writes ``benchmarks/results/attribution_cost.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from engine.attribution import METHODS, AttributionOptions, attribute
+from engine.grid import mni_grid
+from engine.models import ModelSpec, build_model
+from ingest_throughput import save_results  # sibling script
+
+#: The brain box of the demo cohort's mask at each voxel size (``CohortVolumes.shape``).
+BOX = {4.0: (46, 55, 44), 2.0: (91, 109, 87)}
+OPTIONS = AttributionOptions(smoothgrad_samples=8, ig_steps=8, occlusion_patch=8, occlusion_stride=8, noise_steps=20)
+
+
+def best_of(function, repeats: int = 3) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def input_gradient(model, inputs):
+    inputs = inputs.detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(model(inputs)[:, 0].sum(), inputs)
+    return gradient
+
+
+def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -> list[dict]:
+    torch.set_num_threads(threads)
+    shape = BOX.get(voxel_size) or mni_grid(voxel_size).shape
+    model = build_model(ModelSpec("mrinet", shape, 1, 1), target_mean=50.0, target_scale=18.0).to(device).eval()
+    inputs = torch.randn(batch, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = (torch.arange(torch.tensor(shape).prod()).reshape(shape) // 800).numpy()  # ~150 blocky regions
+
+    def timed(function):
+        def run():
+            function()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return best_of(run)
+
+    reference = timed(lambda: input_gradient(model, inputs))
+    rows = [{"method": "input gradient (reference)", "seconds_per_batch": reference}]
+    for method in METHODS:
+        seconds = timed(lambda method=method: attribute(model, inputs, method, OPTIONS, region_labels=labels))
+        rows.append({"method": method, "seconds_per_batch": seconds})
+    for row in rows:
+        row.update({"voxel_size_mm": voxel_size, "batch": batch, "threads": threads, "device": str(device),
+                    "subjects_per_s": batch / row["seconds_per_batch"],
+                    "relative_to_gradient": row["seconds_per_batch"] / reference})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    settings = sorted({(r["device"], r["threads"]) for r in rows})
+    header = "| method | " + " | ".join(f"{d} {t} thr: ×gradient | subj/s" for d, t in settings) + " |"
+    lines = [header, "|---|" + "---|---|" * len(settings)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for device, threads in settings:
+            row = next(r for r in rows if r["method"] == method and r["device"] == device and r["threads"] == threads)
+            cells.append(f"{row['relative_to_gradient']:.2f} | {row['subjects_per_s']:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voxel-size", type=float, default=4.0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    rows = []
+    for threads in args.threads:
+        rows += measure(args.voxel_size, args.batch, threads, torch.device("cpu"))
+    if torch.cuda.is_available():
+        rows += measure(args.voxel_size, args.batch, 1, torch.device("cuda"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_results(args.out / "attribution_cost.json", rows)
+    print(f"MRInet, {args.voxel_size:g} mm brain box, batch {args.batch}; options {OPTIONS}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Attribution methods behind one interface, and ``relevance.zarr``.
+
+:func:`attribute` maps ``(model, inputs, method)`` to voxel maps ``(batch, x, y, z)`` (summed
+over input channels). LRP is :mod:`engine.lrp`; gradient, gradient×input, guided backprop,
+SmoothGrad, Integrated Gradients, Grad-CAM, sliding-window occlusion and region occlusion come
+from captum; the noise-based importance of Bintsi et al. (2021) is optimised here.
+
+:func:`explain` runs ``method × member × subject`` as Dask tasks — one per (member, block of
+subjects), asking for a GPU where workers have one — into ``relevance.zarr``::
+
+    relevance       (method, member, subject, voxel)  float32
+    relevance_mean  (method, subject, voxel)          the ensemble mean
+    explained       (member, subject)                 true once a task's rows are written
+
+with the images store's voxels (``i, j, k``), grid and participant columns, so every atlas and
+statistic applies to relevance unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+from captum.attr import (
+    FeatureAblation,
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
+from torch import nn
+
+from engine import lrp
+from engine.store import IMAGE_CODEC, VOXEL_COORDS, open_cohort
+from engine.tasks import gpu_resources, run_tasks, torch_device
+from engine.training import CohortVolumes, load_member
+
+LAYOUT = "relcohort.relevance/1"
+
+
+@dataclass(frozen=True)
+class AttributionOptions:
+    """Settings of the methods that have any."""
+
+    smoothgrad_samples: int = 16
+    smoothgrad_noise: float = 0.1  # noise SD as a fraction of the input's range
+    ig_steps: int = 16
+    occlusion_patch: int = 6  # voxels per side of the sliding cube
+    occlusion_stride: int = 6
+    noise_steps: int = 40
+    noise_learning_rate: float = 0.1
+    noise_sparsity: float = 1.0  # λ: reward for noise against the squared prediction change (in target SDs)
+    target: int = 0  # output (class) to explain
+    seed: int = 0
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _channel_sum(maps: torch.Tensor) -> torch.Tensor:
+    return maps.sum(dim=1)
+
+
+def _lrp(preset: str) -> Callable:
+    def method(model, inputs, options, context):
+        return _channel_sum(lrp.lrp(context["lrp_model"], inputs, preset, options.target))
+    return method
+
+
+def _gradient(model, inputs, options, context):
+    return _channel_sum(Saliency(model).attribute(inputs, target=options.target, abs=False))
+
+
+def _gradient_x_input(model, inputs, options, context):
+    return _channel_sum(InputXGradient(model).attribute(inputs, target=options.target))
+
+
+def _guided_backprop(model, inputs, options, context):
+    return _channel_sum(GuidedBackprop(model).attribute(inputs, target=options.target))
+
+
+def _smoothgrad(model, inputs, options, context):
+    noise = options.smoothgrad_noise * float(inputs.detach().max() - inputs.detach().min())
+    tunnel = NoiseTunnel(Saliency(model))
+    return _channel_sum(tunnel.attribute(inputs, nt_type="smoothgrad", nt_samples=options.smoothgrad_samples,
+                                         nt_samples_batch_size=options.smoothgrad_samples, stdevs=noise,
+                                         target=options.target, abs=False))
+
+
+def _integrated_gradients(model, inputs, options, context):
+    return _channel_sum(IntegratedGradients(model).attribute(
+        inputs, baselines=torch.zeros_like(inputs), target=options.target, n_steps=options.ig_steps,
+        internal_batch_size=max(len(inputs), 8)))
+
+
+def _grad_cam(model, inputs, options, context):
+    cam = LayerGradCam(model, model.last_conv).attribute(inputs, target=options.target)
+    return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="trilinear")[:, 0]
+
+
+def _occlusion(model, inputs, options, context):
+    channels = inputs.shape[1]
+    patch, stride = options.occlusion_patch, options.occlusion_stride
+    maps = Occlusion(model).attribute(inputs, sliding_window_shapes=(channels, patch, patch, patch),
+                                      strides=(channels, stride, stride, stride), baselines=0,
+                                      target=options.target, perturbations_per_eval=8)
+    return maps.mean(dim=1)  # every channel of a window carries the window's whole effect
+
+
+def _region_occlusion(model, inputs, options, context):
+    if context.get("region_labels") is None:
+        raise ValueError("region_occlusion needs an atlas (the explain stage passes the catalog's atlas)")
+    labels = torch.as_tensor(context["region_labels"], device=inputs.device)
+    feature_mask = labels.expand(inputs.shape[0], inputs.shape[1], *labels.shape)
+    maps = FeatureAblation(model).attribute(inputs, baselines=0, target=options.target, feature_mask=feature_mask,
+                                            perturbations_per_eval=8)
+    return maps.mean(dim=1)
+
+
+def noise_importance(model: nn.Module, inputs: torch.Tensor, options: AttributionOptions) -> torch.Tensor:
+    """Bintsi et al. (2021): per voxel, how much Gaussian noise the prediction tolerates.
+
+    Learns σ_v ∈ (0, σ_max) (σ_max: the input's standard deviation) minimising
+    ``((f(x + σ·ε) − f(x)) / s)² − λ · mean(σ / σ_max)`` by Adam, with ``s`` the model's output
+    scale; importance is ``1 − σ_v / σ_max`` (voxels that tolerate much noise are unimportant).
+    """
+    inputs = inputs.detach()
+    generator = torch.Generator(device=inputs.device).manual_seed(options.seed)
+    sigma_max = inputs.std(dim=(1, 2, 3, 4), keepdim=True)
+    scale = getattr(model, "output_scale", torch.ones(1, device=inputs.device))[options.target]
+    logits = torch.zeros((inputs.shape[0], 1, *inputs.shape[2:]), device=inputs.device, dtype=inputs.dtype,
+                         requires_grad=True)
+    optimiser = torch.optim.Adam([logits], lr=options.noise_learning_rate)
+    with torch.no_grad():
+        reference = model(inputs)[:, options.target]
+    for _ in range(options.noise_steps):
+        fraction = torch.sigmoid(logits)
+        noise = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
+        change = (model(inputs + fraction * sigma_max * noise)[:, options.target] - reference) / scale
+        loss = (change ** 2).mean() - options.noise_sparsity * fraction.mean(dim=(1, 2, 3, 4)).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return (1 - torch.sigmoid(logits)).detach()[:, 0]
+
+
+def _noise_importance(model, inputs, options, context):
+    return noise_importance(model, inputs, options)
+
+
+METHODS: dict[str, Callable] = {
+    "lrp": _lrp("study"),
+    "lrp_epsilon": _lrp("epsilon"),
+    "lrp_alpha2beta1": _lrp("alpha2beta1"),
+    "lrp_zplus": _lrp("zplus"),
+    "gradient": _gradient,
+    "gradient_x_input": _gradient_x_input,
+    "guided_backprop": _guided_backprop,
+    "smoothgrad": _smoothgrad,
+    "integrated_gradients": _integrated_gradients,
+    "grad_cam": _grad_cam,
+    "occlusion": _occlusion,
+    "region_occlusion": _region_occlusion,
+    "noise_importance": _noise_importance,
+}
+
+
+def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: AttributionOptions | None = None,
+              region_labels: np.ndarray | None = None) -> torch.Tensor:
+    """Voxel maps ``(batch, x, y, z)`` of ``method`` for the eval-mode ``model`` on ``inputs``.
+
+    ``region_labels`` (an integer volume like the inputs' spatial shape) is needed by
+    ``region_occlusion``: one forward pass per region with the region set to zero.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+    options = options or AttributionOptions()
+    model.eval()
+    context = {"region_labels": region_labels}
+    if method.startswith("lrp"):
+        context["lrp_model"] = lrp.merge_batchnorm(model)
+    torch.manual_seed(options.seed)
+    inputs = inputs.detach().requires_grad_(True)
+    return METHODS[method](model, inputs, options, context).detach().to(inputs.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# relevance.zarr
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    """What one ``explain`` run computes; a store made for another plan is rebuilt."""
+
+    methods: tuple[str, ...]
+    members: tuple[int, ...]
+    subjects: tuple[str, ...]
+    options: dict
+    models: str  # fingerprint of the members' weights and records
+    images: str  # fingerprint of the images store
+
+    def record(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _create_store(path: Path, plan: ExplainPlan, dataset: xr.Dataset, subjects_per_chunk: int,
+                  voxels_per_chunk: int, subject_columns: dict) -> zarr.Group:
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    n_methods, n_members, n_subjects, n_voxels = (len(plan.methods), len(plan.members), len(plan.subjects),
+                                                   dataset.sizes["voxel"])
+    grid_attrs = {"grid": dataset.attrs["grid"]}
+    group.create_array("relevance", shape=(n_methods, n_members, n_subjects, n_voxels), dtype="float32",
+                       chunks=(1, 1, subjects_per_chunk, voxels_per_chunk), compressors=IMAGE_CODEC,
+                       dimension_names=("method", "member", "subject", "voxel"), fill_value=np.nan,
+                       attributes=grid_attrs)
+    group.create_array("relevance_mean", shape=(n_methods, n_subjects, n_voxels), dtype="float32",
+                       chunks=(1, subjects_per_chunk, voxels_per_chunk), compressors=IMAGE_CODEC,
+                       dimension_names=("method", "subject", "voxel"), fill_value=np.nan, attributes=grid_attrs)
+    group.create_array("explained", shape=(n_members, n_subjects), dtype="bool", chunks=(1, subjects_per_chunk),
+                       dimension_names=("member", "subject"), fill_value=False)
+    coordinates = {"method": np.array(plan.methods, dtype=object), "member": np.array(plan.members),
+                   "subject": np.array(plan.subjects, dtype=object),
+                   **{axis: dataset[axis].values for axis in VOXEL_COORDS}}
+    for name, values in {**coordinates, **subject_columns}.items():
+        dim = name if name in ("method", "member", "subject") else ("voxel" if name in VOXEL_COORDS else "subject")
+        values = np.asarray(values)
+        if values.dtype.kind in "OUS":
+            array = group.create_array(name, shape=values.shape, dtype=str, dimension_names=(dim,))
+            array[:] = values.astype(str)
+        else:
+            array = group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=(dim,))
+            array[:] = values
+    for name in ("relevance", "relevance_mean", "explained"):
+        group[name].attrs["coordinates"] = " ".join([*coordinates, *subject_columns])
+    group.attrs.update({"layout": LAYOUT, "plan": plan.record(), **grid_attrs, "state": "running"})
+    return group
+
+
+def _explain_block(item):
+    out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
+    device = torch_device()
+    model, _ = load_member(Path(models_dir) / f"member_{member}", device)
+    volumes = CohortVolumes(store, model_modalities(models_dir, member))
+    inputs = torch.from_numpy(volumes.read(positions)).to(device)
+    group = zarr.open_group(out, mode="r+")
+    for method_index, method in enumerate(methods):
+        maps = attribute(model, inputs, method, options, region_labels).cpu().numpy()
+        group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.to_rows(maps)
+    group["explained"][member_index, rows[0]:rows[-1] + 1] = True  # after the data: marks the block whole
+    return len(rows)
+
+
+def model_modalities(models_dir: str | Path, member: int) -> list[str]:
+    record = json.loads((Path(models_dir) / f"member_{member}.json").read_text())
+    return list(record["config"]["modalities"])
+
+
+def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for member in members:
+        for suffix in (".safetensors", ".json"):
+            digest.update((Path(models_dir) / f"member_{member}{suffix}").read_bytes())
+    return digest.hexdigest()
+
+
+def explain(out: str | Path, store: str | Path, models_dir: str | Path, methods: Sequence[str],
+            members: Sequence[int], subjects: Sequence[str], options: AttributionOptions | None = None,
+            region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, client=None,
+            progress: Callable[[str, int, int], None] | None = None) -> xr.Dataset:
+    """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
+
+    One Dask task per (member, block of ``subjects_per_chunk`` subjects) writes whole chunks of
+    every method; blocks already explained for the same plan are not redone. The ensemble mean
+    over members is written last. ``region_labels`` is the atlas volume for region occlusion.
+    """
+    out, store = Path(out), Path(store)
+    options = options or AttributionOptions()
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown attribution method(s) {unknown}; known: {', '.join(METHODS)}")
+    dataset = open_cohort(store)
+    positions_of = {subject: position for position, subject in enumerate(dataset.subject.values)}
+    missing = [subject for subject in subjects if subject not in positions_of]
+    if missing:
+        raise ValueError(f"participants {missing[:5]} are not complete in {store}")
+    from engine.store import content_fingerprint
+
+    plan = ExplainPlan(tuple(methods), tuple(members), tuple(subjects), options.record(),
+                       models_fingerprint(models_dir, members), content_fingerprint(store))
+    existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
+    if existing is None or existing.attrs.get("plan") != plan.record():
+        columns = {name: dataset[name].sel(subject=list(subjects)).values for name in dataset.coords
+                   if dataset[name].dims == ("subject",) and name != "subject"}
+        voxels_per_chunk = dataset[next(iter(dataset.data_vars))].encoding.get("chunks", (0, 65536))[1]
+        _create_store(out, plan, dataset, subjects_per_chunk, voxels_per_chunk, columns)
+    group = zarr.open_group(out, mode="r+")
+    chunk = group["relevance"].chunks[2]
+    explained = group["explained"][:]
+    items = []
+    for member_index, member in enumerate(members):
+        for start in range(0, len(subjects), chunk):
+            rows = list(range(start, min(start + chunk, len(subjects))))
+            if not explained[member_index, rows].all():
+                items.append((str(out), str(store), str(models_dir), member_index, member, tuple(methods), rows,
+                              [positions_of[subjects[row]] for row in rows], options, region_labels))
+    total = len(members) * len(subjects)
+    done = int(explained.sum())
+    if progress:
+        progress("explain", done, total)
+    for _, count in run_tasks(_explain_block, items, client=client, resources=gpu_resources(client)):
+        done += count
+        if progress:
+            progress("explain", done, total)
+    _write_ensemble_mean(group)
+    group.attrs["state"] = "complete"
+    return open_relevance(out)
+
+
+def _write_ensemble_mean(group: zarr.Group) -> None:
+    import dask.array as da
+
+    relevance = da.from_zarr(group["relevance"])
+    da.store(relevance.mean(axis=1), group["relevance_mean"], lock=False)
+
+
+def open_relevance(path: str | Path) -> xr.Dataset:
+    """``relevance.zarr`` as a lazy Dataset: ``relevance`` (method, member, subject, voxel), ``relevance_mean``.
+
+    Select a method with a mapping, ``ds.sel({"method": "lrp"})``: ``sel(method=...)`` is
+    xarray's own keyword for inexact matching.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"no relevance store at {path}")
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get("layout") != LAYOUT:
+        raise ValueError(f"{path} is not a relcohort relevance store")
+    if group.attrs.get("state") != "complete":
+        raise ValueError(f"{path} is incomplete (an explain run was interrupted); run the explain stage again")
+    dataset = xr.open_zarr(path, consolidated=False, zarr_format=3)
+    strings = [name for name in dataset.coords if dataset[name].dtype.kind in "OUST"]
+    return dataset.assign_coords({name: (dataset[name].dims, dataset[name].values.astype(object)) for name in strings})

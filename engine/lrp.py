@@ -1,0 +1,157 @@
+"""Layer-wise Relevance Propagation for 3D CNNs: rules, composites, BatchNorm merging.
+
+All rules share one mechanism (the "gradient trick"): a forward hook keeps a layer's output
+value ``z`` but routes the gradient through modified forward passes ``ẑ``::
+
+    out = z + Σ c · (z / ẑ) ⊙ ẑ  −  detach(same)
+
+so that ``input × gradient`` at the layer's input is the rule's relevance. ReLU, max-pooling
+(winner takes all), average pooling (the z-rule of a linear map), dropout in eval mode and
+reshapes pass the plain gradient. Relevance at the input is ``input × gradient`` of the output.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+WEIGHTED_LAYERS = (nn.Conv3d, nn.Linear)
+
+
+def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)
+
+
+def _stabilise(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def _propagate(output: torch.Tensor, terms: list[tuple[float, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``output``'s value with the gradient Σ coefficient · (output / denominator) · ∂ẑ."""
+    routed = sum(coefficient * (output / denominator).detach() * modified
+                 for coefficient, modified, denominator in terms)
+    return output.detach() + routed - routed.detach()
+
+
+@dataclass(frozen=True)
+class Epsilon:
+    """LRP-ε: R_i = Σ_j x_i w_ij / (z_j + ε·sign z_j) R_j (ε = 0 is LRP-0). Costs no extra pass."""
+
+    epsilon: float = 0.1
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return _propagate(output, [(1.0, output, _stabilise(output, self.epsilon if self.epsilon else 1e-12))])
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    """LRP-αβ: positive contributions weighted by α, negative ones by β (α − β = 1); biases ignored.
+
+    For non-negative inputs (after a ReLU) one extra pass with the positive weights suffices:
+    the negative contributions are the layer's bias-free output minus the positive ones.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.0
+    stabiliser: float = 1e-9
+
+    def __post_init__(self):
+        if abs(self.alpha - self.beta - 1) > 1e-12:
+            raise ValueError(f"LRP-αβ needs α − β = 1, got α={self.alpha}, β={self.beta}")
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        positive_w = module.weight.clamp(min=0)
+        if bool((x >= 0).all()):
+            positive = _forward(module, x, positive_w, None)
+            negative = output - positive if module.bias is None else (
+                output - module.bias.reshape(-1, *[1] * (output.dim() - 2)) - positive)
+        else:
+            negative_w = module.weight.clamp(max=0)
+            positive_x, negative_x = x.clamp(min=0), x.clamp(max=0)
+            positive = _forward(module, positive_x, positive_w, None) + _forward(module, negative_x, negative_w, None)
+            negative = _forward(module, positive_x, negative_w, None) + _forward(module, negative_x, positive_w, None)
+        terms = [(self.alpha, positive, positive + self.stabiliser)]
+        if self.beta:
+            terms.append((-self.beta, negative, negative - self.stabiliser))
+        return _propagate(output, terms)
+
+
+def ZPlus() -> AlphaBeta:
+    """LRP-z⁺ (= α1β0): only positive contributions carry relevance."""
+    return AlphaBeta(1.0, 0.0)
+
+
+#: Composites: which rule each weighted layer type gets.
+PRESETS: dict[str, Mapping[type, object]] = {
+    # the study's preset: ε = 0.1 on dense layers, z⁺ (α1β0) on convolutions
+    "study": {nn.Linear: Epsilon(0.1), nn.Conv3d: ZPlus()},
+    "epsilon": {nn.Linear: Epsilon(0.1), nn.Conv3d: Epsilon(0.1)},
+    "alpha2beta1": {nn.Linear: AlphaBeta(2.0, 1.0), nn.Conv3d: AlphaBeta(2.0, 1.0)},
+    "zplus": {nn.Linear: ZPlus(), nn.Conv3d: ZPlus()},
+    "zero": {nn.Linear: Epsilon(0.0), nn.Conv3d: Epsilon(0.0)},
+}
+
+
+def merge_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model with each BatchNorm3d folded into the convolution before it.
+
+    Only BatchNorms that directly follow a Conv3d inside an ``nn.Sequential`` can be merged;
+    any other BatchNorm raises ``ValueError`` (LRP needs its rule to act on one linear map).
+    """
+    merged = copy.deepcopy(model).eval()
+    for sequential in [module for module in merged.modules() if isinstance(module, nn.Sequential)]:
+        for index in range(1, len(sequential)):
+            conv, norm = sequential[index - 1], sequential[index]
+            if isinstance(norm, nn.BatchNorm3d) and isinstance(conv, nn.Conv3d):
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                  conv.dilation, conv.groups, bias=True).to(conv.weight)
+                with torch.no_grad():
+                    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1, 1))
+                    fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+                sequential[index - 1], sequential[index] = fused, nn.Identity()
+    leftover = [name for name, module in merged.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if leftover:
+        raise ValueError(f"BatchNorm layer(s) {leftover} do not directly follow a Conv3d and cannot be merged for LRP")
+    return merged
+
+
+@contextmanager
+def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s weighted layers propagate relevance by the composite's rules."""
+    rules = PRESETS[composite] if isinstance(composite, str) else composite
+    handles = []
+    try:
+        for module in model.modules():
+            rule = next((rule for kind, rule in rules.items() if isinstance(module, kind)), None)
+            if rule is not None:
+                handles.append(module.register_forward_hook(rule))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def lrp(model: nn.Module, inputs: torch.Tensor, composite: str | Mapping[type, object] = "study",
+        target: int = 0) -> torch.Tensor:
+    """Relevance of each input element for output ``target`` (raw, unnormalised), same shape as inputs.
+
+    ``model`` must be in eval mode with BatchNorms merged (see :func:`merge_batchnorm`).
+    """
+    if isinstance(composite, str) and composite not in PRESETS:
+        raise ValueError(f"unknown LRP preset {composite!r}; known: {', '.join(PRESETS)}")
+    inputs = inputs.detach().clone().requires_grad_(True)
+    with lrp_rules(model, composite), torch.enable_grad():
+        output = model(inputs)[:, target]
+        (gradient,) = torch.autograd.grad(output.sum(), inputs)
+    return (inputs * gradient).detach()

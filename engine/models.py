@@ -1,0 +1,174 @@
+"""3D CNN architectures for brain MRI and their registry.
+
+Every model takes ``(batch, channels, x, y, z)`` volumes (one channel per modality) and returns
+``(batch, n_outputs)``: one value for regression (brain age), one logit per class for
+classification. Activations are ``nn.ReLU`` modules and flattening is a reshape inside
+``forward``, so attribution hooks (LRP rules, guided backprop) see every layer they need.
+A model is rebuilt from its :class:`ModelSpec`, which checkpoints store beside the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+class PatchIndividualConv3d(nn.Module):
+    """A convolution with separate filters per spatial patch (no weight sharing across patches).
+
+    The input is cut into ``patches`` (along x, y, z) equal-as-possible boxes; each box has its
+    own ``nn.Conv3d`` and the outputs are put back in place. With a 1×1×1 kernel this is exactly
+    a position-dependent convolution; larger kernels are padded inside each patch.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_shape: tuple[int, int, int],
+                 patches: tuple[int, int, int] = (2, 2, 2)):
+        super().__init__()
+        if any(p < 1 or p > n for p, n in zip(patches, input_shape, strict=True)):
+            raise ValueError(f"patches {patches} must each be between 1 and the input size {input_shape}")
+        self.bounds = [[(n * i) // p for i in range(p + 1)] for p, n in zip(patches, input_shape, strict=True)]
+        self.patches = tuple(patches)
+        self.convs = nn.ModuleList(nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+                                   for _ in range(math.prod(patches)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        convs = iter(self.convs)
+        planes = []
+        for a0, a1 in zip(self.bounds[0][:-1], self.bounds[0][1:], strict=True):
+            rows = []
+            for b0, b1 in zip(self.bounds[1][:-1], self.bounds[1][1:], strict=True):
+                rows.append(torch.cat([next(convs)(x[:, :, a0:a1, b0:b1, c0:c1])
+                                       for c0, c1 in zip(self.bounds[2][:-1], self.bounds[2][1:], strict=True)], dim=4))
+            planes.append(torch.cat(rows, dim=3))
+        return torch.cat(planes, dim=2)
+
+
+class MRInet(nn.Module):
+    """The study's base model (Hofmann et al. 2022), as in SCIENCE.md.
+
+    Conv 16 → pool → Conv 16 → pool → Conv 32 → pool → Conv 64 → pool → Conv 32 (1×1×1) → pool →
+    flatten → dropout 0.5 → dense 64 → dense ``n_outputs``. Convolutions are 3×3×3 with 'same'
+    padding and max-pooling is 3×3×3 with stride 2 and padding 1, so each pool halves the grid
+    (rounding up) and the model works at 1, 2 or 4 mm. With ``patch_individual`` the last
+    (1×1×1) convolution learns separate filters per spatial patch (the PIF variant).
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], in_channels: int = 1, n_outputs: int = 1,
+                 patch_individual: tuple[int, int, int] | None = None, dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        shape = tuple(input_shape)
+        channels = in_channels
+        for width, kernel in ((16, 3), (16, 3), (32, 3), (64, 3), (32, 1)):
+            if kernel == 1 and patch_individual is not None:
+                layers.append(PatchIndividualConv3d(channels, width, kernel, shape, patch_individual))
+            else:
+                layers.append(nn.Conv3d(channels, width, kernel, padding=kernel // 2))
+            layers += [nn.ReLU(), nn.MaxPool3d(3, stride=2, padding=1)]
+            shape = tuple((n + 1) // 2 for n in shape)
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels * math.prod(shape), 64), nn.ReLU(),
+                                  nn.Linear(64, n_outputs))
+        self.register_buffer("output_scale", torch.ones(n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).reshape(x.shape[0], -1)) * self.output_scale
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.head[-1]
+
+    @property
+    def last_conv(self) -> nn.Module:
+        return self.features[-3]
+
+
+class SFCN(nn.Module):
+    """Simple Fully Convolutional Network (Peng et al. 2021), the standard lightweight brain-age CNN.
+
+    Five blocks of 3×3×3 conv → BatchNorm → max-pool 2 → ReLU, a 1×1×1 conv → BatchNorm → ReLU,
+    then global average pooling, dropout and a 1×1×1 conv to ``n_outputs``. The published model
+    predicts a distribution over age bins; here the head is a regression value or class logits.
+    ``channels`` scales the widths (published: 32, 64, 128, 256, 256, 64).
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], in_channels: int = 1, n_outputs: int = 1,
+                 channels: tuple[int, ...] = (32, 64, 128, 256, 256, 64), dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for index, width in enumerate(channels):
+            last = index == len(channels) - 1
+            layers += [nn.Conv3d(previous, width, 1 if last else 3, padding=0 if last else 1), nn.BatchNorm3d(width)]
+            if not last:
+                layers.append(nn.MaxPool3d(2, ceil_mode=True))
+            layers.append(nn.ReLU())
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Dropout(dropout), nn.Conv3d(previous, n_outputs, 1))
+        self.register_buffer("output_scale", torch.ones(n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).reshape(x.shape[0], -1) * self.output_scale
+
+    @property
+    def output_layer(self) -> nn.Conv3d:
+        return self.head[-1]
+
+    @property
+    def last_conv(self) -> nn.Module:
+        return self.features[-3]
+
+
+MODELS = {
+    "mrinet": MRInet,
+    "mrinet_pif": lambda input_shape, **options: MRInet(input_shape, patch_individual=(2, 2, 2), **options),
+    "sfcn": SFCN,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model before loading its weights."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    in_channels: int = 1
+    n_outputs: int = 1
+    options: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> ModelSpec:
+        return cls(**{**record, "input_shape": tuple(record["input_shape"])})
+
+
+def build_model(spec: ModelSpec, target_mean: float | None = None, target_scale: float | None = None) -> nn.Module:
+    """A fresh model from the registry (He-initialised weights, zero biases).
+
+    For regression, the output is ``output_scale × (last layer)``: with ``target_scale`` (e.g.
+    the targets' standard deviation) the network learns in standardised units, and the output
+    bias starts so that every prediction starts at ``target_mean``.
+    """
+    if spec.name not in MODELS:
+        raise ValueError(f"unknown model {spec.name!r}; known: {', '.join(MODELS)}")
+    model = MODELS[spec.name](spec.input_shape, in_channels=spec.in_channels, n_outputs=spec.n_outputs,
+                              **{key: tuple(value) if isinstance(value, list) else value
+                                 for key, value in spec.options.items()})
+    for module in model.modules():
+        if isinstance(module, (nn.Conv3d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(model.output_layer.weight, std=0.01)  # start every prediction near the bias
+    with torch.no_grad():
+        if target_scale is not None:
+            model.output_scale.fill_(float(target_scale))
+        if target_mean is not None:
+            model.output_layer.bias.fill_(float(target_mean) / float(model.output_scale[0]))
+    return model

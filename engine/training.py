@@ -1,0 +1,470 @@
+"""Training brain-age (or diagnosis) ensembles straight from ``images.zarr``.
+
+- :class:`CohortVolumes` turns store rows into model inputs: one channel per modality, each
+  scaled to unit mean inside the cohort mask, placed in the mask's bounding box.
+- :func:`stratified_split` assigns participants to train/validation/test, stratified by age
+  bands and sex (and the class for classification).
+- :func:`train_member` trains one ensemble member (Adam, early stopping on validation loss) and
+  writes its weights as safetensors beside a JSON record; :func:`train_ensemble` runs one Dask
+  task per member (asking for a GPU where workers have one) and combines the members.
+- :func:`regression_metrics`, :func:`classification_metrics`, :func:`bias_corrected_gap`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from safetensors.torch import load_file, save_file
+from scipy import stats
+
+from engine.models import ModelSpec, build_model
+from engine.store import open_cohort
+from engine.tasks import gpu_resources, run_tasks, torch_device
+
+SPLITS = ("train", "validation", "test")
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+
+
+class CohortVolumes:
+    """Model inputs read from a store: ``read(positions)`` → float32 ``(batch, modality, x, y, z)``.
+
+    Positions index the store's complete subjects (``open_cohort`` order). Each channel is
+    z-scored inside the mask (per participant and modality: site gain and contrast drop out);
+    voxels outside the mask are zero. The volume is the mask's bounding box.
+    """
+
+    def __init__(self, store: str | Path, modalities: Sequence[str]):
+        self.store = Path(store)
+        self.dataset = open_cohort(self.store)
+        missing = [name for name in modalities if name not in self.dataset.data_vars]
+        if missing:
+            raise ValueError(f"{self.store}: no modality {missing}; it has {list(self.dataset.data_vars)}")
+        self.modalities = list(modalities)
+        indices = np.stack([self.dataset[axis].values for axis in ("i", "j", "k")])
+        self.origin = indices.min(axis=1)
+        self.shape = tuple(int(n) for n in indices.max(axis=1) - self.origin + 1)
+        self.voxel_index = tuple(indices - self.origin[:, None])
+        self.subjects = self.dataset.subject.values
+
+    def rows(self, positions: Sequence[int]) -> np.ndarray:
+        """Standardised store rows, ``(batch, modality, voxel)`` float32."""
+        positions = np.asarray(positions)
+        rows = np.stack([self.dataset[name].isel(subject=positions).values.astype(np.float32)
+                         for name in self.modalities], axis=1)
+        mean, spread = rows.mean(axis=2, keepdims=True), rows.std(axis=2, keepdims=True)
+        return (rows - mean) / np.where(spread > 0, spread, 1)
+
+    def to_volumes(self, rows: np.ndarray) -> np.ndarray:
+        volumes = np.zeros(rows.shape[:2] + self.shape, np.float32)
+        volumes[:, :, self.voxel_index[0], self.voxel_index[1], self.voxel_index[2]] = rows
+        return volumes
+
+    def to_rows(self, volumes: np.ndarray) -> np.ndarray:
+        """Back from ``(..., x, y, z)`` volumes to ``(..., voxel)`` rows in store order."""
+        return volumes[..., self.voxel_index[0], self.voxel_index[1], self.voxel_index[2]]
+
+    def read(self, positions: Sequence[int]) -> np.ndarray:
+        return self.to_volumes(self.rows(positions))
+
+    def chunk_of(self, positions: np.ndarray) -> np.ndarray:
+        """The store chunk each position falls in (reading one subject reads its whole chunk)."""
+        chunk = self.dataset[self.modalities[0]].encoding.get("chunks", (1,))[0]
+        return np.asarray(positions) // chunk
+
+
+def epoch_batches(volumes: CohortVolumes, positions: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  cache: dict | None, cache_bytes: int) -> Iterator[np.ndarray]:
+    """Shuffled batches of positions; each yields ``(positions, inputs)``.
+
+    When the subjects fit in ``cache_bytes`` they are read once and kept in ``cache``; otherwise
+    each epoch reads buffers of whole store chunks in random order and shuffles within them.
+    """
+    per_subject = 4 * len(volumes.modalities) * math.prod(volumes.shape)
+    if cache is not None and len(positions) * per_subject <= cache_bytes:
+        if "inputs" not in cache:
+            cache["inputs"] = {int(p): v for p, v in zip(positions, volumes.read(positions), strict=True)}
+        order = rng.permutation(positions)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            yield batch, np.stack([cache["inputs"][int(p)] for p in batch])
+        return
+    chunks = volumes.chunk_of(positions)
+    buffer_subjects = max(batch_size, cache_bytes // per_subject)
+    order = [positions[chunks == chunk] for chunk in rng.permutation(np.unique(chunks))]
+    while order:
+        taken = []
+        while order and sum(len(part) for part in taken) < buffer_subjects:
+            taken.append(order.pop())
+        buffer = rng.permutation(np.concatenate(taken))
+        inputs = volumes.read(buffer)
+        for start in range(0, len(buffer), batch_size):
+            yield buffer[start:start + batch_size], inputs[start:start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+
+
+def stratified_split(participants: pd.DataFrame, fractions: Sequence[float] = (0.6, 0.2, 0.2),
+                     strata: Sequence[str] = ("age", "sex"), age_bands: int = 5, seed: int = 0) -> pd.Series:
+    """'train' / 'validation' / 'test' per participant, stratified by age bands and the other columns.
+
+    Participants are ordered by stratum (random order inside each) and dealt to the split that
+    lags its target fraction most, so every stratum and the whole cohort match the fractions to
+    within one participant. Deterministic given ``seed``.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1):
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    table = participants.set_index("participant_id") if "participant_id" in participants else participants
+    missing = [column for column in strata if column not in table]
+    if missing:
+        raise ValueError(f"cannot stratify by {missing}: not a participant column ({list(table.columns)})")
+    keys = []
+    for column in strata:
+        values = table[column]
+        if column == "age" or (pd.api.types.is_numeric_dtype(values) and values.nunique() > 10):
+            values = pd.qcut(values.rank(method="first"), min(age_bands, len(values)), labels=False)
+        keys.append(values.astype(str).to_numpy())
+    rng = np.random.default_rng(seed)
+    order = np.lexsort([rng.random(len(table)), *keys[::-1]])
+    target = np.asarray(fractions, float)
+    counts = np.zeros(3)
+    split = np.empty(len(table), object)
+    for dealt, index in enumerate(order, start=1):
+        choice = int(np.argmax(target * dealt - counts))
+        counts[choice] += 1
+        split[index] = SPLITS[choice]
+    return pd.Series(split, index=table.index, name="split")
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+def regression_metrics(observed, predicted) -> dict:
+    """MAE, Pearson r and R² (1 − SS_res / SS_tot) of predictions."""
+    observed, predicted = np.asarray(observed, float), np.asarray(predicted, float)
+    residual = predicted - observed
+    varies = len(observed) > 1 and observed.std() > 0 and predicted.std() > 0
+    return {"n": len(observed), "mae": float(np.abs(residual).mean()),
+            "r": float(np.corrcoef(observed, predicted)[0, 1]) if varies else math.nan,
+            "r2": float(1 - (residual ** 2).sum() / ((observed - observed.mean()) ** 2).sum())}
+
+
+def classification_metrics(labels, probabilities) -> dict:
+    """Balanced accuracy and ROC-AUC (one-vs-rest, macro-averaged) from class probabilities."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, float)
+    predicted = probabilities.argmax(axis=1)
+    present = np.unique(labels)
+    recalls = [(predicted[labels == c] == c).mean() for c in present]
+    aucs = []
+    for c in present:
+        positive, negative = probabilities[labels == c, c], probabilities[labels != c, c]
+        if len(negative):
+            aucs.append(stats.mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
+        if probabilities.shape[1] == 2:
+            break  # binary: the positive class's AUC is the AUC
+    return {"n": len(labels), "balanced_accuracy": float(np.mean(recalls)),
+            "roc_auc": float(np.mean(aucs)) if aucs else math.nan}
+
+
+def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brain-age gap (predicted − age) with its age dependence removed.
+
+    The gap is regressed on a polynomial of age (``degree``, 3 per SCIENCE.md) over the
+    participants where ``fit`` is true (default: all); the residual is returned for everyone,
+    with the polynomial's coefficients (highest power first, as ``numpy.polyval`` takes them).
+    """
+    predicted, age = np.asarray(predicted, float), np.asarray(age, float)
+    fit = np.ones(len(age), bool) if fit is None else np.asarray(fit, bool)
+    if fit.sum() <= degree + 1:
+        raise ValueError(f"bias correction of degree {degree} needs more than {degree + 1} participants, "
+                         f"got {int(fit.sum())}")
+    gap = predicted - age
+    centre, spread = age[fit].mean(), age[fit].std() or 1.0
+    scaled = (age - centre) / spread
+    coefficients = np.polyfit(scaled[fit], gap[fit], degree)
+    return gap - np.polyval(coefficients, scaled), coefficients
+
+
+# ---------------------------------------------------------------------------------------
+# Training one member
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What and how to train; identical configs and seeds give identical members."""
+
+    target: str = "age"
+    task: str = "regression"  # or "classification"
+    modalities: tuple[str, ...] = ("T1",)
+    model: str = "mrinet"
+    model_options: dict = field(default_factory=dict)
+    epochs: int = 25
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    patience: int = 5
+    seed: int = 0
+    cache_bytes: int = 2 << 30
+    finetune_from: str | None = None
+    freeze: tuple[str, ...] = ()
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _targets(dataset: xr.Dataset, config: TrainingConfig, classes: list | None) -> np.ndarray:
+    if config.target not in dataset.coords:
+        raise ValueError(f"target {config.target!r} is not a participant column of the store "
+                         f"({[name for name in dataset.coords if dataset[name].dims == ('subject',)]})")
+    values = dataset[config.target].values
+    if config.task == "regression":
+        return values.astype(np.float32)
+    lookup = {value: index for index, value in enumerate(classes)}
+    return np.array([lookup.get(value, -1) for value in values], np.int64)
+
+
+def _member_seed(config: TrainingConfig, member: int) -> int:
+    return config.seed * 1000 + member
+
+
+def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) -> list[str]:
+    """Load fine-tuning weights (layers whose shape differs stay fresh) and freeze the named layers."""
+    fresh = []
+    if config.finetune_from:
+        source = Path(config.finetune_from)
+        if source.is_dir():
+            members = sorted(source.glob("member_*.safetensors"))
+            if not members:
+                raise FileNotFoundError(f"finetune_from: no member_*.safetensors in {source}")
+            source = members[member % len(members)]
+        state = load_file(source)
+        own = model.state_dict()
+        usable = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
+        fresh = sorted(set(own) - set(usable))
+        model.load_state_dict(usable, strict=False)
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in config.freeze:
+        matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            raise ValueError(f"freeze: {prefix!r} names no layer; parameters are {names}")
+        for name, parameter in model.named_parameters():
+            if name in matched:
+                parameter.requires_grad_(False)
+    return fresh
+
+
+def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
+                 classes: list | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Train member ``member`` and write ``member_<k>.safetensors`` and ``member_<k>.json``.
+
+    Early stopping keeps the weights of the epoch with the lowest validation loss and stops
+    after ``patience`` epochs without improvement. Returns the JSON record.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    volumes = CohortVolumes(store, config.modalities)
+    targets = _targets(volumes.dataset, config, classes)
+    subject_split = split.reindex(volumes.subjects).to_numpy()
+    train = np.flatnonzero(subject_split == "train")
+    validation = np.flatnonzero(subject_split == "validation")
+    if config.task == "classification":
+        unlabelled = [volumes.subjects[p] for p in np.flatnonzero(targets < 0) if subject_split[p] in SPLITS]
+        if unlabelled:
+            raise ValueError(f"participants {unlabelled[:5]} have a {config.target!r} outside the classes {classes}")
+    if len(train) == 0 or len(validation) == 0:
+        raise ValueError("training needs participants in both the train and the validation split")
+
+    seed = _member_seed(config, member)
+    torch.manual_seed(seed)
+    device = torch_device()
+    n_outputs = 1 if config.task == "regression" else len(classes)
+    spec = ModelSpec(config.model, volumes.shape, len(config.modalities), n_outputs, dict(config.model_options))
+    regression = config.task == "regression"
+    model = build_model(spec, target_mean=float(targets[train].mean()) if regression else None,
+                        target_scale=float(targets[train].std()) if regression else None)
+    fresh_layers = _start_weights(model, config, member)
+    model.to(device)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimiser = torch.optim.Adam(trainable, lr=config.learning_rate)
+    loss_fn = torch.nn.MSELoss() if config.task == "regression" else torch.nn.CrossEntropyLoss()
+
+    def loss_of(inputs: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        output = model(torch.from_numpy(inputs).to(device))
+        target = torch.from_numpy(targets[positions]).to(device)
+        return loss_fn(output[:, 0], target) if config.task == "regression" else loss_fn(output, target)
+
+    rng = np.random.default_rng(seed)
+    cache: dict = {}
+    validation_inputs = volumes.read(validation)
+    history, best = [], (math.inf, -1, None)
+    for epoch in range(config.epochs):
+        model.train()
+        total = 0.0
+        for positions, inputs in epoch_batches(volumes, train, config.batch_size, rng, cache, config.cache_bytes):
+            optimiser.zero_grad()
+            loss = loss_of(inputs, positions)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(positions)
+        model.eval()
+        with torch.no_grad():
+            validation_loss = float(sum(float(loss_of(validation_inputs[s:s + 32], validation[s:s + 32])) *
+                                        len(validation[s:s + 32]) for s in range(0, len(validation), 32))
+                                    / len(validation))
+        history.append({"epoch": epoch + 1, "train_loss": total / len(train), "validation_loss": validation_loss})
+        if log:
+            log(f"member {member} epoch {epoch + 1}: train {total / len(train):.3f}, validation {validation_loss:.3f}")
+        if validation_loss < best[0]:
+            best = (validation_loss, epoch + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        elif epoch + 1 - best[1] >= config.patience:
+            break
+    model.load_state_dict(best[2])
+    save_file({name: value.contiguous() for name, value in best[2].items()}, out_dir / f"member_{member}.safetensors")
+
+    predictions = predict(model, volumes, np.arange(len(volumes.subjects)), config.task, classes)
+    predictions.insert(1, "split", subject_split)
+    predictions.insert(2, "member", member)
+    predictions.to_parquet(out_dir / f"member_{member}.predictions.parquet", index=False)
+    record = {"member": member, "seed": seed, "spec": spec.record(), "config": config.record(), "classes": classes,
+              "split": _split_hash(split), "best_epoch": best[1], "epochs_run": len(history), "history": history,
+              "fresh_layers": fresh_layers, "device": str(device), "seconds": time.perf_counter() - started}
+    (out_dir / f"member_{member}.json").write_text(json.dumps(record, indent=1))  # written last: marks it done
+    return record
+
+
+def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarray, task: str,
+            classes: list | None = None, batch_size: int = 16) -> pd.DataFrame:
+    """Predictions for the given store positions: ``predicted`` or one ``p_<class>`` column per class."""
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(positions), batch_size):
+            batch = positions[start:start + batch_size]
+            outputs.append(model(torch.from_numpy(volumes.read(batch)).to(device)).cpu().double().numpy())
+    output = np.concatenate(outputs)
+    table = pd.DataFrame({"participant_id": volumes.subjects[positions]})
+    if task == "regression":
+        table["predicted"] = output[:, 0]
+    else:
+        probabilities = torch.softmax(torch.from_numpy(output), dim=1).numpy()
+        for index, name in enumerate(classes):
+            table[f"p_{name}"] = probabilities[:, index]
+    return table
+
+
+def load_member(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A trained member in eval mode and its record, from ``member_<k>.json`` / ``.safetensors`` (weights only)."""
+    path = Path(path).with_suffix("")
+    record = json.loads(path.with_suffix(".json").read_text())
+    model = build_model(ModelSpec.from_record(record["spec"]))
+    model.load_state_dict(load_file(path.with_suffix(".safetensors")))
+    return model.to(device).eval(), record
+
+
+# ---------------------------------------------------------------------------------------
+# Ensembles
+
+
+def _train_member_task(item):
+    store, config, split, member, out_dir, classes = item
+    return train_member(store, config, split, member, out_dir, classes)
+
+
+def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
+                   split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Train ``members`` members (one Dask task each, a GPU per task where workers have GPUs).
+
+    Members whose record already holds this config and split are kept. Writes ``split.tsv``,
+    ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = open_cohort(store)
+    classes = None
+    if config.task == "classification":
+        if config.target not in dataset.coords:
+            raise ValueError(f"target {config.target!r} is not a participant column of the store")
+        classes = sorted({value for value in dataset[config.target].values if not pd.isna(value)}, key=str)
+    split.rename_axis("participant_id").reset_index().to_csv(out_dir / "split.tsv", sep="\t", index=False)
+
+    def current(member: int) -> bool:
+        path = out_dir / f"member_{member}.json"
+        if not path.is_file():
+            return False
+        record = json.loads(path.read_text())
+        return record["config"] == json.loads(json.dumps(config.record())) and record.get("split") == _split_hash(split)
+
+    todo = [member for member in range(members) if not current(member)]
+    done = members - len(todo)
+    if progress:
+        progress("train", done, members)
+    items = [(str(store), config, split, member, str(out_dir), classes) for member in todo]
+    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client)):
+        done += 1
+        if progress:
+            progress("train", done, members)
+    for stale in out_dir.glob("member_*.json"):
+        if int(stale.stem.split("_")[1]) >= members:
+            for path in out_dir.glob(f"{stale.stem}.*"):
+                path.unlink()
+    return {**combine_members(out_dir, dataset, config, members, classes), "trained": len(todo)}
+
+
+def _split_hash(split: pd.Series) -> str:
+    return str(pd.util.hash_pandas_object(split.sort_index()).sum())
+
+
+def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
+                    classes: list | None) -> dict:
+    """Ensemble predictions (mean over members) and metrics per member and for the ensemble."""
+    tables = [pd.read_parquet(out_dir / f"member_{member}.predictions.parquet") for member in range(members)]
+    value_columns = ["predicted"] if config.task == "regression" else [f"p_{name}" for name in classes]
+    ensemble = tables[0][["participant_id", "split"]].copy()
+    ensemble["member"] = -1
+    for column in value_columns:
+        ensemble[column] = np.mean([table[column].to_numpy() for table in tables], axis=0)
+    predictions = pd.concat([*tables, ensemble], ignore_index=True)
+    observed = pd.Series(dataset[config.target].values, index=dataset.subject.values)
+    predictions["observed"] = observed.reindex(predictions["participant_id"]).to_numpy()
+    if config.task == "regression" and config.target == "age":
+        predictions["brain_age_gap"] = predictions["predicted"] - predictions["observed"]
+        predictions["brain_age_gap_corrected"] = np.nan
+        for rows in predictions.groupby("member").groups.values():
+            part = predictions.loc[rows]
+            test = part["split"].to_numpy() == "test"
+            if test.sum() > 4:
+                corrected, _ = bias_corrected_gap(part["predicted"], part["observed"], fit=test)
+                predictions.loc[rows, "brain_age_gap_corrected"] = corrected
+    rows = []
+    for member, part in predictions.groupby("member"):
+        for split_name, subset in part.groupby("split"):
+            if config.task == "regression":
+                metrics = regression_metrics(subset["observed"], subset["predicted"])
+            else:
+                labels = subset["observed"].map({name: index for index, name in enumerate(classes)})
+                metrics = classification_metrics(labels, subset[value_columns])
+            rows.append({"member": "ensemble" if member == -1 else str(member), "split": split_name, **metrics})
+    metrics = pd.DataFrame(rows)
+    if config.task == "regression":
+        train = predictions[(predictions.member == -1) & (predictions.split == "train")]
+        test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+        baseline = regression_metrics(test["observed"], np.full(len(test), train["observed"].mean()))
+        metrics = pd.concat([metrics, pd.DataFrame([{"member": "predict_train_mean", "split": "test", **baseline}])],
+                            ignore_index=True)
+    predictions.to_parquet(out_dir / "predictions.parquet", index=False)
+    metrics.to_parquet(out_dir / "metrics.parquet", index=False)
+    return {"members": members, "metrics": metrics, "predictions": predictions}

@@ -1,0 +1,168 @@
+"""Attribution methods against hand-computed references, and relevance.zarr written by Dask tasks."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from engine.attribution import METHODS, AttributionOptions, attribute, explain, noise_importance, open_relevance
+from engine.models import ModelSpec, build_model
+from engine.training import CohortVolumes, TrainingConfig, load_member, train_ensemble
+
+SHAPE = (16, 18, 14)
+
+
+def _model():
+    torch.manual_seed(1)
+    return build_model(ModelSpec("mrinet", SHAPE, 2, 1), target_mean=50.0).double().eval()
+
+
+def _inputs():
+    return torch.rand(2, 2, *SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+class Weighted(nn.Module):
+    """f(x) = Σ w·x over channel 0: every gradient-based map is known in closed form."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = weights
+        self.output_scale = torch.ones(1, dtype=weights.dtype)
+
+    def forward(self, x):
+        return (x[:, 0] * self.weights).sum(dim=(1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_one_finite_map_per_subject(method):
+    labels = np.arange(np.prod(SHAPE)).reshape(SHAPE) // 600  # a few blocky "regions"
+    options = AttributionOptions(smoothgrad_samples=2, ig_steps=4, occlusion_patch=8, occlusion_stride=8,
+                                 noise_steps=3)
+    maps = attribute(_model(), _inputs(), method, options, region_labels=labels)
+    assert maps.shape == (2, *SHAPE)
+    assert torch.isfinite(maps).all()
+    assert maps.abs().sum() > 0
+
+
+def test_gradient_methods_on_a_linear_model_equal_their_closed_forms():
+    weights = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model, x = Weighted(weights), _inputs()
+    assert torch.allclose(attribute(model, x, "gradient"), weights.expand(2, *SHAPE))
+    assert torch.allclose(attribute(model, x, "gradient_x_input"), x[:, 0] * weights)
+    # integrated gradients from a zero baseline of a linear function: exactly gradient × input
+    assert torch.allclose(attribute(model, x, "integrated_gradients"), x[:, 0] * weights, rtol=1e-10)
+    # SmoothGrad of a linear function: its gradient, whatever the noise
+    assert torch.allclose(attribute(model, x, "smoothgrad", AttributionOptions(smoothgrad_samples=3)),
+                          weights.expand(2, *SHAPE))
+
+
+def test_region_occlusion_equals_the_prediction_drop_when_a_region_is_zeroed():
+    model, x = _model(), _inputs()
+    labels = np.zeros(SHAPE, np.int64)
+    labels[2:8, 3:9, 2:6], labels[9:14, 10:16, 7:12] = 1, 2
+    maps = attribute(model, x, "region_occlusion", region_labels=labels)
+    with torch.no_grad():
+        full = model(x)[:, 0]
+        for region in (0, 1, 2):
+            occluded = x.clone()
+            occluded[:, :, torch.from_numpy(labels == region)] = 0
+            drop = full - model(occluded)[:, 0]
+            inside = torch.from_numpy(labels == region)
+            assert torch.allclose(maps[:, inside], drop[:, None].expand(-1, int(inside.sum())))
+
+
+def test_occlusion_of_one_patch_equals_the_prediction_drop():
+    model, x = _model(), _inputs()
+    options = AttributionOptions(occlusion_patch=8, occlusion_stride=8)
+    maps = attribute(model, x, "occlusion", options)
+    occluded = x.clone()
+    occluded[:, :, 0:8, 0:8, 0:8] = 0
+    with torch.no_grad():
+        drop = model(x)[:, 0] - model(occluded)[:, 0]
+    assert torch.allclose(maps[:, 0, 0, 0], drop)
+
+
+def test_grad_cam_is_upsampled_to_the_input_grid():
+    maps = attribute(_model(), _inputs(), "grad_cam")
+    assert maps.shape == (2, *SHAPE)
+
+
+def test_noise_importance_finds_the_voxels_the_prediction_depends_on():
+    weights = torch.zeros(SHAPE, dtype=torch.float64)
+    weights[4:10, 5:12, 3:9] = 1.0
+    model, x = Weighted(weights), _inputs()
+    importance = noise_importance(model, x, AttributionOptions(noise_steps=60, noise_sparsity=0.05))
+    inside = importance[:, weights > 0].mean()
+    outside = importance[:, weights == 0].mean()
+    assert inside > outside + 0.3
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="unknown attribution method 'deeplift'"):
+        attribute(_model(), _inputs(), "deeplift")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cohort, tmp_path_factory):
+    from engine.store import ingest, open_cohort, read_participants
+    from engine.training import stratified_split
+    from tests.conftest import MODALITIES
+
+    folder = tmp_path_factory.mktemp("explain")
+    store = folder / "images.zarr"
+    ingest(store, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES,
+           tiny_cohort / "mask.nii.gz", subjects_per_chunk=8)
+    dataset = open_cohort(store)
+    split = stratified_split(pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
+                                           "sex": dataset.sex.values}), (0.5, 0.25, 0.25))
+    config = TrainingConfig(modalities=("T1",), epochs=2, batch_size=4, seed=3)
+    train_ensemble(store, config, 2, folder / "models", split)
+    return store, folder / "models", list(split.index[split != "train"])
+
+
+def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(trained, tmp_path, client):
+    store, models, subjects = trained
+    methods = ["lrp", "gradient_x_input"]
+    relevance = explain(tmp_path / "relevance.zarr", store, models, methods, [0, 1], subjects,
+                        subjects_per_chunk=4, client=client)
+    assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
+    assert list(relevance.method.values) == methods and list(relevance.subject.values) == subjects
+    assert relevance.relevance.notnull().all()
+    volumes = CohortVolumes(store, ["T1"])
+    positions = [list(volumes.subjects).index(subject) for subject in subjects[:3]]
+    model, _ = load_member(models / "member_1")
+    expected = volumes.to_rows(attribute(model, torch.from_numpy(volumes.read(positions)), "lrp").numpy())
+    np.testing.assert_allclose(relevance.relevance.sel({"method": "lrp", "member": 1}).isel(subject=slice(0, 3)).values,
+                               expected, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(relevance.relevance_mean.values, relevance.relevance.mean("member").values,
+                               rtol=1e-6)
+    assert (relevance.i.values == volumes.dataset.i.values).all()
+    assert relevance.age.dims == ("subject",)
+
+
+def test_explain_resumes_the_blocks_that_are_missing(trained, tmp_path):
+    store, models, subjects = trained
+    out = tmp_path / "relevance.zarr"
+    first = explain(out, store, models, ["gradient"], [0, 1], subjects, subjects_per_chunk=4).relevance.values
+    group = zarr.open_group(out, mode="r+")
+    group["explained"][1, 4:] = False  # as if the run had died before member 1's second block
+    group["relevance"][0, 1, 4:] = np.nan
+    stamp = group["relevance"][0, 0, :4].copy()
+    again = explain(out, store, models, ["gradient"], [0, 1], subjects, subjects_per_chunk=4)
+    np.testing.assert_array_equal(again.relevance.values, first)
+    np.testing.assert_array_equal(zarr.open_group(out)["relevance"][0, 0, :4], stamp)
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        explain(out, store, models, ["gradcam"], [0], subjects)
+    with pytest.raises(ValueError, match="not complete"):
+        explain(out, store, models, ["gradient"], [0], ["sub-nobody"])
+
+
+def test_an_interrupted_relevance_store_is_not_opened(trained, tmp_path):
+    store, models, subjects = trained
+    out = tmp_path / "relevance.zarr"
+    explain(out, store, models, ["gradient"], [0], subjects[:2])
+    zarr.open_group(out, mode="r+").attrs["state"] = "running"
+    with pytest.raises(ValueError, match="incomplete"):
+        open_relevance(out)

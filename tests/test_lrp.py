@@ -1,0 +1,112 @@
+"""LRP rules against independent references: gradient×input, conservation, captum."""
+
+import copy
+
+import pytest
+import torch
+from captum.attr import LRP
+from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule
+from torch import nn
+
+from engine.lrp import AlphaBeta, Epsilon, lrp, merge_batchnorm
+from engine.models import ModelSpec, build_model
+
+SHAPE = (12, 14, 10)
+
+
+def _model(name="mrinet", bias_free=False, shape=SHAPE, **options):
+    torch.manual_seed(3)
+    model = build_model(ModelSpec(name, shape, 2, 1, options)).double().eval()
+    for module in model.modules():
+        if isinstance(module, (nn.Conv3d, nn.Linear)):
+            nn.init.normal_(module.weight, std=0.3)
+            nn.init.zeros_(module.bias) if bias_free else nn.init.normal_(module.bias, std=0.05)
+    return model
+
+
+def _inputs(signed=False, shape=SHAPE):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, *shape, generator=generator, dtype=torch.float64)
+    return x if signed else x.abs()
+
+
+def _gradient_x_input(model, x):
+    x = x.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(model(x)[:, 0].sum(), x)
+    return (x * gradient).detach()
+
+
+def test_lrp_zero_equals_gradient_times_input_on_bias_free_relu_network():
+    model, x = _model(bias_free=True), _inputs(signed=True)
+    relevance, reference = lrp(model, x, "zero"), _gradient_x_input(model, x)
+    assert torch.allclose(relevance, reference, rtol=1e-8, atol=1e-8 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("preset", ["zplus", "alpha2beta1"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_alpha_beta_rules_conserve_relevance_without_biases(preset, signed):
+    model, x = _model(bias_free=True), _inputs(signed)
+    output = model(x)[:, 0].detach()
+    totals = lrp(model, x, preset).sum(dim=(1, 2, 3, 4))
+    assert torch.allclose(totals, output, rtol=1e-6)
+
+
+def test_epsilon_rule_conserves_relevance_as_epsilon_vanishes_and_absorbs_it_otherwise():
+    model, x = _model(bias_free=True), _inputs()
+    output = model(x)[:, 0].detach()
+    tiny = {nn.Linear: Epsilon(1e-9), nn.Conv3d: Epsilon(1e-9)}
+    assert torch.allclose(lrp(model, x, tiny).sum(dim=(1, 2, 3, 4)), output, rtol=1e-6)
+    large = {nn.Linear: Epsilon(10.0), nn.Conv3d: Epsilon(10.0)}
+    assert (lrp(model, x, large).sum(dim=(1, 2, 3, 4)).abs() < output.abs()).all()
+
+
+@pytest.mark.parametrize("preset", ["epsilon", "study"])
+def test_lrp_equals_captum_where_both_apply(preset):
+    model, x = _model(), _inputs()
+    reference_model = copy.deepcopy(model)
+    for module in reference_model.modules():
+        if isinstance(module, nn.Linear):
+            module.rule = EpsilonRule(0.1)
+        elif isinstance(module, nn.Conv3d):
+            module.rule = EpsilonRule(0.1) if preset == "epsilon" else Alpha1_Beta0_Rule(set_bias_to_zero=True)
+        elif isinstance(module, nn.MaxPool3d):
+            module.rule = EpsilonRule(1e-12)
+    reference = LRP(reference_model).attribute(x.clone(), target=0).detach()
+    relevance = lrp(model, x, preset)
+    assert torch.allclose(relevance, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item())
+
+
+def test_patch_individual_convolutions_take_rules_like_any_convolution():
+    shape = (24, 20, 20)  # the last convolution sees 2×2×2 voxels: one per patch
+    model, x = _model("mrinet_pif", bias_free=True, shape=shape), _inputs(shape=shape)
+    output = model(x)[:, 0].detach()
+    assert torch.allclose(lrp(model, x, "zplus").sum(dim=(1, 2, 3, 4)), output, rtol=1e-6)
+
+
+def test_merged_batchnorm_keeps_the_function_and_lrp_runs_on_sfcn():
+    model = _model("sfcn", channels=[4, 6, 8, 6])
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_mean.normal_(0, 0.3)
+            module.running_var.uniform_(0.5, 2)
+            nn.init.normal_(module.weight, 1, 0.2)
+            nn.init.normal_(module.bias, 0, 0.2)
+    x = _inputs()
+    merged = merge_batchnorm(model)
+    assert not any(isinstance(module, nn.BatchNorm3d) for module in merged.modules())
+    assert torch.allclose(merged(x), model(x), rtol=1e-10)
+    relevance = lrp(merged, x, "zplus")
+    assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+
+
+def test_batchnorm_that_follows_no_convolution_is_refused():
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.BatchNorm3d(2)).eval()
+    with pytest.raises(ValueError, match="do not directly follow a Conv3d"):
+        merge_batchnorm(model)
+
+
+def test_bad_rules_and_presets_are_refused():
+    with pytest.raises(ValueError, match="α − β = 1"):
+        AlphaBeta(2.0, 0.5)
+    with pytest.raises(ValueError, match="unknown LRP preset 'gamma'"):
+        lrp(_model(), _inputs(), "gamma")

@@ -1,0 +1,213 @@
+"""Models, splits, metrics, bias correction and training against independent references."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
+
+from engine.models import ModelSpec, PatchIndividualConv3d, build_model
+from engine.store import open_cohort
+from engine.training import (
+    CohortVolumes,
+    TrainingConfig,
+    bias_corrected_gap,
+    classification_metrics,
+    load_member,
+    regression_metrics,
+    stratified_split,
+    train_ensemble,
+    train_member,
+)
+
+
+@pytest.mark.parametrize("name", ["mrinet", "mrinet_pif", "sfcn"])
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_registry_builds_each_model_for_several_channels_and_heads(name, outputs):
+    options = {"channels": [4, 8, 8, 4]} if name == "sfcn" else {}
+    model = build_model(ModelSpec(name, (24, 28, 22), 2, outputs, options), target_mean=42.0, target_scale=10.0)
+    output = model.eval()(torch.zeros(3, 2, 24, 28, 22))
+    assert output.shape == (3, outputs)
+    assert torch.allclose(output[:, 0], torch.tensor(42.0))  # a blank input gets the bias: the mean target
+
+
+def test_patch_individual_convolution_applies_separate_filters_per_patch():
+    torch.manual_seed(0)
+    layer = PatchIndividualConv3d(2, 3, 1, (4, 6, 2), patches=(2, 3, 1))
+    x = torch.randn(1, 2, 4, 6, 2)
+    output = layer(x)
+    for index, (a, b) in enumerate([(a, b) for a in range(2) for b in range(3)]):
+        conv = layer.convs[index]
+        patch = x[:, :, 2 * a:2 * a + 2, 2 * b:2 * b + 2, :]
+        assert torch.allclose(output[:, :, 2 * a:2 * a + 2, 2 * b:2 * b + 2, :], conv(patch))
+    with pytest.raises(ValueError, match="patches"):
+        PatchIndividualConv3d(2, 3, 1, (4, 6, 2), patches=(2, 2, 3))
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        build_model(ModelSpec("resnet", (8, 8, 8)))
+
+
+def _participants(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"participant_id": [f"sub-{i:03d}" for i in range(n)], "age": rng.uniform(18, 82, n),
+                         "sex": rng.choice(["F", "M"], n, p=[0.6, 0.4])})
+
+
+def test_stratified_split_matches_fractions_within_every_stratum():
+    table = _participants()
+    split = stratified_split(table, (0.6, 0.2, 0.2), seed=4)
+    assert split.index.tolist() == table["participant_id"].tolist()
+    assert split.value_counts().to_dict() == {"train": 180, "validation": 60, "test": 60}
+    bands = pd.qcut(table["age"], 5, labels=False).to_numpy()
+    for band in range(5):
+        for sex in "FM":
+            in_stratum = split[(bands == band) & (table["sex"] == sex).to_numpy()]
+            expected = np.array([0.6, 0.2, 0.2]) * len(in_stratum)
+            counts = in_stratum.value_counts().reindex(["train", "validation", "test"], fill_value=0).to_numpy()
+            assert np.abs(counts - expected).max() <= 1.5
+    assert split.equals(stratified_split(table, (0.6, 0.2, 0.2), seed=4))
+    assert not split.equals(stratified_split(table, (0.6, 0.2, 0.2), seed=5))
+
+
+def test_stratified_split_refuses_bad_settings():
+    with pytest.raises(ValueError, match="sum"):
+        stratified_split(_participants(), (0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match="cannot stratify by \\['site'\\]"):
+        stratified_split(_participants(), strata=("age", "site"))
+
+
+def test_metrics_equal_sklearn():
+    rng = np.random.default_rng(1)
+    observed = rng.uniform(20, 80, 50)
+    predicted = observed + rng.normal(0, 5, 50)
+    metrics = regression_metrics(observed, predicted)
+    assert metrics["mae"] == pytest.approx(mean_absolute_error(observed, predicted), rel=1e-12)
+    assert metrics["r2"] == pytest.approx(r2_score(observed, predicted), rel=1e-12)
+    assert metrics["r"] == pytest.approx(np.corrcoef(observed, predicted)[0, 1], rel=1e-12)
+
+    labels = rng.integers(0, 2, 80)
+    probabilities = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, 80), 0, 1)
+    probabilities = np.round(np.stack([1 - probabilities, probabilities], axis=1), 1)  # ties too
+    metrics = classification_metrics(labels, probabilities)
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, probabilities.argmax(1)))
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), rel=1e-12)
+
+    three = rng.integers(0, 3, 90)
+    scores = rng.dirichlet(np.ones(3), 90) + np.eye(3)[three] * 0.3
+    scores /= scores.sum(axis=1, keepdims=True)
+    assert classification_metrics(three, scores)["roc_auc"] == pytest.approx(
+        roc_auc_score(three, scores, multi_class="ovr", average="macro"), rel=1e-12)
+
+
+def test_bias_corrected_gap_equals_the_residual_of_a_cubic_ols():
+    rng = np.random.default_rng(2)
+    age = rng.uniform(18, 82, 120)
+    predicted = 30 + 0.4 * age + rng.normal(0, 4, 120)  # regression to the mean: a gap that falls with age
+    fit = rng.random(120) < 0.7
+    corrected, _ = bias_corrected_gap(predicted, age, degree=3, fit=fit)
+    design = np.column_stack([age, age ** 2, age ** 3])
+    model = sm.OLS((predicted - age)[fit], sm.add_constant(design[fit])).fit()
+    expected = (predicted - age) - model.predict(sm.add_constant(design))
+    np.testing.assert_allclose(corrected, expected, rtol=1e-8, atol=1e-8)
+    assert abs(np.corrcoef(corrected[fit], age[fit])[0, 1]) < 1e-8
+    with pytest.raises(ValueError, match="needs more than 4 participants"):
+        bias_corrected_gap(predicted[:4], age[:4])
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_cohort, tmp_path_factory):
+    from engine.store import ingest, read_participants
+    from tests.conftest import MODALITIES
+
+    path = tmp_path_factory.mktemp("train") / "images.zarr"
+    ingest(path, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES,
+           tiny_cohort / "mask.nii.gz", subjects_per_chunk=8)
+    return path
+
+
+def _split(store):
+    dataset = open_cohort(store)
+    table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
+                          "sex": dataset.sex.values})
+    return stratified_split(table, (0.5, 0.25, 0.25), seed=0)
+
+
+CONFIG = TrainingConfig(modalities=("T1", "FLAIR"), epochs=3, batch_size=4, patience=2, seed=7)
+
+
+def test_cohort_volumes_put_scaled_rows_back_on_the_grid(tiny_store):
+    volumes = CohortVolumes(tiny_store, ["T1", "GM"])
+    dataset = volumes.dataset
+    inputs = volumes.read([2, 5])
+    assert inputs.shape == (2, 2, *volumes.shape)
+    row = dataset["GM"].isel(subject=5).values.astype(np.float64)
+    i, j, k = (dataset[axis].values - origin for axis, origin in zip("ijk", volumes.origin, strict=True))
+    np.testing.assert_allclose(inputs[1, 1, i, j, k], (row - row.mean()) / row.std(), rtol=1e-5, atol=1e-6)
+    outside = np.ones(volumes.shape, bool)
+    outside[i, j, k] = False
+    assert not inputs[:, :, outside].any()
+    np.testing.assert_array_equal(volumes.to_rows(inputs), volumes.rows([2, 5]))
+
+
+def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store, tmp_path):
+    split = _split(tiny_store)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = train_member(tiny_store, CONFIG, split, 1, tmp_path / "a")
+    second = train_member(tiny_store, CONFIG, split, 1, tmp_path / "b")
+    weights_a, weights_b = (load_file(tmp_path / part / "member_1.safetensors") for part in "ab")
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+    assert first["history"] == second["history"]
+    model, record = load_member(tmp_path / "a" / "member_1")
+    assert record["best_epoch"] == min(first["history"], key=lambda row: row["validation_loss"])["epoch"]
+    volumes = CohortVolumes(tiny_store, ["T1", "FLAIR"])
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(volumes.read(np.arange(4))))[:, 0].double().numpy()
+    table = pd.read_parquet(tmp_path / "a" / "member_1.predictions.parquet")
+    np.testing.assert_allclose(table["predicted"].to_numpy()[:4], predicted, rtol=1e-6)
+
+
+def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store, tmp_path, client):
+    split = _split(tiny_store)
+    result = train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
+    metrics = result["metrics"].set_index(["member", "split"])
+    predictions = result["predictions"]
+    test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+    members = [predictions[(predictions.member == m) & (predictions.split == "test")] for m in (0, 1)]
+    np.testing.assert_allclose(test["predicted"], (members[0]["predicted"].to_numpy() +
+                                                   members[1]["predicted"].to_numpy()) / 2)
+    assert metrics.loc[("ensemble", "test"), "mae"] == pytest.approx(
+        np.abs(test["predicted"] - test["observed"]).mean())
+    assert ("predict_train_mean", "test") in metrics.index
+    assert test["brain_age_gap_corrected"].notna().all()
+    assert (pd.read_csv(tmp_path / "split.tsv", sep="\t").set_index("participant_id")["split"]
+            .reindex(split.index).equals(split))
+    stamps = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("member_*.safetensors")}
+    train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("member_*.safetensors")} == stamps
+
+
+def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_path):
+    split = _split(tiny_store)
+    (tmp_path / "source").mkdir()
+    train_member(tiny_store, CONFIG, split, 0, tmp_path / "source")
+    source = load_file(tmp_path / "source" / "member_0.safetensors")
+    config = TrainingConfig(modalities=("T1", "FLAIR"), target="sex", task="classification", epochs=2,
+                            batch_size=4, finetune_from=str(tmp_path / "source"), freeze=("features.0",))
+    (tmp_path / "tuned").mkdir()
+    record = train_member(tiny_store, config, split, 0, tmp_path / "tuned", classes=["F", "M"])
+    tuned = load_file(tmp_path / "tuned" / "member_0.safetensors")
+    assert torch.equal(tuned["features.0.weight"], source["features.0.weight"])
+    assert not torch.equal(tuned["features.3.weight"], source["features.3.weight"])
+    assert record["fresh_layers"] == ["head.3.bias", "head.3.weight", "output_scale"]  # a new head: 2 classes
+    table = pd.read_parquet(tmp_path / "tuned" / "member_0.predictions.parquet")
+    np.testing.assert_allclose(table[["p_F", "p_M"]].sum(axis=1), 1, rtol=1e-6)
+    with pytest.raises(ValueError, match="freeze: 'backbone' names no layer"):
+        train_member(tiny_store, TrainingConfig(modalities=("T1",), epochs=1, freeze=("backbone",)), split, 0,
+                     tmp_path / "tuned")
+    assert json.loads((tmp_path / "tuned" / "member_0.json").read_text())["config"]["task"] == "classification"
