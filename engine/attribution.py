@@ -12,8 +12,8 @@ subjects), asking for a GPU where workers have one — into ``relevance.zarr``::
     relevance_mean  (method, subject, voxel)          the ensemble mean
     explained       (member, subject)                 true once a task's rows are written
 
-with the images store's voxels (``i, j, k``), grid and participant columns, so every atlas and
-statistic applies to relevance unchanged.
+with the images store's voxels (``i, j, k``), grid and participant columns (plus each
+subject's training ``split``), so every atlas and statistic applies to relevance unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 import zarr
@@ -306,6 +307,10 @@ def explain(out: str | Path, store: str | Path, models_dir: str | Path, methods:
     if existing is None or existing.attrs.get("plan") != plan.record():
         columns = {name: dataset[name].sel(subject=list(subjects)).values for name in dataset.coords
                    if dataset[name].dims == ("subject",) and name != "subject"}
+        split_file = Path(models_dir) / "split.tsv"
+        if split_file.is_file():
+            split = pd.read_csv(split_file, sep="\t", dtype={"participant_id": str}).set_index("participant_id")
+            columns["split"] = split["split"].reindex(list(subjects)).fillna("").to_numpy(dtype=object)
         voxels_per_chunk = dataset[next(iter(dataset.data_vars))].encoding.get("chunks", (0, 65536))[1]
         _create_store(out, plan, dataset, subjects_per_chunk, voxels_per_chunk, columns)
     group = zarr.open_group(out, mode="r+")
@@ -353,5 +358,8 @@ def open_relevance(path: str | Path) -> xr.Dataset:
     if group.attrs.get("state") != "complete":
         raise ValueError(f"{path} is incomplete (an explain run was interrupted); run the explain stage again")
     dataset = xr.open_zarr(path, consolidated=False, zarr_format=3)
-    strings = [name for name in dataset.coords if dataset[name].dtype.kind in "OUST"]
-    return dataset.assign_coords({name: (dataset[name].dims, dataset[name].values.astype(object)) for name in strings})
+    eager = {}  # coordinates in memory, so ds.where(ds.age > 60, drop=True) works
+    for name, coord in dataset.coords.items():
+        values = coord.values
+        eager[name] = (coord.dims, values.astype(object) if values.dtype.kind in "OUST" else values)
+    return dataset.assign_coords(eager)

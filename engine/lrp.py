@@ -3,9 +3,10 @@
 All rules share one mechanism (the "gradient trick"): a forward hook keeps a layer's output
 value ``z`` but routes the gradient through modified forward passes ``ẑ``::
 
-    out = z + Σ c · (z / ẑ) ⊙ ẑ  −  detach(same)
+    out = Σ c · (z / ẑ) ⊙ ẑ  +  detach(z − same)
 
-so that ``input × gradient`` at the layer's input is the rule's relevance. ReLU, max-pooling
+so that ``input × gradient`` at the layer's input is the rule's relevance (the ε-rule, whose
+``ẑ`` is ``z`` itself, only rescales the gradient arriving at the layer's output). ReLU, max-pooling
 (winner takes all), average pooling (the z-rule of a linear map), dropout in eval mode and
 reshapes pass the plain gradient. Relevance at the input is ``input × gradient`` of the output.
 """
@@ -21,8 +22,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-WEIGHTED_LAYERS = (nn.Conv3d, nn.Linear)
-
 
 def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(module, nn.Linear):
@@ -31,24 +30,50 @@ def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: tor
 
 
 def _stabilise(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    """z + ε·sign(z), with sign(0) = +1 (computed without autograd)."""
+    with torch.no_grad():
+        return z.abs().add_(epsilon).copysign_(z)
 
 
-def _propagate(output: torch.Tensor, terms: list[tuple[float, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``output``'s value with the gradient Σ coefficient · (output / denominator) · ∂ẑ."""
-    routed = sum(coefficient * (output / denominator).detach() * modified
-                 for coefficient, modified, denominator in terms)
-    return output.detach() + routed - routed.detach()
+class _Route(torch.autograd.Function):
+    """Forward: ``output`` unchanged. Backward: the gradient goes to each ``modified`` times its scale."""
+
+    @staticmethod
+    def forward(ctx, output, scales, *modified):
+        ctx.scales = scales
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return (None, None, *(gradient * scale for scale in ctx.scales))
+
+
+def _route(output: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``output``'s value, with the gradient Σ scale · ∂modified (each scale fixed, not differentiated)."""
+    return _Route.apply(output.detach(), [scale for _, scale in terms], *(modified for modified, _ in terms))
+
+
+def _ratio(output: torch.Tensor, denominator: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight · output / denominator, in place in the (fresh) denominator."""
+    ratio = torch.div(output, denominator, out=denominator)
+    return ratio if weight == 1 else ratio.mul_(weight)
 
 
 @dataclass(frozen=True)
 class Epsilon:
-    """LRP-ε: R_i = Σ_j x_i w_ij / (z_j + ε·sign z_j) R_j (ε = 0 is LRP-0). Costs no extra pass."""
+    """LRP-ε: R_i = Σ_j x_i w_ij / (z_j + ε·sign z_j) R_j (ε = 0 is LRP-0).
+
+    The layer's own backward pass does the work: only the gradient arriving at its output is
+    rescaled by z / (z + ε·sign z).
+    """
 
     epsilon: float = 0.1
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return _propagate(output, [(1.0, output, _stabilise(output, self.epsilon if self.epsilon else 1e-12))])
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            with torch.no_grad():
+                scale = _ratio(output, _stabilise(output, self.epsilon if self.epsilon else 1e-12), 1.0)
+            output.register_hook(lambda gradient: gradient * scale)
 
 
 @dataclass(frozen=True)
@@ -70,19 +95,23 @@ class AlphaBeta:
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]
         positive_w = module.weight.clamp(min=0)
+        negative = None
         if bool((x >= 0).all()):
             positive = _forward(module, x, positive_w, None)
-            negative = output - positive if module.bias is None else (
-                output - module.bias.reshape(-1, *[1] * (output.dim() - 2)) - positive)
-        else:
+            if self.beta:
+                bias = 0 if module.bias is None else module.bias.reshape(-1, *[1] * (output.dim() - 2))
+                negative = output - bias - positive
+        else:  # signed inputs: both signs of x as channels of one pass, W⁺x⁺ + W⁻x⁻ (and W⁻x⁺ + W⁺x⁻)
             negative_w = module.weight.clamp(max=0)
-            positive_x, negative_x = x.clamp(min=0), x.clamp(max=0)
-            positive = _forward(module, positive_x, positive_w, None) + _forward(module, negative_x, negative_w, None)
-            negative = _forward(module, positive_x, negative_w, None) + _forward(module, negative_x, positive_w, None)
-        terms = [(self.alpha, positive, positive + self.stabiliser)]
-        if self.beta:
-            terms.append((-self.beta, negative, negative - self.stabiliser))
-        return _propagate(output, terms)
+            split_x = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
+            positive = _forward(module, split_x, torch.cat([positive_w, negative_w], dim=1), None)
+            if self.beta:
+                negative = _forward(module, split_x, torch.cat([negative_w, positive_w], dim=1), None)
+        with torch.no_grad():
+            terms = [(positive, _ratio(output, positive + self.stabiliser, self.alpha))]
+            if negative is not None:
+                terms.append((negative, _ratio(output, negative - self.stabiliser, -self.beta)))
+        return _route(output, terms)
 
 
 def ZPlus() -> AlphaBeta:

@@ -140,6 +140,7 @@ def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(tr
                                rtol=1e-6)
     assert (relevance.i.values == volumes.dataset.i.values).all()
     assert relevance.age.dims == ("subject",)
+    assert set(relevance.split.values) <= {"validation", "test"}
 
 
 def test_explain_resumes_the_blocks_that_are_missing(trained, tmp_path):
@@ -166,3 +167,19 @@ def test_an_interrupted_relevance_store_is_not_opened(trained, tmp_path):
     zarr.open_group(out, mode="r+").attrs["state"] = "running"
     with pytest.raises(ValueError, match="incomplete"):
         open_relevance(out)
+
+
+def test_tasks_ask_for_a_gpu_only_where_workers_advertise_one():
+    from distributed import Client, LocalCluster
+
+    from engine.tasks import gpu_resources, run_tasks
+
+    assert gpu_resources(None) is None
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      resources={"GPU": 1}) as cluster, Client(cluster) as client:
+        assert gpu_resources(client) == {"GPU": 1}
+        results = dict(run_tasks(lambda item: item * 2, [1, 2, 3], client=client, resources=gpu_resources(client)))
+        assert results == {1: 2, 2: 4, 3: 6}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert gpu_resources(client) is None
