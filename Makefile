@@ -27,6 +27,7 @@ test-all: $(INSTALLED)
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/region_reduction.py
+	$(BIN)/python benchmarks/attribution_cost.py
 
 clean:
 	rm -rf $(VENV) workspace

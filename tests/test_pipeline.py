@@ -101,7 +101,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
                             train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4},
-                            explain={"methods": ["lrp", "gradient"], "subjects": "test"},
+                            explain={"methods": ["lrp", "gradient", "region_occlusion"], "subjects": "test"},
                             cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
     assert relcohort("validate", catalog).returncode == 0
     first = relcohort("run", catalog, cwd=tmp_path)
@@ -132,16 +132,16 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     split = pd.read_csv(workspace / "models/split.tsv", sep="\t")
     relevance = open_relevance(workspace / "relevance.zarr")
     assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
-    assert list(relevance.method.values) == ["lrp", "gradient"] and relevance.sizes["member"] == 2
+    assert list(relevance.method.values) == ["lrp", "gradient", "region_occlusion"] and relevance.sizes["member"] == 2
     assert sorted(relevance.subject.values) == sorted(split.participant_id[split.split == "test"])
     assert relevance.relevance.notnull().all()
     scores = pd.read_parquet(workspace / "validation/scores.parquet")
-    assert set(scores.method) == {"lrp", "gradient"} and set(scores.member) == {"ensemble", "0", "1"}
-    assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 2 * 3
+    assert set(scores.method) == {"lrp", "gradient", "region_occlusion"} and set(scores.member) == {"ensemble", "0", "1"}
+    assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 3 * 3
     assert scores.roc_auc.between(0, 1).all()
-    assert len(pd.read_parquet(workspace / "validation/robustness.parquet")) == 2
+    assert len(pd.read_parquet(workspace / "validation/robustness.parquet")) == 3
     lesion_relevance = pd.read_parquet(workspace / "features/lesion_relevance.parquet")
-    assert len(lesion_relevance) == 2 * relevance.sizes["subject"]
+    assert len(lesion_relevance) == 3 * relevance.sizes["subject"]
     assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
     relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}
 
@@ -156,7 +156,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     status = relcohort("status", workspace)
     assert status.returncode == 0
     assert "synth" in status.stdout and "16 synthetic participants" in status.stdout
-    assert "2 member(s)" in status.stdout and "2 method(s) (lrp, gradient)" in status.stdout
+    assert "2 member(s)" in status.stdout and "3 method(s) (lrp, gradient, region_occlusion)" in status.stdout
 
     # a smaller demo regenerates the cohort folder; what the store holds stays
     smaller = write_catalog(tmp_path / "smaller.yaml", workspace="ws",

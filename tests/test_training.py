@@ -211,3 +211,20 @@ def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_
         train_member(tiny_store, TrainingConfig(modalities=("T1",), epochs=1, freeze=("backbone",)), split, 0,
                      tmp_path / "tuned")
     assert json.loads((tmp_path / "tuned" / "member_0.json").read_text())["config"]["task"] == "classification"
+
+
+def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, tmp_path):
+    dataset = open_cohort(tiny_store)
+    table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
+                          "sex": dataset.sex.values})
+    split = stratified_split(table, (0.5, 0.25, 0.25), strata=("age", "sex"), seed=1)
+    config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=2, batch_size=4)
+    result = train_ensemble(tiny_store, config, 2, tmp_path, split)
+    metrics = result["metrics"].set_index(["member", "split"])
+    assert {"balanced_accuracy", "roc_auc"} <= set(metrics.columns)
+    ensemble = result["predictions"].query("member == -1")
+    np.testing.assert_allclose(ensemble[["p_F", "p_M"]].sum(axis=1), 1, rtol=1e-6)
+    test = ensemble[ensemble.split == "test"]
+    labels = (test["observed"] == "M").astype(int)
+    expected = balanced_accuracy_score(labels, (test["p_M"] > test["p_F"]).astype(int))
+    assert metrics.loc[("ensemble", "test"), "balanced_accuracy"] == pytest.approx(expected)
