@@ -5,7 +5,8 @@
 An MRInet on the demo grid's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
 on the trained weights, so a freshly initialised model is used) explains a batch of random
 inputs with every method, best of three after a warm-up. The reference is one forward and
-one backward pass to the input (``torch.autograd.grad``), the cheapest attribution there is.
+one backward pass to the input (``torch.autograd.grad``), the cheapest attribution there is,
+timed again right before each method (the machine's speed drifts by 10-20 % over minutes).
 Methods slower than 10 s per batch are timed once after the warm-up.
 Writes ``benchmarks/results/attribution_cost.json`` and prints a Markdown table.
 """
@@ -16,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.attribution import METHODS, AttributionOptions, attribute
@@ -62,16 +64,20 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
                 torch.cuda.synchronize()
         return best_of(run)
 
-    reference = timed(lambda: input_gradient(model, inputs))
-    rows = [{"method": "input gradient (reference)", "seconds_per_batch": reference}]
-    for method in METHODS:
+    rows = []
+    for method in METHODS:  # the reference is timed right before each method: the machine's speed drifts
+        reference = timed(lambda: input_gradient(model, inputs))
         seconds = timed(lambda method=method: attribute(model, inputs, method, OPTIONS, region_labels=labels))
-        rows.append({"method": method, "seconds_per_batch": seconds})
-        print(f"{threads} thread(s), {method}: {seconds:.2f} s per batch of {batch}", flush=True)
+        rows.append({"method": method, "seconds_per_batch": seconds, "gradient_seconds_per_batch": reference,
+                     "relative_to_gradient": seconds / reference})
+        print(f"{threads} thread(s), {method}: {seconds:.2f} s per batch of {batch}, {seconds / reference:.2f}× "
+              f"the input gradient ({reference:.2f} s)", flush=True)
+    references = [row["gradient_seconds_per_batch"] for row in rows]
+    rows.insert(0, {"method": "input gradient (reference, median)", "seconds_per_batch": float(np.median(references)),
+                    "relative_to_gradient": 1.0})
     for row in rows:
         row.update({"voxel_size_mm": voxel_size, "batch": batch, "threads": threads, "device": str(device),
-                    "subjects_per_s": batch / row["seconds_per_batch"],
-                    "relative_to_gradient": row["seconds_per_batch"] / reference})
+                    "subjects_per_s": batch / row["seconds_per_batch"]})
     return rows
 
 

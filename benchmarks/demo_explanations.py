@@ -34,7 +34,8 @@ def tables(workspace: Path) -> tuple[list[dict], str]:
     for who, row in test.iterrows():
         lines.append(f"| {who} | {row['n']:.0f} | {row['mae']:.2f} | {row['r']:.2f} | {row['r2']:.2f} |")
     chance = scores.iloc[0]
-    lines += ["", f"| method | ROC-AUC R | ROC-AUC \\|R\\| | top-10 precision R (chance {chance.top_k_precision_uniform:.3f}) "
+    lines += ["", "| method | ROC-AUC R | ROC-AUC \\|R\\| "
+              f"| top-10 precision R (chance {chance.top_k_precision_uniform:.3f}) "
               f"| top-10 precision \\|R\\| | mass accuracy (uniform {chance.mass_accuracy_uniform:.3f}) "
               "| member L2 distance | top-10 overlap sum / density / gain |", "|---|---|---|---|---|---|---|---|"]
     for method in robustness.index:

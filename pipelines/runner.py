@@ -127,7 +127,8 @@ def _print_results(console: Console, workspace: Path, run: dict) -> None:
         console.print(f"  {'relevance.zarr':<16} {', '.join(explain['methods'])} × {explain['members']} member(s) × "
                       f"{explain['subjects']} subject(s)")
         if "validation" in explain:
-            console.print(f"  {'validation/':<16} scores.parquet (vs planted truth), robustness.parquet (across members)")
+            console.print(f"  {'validation/':<16} scores.parquet (vs planted truth), "
+                          "robustness.parquet (across members)")
     console.print(f"  {PROVENANCE:<16} catalog hash, package versions, seeds, stage times")
     console.print("\nOpen them in Python:")
     console.print("  from engine.store import open_cohort, to_volume", markup=False)

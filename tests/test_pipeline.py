@@ -136,7 +136,8 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert sorted(relevance.subject.values) == sorted(split.participant_id[split.split == "test"])
     assert relevance.relevance.notnull().all()
     scores = pd.read_parquet(workspace / "validation/scores.parquet")
-    assert set(scores.method) == {"lrp", "gradient", "region_occlusion"} and set(scores.member) == {"ensemble", "0", "1"}
+    assert set(scores.method) == {"lrp", "gradient", "region_occlusion"}
+    assert set(scores.member) == {"ensemble", "0", "1"}
     assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 3 * 3
     assert scores.roc_auc.between(0, 1).all()
     assert len(pd.read_parquet(workspace / "validation/robustness.parquet")) == 3
