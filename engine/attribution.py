@@ -18,12 +18,14 @@ subject's training ``split``), so every atlas and statistic applies to relevance
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
@@ -43,7 +45,7 @@ from captum.attr import (
 from torch import nn
 
 from engine import lrp
-from engine.store import IMAGE_CODEC, VOXEL_COORDS, open_cohort
+from engine.store import IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 from engine.training import CohortVolumes, load_member
 
@@ -265,13 +267,13 @@ def _explain_block(item):
 
 
 def model_modalities(models_dir: str | Path, member: int) -> list[str]:
+    """The input modalities a member was trained on, from its record."""
     record = json.loads((Path(models_dir) / f"member_{member}.json").read_text())
     return list(record["config"]["modalities"])
 
 
 def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
-    import hashlib
-
+    """sha256 over the members' weights and records: changes iff any member does."""
     digest = hashlib.sha256()
     for member in members:
         for suffix in (".safetensors", ".json"):
@@ -299,8 +301,6 @@ def explain(out: str | Path, store: str | Path, models_dir: str | Path, methods:
     missing = [subject for subject in subjects if subject not in positions_of]
     if missing:
         raise ValueError(f"participants {missing[:5]} are not complete in {store}")
-    from engine.store import content_fingerprint
-
     plan = ExplainPlan(tuple(methods), tuple(members), tuple(subjects), options.record(),
                        models_fingerprint(models_dir, members), content_fingerprint(store))
     existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
@@ -337,8 +337,6 @@ def explain(out: str | Path, store: str | Path, models_dir: str | Path, methods:
 
 
 def _write_ensemble_mean(group: zarr.Group) -> None:
-    import dask.array as da
-
     relevance = da.from_zarr(group["relevance"])
     da.store(relevance.mean(axis=1), group["relevance_mean"], lock=False)
 
