@@ -14,7 +14,6 @@ Writes ``benchmarks/results/attribution_cost.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +22,11 @@ import torch
 from engine.attribution import METHODS, AttributionOptions, attribute
 from engine.grid import mni_grid
 from engine.models import ModelSpec, build_model
-from ingest_throughput import save_results  # sibling script
+from ingest_throughput import best_of, save_results  # sibling script
 
 #: The brain box of the demo cohort's mask at each voxel size (``CohortVolumes.shape``).
 BOX = {4.0: (46, 55, 44), 2.0: (91, 109, 87)}
 OPTIONS = AttributionOptions(smoothgrad_samples=8, ig_steps=8, occlusion_patch=8, occlusion_stride=8, noise_steps=20)
-
-
-def best_of(function, repeats: int = 3) -> float:
-    """Best of ``repeats`` after a warm-up; a method whose warm-up took over 10 s is timed once more."""
-    started = time.perf_counter()
-    function()  # warm-up
-    if time.perf_counter() - started > 10:
-        repeats = 1
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def input_gradient(model, inputs):
@@ -62,7 +47,7 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
             function()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        return best_of(run)
+        return best_of(run, warm_up=True)
 
     rows = []
     for method in METHODS:  # the reference is timed right before each method: the machine's speed drifts

@@ -84,6 +84,22 @@ def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     return result
 
 
+def best_of(function, repeats: int = 3, warm_up: bool = False) -> float:
+    """Fastest of ``repeats`` timed calls; with ``warm_up`` one untimed call first, and a
+    function whose warm-up took over 10 s is timed once."""
+    if warm_up:
+        started = time.perf_counter()
+        function()
+        if time.perf_counter() - started > 10:
+            repeats = 1
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def save_results(path: Path, results: list[dict]) -> None:
     """Raw benchmark numbers with the machine they were measured on."""
     record = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
 import dask
@@ -26,16 +25,7 @@ from nilearn.maskers import NiftiLabelsMasker
 
 from engine.atlas import cohort_atlas, region_reduce
 from engine.store import ingest, open_cohort, read_participants, to_volume
-from ingest_throughput import MODALITIES, ensure_cohort, save_results  # sibling script
-
-
-def best_of(function, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return min(times)
+from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 
 def measure(voxel_size: float, subjects: int, atlas_name: str, work: Path) -> dict:

@@ -45,7 +45,7 @@ from captum.attr import (
 from torch import nn
 
 from engine import lrp
-from engine.store import IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, open_cohort
+from engine.store import IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, open_cohort, open_layout_group
 from engine.tasks import gpu_resources, run_tasks, torch_device
 from engine.training import CohortVolumes, load_member
 
@@ -348,11 +348,7 @@ def open_relevance(path: str | Path) -> xr.Dataset:
     xarray's own keyword for inexact matching.
     """
     path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise FileNotFoundError(f"no relevance store at {path}")
-    group = zarr.open_group(path, mode="r")
-    if group.attrs.get("layout") != LAYOUT:
-        raise ValueError(f"{path} is not a relcohort relevance store")
+    group = open_layout_group(path, LAYOUT, "relevance")
     if group.attrs.get("state") != "complete":
         raise ValueError(f"{path} is incomplete (an explain run was interrupted); run the explain stage again")
     dataset = xr.open_zarr(path, consolidated=False, zarr_format=3)

@@ -607,6 +607,17 @@ def _fail_fast(problems: list[InputError], on_error: str) -> None:
 # Reading
 
 
+def open_layout_group(path: str | Path, layout: str, kind: str) -> zarr.Group:
+    """The Zarr group at ``path`` for reading, checked to be a relcohort store of ``layout``."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"no {kind} store at {path}")
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get("layout") != layout:
+        raise ValueError(f"{path} is not a relcohort {kind} store")
+    return group
+
+
 def open_cohort(path: str | Path, include_incomplete: bool = False) -> xr.Dataset:
     """Open ``images.zarr`` as a lazy ``xarray.Dataset`` of (subject, voxel) arrays.
 
@@ -615,11 +626,7 @@ def open_cohort(path: str | Path, include_incomplete: bool = False) -> xr.Datase
     out unless ``include_incomplete``.
     """
     path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise FileNotFoundError(f"no cohort store at {path}")
-    group = zarr.open_group(path, mode="r")
-    if group.attrs.get("layout") != LAYOUT:
-        raise ValueError(f"{path} is not a relcohort images store")
+    group = open_layout_group(path, LAYOUT, "images")
     n = group.attrs["n_subjects"]
     lengths = {array.path: array.shape[0] for array in _subject_arrays(group)}
     if any(length != n for length in lengths.values()):
