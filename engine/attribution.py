@@ -45,7 +45,8 @@ from captum.attr import (
 from torch import nn
 
 from engine import lrp
-from engine.store import IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, open_cohort, open_layout_group
+from engine.store import (IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, load_coordinates, open_cohort,
+                          open_layout_group)
 from engine.tasks import gpu_resources, run_tasks, torch_device
 from engine.training import CohortVolumes, load_member
 
@@ -255,8 +256,8 @@ def _create_store(path: Path, plan: ExplainPlan, dataset: xr.Dataset, subjects_p
 def _explain_block(item):
     out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
     device = torch_device()
-    model, _ = load_member(Path(models_dir) / f"member_{member}", device)
-    volumes = CohortVolumes(store, model_modalities(models_dir, member))
+    model, record = load_member(Path(models_dir) / f"member_{member}", device)
+    volumes = CohortVolumes(store, record["config"]["modalities"])
     inputs = torch.from_numpy(volumes.read(positions)).to(device)
     group = zarr.open_group(out, mode="r+")
     for method_index, method in enumerate(methods):
@@ -264,12 +265,6 @@ def _explain_block(item):
         group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.to_rows(maps)
     group["explained"][member_index, rows[0]:rows[-1] + 1] = True  # after the data: marks the block whole
     return len(rows)
-
-
-def model_modalities(models_dir: str | Path, member: int) -> list[str]:
-    """The input modalities a member was trained on, from its record."""
-    record = json.loads((Path(models_dir) / f"member_{member}.json").read_text())
-    return list(record["config"]["modalities"])
 
 
 def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
@@ -351,9 +346,4 @@ def open_relevance(path: str | Path) -> xr.Dataset:
     group = open_layout_group(path, LAYOUT, "relevance")
     if group.attrs.get("state") != "complete":
         raise ValueError(f"{path} is incomplete (an explain run was interrupted); run the explain stage again")
-    dataset = xr.open_zarr(path, consolidated=False, zarr_format=3)
-    eager = {}  # coordinates in memory, so ds.where(ds.age > 60, drop=True) works
-    for name, coord in dataset.coords.items():
-        values = coord.values
-        eager[name] = (coord.dims, values.astype(object) if values.dtype.kind in "OUST" else values)
-    return dataset.assign_coords(eager)
+    return load_coordinates(xr.open_zarr(path, consolidated=False, zarr_format=3))

@@ -631,14 +631,19 @@ def open_cohort(path: str | Path, include_incomplete: bool = False) -> xr.Datase
     lengths = {array.path: array.shape[0] for array in _subject_arrays(group)}
     if any(length != n for length in lengths.values()):
         raise ValueError(f"{path} was interrupted while growing; run the ingest again to repair it")
-    dataset = xr.open_zarr(path, consolidated=False, zarr_format=3)
-    eager = ["subject", *group.attrs.get("participant_columns", []), *VOXEL_COORDS]
-    dataset = dataset.assign_coords(
-        {name: (dataset[name].dims, _plain(dataset[name].values)) for name in eager if name in dataset.coords})
+    dataset = load_coordinates(xr.open_zarr(path, consolidated=False, zarr_format=3),
+                               ["subject", *group.attrs.get("participant_columns", []), *VOXEL_COORDS])
     complete = np.ones(n, bool)
     for name in group.attrs["modalities"]:
         complete &= group[INGEST_GROUP][name][:] != ""
     return dataset if include_incomplete else dataset.isel(subject=complete)
+
+
+def load_coordinates(dataset: xr.Dataset, names=None) -> xr.Dataset:
+    """``dataset`` with the named coordinates (default: all) in memory and strings as Python objects,
+    so ``ds.where(ds.age > 60, drop=True)`` and ``ds.sel(subject="sub-01")`` work."""
+    names = dataset.coords if names is None else [name for name in names if name in dataset.coords]
+    return dataset.assign_coords({name: (dataset[name].dims, _plain(dataset[name].values)) for name in names})
 
 
 def _plain(values: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Training brain-age (or diagnosis) ensembles straight from ``images.zarr``.
 
 - :class:`CohortVolumes` turns store rows into model inputs: one channel per modality, each
-  scaled to unit mean inside the cohort mask, placed in the mask's bounding box.
+  z-scored inside the cohort mask, placed in the mask's bounding box.
 - :func:`stratified_split` assigns participants to train/validation/test, stratified by age
   bands and sex (and the class for classification).
 - :func:`train_member` trains one ensemble member (Adam, early stopping on validation loss) and
@@ -85,7 +85,7 @@ class CohortVolumes:
 
 
 def epoch_batches(volumes: CohortVolumes, positions: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  cache: dict | None, cache_bytes: int) -> Iterator[np.ndarray]:
+                  cache: dict | None, cache_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled batches of positions; each yields ``(positions, inputs)``.
 
     When the subjects fit in ``cache_bytes`` they are read once and kept in ``cache``; otherwise
