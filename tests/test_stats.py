@@ -6,7 +6,7 @@ import pytest
 import statsmodels.api as sm
 import xarray as xr
 
-from engine.stats import design_matrix, voxelwise_ols
+from engine.stats import adjust_p, design_matrix, map_similarity, permutation, voxelwise_ols
 
 N, V = 60, 25
 
@@ -81,3 +81,87 @@ def test_bad_designs_are_refused(data):
         voxelwise_ols(_maps(y), x, covariates[["age", "site"]])
     with pytest.raises(ValueError, match="needs a \\(subject, voxel\\) map"):
         voxelwise_ols(x, x, covariates[["age"]])
+
+
+def _brute_force_max_t(y, x, covariates, orders, permute):
+    """Freedman–Lane by refitting the full model per voxel for each permuted outcome (numpy, float64)."""
+    design = design_matrix(covariates, ["site"]).to_numpy()
+    y2 = y if y.ndim == 2 else y[:, None]
+    fitted = design @ np.linalg.lstsq(design, y2, rcond=None)[0]
+    residuals = y2 - fitted
+    maxima = []
+    for order in orders:
+        permuted = fitted + permute(residuals, order)
+        t = []
+        for voxel in range(max(y2.shape[1], x.shape[1] if x.ndim == 2 else 1)):
+            predictor = x[:, voxel] if x.ndim == 2 else x
+            outcome = permuted[:, voxel if permuted.shape[1] > 1 else 0]
+            fit = sm.OLS(outcome, np.column_stack([predictor, design])).fit()
+            t.append(fit.tvalues[0])
+        maxima.append(np.abs(t).max())
+    return np.array(maxima)
+
+
+@pytest.mark.parametrize("case", ["map outcome", "map predictor", "both maps"])
+def test_permutation_null_equals_refitting_each_permutation(data, case):
+    covariates, x, x_map, y = data
+    covariates = covariates[["age", "site"]]
+    outcome, predictor = {"map outcome": (y, x), "map predictor": (y[:, 0], x_map), "both maps": (y, x_map)}[case]
+    as_term = {True: _maps, False: lambda values: values}
+    result = voxelwise_ols(as_term[outcome.ndim == 2](outcome), as_term[predictor.ndim == 2](predictor), covariates,
+                           ["site"], permutations=12, seed=5, permutation_batch=5)
+    orders = [permutation(5, k, N) for k in range(12)]
+    # the outcome side permutes residual rows by σ; the design side pairs design row σ(i) with residual i
+    permute = ((lambda r, order: r[order]) if case == "map predictor"
+               else (lambda r, order: r[np.argsort(order)]))
+    expected = _brute_force_max_t(outcome, predictor, covariates, orders, permute)
+    np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-8)
+    again = voxelwise_ols(as_term[outcome.ndim == 2](outcome), as_term[predictor.ndim == 2](predictor), covariates,
+                          ["site"], permutations=12, seed=5, permutation_batch=64)
+    np.testing.assert_array_equal(again.max_t_null.values, result.max_t_null.values)  # batching changes nothing
+
+
+def test_t_and_max_t_p_values_agree_with_nilearn_permuted_ols():
+    from nilearn.mass_univariate import permuted_ols
+
+    rng = np.random.default_rng(11)
+    n, v, permutations = 70, 400, 2000
+    covariates = pd.DataFrame({"age": rng.uniform(20, 80, n), "site": rng.choice(["A", "B", "C"], n)})
+    x = rng.normal(size=n)
+    y = rng.normal(size=(n, v))
+    y[:, :30] += np.linspace(0.1, 0.6, 30) * x[:, None]  # p_fwe from ~1 down to ~0
+    confounds = design_matrix(covariates, ["site"]).drop(columns="intercept").to_numpy()
+    reference = permuted_ols(x[:, None], y, confounds, model_intercept=True, n_perm=permutations,
+                             two_sided_test=True, random_state=0, output_type="dict", verbose=0)
+    result = voxelwise_ols(_maps(y), x, covariates, ["site"], permutations=permutations, seed=0)
+    np.testing.assert_allclose(result.t.values, reference["t"][0], rtol=1e-10)
+    nilearn_p = 10 ** -reference["logp_max_t"][0]
+    # two independent Monte-Carlo estimates of the same p: differences within ~4 binomial SDs
+    sd = np.sqrt(2 * nilearn_p * (1 - nilearn_p) / permutations) + 1 / permutations
+    assert np.all(np.abs(result.p_fwe.values - nilearn_p) <= 4 * sd)
+    assert (result.p_fwe.values < 0.05).sum() >= 5
+
+
+def test_fdr_and_bonferroni_match_hand_computed_values():
+    p = np.array([0.01, 0.04, 0.03, 0.005, np.nan, 0.5])
+    # BH: sorted 0.005, 0.01, 0.03, 0.04, 0.5 (m = 5) → p·m/rank, then running minimum from the top
+    expected_bh = np.array([0.025, 0.05, 0.05, 0.025, np.nan, 0.5])
+    np.testing.assert_allclose(adjust_p(p, "fdr_bh"), expected_bh, rtol=1e-12)
+    np.testing.assert_allclose(adjust_p(p, "bonferroni"), [0.05, 0.2, 0.15, 0.025, np.nan, 1.0], rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown correction 'holm-ish'"):
+        adjust_p(p, "holm-ish")
+
+
+def test_map_similarity_equals_numpy_per_subject():
+    rng = np.random.default_rng(2)
+    first = rng.normal(size=(6, 50))
+    second = 0.5 * first + rng.normal(size=(6, 50))
+    first[2, 7] = np.nan
+    mask = rng.random(50) > 0.3
+    result = map_similarity(_maps(first), _maps(second), mask)
+    for subject in range(6):
+        keep = mask & ~np.isnan(first[subject])
+        a, b = first[subject, keep], second[subject, keep]
+        assert result.pearson_r[subject] == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-10)
+        assert result.cosine[subject] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-10)
+        assert result.voxels[subject] == keep.sum()
