@@ -25,6 +25,8 @@ import xarray as xr
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from engine.store import cohort_grid
+
 #: Multiple-comparison corrections of voxel-wise p-values (``fwe`` is permutation max-T).
 CORRECTIONS = ("bonferroni", "fdr_bh", "fwe")
 
@@ -164,10 +166,11 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
         result["p_fwe"] = ("voxel", np.where(np.isnan(t), np.nan, (1 + permutations - exceed) / (1 + permutations)))
         result["max_t_null"] = ("permutation", null)
         result.attrs.update(permutations=int(permutations), seed=int(seed))
-    if "grid" in reference.attrs:  # every map turns back into a NIfTI image (engine.store.to_volume)
+    if {"grid", "grid_shape"} & set(reference.attrs):  # every map turns back into a NIfTI image (store.to_volume)
+        grid = cohort_grid(reference).to_attrs()
         for name in result.data_vars:
             if result[name].dims == ("voxel",):
-                result[name].attrs["grid"] = reference.attrs["grid"]
+                result[name].attrs["grid"] = grid
     return result
 
 
@@ -283,9 +286,11 @@ def _map_map_batches(model: _Model, basis, batches, seed):
 
 def _batch_map_map(residual_x, residual_y, sxx, syy, basis, orders, df):
     maxima = np.empty(len(orders))
-    scale = 1 / np.sqrt(sxx[0])
+    with np.errstate(divide="ignore"):
+        scale = 1 / np.sqrt(sxx[0])  # a voxel whose predictor is constant has no t
     for row, order in enumerate(orders):  # Σ_i r_x[σ(i)] r_y[i] pairs each subject's maps anew
-        a = (residual_x[order] * residual_y).sum(axis=0) * scale
+        with np.errstate(invalid="ignore"):
+            a = (residual_x[order] * residual_y).sum(axis=0) * scale
         c2 = ((basis[order].T @ residual_y) ** 2).sum(axis=0)
         maxima[row] = _max_abs_t(a[None], c2[None], syy[0], df)[0]
     return maxima[:, None]
@@ -328,3 +333,62 @@ def map_similarity(first: xr.DataArray, second: xr.DataArray, mask: np.ndarray |
         cosine = sab / np.sqrt(saa * sbb)
     return pd.DataFrame({"participant_id": first["subject"].values, "pearson_r": pearson, "cosine": cosine,
                          "voxels": count})
+
+
+def region_models(table: pd.DataFrame, formula: str, robust: bool = False, groups: str | None = None,
+                  region: str = "region") -> pd.DataFrame:
+    """Per region: a statsmodels formula fit on that region's rows, FDR across regions per term.
+
+    ``table`` is long: one row per participant and region, with the region-level columns and the
+    per-subject covariates the formula names. OLS by default, HC3 standard errors with
+    ``robust``, or a linear mixed model with a random intercept per ``groups`` (e.g. site).
+    Rows with a missing value are dropped per region and ``n`` reports the rows used; regions
+    that cannot be fitted are listed in ``attrs["skipped"]`` with the reason. Returns a tidy
+    table: region, term, estimate, se, statistic (t, or z for mixed models), p, p_fdr, n, converged.
+    """
+    import re
+    import warnings
+
+    import statsmodels.formula.api as smf
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning
+
+    if region not in table.columns:
+        raise ValueError(f"region_models: the table has no {region!r} column (columns {list(table.columns)})")
+    if groups is not None and groups not in table.columns:
+        raise ValueError(f"region_models: grouping column {groups!r} is not in the table")
+    used = [column for column in table.columns if re.search(rf"\b{re.escape(str(column))}\b", formula)]
+    rows, skipped = [], {}
+    for name, data in table.groupby(region, sort=False, observed=True):
+        if data[used].dropna().empty:
+            skipped[name] = "no complete rows (e.g. a region outside the cohort mask)"
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            try:
+                if groups is None:
+                    fit = smf.ols(formula, data).fit(cov_type="HC3" if robust else "nonrobust")
+                    parameters = fit.params.index
+                else:
+                    fit = smf.mixedlm(formula, data.dropna(subset=[groups]), groups=groups,
+                                      missing="drop").fit(reml=True)
+                    parameters = fit.fe_params.index
+            except (ValueError, np.linalg.LinAlgError) as error:  # e.g. a region without complete rows
+                skipped[name] = f"{type(error).__name__}: {error}"
+                continue
+            if fit.df_resid <= 0:
+                skipped[name] = f"{int(fit.nobs)} complete row(s) for {len(parameters)} parameters"
+                continue
+        converged = not any(issubclass(warning.category, ConvergenceWarning) for warning in caught)
+        for term in parameters:
+            if term == "Intercept":
+                continue
+            rows.append({"region": name, "term": term, "estimate": fit.params[term], "se": fit.bse[term],
+                         "statistic": fit.tvalues[term], "p": fit.pvalues[term], "n": int(fit.nobs),
+                         "converged": converged})
+    if not rows:
+        raise ValueError(f"region_models: no region had rows to fit {formula!r} ({next(iter(skipped.values()), '')})")
+    result = pd.DataFrame(rows)
+    result["p_fdr"] = result.groupby("term")["p"].transform(lambda p: adjust_p(p.to_numpy(), "fdr_bh"))
+    result = result[["region", "term", "estimate", "se", "statistic", "p", "p_fdr", "n", "converged"]]
+    result.attrs["skipped"] = skipped
+    return result

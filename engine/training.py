@@ -31,6 +31,7 @@ from engine.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 
 SPLITS = ("train", "validation", "test")
+ENSEMBLE_MEMBER = -1  # the member number of the ensemble mean in prediction tables
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
     tables = [pd.read_parquet(out_dir / f"member_{member}.predictions.parquet") for member in range(members)]
     value_columns = ["predicted"] if config.task == "regression" else [f"p_{name}" for name in classes]
     ensemble = tables[0][["participant_id", "split"]].copy()
-    ensemble["member"] = -1
+    ensemble["member"] = ENSEMBLE_MEMBER
     for column in value_columns:
         ensemble[column] = np.mean([table[column].to_numpy() for table in tables], axis=0)
     predictions = pd.concat([*tables, ensemble], ignore_index=True)
@@ -457,11 +458,12 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
             else:
                 labels = subset["observed"].map({name: index for index, name in enumerate(classes)})
                 metrics = classification_metrics(labels, subset[value_columns])
-            rows.append({"member": "ensemble" if member == -1 else str(member), "split": split_name, **metrics})
+            rows.append({"member": "ensemble" if member == ENSEMBLE_MEMBER else str(member), "split": split_name,
+                         **metrics})
     metrics = pd.DataFrame(rows)
     if config.task == "regression":
-        train = predictions[(predictions.member == -1) & (predictions.split == "train")]
-        test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+        train = predictions[(predictions.member == ENSEMBLE_MEMBER) & (predictions.split == "train")]
+        test = predictions[(predictions.member == ENSEMBLE_MEMBER) & (predictions.split == "test")]
         baseline = regression_metrics(test["observed"], np.full(len(test), train["observed"].mean()))
         metrics = pd.concat([metrics, pd.DataFrame([{"member": "predict_train_mean", "split": "test", **baseline}])],
                             ignore_index=True)

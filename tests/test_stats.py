@@ -6,7 +6,9 @@ import pytest
 import statsmodels.api as sm
 import xarray as xr
 
-from engine.stats import adjust_p, design_matrix, map_similarity, permutation, voxelwise_ols
+from statsmodels.stats.multitest import multipletests
+
+from engine.stats import adjust_p, design_matrix, map_similarity, permutation, region_models, voxelwise_ols
 
 N, V = 60, 25
 
@@ -165,3 +167,50 @@ def test_map_similarity_equals_numpy_per_subject():
         assert result.pearson_r[subject] == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-10)
         assert result.cosine[subject] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-10)
         assert result.voxels[subject] == keep.sum()
+
+
+@pytest.fixture
+def region_table():
+    rng = np.random.default_rng(4)
+    n, regions = 90, ["hippocampus", "thalamus", "precuneus", "cuneus"]
+    people = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(n)], "age": rng.uniform(20, 80, n),
+                           "site": rng.choice(["A", "B", "C"], n)})
+    site_offset = people["site"].map({"A": 0.0, "B": 0.8, "C": -0.5}).to_numpy()
+    rows = []
+    for name in regions:
+        volume = rng.normal(3000, 300, n)
+        slope = 0.004 if name == "hippocampus" else 0.0
+        density = slope * volume + 0.01 * people["age"] + site_offset + rng.normal(0, 1 + 0.01 * people["age"], n)
+        rows.append(people.assign(region=name, volume=volume, density=density))
+    table = pd.concat(rows, ignore_index=True)
+    table.loc[5, "volume"] = np.nan
+    return table
+
+
+def test_region_models_equal_statsmodels_per_region_with_fdr(region_table):
+    import statsmodels.formula.api as smf
+
+    result = region_models(region_table, "density ~ volume + age + C(site)", robust=True)
+    row = result.set_index(["region", "term"]).loc[("hippocampus", "volume")]
+    fit = smf.ols("density ~ volume + age + C(site)", region_table[region_table.region == "hippocampus"]).fit(
+        cov_type="HC3")
+    assert row.estimate == pytest.approx(fit.params["volume"], rel=1e-10)
+    assert row.se == pytest.approx(fit.bse["volume"], rel=1e-10)
+    assert row.n == fit.nobs == 89  # the missing volume dropped
+    volume = result[result.term == "volume"]
+    np.testing.assert_allclose(volume.p_fdr, multipletests(volume.p, method="fdr_bh")[1], rtol=1e-12)
+    assert volume.set_index("region").p_fdr.idxmin() == "hippocampus" and row.p_fdr < 0.05
+    assert set(result.term) == {"volume", "age", "C(site)[T.B]", "C(site)[T.C]"}
+
+
+def test_region_mixed_models_with_a_site_intercept_equal_statsmodels(region_table):
+    import statsmodels.formula.api as smf
+
+    result = region_models(region_table, "density ~ volume + age", groups="site")
+    data = region_table[region_table.region == "thalamus"]
+    fit = smf.mixedlm("density ~ volume + age", data, groups=data["site"]).fit(reml=True)
+    row = result.set_index(["region", "term"]).loc[("thalamus", "age")]
+    assert row.estimate == pytest.approx(fit.params["age"], rel=1e-8)
+    assert row.statistic == pytest.approx(fit.tvalues["age"], rel=1e-8)
+    with pytest.raises(ValueError, match="grouping column 'scanner'"):
+        region_models(region_table, "density ~ volume", groups="scanner")

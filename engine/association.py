@@ -1,0 +1,233 @@
+"""Relevance–feature associations over a workspace: terms by name, voxel-wise and ROI-wise analyses.
+
+A term names what enters a model:
+
+- ``relevance.<method>``: the ensemble-mean relevance map of an attribution method (a map);
+- ``images.<modality>``: a modality of the images store, e.g. ``images.GM`` (a map);
+- ``predictions.<column>``: the ensemble's value per subject, e.g. ``predictions.brain_age_gap_corrected``;
+- ``features.<table>.<column>``: a feature table's column, per subject (``lesion_load.lesion_volume_mm3``)
+  or per subject and region when the table has a ``region`` column (``regional_gm_volume.volume_mm3``);
+- anything else: a participant column (``age``, ``sex``, ``site``, ...).
+
+Voxel-wise analyses run :func:`engine.stats.voxelwise_ols` on the maps; ROI-wise ones reduce map
+terms to one value per atlas region (:func:`engine.atlas.region_reduce`) and fit
+:func:`engine.stats.region_models` per region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import ndimage
+
+from engine.atlas import Atlas, region_reduce
+from engine.stats import adjust_p, region_models, voxelwise_ols
+from engine.store import cohort_grid
+
+MAP_SOURCES = ("relevance", "images")
+
+
+class AnalysisError(ValueError):
+    """An association analysis of the catalog cannot run: the message names it and what is wrong."""
+
+
+@dataclass
+class Sources:
+    """What terms resolve against: the images store, relevance store, participants and tables."""
+
+    images: xr.Dataset
+    participants: pd.DataFrame  # index participant_id
+    relevance: xr.Dataset | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # feature tables by name
+    predictions: pd.DataFrame | None = None  # ensemble rows, participant_id + columns
+
+    def is_map(self, term: str) -> bool:
+        return term.split(".", 1)[0] in MAP_SOURCES
+
+    def map(self, term: str, subjects: list[str] | None = None) -> xr.DataArray:
+        """A (``subject`` × ``voxel``) map term, restricted to ``subjects`` in that order."""
+        source, _, name = term.partition(".")
+        if source == "relevance":
+            if self.relevance is None:
+                raise ValueError(f"{term}: the workspace has no relevance maps (run the explain stage)")
+            methods = list(self.relevance["method"].values)
+            if name not in methods:
+                raise ValueError(f"{term}: no relevance maps of method {name!r} (explained: {methods})")
+            values = self.relevance["relevance_mean"].sel({"method": name})
+        elif source == "images":
+            if name not in self.images.data_vars:
+                raise ValueError(f"{term}: no modality {name!r} in the images store ({list(self.images.data_vars)})")
+            values = self.images[name]
+        else:
+            raise ValueError(f"{term}: not a map; maps are relevance.<method> or images.<modality>")
+        values = values.drop_vars([c for c in values.coords if c not in ("subject", "voxel", "i", "j", "k")])
+        if subjects is not None:
+            values = values.sel(subject=subjects)
+        return values.rename(term)
+
+    def subjects_of(self, term: str) -> list[str]:
+        return [str(subject) for subject in self.map(term)["subject"].values]
+
+    def subject_values(self, term: str, subjects: list[str]) -> pd.Series:
+        """One value per subject (NaN where missing) for a participant, prediction or feature column."""
+        source, _, rest = term.partition(".")
+        if source == "predictions":
+            if self.predictions is None:
+                raise ValueError(f"{term}: the workspace has no predictions (run the train stage)")
+            table, column = self.predictions.set_index("participant_id"), rest
+        elif source == "features":
+            name, _, column = rest.partition(".")
+            table = self._table(term, name)
+            if "region" in table.columns:
+                raise ValueError(f"{term}: table {name!r} has one value per region: use it in an roi analysis")
+            table = table.set_index("participant_id")
+        else:
+            table, column = self.participants, term
+        if column not in table.columns:
+            raise ValueError(f"{term}: no column {column!r} (columns: {sorted(map(str, table.columns))})")
+        return table[column].reindex(subjects).rename(term)
+
+    def region_values(self, term: str, subjects: list[str], atlas: Atlas, statistic: str) -> pd.DataFrame:
+        """(participant_id, region, value) of a region-level term: a map reduced per atlas region, or a
+        feature table with a ``region`` column."""
+        if self.is_map(term):
+            regions = region_reduce(self.map(term, subjects), atlas)[statistic].compute()
+            table = regions.to_dataframe(name=term).reset_index()
+            return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term]]
+        source, _, rest = term.partition(".")
+        name, _, column = rest.partition(".")
+        if source != "features":
+            raise ValueError(f"{term}: not a region-level term (a map, or features.<table>.<column> with regions)")
+        table = self._table(term, name)
+        if "region" not in table.columns or column not in table.columns:
+            raise ValueError(f"{term}: table {name!r} needs 'region' and {column!r} columns "
+                             f"(columns: {list(table.columns)})")
+        table = table[table["participant_id"].isin(subjects)]
+        return table[["participant_id", "region", column]].rename(columns={column: term})
+
+    def _table(self, term: str, name: str) -> pd.DataFrame:
+        if name not in self.tables:
+            raise ValueError(f"{term}: no feature table {name!r} (tables: {sorted(self.tables)})")
+        return self.tables[name]
+
+
+def analysis_subjects(sources: Sources, terms: list[str]) -> list[str]:
+    """Subjects of the analysis: those of its first map term (relevance maps exist for some only)."""
+    maps = [term for term in terms if sources.is_map(term)]
+    if not maps:
+        return [str(subject) for subject in sources.images["subject"].values]
+    relevance = [term for term in maps if term.startswith("relevance.")]
+    return sources.subjects_of((relevance or maps)[0])
+
+
+def covariate_frame(sources: Sources, covariates: list[str], subjects: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Per-subject covariates and which of them are categorical (non-numeric columns)."""
+    frame = pd.DataFrame({term: sources.subject_values(term, subjects).to_numpy() for term in covariates})
+    categorical = [term for term in covariates if not pd.api.types.is_numeric_dtype(frame[term])]
+    return frame, categorical
+
+
+def voxel_analysis(sources: Sources, outcome: str, predictor: str, covariates: list[str],
+                   corrections: list[str], permutations: int = 0, seed: int = 0) -> xr.Dataset:
+    """One voxel-wise model with the requested corrections (``p_bonferroni``, ``p_fdr``, ``p_fwe``)."""
+    if not (sources.is_map(outcome) or sources.is_map(predictor)):
+        raise ValueError(f"a voxel analysis needs a map as outcome or predictor, got {outcome!r} and {predictor!r}")
+    subjects = analysis_subjects(sources, [outcome, predictor])
+    terms = [sources.map(term, subjects) if sources.is_map(term) else sources.subject_values(term, subjects)
+             for term in (outcome, predictor)]
+    frame, categorical = covariate_frame(sources, covariates, subjects)
+    result = voxelwise_ols(*terms, frame, categorical, permutations=permutations if "fwe" in corrections else 0,
+                           seed=seed)
+    if "bonferroni" in corrections:
+        result["p_bonferroni"] = adjust_p(result["p"], "bonferroni")
+    if "fdr_bh" in corrections:
+        result["p_fdr"] = adjust_p(result["p"], "fdr_bh")
+    return result
+
+
+def corrected_p(result: xr.Dataset, correction: str) -> xr.DataArray:
+    """The p-values of ``result`` under one correction name."""
+    return result[{"bonferroni": "p_bonferroni", "fdr_bh": "p_fdr", "fwe": "p_fwe", "none": "p"}[correction]]
+
+
+def cluster_table(statistic: xr.DataArray, significant: np.ndarray, atlas: Atlas | None = None,
+                  regions_listed: int = 5) -> pd.DataFrame:
+    """Connected clusters (26-neighbourhood) of significant voxels, positive and negative apart.
+
+    Per cluster: voxels, volume in mm³, the peak statistic and its world coordinates (mm), the
+    atlas region at the peak and the regions the cluster covers (most voxels first).
+    """
+    grid = cohort_grid(statistic)
+    i, j, k = (statistic[axis].values for axis in "ijk")
+    values = np.asarray(statistic.values, np.float64)
+    volume = np.zeros(grid.shape)
+    volume[i, j, k] = np.where(significant, values, 0)
+    labels_volume = np.zeros(grid.shape, np.int64)
+    if atlas is not None:
+        labels_volume[i, j, k] = atlas.voxel_labels
+    names = {} if atlas is None else dict(zip(atlas.regions.index, atlas.regions["name"], strict=True))
+    rows = []
+    for sign in (1, -1):
+        components, count = ndimage.label(sign * volume > 0, structure=np.ones((3, 3, 3)))
+        for index in range(1, count + 1):
+            inside = components == index
+            peak = np.unravel_index(np.argmax(np.where(inside, np.abs(volume), -np.inf)), grid.shape)
+            x, y, z = (grid.affine @ np.array([*peak, 1.0]))[:3]
+            covered = pd.Series(labels_volume[inside]).map(names).dropna().value_counts()
+            rows.append({"sign": "positive" if sign > 0 else "negative", "voxels": int(inside.sum()),
+                         "volume_mm3": float(inside.sum() * grid.voxel_volume), "peak_t": float(volume[peak]),
+                         "peak_x": float(x), "peak_y": float(y), "peak_z": float(z),
+                         "peak_region": names.get(int(labels_volume[peak]), ""),
+                         "regions": "; ".join(f"{name} ({n})" for name, n in covered.head(regions_listed).items())})
+    table = pd.DataFrame(rows, columns=["sign", "voxels", "volume_mm3", "peak_t", "peak_x", "peak_y", "peak_z",
+                                        "peak_region", "regions"])
+    table = table.sort_values("voxels", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "cluster", np.arange(1, len(table) + 1))
+    return table
+
+
+def roi_analysis(sources: Sources, outcome: str, predictor: str, covariates: list[str], atlas: Atlas,
+                 statistic: str = "mean", robust: bool = False, groups: str | None = None) -> pd.DataFrame:
+    """Per atlas region: outcome ~ predictor + covariates (statsmodels), FDR across regions."""
+    subjects = analysis_subjects(sources, [outcome, predictor])
+    names = {term: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
+    per_region = [sources.region_values(term, subjects, atlas, statistic) for term in (outcome, predictor)
+                  if sources.is_map(term) or _has_regions(sources, term)]
+    if not per_region:
+        raise ValueError(f"an roi analysis needs a region-level outcome or predictor, got {outcome!r}, {predictor!r}")
+    table = per_region[0]
+    for other in per_region[1:]:
+        table = table.merge(other, on=["participant_id", "region"], how="inner")
+    if table.empty:
+        raise ValueError(f"{outcome} and {predictor} share no (participant, region) rows: do they use the same atlas?")
+    subject_terms = [term for term in (outcome, predictor, *covariates) if term not in table.columns]
+    for term in subject_terms:
+        values = sources.subject_values(term, subjects)
+        table[term] = table["participant_id"].map(values)
+    table = table.rename(columns=names)
+    formula_terms = [names[predictor]] + [f"C({names[term]})" if not pd.api.types.is_numeric_dtype(table[names[term]])
+                                          else names[term] for term in covariates]
+    if groups is not None:
+        table[names.setdefault(groups, "group")] = table["participant_id"].map(sources.subject_values(groups, subjects))
+    result = region_models(table, f"{names[outcome]} ~ " + " + ".join(formula_terms), robust=robust,
+                           groups=names.get(groups) if groups else None)
+    readable = {value: key for key, value in names.items()}
+    result["term"] = result["term"].replace(
+        {term: _readable_term(term, readable) for term in result["term"].unique()})
+    return result
+
+
+def _has_regions(sources: Sources, term: str) -> bool:
+    source, _, rest = term.partition(".")
+    return source == "features" and "region" in sources.tables.get(rest.partition(".")[0], pd.DataFrame()).columns
+
+
+def _readable_term(term: str, readable: dict[str, str]) -> str:
+    """``C(term3)[T.site-B]`` → ``site[T.site-B]``; ``term1`` → its catalog name."""
+    if term.startswith("C(") and ")" in term:
+        inner, level = term[2:].split(")", 1)
+        return readable.get(inner, inner) + level
+    return readable.get(term, term)
