@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy import stats
+from scipy import special
 from statsmodels.stats.multitest import multipletests
 
 from engine.store import cohort_grid
@@ -58,6 +58,10 @@ def _as_matrix(term: xr.DataArray | np.ndarray | pd.Series, n: int, name: str):
     if values.shape != (n,):
         raise ValueError(f"{name} must have one value per subject ({n}), got shape {values.shape}")
     return values, False
+
+
+#: Residual sum of squares at or below this share of the raw sum of squares counts as none.
+DEGENERATE = 1e-10
 
 
 @dataclass
@@ -105,32 +109,43 @@ def _fit(outcome, predictor, covariates, categorical) -> tuple[_Model, xr.DataAr
 
     keep = covariates.notna().all(axis=1).to_numpy().copy()
     for values, is_map in ((y, y_map), (x, x_map)):
-        keep &= ~np.isnan(values) if not is_map else ~_missing_rows(values)
+        if not is_map:
+            keep &= ~np.isnan(values)
     design_frame = design_matrix(covariates[keep], categorical)
+    if not keep.all():
+        y, x = (values[np.flatnonzero(keep)] for values in (y, x))
+    # one pass over the subject blocks: every cross-product the FWL solution needs
+    sums = _cross_products(y, x, design_frame.to_numpy())
+    n_voxels = reference.sizes["voxel"]
+    if np.isnan(sums).any():  # some maps are missing (NaN): drop those subjects and pass again
+        complete = np.flatnonzero(_missing_voxels(y, x) == 0)
+        y, x, design_frame = y[complete], x[complete], design_frame.iloc[complete]
+        sums = _cross_products(y, x, design_frame.to_numpy())
     design = design_frame.to_numpy()
     n, p = design.shape[0], design.shape[1] + 1
     if n <= p:
         raise ValueError(f"{n} subjects with complete data for {p} parameters: the model needs more subjects")
     if np.linalg.matrix_rank(design) < design.shape[1]:
         raise ValueError(f"the covariate design is rank-deficient (columns {list(design_frame.columns)})")
-    rows = np.flatnonzero(keep)
-    y, x = (values[rows] for values in (y, x))
     gram_inverse = np.linalg.inv(design.T @ design)
-
-    # one pass over the subject blocks: every cross-product the FWL solution needs
-    n_voxels = reference.sizes["voxel"]
-    x2, y2 = (values if values.ndim == 2 else values[:, None] for values in (x, y))
-    sums = da.compute(design.T @ x2, design.T @ y2, (x2 * y2).sum(axis=0), (x2 * x2).sum(axis=0),
-                      (y2 * y2).sum(axis=0))
-    cx, cy = (np.asarray(value, np.float64) for value in sums[:2])
-    xy, xx, yy = (np.broadcast_to(np.asarray(value, np.float64), (n_voxels,)) for value in sums[2:])
+    q = design.shape[1]
+    if y_map and x_map:
+        cy, cx, xy, xx, yy = sums[:q], sums[q:2 * q], sums[2 * q], sums[2 * q + 1], sums[2 * q + 2]
+    elif y_map:
+        cy, xy, yy = sums[:q], sums[q], sums[q + 1]
+        cx, xx = (design.T @ x)[:, None], np.full(n_voxels, x @ x)
+    else:
+        cx, xy, xx = sums[:q], sums[q], sums[q + 1]
+        cy, yy = (design.T @ y)[:, None], np.full(n_voxels, y @ y)
 
     def residual(cross, c_first, c_second):  # Σ r_a r_b = Σ ab − (Cᵀa)ᵀ (CᵀC)⁻¹ (Cᵀb)
-        return cross - np.einsum("pv,pq,qv->v", c_first, gram_inverse, c_second)
+        return cross - (c_first * (gram_inverse @ c_second)).sum(axis=0)
 
-    sxy = residual(xy, *np.broadcast_arrays(cx, cy))
-    sxx = residual(xx, cx, cx) if x_map else np.broadcast_to(residual(xx, cx, cx), (n_voxels,))
-    syy = residual(yy, cy, cy) if y_map else np.broadcast_to(residual(yy, cy, cy), (n_voxels,))
+    sxy, sxx, syy = residual(xy, cx, cy), residual(xx, cx, cx), residual(yy, cy, cy)
+    # a term the covariates explain fully (a voxel constant across subjects) has no t: what its
+    # residual sums hold is rounding error
+    sxx, syy = (np.where(sums_of_squares > DEGENERATE * total, sums_of_squares, np.nan)
+                for sums_of_squares, total in ((sxx, xx), (syy, yy)))
     return _Model(y, x, design, gram_inverse, cx, cy, sxy, sxx, syy), reference
 
 
@@ -157,7 +172,7 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
         partial_r = model.sxy / np.sqrt(model.sxx * model.syy)
     voxel_coords = {name: coord for name, coord in reference.coords.items() if coord.dims == ("voxel",)}
     result = xr.Dataset({"beta": ("voxel", beta), "se": ("voxel", se), "t": ("voxel", t),
-                         "p": ("voxel", 2 * stats.t.sf(np.abs(t), df)), "partial_r": ("voxel", partial_r)},
+                         "p": ("voxel", 2 * special.stdtr(df, -np.abs(t))), "partial_r": ("voxel", partial_r)},
                         coords=voxel_coords)
     result.attrs.update(n=int(model.n), df=int(df))
     if permutations:
@@ -174,15 +189,109 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     return result
 
 
-def _missing_rows(values) -> np.ndarray:
-    """Subjects whose map row has any NaN (a missing map), computed in one pass."""
-    missing = da.isnan(values).any(axis=1) if isinstance(values, da.Array) else np.isnan(values).any(axis=1)
-    return np.asarray(missing.compute() if isinstance(missing, da.Array) else missing)
+def _cross_products(y, x, design: np.ndarray) -> np.ndarray:
+    """Sums over subjects of the products the model needs (see :func:`_block_cross_products`), from
+    one pass over the maps' subject blocks; NaN where a map is missing."""
+    maps = [values for values in (y, x) if values.ndim == 2]
+    reference = maps[0] if isinstance(maps[0], da.Array) else da.from_array(maps[0], chunks=(-1, -1))
+    subjects = reference.chunks[0]
+
+    def aligned(values):
+        if values.ndim == 1:
+            return da.from_array(values, chunks=(subjects,)), "s"
+        return (values.rechunk({0: subjects}) if isinstance(values, da.Array)
+                else da.from_array(values, chunks=(subjects, reference.chunks[1]))), "sv"
+
+    (y_blocks, y_index), (x_blocks, x_index) = aligned(y), aligned(x)
+    q = design.shape[1]
+    rows = 2 * q + 3 if len(maps) == 2 else q + 2
+    parts = da.blockwise(_block_cross_products, "skv", y_blocks, y_index, x_blocks, x_index,
+                         da.from_array(design, chunks=(subjects, -1)), "sq", new_axes={"k": rows},
+                         adjust_chunks={"s": 1}, dtype=np.float64, concatenate=True)
+    return parts.sum(axis=0).compute()
+
+
+def _block_cross_products(y, x, design):
+    """One subject block's sums in float64, as rows of a (1, k, voxel) array:
+
+    both maps: Cᵀy, Cᵀx, Σxy, Σx², Σy²; one map m and a vector v: [C v]ᵀm, Σm².
+    """
+    if y.ndim == 2 and x.ndim == 2:
+        y, x = y.astype(np.float64), x.astype(np.float64)
+        rows = [design.T @ y, design.T @ x, np.einsum("sv,sv->v", x, y)[None],
+                np.einsum("sv,sv->v", x, x)[None], np.einsum("sv,sv->v", y, y)[None]]
+    else:
+        values, vector = (y, x) if y.ndim == 2 else (x, y)
+        values = values.astype(np.float64)
+        rows = [np.column_stack([design, vector]).T @ values, np.einsum("sv,sv->v", values, values)[None]]
+    return np.concatenate(rows)[None]
+
+
+def _missing_voxels(y, x) -> np.ndarray:
+    """Per subject, the number of NaN voxels in its maps (a second pass, only when some are missing)."""
+    counts = [da.isnan(values).sum(axis=1) if isinstance(values, da.Array) else np.isnan(values).sum(axis=1)
+              for values in (y, x) if values.ndim == 2]
+    return np.asarray(sum(dask.compute(*counts)))
 
 
 def permutation(seed: int, index: int, n: int) -> np.ndarray:
     """Permutation number ``index`` of ``n`` subjects under ``seed`` (independent of batching)."""
     return np.random.default_rng([seed, index]).permutation(n)
+
+
+#: Bytes of float64 residual maps per task: every subject of a block of voxels.
+PERMUTATION_BLOCK_BYTES = 2**26
+
+
+def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> np.ndarray:
+    """Largest |t| over voxels for each of ``permutations`` Freedman–Lane permutations.
+
+    The outcome's covariate residuals are permuted (Y* = Ŷ_C + P·R_Y). For a unit-norm residual
+    predictor u and an orthonormal covariate basis Q, the permuted t is
+    ``a·√(df / (‖R_Y‖² − ‖c‖² − a²))`` with ``a = uᵀP·R_Y`` and ``c = QᵀP·R_Y``; ``batch``
+    permutations are one matrix product of permuted design rows with the residual maps, in
+    float32 as FSL randomise computes (the observed statistics stay float64). Each Dask task
+    holds every subject of one block of voxels and runs a share of the permutations, so the
+    maps are read once; the maxima are combined over blocks.
+    """
+    maps = [values for values in (model.y, model.x) if values.ndim == 2]
+    n, n_voxels = model.n, maps[0].shape[1]
+    columns = max(1, min(n_voxels, PERMUTATION_BLOCK_BYTES // (8 * n)))
+    y_map, x_map = model.y.ndim == 2, model.x.ndim == 2
+    residuals = {name: _as_dask_array(model.residual(values, cross)).rechunk((-1, columns))
+                 for name, values, cross, is_map in (("y", model.y, model.cy, y_map), ("x", model.x, model.cx, x_map))
+                 if is_map}
+    blocks = residuals["y" if y_map else "x"].chunks[1]
+    # enough tasks for the workers even when the voxels fit in one block: split the permutations too
+    groups = max(1, min(-(-permutations // batch), -(-8 // len(blocks))))
+    edges = np.linspace(0, permutations, groups + 1).astype(int)
+    # an orthonormal basis of the covariates without the intercept's column: residuals sum to zero,
+    # so the permuted residuals have no intercept component to remove
+    basis = np.linalg.qr(model.design)[0][:, 1:]
+    common = {"basis": basis, "seed": seed, "batch": batch, "df": model.df}
+    if y_map and not x_map:
+        r_x = model.residual(model.x, model.cx)
+        kernel, arguments = _design_side_maxima, [residuals["y"], "nv", _vector(model.syy, blocks), "v"]
+        common["unit"] = r_x / np.sqrt(r_x @ r_x)
+    elif x_map and not y_map:
+        kernel, arguments = _outcome_side_maxima, [residuals["x"], "nv", _vector(model.sxx, blocks), "v"]
+        common.update(residual_y=model.residual(model.y, model.cy), syy=float(model.syy[0]))
+    else:
+        kernel = _map_map_maxima
+        arguments = [residuals["x"], "nv", residuals["y"], "nv", _vector(model.sxx, blocks), "v",
+                     _vector(model.syy, blocks), "v"]
+    tasks = [da.blockwise(kernel, "pv", *arguments, new_axes={"p": int(stop - start)}, adjust_chunks={"v": 1},
+                          dtype=np.float64, concatenate=True, start=int(start), stop=int(stop), **common)
+             for start, stop in zip(edges[:-1], edges[1:], strict=True) if stop > start]
+    return np.concatenate([maxima.max(axis=1) for maxima in dask.compute(*tasks)])
+
+
+def _vector(values: np.ndarray, blocks) -> da.Array:
+    return da.from_array(np.ascontiguousarray(values, np.float64), chunks=(blocks,))
+
+
+def _as_dask_array(values) -> da.Array:
+    return values if isinstance(values, da.Array) else da.from_array(values, chunks=(-1, -1))
 
 
 def _max_abs_t(a, c2, syy, df):
@@ -192,108 +301,62 @@ def _max_abs_t(a, c2, syy, df):
     return np.nanmax(np.abs(t), axis=1, initial=0.0)
 
 
-def _as_dask(values, like) -> da.Array:
-    return da.from_array(values, chunks=(like.chunks[0], -1))
+def _batches(seed, start, stop, batch, n):
+    for first in range(start, stop, batch):
+        yield [permutation(seed, index, n) for index in range(first, min(first + batch, stop))]
 
 
-def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> np.ndarray:
-    """Largest |t| over voxels for each of ``permutations`` Freedman–Lane permutations.
-
-    The outcome's covariate residuals are permuted (Y* = Ŷ_C + P·R_Y); for a unit-norm
-    residual predictor u and an orthonormal covariate basis Q, the permuted t is
-    ``a·√(df / (‖R_Y‖² − ‖c‖² − a²))`` with ``a = uᵀP·R_Y`` and ``c = QᵀP·R_Y``. A batch of
-    permutations is one product of permuted design rows with the residual maps, summed over
-    subject blocks; batches are Dask tasks spread over the workers.
-    """
-    y_map, x_map = (isinstance(values, da.Array) or values.ndim == 2 for values in (model.y, model.x))
-    basis = np.linalg.qr(model.design)[0]
-    df, n = model.df, model.n
-    batches = [range(start, min(start + batch, permutations)) for start in range(0, permutations, batch)]
-    if y_map and not x_map:
-        residual_maps = _persist_small(_as_dask_array(model.residual(model.y, model.cy)), _LARGE_BLOCKS)
-        r_x = model.residual(model.x, model.cx)
-        unit = r_x / np.sqrt(r_x @ r_x)
-        syy = da.from_array(model.syy, chunks=(residual_maps.chunks[1],))
-        width = basis.shape[1] + 1
-        results = []
-        for indices in batches:
-            rows = [np.column_stack([unit[order], basis[order]]) for order in _orders(seed, indices, n)]
-            products = _as_dask(np.concatenate(rows, axis=1), residual_maps).T @ residual_maps
-            results.append(da.map_blocks(_batch_design_side, products, syy[None, :], width=width, df=df,
-                                         chunks=((len(indices),), (1,) * products.numblocks[1]), dtype=float))
-    elif x_map and not y_map:
-        residual_maps = _persist_small(_as_dask_array(model.residual(model.x, model.cx)), _LARGE_BLOCKS)
-        r_y = model.residual(model.y, model.cy)
-        scale = da.from_array(1 / np.sqrt(model.sxx), chunks=(residual_maps.chunks[1],))
-        results = []
-        for indices in batches:
-            permuted = np.column_stack([r_y[order] for order in _orders(seed, indices, n)])
-            c2 = ((basis.T @ permuted) ** 2).sum(axis=0)[:, None]
-            products = _as_dask(permuted, residual_maps).T @ residual_maps
-            results.append(da.map_blocks(_batch_outcome_side, products, scale[None, :], c2=c2, syy=model.syy[0],
-                                         df=df, chunks=((len(indices),), (1,) * products.numblocks[1]), dtype=float))
-    else:
-        results = _map_map_batches(model, basis, batches, seed)
-    return np.concatenate([values.max(axis=1) for values in dask.compute(*results)])
+#: Voxels per matrix product inside a task: the products of a batch stay in the CPU cache.
+PRODUCT_VOXELS = 8192
 
 
-def _orders(seed, indices, n):
-    return [permutation(seed, index, n) for index in indices]
+def _design_side_maxima(residual_y, syy, unit, basis, seed, batch, df, start, stop):
+    """Map outcome, vector predictor: permuted rows [u, Q] against the residual maps, batch by batch."""
+    maxima = []
+    width = basis.shape[1] + 1
+    residual_y, syy = residual_y.astype(np.float32), syy.astype(np.float32)
+    for orders in _batches(seed, start, stop, batch, len(unit)):
+        design = np.concatenate([np.column_stack([unit[order], basis[order]]) for order in orders], axis=1).T
+        design = design.astype(np.float32)
+        best = np.zeros(len(orders))
+        for first in range(0, residual_y.shape[1], PRODUCT_VOXELS):
+            voxels = slice(first, first + PRODUCT_VOXELS)
+            products = (design @ residual_y[:, voxels]).reshape(len(orders), width, -1)
+            c2 = np.einsum("bkv,bkv->bv", products[:, 1:], products[:, 1:])
+            best = np.fmax(best, _max_abs_t(products[:, 0], c2, syy[voxels], df))
+        maxima.append(best)
+    return np.concatenate(maxima)[:, None]
 
 
-def _as_dask_array(values) -> da.Array:
-    return values if isinstance(values, da.Array) else da.from_array(values, chunks=(-1, -1))
+def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, df, start, stop):
+    """Vector outcome, map predictor: the permuted outcome residuals against the residual maps."""
+    maxima = []
+    residual_x, scale = residual_x.astype(np.float32), (1 / np.sqrt(sxx)).astype(np.float32)
+    for orders in _batches(seed, start, stop, batch, len(residual_y)):
+        permuted = np.column_stack([residual_y[order] for order in orders])
+        c2 = ((basis.T @ permuted) ** 2).sum(axis=0)[:, None].astype(np.float32)
+        permuted = permuted.astype(np.float32)
+        best = np.zeros(len(orders))
+        for first in range(0, residual_x.shape[1], PRODUCT_VOXELS):
+            voxels = slice(first, first + PRODUCT_VOXELS)
+            with np.errstate(invalid="ignore"):
+                a = (permuted.T @ residual_x[:, voxels]) * scale[voxels]
+            best = np.fmax(best, _max_abs_t(a, c2, np.float32(syy), df))
+        maxima.append(best)
+    return np.concatenate(maxima)[:, None]
 
 
-_LARGE_BLOCKS = 2**26  # bytes of float64 per block of residual maps: fewer, larger products
-
-
-def _persist_small(values: da.Array, block_bytes: int, full_subjects: bool = False,
-                   limit_bytes: float = 2**30) -> da.Array:
-    """Rechunk residual maps into ~``block_bytes`` blocks (whole subject blocks, or every subject of a
-    voxel block) and keep them in (cluster) memory when they are small, else recompute per batch."""
-    if full_subjects:
-        values = values.rechunk((-1, max(1, min(values.shape[1], block_bytes // (8 * values.shape[0])))))
-    else:
-        subjects = max(1, block_bytes // (8 * values.shape[1]))
-        values = values.rechunk({0: min(values.shape[0], max(subjects, values.chunks[0][0]))})
-    return values.persist() if values.nbytes <= limit_bytes else values
-
-
-def _batch_design_side(products, syy, width, df):
-    products = products.reshape(-1, width, products.shape[-1])
-    a = products[:, 0]
-    c2 = (products[:, 1:] ** 2).sum(axis=1)
-    return _max_abs_t(a, c2, syy, df)[:, None]
-
-
-def _batch_outcome_side(products, scale, c2, syy, df):
-    return _max_abs_t(products * scale, c2, syy, df)[:, None]
-
-
-def _map_map_batches(model: _Model, basis, batches, seed):
-    """Both terms are maps: each task holds every subject of a voxel block (memory n × block)."""
-    n = model.n
-    residual_y, residual_x = (_persist_small(_as_dask_array(model.residual(values, cross)), 2**25, full_subjects=True)
-                              for values, cross in ((model.y, model.cy), (model.x, model.cx)))
-    sxx = da.from_array(model.sxx, chunks=(residual_y.chunks[1],))[None, :]
-    syy = da.from_array(model.syy, chunks=(residual_y.chunks[1],))[None, :]
-    return [da.map_blocks(_batch_map_map, residual_x, residual_y, sxx, syy, basis=basis,
-                          orders=np.stack(_orders(seed, indices, n)), df=model.df,
-                          chunks=((len(indices),), (1,) * residual_y.numblocks[1]), dtype=float)
-            for indices in batches]
-
-
-def _batch_map_map(residual_x, residual_y, sxx, syy, basis, orders, df):
-    maxima = np.empty(len(orders))
-    with np.errstate(divide="ignore"):
-        scale = 1 / np.sqrt(sxx[0])  # a voxel whose predictor is constant has no t
-    for row, order in enumerate(orders):  # Σ_i r_x[σ(i)] r_y[i] pairs each subject's maps anew
+def _map_map_maxima(residual_x, residual_y, sxx, syy, basis, seed, batch, df, start, stop):
+    """Both terms are maps: Σ_i r_x[σ(i)] r_y[i] pairs each subject's maps anew, voxel by voxel."""
+    maxima = []
+    scale = 1 / np.sqrt(sxx)
+    for orders in _batches(seed, start, stop, batch, len(residual_y)):
+        c = np.concatenate([basis[order] for order in orders], axis=1).T @ residual_y
+        c2 = np.einsum("bkv,bkv->bv", *(c.reshape(len(orders), basis.shape[1], -1),) * 2)
         with np.errstate(invalid="ignore"):
-            a = (residual_x[order] * residual_y).sum(axis=0) * scale
-        c2 = ((basis[order].T @ residual_y) ** 2).sum(axis=0)
-        maxima[row] = _max_abs_t(a[None], c2[None], syy[0], df)[0]
-    return maxima[:, None]
+            a = np.stack([np.einsum("sv,sv->v", residual_x[order], residual_y) for order in orders]) * scale
+        maxima.append(_max_abs_t(a, c2, syy, df))
+    return np.concatenate(maxima)[:, None]
 
 
 def adjust_p(p: np.ndarray | xr.DataArray, method: str):
