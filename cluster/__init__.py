@@ -4,6 +4,6 @@ A profile is configuration plus one ``start()`` that yields a connected ``distri
 The catalog's ``cluster:`` section picks the profile by its ``profile`` field.
 """
 
-from cluster.profiles import ClusterProfile, LocalProfile
+from cluster.profiles import PROFILES, ClusterProfile, LocalProfile, SlurmProfile
 
-__all__ = ["ClusterProfile", "LocalProfile"]
+__all__ = ["PROFILES", "ClusterProfile", "LocalProfile", "SlurmProfile"]

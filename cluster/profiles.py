@@ -62,5 +62,10 @@ class LocalProfile(BaseModel):
                 f"memory {self.memory_limit}")
 
 
-#: Every profile the catalog accepts, told apart by ``profile:`` (SLURM comes with its issue).
-ClusterProfile = Annotated[Union[LocalProfile], Field(discriminator="profile")]  # noqa: UP007 (grows)
+from cluster.slurm import SlurmProfile  # noqa: E402
+
+#: Every profile the catalog accepts, told apart by ``profile:``.
+ClusterProfile = Annotated[Union[LocalProfile, SlurmProfile], Field(discriminator="profile")]  # noqa: UP007
+
+#: Profile name → its class with defaults, for ``relcohort run --cluster NAME``.
+PROFILES = {"local": LocalProfile, "slurm": SlurmProfile}

@@ -25,9 +25,13 @@ def run_tasks(
             yield item, func(item)
         return
 
+    from uuid import uuid4
+
+    from dask.utils import funcname
     from distributed import as_completed
 
-    futures = {client.submit(func, item, resources=resources, retries=1, pure=False): item for item in items}
+    futures = {client.submit(_in_one_process, func, item, resources=resources, retries=1,
+                             key=f"{funcname(func)}-{uuid4().hex}"): item for item in items}
     try:
         for future in as_completed(futures):
             yield futures[future], future.result()
@@ -35,10 +39,29 @@ def run_tasks(
         client.cancel(list(futures))
 
 
+def _in_one_process(func: Callable, item):
+    """``func(item)`` with any Dask work inside it (reading the store) done in this task's thread.
+
+    Otherwise those reads would go back through the scheduler to other workers: the task would
+    depend on them (a worker dying elsewhere disturbs it) and, while it waits, the worker may
+    start another task in the same process, and two trainings then share torch's global RNG.
+    """
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        return func(item)
+
+
 def gpu_resources(client) -> dict | None:
-    """``{"GPU": 1}`` when any of the client's workers advertises a GPU resource, else ``None``."""
+    """``{"GPU": 1}`` when any of the client's workers advertises a GPU resource, else ``None``.
+
+    Also ``{"GPU": 1}`` when the client's cluster has a pool of GPU workers that starts on demand
+    (a SLURM ``gpu`` pool, see ``cluster.slurm``): the tasks wait for its workers.
+    """
     if client is None:
         return None
+    if "gpu" in getattr(getattr(client, "cluster", None), "pools", {}):
+        return {"GPU": 1}
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return {"GPU": 1} if any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers) else None
 

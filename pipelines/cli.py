@@ -34,15 +34,27 @@ def validate(catalog: Annotated[Path, typer.Argument(help="catalog YAML file")])
 
 
 @app.command()
-def run(catalog: Annotated[Path, typer.Argument(help="catalog YAML file")]) -> None:
+def run(
+    catalog: Annotated[Path, typer.Argument(help="catalog YAML file")],
+    cluster: Annotated[str | None, typer.Option(
+        "--cluster", help="run on this cluster profile instead of the catalog's: local or slurm "
+        "(SLURM settings then come from the site's dask-jobqueue config)")] = None,
+) -> None:
     """Run every stage of a catalog (those already done are skipped)."""
+    from engine.association import AnalysisError
     from engine.store import IngestError, InputError
     from pipelines.catalog import CatalogError
-    from pipelines.runner import run_catalog
+    from pipelines.runner import WorkspaceBusy, run_catalog
 
+    if cluster is not None and cluster not in ("local", "slurm"):
+        _fail(f"--cluster must be local or slurm, not {cluster!r}")
     try:
-        run_catalog(catalog, console)
-    except (CatalogError, InputError, IngestError) as error:
+        run_catalog(catalog, console, cluster=cluster)
+    except (CatalogError, InputError, IngestError, WorkspaceBusy, AnalysisError) as error:
+        _fail(str(error))
+    except ValueError as error:  # a profile that cannot start, e.g. SLURM without cores or memory
+        if not str(error).startswith("cluster."):
+            raise
         _fail(str(error))
 
 

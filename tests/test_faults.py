@@ -1,0 +1,245 @@
+"""Runs that survive faults: a worker killed mid-stage, the runner killed and rerun, two runs on
+one workspace, and inputs that must not execute code. (A SLURM job cancelled mid-stage: test_slurm.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from engine.attribution import open_relevance
+from engine.store import ingest, open_cohort, read_participants
+from engine.training import TrainingConfig, stratified_split, train_ensemble
+from pipelines.runner import LOCK, WorkspaceBusy, workspace_lock
+from tests.conftest import MODALITIES
+
+REPO = Path(__file__).parents[1]
+
+#: A small end-to-end catalog: demo cohort, 2-member ensemble, 2 attribution methods.
+SMALL_RUN = {
+    "cohort": {"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
+    "modalities": {"T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz"},
+    "train": {"modalities": ["T1"], "members": 2, "epochs": 4, "batch_size": 4, "seed": 1},
+    "explain": {"methods": ["lrp", "gradient"], "subjects": "test", "subjects_per_chunk": 2},
+}
+
+
+def write_small_catalog(path: Path, workspace: str, cluster: dict, explain: dict | None = None) -> Path:
+    run = {**SMALL_RUN, "explain": {**SMALL_RUN["explain"], **(explain or {})}}
+    path.write_text(yaml.safe_dump({"workspace": workspace, **run, "cluster": cluster}))
+    return path
+
+
+def assert_same_results(workspace: Path, reference: Path) -> None:
+    """Models, predictions and relevance maps of two runs are identical."""
+    for member in range(SMALL_RUN["train"]["members"]):
+        weights = load_file(workspace / f"models/member_{member}.safetensors")
+        expected = load_file(reference / f"models/member_{member}.safetensors")
+        assert weights.keys() == expected.keys()
+        for name in weights:
+            assert (weights[name] == expected[name]).all(), f"member {member} {name} differs"
+    pd.testing.assert_frame_equal(pd.read_parquet(workspace / "models/predictions.parquet"),
+                                  pd.read_parquet(reference / "models/predictions.parquet"))
+    relevance, expected = open_relevance(workspace / "relevance.zarr"), open_relevance(reference / "relevance.zarr")
+    assert list(relevance.subject.values) == list(expected.subject.values)
+    np.testing.assert_array_equal(relevance.relevance.values, expected.relevance.values)
+    np.testing.assert_array_equal(relevance.relevance_mean.values, expected.relevance_mean.values)
+
+
+def relcohort_process(catalog: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(catalog), *args], cwd=catalog.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, what: str, timeout: float = 300, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {process.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout} s")
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------
+# A Dask worker killed with SIGKILL while it trains a member
+
+
+def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undisturbed_run(tiny_cohort, tmp_path):
+    from distributed import Client, LocalCluster
+
+    store = tmp_path / "images.zarr"
+    ingest(store, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES,
+           tiny_cohort / "mask.nii.gz", subjects_per_chunk=8)
+    dataset = open_cohort(store)
+    split = stratified_split(pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
+                                           "sex": dataset.sex.values}), (0.5, 0.25, 0.25))
+    config = TrainingConfig(modalities=("T1",), epochs=4, batch_size=4, seed=3)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        undisturbed = train_ensemble(store, config, 2, tmp_path / "undisturbed", split, client=client)
+        pids = client.run(os.getpid)
+        killed = {}
+
+        def kill_a_training_worker():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                running = {address: keys for address, keys in client.processing().items() if keys}
+                training = [address for address, keys in running.items()
+                            if any("_train_member_task" in str(key) for key in keys)]
+                if training:
+                    killed.update(address=training[0], pid=pids[training[0]], tasks=running[training[0]])
+                    os.kill(pids[training[0]], signal.SIGKILL)  # a real kill -9 of the worker process
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_a_training_worker)
+        killer.start()
+        disturbed = train_ensemble(store, config, 2, tmp_path / "disturbed", split, client=client)
+        killer.join()
+        assert killed, "no worker was seen training"
+        with pytest.raises(ProcessLookupError):
+            os.kill(killed["pid"], 0)  # that process is gone ...
+        client.wait_for_workers(2, timeout=60)
+        assert killed["pid"] not in client.run(os.getpid).values()  # ... and its nanny started a new one
+
+    assert disturbed["trained"] == undisturbed["trained"] == 2
+    for member in (0, 1):
+        weights = load_file(tmp_path / f"disturbed/member_{member}.safetensors")
+        expected = load_file(tmp_path / f"undisturbed/member_{member}.safetensors")
+        assert all((weights[name] == expected[name]).all() for name in expected)
+    pd.testing.assert_frame_equal(disturbed["predictions"], undisturbed["predictions"])
+    pd.testing.assert_frame_equal(disturbed["metrics"], undisturbed["metrics"])
+
+
+# ---------------------------------------------------------------------------------------
+# ``relcohort run`` killed midway; a second run at the same time
+
+
+def explained_blocks(workspace: Path) -> np.ndarray | None:
+    """relevance.zarr's (member, subject) flags of rows already explained, or None before it exists."""
+    import zarr
+
+    try:
+        return zarr.open_group(workspace / "relevance.zarr", mode="r")["explained"][:]
+    except Exception:  # not created yet, or being created
+        return None
+
+
+def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run_is_refused(tmp_path):
+    catalog = write_small_catalog(tmp_path / "catalog.yaml", "ws", {"profile": "local", "n_workers": 1},
+                                  explain={"subjects_per_chunk": 1})
+    workspace = tmp_path / "ws"
+    first = relcohort_process(catalog)
+    try:
+        wait_for(lambda: (workspace / LOCK).exists() and (workspace / LOCK).read_text(), "lock", process=first)
+        assert json.loads((workspace / LOCK).read_text())["pid"] == first.pid
+        second = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(catalog)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run must still be running"
+        assert second.returncode == 1
+        assert f"PID {first.pid}" in second.stderr and str(workspace / LOCK) in second.stderr
+        assert "in use by another relcohort run" in second.stderr and "Traceback" not in second.stderr
+
+        wait_for(lambda: (flags := explained_blocks(workspace)) is not None and flags.any(), "explained block",
+                 process=first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the runner and its Dask workers, at once
+        first.communicate()
+    assert first.returncode == -9
+    done = explained_blocks(workspace)
+    assert 0 < done.sum() < done.size, "the kill must land midway through the explain stage"
+    chunks = workspace / "relevance.zarr/relevance/c"
+    kept = {path: path.stat().st_mtime_ns for member, row in zip(*np.nonzero(done), strict=True)
+            for path in chunks.glob(f"*/{member}/{row}/*")}
+    assert kept
+    models = {path: path.stat().st_mtime_ns for path in (workspace / "models").glob("member_*")}
+    assert (workspace / LOCK).exists()  # left behind by the killed run ...
+
+    rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(catalog)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"taking over the lock of a run that ended without finishing (PID {first.pid}" in rerun.stdout  # not held
+    assert not (workspace / LOCK).exists()
+    provenance = json.loads((workspace / "provenance.json").read_text())
+    assert "finished" not in provenance["runs"][-2]  # the killed run never got to record its end
+    assert provenance["runs"][-1]["state"] == "complete"
+    stages = provenance["runs"][-1]["stages"]
+    assert stages["synth"]["generated"] == 0 and stages["ingest"]["appended"] == 0 and stages["train"]["trained"] == 0
+    assert len(models) == 6 and {path: path.stat().st_mtime_ns for path in models} == models  # members kept
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept  # nor the blocks explained before the kill
+    assert explained_blocks(workspace).all()
+
+    reference = write_small_catalog(tmp_path / "reference.yaml", "reference", {"profile": "local", "n_workers": 1},
+                                    explain={"subjects_per_chunk": 1})
+    undisturbed = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(reference)], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600)
+    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
+    assert_same_results(workspace, tmp_path / "reference")
+
+
+def test_the_workspace_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
+    from rich.console import Console
+
+    with workspace_lock(tmp_path) as path:
+        holder = json.loads(path.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] and holder["started"]
+        with pytest.raises(WorkspaceBusy, match=rf"PID {os.getpid()} on .*lock file {re.escape(str(path))}"):
+            with workspace_lock(tmp_path):
+                pass
+    assert not path.exists()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": "elsewhere", "started": "2026-01-01T00:00:00"}))
+    console = Console(file=sys.stdout, soft_wrap=True)
+    with workspace_lock(tmp_path, console):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of a run that ended without finishing (PID {int(dead.stdout)} on elsewhere" in \
+        capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------
+# Safety of inputs
+
+
+def test_a_catalog_cannot_build_objects_or_run_code(tmp_path):
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("workspace: !!python/object/apply:os.system ['touch pwned']\n"
+                      "cohort: {demo: {subjects: 2}}\nmodalities: {T1: '{participant_id}.nii.gz'}\n")
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(unsafe)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "invalid YAML" in result.stderr and "python/object" in result.stderr
+    assert not (tmp_path / "pwned").exists() and "Traceback" not in result.stderr
+
+
+#: Calls that can execute code from a file: unpickling, unsafe YAML, eval/exec.
+UNSAFE_CALLS = [r"\bpickle\.loads?\(", r"\bcloudpickle\.loads?\(", r"\bjoblib\.load\(", r"yaml\.load\(",
+                r"yaml\.unsafe_load", r"yaml\.(Full|Unsafe)?Loader\b", r"allow_pickle\s*=\s*True", r"(?<![.\w])eval\(",
+                r"(?<![.\w])exec\(", r"\.read_pickle\("]
+
+
+def test_no_code_reads_workspace_files_with_pickle_or_unsafe_loaders():
+    sources = [path for folder in ("engine", "pipelines", "cluster") for path in (REPO / folder).rglob("*.py")]
+    assert len(sources) > 10
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for path in sources
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if any(re.search(pattern, line) for pattern in UNSAFE_CALLS)]
+    assert found == []
+    torch_loads = [f"{path.relative_to(REPO)}: {match.group(0)}" for path in sources
+                   for match in re.finditer(r"torch\.load\([^)]*\)", path.read_text())
+                   if "weights_only=True" not in match.group(0)]
+    assert torch_loads == []  # checkpoints are safetensors, or torch.load(..., weights_only=True)

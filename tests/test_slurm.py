@@ -1,0 +1,136 @@
+"""The SLURM profile against a real one-node SLURM on 127.0.0.1 (see tests/slurm.py).
+
+Installs Debian's slurm-wlm and munge when missing (as root); skips with the reason where that
+is impossible, except in CI (``CI=true``), where it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from rich.console import Console
+
+from cluster import SlurmProfile
+from pipelines.catalog import CatalogError, load_catalog
+from pipelines.runner import run_catalog
+from tests.slurm import LocalSlurm, ensure_installed
+from tests.test_faults import SMALL_RUN, assert_same_results, write_small_catalog
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def local_slurm(tmp_path_factory):
+    reason = ensure_installed()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the SLURM tests: {reason}")
+        pytest.skip(reason)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
+        yield slurm
+
+
+def slurm_profile(tmp_path, **options) -> dict:
+    return {"profile": "slurm", "interface": "lo", "dashboard": False, "walltime": "00:20:00",
+            "log_directory": str(tmp_path / "jobs"),
+            "cpu": {"cores": 1, "memory": "2GiB", "max_jobs": 1},
+            "gpu": {"cores": 1, "memory": "2GiB", "gpus": 1, "max_jobs": 1}, **options}
+
+
+def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
+    import dask
+
+    site = {"jobqueue.slurm.queue": "site-partition", "jobqueue.slurm.account": "site-account",
+            "jobqueue.slurm.cores": 8, "jobqueue.slurm.memory": "32GiB",
+            "jobqueue.slurm.job-script-prologue": ["module load site-python"],
+            "jobqueue.slurm.job-extra-directives": ["--constraint=site"]}
+    catalog = write_small_catalog(tmp_path / "catalog.yaml", "ws", {
+        "profile": "slurm", "account": "lab", "walltime": "02:00:00", "setup": ["source /lab/venv/bin/activate"],
+        "cpu": {"memory": "8GiB", "max_jobs": 10},
+        "gpu": {"queue": "gpu", "cores": 4, "memory": "64GiB", "gpus": 2, "job_directives": ["--qos=gpu"]}})
+    profile = load_catalog(catalog)[0].cluster
+    with dask.config.set(site):
+        cpu, gpu = profile.job_options("cpu"), profile.job_options("gpu")
+    assert cpu["account"] == gpu["account"] == "lab" and cpu["walltime"] == "02:00:00"
+    assert "queue" not in cpu and gpu["queue"] == "gpu"  # the CPU pool keeps the site's partition
+    assert "cores" not in cpu and cpu["memory"] == "8GiB"  # only what the catalog sets overrides the site
+    assert gpu["cores"] == 4 and gpu["processes"] == 1
+    assert gpu["job_extra_directives"] == ["--constraint=site", "--qos=gpu", "--gres=gpu:2"]
+    assert gpu["worker_extra_args"] == ["--resources", "GPU=2"]
+    assert cpu["job_script_prologue"] == ["module load site-python", "source /lab/venv/bin/activate"]
+
+    from dask_jobqueue.slurm import SLURMJob
+
+    with dask.config.set(site):
+        script = SLURMJob("tcp://127.0.0.1:1", name="gpu-0", **gpu).job_script()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A lab", "#SBATCH -t 02:00:00", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --gres=gpu:2", "#SBATCH --qos=gpu", "--resources GPU=2", "module load site-python"):
+        assert line in script, line
+
+    with pytest.raises(ValueError, match=r"cluster.cpu.cores: not set in the catalog nor in the site's dask config"):
+        SlurmProfile().job_options("cpu")
+    bad = write_small_catalog(tmp_path / "bad.yaml", "ws", {
+        "profile": "slurm", "walltime": "2h", "cpu": {"memory": "lots", "min_jobs": 2}, "gpu": {"gpus": 0}})
+    with pytest.raises(CatalogError) as failure:
+        load_catalog(bad)
+    text = str(failure.value)
+    assert "cluster.slurm.walltime: '2h' is not a SLURM time limit" in text
+    assert "cluster.slurm.cpu.memory: 'lots' is not a memory size" in text and "cluster.slurm.gpu.gpus" in text
+
+
+def test_pipeline_tasks_on_slurm_workers_equal_a_local_run_and_a_cancelled_job_is_replaced(local_slurm, tmp_path):
+    quiet = Console(quiet=True)
+    run_catalog(write_small_catalog(tmp_path / "local.yaml", "local", {"profile": "local", "n_workers": 1}), quiet)
+
+    catalog = write_small_catalog(tmp_path / "slurm.yaml", "on_slurm", slurm_profile(tmp_path))
+    workspace = tmp_path / "on_slurm"
+    cancelled = {}
+
+    def cancel_the_gpu_job_while_it_trains():
+        """scancel the GPU pool's job once its worker has joined and the members are training."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not cancelled:
+            running = [job for job, (name, state) in local_slurm.jobs().items()
+                       if name == "relcohort-gpu" and state == "RUNNING"]
+            joined = [job for job in running if "Registered to" in _job_log(tmp_path / "jobs", job)]
+            if joined and (workspace / "models/split.tsv").exists():
+                time.sleep(1.0)  # the worker has its first member
+                if not (workspace / "models/member_0.json").exists():
+                    local_slurm.cancel(joined[0])
+                    cancelled["job"] = joined[0]
+                return
+            time.sleep(0.1)
+
+    canceller = threading.Thread(target=cancel_the_gpu_job_while_it_trains)
+    canceller.start()
+    started = time.monotonic()
+    run_catalog(catalog, quiet)
+    seconds = time.monotonic() - started
+    canceller.join()
+
+    assert cancelled, "the GPU job was not cancelled mid-training"
+    assert cancelled["job"] not in local_slurm.jobs()
+    run = json.loads((workspace / "provenance.json").read_text())["runs"][-1]
+    usage = run["cluster_usage"]
+    print(f"\nSLURM run: {seconds:.1f} s; usage per pool: {json.dumps(usage)}; "
+          f"stage seconds: { {name: stage['seconds'] for name, stage in run['stages'].items()} }")
+    assert run["state"] == "complete" and run["cluster"].startswith("SLURM")
+    assert usage["gpu"]["jobs_replaced"] >= 1 and usage["gpu"]["jobs_submitted"] >= 2
+    assert usage["gpu"]["tasks_rerun"] >= 1  # the member that was training on the cancelled job
+    explain_blocks = SMALL_RUN["train"]["members"] * -(-run["stages"]["explain"]["subjects"] //
+                                                        SMALL_RUN["explain"]["subjects_per_chunk"])
+    assert usage["gpu"]["tasks_done"] >= SMALL_RUN["train"]["members"] + explain_blocks
+    assert usage["cpu"]["tasks_done"] > 0 and usage["cpu"]["jobs_submitted"] >= 1
+    assert_same_results(workspace, tmp_path / "local")
+    assert not [job for job, (name, _) in local_slurm.jobs().items() if name.startswith("relcohort-")]
+
+
+def _job_log(folder, job: str) -> str:
+    text = ""
+    for path in folder.glob(f"*-{job}.*"):
+        text += path.read_text(errors="replace")
+    return text
