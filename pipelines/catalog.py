@@ -200,6 +200,69 @@ class ExplainSettings(_Strict):
         return options
 
 
+class AnalysisSettings(_Strict):
+    """One association model (``engine.association``): outcome ~ predictor + covariates, voxel- or ROI-wise."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under <workspace>/associations/")
+    outcome: str = Field(..., description="a term: relevance.<method>, images.<modality>, predictions.<column>, "
+                         "features.<table>.<column> or a participant column")
+    predictor: str = Field(..., description="a term, as for outcome")
+    covariates: list[str] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
+    scope: Literal["voxel", "roi", "similarity"] = Field(
+        "voxel", description="voxel-wise model, one model per atlas region, or per-subject similarity of two maps")
+    correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
+        ["fdr_bh"], min_length=1, description="voxel p-value corrections; the first thresholds the cluster table")
+    permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe")
+    seed: int = Field(0, ge=0, description="seed of the permutations")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of maps and cluster tables")
+    region_statistic: Literal["mean", "sum", "abs_sum", "pos_sum"] = Field(
+        "mean", description="roi: how a map becomes one value per region (mean = relevance density)")
+    robust: bool = Field(False, description="roi: HC3 standard errors")
+    random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
+                                         "participant column (e.g. site)")
+    atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if "fwe" in self.correction and self.permutations == 0:
+            raise ValueError("correction fwe needs permutations (e.g. 1000)")
+        if self.scope == "roi" and "fwe" in self.correction:
+            raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
+        if self.scope != "roi" and (self.robust or self.random_intercept or self.atlas):
+            raise ValueError("robust, random_intercept and atlas apply to roi analyses only")
+        maps = [term.split(".", 1)[0] in ("relevance", "images") for term in (self.outcome, self.predictor)]
+        if self.scope == "similarity" and not all(maps):
+            raise ValueError("a similarity analysis compares two maps (relevance.<method> or images.<modality>)")
+        if self.scope == "voxel" and not any(maps):
+            raise ValueError("a voxel analysis needs a map (relevance.<method> or images.<modality>) as outcome "
+                             "or predictor")
+        if self.robust and self.random_intercept:
+            raise ValueError("choose robust (OLS with HC3 errors) or random_intercept (mixed model), not both")
+        return self
+
+
+class ReportSettings(_Strict):
+    """The HTML report, <workspace>/report.html (see ``engine.report``)."""
+
+    enabled: bool = True
+    methods: list[str] | None = Field(None, description="attribution methods to show (default: all explained)")
+    age_bands: list[float] = Field([40, 60], description="age cut points of the group maps: < 40, 40-60, >= 60")
+    top_k: int = Field(10, ge=1, le=100, description="regions in the top-region bar charts")
+    screenshot: bool = Field(False, description="also save section screenshots (needs Chromium)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str] | None) -> list[str] | None:
+        return ExplainSettings._known_methods(methods) if methods is not None else None
+
+    @field_validator("age_bands")
+    @classmethod
+    def _increasing(cls, bands: list[float]) -> list[float]:
+        if bands != sorted(set(bands)):
+            raise ValueError(f"age_bands {bands} must be strictly increasing")
+        return bands
+
+
 class Catalog(_Strict):
     """A whole run: workspace, cohort, modalities, ingest, atlas, features and cluster profile."""
 
@@ -212,6 +275,8 @@ class Catalog(_Strict):
     train: TrainSettings | None = None
     explain: ExplainSettings | None = None
     cluster: ClusterProfile = LocalProfile()
+    associate: list[AnalysisSettings] | None = Field(None, description="association analyses")
+    report: ReportSettings | None = None
 
     @model_validator(mode="after")
     def _sections_name_modalities(self):
@@ -223,7 +288,29 @@ class Catalog(_Strict):
                 raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
         if self.explain is not None and self.train is None:
             raise ValueError("explain: needs a train section (the models it explains)")
+        for index, analysis in enumerate(self.associate or []):
+            self._check_terms(f"associate[{index}]", analysis)
+        names = [analysis.name for analysis in self.associate or []]
+        if len(names) != len(set(names)):
+            raise ValueError(f"associate: analysis names must be unique, got {names}")
         return self
+
+    def _check_terms(self, where: str, analysis: AnalysisSettings) -> None:
+        """Map and model terms must name what the catalog produces."""
+        for field in ("outcome", "predictor", "covariates"):
+            terms = getattr(analysis, field)
+            for term in terms if isinstance(terms, list) else [terms]:
+                source, _, name = term.partition(".")
+                if source == "images" and name not in self.modalities:
+                    raise ValueError(f"{where}.{field}: {term!r} names no modality of {list(self.modalities)}")
+                if source == "relevance" and (self.explain is None or name not in self.explain.methods):
+                    methods = self.explain.methods if self.explain else []
+                    raise ValueError(f"{where}.{field}: {term!r} needs the explain section to compute method "
+                                     f"{name!r} (explained: {methods})")
+                if source == "predictions" and self.train is None:
+                    raise ValueError(f"{where}.{field}: {term!r} needs a train section")
+                if field == "covariates" and source in ("images", "relevance"):
+                    raise ValueError(f"{where}.covariates: {term!r} is a map; covariates are per-subject values")
 
     @model_validator(mode="before")
     @classmethod

@@ -6,16 +6,22 @@ and ``report(workspace) -> str | None`` (what it has produced, for ``relcohort s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 
-from engine import attribution, features, store, synth, training, validation
+from engine import association, attribution, features, stats, store, synth, training, validation
 from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
+from engine.report import build_report, screenshot_sections
+from engine.workspace import REPORT
 from pipelines.catalog import Catalog
 
 Progress = Callable[[str, int, int], None]
@@ -175,13 +181,12 @@ class TrainStage:
         out = catalog.workspace / MODELS
         out.mkdir(parents=True, exist_ok=True)
         record = {"store": store.content_fingerprint(images)}
-        if not _current(out, record):  # the images changed: every member is stale
+        if not _current(out, record):  # other images (or none recorded): every member is stale
             for stale in out.glob("member_*.json"):
                 stale.unlink()
-        (out / RECORD).unlink(missing_ok=True)
+            (out / RECORD).write_text(json.dumps(record))  # before training: members finished survive a kill
         result = training.train_ensemble(images, config, settings.members, out, split, client=client,
                                          progress=progress)
-        (out / RECORD).write_text(json.dumps(record))
         return {"folder": str(out), "members": settings.members, "trained": result["trained"],
                 "test": _test_metrics(result["metrics"])}
 
@@ -308,4 +313,190 @@ def _write_table(table: pd.DataFrame, path: Path) -> None:
     partial.replace(path)
 
 
-STAGES = [SynthStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage()]
+ASSOCIATIONS = "associations"
+
+
+class AssociateStage:
+    """The catalog's association analyses, one folder each in ``associations/`` (see ``engine.association``)."""
+
+    name = "associate"
+    folder = ASSOCIATIONS
+
+    def applies(self, catalog: Catalog) -> bool:
+        return bool(catalog.associate)
+
+    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+        workspace = catalog.workspace
+        sources = _association_sources(workspace)
+        inputs = _association_inputs(workspace)
+        done, summary = 0, {"folder": str(workspace / self.folder), "analyses": {}}
+        for analysis in catalog.associate:
+            out = workspace / self.folder / analysis.name
+            record = {"analysis": analysis.model_dump(mode="json"), "inputs": inputs,
+                      "atlas": catalog.atlas.model_dump(mode="json")}
+            if not _current(out, record):
+                self._run_one(catalog, sources, analysis, out, record)
+                done += 1
+            summary["analyses"][analysis.name] = json.loads((out / "summary.json").read_text())["significant"]
+            progress("associate", len(summary["analyses"]), len(catalog.associate))
+        summary["computed"] = done
+        return summary
+
+    def _run_one(self, catalog: Catalog, sources, analysis, out: Path, record: dict) -> None:
+        """Write one analysis into a fresh folder, then swap it in: a failure leaves the old results whole."""
+        partial = out.with_name(f".{out.name}.part")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        started = time.perf_counter()
+        try:
+            details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity}[analysis.scope](
+                catalog, sources, analysis, partial)
+        except ValueError as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
+        summary = {"name": analysis.name, "scope": analysis.scope, "outcome": analysis.outcome,
+                   "predictor": analysis.predictor, "covariates": analysis.covariates, "alpha": analysis.alpha,
+                   **details, "seconds": round(time.perf_counter() - started, 2)}
+        (partial / "summary.json").write_text(json.dumps(summary, indent=2))
+        (partial / RECORD).write_text(json.dumps(record))
+        shutil.rmtree(out, ignore_errors=True)
+        partial.replace(out)
+
+    def _voxel(self, catalog, sources, analysis, out: Path) -> dict:
+        result = association.voxel_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
+                                            analysis.correction, analysis.permutations, analysis.seed)
+        for name in result.data_vars:
+            if result[name].dims == ("voxel",):
+                store.to_volume(result[name].astype(np.float32), fill=np.nan).to_filename(out / f"{name}.nii.gz")
+        if "max_t_null" in result:
+            _write_table(pd.DataFrame({"max_abs_t": result["max_t_null"].values}), out / "max_t_null.parquet")
+        significant = {correction: int((association.corrected_p(result, correction) < analysis.alpha).sum())
+                       for correction in analysis.correction}
+        threshold = analysis.correction[0]
+        mask = (association.corrected_p(result, threshold) < analysis.alpha).values
+        atlas = _atlas(sources.images, catalog.atlas)
+        _write_table(association.cluster_table(result["t"], mask, atlas), out / "clusters.parquet")
+        return {"n": result.attrs["n"], "df": result.attrs["df"], "correction": analysis.correction,
+                "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
+                "seed": analysis.seed, "significant": significant,
+                "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
+
+    def _roi(self, catalog, sources, analysis, out: Path) -> dict:
+        atlas = _atlas(sources.images, analysis.atlas or catalog.atlas)
+        table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates, atlas,
+                                         analysis.region_statistic, analysis.robust, analysis.random_intercept)
+        skipped = table.attrs.get("skipped", {})
+        _write_table(table, out / "regions.parquet")
+        table.to_csv(out / "regions.csv", index=False)
+        tested = table[table["term"] == analysis.predictor]
+        significant = {correction: int((_adjusted(tested, correction) < analysis.alpha).sum())
+                       for correction in analysis.correction}
+        return {"n": int(tested["n"].max()) if len(tested) else 0, "regions": int(tested["region"].nunique()),
+                "correction": analysis.correction, "significant": significant,
+                "model": "mixed" if analysis.random_intercept else ("ols_hc3" if analysis.robust else "ols"),
+                "skipped_regions": skipped}
+
+    def _similarity(self, catalog, sources, analysis, out: Path) -> dict:
+        subjects = association.analysis_subjects(sources, [analysis.outcome, analysis.predictor])
+        table = stats.map_similarity(sources.map(analysis.outcome, subjects), sources.map(analysis.predictor, subjects))
+        _write_table(table, out / "similarity.parquet")
+        return {"n": int(table["pearson_r"].notna().sum()),
+                "significant": {"mean_pearson_r": round(float(table["pearson_r"].mean()), 4),
+                                "mean_cosine": round(float(table["cosine"].mean()), 4)}}
+
+    def report(self, workspace: Path) -> str | None:
+        summaries = sorted((workspace / self.folder).glob("*/summary.json"))
+        if not summaries:
+            return None
+        parts = []
+        for path in summaries:
+            summary = json.loads(path.read_text())
+            parts.append(f"{summary['name']} ({summary['scope']}, n={summary['n']}: {summary['significant']})")
+        return f"{workspace / self.folder}: " + "; ".join(parts)
+
+
+def _adjusted(table: pd.DataFrame, correction: str) -> pd.Series:
+    return table["p_fdr"] if correction == "fdr_bh" else (table["p"] * table["region"].nunique()).clip(upper=1)
+
+
+def _association_sources(workspace: Path) -> association.Sources:
+    images = store.load_coordinates(store.open_cohort(workspace / IMAGES))
+    participants = pd.DataFrame({name: images[name].values for name in images.coords
+                                 if images[name].dims == ("subject",) and name != "subject"},
+                                index=pd.Index(images["subject"].values, name="participant_id"))
+    relevance = attribution.open_relevance(workspace / RELEVANCE) if (workspace / RELEVANCE).exists() else None
+    tables = {path.stem: pd.read_parquet(path) for path in sorted((workspace / FeaturesStage.folder).glob("*.parquet"))}
+    predictions = None
+    if (workspace / MODELS / "predictions.parquet").is_file():
+        predictions = pd.read_parquet(workspace / MODELS / "predictions.parquet")
+        predictions = predictions[predictions["member"] == training.ENSEMBLE_MEMBER]
+    return association.Sources(images, participants, relevance, tables, predictions)
+
+
+def _association_inputs(workspace: Path) -> dict:
+    """What the analyses read, by content: images, the relevance store's plan, predictions, feature tables."""
+    inputs = {"images": store.content_fingerprint(workspace / IMAGES)}
+    relevance = workspace / RELEVANCE / "zarr.json"
+    if relevance.is_file():
+        attributes = json.loads(relevance.read_text()).get("attributes", {})
+        inputs["relevance"] = [attributes.get("plan"), attributes.get("state")]
+    tables = [workspace / MODELS / "predictions.parquet", *sorted((workspace / FeaturesStage.folder).glob("*.parquet"))]
+    inputs.update({str(path.relative_to(workspace)): store.file_sha256(path) for path in tables if path.is_file()})
+    return inputs
+
+
+class ReportStage:
+    """The HTML report of everything the workspace holds: ``report.html`` (see ``engine.report``)."""
+
+    name = "report"
+    record = ".relcohort-report.json"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return catalog.report is not None and catalog.report.enabled
+
+    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+        settings = catalog.report
+        out = catalog.workspace / REPORT
+        record_file = catalog.workspace / self.record
+        record = {"settings": settings.model_dump(mode="json"), "inputs": _input_stamps(catalog.workspace)}
+        summary = {"report": str(out)}
+        if not (out.is_file() and record_file.is_file() and json.loads(record_file.read_text()) == record):
+            record_file.unlink(missing_ok=True)
+            with dask.config.set(scheduler="threads"):  # small reductions: cheaper in this process than on workers
+                build_report(catalog.workspace, methods=settings.methods, age_bands=settings.age_bands,
+                             top_k=settings.top_k)
+            record_file.write_text(json.dumps(record))  # written last: marks the report current
+            progress("report", 1, 1)
+            summary["built"] = 1
+        else:
+            summary["built"] = 0
+        if settings.screenshot:
+            try:
+                shots = screenshot_sections(out, catalog.workspace / "report_screenshots")
+                summary["screenshots"] = str(next(iter(shots.values())).parent)
+            except FileNotFoundError as error:
+                summary["screenshots"] = f"not taken: {error}"
+        return summary
+
+    def report(self, workspace: Path) -> str | None:
+        path = workspace / REPORT
+        if not (path.is_file() and (workspace / self.record).is_file()):
+            return None
+        return f"{path}: {path.stat().st_size / 2**20:.1f} MiB, open it in a browser"
+
+
+def _input_stamps(workspace: Path) -> dict:
+    """sha256 of every file the report reads (store metadata, tables, maps; all small): stages that rewrite
+    unchanged tables on every run do not make the report stale."""
+    paths = [workspace / RELEVANCE / "zarr.json",
+             *sorted((workspace / MODELS).glob("*.parquet")), *sorted((workspace / FeaturesStage.folder).glob("*")),
+             *sorted((workspace / ExplainStage.folder).glob("*.parquet")),
+             *sorted(path for path in (workspace / "associations").rglob("*") if path.is_file())]
+    stamps = {str(path.relative_to(workspace)): hashlib.sha256(path.read_bytes()).hexdigest()
+              for path in paths if path.is_file()}
+    if (workspace / IMAGES / "zarr.json").is_file():  # its attributes hold the last ingest's times: use the data's
+        stamps[IMAGES] = store.content_fingerprint(workspace / IMAGES)
+    return stamps
+
+
+STAGES = [SynthStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(), AssociateStage(), ReportStage()]

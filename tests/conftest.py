@@ -63,3 +63,27 @@ def hand_atlas(tmp_path):
                                                      "Precentral_R", "Unused"]}).to_csv(
         tmp_path / "labels.tsv", sep="\t", index=False)
     return labels, mask, tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tiny_cohort, tmp_path_factory) -> Path:
+    """A whole `relcohort run` (features, 2 members × 2 epochs, 2 methods scored, the report) on the tiny
+    cohort: for the report and notebook tests. Do not modify; copy it."""
+    import yaml
+
+    from engine.synth import FOCAL_TRUTH_LABELS, TRUTH_REGIONS
+    from pipelines.runner import run_catalog
+
+    folder = tmp_path_factory.mktemp("workspace")
+    modalities = yaml.safe_load((Path(__file__).parents[1] / "catalog.yaml").read_text())["modalities"]
+    catalog = folder / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({
+        "workspace": "ws", "cohort": {"directory": str(tiny_cohort)}, "modalities": modalities,
+        "features": {"gray_matter": "GM", "lesions": "WMH"},
+        "train": {"modalities": ["T1"], "members": 2, "epochs": 2, "batch_size": 4},
+        "explain": {"methods": ["lrp", "gradient"], "truth": str(tiny_cohort / TRUTH_REGIONS),
+                    "truth_labels": FOCAL_TRUTH_LABELS},
+        "cluster": {"n_workers": 1, "threads_per_worker": 2},
+        "report": {"age_bands": [40, 60], "top_k": 5},
+    }))
+    return run_catalog(catalog)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,7 +102,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
                             train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4},
-                            explain={"methods": ["lrp", "gradient", "region_occlusion"], "subjects": "test"},
+                            explain={"methods": ["lrp", "gradient", "region_occlusion"], "subjects": "all"},
                             cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
     assert relcohort("validate", catalog).returncode == 0
     first = relcohort("run", catalog, cwd=tmp_path)
@@ -117,7 +118,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert run["state"] == "complete" and run["seeds"] == {"demo": 3}
     assert run["catalog_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
     assert run["packages"]["zarr"] and run["packages"]["relcohort"] == "0.1.0"
-    assert set(run["stages"]) == {"synth", "ingest", "features", "train", "explain"}
+    assert set(run["stages"]) >= {"synth", "ingest", "features", "train", "explain", "associate"}
     gmv = pd.read_parquet(workspace / "features/regional_gm_volume.parquet")
     assert set(gmv.columns) == {"participant_id", "region", "volume_mm3"} and gmv.participant_id.nunique() == 16
     assert "Left_Hippocampus" in set(gmv.region) and (gmv.volume_mm3 >= 0).all()
@@ -133,7 +134,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     relevance = open_relevance(workspace / "relevance.zarr")
     assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
     assert list(relevance.method.values) == ["lrp", "gradient", "region_occlusion"] and relevance.sizes["member"] == 2
-    assert sorted(relevance.subject.values) == sorted(split.participant_id[split.split == "test"])
+    assert sorted(relevance.subject.values) == sorted(split.participant_id)  # subjects: all
     assert relevance.relevance.notnull().all()
     scores = pd.read_parquet(workspace / "validation/scores.parquet")
     assert set(scores.method) == {"lrp", "gradient", "region_occlusion"}
@@ -146,6 +147,28 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
     relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}
 
+    associations = workspace / "associations"
+    assert {path.name for path in associations.iterdir()} == {
+        "relevance_age", "relevance_gm", "relevance_gmv_regions", "gm_age", "relevance_gm_similarity"}
+    gm_age = json.loads((associations / "gm_age/summary.json").read_text())
+    assert gm_age["n"] == 16 and gm_age["permutations"] == 1000 and set(gm_age["significant"]) == {"fwe", "fdr_bh"}
+    t_map = nib.load(associations / "gm_age/t.nii.gz")
+    inside = np.zeros(t_map.shape, bool)
+    inside[ds.i.values, ds.j.values, ds.k.values] = True
+    assert np.isnan(t_map.get_fdata()[~inside]).all()  # NaN outside the mask (and where GM is constant)
+    assert np.isfinite(t_map.get_fdata()[inside]).mean() > 0.99
+    clusters = pd.read_parquet(associations / "gm_age/clusters.parquet")
+    assert list(clusters.columns[:4]) == ["cluster", "sign", "voxels", "volume_mm3"]
+    assert clusters.voxels.sum() == gm_age["significant"]["fwe"]  # thresholded by the first correction
+    regions = pd.read_parquet(associations / "relevance_gmv_regions/regions.parquet")
+    assert regions.n.max() == relevance.sizes["subject"] and regions.p_fdr.between(0, 1).all()
+    assert "features.regional_gm_volume.volume_mm3" in set(regions.term)
+    similarity = pd.read_parquet(associations / "relevance_gm_similarity/similarity.parquet")
+    assert len(similarity) == relevance.sizes["subject"] and similarity.pearson_r.between(-1, 1).all()
+    association_files = {path: path.stat().st_mtime_ns for path in associations.rglob("*") if path.is_file()}
+    report = (workspace / "report.html").read_text()  # the report shows the real association outputs
+    assert "report.html" in first.stdout and all(f"<h3>{path.name} (" in report for path in associations.iterdir())
+
     second = relcohort("run", catalog, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
@@ -153,6 +176,8 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert rerun["features"]["computed"] == 0 and rerun["train"]["trained"] == 0
     assert {path: path.stat().st_mtime_ns for path in relevance_chunks} == relevance_chunks
     assert rerun["ingest"]["written"] == {}
+    assert rerun["associate"]["computed"] == 0 and rerun["report"]["built"] == 0
+    assert {path: path.stat().st_mtime_ns for path in association_files} == association_files
 
     status = relcohort("status", workspace)
     assert status.returncode == 0
@@ -162,6 +187,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     # a smaller demo regenerates the cohort folder; what the store holds stays
     smaller = write_catalog(tmp_path / "smaller.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 8, "voxel_size": 8.0, "seed": 3}}, train=None, explain=None,
+                            associate=None, report=None,
                             cluster={"profile": "local", "n_workers": 1})
     result = relcohort("run", smaller, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,6 +202,7 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities,
                             cohort={"directory": str(cohort_copy)},
                             ingest={"on_error": "skip", "subjects_per_chunk": 4}, train=None, explain=None,
+                            associate=None, report=None,
                             cluster={"profile": "local", "n_workers": 1})
     result = relcohort("run", catalog)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,7 +214,8 @@ def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_pa
     assert "not part of this workspace's catalog" in status.stdout  # no synth for a directory cohort
 
     failing = write_catalog(tmp_path / "failing.yaml", workspace="ws2", modalities=modalities,
-                            cohort={"directory": str(cohort_copy)}, train=None, explain=None,
+                            cohort={"directory": str(cohort_copy)}, train=None, explain=None, associate=None,
+                            report=None,
                             cluster={"profile": "local", "n_workers": 1})
     result = relcohort("run", failing)
     assert result.returncode == 1

@@ -1,0 +1,615 @@
+"""The HTML report of a workspace: one self-contained file with every figure embedded.
+
+:func:`build_report` writes ``<workspace>/report.html`` with six sections, each rendering only
+what the workspace holds (a note says what is missing): the cohort, the models (predicted
+against chronological age, the bias-corrected brain-age gap), relevance (mean maps per method
+over the MNI template, group maps by age band or by TP/FP/TN/FN, top regions by sum, density
+and gain), validation (ground-truth scores, robustness across members), associations
+(thresholded maps with cluster tables, ROI tables with FDR) and provenance. Figures are
+matplotlib/nilearn PNGs (Agg backend) in base64; nothing is downloaded.
+
+:func:`screenshot_sections` and :func:`browser_check` open the report in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import xarray as xr
+import yaml
+from matplotlib.figure import Figure
+
+from engine.atlas import region_gain, region_reduce
+from engine.workspace import REPORT, Workspace, mni_template
+
+SECTIONS = {"cohort": "Cohort", "models": "Models", "relevance": "Relevance", "validation": "Validation",
+            "associations": "Associations", "provenance": "Provenance"}
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
+SPLIT_COLOURS = {"train": "#9ecae1", "validation": "#fdae6b", "test": "#d62728"}
+FIGURE_DPI = 80
+MAX_TABLE_ROWS = 25
+
+
+def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | None = None,
+                 age_bands: Sequence[float] = (40, 60), top_k: int = 10) -> Path:
+    """Write ``<workspace>/report.html`` (atomically) and return its path.
+
+    ``methods``: the attribution methods to show (default: all in ``relevance.zarr``);
+    ``age_bands``: age cut points of the group maps (``(40, 60)``: < 40, 40–60, ≥ 60);
+    ``top_k``: regions in the bar charts.
+    """
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    if list(age_bands) != sorted(set(age_bands)):
+        raise ValueError(f"age_bands must be strictly increasing cut points, got {list(age_bands)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    builders = {"cohort": _cohort, "models": _models,
+                "relevance": lambda w: _relevance(w, methods, list(age_bands), top_k),
+                "validation": _validation, "associations": _associations, "provenance": _provenance}
+    body = []
+    for key, title in SECTIONS.items():
+        parts = builders[key](ws)
+        body.append(f'<section id="{key}"><h2>{title}</h2>\n' + "\n".join(parts) + "</section>")
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items())
+    page = _PAGE.format(title=html.escape(f"relcohort report: {ws.path.name}"), path=html.escape(str(ws.path)),
+                        stamp=stamp, nav=nav, body="\n".join(body))
+    out = ws.path / REPORT
+    partial = out.with_name(out.name + ".part")
+    partial.write_text(page, encoding="utf-8")
+    partial.replace(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# HTML pieces
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _table(frame: pd.DataFrame, caption: str | None = None, digits: int = 3) -> str:
+    shown = frame.head(MAX_TABLE_ROWS)
+    more = f" (first {MAX_TABLE_ROWS} of {len(frame)} rows)" if len(frame) > MAX_TABLE_ROWS else ""
+    table = shown.to_html(index=False, border=0, classes="table", na_rep="–",
+                          float_format=lambda value: f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0
+                          else f"{value:.{digits}f}")
+    title = f"<p class=caption>{html.escape(caption + more)}</p>" if caption else ""
+    return f'<div class="table-wrap">{title}{table}</div>'
+
+
+def _subplots(rows: int, columns: int, size: tuple[float, float], **options):
+    figure = Figure(figsize=size, facecolor="white")
+    return figure, figure.subplots(rows, columns, **options)
+
+
+def _figure(fig, caption: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, facecolor=fig.get_facecolor())
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    alt = html.escape(caption)
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
+            f"<figcaption>{alt}</figcaption></figure>")
+
+
+# ---------------------------------------------------------------------------------------
+# Cohort
+
+
+def _participant_columns(ws: Workspace) -> list[str]:
+    images = ws.images
+    return [name for name in images.attrs.get("participant_columns", []) if name in images.coords]
+
+
+def _cohort(ws: Workspace) -> list[str]:
+    if not ws.has("images"):
+        return [_note("No images.zarr in this workspace: the ingest stage has not run.")]
+    images = ws.images
+    attrs = images.attrs
+    parts = [f"<p><b>{images.sizes['subject']}</b> participants with complete images × "
+             f"{images.sizes['voxel']} voxels; modalities {html.escape(', '.join(attrs['modalities']))}; "
+             f"grid {tuple(attrs['grid']['shape'])} in {html.escape(attrs['grid']['space'])}.</p>"]
+    columns = _participant_columns(ws)
+    rows = []
+    for name in columns:
+        values = pd.Series(images[name].values)
+        if pd.api.types.is_numeric_dtype(values):
+            rows.append({"column": name, "summary": f"mean {values.mean():.1f}, SD {values.std():.1f}, "
+                                                    f"range {values.min():.1f}–{values.max():.1f}"})
+        else:
+            counts = values.astype(str).value_counts().sort_index()
+            rows.append({"column": name, "summary": ", ".join(f"{key} {count}" for key, count in counts.items())})
+    if rows:
+        parts.append(_table(pd.DataFrame(rows), "Participant columns"))
+        parts.append(_figure(_cohort_figure(images, columns), "Distributions of the participant columns"))
+    skipped = attrs.get("ingest", {}).get("skipped", [])
+    incomplete = int(attrs.get("n_subjects", images.sizes["subject"])) - images.sizes["subject"]
+    if skipped:
+        parts.append(_table(pd.DataFrame(skipped)[["participant_id", "file", "problem"]],
+                            f"Excluded at ingest ({len(skipped)}), and why"))
+    else:
+        parts.append(_note("No participant was excluded at ingest."))
+    if incomplete:
+        parts.append(_note(f"{incomplete} stored row(s) are not wholly ingested and are left out."))
+    return parts
+
+
+def _cohort_figure(images, columns: list[str]):
+    fig, axes = _subplots(1, len(columns), (4 * len(columns), 3), squeeze=False)
+    sex = images["sex"].values.astype(str) if "sex" in columns else None
+    for ax, name in zip(axes[0], columns, strict=True):
+        values = images[name].values
+        if pd.api.types.is_numeric_dtype(values.dtype):
+            if sex is not None and name != "sex":
+                groups = sorted(set(sex))
+                ax.hist([values[sex == group] for group in groups], bins=15, stacked=True, label=groups)
+                ax.legend(fontsize=8)
+            else:
+                ax.hist(values, bins=15, color="#4c72b0")
+            ax.set_ylabel("participants")
+        else:
+            counts = pd.Series(values.astype(str)).value_counts().sort_index()
+            ax.bar(counts.index, counts.to_numpy(), color="#4c72b0")
+            ax.tick_params(axis="x", labelrotation=45 if len(counts) > 4 else 0)
+        ax.set_title(name)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def _train_settings(ws: Workspace) -> dict:
+    return (ws.catalog.get("train") or {}) if ws.has("provenance") else {}
+
+
+def _models(ws: Workspace) -> list[str]:
+    if not ws.has("models"):
+        return [_note("No models/metrics.parquet: the train stage has not run.")]
+    metrics, predictions = ws.metrics, ws.predictions
+    settings = _train_settings(ws)
+    target = settings.get("target", "age")
+    parts = [f"<p>Ensemble of {predictions.loc[predictions.member >= 0, 'member'].nunique()} member(s) "
+             f"{html.escape(settings.get('model', ''))} predicting <b>{html.escape(target)}</b> "
+             f"({html.escape(settings.get('task', 'regression'))}); member −1 in the predictions is the "
+             "ensemble mean.</p>", _table(metrics, "Metrics per member and split")]
+    if "predicted" in predictions:
+        parts.append(_figure(_scatter_figure(predictions, target),
+                             f"Predicted against observed {target} per member and for the ensemble"))
+        if predictions.get("brain_age_gap_corrected") is not None and \
+                predictions["brain_age_gap_corrected"].notna().any():
+            parts.append(_figure(_gap_figure(predictions),
+                                 "Ensemble brain-age gap against age, before and after removing its age bias "
+                                 "(cubic in age, fitted on the test set)"))
+    else:
+        classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
+        test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+        predicted = np.asarray(classes, dtype=object)[test[[f"p_{name}" for name in classes]].to_numpy().argmax(1)]
+        confusion = pd.crosstab(pd.Series(test["observed"].astype(str).to_numpy(), name="observed"),
+                                pd.Series(predicted.astype(str), name="predicted"))
+        parts.append(_table(confusion.reset_index(), "Ensemble confusion matrix on the test set"))
+    return parts
+
+
+def _scatter_figure(predictions: pd.DataFrame, target: str):
+    members = sorted(predictions.member.unique(), key=lambda member: (member < 0, member))
+    fig, axes = _subplots(1, len(members), (3.6 * len(members), 3.6), squeeze=False, sharey=True)
+    low, high = predictions[["observed", "predicted"]].min().min(), predictions[["observed", "predicted"]].max().max()
+    for ax, member in zip(axes[0], members, strict=True):
+        part = predictions[predictions.member == member]
+        for split, colour in SPLIT_COLOURS.items():
+            rows = part[part.split == split]
+            ax.scatter(rows.observed, rows.predicted, s=10, color=colour, label=split, alpha=0.8)
+        test = part[part.split == "test"]
+        mae = (test.predicted - test.observed).abs().mean()
+        r = np.corrcoef(test.observed, test.predicted)[0, 1] if len(test) > 1 else np.nan
+        ax.plot([low, high], [low, high], color="grey", lw=1)
+        ax.set_title(f"{'ensemble' if member < 0 else f'member {member}'}: test MAE {mae:.1f}, r {r:.2f}",
+                     fontsize=9)
+        ax.set_xlabel(f"observed {target}")
+    axes[0, 0].set_ylabel(f"predicted {target}")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _gap_figure(predictions: pd.DataFrame):
+    test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+    fig, axes = _subplots(1, 2, (8, 3.2), sharey=True)
+    for ax, column, title in zip(axes, ("brain_age_gap", "brain_age_gap_corrected"),
+                                 ("raw gap", "bias-corrected gap"), strict=True):
+        ax.scatter(test.observed, test[column], s=12, color="#d62728")
+        ax.axhline(0, color="grey", lw=1)
+        slope = np.polyfit(test.observed, test[column], 1)[0] if len(test) > 1 else np.nan
+        ax.set_title(f"{title} (slope {slope:.2f} per year)", fontsize=9)
+        ax.set_xlabel("age")
+    axes[0].set_ylabel("predicted − age (years)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Relevance
+
+
+def _relevance(ws: Workspace, methods, age_bands: list[float], top_k: int) -> list[str]:
+    if not ws.has("relevance"):
+        return [_note("No relevance.zarr: the explain stage has not run.")]
+    relevance = ws.relevance
+    stored = list(relevance.method.values)
+    methods = list(methods) if methods else stored
+    absent = [method for method in methods if method not in stored]
+    if absent:
+        return [_note(f"Method(s) {absent} are not in relevance.zarr (it holds {stored}).")]
+    subjects = relevance.sizes["subject"]
+    parts = [f"<p>Ensemble-mean relevance of {relevance.sizes['member']} member(s) over {subjects} participant(s), "
+             f"methods {html.escape(', '.join(methods))}. Maps are thresholded at the 95th percentile of |R| "
+             "and shown over the MNI152 template.</p>"]
+    maps = relevance.relevance_mean.sel({"method": methods})
+    mean_maps = maps.mean("subject").compute()
+    for method in methods:
+        parts.append(_figure(_mean_map_figure(ws, mean_maps.sel({"method": method}), method),
+                             f"{method}: mean relevance (orthogonal slices and glass brain)"))
+    groups, reference, description = _relevance_groups(ws, relevance, age_bands)
+    if groups:
+        parts.append(_figure(_group_figure(ws, maps, groups, methods), f"Mean relevance by {description}"))
+    else:
+        parts.append(_note("No groups to compare (no age coordinate or classification predictions)."))
+    atlas = ws.atlas()
+    parts.append(f"<p>Top {top_k} regions of the {html.escape(atlas.name)} atlas by mean region sum, density "
+                 f"(sum per voxel) and gain ({html.escape(description_of_gain(groups, reference))}).</p>")
+    for method in methods:
+        regions = region_reduce(maps.sel({"method": method}).drop_vars("method"), atlas).compute()
+        parts.append(_figure(_top_regions_figure(regions, groups, reference, top_k, method),
+                             f"{method}: top regions by sum, density and gain"))
+    return parts
+
+
+def description_of_gain(groups: dict, reference: str | None) -> str:
+    if not groups or reference is None:
+        return "not computed: no groups"
+    target = list(groups)[-1] if list(groups)[-1] != reference else list(groups)[0]
+    return f"{target} over {reference}"
+
+
+def _relevance_groups(ws: Workspace, relevance, age_bands: list[float]) -> tuple[dict, str | None, str]:
+    """Boolean subject masks by name, the reference group for gain, and what they are."""
+    settings = _train_settings(ws)
+    if settings.get("task") == "classification" and ws.has("models"):
+        predictions = ws.predictions[ws.predictions.member == -1].set_index("participant_id")
+        classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
+        if len(classes) == 2:
+            rows = predictions.reindex(relevance.subject.values)
+            positive = rows["observed"].astype(str).to_numpy() == classes[1]
+            called = rows[f"p_{classes[1]}"].to_numpy() >= 0.5
+            groups = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
+                      "FN": positive & ~called}
+            return {name: mask for name, mask in groups.items() if mask.any()}, "TN", \
+                f"outcome (positive class {classes[1]})"
+    if "age" not in relevance.coords:
+        return {}, None, ""
+    age = relevance.age.values.astype(float)
+    edges = [-np.inf, *age_bands, np.inf]
+    groups = {}
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        name = (f"age < {high:g}" if low == -np.inf else f"age ≥ {low:g}" if high == np.inf
+                else f"age {low:g}–{high:g}")
+        mask = (age >= low) & (age < high)
+        if mask.any():
+            groups[f"{name} (n={mask.sum()})"] = mask
+    return groups, (next(iter(groups)) if len(groups) > 1 else None), "age band"
+
+
+def _robust_limit(values: np.ndarray) -> tuple[float, float]:
+    """Display threshold (95th percentile of |R|) and colour limit (99.5th) of a map."""
+    magnitude = np.abs(values[np.isfinite(values)])
+    if not magnitude.size or magnitude.max() == 0:
+        return 0.0, 1.0
+    return float(np.percentile(magnitude, 95)), float(np.percentile(magnitude, 99.5)) or float(magnitude.max())
+
+
+def _mean_map_figure(ws: Workspace, mean_map, method: str):
+    from nilearn import plotting
+
+    threshold, vmax = _robust_limit(mean_map.values)
+    image = ws.to_nifti(mean_map)
+    fig = Figure(figsize=(13, 3.0), facecolor="white")
+    stat_axes, glass_axes = fig.add_axes((0, 0, 0.56, 1)), fig.add_axes((0.57, 0, 0.43, 1))
+    plotting.plot_stat_map(image, bg_img=mni_template(), axes=stat_axes, threshold=threshold, vmax=vmax,
+                           title=method, colorbar=True, draw_cross=False)
+    plotting.plot_glass_brain(image, axes=glass_axes, threshold=threshold, vmax=vmax, plot_abs=False,
+                              colorbar=False, vmin=-vmax)
+    return fig
+
+
+def _group_figure(ws: Workspace, maps, groups: dict, methods: list[str]):
+    from nilearn import plotting
+
+    fig, axes = _subplots(len(methods), len(groups), (2.6 * len(groups), 3.0 * len(methods)), squeeze=False)
+    for row, method in enumerate(methods):
+        by_method = maps.sel({"method": method})
+        means = {name: by_method.isel(subject=np.flatnonzero(mask)).mean("subject").compute()
+                 for name, mask in groups.items()}
+        threshold, vmax = _robust_limit(np.concatenate([mean.values for mean in means.values()]))
+        for column, (name, mean) in enumerate(means.items()):
+            ax = axes[row, column]
+            ax.set_axis_off()
+            ax.set_title(f"{method}\n{name}", fontsize=8)
+            plotting.plot_glass_brain(ws.to_nifti(mean), axes=ax, display_mode="z", threshold=threshold,
+                                      vmax=vmax, vmin=-vmax, plot_abs=False, colorbar=False)
+    return fig
+
+
+def _top_regions_figure(regions, groups: dict, reference: str | None, top_k: int, method: str):
+    scores = {"sum": regions["sum"].mean("subject"), "density": regions["mean"].mean("subject")}
+    if reference is not None:
+        target = list(groups)[-1] if list(groups)[-1] != reference else list(groups)[0]
+        group, ref = (xr.DataArray(groups[name], dims="subject") for name in (target, reference))
+        scores["gain"] = region_gain(regions["sum"], group, ref)
+    fig, axes = _subplots(1, len(scores), (4.4 * len(scores), 0.28 * top_k + 1.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
+        series = values.to_series().dropna().sort_values(ascending=False).head(top_k)[::-1]
+        ax.barh(series.index, series.to_numpy(), color="#4c72b0")
+        ax.set_title(f"{method}: {name}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _validation(ws: Workspace) -> list[str]:
+    if not ws.has("validation"):
+        return [_note("No validation/scores.parquet: no ground truth was given to score the methods against.")]
+    scores = ws.scores
+    ensemble = scores[scores.member == "ensemble"].drop(columns="member")
+    parts = ["<p>Scores of the ensemble-mean maps against the ground truth (on R and on |R|): relevance-mass "
+             "accuracy against its uniform expectation, voxel ROC-AUC (0.5 = chance) and the precision of the "
+             "top regions by relevance density against chance.</p>",
+             _table(ensemble[["method", "scored", *[c for c in ensemble if c not in ("method", "scored")]]],
+                    "Ground-truth scores (ensemble)"),
+             _figure(_scores_figure(scores), "ROC-AUC and relevance-mass accuracy per method (dots: members)")]
+    if (ws.path / "validation" / "robustness.parquet").is_file():
+        robustness = ws.robustness.rename(columns={
+            "l2_distance": "L2 distance", "top_k_overlap_sum": "top-k overlap, sum (%)",
+            "top_k_overlap_density": "top-k overlap, density (%)", "top_k_overlap_gain": "top-k overlap, gain (%)"})
+        for column in robustness.columns[robustness.columns.str.endswith("(%)")]:
+            robustness[column] = 100 * robustness[column]
+        parts.append(_table(robustness, "Robustness across ensemble members (Eitel & Ritter 2019): L2 distance of "
+                                        "max-scaled mean maps and mean pairwise overlap of the top regions", 1))
+    else:
+        parts.append(_note("No robustness table (it needs at least two ensemble members)."))
+    return parts
+
+
+def _scores_figure(scores: pd.DataFrame):
+    methods = list(dict.fromkeys(scores.method))
+    fig, axes = _subplots(1, 2, (11, 3.4))
+    positions = np.arange(len(methods))
+    for offset, (scored, colour) in zip((-0.2, 0.2), (("R", "#4c72b0"), ("|R|", "#dd8452")), strict=True):
+        part = scores[scores.scored == scored]
+        ensemble = part[part.member == "ensemble"].set_index("method").reindex(methods)
+        members = part[part.member != "ensemble"]
+        ratio = ensemble.mass_accuracy / ensemble.mass_accuracy_uniform
+        axes[0].bar(positions + offset, ensemble.roc_auc, width=0.4, color=colour, label=scored)
+        axes[1].bar(positions + offset, ratio, width=0.4, color=colour, label=scored)
+        for ax, values in ((axes[0], members.roc_auc),
+                           (axes[1], members.mass_accuracy / members.mass_accuracy_uniform)):
+            ax.scatter(positions[[methods.index(m) for m in members.method]] + offset, values, s=8, color="black")
+    axes[0].axhline(0.5, color="grey", lw=1)
+    axes[1].axhline(1, color="grey", lw=1)
+    axes[0].set_title("voxel ROC-AUC", fontsize=9)
+    axes[1].set_title("relevance-mass accuracy ÷ uniform", fontsize=9)
+    for ax in axes:
+        ax.set_xticks(positions, methods, rotation=30, ha="right", fontsize=8)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Associations
+
+
+def _associations(ws: Workspace) -> list[str]:
+    if not ws.has("associations"):
+        return [_note("No association analyses in this workspace (associations/<name>/summary.json).")]
+    parts = []
+    for analysis in ws.associations.values():
+        summary = analysis.summary
+        fields = {key: summary[key] for key in ("outcome", "predictor", "covariates", "correction", "alpha", "n",
+                                                "df", "model", "permutations", "n_significant", "significant")
+                  if key in summary}
+        described = "; ".join(f"{key} {_plain(value)}" for key, value in fields.items())
+        parts.append(f"<h3>{html.escape(analysis.name)} ({html.escape(analysis.scope)})</h3>"
+                     f"<p>{html.escape(described)}</p>")
+        if analysis.scope == "voxel":
+            parts += _voxel_association(analysis)
+        elif analysis.scope == "roi":
+            parts += _roi_association(analysis)
+        elif analysis.similarity is not None:
+            parts.append(_table(analysis.similarity.describe().T.reset_index(names="measure"),
+                                f"{analysis.name}: per-participant similarity of the two maps"))
+    return parts
+
+
+def _plain(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {item}" for key, item in value.items())
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _voxel_association(analysis) -> list[str]:
+    from nilearn import plotting
+
+    parts = []
+    if "t" not in analysis.maps:
+        return [_note(f"{analysis.path}: no t.nii.gz map to show.")]
+    if analysis.corrected_p is None:
+        image, label = analysis.map("t"), "t (uncorrected: no corrected p map)"
+    else:
+        image, label = analysis.thresholded("t"), f"t where {analysis.corrected_p} < {analysis.alpha:g}"
+    if not np.any(np.nan_to_num(image.get_fdata())):
+        parts.append(_note(f"No voxel survives {analysis.corrected_p} < {analysis.alpha:g}; "
+                           "the unthresholded t map is shown."))
+        image, label = analysis.map("t"), "t (nothing significant)"
+    values = np.nan_to_num(image.get_fdata())
+    image = nib.Nifti1Image(values.astype(np.float32), image.affine)
+    vmax = float(np.abs(values).max()) or 1.0
+    fig = Figure(figsize=(13, 3.0), facecolor="white")
+    stat_axes, glass_axes = fig.add_axes((0, 0, 0.56, 1)), fig.add_axes((0.57, 0, 0.43, 1))
+    plotting.plot_stat_map(image, bg_img=mni_template(), axes=stat_axes, vmax=vmax, title=analysis.name,
+                           colorbar=True, draw_cross=False)
+    plotting.plot_glass_brain(image, axes=glass_axes, vmax=vmax, vmin=-vmax, plot_abs=False, colorbar=False)
+    parts.append(_figure(fig, f"{analysis.name}: {label}"))
+    if analysis.clusters is not None:
+        parts.append(_table(analysis.clusters, f"{analysis.name}: clusters (peaks in mm, atlas regions)", 3)
+                     if len(analysis.clusters) else _note("No clusters."))
+    return parts
+
+
+def _roi_association(analysis) -> list[str]:
+    regions = analysis.regions
+    if regions is None:
+        return [_note(f"{analysis.path}: no regions.parquet.")]
+    predictor = analysis.summary.get("predictor")
+    if "term" in regions and predictor in set(regions["term"]):
+        regions = regions[regions["term"] == predictor]
+    ordered = regions.sort_values("p")
+    parts = [_table(ordered, f"{analysis.name}: per-region models of {predictor}, by p (FDR-adjusted in p_fdr)", 3)]
+    shown = ordered.head(MAX_TABLE_ROWS)[::-1]
+    fig, ax = _subplots(1, 1, (7, 0.26 * len(shown) + 1.2))
+    significant = shown["p_fdr"].to_numpy() < analysis.alpha
+    ax.barh(shown["region"].astype(str) + " · " + shown["term"].astype(str), shown["statistic"],
+            color=np.where(significant, "#d62728", "#9e9e9e"))
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("statistic (red: p_fdr < α)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    parts.append(_figure(fig, f"{analysis.name}: statistic per region"))
+    return parts
+
+
+# ---------------------------------------------------------------------------------------
+# Provenance
+
+
+def _provenance(ws: Workspace) -> list[str]:
+    if not ws.has("provenance"):
+        return [_note("No provenance.json: the workspace was not made by `relcohort run`.")]
+    runs = ws.provenance.get("runs", [])
+    if not runs:
+        return [_note("provenance.json records no run.")]
+    last = runs[-1]
+    facts = pd.DataFrame([{"catalog": last.get("catalog_file"), "sha256": str(last.get("catalog_sha256", ""))[:16],
+                           "seeds": last.get("seeds"), "cluster": last.get("cluster"), "python": last.get("python"),
+                           "platform": last.get("platform")}])
+    times = pd.DataFrame([{"started": run.get("started"), "state": run.get("state", "running"),
+                           **{stage: record.get("seconds") for stage, record in run.get("stages", {}).items()}}
+                          for run in runs])
+    versions = pd.DataFrame(list(last.get("packages", {}).items()), columns=["package", "version"])
+    catalog = yaml.safe_dump(last.get("catalog", {}), sort_keys=False)
+    return [_table(facts, "Last run"), _table(times.iloc[::-1], "Runs, newest first: seconds per stage", 3),
+            _table(versions, "Package versions"),
+            f"<details><summary>Catalog of the last run</summary><pre>{html.escape(catalog)}</pre></details>"]
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1320px; padding: 0 16px; color: #222;
+       background: #fff; }}
+nav {{ position: sticky; top: 0; background: #f4f4f4; padding: 6px 10px; border-bottom: 1px solid #ccc; }}
+section {{ border-top: 2px solid #4c72b0; margin-top: 18px; padding-top: 4px; }}
+figure {{ margin: 8px 0; }} figure img {{ max-width: 100%; }}
+figcaption, .caption {{ font-size: 0.85em; color: #555; }}
+table.table {{ border-collapse: collapse; font-size: 0.85em; }}
+table.table td, table.table th {{ padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
+.table-wrap {{ overflow-x: auto; margin: 8px 0; }} .note {{ color: #666; font-style: italic; }}
+pre {{ background: #f7f7f7; padding: 8px; font-size: 0.8em; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<p class="caption">Workspace {path}; report written {stamp}.</p>
+<nav>{nav}</nav>
+{body}
+<script>
+// report.html?section=<id> shows one section (for screenshots); the body records how many images decoded.
+const only = new URLSearchParams(location.search).get("section");
+if (only) {{
+  document.querySelectorAll("section").forEach(s => {{ s.hidden = s.id !== only; }});
+  document.querySelector("nav").hidden = true;
+}}
+window.addEventListener("load", () => {{
+  const images = [...document.images];
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesTotal = images.length;
+}});
+</script>
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# Headless Chromium
+
+
+def find_chromium() -> str:
+    """The Chromium executable (``chromium``, ``chromium-browser`` or ``google-chrome``)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError("no Chromium found (apt-get install chromium)")
+
+
+def browser_check(report: str | Path, chromium: str | None = None) -> tuple[int, int]:
+    """Open the report in headless Chromium; return (images decoded, images on the page)."""
+    result = subprocess.run([chromium or find_chromium(), *CHROMIUM_FLAGS, "--virtual-time-budget=10000",
+                             "--dump-dom", Path(report).resolve().as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    match = re.search(r'<body[^>]*data-images-loaded="(\d+)"[^>]*data-images-total="(\d+)"', result.stdout)
+    if match is None:
+        raise RuntimeError(f"Chromium did not render {report}: {result.stderr[-1000:]}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def screenshot_sections(report: str | Path, out_dir: str | Path, chromium: str | None = None,
+                        width: int = 1320, height: int = 5000) -> dict[str, Path]:
+    """A PNG screenshot of each section (``<out_dir>/<section>.png``), trailing blank space cut off."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots = {}
+    for section in SECTIONS:
+        path = out_dir / f"{section}.png"
+        result = subprocess.run([chromium or find_chromium(), *CHROMIUM_FLAGS, "--hide-scrollbars",
+                                 f"--window-size={width},{height}", f"--screenshot={path}",
+                                 f"{Path(report).resolve().as_uri()}?section={section}"],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0 or not path.is_file():
+            raise RuntimeError(f"Chromium could not screenshot {report} section {section}: {result.stderr[-1000:]}")
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+            used = np.flatnonzero((pixels != pixels[-1, -1]).any(axis=1))
+            bottom = min(pixels.shape[0], int(used[-1]) + 20) if used.size else pixels.shape[0]
+            cropped = image.crop((0, 0, image.width, bottom))
+        cropped.save(path, optimize=True)
+        shots[section] = path
+    return shots

@@ -1,0 +1,282 @@
+"""A run's workspace as labelled Python objects: the notebook API, and what the report reads.
+
+``open_workspace(path)`` returns a :class:`Workspace` whose properties load on first use::
+
+    ws = open_workspace("workspace/demo")
+    ws.images                    # xarray.Dataset (subject × voxel), images.zarr
+    ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
+    ws.features["tract_fa"]      # pandas tables of features/*.parquet
+    ws.predictions, ws.metrics   # models/
+    ws.scores, ws.robustness     # validation/
+    ws.associations["lrp_age"]   # associations/<name>/: summary, voxel maps, cluster or region tables
+    ws.provenance, ws.catalog    # provenance.json and the last run's catalog
+    ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject"))
+    ws.plot(ws.associations["lrp_age"].map("t"), kind="glass")
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from engine.atlas import Atlas, cohort_atlas
+from engine.attribution import open_relevance
+from engine.store import open_cohort, to_volume
+
+IMAGES = "images.zarr"
+RELEVANCE = "relevance.zarr"
+FEATURES = "features"
+MODELS = "models"
+VALIDATION = "validation"
+ASSOCIATIONS = "associations"
+PROVENANCE = "provenance.json"
+REPORT = "report.html"
+#: The p-value map of each correction an association analysis may name.
+CORRECTED_P = {"fwe": "p_fwe", "fdr_bh": "p_fdr", "bonferroni": "p_bonferroni", "none": "p"}
+
+
+@lru_cache(maxsize=1)
+def mni_template() -> nib.Nifti1Image:
+    """nilearn's bundled MNI152 template (2 mm), the background of every brain figure; read offline."""
+    from nilearn.datasets import load_mni152_template
+
+    return load_mni152_template(resolution=2)
+
+
+def _read_table(path: Path, stage: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the {stage} stage has not written it")
+    return pd.read_parquet(path)
+
+
+class Association:
+    """One analysis in ``associations/<name>/``: ``summary`` (summary.json) and its voxel maps
+    (``t.nii.gz``, ``p_fdr.nii.gz``...), cluster table, region table or similarity table."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        summary_file = self.path / "summary.json"
+        if not summary_file.is_file():
+            raise FileNotFoundError(f"{summary_file} not found: not an association result")
+        self.summary = json.loads(summary_file.read_text())
+        if "scope" not in self.summary:
+            raise ValueError(f"{summary_file}: field 'scope' (voxel, roi or similarity) is missing")
+
+    def __repr__(self) -> str:
+        return f"Association({self.name!r}, scope={self.scope!r}, maps={self.maps})"
+
+    @property
+    def name(self) -> str:
+        return self.summary.get("name", self.path.name)
+
+    @property
+    def scope(self) -> str:
+        return self.summary["scope"]
+
+    @property
+    def alpha(self) -> float:
+        return float(self.summary.get("alpha", 0.05))
+
+    @property
+    def maps(self) -> list[str]:
+        """Names of the voxel maps present, e.g. ``beta``, ``t``, ``p``, ``p_fdr``, ``p_fwe``."""
+        return sorted(path.name.removesuffix(".nii.gz") for path in self.path.glob("*.nii.gz"))
+
+    def map(self, statistic: str) -> nib.Nifti1Image:
+        """One voxel map, e.g. ``"t"`` or ``"p_fdr"``."""
+        path = self.path / f"{statistic}.nii.gz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; this analysis has maps {self.maps}")
+        return nib.load(path)
+
+    @property
+    def corrected_p(self) -> str | None:
+        """The map that decides significance: the one the clusters were thresholded by
+        (``clusters_thresholded_by``), else ``p_fwe``, else ``p_fdr``; ``None`` without any."""
+        chosen = CORRECTED_P.get(self.summary.get("clusters_thresholded_by"))
+        return next((name for name in (chosen, "p_fwe", "p_fdr") if name in self.maps), None)
+
+    def thresholded(self, statistic: str = "t") -> nib.Nifti1Image:
+        """``statistic`` where the corrected p-value is below ``alpha``, 0 elsewhere (and outside the mask)."""
+        if self.corrected_p is None:
+            raise FileNotFoundError(f"{self.path}: no p_fwe or p_fdr map to threshold with")
+        image = self.map(statistic)
+        keep = np.asanyarray(self.map(self.corrected_p).dataobj) < self.alpha
+        values = np.nan_to_num(image.get_fdata())
+        return nib.Nifti1Image(np.where(keep, values, 0).astype(np.float32), image.affine, image.header)
+
+    @cached_property
+    def clusters(self) -> pd.DataFrame | None:
+        path = self.path / "clusters.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
+
+    @cached_property
+    def regions(self) -> pd.DataFrame | None:
+        path = self.path / "regions.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
+
+    @cached_property
+    def similarity(self) -> pd.DataFrame | None:
+        path = self.path / "similarity.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
+
+
+class Workspace:
+    """The outputs of one catalog's runs in ``path``, loaded lazily with labelled dimensions."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no workspace at {self.path}")
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.path)!r}, has={[part for part in self.PARTS if self.has(part)]})"
+
+    PARTS = {"images": IMAGES + "/zarr.json", "relevance": RELEVANCE + "/zarr.json", "features": FEATURES,
+             "models": MODELS + "/metrics.parquet", "validation": VALIDATION + "/scores.parquet",
+             "associations": ASSOCIATIONS, "provenance": PROVENANCE, "report": REPORT}
+
+    def has(self, part: str) -> bool:
+        """Whether the workspace holds ``part`` (one of ``Workspace.PARTS``)."""
+        if part not in self.PARTS:
+            raise ValueError(f"unknown workspace part {part!r}; known: {', '.join(self.PARTS)}")
+        path = self.path / self.PARTS[part]
+        if part == "features":
+            return any(path.glob("*.parquet"))
+        if part == "associations":
+            return any(path.glob("*/summary.json"))
+        return path.exists()
+
+    # -- stores and tables
+
+    @cached_property
+    def images(self) -> xr.Dataset:
+        """``images.zarr``: lazy (subject × voxel) arrays with participant columns as coordinates."""
+        return open_cohort(self.path / IMAGES)
+
+    @cached_property
+    def relevance(self) -> xr.Dataset:
+        """``relevance.zarr``: ``relevance`` (method, member, subject, voxel) and ``relevance_mean``."""
+        return open_relevance(self.path / RELEVANCE)
+
+    @cached_property
+    def features(self) -> dict[str, pd.DataFrame]:
+        """Every ``features/*.parquet`` table by name (e.g. ``regional_gm_volume``)."""
+        return {path.stem: pd.read_parquet(path) for path in sorted((self.path / FEATURES).glob("*.parquet"))}
+
+    @cached_property
+    def predictions(self) -> pd.DataFrame:
+        """Per participant, member (``-1`` = ensemble) and split: predicted, observed, brain-age gaps."""
+        return _read_table(self.path / MODELS / "predictions.parquet", "train")
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return _read_table(self.path / MODELS / "metrics.parquet", "train")
+
+    @cached_property
+    def scores(self) -> pd.DataFrame:
+        """Ground-truth scores per method and member (``validation/scores.parquet``)."""
+        return _read_table(self.path / VALIDATION / "scores.parquet", "explain")
+
+    @cached_property
+    def robustness(self) -> pd.DataFrame:
+        """Robustness across members per method (``validation/robustness.parquet``)."""
+        return _read_table(self.path / VALIDATION / "robustness.parquet", "explain")
+
+    @cached_property
+    def associations(self) -> dict[str, Association]:
+        """Every ``associations/<name>/`` analysis by folder name."""
+        return {path.parent.name: Association(path.parent)
+                for path in sorted((self.path / ASSOCIATIONS).glob("*/summary.json"))}
+
+    @cached_property
+    def provenance(self) -> dict:
+        path = self.path / PROVENANCE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the workspace was not made by `relcohort run`")
+        return json.loads(path.read_text())
+
+    @property
+    def catalog(self) -> dict:
+        """The catalog (paths resolved) of the last recorded run."""
+        runs = self.provenance.get("runs", [])
+        if not runs:
+            raise ValueError(f"{self.path / PROVENANCE}: no runs recorded")
+        return runs[-1]["catalog"]
+
+    def atlas(self, name: str | None = None, labels: str | Path | None = None, **options) -> Atlas:
+        """An atlas on the workspace's voxels: ``name`` (bundled or a label image), default the catalog's."""
+        source = self.relevance if self.has("relevance") else self.images
+        if name is None:
+            settings = self.catalog.get("atlas", {}) if self.has("provenance") else {}
+            name, labels = settings.get("name", "neuromorphometrics"), settings.get("labels")
+            options = {"merge_hemispheres": settings.get("merge_hemispheres", False),
+                       "atlas_space": settings.get("space"), **options}
+        return cohort_atlas(source, name, labels, **options)
+
+    # -- back to images and figures
+
+    def to_nifti(self, data, atlas: Atlas | None = None) -> nib.Nifti1Image:
+        """A NIfTI image of ``data`` on the cohort grid.
+
+        ``data`` is a DataArray with one ``voxel`` dimension (a row, or any reduction such as
+        ``.mean("subject")``; other dimensions must have size 1), a ``pandas.Series`` of values
+        by region name (painted into ``atlas``, default the catalog's), or a NIfTI image (returned).
+        """
+        if isinstance(data, nib.spatialimages.SpatialImage):
+            return data
+        if isinstance(data, pd.Series):
+            return self._paint_regions(data, atlas or self.atlas())
+        if not isinstance(data, xr.DataArray):
+            raise TypeError("to_nifti takes a DataArray, a Series by region or a NIfTI image, "
+                            f"got {type(data).__name__}")
+        extra = [dim for dim in data.dims if dim != "voxel"]
+        if "voxel" not in data.dims or any(data.sizes[dim] != 1 for dim in extra):
+            raise ValueError(f"to_nifti needs one map with dims ('voxel',), got {dict(data.sizes)}; select or reduce "
+                             "the other dimensions first, e.g. .sel({'method': 'lrp'}).mean('subject')")
+        row = data.squeeze(extra, drop=True) if extra else data
+        if "grid" not in row.attrs:  # reductions may drop attributes; the grid is the workspace's
+            source = self.relevance if self.has("relevance") else self.images
+            row = row.assign_attrs(grid=source.attrs["grid"])
+        return to_volume(row.astype(np.float32) if row.dtype == bool else row)
+
+    def _paint_regions(self, values: pd.Series, atlas: Atlas) -> nib.Nifti1Image:
+        unknown = sorted(set(values.index) - set(atlas.region_names))
+        if unknown:
+            raise ValueError(f"regions {unknown[:5]} are not in atlas {atlas.name}")
+        by_label = pd.Series(atlas.regions.index, index=atlas.regions["name"])
+        lookup = np.zeros(int(max(atlas.regions.index.max(), atlas.voxel_labels.max(initial=0))) + 1, np.float32)
+        lookup[by_label.reindex(values.index).to_numpy()] = values.to_numpy(dtype=np.float32)
+        source = self.relevance if self.has("relevance") else self.images
+        row = xr.DataArray(lookup[atlas.voxel_labels], dims="voxel", coords={axis: source[axis] for axis in "ijk"},
+                           attrs={"grid": source.attrs["grid"]})
+        return to_volume(row)
+
+    def plot(self, data, kind: str = "stat", **options):
+        """Plot ``data`` (anything :meth:`to_nifti` takes) over the MNI template with nilearn.
+
+        ``kind``: ``stat`` (orthogonal slices), ``glass`` (glass brain, signed) or ``anat``.
+        ``options`` go to nilearn's ``plot_stat_map`` / ``plot_glass_brain`` / ``plot_anat``
+        (``title``, ``threshold``, ``axes``, ``display_mode``, ``cmap``...); returns its display.
+        """
+        from nilearn import plotting
+
+        image = self.to_nifti(data)
+        if kind == "stat":
+            return plotting.plot_stat_map(image, bg_img=mni_template(), **options)
+        if kind == "glass":
+            return plotting.plot_glass_brain(image, **{"plot_abs": False, "colorbar": True, **options})
+        if kind == "anat":
+            return plotting.plot_anat(image, **options)
+        raise ValueError(f"kind must be 'stat', 'glass' or 'anat', got {kind!r}")
+
+
+def open_workspace(path: str | Path) -> Workspace:
+    """The workspace of a catalog run (``workspace:`` in the catalog) for notebooks: see :class:`Workspace`."""
+    return Workspace(path)

@@ -1,0 +1,184 @@
+"""The HTML report and the notebook API on a whole tiny run; the report opened in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from engine import open_workspace
+from engine.report import SECTIONS, browser_check, build_report, screenshot_sections
+from engine.store import to_volume
+from pipelines.catalog import load_catalog
+from pipelines.stages import ReportStage
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt-get when missing and possible; required in CI."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                        ["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+            subprocess.run(command, capture_output=True, env=environment, timeout=900)
+            found = shutil.which("chromium")
+            if found:
+                break
+    if found is None:
+        message = "Chromium is not installed and apt-get could not install it (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def embedded_images(html: str) -> list[np.ndarray]:
+    return [matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")
+            for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def spread(pixels: np.ndarray) -> float:
+    """Standard deviation of the grey levels (0–1): 0 for a blank image."""
+    grey = pixels[..., :3].mean(axis=-1) if pixels.ndim == 3 else pixels
+    return float(grey.std())
+
+
+def coloured_pixels(pixels: np.ndarray) -> int:
+    """Clearly coloured pixels (figures' colour maps and markers; text, notes and tables are grey),
+    leaving out the section's coloured rule (rows coloured across the page)."""
+    rgb = pixels[..., :3].astype(float)
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25
+    return int(coloured[coloured.mean(axis=1) < 0.5].sum())
+
+
+def test_run_writes_a_report_with_every_section(tiny_workspace):
+    report = tiny_workspace / "report.html"
+    html = report.read_text()
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in html
+    assert "No association analyses" in html  # the tiny run has none: the section says so
+    for expected in ("Metrics per member and split", "Ground-truth scores", "Robustness across ensemble members",
+                     "lrp: mean relevance", "gradient: top regions", "Package versions", "24</b> participants"):
+        assert expected in html
+    figures = embedded_images(html)
+    # cohort 1, models 2, relevance 2 mean maps + 1 group figure + 2 top-region charts, validation 1
+    assert len(figures) == 9
+    assert all(spread(figure) > 0.05 for figure in figures)
+    run = json.loads((tiny_workspace / "provenance.json").read_text())["runs"][-1]
+    assert run["stages"]["report"]["built"] == 1 and run["stages"]["report"]["report"] == str(report)
+
+    catalog, _ = load_catalog(tiny_workspace.parent / "catalog.yaml")
+    written = report.stat().st_mtime_ns
+    assert ReportStage().run(catalog, None, lambda *_: None)["built"] == 0  # inputs unchanged: nothing to do
+    assert report.stat().st_mtime_ns == written
+    assert "report.html" in ReportStage().report(tiny_workspace)
+
+
+def test_workspace_api_gives_labelled_objects_and_images(tiny_workspace, tmp_path):
+    ws = open_workspace(tiny_workspace)
+    assert ws.images.T1.dims == ("subject", "voxel") and "age" in ws.images.coords
+    assert ws.relevance.relevance.dims == ("method", "member", "subject", "voxel")
+    assert {"regional_gm_volume", "lesion_load", "lesion_relevance"} <= set(ws.features)
+    assert {-1, 0, 1} == set(ws.predictions.member) and "ensemble" in set(ws.metrics.member)
+    assert set(ws.scores.method) == {"lrp", "gradient"} and len(ws.robustness) == 2
+    assert ws.associations == {} and ws.catalog["train"]["members"] == 2
+
+    mean_map = ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject")
+    volume = ws.to_nifti(mean_map).get_fdata()
+    np.testing.assert_allclose(volume[mean_map.i, mean_map.j, mean_map.k], mean_map.values, rtol=1e-6)
+    with pytest.raises(ValueError, match="select or reduce"):
+        ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}))
+
+    atlas = ws.atlas()
+    painted = ws.to_nifti(pd.Series({"Left_Hippocampus": 2.5})).get_fdata()
+    inside = atlas.voxel_labels == atlas.regions.index[atlas.regions["name"] == "Left_Hippocampus"][0]
+    assert inside.any() and (painted[mean_map.i, mean_map.j, mean_map.k] == np.where(inside, 2.5, 0)).all()
+
+    empty = open_workspace(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"models/metrics.parquet not found: the train stage"):
+        _ = empty.metrics
+    assert "No images.zarr" in build_report(empty).read_text()
+
+
+def write_associations(workspace: Path) -> None:
+    """Fixture files in the association stage's layout: one voxel-wise and one ROI-wise analysis."""
+    images = open_workspace(workspace).images
+    row = xr.zeros_like(images.T1.isel(subject=0), dtype=np.float32).compute()
+    blob = np.flatnonzero((np.abs(row.i - row.i.mean()) < 2) & (np.abs(row.j - row.j.mean()) < 2)
+                          & (np.abs(row.k - row.k.mean()) < 2))
+    t = row.copy(data=np.where(np.isin(np.arange(row.size), blob), 5.0, 0.3).astype(np.float32))
+    p = t.copy(data=np.where(t.values > 1, 1e-4, 0.6).astype(np.float32))
+    voxel = workspace / "associations/lrp_age"
+    voxel.mkdir(parents=True)
+    for name, values in {"beta": t * 0.01, "t": t, "p": p, "p_fdr": p * 3}.items():
+        to_volume(values.assign_attrs(grid=images.attrs["grid"])).to_filename(voxel / f"{name}.nii.gz")
+    pd.DataFrame({"cluster": [1], "voxels": [blob.size], "volume_mm3": [blob.size * 512.0], "peak_t": [5.0],
+                  "peak_x": [2.0], "peak_y": [-18.0], "peak_z": [10.0], "peak_region": ["Left_Thalamus_Proper"],
+                  "regions": ["Left_Thalamus_Proper (60%), Right_Thalamus_Proper (40%)"]}).to_parquet(
+        voxel / "clusters.parquet")
+    (voxel / "summary.json").write_text(json.dumps({
+        "name": "lrp_age", "scope": "voxel", "outcome": "relevance:lrp", "predictor": "age",
+        "covariates": ["sex", "site"], "correction": "fdr", "alpha": 0.05, "n": 5, "df": 1,
+        "n_significant": int(blob.size)}))
+    roi = workspace / "associations/gm_age"
+    roi.mkdir(parents=True)
+    pd.DataFrame({"region": ["Left_Hippocampus", "Right_Amygdala", "Left_Caudate"], "term": ["age"] * 3,
+                  "estimate": [-3.1, -1.2, 0.2], "se": [0.5, 0.6, 0.4], "statistic": [-6.2, -2.0, 0.5],
+                  "p": [1e-6, 0.05, 0.6], "p_fdr": [3e-6, 0.075, 0.6], "n": [24] * 3}).to_parquet(
+        roi / "regions.parquet")
+    (roi / "summary.json").write_text(json.dumps({
+        "name": "gm_age", "scope": "roi", "outcome": "regional_gm_volume", "predictor": "age",
+        "covariates": ["sex"], "correction": "fdr", "alpha": 0.05, "n": 24, "df": 21, "n_significant": 1}))
+
+
+def test_report_with_associations_renders_in_chromium(tiny_workspace, tmp_path, chromium):
+    workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "ws"))
+    write_associations(workspace)
+    report = build_report(workspace, methods=["lrp"], top_k=5)
+    html = report.read_text()
+    assert "lrp_age (voxel)" in html and "gm_age (roi)" in html and "No association analyses" not in html
+    assert "t where p_fdr &lt; 0.05" in html and "Right_Thalamus_Proper (40%)" in html and "Left_Hippocampus" in html
+    assert "gradient: mean relevance" not in html  # only the methods asked for
+    figures = embedded_images(html)
+    assert len(figures) == 9 and all(spread(figure) > 0.05 for figure in figures)
+
+    loaded, total = browser_check(report, chromium)
+    assert total == len(figures) and loaded == total  # every embedded image decoded in the browser
+
+    shots = screenshot_sections(report, workspace / "report_screenshots", chromium)
+    assert set(shots) == set(SECTIONS)
+    for section, path in shots.items():
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 150 and spread(pixels) > 0.05, section
+        if section != "provenance":  # the others hold figures: their colour maps show in the screenshot
+            assert coloured_pixels(pixels) > 300, (section, coloured_pixels(pixels))
+        else:
+            assert coloured_pixels(pixels) == 0
+
+
+def test_example_notebook_runs(tiny_workspace, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "docs/explore_workspace.ipynb", as_version=4)
+    monkeypatch.setenv("RELCOHORT_WORKSPACE", str(tiny_workspace))
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "docs")}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4  # the brain plots and scatter
+    assert any("'report'" in output.get("data", {}).get("text/plain", "") for output in outputs)  # stage times
