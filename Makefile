@@ -27,6 +27,8 @@ test-all: $(INSTALLED)
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/region_reduction.py
+	$(BIN)/python benchmarks/voxelwise_stats.py
+	$(BIN)/python benchmarks/stats_scale.py
 	$(BIN)/python benchmarks/attribution_cost.py
 
 clean:

@@ -233,11 +233,24 @@ class ExplainStage:
             settings.subjects_per_chunk, client=client, progress=progress)
         summary = {"store": str(catalog.workspace / RELEVANCE), "methods": settings.methods,
                    "subjects": len(subjects), "members": catalog.train.members}
-        if catalog.features is not None and catalog.features.lesions:
-            summary["lesion_relevance"] = str(self._lesion_relevance(catalog, relevance, dataset))
+        lesions = catalog.features.lesions if catalog.features is not None else None
         truth = settings.truth or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
+        out = catalog.workspace / self.folder
+        # what the scores derive from: the maps (by their plan), the truth, the atlas and the lesion modality
+        record = {"relevance": [relevance.attrs.get("plan"), relevance.attrs.get("state")], "truth": str(truth),
+                  "truth_labels": settings.truth_labels, "atlas": catalog.atlas.model_dump(mode="json"),
+                  "lesions": lesions}
+        current = _current(out, record)
+        if not current:
+            (out / RECORD).unlink(missing_ok=True)
+        if lesions:
+            path = catalog.workspace / FeaturesStage.folder / "lesion_relevance.parquet"
+            summary["lesion_relevance"] = str(path if current else self._lesion_relevance(catalog, relevance, dataset))
         if truth is not None:
-            summary["validation"] = self._validate(catalog, relevance, dataset, atlas, truth)
+            summary["validation"] = (_method_scores(pd.read_parquet(out / "scores.parquet")) if current
+                                     else self._validate(catalog, relevance, dataset, atlas, truth))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECORD).write_text(json.dumps(record))  # written last: marks the scores current
         return summary
 
     def _lesion_relevance(self, catalog: Catalog, relevance, dataset) -> Path:
@@ -262,14 +275,11 @@ class ExplainStage:
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         scores = pd.concat(tables, ignore_index=True)
         _write_table(scores, out / "scores.parquet")
-        ensemble = scores[(scores.member == "ensemble") & (scores.scored == "R")]
         if relevance.sizes["member"] > 1:
             age = relevance["age"].values
             robustness = validation.member_robustness(relevance.relevance, atlas, age >= np.median(age))
             _write_table(robustness.reset_index(), out / "robustness.parquet")
-        return {row["method"]: {"roc_auc": round(float(row["roc_auc"]), 3),
-                                "mass_accuracy": round(float(row["mass_accuracy"]), 3)}
-                for _, row in ensemble.iterrows()}
+        return _method_scores(scores)
 
     def report(self, workspace: Path) -> str | None:
         try:
@@ -279,6 +289,13 @@ class ExplainStage:
         sizes = relevance.relevance.sizes
         return (f"{workspace / RELEVANCE}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
                 f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
+
+
+def _method_scores(scores: pd.DataFrame) -> dict:
+    """ROC-AUC and mass accuracy of each method's ensemble-mean signed maps (for the run summary)."""
+    ensemble = scores[(scores.member == "ensemble") & (scores.scored == "R")]
+    return {row["method"]: {"roc_auc": round(float(row["roc_auc"]), 3),
+                            "mass_accuracy": round(float(row["mass_accuracy"]), 3)} for _, row in ensemble.iterrows()}
 
 
 def _current(folder: Path, record: dict) -> bool:
