@@ -295,10 +295,11 @@ def _relevance_groups(ws: Workspace, relevance, age_bands: list[float]) -> tuple
             rows = predictions.reindex(relevance.subject.values)
             positive = rows["observed"].astype(str).to_numpy() == classes[1]
             called = rows[f"p_{classes[1]}"].to_numpy() >= 0.5
-            groups = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
-                      "FN": positive & ~called}
-            return {name: mask for name, mask in groups.items() if mask.any()}, "TN", \
-                f"outcome (positive class {classes[1]})"
+            outcomes = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
+                        "FN": positive & ~called}
+            groups = {f"{name} (n={mask.sum()})": mask for name, mask in outcomes.items() if mask.any()}
+            reference = next((name for name in groups if name.startswith("TN")), None)
+            return groups, reference, f"outcome (positive class {classes[1]})"
     if "age" not in relevance.coords:
         return {}, None, ""
     age = relevance.age.values.astype(float)
@@ -474,7 +475,7 @@ def _voxel_association(analysis) -> list[str]:
     fig = Figure(figsize=(13, 3.0), facecolor="white")
     stat_axes, glass_axes = fig.add_axes((0, 0, 0.56, 1)), fig.add_axes((0.57, 0, 0.43, 1))
     plotting.plot_stat_map(image, bg_img=mni_template(), axes=stat_axes, vmax=vmax, title=analysis.name,
-                           colorbar=True, draw_cross=False)
+                           colorbar=True, draw_cross=False, symmetric_cbar=True)  # one sign keeps its colours
     plotting.plot_glass_brain(image, axes=glass_axes, vmax=vmax, vmin=-vmax, plot_abs=False, colorbar=False)
     parts.append(_figure(fig, f"{analysis.name}: {label}"))
     if analysis.clusters is not None:

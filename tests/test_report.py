@@ -182,3 +182,31 @@ def test_example_notebook_runs(tiny_workspace, monkeypatch):
     assert not [output for output in outputs if output.output_type == "error"]
     assert sum("image/png" in output.get("data", {}) for output in outputs) >= 4  # the brain plots and scatter
     assert any("'report'" in output.get("data", {}).get("text/plain", "") for output in outputs)  # stage times
+
+
+def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
+    """A sex classifier: the relevance groups are TP/FP/TN/FN of the test participants."""
+    import yaml
+
+    from pipelines.runner import run_catalog
+    from rich.console import Console
+
+    modalities = yaml.safe_load((REPO / "catalog.yaml").read_text())["modalities"]
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({
+        "workspace": "ws", "cohort": {"directory": str(tiny_cohort)}, "modalities": {"T1": modalities["T1"]},
+        "train": {"target": "sex", "task": "classification", "modalities": ["T1"], "members": 1, "epochs": 2,
+                  "batch_size": 4},
+        "explain": {"methods": ["lrp"], "subjects": "all"},
+        "cluster": {"n_workers": 1, "threads_per_worker": 2}, "report": {"top_k": 3}}))
+    workspace = run_catalog(catalog, Console(quiet=True))
+    predictions = pd.read_parquet(workspace / "models/predictions.parquet").query("member == -1")
+    positive = predictions["observed"].astype(str) == "M"
+    called = predictions["p_M"] >= 0.5
+    expected = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
+                "FN": positive & ~called}
+    html = (workspace / "report.html").read_text()
+    assert "outcome (positive class M)" in html
+    for name, rows in expected.items():  # a group map for each outcome that occurs, none for the others
+        assert (f"{name} (n={rows.sum()})" in html) == bool(rows.any()), name
+    assert all(spread(image) > 0.01 for image in embedded_images(html))
