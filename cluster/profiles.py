@@ -51,7 +51,8 @@ class LocalProfile(BaseModel):
             threads_per_worker=self.threads_per_worker,
             memory_limit=self.memory_limit,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787" if self.dashboard else None,
+            # off: the scheduler still serves HTTP (health checks), so on a free port, not on 8787
+            dashboard_address="127.0.0.1:8787" if self.dashboard else "127.0.0.1:0",
             resources=resources,
             silence_logs=40,  # logging.ERROR
         ) as cluster, Client(cluster) as client:

@@ -81,9 +81,15 @@ def _note(text: str) -> str:
 
 
 def _table(frame: pd.DataFrame, caption: str | None = None, digits: int = 3) -> str:
-    shown = frame.head(MAX_TABLE_ROWS)
+    shown = frame.head(MAX_TABLE_ROWS).copy()
     more = f" (first {MAX_TABLE_ROWS} of {len(frame)} rows)" if len(frame) > MAX_TABLE_ROWS else ""
-    table = shown.to_html(index=False, border=0, classes="table", na_rep="–",
+    for column in shown.columns:  # long region names may break after "_", lists after ";"
+        if pd.api.types.is_numeric_dtype(shown[column]):
+            continue
+        shown[column] = shown[column].astype(object).map(
+            lambda value: value if not isinstance(value, str)
+            else html.escape(value).replace("_", "_<wbr>").replace("; ", ";<br>"))
+    table = shown.to_html(index=False, border=0, classes="table", na_rep="–", escape=False,
                           float_format=lambda value: f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0
                           else f"{value:.{digits}f}")
     title = f"<p class=caption>{html.escape(caption + more)}</p>" if caption else ""
@@ -541,6 +547,7 @@ figure {{ margin: 8px 0; }} figure img {{ max-width: 100%; }}
 figcaption, .caption {{ font-size: 0.85em; color: #555; }}
 table.table {{ border-collapse: collapse; font-size: 0.85em; }}
 table.table td, table.table th {{ padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
+table.table td {{ max-width: 30em; }}  /* long names wrap where _table allows */
 .table-wrap {{ overflow-x: auto; margin: 8px 0; }} .note {{ color: #666; font-style: italic; }}
 pre {{ background: #f7f7f7; padding: 8px; font-size: 0.8em; }}
 </style></head>
@@ -591,7 +598,7 @@ def browser_check(report: str | Path, chromium: str | None = None) -> tuple[int,
 
 
 def screenshot_sections(report: str | Path, out_dir: str | Path, chromium: str | None = None,
-                        width: int = 1320, height: int = 5000) -> dict[str, Path]:
+                        width: int = 1320, height: int = 16000) -> dict[str, Path]:
     """A PNG screenshot of each section (``<out_dir>/<section>.png``), trailing blank space cut off."""
     from PIL import Image
 
