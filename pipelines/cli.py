@@ -79,7 +79,7 @@ def status(workspace: Annotated[Path, typer.Argument(help="workspace folder of a
         if report is None:
             unused = used and name not in used
             report = "[dim]not part of this workspace's catalog[/]" if unused else "[dim]nothing yet[/]"
-        console.print(f"[bold]{name:<8}[/] {report}", highlight=False)
+        console.print(f"[bold]{name:<9}[/] {report}", highlight=False)
 
 
 @app.command()
