@@ -347,19 +347,27 @@ class AssociateStage:
         sources = _association_sources(workspace)
         inputs = _association_inputs(workspace)
         done, summary = 0, {"folder": str(workspace / self.folder), "analyses": {}}
+        atlases = {}  # each atlas resampled once per run, on first use
+
+        def atlas_of(settings) -> Atlas:
+            key = settings.model_dump_json()
+            if key not in atlases:
+                atlases[key] = _atlas(sources.images, settings)
+            return atlases[key]
+
         for analysis in catalog.associate:
             out = workspace / self.folder / analysis.name
             record = {"analysis": analysis.model_dump(mode="json"), "inputs": inputs,
                       "atlas": catalog.atlas.model_dump(mode="json")}
             if not _current(out, record):
-                self._run_one(catalog, sources, analysis, out, record)
+                self._run_one(catalog, sources, atlas_of, analysis, out, record)
                 done += 1
             summary["analyses"][analysis.name] = json.loads((out / "summary.json").read_text())["significant"]
             progress("associate", len(summary["analyses"]), len(catalog.associate))
         summary["computed"] = done
         return summary
 
-    def _run_one(self, catalog: Catalog, sources, analysis, out: Path, record: dict) -> None:
+    def _run_one(self, catalog: Catalog, sources, atlas_of, analysis, out: Path, record: dict) -> None:
         """Write one analysis into a fresh folder, then swap it in: a failure leaves the old results whole."""
         partial = out.with_name(f".{out.name}.part")
         shutil.rmtree(partial, ignore_errors=True)
@@ -367,7 +375,7 @@ class AssociateStage:
         started = time.perf_counter()
         try:
             details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity}[analysis.scope](
-                catalog, sources, analysis, partial)
+                catalog, sources, atlas_of, analysis, partial)
         except ValueError as error:
             shutil.rmtree(partial, ignore_errors=True)
             raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
@@ -379,7 +387,7 @@ class AssociateStage:
         shutil.rmtree(out, ignore_errors=True)
         partial.replace(out)
 
-    def _voxel(self, catalog, sources, analysis, out: Path) -> dict:
+    def _voxel(self, catalog, sources, atlas_of, analysis, out: Path) -> dict:
         result = association.voxel_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
                                             analysis.correction, analysis.permutations, analysis.seed)
         for name in result.data_vars:
@@ -391,15 +399,14 @@ class AssociateStage:
                        for correction in analysis.correction}
         threshold = analysis.correction[0]
         mask = (association.corrected_p(result, threshold) < analysis.alpha).values
-        atlas = _atlas(sources.images, catalog.atlas)
-        _write_table(association.cluster_table(result["t"], mask, atlas), out / "clusters.parquet")
+        _write_table(association.cluster_table(result["t"], mask, atlas_of(catalog.atlas)), out / "clusters.parquet")
         return {"n": result.attrs["n"], "df": result.attrs["df"], "correction": analysis.correction,
                 "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
                 "seed": analysis.seed, "significant": significant,
                 "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
 
-    def _roi(self, catalog, sources, analysis, out: Path) -> dict:
-        atlas = _atlas(sources.images, analysis.atlas or catalog.atlas)
+    def _roi(self, catalog, sources, atlas_of, analysis, out: Path) -> dict:
+        atlas = atlas_of(analysis.atlas or catalog.atlas)
         table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates, atlas,
                                          analysis.region_statistic, analysis.robust, analysis.random_intercept)
         skipped = table.attrs.get("skipped", {})
@@ -413,7 +420,7 @@ class AssociateStage:
                 "model": "mixed" if analysis.random_intercept else ("ols_hc3" if analysis.robust else "ols"),
                 "skipped_regions": skipped}
 
-    def _similarity(self, catalog, sources, analysis, out: Path) -> dict:
+    def _similarity(self, catalog, sources, atlas_of, analysis, out: Path) -> dict:
         subjects = association.analysis_subjects(sources, [analysis.outcome, analysis.predictor])
         table = stats.map_similarity(sources.map(analysis.outcome, subjects), sources.map(analysis.predictor, subjects))
         _write_table(table, out / "similarity.parquet")
