@@ -28,6 +28,8 @@ from engine.stats import adjust_p, region_models, voxelwise_ols
 from engine.store import cohort_grid
 
 MAP_SOURCES = ("relevance", "images")
+#: The p-value map written for each correction name (``none``: uncorrected).
+CORRECTED_P = {"fwe": "p_fwe", "fdr_bh": "p_fdr", "bonferroni": "p_bonferroni", "none": "p"}
 
 
 class AnalysisError(ValueError):
@@ -150,7 +152,7 @@ def voxel_analysis(sources: Sources, outcome: str, predictor: str, covariates: l
 
 def corrected_p(result: xr.Dataset, correction: str) -> xr.DataArray:
     """The p-values of ``result`` under one correction name."""
-    return result[{"bonferroni": "p_bonferroni", "fdr_bh": "p_fdr", "fwe": "p_fwe", "none": "p"}[correction]]
+    return result[CORRECTED_P[correction]]
 
 
 def cluster_table(statistic: xr.DataArray, significant: np.ndarray, atlas: Atlas | None = None,

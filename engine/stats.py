@@ -27,10 +27,6 @@ from statsmodels.stats.multitest import multipletests
 
 from engine.store import cohort_grid
 
-#: Multiple-comparison corrections of voxel-wise p-values (``fwe`` is permutation max-T).
-CORRECTIONS = ("bonferroni", "fdr_bh", "fwe")
-
-
 def design_matrix(covariates: pd.DataFrame, categorical: Sequence[str] = ()) -> pd.DataFrame:
     """Intercept, numeric covariates, and dummy codes (first level dropped) of ``categorical`` ones."""
     unknown = sorted(set(categorical) - set(covariates.columns))

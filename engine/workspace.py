@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from engine.association import CORRECTED_P
 from engine.atlas import Atlas, cohort_atlas
 from engine.attribution import open_relevance
 from engine.store import open_cohort, to_volume
@@ -37,8 +38,6 @@ VALIDATION = "validation"
 ASSOCIATIONS = "associations"
 PROVENANCE = "provenance.json"
 REPORT = "report.html"
-#: The p-value map of each correction an association analysis may name.
-CORRECTED_P = {"fwe": "p_fwe", "fdr_bh": "p_fdr", "bonferroni": "p_bonferroni", "none": "p"}
 
 
 @lru_cache(maxsize=1)

@@ -21,12 +21,11 @@ from engine import association, attribution, features, stats, store, synth, trai
 from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
 from engine.report import build_report, screenshot_sections
-from engine.workspace import REPORT
+from engine.workspace import ASSOCIATIONS, IMAGES, MODELS, RELEVANCE, REPORT  # the workspace layout
 from pipelines.catalog import Catalog
 
 Progress = Callable[[str, int, int], None]
 
-IMAGES = "images.zarr"
 DEMO_COHORT = "demo_cohort"
 SYNTH_RECORD = ".relcohort-synth.json"
 
@@ -149,8 +148,6 @@ class FeaturesStage:
 
 
 RECORD = ".relcohort-record.json"
-MODELS = "models"
-RELEVANCE = "relevance.zarr"
 
 
 class TrainStage:
@@ -330,7 +327,6 @@ def _write_table(table: pd.DataFrame, path: Path) -> None:
     partial.replace(path)
 
 
-ASSOCIATIONS = "associations"
 
 
 class AssociateStage:
@@ -413,7 +409,7 @@ class AssociateStage:
         _write_table(table, out / "regions.parquet")
         table.to_csv(out / "regions.csv", index=False)
         tested = table[table["term"] == analysis.predictor]
-        significant = {correction: int((_adjusted(tested, correction) < analysis.alpha).sum())
+        significant = {correction: int((stats.adjust_p(tested["p"].to_numpy(), correction) < analysis.alpha).sum())
                        for correction in analysis.correction}
         return {"n": int(tested["n"].max()) if len(tested) else 0, "regions": int(tested["region"].nunique()),
                 "correction": analysis.correction, "significant": significant,
@@ -437,10 +433,6 @@ class AssociateStage:
             summary = json.loads(path.read_text())
             parts.append(f"{summary['name']} ({summary['scope']}, n={summary['n']}: {summary['significant']})")
         return f"{workspace / self.folder}: " + "; ".join(parts)
-
-
-def _adjusted(table: pd.DataFrame, correction: str) -> pd.Series:
-    return table["p_fdr"] if correction == "fdr_bh" else (table["p"] * table["region"].nunique()).clip(upper=1)
 
 
 def _association_sources(workspace: Path) -> association.Sources:

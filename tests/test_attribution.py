@@ -106,14 +106,13 @@ def test_unknown_method_is_named():
 
 @pytest.fixture(scope="module")
 def trained(tiny_cohort, tmp_path_factory):
-    from engine.store import ingest, open_cohort, read_participants
+    from engine.store import open_cohort
     from engine.training import stratified_split
-    from tests.conftest import MODALITIES
+    from tests.test_store import run_ingest
 
     folder = tmp_path_factory.mktemp("explain")
     store = folder / "images.zarr"
-    ingest(store, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES,
-           tiny_cohort / "mask.nii.gz", subjects_per_chunk=8)
+    run_ingest(tiny_cohort, store)
     dataset = open_cohort(store)
     split = stratified_split(pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                                            "sex": dataset.sex.values}), (0.5, 0.25, 0.25))

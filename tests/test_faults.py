@@ -21,10 +21,10 @@ import yaml
 from safetensors.torch import load_file
 
 from engine.attribution import open_relevance
-from engine.store import ingest, open_cohort, read_participants
+from engine.store import open_cohort
 from engine.training import TrainingConfig, stratified_split, train_ensemble
 from pipelines.runner import LOCK, WorkspaceBusy, workspace_lock
-from tests.conftest import MODALITIES
+from tests.test_store import run_ingest
 
 REPO = Path(__file__).parents[1]
 
@@ -84,8 +84,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undis
     from distributed import Client, LocalCluster
 
     store = tmp_path / "images.zarr"
-    ingest(store, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES,
-           tiny_cohort / "mask.nii.gz", subjects_per_chunk=8)
+    run_ingest(tiny_cohort, store)
     dataset = open_cohort(store)
     split = stratified_split(pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                                            "sex": dataset.sex.values}), (0.5, 0.25, 0.25))
