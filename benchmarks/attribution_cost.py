@@ -4,9 +4,11 @@
 
 An MRInet on the demo grid's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
 on the trained weights, so a freshly initialised model is used) explains a batch of random
-inputs with every method, best of three after a warm-up. The reference is one forward and
-one backward pass to the input (``torch.autograd.grad``), the cheapest attribution there is,
-timed again right before each method (the machine's speed drifts by 10-20 % over minutes).
+inputs with every method, best of three after a warm-up. The model is placed as the engine
+places it (``engine.models.place``: channels-last weights on CPU). The reference is one forward
+and one backward pass to the input (``torch.autograd.grad``) on that same model, the cheapest
+attribution there is, timed again right before each method (the machine's speed drifts by
+10-20 % over minutes); the same pass on the model in PyTorch's default layout is reported too.
 Methods slower than 10 s per batch are timed once after the warm-up.
 Writes ``benchmarks/results/attribution_cost.json`` and prints a Markdown table.
 """
@@ -14,6 +16,7 @@ Writes ``benchmarks/results/attribution_cost.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ import torch
 
 from engine.attribution import METHODS, AttributionOptions, attribute
 from engine.grid import mni_grid
-from engine.models import ModelSpec, build_model
+from engine.models import ModelSpec, build_model, place
 from ingest_throughput import best_of, save_results  # sibling script
 
 #: The brain box of the demo cohort's mask at each voxel size (``CohortVolumes.shape``).
@@ -38,7 +41,9 @@ def input_gradient(model, inputs):
 def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -> list[dict]:
     torch.set_num_threads(threads)
     shape = BOX.get(voxel_size) or mni_grid(voxel_size).shape
-    model = build_model(ModelSpec("mrinet", shape, 1, 1), target_mean=50.0, target_scale=18.0).to(device).eval()
+    default_model = build_model(ModelSpec("mrinet", shape, 1, 1), target_mean=50.0, target_scale=18.0).to(device)
+    model = place(copy.deepcopy(default_model), device).eval()
+    default_model.eval()
     inputs = torch.randn(batch, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     labels = (torch.arange(torch.tensor(shape).prod()).reshape(shape) // 800).numpy()  # ~150 blocky regions
 
@@ -49,7 +54,7 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
                 torch.cuda.synchronize()
         return best_of(run, warm_up=True)
 
-    rows = []
+    rows = [{"method": "input gradient, default layout", "seconds_per_batch": timed(lambda: input_gradient(default_model, inputs))}]
     for method in METHODS:  # the reference is timed right before each method: the machine's speed drifts
         reference = timed(lambda: input_gradient(model, inputs))
         seconds = timed(lambda method=method: attribute(model, inputs, method, OPTIONS, region_labels=labels))
@@ -57,9 +62,10 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
                      "relative_to_gradient": seconds / reference})
         print(f"{threads} thread(s), {method}: {seconds:.2f} s per batch of {batch}, {seconds / reference:.2f}× "
               f"the input gradient ({reference:.2f} s)", flush=True)
-    references = [row["gradient_seconds_per_batch"] for row in rows]
+    references = [row["gradient_seconds_per_batch"] for row in rows[1:]]
     rows.insert(0, {"method": "input gradient (reference, median)", "seconds_per_batch": float(np.median(references)),
                     "relative_to_gradient": 1.0})
+    rows[1]["relative_to_gradient"] = rows[1]["seconds_per_batch"] / rows[0]["seconds_per_batch"]
     for row in rows:
         row.update({"voxel_size_mm": voxel_size, "batch": batch, "threads": threads, "device": str(device),
                     "subjects_per_s": batch / row["seconds_per_batch"]})

@@ -29,6 +29,13 @@ def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: tor
     return module._conv_forward(x, weight, bias)
 
 
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format of a layer's output, to keep the extra passes in the model's layout."""
+    if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _stabilise(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """z + ε·sign(z), with sign(0) = +1 (computed without autograd)."""
     with torch.no_grad():
@@ -45,7 +52,29 @@ class _Route(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gradient):
-        return (None, None, *(gradient * scale for scale in ctx.scales))
+        # in place: each scale is used once, and a fresh activation-sized buffer costs page faults
+        return (None, None, *(scale.mul_(gradient) for scale in ctx.scales))
+
+
+class _SignSplit(torch.autograd.Function):
+    """``[x⁺, x⁻]`` as channels (in the given memory layout); backward: each element of x takes
+    the gradient of its own sign's half (a zero input has zero relevance either way)."""
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.save_for_backward(x)
+        channels = x.shape[1]
+        split = torch.empty((x.shape[0], 2 * channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                            memory_format=layout)
+        torch.clamp(x, min=0, out=split[:, :channels])
+        torch.clamp(x, max=0, out=split[:, channels:])
+        return split
+
+    @staticmethod
+    def backward(ctx, gradient):
+        (x,) = ctx.saved_tensors
+        channels = x.shape[1]
+        return torch.where(x > 0, gradient[:, :channels], gradient[:, channels:]), None
 
 
 def _route(output: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -73,7 +102,7 @@ class Epsilon:
         if output.requires_grad:
             with torch.no_grad():
                 scale = _ratio(output, _stabilise(output, self.epsilon if self.epsilon else 1e-12), 1.0)
-            output.register_hook(lambda gradient: gradient * scale)
+            output.register_hook(lambda gradient: scale.mul_(gradient))
 
 
 @dataclass(frozen=True)
@@ -103,14 +132,16 @@ class AlphaBeta:
                 negative = output - bias - positive
         else:  # signed inputs: both signs of x as channels of one pass, W⁺x⁺ + W⁻x⁻ (and W⁻x⁺ + W⁺x⁻)
             negative_w = module.weight.clamp(max=0)
-            split_x = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
+            split_x = _SignSplit.apply(x, _layout(output))
             positive = _forward(module, split_x, torch.cat([positive_w, negative_w], dim=1), None)
             if self.beta:
                 negative = _forward(module, split_x, torch.cat([negative_w, positive_w], dim=1), None)
+        # The modified outputs' values are not needed by their backward passes (a convolution's
+        # backward reads its input and weight), so each one is turned into its scale in place.
         with torch.no_grad():
-            terms = [(positive, _ratio(output, positive + self.stabiliser, self.alpha))]
+            terms = [(positive, _ratio(output, positive.add_(self.stabiliser), self.alpha))]
             if negative is not None:
-                terms.append((negative, _ratio(output, negative - self.stabiliser, -self.beta)))
+                terms.append((negative, _ratio(output, negative.sub_(self.stabiliser), -self.beta)))
         return _route(output, terms)
 
 
@@ -145,6 +176,7 @@ def merge_batchnorm(model: nn.Module) -> nn.Module:
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
                 fused = nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                   conv.dilation, conv.groups, bias=True).to(conv.weight)
+                fused.to(memory_format=_layout(conv.weight))
                 with torch.no_grad():
                     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1, 1))
                     fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)

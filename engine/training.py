@@ -26,7 +26,7 @@ import xarray as xr
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
-from engine.models import ModelSpec, build_model
+from engine.models import ModelSpec, build_model, place
 from engine.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 
@@ -297,7 +297,7 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     model = build_model(spec, target_mean=float(targets[train].mean()) if regression else None,
                         target_scale=float(targets[train].std()) if regression else None)
     fresh_layers = _start_weights(model, config, member)
-    model.to(device)
+    model = place(model, device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimiser = torch.optim.Adam(trainable, lr=config.learning_rate)
     loss_fn = torch.nn.MSELoss() if config.task == "regression" else torch.nn.CrossEntropyLoss()
@@ -373,7 +373,7 @@ def load_member(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
     record = json.loads(path.with_suffix(".json").read_text())
     model = build_model(ModelSpec.from_record(record["spec"]))
     model.load_state_dict(load_file(path.with_suffix(".safetensors")))
-    return model.to(device).eval(), record
+    return place(model, device).eval(), record
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule
 from torch import nn
 
 from engine.lrp import AlphaBeta, Epsilon, lrp, merge_batchnorm
-from engine.models import ModelSpec, build_model
+from engine.models import ModelSpec, build_model, place
 
 SHAPE = (12, 14, 10)
 
@@ -110,3 +110,16 @@ def test_bad_rules_and_presets_are_refused():
         AlphaBeta(2.0, 0.5)
     with pytest.raises(ValueError, match="unknown LRP preset 'gamma'"):
         lrp(_model(), _inputs(), "gamma")
+
+
+@pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon"])
+def test_channels_last_placement_changes_no_relevance(preset):
+    """The engine places models channels-last on CPU (engine.models.place); outputs and LRP maps
+    equal those of PyTorch's default layout, signed inputs included."""
+    model, x = _model(), _inputs(signed=True)
+    placed = place(copy.deepcopy(model), "cpu")
+    assert placed.features[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not model.features[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(placed(x), model(x), rtol=1e-12)
+    relevance, reference = lrp(placed, x, preset), lrp(model, x, preset)
+    assert torch.allclose(relevance, reference, rtol=1e-9, atol=1e-12 * reference.abs().max().item())
