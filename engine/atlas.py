@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dask.array as da
 import nibabel as nib
+import numba
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -196,26 +197,37 @@ def _merge_hemispheres(atlas: Atlas) -> Atlas:
 # Region reductions
 
 
+@numba.njit(cache=True, nogil=True)
+def _run_sums(block, starts, run_labels, n_labels):
+    """Σv and Σmax(v, 0) per row and label, run by run, in float64: (rows, labels, 2)."""
+    sums = np.zeros((block.shape[0], n_labels, 2))
+    for row in range(block.shape[0]):
+        values = block[row]
+        for run in range(len(run_labels)):
+            total = 0.0
+            positive = 0.0
+            for voxel in range(starts[run], starts[run + 1]):
+                value = np.float64(values[voxel])
+                total += value
+                positive += max(value, 0.0)
+            sums[row, run_labels[run], 0] += total
+            sums[row, run_labels[run], 1] += positive
+    return sums
+
+
 def _block_region_sums(block: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
     """Sum, |sum| and positive sum of one (subject × voxel) block per label: (subject, 1, label, 3).
 
-    Voxels in mask order come in runs of one label (about 25 voxels per run at 2 mm), so each
-    run is summed with ``np.add.reduceat`` (contiguous, float64) and the run sums are binned
-    by label. A signed block is summed as its positive and negative parts.
+    Voxels in mask order come in runs of one label (about 25 voxels per run at 2 mm): one
+    compiled pass sums each run's values and positive parts in float64 and adds them to the
+    run's label (numba: 2–5× faster than numpy's ``reduceat`` + ``bincount``; the tests compare
+    it with numpy in float64). Σ|v| = 2·Σmax(v, 0) − Σv.
     """
     labels = labels.ravel()
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1])
-    run_labels = labels[starts]
-
-    def by_label(values):
-        runs = np.add.reduceat(values, starts, axis=1, dtype=np.float64)
-        return np.stack([np.bincount(run_labels, weights=row, minlength=n_labels) for row in runs])
-
-    if block.size and block.min() >= 0:
-        positive, negative = by_label(block), np.zeros((len(block), n_labels))
-    else:
-        positive, negative = by_label(np.maximum(block, 0)), by_label(np.minimum(block, 0))
-    return np.stack([positive + negative, positive - negative, positive], axis=-1)[:, None]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1, [labels.size]])
+    sums = _run_sums(np.ascontiguousarray(block), starts, labels[starts[:-1]], n_labels)
+    total, positive = sums[..., 0], sums[..., 1]
+    return np.stack([total, 2 * positive - total, positive], axis=-1)[:, None]
 
 
 def region_reduce(data: xr.DataArray, atlas: Atlas) -> xr.Dataset:
