@@ -1,6 +1,6 @@
 """Voxel-wise OLS and permutation max-T: relcohort vs nilearn ``permuted_ols``, statsmodels, a bare read.
 
-    python benchmarks/voxelwise_stats.py [--subjects 128] [--voxel-sizes 4 2] [--permutations 1000 200]
+    python benchmarks/voxelwise_stats.py [--subjects 128] [--voxel-sizes 4 2] [--permutations 1000 1000]
 
 For each voxel size the cached cohort of ``ingest_throughput.py`` (generated if missing) is
 ingested, and the model ``GM ~ age + sex + site`` (site dummy-coded) is fitted at every voxel:
@@ -122,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, default=128)
     parser.add_argument("--voxel-sizes", type=float, nargs="+", default=[4.0, 2.0])
-    parser.add_argument("--permutations", type=int, nargs="+", default=[1000, 200],
+    parser.add_argument("--permutations", type=int, nargs="+", default=[1000, 1000],
                         help="permutation count per voxel size")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

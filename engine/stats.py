@@ -14,16 +14,20 @@ batch of permutations is one matrix product of permuted design rows with the res
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dask
 import dask.array as da
+import dask.local
 import numpy as np
 import pandas as pd
 import xarray as xr
+from dask.base import get_scheduler
 from scipy import special
 from statsmodels.stats.multitest import multipletests
+from threadpoolctl import threadpool_limits
 
 from engine.store import cohort_grid
 
@@ -43,10 +47,11 @@ def design_matrix(covariates: pd.DataFrame, categorical: Sequence[str] = ()) -> 
 
 
 def _as_matrix(term: xr.DataArray | np.ndarray | pd.Series, n: int, name: str):
-    """A (subject, voxel) dask/numpy matrix or a (subject,) vector, float64."""
+    """A (subject, voxel) dask/numpy matrix as stored (blocks become float64 where it matters) or a
+    (subject,) float64 vector."""
     if isinstance(term, xr.DataArray):
         if term.dims == ("subject", "voxel"):
-            return term.data.astype(np.float64), True
+            return (term.data if isinstance(term.data, da.Array) else np.asarray(term.values, np.float64)), True
         if term.dims == ("subject",):
             return np.asarray(term.values, np.float64), False
         raise ValueError(f"{name} must have dims ('subject', 'voxel') or ('subject',), got {term.dims}")
@@ -82,13 +87,9 @@ class _Model:
     def df(self) -> int:
         return self.n - self.design.shape[1] - 1
 
-    def residual(self, values, cross):
-        """``values`` minus their fit on the covariates, given ``cross`` = Cᵀ·values."""
-        coefficients = self.gram_inverse @ cross
-        if isinstance(values, da.Array):
-            design = da.from_array(self.design, chunks=(values.chunks[0], -1))
-            return values - design @ coefficients
-        return values - self.design @ coefficients[:, 0] if values.ndim == 1 else values - self.design @ coefficients
+    def residual(self, values: np.ndarray, cross: np.ndarray) -> np.ndarray:
+        """A per-subject vector minus its fit on the covariates, given ``cross`` = Cᵀ·values."""
+        return values - self.design @ (self.gram_inverse @ cross)[:, 0]
 
 
 def _fit(outcome, predictor, covariates, categorical) -> tuple[_Model, xr.DataArray]:
@@ -163,12 +164,14 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     df = model.df
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = model.sxy / model.sxx
-        se = np.sqrt(np.maximum(model.syy - beta * model.sxy, 0) / df / model.sxx)
+        se = np.maximum(model.syy - beta * model.sxy, 0)
+        se /= df * model.sxx
+        np.sqrt(se, out=se)
         t = beta / se
         partial_r = model.sxy / np.sqrt(model.sxx * model.syy)
     voxel_coords = {name: coord for name, coord in reference.coords.items() if coord.dims == ("voxel",)}
     result = xr.Dataset({"beta": ("voxel", beta), "se": ("voxel", se), "t": ("voxel", t),
-                         "p": ("voxel", 2 * special.stdtr(df, -np.abs(t))), "partial_r": ("voxel", partial_r)},
+                         "p": ("voxel", _two_sided_p(t, df)), "partial_r": ("voxel", partial_r)},
                         coords=voxel_coords)
     result.attrs.update(n=int(model.n), df=int(df))
     if permutations:
@@ -185,11 +188,32 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     return result
 
 
+def _two_sided_p(t: np.ndarray, df: int) -> np.ndarray:
+    """2·P(T_df > |t|), in voxel chunks as Dask tasks: the t-distribution's tail costs more per
+    voxel than the whole fit's arithmetic, so it runs in parallel wherever the scheduler does."""
+    if t.size <= P_VALUE_VOXELS:
+        return 2 * special.stdtr(df, -np.abs(t))
+    chunks = da.from_array(t, chunks=P_VALUE_VOXELS)
+    return da.map_blocks(lambda block: 2 * special.stdtr(df, -np.abs(block)), chunks, dtype=np.float64).compute()
+
+
+#: Voxels per p-value task.
+P_VALUE_VOXELS = 2**17
+
+#: Stored bytes of map values per task of the one-pass fit.
+FIT_TASK_BYTES = 2**25
+
+
 def _cross_products(y, x, design: np.ndarray) -> np.ndarray:
-    """Sums over subjects of the products the model needs (see :func:`_block_cross_products`), from
+    """Sums over subjects of the products the model needs (see :func:`_task_cross_products`), from
     one pass over the maps' subject blocks; NaN where a map is missing."""
     maps = [values for values in (y, x) if values.ndim == 2]
     reference = maps[0] if isinstance(maps[0], da.Array) else da.from_array(maps[0], chunks=(-1, -1))
+    # tasks take several stored subject chunks (and sum them chunk by chunk): fewer float64 partial
+    # sums to add up afterwards, memory still flat in N
+    step = reference.chunks[0][0]
+    per_task = FIT_TASK_BYTES // (max(reference.chunks[1]) * reference.dtype.itemsize)
+    reference = reference.rechunk({0: max(step, per_task // step * step)})
     subjects = reference.chunks[0]
 
     def aligned(values):
@@ -201,26 +225,54 @@ def _cross_products(y, x, design: np.ndarray) -> np.ndarray:
     (y_blocks, y_index), (x_blocks, x_index) = aligned(y), aligned(x)
     q = design.shape[1]
     rows = 2 * q + 3 if len(maps) == 2 else q + 2
-    parts = da.blockwise(_block_cross_products, "skv", y_blocks, y_index, x_blocks, x_index,
+    parts = da.blockwise(_task_cross_products, "skv", y_blocks, y_index, x_blocks, x_index,
                          da.from_array(design, chunks=(subjects, -1)), "sq", new_axes={"k": rows},
-                         adjust_chunks={"s": 1}, dtype=np.float64, concatenate=True)
-    return parts.sum(axis=0).compute()
+                         adjust_chunks={"s": 1}, dtype=np.float64, concatenate=True, step=step)
+    with _task_blas_threads():
+        return parts.sum(axis=0).compute()
 
 
-def _block_cross_products(y, x, design):
-    """One subject block's sums in float64, as rows of a (1, k, voxel) array:
+def _task_blas_threads():
+    """One BLAS thread per task unless Dask runs its tasks one at a time: the tasks are the
+    parallelism, and idle BLAS threads spin on the cores that the other tasks need."""
+    if get_scheduler() is dask.local.get_sync:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _task_cross_products(y, x, design, step):
+    """One task's sums over its subjects in float64, as rows of a (1, k, voxel) array:
 
     both maps: Cᵀy, Cᵀx, Σxy, Σx², Σy²; one map m and a vector v: [C v]ᵀm, Σm².
+    ``step`` subjects at a time are cast into reused float64 buffers (a fresh buffer per block
+    costs more in page faults than the products).
     """
-    if y.ndim == 2 and x.ndim == 2:
-        y, x = y.astype(np.float64), x.astype(np.float64)
-        rows = [design.T @ y, design.T @ x, np.einsum("sv,sv->v", x, y)[None],
-                np.einsum("sv,sv->v", x, x)[None], np.einsum("sv,sv->v", y, y)[None]]
+    maps = [values for values in (y, x) if values.ndim == 2]
+    n_voxels = maps[0].shape[1]
+    if len(maps) == 2:
+        q = design.shape[1]
+        sums = np.zeros((2 * q + 3, n_voxels))
     else:
-        values, vector = (y, x) if y.ndim == 2 else (x, y)
-        values = values.astype(np.float64)
-        rows = [np.column_stack([design, vector]).T @ values, np.einsum("sv,sv->v", values, values)[None]]
-    return np.concatenate(rows)[None]
+        design = np.column_stack([design, y if y.ndim == 1 else x])
+        q = design.shape[1]
+        sums = np.zeros((q + 1, n_voxels))
+    buffers = [np.empty((min(step, len(design)), n_voxels)) for _ in maps]
+    for first in range(0, len(design), step):
+        rows = slice(first, first + step)
+        blocks = [buffer[:len(design[rows])] for buffer in buffers]
+        for block, values in zip(blocks, maps, strict=True):
+            np.copyto(block, values[rows])
+        if len(blocks) == 2:
+            block_y, block_x = blocks
+            sums[:q] += design[rows].T @ block_y
+            sums[q:2 * q] += design[rows].T @ block_x
+            sums[2 * q] += np.einsum("sv,sv->v", block_x, block_y)
+            sums[2 * q + 1] += np.einsum("sv,sv->v", block_x, block_x)
+            sums[2 * q + 2] += np.einsum("sv,sv->v", block_y, block_y)
+        else:
+            sums[:q] += design[rows].T @ blocks[0]
+            sums[q] += np.einsum("sv,sv->v", blocks[0], blocks[0])
+    return sums[None]
 
 
 def _missing_voxels(y, x) -> np.ndarray:
@@ -254,32 +306,38 @@ def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> 
     n, n_voxels = model.n, maps[0].shape[1]
     columns = max(1, min(n_voxels, PERMUTATION_BLOCK_BYTES // (8 * n)))
     y_map, x_map = model.y.ndim == 2, model.x.ndim == 2
-    residuals = {name: _as_dask_array(model.residual(values, cross)).rechunk((-1, columns))
-                 for name, values, cross, is_map in (("y", model.y, model.cy, y_map), ("x", model.x, model.cx, x_map))
-                 if is_map}
-    blocks = residuals["y" if y_map else "x"].chunks[1]
-    # enough tasks for the workers even when the voxels fit in one block: split the permutations too
-    groups = max(1, min(-(-permutations // batch), -(-8 // len(blocks))))
-    edges = np.linspace(0, permutations, groups + 1).astype(int)
+
+    def blocks(values, cross):  # the maps as stored, every subject per block, and their covariate fit
+        return [_as_dask_array(values).rechunk((-1, columns)), "nv",
+                da.from_array(model.gram_inverse @ cross, chunks=(-1, columns)), "qv"]
+
     # an orthonormal basis of the covariates without the intercept's column: residuals sum to zero,
     # so the permuted residuals have no intercept component to remove
     basis = np.linalg.qr(model.design)[0][:, 1:]
-    common = {"basis": basis, "seed": seed, "batch": batch, "df": model.df}
+    common = {"design": model.design, "basis": basis, "seed": seed, "batch": batch, "df": model.df}
     if y_map and not x_map:
+        arguments = blocks(model.y, model.cy)
+        kernel, arguments = _design_side_maxima, [*arguments, _vector(model.syy, arguments[0].chunks[1]), "v"]
         r_x = model.residual(model.x, model.cx)
-        kernel, arguments = _design_side_maxima, [residuals["y"], "nv", _vector(model.syy, blocks), "v"]
         common["unit"] = r_x / np.sqrt(r_x @ r_x)
     elif x_map and not y_map:
-        kernel, arguments = _outcome_side_maxima, [residuals["x"], "nv", _vector(model.sxx, blocks), "v"]
+        arguments = blocks(model.x, model.cx)
+        kernel, arguments = _outcome_side_maxima, [*arguments, _vector(model.sxx, arguments[0].chunks[1]), "v"]
         common.update(residual_y=model.residual(model.y, model.cy), syy=float(model.syy[0]))
     else:
+        x_blocks, y_blocks = blocks(model.x, model.cx), blocks(model.y, model.cy)
         kernel = _map_map_maxima
-        arguments = [residuals["x"], "nv", residuals["y"], "nv", _vector(model.sxx, blocks), "v",
-                     _vector(model.syy, blocks), "v"]
+        arguments = [*x_blocks, *y_blocks, _vector(model.sxx, x_blocks[0].chunks[1]), "v",
+                     _vector(model.syy, x_blocks[0].chunks[1]), "v"]
+    n_blocks = len(arguments[0].chunks[1])
+    # enough tasks for the workers even when the voxels fit in one block: split the permutations too
+    groups = max(1, min(-(-permutations // batch), -(-8 // n_blocks)))
+    edges = np.linspace(0, permutations, groups + 1).astype(int)
     tasks = [da.blockwise(kernel, "pv", *arguments, new_axes={"p": int(stop - start)}, adjust_chunks={"v": 1},
                           dtype=np.float64, concatenate=True, start=int(start), stop=int(stop), **common)
              for start, stop in zip(edges[:-1], edges[1:], strict=True) if stop > start]
-    return np.concatenate([maxima.max(axis=1) for maxima in dask.compute(*tasks)])
+    with _task_blas_threads():
+        return np.concatenate([maxima.max(axis=1) for maxima in dask.compute(*tasks)])
 
 
 def _vector(values: np.ndarray, blocks) -> da.Array:
@@ -291,10 +349,14 @@ def _as_dask_array(values) -> da.Array:
 
 
 def _max_abs_t(a, c2, syy, df):
-    """max over voxels of |t| for each permutation: a (B × v), c2 (B × v or B × 1), syy (v)."""
+    """max over voxels of |t| for each permutation: a (B × v), c2 (B × v or B × 1), syy (v).
+
+    t² = df·a² / (syy − c² − a²) is maximised, one square root per permutation at the end.
+    """
+    squared = a * a
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = a * np.sqrt(df / (syy - c2 - a * a))
-    return np.nanmax(np.abs(t), axis=1, initial=0.0)
+        t2 = np.divide(squared, np.subtract(syy, c2) - squared)
+    return np.sqrt(df * np.nanmax(t2, axis=1, initial=0.0))
 
 
 def _batches(seed, start, stop, batch, n):
@@ -302,32 +364,41 @@ def _batches(seed, start, stop, batch, n):
         yield [permutation(seed, index, n) for index in range(first, min(first + batch, stop))]
 
 
+def _residual(values, coefficients, design, dtype):
+    """A block of maps minus their covariate fit (``design`` · ``coefficients``), in ``dtype``."""
+    residual = values.astype(dtype)
+    residual -= design.astype(dtype) @ coefficients.astype(dtype)
+    return residual
+
+
 #: Voxels per matrix product inside a task: the products of a batch stay in the CPU cache.
 PRODUCT_VOXELS = 8192
 
 
-def _design_side_maxima(residual_y, syy, unit, basis, seed, batch, df, start, stop):
+def _design_side_maxima(y, coefficients, syy, design, unit, basis, seed, batch, df, start, stop):
     """Map outcome, vector predictor: permuted rows [u, Q] against the residual maps, batch by batch."""
     maxima = []
     width = basis.shape[1] + 1
-    residual_y, syy = residual_y.astype(np.float32), syy.astype(np.float32)
+    residual_y, syy = _residual(y, coefficients, design, np.float32), syy.astype(np.float32)
     for orders in _batches(seed, start, stop, batch, len(unit)):
-        design = np.concatenate([np.column_stack([unit[order], basis[order]]) for order in orders], axis=1).T
-        design = design.astype(np.float32)
+        permuted = np.concatenate([np.column_stack([unit[order], basis[order]]) for order in orders], axis=1).T
+        permuted = permuted.astype(np.float32)
         best = np.zeros(len(orders))
         for first in range(0, residual_y.shape[1], PRODUCT_VOXELS):
             voxels = slice(first, first + PRODUCT_VOXELS)
-            products = (design @ residual_y[:, voxels]).reshape(len(orders), width, -1)
-            c2 = np.einsum("bkv,bkv->bv", products[:, 1:], products[:, 1:])
+            products = (permuted @ residual_y[:, voxels]).reshape(len(orders), width, -1)
+            c2 = products[:, 1] * products[:, 1]
+            for column in range(2, width):
+                c2 += products[:, column] * products[:, column]
             best = np.fmax(best, _max_abs_t(products[:, 0], c2, syy[voxels], df))
         maxima.append(best)
     return np.concatenate(maxima)[:, None]
 
 
-def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, df, start, stop):
+def _outcome_side_maxima(x, coefficients, sxx, design, residual_y, syy, basis, seed, batch, df, start, stop):
     """Vector outcome, map predictor: the permuted outcome residuals against the residual maps."""
     maxima = []
-    residual_x, scale = residual_x.astype(np.float32), (1 / np.sqrt(sxx)).astype(np.float32)
+    residual_x, scale = _residual(x, coefficients, design, np.float32), (1 / np.sqrt(sxx)).astype(np.float32)
     for orders in _batches(seed, start, stop, batch, len(residual_y)):
         permuted = np.column_stack([residual_y[order] for order in orders])
         c2 = ((basis.T @ permuted) ** 2).sum(axis=0)[:, None].astype(np.float32)
@@ -342,9 +413,11 @@ def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, d
     return np.concatenate(maxima)[:, None]
 
 
-def _map_map_maxima(residual_x, residual_y, sxx, syy, basis, seed, batch, df, start, stop):
+def _map_map_maxima(x, x_coefficients, y, y_coefficients, sxx, syy, design, basis, seed, batch, df, start, stop):
     """Both terms are maps: Σ_i r_x[σ(i)] r_y[i] pairs each subject's maps anew, voxel by voxel."""
     maxima = []
+    residual_x, residual_y = (_residual(values, coefficients, design, np.float64)
+                              for values, coefficients in ((x, x_coefficients), (y, y_coefficients)))
     scale = 1 / np.sqrt(sxx)
     for orders in _batches(seed, start, stop, batch, len(residual_y)):
         c = np.concatenate([basis[order] for order in orders], axis=1).T @ residual_y
