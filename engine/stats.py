@@ -227,7 +227,7 @@ def _cross_products(y, x, design: np.ndarray) -> np.ndarray:
     rows = 2 * q + 3 if len(maps) == 2 else q + 2
     parts = da.blockwise(_task_cross_products, "skv", y_blocks, y_index, x_blocks, x_index,
                          da.from_array(design, chunks=(subjects, -1)), "sq", new_axes={"k": rows},
-                         adjust_chunks={"s": 1}, dtype=np.float64, concatenate=True, step=step)
+                         adjust_chunks={"s": 1}, meta=np.empty((0, 0, 0)), concatenate=True, step=step)
     with _task_blas_threads():
         return parts.sum(axis=0).compute()
 
@@ -334,7 +334,7 @@ def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> 
     groups = max(1, min(-(-permutations // batch), -(-8 // n_blocks)))
     edges = np.linspace(0, permutations, groups + 1).astype(int)
     tasks = [da.blockwise(kernel, "pv", *arguments, new_axes={"p": int(stop - start)}, adjust_chunks={"v": 1},
-                          dtype=np.float64, concatenate=True, start=int(start), stop=int(stop), **common)
+                          meta=np.empty((0, 0)), concatenate=True, start=int(start), stop=int(stop), **common)
              for start, stop in zip(edges[:-1], edges[1:], strict=True) if stop > start]
     with _task_blas_threads():
         return np.concatenate([maxima.max(axis=1) for maxima in dask.compute(*tasks)])
