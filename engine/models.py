@@ -182,4 +182,3 @@ def place(model: nn.Module, device: torch.device | str) -> nn.Module:
     """
     model = model.to(device)
     return model.to(memory_format=torch.channels_last_3d) if torch.device(device).type == "cpu" else model
-
