@@ -190,7 +190,7 @@ def lesion_relevance(lesions: xr.DataArray, relevance: xr.DataArray) -> xr.Datas
     positive = relevance.clip(min=0)
     count = inside.sum("voxel")
     positive_total = positive.sum("voxel")
-    share = (positive.where(inside, 0).sum("voxel") / positive_total).where((positive_total > 0) & (count > 0))
+    share = (positive.where(inside, 0).sum("voxel") / positive_total.where(positive_total > 0)).where(count > 0)
     uniform = (count / relevance.sizes["voxel"]).where(count > 0)
     return xr.Dataset({"lesion_voxels": count, "lesion_relevance": relevance.where(inside, 0).sum("voxel"),
                        "lesion_positive_share": share, "uniform_share": uniform, "share_ratio": share / uniform})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -204,6 +207,11 @@ def test_lesion_relevance_indices_equal_a_hand_computation():
             assert result.share_ratio[position] > 1
         else:
             assert np.isnan(result.lesion_positive_share[position]) and np.isnan(result.share_ratio[position])
+    no_positive = maps.copy(data=-np.abs(relevance)).chunk()  # e.g. a Grad-CAM map that is zero everywhere
+    with warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
+        warnings.simplefilter("error", RuntimeWarning)  # no 0/0 inside the Dask tasks (as on the workers)
+        quiet = features.lesion_relevance(lesion_data, no_positive).compute()
+    assert quiet.lesion_positive_share.isnull().all() and (quiet.lesion_voxels == lesions.sum(axis=1)).all()
     with pytest.raises(ValueError, match="no lesion mask"):
         features.lesion_relevance(lesion_data.isel(subject=[0]), maps)
     with pytest.raises(ValueError, match="not the same cohort mask"):
