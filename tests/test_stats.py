@@ -6,9 +6,11 @@ import pytest
 import statsmodels.api as sm
 import xarray as xr
 
+from scipy import special
 from statsmodels.stats.multitest import multipletests
 
-from engine.stats import adjust_p, design_matrix, map_similarity, permutation, region_models, voxelwise_ols
+from engine.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation, region_models,
+                          voxelwise_ols)
 
 N, V = 60, 25
 
@@ -221,3 +223,16 @@ def test_region_mixed_models_with_a_site_intercept_equal_statsmodels(region_tabl
     assert row.statistic == pytest.approx(fit.tvalues["age"], rel=1e-8)
     with pytest.raises(ValueError, match="grouping column 'scanner'"):
         region_models(region_table, "density ~ volume", groups="scanner")
+
+
+@pytest.mark.parametrize("df", [1, 2, 5, 123, 4000, 100_000])
+def test_two_sided_p_equals_scipy_student_t(df):
+    """The interpolated p-values (engine.stats._two_sided_p) against scipy's stdtr on a dense grid."""
+    rng = np.random.default_rng(df)
+    t = np.concatenate([np.linspace(-12, 12, 400_001), rng.standard_normal(100_000) * 5,
+                        [0.0, np.inf, -np.inf, np.nan, 9.999999, 10.0, -10.0]])
+    reference = 2 * special.stdtr(df, -np.abs(t))
+    p = _two_sided_p(t, df)
+    finite = np.isfinite(reference) & (reference > 0)
+    np.testing.assert_allclose(p[finite], reference[finite], rtol=1e-11, atol=0)
+    assert p[np.isinf(t)].tolist() == [0.0, 0.0] and np.isnan(p[np.isnan(t)]).all() and p[t == 0].max() == 1.0
