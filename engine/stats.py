@@ -15,6 +15,7 @@ batch of permutations is one matrix product of permuted design rows with the res
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import xarray as xr
 from dask.base import get_scheduler
 from scipy import special
 from statsmodels.stats.multitest import multipletests
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from engine.store import cohort_grid
 
@@ -252,7 +253,13 @@ def _task_blas_threads():
     parallelism, and idle BLAS threads spin on the cores that the other tasks need."""
     if get_scheduler() is dask.local.get_sync:
         return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's thread pools, found once (a fresh search of the loaded libraries takes ~3 ms)."""
+    return ThreadpoolController()
 
 
 def _task_cross_products(y, x, design, step):
