@@ -329,28 +329,29 @@ def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> 
     columns = max(1, min(n_voxels, PERMUTATION_BLOCK_BYTES // (8 * n)))
     y_map, x_map = model.y.ndim == 2, model.x.ndim == 2
 
-    def blocks(values, cross):  # the maps as stored, every subject per block, and their covariate fit
-        return [_as_dask_array(values).rechunk((-1, columns)), "nv",
-                da.from_array(model.gram_inverse @ cross, chunks=(-1, columns)), "qv"]
+    def residuals(values, cross, dtype):  # every subject per block minus its covariate fit, once per block
+        return da.blockwise(_residual, "nv", _as_dask_array(values).rechunk((-1, columns)), "nv",
+                            da.from_array(model.gram_inverse @ cross, chunks=(-1, columns)), "qv",
+                            design=model.design, precision=dtype, concatenate=True, meta=np.empty((0, 0), dtype))
 
     # an orthonormal basis of the covariates without the intercept's column: residuals sum to zero,
     # so the permuted residuals have no intercept component to remove
     basis = np.linalg.qr(model.design)[0][:, 1:]
-    common = {"design": model.design, "basis": basis, "seed": seed, "batch": batch, "df": model.df}
+    common = {"basis": basis, "seed": seed, "batch": batch, "df": model.df}
     if y_map and not x_map:
-        arguments = blocks(model.y, model.cy)
-        kernel, arguments = _design_side_maxima, [*arguments, _vector(model.syy, arguments[0].chunks[1]), "v"]
+        residual_y = residuals(model.y, model.cy, np.float32)
+        kernel, arguments = _design_side_maxima, [residual_y, "nv", _vector(model.syy, residual_y.chunks[1]), "v"]
         r_x = model.residual(model.x, model.cx)
         common["unit"] = r_x / np.sqrt(r_x @ r_x)
     elif x_map and not y_map:
-        arguments = blocks(model.x, model.cx)
-        kernel, arguments = _outcome_side_maxima, [*arguments, _vector(model.sxx, arguments[0].chunks[1]), "v"]
+        residual_x = residuals(model.x, model.cx, np.float32)
+        kernel, arguments = _outcome_side_maxima, [residual_x, "nv", _vector(model.sxx, residual_x.chunks[1]), "v"]
         common.update(residual_y=model.residual(model.y, model.cy), syy=float(model.syy[0]))
     else:
-        x_blocks, y_blocks = blocks(model.x, model.cx), blocks(model.y, model.cy)
+        residual_x, residual_y = residuals(model.x, model.cx, np.float64), residuals(model.y, model.cy, np.float64)
         kernel = _map_map_maxima
-        arguments = [*x_blocks, *y_blocks, _vector(model.sxx, x_blocks[0].chunks[1]), "v",
-                     _vector(model.syy, x_blocks[0].chunks[1]), "v"]
+        arguments = [residual_x, "nv", residual_y, "nv", _vector(model.sxx, residual_x.chunks[1]), "v",
+                     _vector(model.syy, residual_x.chunks[1]), "v"]
     n_blocks = len(arguments[0].chunks[1])
     # enough tasks for the workers even when the voxels fit in one block: split the permutations too
     groups = max(1, min(-(-permutations // batch), -(-8 // n_blocks)))
@@ -386,10 +387,10 @@ def _batches(seed, start, stop, batch, n):
         yield [permutation(seed, index, n) for index in range(first, min(first + batch, stop))]
 
 
-def _residual(values, coefficients, design, dtype):
-    """A block of maps minus their covariate fit (``design`` · ``coefficients``), in ``dtype``."""
-    residual = values.astype(dtype)
-    residual -= design.astype(dtype) @ coefficients.astype(dtype)
+def _residual(values, coefficients, design, precision):
+    """A block of maps minus their covariate fit (``design`` · ``coefficients``), in ``precision``."""
+    residual = values.astype(precision)
+    residual -= design.astype(precision) @ coefficients.astype(precision)
     return residual
 
 
@@ -397,11 +398,11 @@ def _residual(values, coefficients, design, dtype):
 PRODUCT_VOXELS = 8192
 
 
-def _design_side_maxima(y, coefficients, syy, design, unit, basis, seed, batch, df, start, stop):
+def _design_side_maxima(residual_y, syy, unit, basis, seed, batch, df, start, stop):
     """Map outcome, vector predictor: permuted rows [u, Q] against the residual maps, batch by batch."""
     maxima = []
     width = basis.shape[1] + 1
-    residual_y, syy = _residual(y, coefficients, design, np.float32), syy.astype(np.float32)
+    syy = syy.astype(np.float32)
     for orders in _batches(seed, start, stop, batch, len(unit)):
         permuted = np.concatenate([np.column_stack([unit[order], basis[order]]) for order in orders], axis=1).T
         permuted = permuted.astype(np.float32)
@@ -417,10 +418,10 @@ def _design_side_maxima(y, coefficients, syy, design, unit, basis, seed, batch, 
     return np.concatenate(maxima)[:, None]
 
 
-def _outcome_side_maxima(x, coefficients, sxx, design, residual_y, syy, basis, seed, batch, df, start, stop):
+def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, df, start, stop):
     """Vector outcome, map predictor: the permuted outcome residuals against the residual maps."""
     maxima = []
-    residual_x, scale = _residual(x, coefficients, design, np.float32), (1 / np.sqrt(sxx)).astype(np.float32)
+    scale = (1 / np.sqrt(sxx)).astype(np.float32)
     for orders in _batches(seed, start, stop, batch, len(residual_y)):
         permuted = np.column_stack([residual_y[order] for order in orders])
         c2 = ((basis.T @ permuted) ** 2).sum(axis=0)[:, None].astype(np.float32)
@@ -435,11 +436,9 @@ def _outcome_side_maxima(x, coefficients, sxx, design, residual_y, syy, basis, s
     return np.concatenate(maxima)[:, None]
 
 
-def _map_map_maxima(x, x_coefficients, y, y_coefficients, sxx, syy, design, basis, seed, batch, df, start, stop):
+def _map_map_maxima(residual_x, residual_y, sxx, syy, basis, seed, batch, df, start, stop):
     """Both terms are maps: Σ_i r_x[σ(i)] r_y[i] pairs each subject's maps anew, voxel by voxel."""
     maxima = []
-    residual_x, residual_y = (_residual(values, coefficients, design, np.float64)
-                              for values, coefficients in ((x, x_coefficients), (y, y_coefficients)))
     scale = 1 / np.sqrt(sxx)
     for orders in _batches(seed, start, stop, batch, len(residual_y)):
         c = np.concatenate([basis[order] for order in orders], axis=1).T @ residual_y
