@@ -309,7 +309,8 @@ def permutation(seed: int, index: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, index]).permutation(n)
 
 
-#: Bytes of float64 residual maps per task: every subject of a block of voxels.
+#: Bytes of residual maps per task (every subject of a block of voxels), counted as float64; the
+#: kernels with one map hold float32 residuals, half of it.
 PERMUTATION_BLOCK_BYTES = 2**26
 
 
