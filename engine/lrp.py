@@ -9,14 +9,21 @@ so that ``input × gradient`` at the layer's input is the rule's relevance (the 
 ``ẑ`` is ``z`` itself, only rescales the gradient arriving at the layer's output). ReLU, max-pooling
 (winner takes all), average pooling (the z-rule of a linear map), dropout in eval mode and
 reshapes pass the plain gradient. Relevance at the input is ``input × gradient`` of the output.
+
+A ReLU that directly follows a weighted layer in an ``nn.Sequential`` is absorbed by the layer's
+rule while the rules are on: the rule clamps ``z`` in place and zeroes its scale where ``z ≤ 0``
+(the ReLU's gate), which saves the ReLU's own forward and backward passes (a fresh
+activation-sized buffer and two passes over it) and changes no relevance.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -98,10 +105,13 @@ class Epsilon:
 
     epsilon: float = 0.1
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor, absorbs_relu: bool = False) -> None:
+        with torch.no_grad():
+            scale = _ratio(output, _stabilise(output, self.epsilon if self.epsilon else 1e-12), 1.0)
+            if absorbs_relu:
+                scale.masked_fill_(output <= 0, 0)
+                output.clamp_(min=0)
         if output.requires_grad:
-            with torch.no_grad():
-                scale = _ratio(output, _stabilise(output, self.epsilon if self.epsilon else 1e-12), 1.0)
             output.register_hook(lambda gradient: scale.mul_(gradient))
 
 
@@ -118,10 +128,11 @@ class AlphaBeta:
     stabiliser: float = 1e-9
 
     def __post_init__(self):
-        if abs(self.alpha - self.beta - 1) > 1e-12:
-            raise ValueError(f"LRP-αβ needs α − β = 1, got α={self.alpha}, β={self.beta}")
+        if abs(self.alpha - self.beta - 1) > 1e-12 or self.beta < 0:
+            raise ValueError(f"LRP-αβ needs α − β = 1 and β ≥ 0, got α={self.alpha}, β={self.beta}")
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor,
+                 absorbs_relu: bool = False) -> torch.Tensor:
         x = inputs[0]
         positive_w = module.weight.clamp(min=0)
         negative = None
@@ -142,6 +153,10 @@ class AlphaBeta:
             terms = [(positive, _ratio(output, positive.add_(self.stabiliser), self.alpha))]
             if negative is not None:
                 terms.append((negative, _ratio(output, negative.sub_(self.stabiliser), -self.beta)))
+            if absorbs_relu:  # each scale has the sign of z (ẑ⁺ > 0 > ẑ⁻, α, β ≥ 0): clamping is the gate
+                for _, scale in terms:
+                    scale.clamp_(min=0)
+                output.clamp_(min=0)
         return _route(output, terms)
 
 
@@ -187,20 +202,43 @@ def merge_batchnorm(model: nn.Module) -> nn.Module:
     return merged
 
 
+def _following_relus(model: nn.Module) -> dict[nn.Module, tuple[nn.Sequential, int]]:
+    """Each layer whose output only feeds a ReLU, with the place of that ReLU: the next module of
+    an ``nn.Sequential``, the layer used nowhere else in the model."""
+    uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
+    return {sequential[index - 1]: (sequential, index)
+            for sequential in model.modules() if isinstance(sequential, nn.Sequential)
+            for index in range(1, len(sequential))
+            if type(sequential[index]) is nn.ReLU and uses[id(sequential[index - 1])] == 1}
+
+
 @contextmanager
 def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Iterator[nn.Module]:
-    """Within the block, ``model``'s weighted layers propagate relevance by the composite's rules."""
+    """Within the block, ``model``'s weighted layers propagate relevance by the composite's rules.
+
+    Each ReLU that a rule absorbs (see the module's docstring) is an ``nn.Identity`` in its
+    ``nn.Sequential`` until the block ends.
+    """
     rules = PRESETS[composite] if isinstance(composite, str) else composite
-    handles = []
+    following_relus = _following_relus(model)
+    handles, absorbed = [], []
     try:
-        for module in model.modules():
+        for module in list(model.modules()):
             rule = next((rule for kind, rule in rules.items() if isinstance(module, kind)), None)
-            if rule is not None:
-                handles.append(module.register_forward_hook(rule))
+            if rule is None:
+                continue
+            place = following_relus.get(module)
+            handles.append(module.register_forward_hook(partial(rule, absorbs_relu=place is not None)))
+            if place is not None:
+                sequential, index = place
+                absorbed.append((sequential, index, sequential[index]))
+                sequential[index] = nn.Identity()
         yield model
     finally:
         for handle in handles:
             handle.remove()
+        for sequential, index, relu in absorbed:
+            sequential[index] = relu
 
 
 def lrp(model: nn.Module, inputs: torch.Tensor, composite: str | Mapping[type, object] = "study",

@@ -76,6 +76,47 @@ def test_lrp_equals_captum_where_both_apply(preset):
     assert torch.allclose(relevance, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item())
 
 
+class _KeptGate(nn.ReLU):
+    """A ReLU whose backward gates as autograd's does (LRP ungates only exact ``nn.ReLU`` modules)."""
+
+
+def _with_kept_gates(model):
+    kept = copy.deepcopy(model)
+    for sequential in [module for module in kept.modules() if isinstance(module, nn.Sequential)]:
+        for index, module in enumerate(sequential):
+            if type(module) is nn.ReLU:
+                sequential[index] = _KeptGate()
+    return kept
+
+
+@pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon", "zero"])
+def test_relus_ungated_by_the_rule_before_them_change_no_relevance(preset):
+    """Rules zero their scale where z ≤ 0 so that the following ReLU can pass the gradient
+    ungated; the relevance equals that of autograd's own ReLU gate."""
+    model, x = _model(), _inputs(signed=True)
+    relevance, reference = lrp(model, x, preset), lrp(_with_kept_gates(model), x, preset)
+    assert torch.allclose(relevance, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
+
+
+def test_absorbed_relus_are_put_back_even_when_lrp_fails():
+    model, x = _model(), _inputs()
+    relus = [module for module in model.modules() if type(module) is nn.ReLU]
+    with pytest.raises(IndexError):
+        lrp(model, x, "study", target=3)  # the model has one output
+    assert [module for module in model.modules() if type(module) is nn.ReLU] == relus
+    assert not any(isinstance(module, nn.Identity) for module in model.modules())
+
+
+def test_a_layer_used_twice_does_not_absorb_its_relu():
+    """A convolution used before a ReLU and again before a layer without a rule keeps the ReLU."""
+    torch.manual_seed(4)
+    conv = nn.Conv3d(2, 2, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), conv, nn.Identity(), nn.Flatten(), nn.Linear(2 * 6 * 6 * 6, 1)).double()
+    x = torch.randn(2, 2, 6, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    reference = lrp(_with_kept_gates(model), x, "study")
+    assert torch.allclose(lrp(model.eval(), x, "study"), reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
+
+
 def test_patch_individual_convolutions_take_rules_like_any_convolution():
     shape = (24, 20, 20)  # the last convolution sees 2×2×2 voxels: one per patch
     model, x = _model("mrinet_pif", bias_free=True, shape=shape), _inputs(shape=shape)
@@ -106,7 +147,7 @@ def test_batchnorm_that_follows_no_convolution_is_refused():
 
 
 def test_bad_rules_and_presets_are_refused():
-    with pytest.raises(ValueError, match="α − β = 1"):
+    with pytest.raises(ValueError, match="α − β = 1 and β ≥ 0"):
         AlphaBeta(2.0, 0.5)
     with pytest.raises(ValueError, match="unknown LRP preset 'gamma'"):
         lrp(_model(), _inputs(), "gamma")
