@@ -22,9 +22,9 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 WALLTIME = r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$"
 
@@ -46,6 +46,10 @@ def _memory(value: str | None) -> str | None:
     return value
 
 
+Walltime = Annotated[str | None, AfterValidator(_walltime)]
+Memory = Annotated[str | None, AfterValidator(_memory)]
+
+
 class SlurmPool(BaseModel):
     """One kind of SLURM job; each job runs Dask worker process(es). Unset fields: site defaults."""
 
@@ -53,24 +57,14 @@ class SlurmPool(BaseModel):
 
     queue: str | None = Field(None, description="partition (sbatch -p); default: the profile's, then the site's")
     account: str | None = Field(None, description="account (sbatch -A)")
-    walltime: str | None = Field(None, description="job time limit, e.g. '02:00:00' or '1-00:00:00'")
+    walltime: Walltime = Field(None, description="job time limit, e.g. '02:00:00' or '1-00:00:00'")
     cores: int | None = Field(None, ge=1, description="cores per job (worker threads in all)")
     processes: int | None = Field(None, ge=1, description="worker processes per job (default: dask-jobqueue's)")
-    memory: str | None = Field(None, description="memory per job, e.g. '16GiB'")
+    memory: Memory = Field(None, description="memory per job, e.g. '16GiB'")
     job_directives: list[str] = Field([], description="extra #SBATCH options, e.g. ['--qos=short']")
     setup: list[str] = Field([], description="shell lines run before the worker starts (module load, venv)")
     min_jobs: int = Field(0, ge=0, description="jobs kept even when idle")
     max_jobs: int = Field(4, ge=1, description="most jobs at once")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory_size(cls, memory: str | None) -> str | None:
-        return _memory(memory)
-
-    @field_validator("walltime")
-    @classmethod
-    def _time_limit(cls, walltime: str | None) -> str | None:
-        return _walltime(walltime)
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -94,7 +88,7 @@ class SlurmProfile(BaseModel):
     profile: Literal["slurm"] = "slurm"
     queue: str | None = Field(None, description="partition for both pools (a pool's own queue wins)")
     account: str | None = Field(None, description="account for both pools")
-    walltime: str | None = Field(None, description="time limit for both pools")
+    walltime: Walltime = Field(None, description="time limit for both pools")
     job_directives: list[str] = Field([], description="extra #SBATCH options for both pools")
     setup: list[str] = Field([], description="shell lines run in both pools' jobs before the worker")
     cpu: SlurmPool = Field(SlurmPool(), description="the pool for CPU work (every task without a GPU)")
@@ -106,11 +100,6 @@ class SlurmProfile(BaseModel):
     dashboard: bool = Field(True, description="serve the Dask dashboard from the scheduler (port 8787 or free)")
     scale_interval: float = Field(1.0, gt=0, description="seconds between checks of each pool's size")
     idle_timeout: float = Field(60.0, ge=0, description="seconds a pool stays larger than it needs before shrinking")
-
-    @field_validator("walltime")
-    @classmethod
-    def _time_limit(cls, walltime: str | None) -> str | None:
-        return _walltime(walltime)
 
     def job_options(self, pool: str) -> dict:
         """dask-jobqueue ``SLURMJob`` keywords for ``pool`` ('cpu' or 'gpu'): the catalog over the site."""
