@@ -1,7 +1,6 @@
 """Attribution methods against hand-computed references, and relevance.zarr written by Dask tasks."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import zarr
@@ -106,16 +105,13 @@ def test_unknown_method_is_named():
 
 @pytest.fixture(scope="module")
 def trained(tiny_cohort, tmp_path_factory):
-    from engine.store import open_cohort
-    from engine.training import stratified_split
     from tests.test_store import run_ingest
+    from tests.test_training import cohort_split
 
     folder = tmp_path_factory.mktemp("explain")
     store = folder / "images.zarr"
     run_ingest(tiny_cohort, store)
-    dataset = open_cohort(store)
-    split = stratified_split(pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
-                                           "sex": dataset.sex.values}), (0.5, 0.25, 0.25))
+    split = cohort_split(store)
     config = TrainingConfig(modalities=("T1",), epochs=2, batch_size=4, seed=3)
     train_ensemble(store, config, 2, folder / "models", split)
     return store, folder / "models", list(split.index[split != "train"])

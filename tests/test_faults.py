@@ -21,10 +21,10 @@ import yaml
 from safetensors.torch import load_file
 
 from engine.attribution import open_relevance
-from engine.store import open_cohort
-from engine.training import TrainingConfig, stratified_split, train_ensemble
+from engine.training import TrainingConfig, train_ensemble
 from pipelines.runner import LOCK, WorkspaceBusy, workspace_lock
 from tests.test_store import run_ingest
+from tests.test_training import cohort_split
 
 REPO = Path(__file__).parents[1]
 
@@ -85,9 +85,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undis
 
     store = tmp_path / "images.zarr"
     run_ingest(tiny_cohort, store)
-    dataset = open_cohort(store)
-    split = stratified_split(pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
-                                           "sex": dataset.sex.values}), (0.5, 0.25, 0.25))
+    split = cohort_split(store)
     config = TrainingConfig(modalities=("T1",), epochs=4, batch_size=4, seed=3)
 
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \

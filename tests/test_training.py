@@ -131,7 +131,8 @@ def tiny_store(tiny_cohort, tmp_path_factory):
     return path
 
 
-def _split(store):
+def cohort_split(store):
+    """Half of the stored participants for training, a quarter each for validation and test."""
     dataset = open_cohort(store)
     table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                           "sex": dataset.sex.values})
@@ -156,7 +157,7 @@ def test_cohort_volumes_put_scaled_rows_back_on_the_grid(tiny_store):
 
 
 def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store, tmp_path):
-    split = _split(tiny_store)
+    split = cohort_split(tiny_store)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first = train_member(tiny_store, CONFIG, split, 1, tmp_path / "a")
     second = train_member(tiny_store, CONFIG, split, 1, tmp_path / "b")
@@ -173,7 +174,7 @@ def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store,
 
 
 def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store, tmp_path, client):
-    split = _split(tiny_store)
+    split = cohort_split(tiny_store)
     result = train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
     metrics = result["metrics"].set_index(["member", "split"])
     predictions = result["predictions"]
@@ -193,7 +194,7 @@ def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store,
 
 
 def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_path):
-    split = _split(tiny_store)
+    split = cohort_split(tiny_store)
     (tmp_path / "source").mkdir()
     train_member(tiny_store, CONFIG, split, 0, tmp_path / "source")
     source = load_file(tmp_path / "source" / "member_0.safetensors")
