@@ -51,7 +51,7 @@ def tables(workspace: Path) -> tuple[list[dict], str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", type=Path, default=Path("workspace/demo"))
+    parser.add_argument("--workspace", type=Path, default=Path(__file__).parents[1] / "workspace" / "demo")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     records, table = tables(args.workspace)

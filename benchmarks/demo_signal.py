@@ -71,11 +71,11 @@ def main(workspace: Path) -> dict:
     print("\n| ridge on stored voxels (5-fold CV) | MAE (y) | r |\n|---|---|---|")
     for modality, scores in prediction.items():
         print(f"| {modality} | {scores['mae']:.2f} | {scores['r']:.2f} |")
-    out = Path("benchmarks/results")
+    out = Path(__file__).parent / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_signal.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("workspace/demo"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "workspace" / "demo")

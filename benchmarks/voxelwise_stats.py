@@ -125,8 +125,8 @@ def main() -> None:
     parser.add_argument("--voxel-sizes", type=float, nargs="+", default=[4.0, 2.0])
     parser.add_argument("--permutations", type=int, nargs="+", default=[1000, 1000],
                         help="permutation count per voxel size")
-    parser.add_argument("--work", type=Path, default=Path("benchmarks/work"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
