@@ -77,7 +77,7 @@ def test_lrp_equals_captum_where_both_apply(preset):
 
 
 class _KeptGate(nn.ReLU):
-    """A ReLU whose backward gates as autograd's does (LRP ungates only exact ``nn.ReLU`` modules)."""
+    """A ReLU that LRP rules leave in place (they absorb only exact ``nn.ReLU`` modules)."""
 
 
 def _with_kept_gates(model):
@@ -90,9 +90,9 @@ def _with_kept_gates(model):
 
 
 @pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon", "zero"])
-def test_relus_ungated_by_the_rule_before_them_change_no_relevance(preset):
-    """Rules zero their scale where z ≤ 0 so that the following ReLU can pass the gradient
-    ungated; the relevance equals that of autograd's own ReLU gate."""
+def test_relus_absorbed_by_the_rule_before_them_change_no_relevance(preset):
+    """Rules clamp z and zero their scale where z ≤ 0 in place of the ReLU that follows; the
+    relevance equals that with the ReLU and autograd's own gate."""
     model, x = _model(), _inputs(signed=True)
     relevance, reference = lrp(model, x, preset), lrp(_with_kept_gates(model), x, preset)
     assert torch.allclose(relevance, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
@@ -149,6 +149,8 @@ def test_batchnorm_that_follows_no_convolution_is_refused():
 def test_bad_rules_and_presets_are_refused():
     with pytest.raises(ValueError, match="α − β = 1 and β ≥ 0"):
         AlphaBeta(2.0, 0.5)
+    with pytest.raises(ValueError, match="α − β = 1 and β ≥ 0"):
+        AlphaBeta(0.5, -0.5)
     with pytest.raises(ValueError, match="unknown LRP preset 'gamma'"):
         lrp(_model(), _inputs(), "gamma")
 
