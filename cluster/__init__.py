@@ -5,5 +5,6 @@ The catalog's ``cluster:`` section picks the profile by its ``profile`` field.
 """
 
 from cluster.profiles import PROFILES, ClusterProfile, LocalProfile, SlurmProfile
+from cluster.slurm import ClusterSetupError
 
-__all__ = ["PROFILES", "ClusterProfile", "LocalProfile", "SlurmProfile"]
+__all__ = ["PROFILES", "ClusterProfile", "ClusterSetupError", "LocalProfile", "SlurmProfile"]

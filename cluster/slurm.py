@@ -29,6 +29,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 WALLTIME = r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$"
 
 
+class ClusterSetupError(ValueError):
+    """A cluster profile cannot start with the settings it has; the message names the field."""
+
+
 def _walltime(value: str | None) -> str | None:
     if value is not None and not re.fullmatch(WALLTIME, value):
         raise ValueError(f"{value!r} is not a SLURM time limit such as '02:00:00', '90:00' or '1-00:00:00'")
@@ -128,7 +132,7 @@ class SlurmProfile(BaseModel):
         options.update(job_extra_directives=directives, job_script_prologue=prologue, worker_extra_args=worker_args)
         for field in ("cores", "memory"):
             if options.get(field, site.get(field)) is None:
-                raise ValueError(f"cluster.{pool}.{field}: not set in the catalog nor in the site's dask config "
+                raise ClusterSetupError(f"cluster.{pool}.{field}: not set in the catalog nor in the site's dask config "
                                  f"(jobqueue.slurm.{field} in ~/.config/dask/jobqueue.yaml)")
         return options
 

@@ -19,8 +19,8 @@ subject's training ``split``), so every atlas and statistic applies to relevance
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ from captum.attr import (
 from torch import nn
 
 from engine import lrp
+from engine.layout import ModelsLayout, output_key
 from engine.store import (IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, load_coordinates, open_cohort,
                           open_layout_group)
 from engine.tasks import gpu_resources, run_tasks, torch_device
@@ -68,7 +69,7 @@ class AttributionOptions:
     target: int = 0  # output (class) to explain
     seed: int = 0
 
-    def record(self) -> dict:
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
@@ -91,7 +92,9 @@ def _gradient_x_input(model, inputs, options, context):
 
 
 def _guided_backprop(model, inputs, options, context):
-    return _channel_sum(GuidedBackprop(model).attribute(inputs, target=options.target))
+    with warnings.catch_warnings():  # captum announces the ReLU hooks it sets (and removes) on every call
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations", category=UserWarning)
+        return _channel_sum(GuidedBackprop(model).attribute(inputs, target=options.target))
 
 
 def _smoothgrad(model, inputs, options, context):
@@ -203,28 +206,14 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: Attr
 # relevance.zarr
 
 
-@dataclass(frozen=True)
-class ExplainPlan:
-    """What one ``explain`` run computes; a store made for another plan is rebuilt."""
-
-    methods: tuple[str, ...]
-    members: tuple[int, ...]
-    subjects: tuple[str, ...]
-    options: dict
-    models: str  # fingerprint of the members' weights and records
-    images: str  # fingerprint of the images store
-
-    def record(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-def _create_store(path: Path, plan: ExplainPlan, dataset: xr.Dataset, subjects_per_chunk: int,
+def _create_store(path: Path, plan: dict, dataset: xr.Dataset, subjects_per_chunk: int,
                   voxels_per_chunk: int, subject_columns: dict) -> zarr.Group:
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(path, mode="w", zarr_format=3)
-    n_methods, n_members, n_subjects, n_voxels = (len(plan.methods), len(plan.members), len(plan.subjects),
-                                                   dataset.sizes["voxel"])
+    settings = plan["settings"]
+    methods, members, subjects = settings["methods"], settings["members"], settings["subjects"]
+    n_methods, n_members, n_subjects, n_voxels = len(methods), len(members), len(subjects), dataset.sizes["voxel"]
     grid_attrs = {"grid": dataset.attrs["grid"]}
     group.create_array("relevance", shape=(n_methods, n_members, n_subjects, n_voxels), dtype="float32",
                        chunks=(1, 1, subjects_per_chunk, voxels_per_chunk), compressors=IMAGE_CODEC,
@@ -235,8 +224,8 @@ def _create_store(path: Path, plan: ExplainPlan, dataset: xr.Dataset, subjects_p
                        dimension_names=("method", "subject", "voxel"), fill_value=np.nan, attributes=grid_attrs)
     group.create_array("explained", shape=(n_members, n_subjects), dtype="bool", chunks=(1, subjects_per_chunk),
                        dimension_names=("member", "subject"), fill_value=False)
-    coordinates = {"method": np.array(plan.methods, dtype=object), "member": np.array(plan.members),
-                   "subject": np.array(plan.subjects, dtype=object),
+    coordinates = {"method": np.array(methods, dtype=object), "member": np.array(members),
+                   "subject": np.array(subjects, dtype=object),
                    **{axis: dataset[axis].values for axis in VOXEL_COORDS}}
     for name, values in {**coordinates, **subject_columns}.items():
         dim = name if name in ("method", "member", "subject") else ("voxel" if name in VOXEL_COORDS else "subject")
@@ -249,14 +238,14 @@ def _create_store(path: Path, plan: ExplainPlan, dataset: xr.Dataset, subjects_p
             array[:] = values
     for name in ("relevance", "relevance_mean", "explained"):
         group[name].attrs["coordinates"] = " ".join([*coordinates, *subject_columns])
-    group.attrs.update({"layout": LAYOUT, "plan": plan.record(), **grid_attrs, "state": "running"})
+    group.attrs.update({"layout": LAYOUT, "plan": plan, **grid_attrs, "state": "running"})
     return group
 
 
 def _explain_block(item):
     out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
     device = torch_device()
-    model, record = load_member(Path(models_dir) / f"member_{member}", device)
+    model, record = load_member(ModelsLayout(Path(models_dir)).member(member), device)
     volumes = CohortVolumes(store, record["config"]["modalities"])
     inputs = torch.from_numpy(volumes.read(positions)).to(device)
     group = zarr.open_group(out, mode="r+")
@@ -269,24 +258,37 @@ def _explain_block(item):
 
 def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
     """sha256 over the members' weights and records: changes iff any member does."""
+    files = ModelsLayout(Path(models_dir))
     digest = hashlib.sha256()
     for member in members:
-        for suffix in (".safetensors", ".json"):
-            digest.update((Path(models_dir) / f"member_{member}{suffix}").read_bytes())
+        for path in (files.weights(member), files.record(member)):
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def explain(out: str | Path, store: str | Path, models_dir: str | Path, methods: Sequence[str],
+def relevance_key(path: str | Path) -> str | None:
+    """The key of a whole ``relevance.zarr`` (its plan: settings and inputs by content); ``None`` when it is
+    missing or incomplete. What later outputs record as their relevance input."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return None
+    attributes = zarr.open_group(path, mode="r").attrs
+    return attributes["plan"]["key"] if attributes.get("state") == "complete" and "plan" in attributes else None
+
+
+def explain(out: str | Path, *, images: str | Path, models: str | Path, methods: Sequence[str],
             members: Sequence[int], subjects: Sequence[str], options: AttributionOptions | None = None,
             region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, client=None,
             progress: Callable[[str, int, int], None] | None = None) -> xr.Dataset:
     """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
 
-    One Dask task per (member, block of ``subjects_per_chunk`` subjects) writes whole chunks of
-    every method; blocks already explained for the same plan are not redone. The ensemble mean
-    over members is written last. ``region_labels`` is the atlas volume for region occlusion.
+    ``images`` is the cohort store and ``models`` the trained members' folder. One Dask task per
+    (member, block of ``subjects_per_chunk`` subjects) writes whole chunks of every method; blocks
+    already explained for the same plan (settings, weights and images by content) are not redone.
+    The ensemble mean over members is written last. ``region_labels`` is the atlas volume for
+    region occlusion.
     """
-    out, store = Path(out), Path(store)
+    out, store, models_dir = Path(out), Path(images), Path(models)
     options = options or AttributionOptions()
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
@@ -296,13 +298,14 @@ def explain(out: str | Path, store: str | Path, models_dir: str | Path, methods:
     missing = [subject for subject in subjects if subject not in positions_of]
     if missing:
         raise ValueError(f"participants {missing[:5]} are not complete in {store}")
-    plan = ExplainPlan(tuple(methods), tuple(members), tuple(subjects), options.record(),
-                       models_fingerprint(models_dir, members), content_fingerprint(store))
+    plan = output_key({"methods": list(methods), "members": list(members), "subjects": list(subjects),
+                       "options": options.as_dict()},
+                      {"models": models_fingerprint(models_dir, members), "images": content_fingerprint(store)})
     existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
-    if existing is None or existing.attrs.get("plan") != plan.record():
+    if existing is None or (existing.attrs.get("plan") or {}).get("key") != plan["key"]:
         columns = {name: dataset[name].sel(subject=list(subjects)).values for name in dataset.coords
                    if dataset[name].dims == ("subject",) and name != "subject"}
-        split_file = Path(models_dir) / "split.tsv"
+        split_file = ModelsLayout(models_dir).split
         if split_file.is_file():
             split = pd.read_csv(split_file, sep="\t", dtype={"participant_id": str}).set_index("participant_id")
             columns["split"] = split["split"].reindex(list(subjects)).fillna("").to_numpy(dtype=object)

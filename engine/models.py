@@ -47,7 +47,7 @@ class PatchIndividualConv3d(nn.Module):
 
 
 class MRInet(nn.Module):
-    """The study's base model (Hofmann et al. 2022), as in SCIENCE.md.
+    """The seed study's base model "MRInet" (Hofmann et al. 2022, a Keras 3D CNN; Adam lr 5e-4, MSE loss).
 
     Conv 16 → pool → Conv 16 → pool → Conv 32 → pool → Conv 64 → pool → Conv 32 (1×1×1) → pool →
     flatten → dropout 0.5 → dense 64 → dense ``n_outputs``. Convolutions are 3×3×3 with 'same'
@@ -141,7 +141,7 @@ class ModelSpec:
     n_outputs: int = 1
     options: dict = field(default_factory=dict)
 
-    def record(self) -> dict:
+    def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod

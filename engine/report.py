@@ -31,7 +31,9 @@ import yaml
 from matplotlib.figure import Figure
 
 from engine.atlas import region_gain, region_reduce
-from engine.workspace import REPORT, Workspace, mni_template
+from engine.layout import atomic_output
+from engine.training import ENSEMBLE
+from engine.workspace import Workspace, mni_template
 
 SECTIONS = {"cohort": "Cohort", "models": "Models", "relevance": "Relevance", "validation": "Validation",
             "associations": "Associations", "provenance": "Provenance"}
@@ -65,11 +67,9 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items())
     page = _PAGE.format(title=html.escape(f"relcohort report: {ws.path.name}"), path=html.escape(str(ws.path)),
                         stamp=stamp, nav=nav, body="\n".join(body))
-    out = ws.path / REPORT
-    partial = out.with_name(out.name + ".part")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(out)
-    return out
+    with atomic_output(ws.layout.report) as partial:
+        partial.write_text(page, encoding="utf-8")
+    return ws.layout.report
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +179,8 @@ def _cohort_figure(images, columns: list[str]):
 
 
 def _train_settings(ws: Workspace) -> dict:
-    return (ws.catalog.get("train") or {}) if ws.has("provenance") else {}
+    last = ws.provenance.last if ws.has("provenance") else None
+    return last.section("train") if last is not None else {}
 
 
 def _models(ws: Workspace) -> list[str]:
@@ -188,10 +189,10 @@ def _models(ws: Workspace) -> list[str]:
     metrics, predictions = ws.metrics, ws.predictions
     settings = _train_settings(ws)
     target = settings.get("target", "age")
-    parts = [f"<p>Ensemble of {predictions.loc[predictions.member >= 0, 'member'].nunique()} member(s) "
+    parts = [f"<p>Ensemble of {predictions.loc[predictions.member != ENSEMBLE, 'member'].nunique()} member(s) "
              f"{html.escape(settings.get('model', ''))} predicting <b>{html.escape(target)}</b> "
-             f"({html.escape(settings.get('task', 'regression'))}); member −1 in the predictions is the "
-             "ensemble mean.</p>", _table(metrics, "Metrics per member and split")]
+             f"({html.escape(settings.get('task', 'regression'))}); member {ENSEMBLE} in the predictions is "
+             "their mean.</p>", _table(metrics, "Metrics per member and split")]
     if "predicted" in predictions:
         parts.append(_figure(_scatter_figure(predictions, target),
                              f"Predicted against observed {target} per member and for the ensemble"))
@@ -202,7 +203,7 @@ def _models(ws: Workspace) -> list[str]:
                                  "(cubic in age, fitted on the test set)"))
     else:
         classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
-        test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+        test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
         predicted = np.asarray(classes, dtype=object)[test[[f"p_{name}" for name in classes]].to_numpy().argmax(1)]
         confusion = pd.crosstab(pd.Series(test["observed"].astype(str).to_numpy(), name="observed"),
                                 pd.Series(predicted.astype(str), name="predicted"))
@@ -211,7 +212,7 @@ def _models(ws: Workspace) -> list[str]:
 
 
 def _scatter_figure(predictions: pd.DataFrame, target: str):
-    members = sorted(predictions.member.unique(), key=lambda member: (member < 0, member))
+    members = sorted(predictions.member.unique(), key=lambda member: (member == ENSEMBLE, member.zfill(6)))
     fig, axes = _subplots(1, len(members), (3.6 * len(members), 3.6), squeeze=False, sharey=True)
     low, high = predictions[["observed", "predicted"]].min().min(), predictions[["observed", "predicted"]].max().max()
     for ax, member in zip(axes[0], members, strict=True):
@@ -223,7 +224,7 @@ def _scatter_figure(predictions: pd.DataFrame, target: str):
         mae = (test.predicted - test.observed).abs().mean()
         r = np.corrcoef(test.observed, test.predicted)[0, 1] if len(test) > 1 else np.nan
         ax.plot([low, high], [low, high], color="grey", lw=1)
-        ax.set_title(f"{'ensemble' if member < 0 else f'member {member}'}: test MAE {mae:.1f}, r {r:.2f}",
+        ax.set_title(f"{ENSEMBLE if member == ENSEMBLE else f'member {member}'}: test MAE {mae:.1f}, r {r:.2f}",
                      fontsize=9)
         ax.set_xlabel(f"observed {target}")
     axes[0, 0].set_ylabel(f"predicted {target}")
@@ -233,7 +234,7 @@ def _scatter_figure(predictions: pd.DataFrame, target: str):
 
 
 def _gap_figure(predictions: pd.DataFrame):
-    test = predictions[(predictions.member == -1) & (predictions.split == "test")]
+    test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
     fig, axes = _subplots(1, 2, (8, 3.2), sharey=True)
     for ax, column, title in zip(axes, ("brain_age_gap", "brain_age_gap_corrected"),
                                  ("raw gap", "bias-corrected gap"), strict=True):
@@ -295,7 +296,7 @@ def _relevance_groups(ws: Workspace, relevance, age_bands: list[float]) -> tuple
     """Boolean subject masks by name, the reference group for gain, and what they are."""
     settings = _train_settings(ws)
     if settings.get("task") == "classification" and ws.has("models"):
-        predictions = ws.predictions[ws.predictions.member == -1].set_index("participant_id")
+        predictions = ws.predictions[ws.predictions.member == ENSEMBLE].set_index("participant_id")
         classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
         if len(classes) == 2:
             rows = predictions.reindex(relevance.subject.values)
@@ -384,14 +385,14 @@ def _validation(ws: Workspace) -> list[str]:
     if not ws.has("validation"):
         return [_note("No validation/scores.parquet: no ground truth was given to score the methods against.")]
     scores = ws.scores
-    ensemble = scores[scores.member == "ensemble"].drop(columns="member")
+    ensemble = scores[scores.member == ENSEMBLE].drop(columns="member")
     parts = ["<p>Scores of the ensemble-mean maps against the ground truth (on R and on |R|): relevance-mass "
              "accuracy against its uniform expectation, voxel ROC-AUC (0.5 = chance) and the precision of the "
              "top regions by relevance density against chance.</p>",
              _table(ensemble[["method", "scored", *[c for c in ensemble if c not in ("method", "scored")]]],
                     "Ground-truth scores (ensemble)"),
              _figure(_scores_figure(scores), "ROC-AUC and relevance-mass accuracy per method (dots: members)")]
-    if (ws.path / "validation" / "robustness.parquet").is_file():
+    if ws.layout.robustness.is_file():
         robustness = ws.robustness.rename(columns={
             "l2_distance": "L2 distance", "top_k_overlap_sum": "top-k overlap, sum (%)",
             "top_k_overlap_density": "top-k overlap, density (%)", "top_k_overlap_gain": "top-k overlap, gain (%)"})
@@ -410,8 +411,8 @@ def _scores_figure(scores: pd.DataFrame):
     positions = np.arange(len(methods))
     for offset, (scored, colour) in zip((-0.2, 0.2), (("R", "#4c72b0"), ("|R|", "#dd8452")), strict=True):
         part = scores[scores.scored == scored]
-        ensemble = part[part.member == "ensemble"].set_index("method").reindex(methods)
-        members = part[part.member != "ensemble"]
+        ensemble = part[part.member == ENSEMBLE].set_index("method").reindex(methods)
+        members = part[part.member != ENSEMBLE]
         ratio = ensemble.mass_accuracy / ensemble.mass_accuracy_uniform
         axes[0].bar(positions + offset, ensemble.roc_auc, width=0.4, color=colour, label=scored)
         axes[1].bar(positions + offset, ratio, width=0.4, color=colour, label=scored)
@@ -519,18 +520,16 @@ def _roi_association(analysis) -> list[str]:
 def _provenance(ws: Workspace) -> list[str]:
     if not ws.has("provenance"):
         return [_note("No provenance.json: the workspace was not made by `relcohort run`.")]
-    runs = ws.provenance.get("runs", [])
-    if not runs:
+    runs, last = ws.provenance.runs, ws.provenance.last
+    if last is None:
         return [_note("provenance.json records no run.")]
-    last = runs[-1]
-    facts = pd.DataFrame([{"catalog": last.get("catalog_file"), "sha256": str(last.get("catalog_sha256", ""))[:16],
-                           "seeds": last.get("seeds"), "cluster": last.get("cluster"), "python": last.get("python"),
-                           "platform": last.get("platform")}])
-    times = pd.DataFrame([{"started": run.get("started"), "state": run.get("state", "running"),
-                           **{stage: record.get("seconds") for stage, record in run.get("stages", {}).items()}}
+    facts = pd.DataFrame([{"catalog": last.catalog_file, "sha256": last.catalog_sha256[:16], "seeds": last.seeds,
+                           "cluster": last.cluster, "python": last.python, "platform": last.platform}])
+    times = pd.DataFrame([{"started": run.started, "state": run.state or "running",
+                           **{stage: record.get("seconds") for stage, record in run.stages.items()}}
                           for run in runs])
-    versions = pd.DataFrame(list(last.get("packages", {}).items()), columns=["package", "version"])
-    catalog = yaml.safe_dump(last.get("catalog", {}), sort_keys=False)
+    versions = pd.DataFrame(list(last.packages.items()), columns=["package", "version"])
+    catalog = yaml.safe_dump(last.catalog, sort_keys=False)
     return [_table(facts, "Last run"), _table(times.iloc[::-1], "Runs, newest first: seconds per stage", 3),
             _table(versions, "Package versions"),
             f"<details><summary>Catalog of the last run</summary><pre>{html.escape(catalog)}</pre></details>"]

@@ -35,6 +35,7 @@ from isal import igzip
 from zarr.codecs import BloscCodec
 
 from engine.grid import Grid
+from engine.layout import atomic_output, file_sha256
 from engine.tasks import run_tasks
 
 LAYOUT = "relcohort.images/1"
@@ -55,7 +56,7 @@ class InputError(ValueError):
         ) if part)
         super().__init__(f"{where}: {problem}" if where else problem)
 
-    def record(self) -> dict:
+    def as_dict(self) -> dict:
         return {"participant_id": self.participant, "file": self.file, "problem": self.problem}
 
 
@@ -175,14 +176,6 @@ def resolve_files(root: str | Path, table: pd.DataFrame, modalities: list[Modali
     return files, problems
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _spatial(shape: tuple) -> tuple:
     """A shape without a trailing singleton 4th axis (a 3D image saved as one volume)."""
     return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
@@ -291,8 +284,13 @@ def _create_store(path: Path, mask_path: Path, space: str | None, voxels_per_chu
         space = "MNI152" if int(image.header["sform_code"]) == 4 else "unknown"
     grid = Grid(mask.shape, image.affine, space)
 
-    partial = path.with_name(path.name + ".creating")
-    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    with atomic_output(path) as partial:  # a store exists only once it is whole
+        _write_empty_store(partial, indices, grid, mask_path, voxels_per_chunk)
+    return zarr.open_group(path, mode="r+", zarr_format=3)
+
+
+def _write_empty_store(path: Path, indices: np.ndarray, grid: Grid, mask_path: Path, voxels_per_chunk: int) -> None:
+    group = zarr.open_group(path, mode="w", zarr_format=3)
     chunk = min(len(indices), voxels_per_chunk)
     for axis, name in enumerate(VOXEL_COORDS):
         array = group.create_array(name, shape=(len(indices),), chunks=(chunk,), dtype="int16",
@@ -309,8 +307,6 @@ def _create_store(path: Path, mask_path: Path, space: str | None, voxels_per_chu
         "ingest": {"state": "empty"},
         "layout": LAYOUT,
     })
-    partial.rename(path)  # a store exists only once it is whole
-    return zarr.open_group(path, mode="r+", zarr_format=3)
 
 
 def _open_for_ingest(path: Path, mask_path: Path, space: str | None, voxels_per_chunk: int) -> zarr.Group:
@@ -409,7 +405,7 @@ def _add_modality(group: zarr.Group, modality: Modality, subjects_per_chunk: int
 
 
 @dataclass
-class IngestReport:
+class IngestResult:
     """What an ingest did: rows written, skipped as unchanged, and the problems found."""
 
     store: Path
@@ -504,7 +500,7 @@ def ingest(
     voxels_per_chunk: int = 65536,
     client=None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> IngestReport:
+) -> IngestResult:
     """Ingest the participants' images into ``store`` (created on first use), incrementally.
 
     Participants whose files are unchanged (sha256) are skipped, new ones appended, changed
@@ -527,7 +523,7 @@ def ingest(
     files, problems = resolve_files(root, participants, modalities)
     _fail_fast(problems, on_error)
     group = _open_for_ingest(store, mask, space, voxels_per_chunk)
-    report = IngestReport(store)
+    result = IngestResult(store)
     bad = {problem.participant for problem in problems}
     listed = [pid for pid in participants["participant_id"] if pid not in bad]
 
@@ -556,7 +552,7 @@ def ingest(
             _add_modality(group, modality, subjects_per_chunk, voxels_per_chunk)
     new_ids = [pid for pid in listed if pid not in rows]
     _grow(group, new_ids)
-    report.appended = len(new_ids)
+    result.appended = len(new_ids)
     rows.update({pid: len(rows) + n for n, pid in enumerate(new_ids)})
     _write_participant_columns(group, participants)
 
@@ -569,33 +565,33 @@ def ingest(
             paths = {name: str(files[pid][name]) for name in modalities_to_write}
             work.setdefault(row // subjects_per_chunk, []).append(_RowWork(row, pid, paths))
         else:
-            report.unchanged += 1
+            result.unchanged += 1
     dtypes = {modality.name: modality.dtype for modality in modalities}
     blocks = [(str(store), group.attrs["mask_sha256"], dtypes, block) for block in work.values()]
     group.attrs["ingest"] = {**group.attrs["ingest"], "state": "in progress", "started": started}
     total, done = sum(len(block) for block in work.values()), 0
     for (_, _, _, block), (written, found) in run_tasks(_write_block, blocks, client=client):
         for name, count in written.items():
-            report.written[name] = report.written.get(name, 0) + count
+            result.written[name] = result.written.get(name, 0) + count
         problems += found
         done += len(block)
         if progress:
             progress("write", done, total)
 
-    report.problems = problems
-    report.n_subjects = group.attrs["n_subjects"]
+    result.problems = problems
+    result.n_subjects = group.attrs["n_subjects"]
     group.attrs["ingest"] = {
         "state": "incomplete" if problems and on_error == "fail" else "complete",
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "on_error": on_error,
-        "skipped": [problem.record() for problem in problems],
-        "written": report.written,
-        "unchanged": report.unchanged,
-        "appended": report.appended,
+        "skipped": [problem.as_dict() for problem in problems],
+        "written": result.written,
+        "unchanged": result.unchanged,
+        "appended": result.appended,
     }
     _fail_fast(problems, on_error)
-    return report
+    return result
 
 
 def _fail_fast(problems: list[InputError], on_error: str) -> None:
@@ -694,6 +690,6 @@ def content_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def ingest_record(path: str | Path) -> Mapping:
+def store_attributes(path: str | Path) -> Mapping:
     """The store's root attributes: grid, modalities, subject count and the last ingest record."""
     return dict(zarr.open_group(Path(path), mode="r").attrs)

@@ -26,12 +26,16 @@ import xarray as xr
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
+from engine.layout import ModelsLayout, atomic_output
 from engine.models import ModelSpec, build_model, place
 from engine.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 
 SPLITS = ("train", "validation", "test")
-ENSEMBLE_MEMBER = -1  # the member number of the ensemble mean in prediction tables
+#: The ``member`` of the ensemble mean's rows in every table (members are "0", "1", ...).
+ENSEMBLE = "ensemble"
+#: The ``member`` of the predict-the-training-mean baseline's rows in ``metrics.parquet``.
+BASELINE = "predict_train_mean"
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def classification_metrics(labels, probabilities) -> dict:
 def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Brain-age gap (predicted − age) with its age dependence removed.
 
-    The gap is regressed on a polynomial of age (``degree``, 3 per SCIENCE.md) over the
+    The gap is regressed on a polynomial of age (``degree``; 3, as the seed study did) over the
     participants where ``fit`` is true (default: all); the residual is returned for everyone,
     with the polynomial's coefficients (highest power first, as ``numpy.polyval`` takes them).
     """
@@ -222,7 +226,7 @@ class TrainingConfig:
     finetune_from: str | None = None
     freeze: tuple[str, ...] = ()
 
-    def record(self) -> dict:
+    def as_dict(self) -> dict:
         return asdict(self)
 
 
@@ -269,13 +273,13 @@ def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) 
 
 def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
                  classes: list | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Train member ``member`` and write ``member_<k>.safetensors`` and ``member_<k>.json``.
+    """Train member ``member`` and write its weights, predictions and record into ``out_dir`` (``models/``).
 
     Early stopping keeps the weights of the epoch with the lowest validation loss and stops
     after ``patience`` epochs without improvement. Returns the JSON record.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    files = ModelsLayout(Path(out_dir))
     volumes = CohortVolumes(store, config.modalities)
     targets = _targets(volumes.dataset, config, classes)
     subject_split = split.reindex(volumes.subjects).to_numpy()
@@ -333,16 +337,19 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
         elif epoch + 1 - best[1] >= config.patience:
             break
     model.load_state_dict(best[2])
-    save_file({name: value.contiguous() for name, value in best[2].items()}, out_dir / f"member_{member}.safetensors")
+    with atomic_output(files.weights(member)) as partial:
+        save_file({name: value.contiguous() for name, value in best[2].items()}, partial)
 
     predictions = predict(model, volumes, np.arange(len(volumes.subjects)), config.task, classes)
     predictions.insert(1, "split", subject_split)
-    predictions.insert(2, "member", member)
-    predictions.to_parquet(out_dir / f"member_{member}.predictions.parquet", index=False)
-    record = {"member": member, "seed": seed, "spec": spec.record(), "config": config.record(), "classes": classes,
+    predictions.insert(2, "member", str(member))
+    with atomic_output(files.member_predictions(member)) as partial:
+        predictions.to_parquet(partial, index=False)
+    record = {"member": member, "seed": seed, "spec": spec.as_dict(), "config": config.as_dict(), "classes": classes,
               "split": _split_hash(split), "best_epoch": best[1], "epochs_run": len(history), "history": history,
               "fresh_layers": fresh_layers, "device": str(device), "seconds": time.perf_counter() - started}
-    (out_dir / f"member_{member}.json").write_text(json.dumps(record, indent=1))  # written last: marks it done
+    with atomic_output(files.record(member)) as partial:  # written last: marks the member done
+        partial.write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -368,11 +375,15 @@ def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarra
 
 
 def load_member(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A trained member in eval mode and its record, from ``member_<k>.json`` / ``.safetensors`` (weights only)."""
-    path = Path(path).with_suffix("")
-    record = json.loads(path.with_suffix(".json").read_text())
+    """A trained member in eval mode and its record, from ``member_<k>.json`` / ``.safetensors`` (weights only).
+
+    ``path`` is the member's path without a suffix (``ModelsLayout.member``) or either file.
+    """
+    path = Path(path)
+    path = path.with_name(path.name.split(".", 1)[0])
+    record = json.loads(path.with_name(path.name + ".json").read_text())
     model = build_model(ModelSpec.from_record(record["spec"]))
-    model.load_state_dict(load_file(path.with_suffix(".safetensors")))
+    model.load_state_dict(load_file(path.with_name(path.name + ".safetensors")))
     return place(model, device).eval(), record
 
 
@@ -392,37 +403,39 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
     Members whose record already holds this config and split are kept. Writes ``split.tsv``,
     ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files = ModelsLayout(Path(out_dir))
+    files.root.mkdir(parents=True, exist_ok=True)
     dataset = open_cohort(store)
     classes = None
     if config.task == "classification":
         if config.target not in dataset.coords:
             raise ValueError(f"target {config.target!r} is not a participant column of the store")
         classes = sorted({value for value in dataset[config.target].values if not pd.isna(value)}, key=str)
-    split.rename_axis("participant_id").reset_index().to_csv(out_dir / "split.tsv", sep="\t", index=False)
+    with atomic_output(files.split) as partial:
+        split.rename_axis("participant_id").reset_index().to_csv(partial, sep="\t", index=False)
 
     def current(member: int) -> bool:
-        path = out_dir / f"member_{member}.json"
+        path = files.record(member)
         if not path.is_file():
             return False
         record = json.loads(path.read_text())
-        return record["config"] == json.loads(json.dumps(config.record())) and record.get("split") == _split_hash(split)
+        same_config = record["config"] == json.loads(json.dumps(config.as_dict()))
+        return same_config and record.get("split") == _split_hash(split)
 
     todo = [member for member in range(members) if not current(member)]
     done = members - len(todo)
     if progress:
         progress("train", done, members)
-    items = [(str(store), config, split, member, str(out_dir), classes) for member in todo]
+    items = [(str(store), config, split, member, str(files.root), classes) for member in todo]
     for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client)):
         done += 1
         if progress:
             progress("train", done, members)
-    for stale in out_dir.glob("member_*.json"):
-        if int(stale.stem.split("_")[1]) >= members:
-            for path in out_dir.glob(f"{stale.stem}.*"):
-                path.unlink()
-    return {**combine_members(out_dir, dataset, config, members, classes), "trained": len(todo)}
+    for stale in files.members():
+        if stale >= members:
+            for path in files.member_files(stale):
+                path.unlink(missing_ok=True)
+    return {**combine_members(files.root, dataset, config, members, classes), "trained": len(todo)}
 
 
 def _split_hash(split: pd.Series) -> str:
@@ -432,10 +445,11 @@ def _split_hash(split: pd.Series) -> str:
 def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
                     classes: list | None) -> dict:
     """Ensemble predictions (mean over members) and metrics per member and for the ensemble."""
-    tables = [pd.read_parquet(out_dir / f"member_{member}.predictions.parquet") for member in range(members)]
+    files = ModelsLayout(Path(out_dir))
+    tables = [pd.read_parquet(files.member_predictions(member)) for member in range(members)]
     value_columns = ["predicted"] if config.task == "regression" else [f"p_{name}" for name in classes]
     ensemble = tables[0][["participant_id", "split"]].copy()
-    ensemble["member"] = ENSEMBLE_MEMBER
+    ensemble["member"] = ENSEMBLE
     for column in value_columns:
         ensemble[column] = np.mean([table[column].to_numpy() for table in tables], axis=0)
     predictions = pd.concat([*tables, ensemble], ignore_index=True)
@@ -458,15 +472,16 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
             else:
                 labels = subset["observed"].map({name: index for index, name in enumerate(classes)})
                 metrics = classification_metrics(labels, subset[value_columns])
-            rows.append({"member": "ensemble" if member == ENSEMBLE_MEMBER else str(member), "split": split_name,
+            rows.append({"member": member, "split": split_name,
                          **metrics})
     metrics = pd.DataFrame(rows)
     if config.task == "regression":
-        train = predictions[(predictions.member == ENSEMBLE_MEMBER) & (predictions.split == "train")]
-        test = predictions[(predictions.member == ENSEMBLE_MEMBER) & (predictions.split == "test")]
+        train = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "train")]
+        test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
         baseline = regression_metrics(test["observed"], np.full(len(test), train["observed"].mean()))
-        metrics = pd.concat([metrics, pd.DataFrame([{"member": "predict_train_mean", "split": "test", **baseline}])],
+        metrics = pd.concat([metrics, pd.DataFrame([{"member": BASELINE, "split": "test", **baseline}])],
                             ignore_index=True)
-    predictions.to_parquet(out_dir / "predictions.parquet", index=False)
-    metrics.to_parquet(out_dir / "metrics.parquet", index=False)
+    for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
+        with atomic_output(path) as partial:
+            table.to_parquet(partial, index=False)
     return {"members": members, "metrics": metrics, "predictions": predictions}

@@ -7,9 +7,9 @@
     ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
     ws.features["tract_fa"]      # pandas tables of features/*.parquet
     ws.predictions, ws.metrics   # models/
-    ws.scores, ws.robustness     # validation/
+    ws.scores, ws.robustness     # validation/ (and ws.lesion_relevance)
     ws.associations["lrp_age"]   # associations/<name>/: summary, voxel maps, cluster or region tables
-    ws.provenance, ws.catalog    # provenance.json and the last run's catalog
+    ws.provenance, ws.catalog    # provenance.json (typed: engine.layout.Provenance) and the last run's catalog
     ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject"))
     ws.plot(ws.associations["lrp_age"].map("t"), kind="glass")
 """
@@ -28,16 +28,8 @@ import xarray as xr
 from engine.association import CORRECTED_P
 from engine.atlas import Atlas, cohort_atlas
 from engine.attribution import open_relevance
+from engine.layout import AssociationLayout, Layout, Provenance
 from engine.store import open_cohort, to_volume
-
-IMAGES = "images.zarr"
-RELEVANCE = "relevance.zarr"
-FEATURES = "features"
-MODELS = "models"
-VALIDATION = "validation"
-ASSOCIATIONS = "associations"
-PROVENANCE = "provenance.json"
-REPORT = "report.html"
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +52,8 @@ class Association:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        summary_file = self.path / "summary.json"
+        self.files = AssociationLayout(self.path)
+        summary_file = self.files.summary
         if not summary_file.is_file():
             raise FileNotFoundError(f"{summary_file} not found: not an association result")
         self.summary = json.loads(summary_file.read_text())
@@ -85,11 +78,11 @@ class Association:
     @property
     def maps(self) -> list[str]:
         """Names of the voxel maps present, e.g. ``beta``, ``t``, ``p``, ``p_fdr``, ``p_fwe``."""
-        return sorted(path.name.removesuffix(".nii.gz") for path in self.path.glob("*.nii.gz"))
+        return self.files.maps()
 
     def map(self, statistic: str) -> nib.Nifti1Image:
         """One voxel map, e.g. ``"t"`` or ``"p_fdr"``."""
-        path = self.path / f"{statistic}.nii.gz"
+        path = self.files.map(statistic)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; this analysis has maps {self.maps}")
         return nib.load(path)
@@ -112,18 +105,19 @@ class Association:
 
     @cached_property
     def clusters(self) -> pd.DataFrame | None:
-        path = self.path / "clusters.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return _optional_table(self.files.clusters)
 
     @cached_property
     def regions(self) -> pd.DataFrame | None:
-        path = self.path / "regions.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return _optional_table(self.files.regions)
 
     @cached_property
     def similarity(self) -> pd.DataFrame | None:
-        path = self.path / "similarity.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return _optional_table(self.files.similarity)
+
+
+def _optional_table(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 class Workspace:
@@ -131,83 +125,91 @@ class Workspace:
 
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
+        self.layout = Layout(self.path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"no workspace at {self.path}")
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.path)!r}, has={[part for part in self.PARTS if self.has(part)]})"
 
-    PARTS = {"images": IMAGES + "/zarr.json", "relevance": RELEVANCE + "/zarr.json", "features": FEATURES,
-             "models": MODELS + "/metrics.parquet", "validation": VALIDATION + "/scores.parquet",
-             "associations": ASSOCIATIONS, "provenance": PROVENANCE, "report": REPORT}
+    PARTS = ("images", "relevance", "features", "models", "validation", "associations", "provenance", "report")
 
     def has(self, part: str) -> bool:
         """Whether the workspace holds ``part`` (one of ``Workspace.PARTS``)."""
-        if part not in self.PARTS:
+        layout = self.layout
+        present = {"images": lambda: (layout.images / "zarr.json").exists(),
+                   "relevance": lambda: (layout.relevance / "zarr.json").exists(),
+                   "features": lambda: bool(layout.feature_tables()),
+                   "models": lambda: layout.models.metrics.exists(),
+                   "validation": lambda: any(layout.validation.glob("*.parquet")),
+                   "associations": lambda: bool(layout.association_names()),
+                   "provenance": lambda: layout.provenance.exists(),
+                   "report": lambda: layout.report.exists()}
+        if part not in present:
             raise ValueError(f"unknown workspace part {part!r}; known: {', '.join(self.PARTS)}")
-        path = self.path / self.PARTS[part]
-        if part == "features":
-            return any(path.glob("*.parquet"))
-        if part == "associations":
-            return any(path.glob("*/summary.json"))
-        return path.exists()
+        return present[part]()
 
     # -- stores and tables
 
     @cached_property
     def images(self) -> xr.Dataset:
         """``images.zarr``: lazy (subject × voxel) arrays with participant columns as coordinates."""
-        return open_cohort(self.path / IMAGES)
+        return open_cohort(self.layout.images)
 
     @cached_property
     def relevance(self) -> xr.Dataset:
         """``relevance.zarr``: ``relevance`` (method, member, subject, voxel) and ``relevance_mean``."""
-        return open_relevance(self.path / RELEVANCE)
+        return open_relevance(self.layout.relevance)
 
     @cached_property
     def features(self) -> dict[str, pd.DataFrame]:
         """Every ``features/*.parquet`` table by name (e.g. ``regional_gm_volume``)."""
-        return {path.stem: pd.read_parquet(path) for path in sorted((self.path / FEATURES).glob("*.parquet"))}
+        return {name: pd.read_parquet(path) for name, path in self.layout.feature_tables().items()}
 
     @cached_property
     def predictions(self) -> pd.DataFrame:
-        """Per participant, member (``-1`` = ensemble) and split: predicted, observed, brain-age gaps."""
-        return _read_table(self.path / MODELS / "predictions.parquet", "train")
+        """Per participant, member (``"0"``, ``"1"``, … and ``"ensemble"``) and split: predicted, observed,
+        brain-age gaps."""
+        return _read_table(self.layout.models.predictions, "train")
 
     @cached_property
     def metrics(self) -> pd.DataFrame:
-        return _read_table(self.path / MODELS / "metrics.parquet", "train")
+        return _read_table(self.layout.models.metrics, "train")
 
     @cached_property
     def scores(self) -> pd.DataFrame:
         """Ground-truth scores per method and member (``validation/scores.parquet``)."""
-        return _read_table(self.path / VALIDATION / "scores.parquet", "explain")
+        return _read_table(self.layout.scores, "validate")
 
     @cached_property
     def robustness(self) -> pd.DataFrame:
         """Robustness across members per method (``validation/robustness.parquet``)."""
-        return _read_table(self.path / VALIDATION / "robustness.parquet", "explain")
+        return _read_table(self.layout.robustness, "validate")
+
+    @cached_property
+    def lesion_relevance(self) -> pd.DataFrame:
+        """The study's lesion indices per method and participant (``validation/lesion_relevance.parquet``)."""
+        return _read_table(self.layout.lesion_relevance, "validate")
 
     @cached_property
     def associations(self) -> dict[str, Association]:
         """Every ``associations/<name>/`` analysis by folder name."""
-        return {path.parent.name: Association(path.parent)
-                for path in sorted((self.path / ASSOCIATIONS).glob("*/summary.json"))}
+        return {name: Association(self.layout.association(name).root) for name in self.layout.association_names()}
 
     @cached_property
-    def provenance(self) -> dict:
-        path = self.path / PROVENANCE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the workspace was not made by `relcohort run`")
-        return json.loads(path.read_text())
+    def provenance(self) -> Provenance:
+        """``provenance.json``: every run (catalog, packages, seeds, stage times), typed."""
+        if not self.layout.provenance.is_file():
+            raise FileNotFoundError(f"{self.layout.provenance} not found: the workspace was not made by "
+                                    "`relcohort run`")
+        return Provenance.read(self.layout)
 
     @property
     def catalog(self) -> dict:
         """The catalog (paths resolved) of the last recorded run."""
-        runs = self.provenance.get("runs", [])
-        if not runs:
-            raise ValueError(f"{self.path / PROVENANCE}: no runs recorded")
-        return runs[-1]["catalog"]
+        if self.provenance.last is None:
+            raise ValueError(f"{self.layout.provenance}: no runs recorded")
+        return self.provenance.last.catalog
 
     def atlas(self, name: str | None = None, labels: str | Path | None = None, **options) -> Atlas:
         """An atlas on the workspace's voxels: ``name`` (bundled or a label image), default the catalog's."""

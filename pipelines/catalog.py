@@ -18,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from cluster import ClusterProfile, LocalProfile
 from engine.atlas import BUNDLED_ATLASES
 from engine.attribution import METHODS, AttributionOptions
+from engine.layout import Layout
 from engine.models import MODELS
 from engine.store import Modality
 
@@ -329,8 +330,13 @@ class Catalog(_Strict):
     # -- derived, resolved against the catalog's folder by ``load_catalog``
 
     @property
+    def layout(self) -> Layout:
+        """Where every output of this catalog's runs lives."""
+        return Layout(self.workspace)
+
+    @property
     def cohort_root(self) -> Path:
-        return self.cohort.directory if self.cohort.directory is not None else self.workspace / "demo_cohort"
+        return self.cohort.directory if self.cohort.directory is not None else self.layout.demo_cohort
 
     @property
     def participants_file(self) -> Path:

@@ -41,6 +41,7 @@ def run(
         "(SLURM settings then come from the site's dask-jobqueue config)")] = None,
 ) -> None:
     """Run every stage of a catalog (those already done are skipped)."""
+    from cluster import ClusterSetupError
     from engine.association import AnalysisError
     from engine.store import IngestError, InputError
     from pipelines.catalog import CatalogError
@@ -50,36 +51,33 @@ def run(
         _fail(f"--cluster must be local or slurm, not {cluster!r}")
     try:
         run_catalog(catalog, console, cluster=cluster)
-    except (CatalogError, InputError, IngestError, WorkspaceBusy, AnalysisError) as error:
-        _fail(str(error))
-    except ValueError as error:  # a profile that cannot start, e.g. SLURM without cores or memory
-        if not str(error).startswith("cluster."):
-            raise
+    except (CatalogError, InputError, IngestError, WorkspaceBusy, AnalysisError, ClusterSetupError) as error:
         _fail(str(error))
 
 
 @app.command()
 def status(workspace: Annotated[Path, typer.Argument(help="workspace folder of a catalog run")]) -> None:
     """List what each stage has produced in a workspace."""
-    from pipelines.runner import read_provenance, workspace_status
+    from engine.layout import Layout, Provenance
+    from pipelines.runner import workspace_status
 
     try:
         stages = workspace_status(workspace)
     except FileNotFoundError as error:
         _fail(str(error))
-    provenance = read_provenance(workspace)
-    if provenance["runs"]:
-        last = provenance["runs"][-1]
-        console.print(f"last run {last['started']} → {last.get('finished', '?')}: {last.get('state', 'running?')} "
-                      f"(catalog {last['catalog_file']}, sha256 {last['catalog_sha256'][:12]})", highlight=False)
-        if "error" in last:
-            console.print("  " + last["error"].replace("\n", "\n  "), style="red", highlight=False)
-    used = provenance.get("stages")
-    for name, report in stages:
-        if report is None:
-            unused = used and name not in used
-            report = "[dim]not part of this workspace's catalog[/]" if unused else "[dim]nothing yet[/]"
-        console.print(f"[bold]{name:<9}[/] {report}", highlight=False)
+    provenance = Provenance.read(Layout(workspace))
+    last = provenance.last
+    if last is not None:
+        console.print(f"last run {last.started} → {last.finished or '?'}: {last.state or 'running?'} "
+                      f"(catalog {last.catalog_file}, sha256 {last.catalog_sha256[:12]})", highlight=False)
+        if last.error:
+            console.print("  " + last.error.replace("\n", "\n  "), style="red", highlight=False)
+    width = max(len(name) for name, _ in stages)
+    for name, produced in stages:
+        if produced is None:
+            unused = provenance.stages is not None and name not in provenance.stages
+            produced = "[dim]not part of this workspace's catalog[/]" if unused else "[dim]nothing yet[/]"
+        console.print(f"[bold]{name:<{width}}[/] {produced}", highlight=False)
 
 
 @app.command()

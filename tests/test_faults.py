@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from engine.attribution import open_relevance
 from engine.training import TrainingConfig, train_ensemble
-from pipelines.runner import LOCK, WorkspaceBusy, workspace_lock
+from engine.layout import Layout
+from pipelines.runner import WorkspaceBusy, workspace_lock
 from tests.test_store import run_ingest
 from tests.test_training import cohort_split
 
@@ -145,13 +146,13 @@ def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run
     workspace = tmp_path / "ws"
     first = relcohort_process(catalog)
     try:
-        wait_for(lambda: (workspace / LOCK).exists() and (workspace / LOCK).read_text(), "lock", process=first)
-        assert json.loads((workspace / LOCK).read_text())["pid"] == first.pid
+        wait_for(lambda: Layout(workspace).lock.exists() and Layout(workspace).lock.read_text(), "lock", process=first)
+        assert json.loads(Layout(workspace).lock.read_text())["pid"] == first.pid
         second = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(catalog)], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first run must still be running"
         assert second.returncode == 1
-        assert f"PID {first.pid}" in second.stderr and str(workspace / LOCK) in second.stderr
+        assert f"PID {first.pid}" in second.stderr and str(Layout(workspace).lock) in second.stderr
         assert "in use by another relcohort run" in second.stderr and "Traceback" not in second.stderr
 
         wait_for(lambda: (workspace / "models/member_0.json").exists(), "member 0", process=first)
@@ -162,13 +163,13 @@ def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run
     assert not (workspace / "models/member_1.json").exists(), "the kill must land between the two members"
     kept = {path: path.stat().st_mtime_ns for path in (workspace / "models").glob("member_0*")}
     assert len(kept) == 3  # weights, record, predictions
-    assert (workspace / LOCK).exists()  # left behind by the killed run ...
+    assert Layout(workspace).lock.exists()  # left behind by the killed run ...
 
     rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(catalog)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"taking over the lock of a run that ended without finishing (PID {first.pid}" in rerun.stdout  # not held
-    assert not (workspace / LOCK).exists()
+    assert not Layout(workspace).lock.exists()
     provenance = json.loads((workspace / "provenance.json").read_text())
     assert "finished" not in provenance["runs"][-2]  # the killed run never got to record its end
     assert provenance["runs"][-1]["state"] == "complete"

@@ -118,7 +118,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert run["state"] == "complete" and run["seeds"] == {"demo": 3}
     assert run["catalog_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
     assert run["packages"]["zarr"] and run["packages"]["relcohort"] == "0.1.0"
-    assert set(run["stages"]) >= {"synth", "ingest", "features", "train", "explain", "associate"}
+    assert set(run["stages"]) >= {"synth", "ingest", "features", "train", "explain", "validate", "associate"}
     gmv = pd.read_parquet(workspace / "features/regional_gm_volume.parquet")
     assert set(gmv.columns) == {"participant_id", "region", "volume_mm3"} and gmv.participant_id.nunique() == 16
     assert "Left_Hippocampus" in set(gmv.region) and (gmv.volume_mm3 >= 0).all()
@@ -142,7 +142,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 3 * 3
     assert scores.roc_auc.between(0, 1).all()
     assert len(pd.read_parquet(workspace / "validation/robustness.parquet")) == 3
-    lesion_relevance = pd.read_parquet(workspace / "features/lesion_relevance.parquet")
+    lesion_relevance = pd.read_parquet(workspace / "validation/lesion_relevance.parquet")
     assert len(lesion_relevance) == 3 * relevance.sizes["subject"]
     assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
     relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}

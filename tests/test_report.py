@@ -21,6 +21,7 @@ from engine import open_workspace
 from engine.report import SECTIONS, browser_check, build_report, screenshot_sections
 from engine.store import to_volume
 from pipelines.catalog import load_catalog
+from engine.layout import Layout
 from pipelines.stages import ReportStage
 
 REPO = Path(__file__).parents[1]
@@ -85,15 +86,15 @@ def test_run_writes_a_report_with_every_section(tiny_workspace):
     written = report.stat().st_mtime_ns
     assert ReportStage().run(catalog, None, lambda *_: None)["built"] == 0  # inputs unchanged: nothing to do
     assert report.stat().st_mtime_ns == written
-    assert "report.html" in ReportStage().report(tiny_workspace)
+    assert "report.html" in ReportStage().status(Layout(tiny_workspace))
 
 
 def test_workspace_api_gives_labelled_objects_and_images(tiny_workspace, tmp_path):
     ws = open_workspace(tiny_workspace)
     assert ws.images.T1.dims == ("subject", "voxel") and "age" in ws.images.coords
     assert ws.relevance.relevance.dims == ("method", "member", "subject", "voxel")
-    assert {"regional_gm_volume", "lesion_load", "lesion_relevance"} <= set(ws.features)
-    assert {-1, 0, 1} == set(ws.predictions.member) and "ensemble" in set(ws.metrics.member)
+    assert {"regional_gm_volume", "lesion_load"} <= set(ws.features) and len(ws.lesion_relevance)
+    assert {"ensemble", "0", "1"} == set(ws.predictions.member) and "ensemble" in set(ws.metrics.member)
     assert set(ws.scores.method) == {"lrp", "gradient"} and len(ws.robustness) == 2
     assert ws.associations == {} and ws.catalog["train"]["members"] == 2
 
@@ -201,7 +202,7 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
         "explain": {"methods": ["lrp"], "subjects": "all"},
         "cluster": {"n_workers": 1, "threads_per_worker": 2}, "report": {"top_k": 3}}))
     workspace = run_catalog(catalog, Console(quiet=True))
-    predictions = pd.read_parquet(workspace / "models/predictions.parquet").query("member == -1")
+    predictions = pd.read_parquet(workspace / "models/predictions.parquet").query("member == 'ensemble'")
     positive = predictions["observed"].astype(str) == "M"
     called = predictions["p_M"] >= 0.5
     expected = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,

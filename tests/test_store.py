@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from engine.store import (IngestError, InputError, Modality, ingest, ingest_record, mask_image, open_cohort,
+from engine.store import (IngestError, InputError, Modality, ingest, mask_image, store_attributes, open_cohort,
                           read_participants, to_volume)
 from tests.conftest import MODALITIES
 
@@ -213,11 +213,11 @@ def test_bad_input_fails_clearly_and_keeps_what_is_stored(cohort_copy, tmp_path,
     ds = open_cohort(store)
     assert np.array_equal(ds.T1.values[:4], stored)
     assert pid not in ds.subject.values and "sub-0099" not in ds.subject.values
-    assert ingest_record(store)["ingest"]["state"] in ("incomplete", "complete")
+    assert store_attributes(store)["ingest"]["state"] in ("incomplete", "complete")
 
     report = run_ingest(cohort_copy, store, on_error="skip")
     assert any(problem in str(found) and str(path) in str(found) for found in report.problems)
-    skipped = ingest_record(store)["ingest"]["skipped"]
+    skipped = store_attributes(store)["ingest"]["skipped"]
     assert any(entry["file"] == str(path) and problem in entry["problem"] for entry in skipped)
     ds = open_cohort(store)
     assert ds.sizes["subject"] == (24 if pid is None else 23) and pid not in ds.subject.values
@@ -293,7 +293,7 @@ def test_incompatible_catalog_changes_are_refused_before_the_store_changes(tiny_
     relabelled = [Modality(m.name, m.template, "float64" if m.name == "FA" else m.dtype) for m in MODALITIES]
     with pytest.raises(InputError, match="FA is stored as float32"):
         ingest(store, table, tiny_cohort, relabelled, tiny_cohort / "mask.nii.gz")
-    assert ingest_record(store)["n_subjects"] == 4 and open_cohort(store).sizes["subject"] == 4
+    assert store_attributes(store)["n_subjects"] == 4 and open_cohort(store).sizes["subject"] == 4
 
 
 @pytest.mark.parametrize("name, image_class, dtype", [
@@ -301,7 +301,8 @@ def test_incompatible_catalog_changes_are_refused_before_the_store_changes(tiny_
     ("a.mgz", nib.MGHImage, ">f4"), ("a.mgh", nib.MGHImage, ">i4"),
 ])
 def test_load_image_equals_nibabel(tmp_path, name, image_class, dtype):
-    from engine.store import load_image, file_sha256
+    from engine.layout import file_sha256
+    from engine.store import load_image
 
     rng = np.random.default_rng(0)
     affine = np.diag([-2.0, 2.0, 2.5, 1.0])

@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_sco
 from engine.models import ModelSpec, PatchIndividualConv3d, build_model
 from engine.store import open_cohort
 from engine.training import (
+    ENSEMBLE,
     CohortVolumes,
     TrainingConfig,
     bias_corrected_gap,
@@ -178,8 +179,8 @@ def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store,
     result = train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
     metrics = result["metrics"].set_index(["member", "split"])
     predictions = result["predictions"]
-    test = predictions[(predictions.member == -1) & (predictions.split == "test")]
-    members = [predictions[(predictions.member == m) & (predictions.split == "test")] for m in (0, 1)]
+    test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
+    members = [predictions[(predictions.member == m) & (predictions.split == "test")] for m in ("0", "1")]
     np.testing.assert_allclose(test["predicted"], (members[0]["predicted"].to_numpy() +
                                                    members[1]["predicted"].to_numpy()) / 2)
     assert metrics.loc[("ensemble", "test"), "mae"] == pytest.approx(
@@ -223,7 +224,7 @@ def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, t
     result = train_ensemble(tiny_store, config, 2, tmp_path, split)
     metrics = result["metrics"].set_index(["member", "split"])
     assert {"balanced_accuracy", "roc_auc"} <= set(metrics.columns)
-    ensemble = result["predictions"].query("member == -1")
+    ensemble = result["predictions"].query("member == @ENSEMBLE")
     np.testing.assert_allclose(ensemble[["p_F", "p_M"]].sum(axis=1), 1, rtol=1e-6)
     test = ensemble[ensemble.split == "test"]
     labels = (test["observed"] == "M").astype(int)

@@ -1,0 +1,354 @@
+"""The workspace layout: where every output of a catalog run lives, when it is current, how it is written.
+
+One folder per catalog run holds everything the run produces. Each output has exactly one
+writing stage::
+
+    demo_cohort/              synth      the generated demo cohort (only for ``cohort: demo``)
+    images.zarr               ingest     the cohort store (``engine.store``)
+    features/<table>.parquet  features   structural feature tables
+    models/                   train      split.tsv, member_<k>.{safetensors,json,predictions.parquet},
+                                         predictions.parquet, metrics.parquet
+    relevance.zarr            explain    relevance maps (``engine.attribution``)
+    validation/               validate   scores.parquet, robustness.parquet, lesion_relevance.parquet
+    associations/<name>/      associate  one folder per analysis (summary.json, maps, tables)
+    report.html               report     the HTML report (and report_screenshots/)
+    provenance.json           the runner: catalog, versions, seeds, stage times of every run
+
+**Freshness**: an output is current when the key stored beside it equals the key of its
+settings and its inputs by content (:func:`output_key`, :func:`is_current`, :func:`mark_current`).
+The key of a folder is ``<folder>/.relcohort-key.json``; of a file, ``.<name>.relcohort-key.json``
+next to it. A stage forgets the key before it rewrites an output and marks it last, so a run
+killed midway leaves an output that is not current.
+
+**Atomic writes**: :func:`atomic_output` writes into a ``.part`` sibling and renames it into place
+(files and folders), so an output is either the old one whole or the new one whole.
+
+This module is the only place these names are spelled; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_FILE = ".relcohort-key.json"
+PART_SUFFIX = ".part"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The path of every output in the workspace folder ``root``."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- the stages' outputs
+
+    @property
+    def demo_cohort(self) -> Path:
+        return self.root / "demo_cohort"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images.zarr"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    def feature_table(self, name: str) -> Path:
+        return self.features / f"{name}.parquet"
+
+    def feature_tables(self) -> dict[str, Path]:
+        """Every feature table written, by name."""
+        return {path.stem: path for path in sorted(self.features.glob("*.parquet"))}
+
+    @property
+    def models(self) -> ModelsLayout:
+        return ModelsLayout(self.root / "models")
+
+    @property
+    def relevance(self) -> Path:
+        return self.root / "relevance.zarr"
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "validation"
+
+    @property
+    def scores(self) -> Path:
+        return self.validation / "scores.parquet"
+
+    @property
+    def robustness(self) -> Path:
+        return self.validation / "robustness.parquet"
+
+    @property
+    def lesion_relevance(self) -> Path:
+        return self.validation / "lesion_relevance.parquet"
+
+    @property
+    def associations(self) -> Path:
+        return self.root / "associations"
+
+    def association(self, name: str) -> AssociationLayout:
+        return AssociationLayout(self.associations / name)
+
+    def association_names(self) -> list[str]:
+        """Analyses with a finished summary, by folder name."""
+        return [path.parent.name for path in sorted(self.associations.glob(f"*/{AssociationLayout.SUMMARY}"))]
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def report_screenshots(self) -> Path:
+        return self.root / "report_screenshots"
+
+    # -- the runner's
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".relcohort.lock"
+
+
+@dataclass(frozen=True)
+class ModelsLayout:
+    """``models/``: the split, each member's weights, record and predictions, the ensemble's tables."""
+
+    root: Path
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.tsv"
+
+    def member(self, member: int) -> Path:
+        """``member_<k>`` without a suffix: ``.safetensors`` (weights), ``.json`` (record), ``.predictions.parquet``."""
+        return self.root / f"member_{member}"
+
+    def weights(self, member: int) -> Path:
+        return self.root / f"member_{member}.safetensors"
+
+    def record(self, member: int) -> Path:
+        return self.root / f"member_{member}.json"
+
+    def member_predictions(self, member: int) -> Path:
+        return self.root / f"member_{member}.predictions.parquet"
+
+    def members(self) -> list[int]:
+        """Numbers of the members whose record is written."""
+        return sorted(int(path.stem.removeprefix("member_")) for path in self.root.glob("member_*.json"))
+
+    def member_files(self, member: int) -> list[Path]:
+        return [self.weights(member), self.record(member), self.member_predictions(member)]
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.parquet"
+
+
+@dataclass(frozen=True)
+class AssociationLayout:
+    """``associations/<name>/``: ``summary.json``, voxel maps ``<statistic>.nii.gz`` and tables."""
+
+    root: Path
+    SUMMARY = "summary.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / self.SUMMARY
+
+    def map(self, statistic: str) -> Path:
+        return self.root / f"{statistic}.nii.gz"
+
+    def maps(self) -> list[str]:
+        return sorted(path.name.removesuffix(".nii.gz") for path in self.root.glob("*.nii.gz"))
+
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters.parquet"
+
+    @property
+    def max_t_null(self) -> Path:
+        return self.root / "max_t_null.parquet"
+
+    @property
+    def regions(self) -> Path:
+        return self.root / "regions.parquet"
+
+    @property
+    def regions_csv(self) -> Path:
+        return self.root / "regions.csv"
+
+    @property
+    def similarity(self) -> Path:
+        return self.root / "similarity.parquet"
+
+
+# ---------------------------------------------------------------------------------------
+# Freshness: inputs by content + settings → a key stored beside the output
+
+
+def output_key(settings, inputs: dict[str, str | None]) -> dict:
+    """The key of an output made with ``settings`` (JSON-able) from ``inputs`` (name → content hash)."""
+    record = json.loads(json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return {"key": digest, **record}
+
+
+def key_file(output: Path) -> Path:
+    """Where the key of ``output`` (a folder or a file) is stored."""
+    output = Path(output)
+    return output / KEY_FILE if output.is_dir() else output.with_name(f".{output.name}{KEY_FILE}")
+
+
+def stored_key(output: Path) -> dict | None:
+    path = key_file(output)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_current(output: Path, key: dict) -> bool:
+    """Whether ``output`` exists and was last marked with ``key``."""
+    stored = stored_key(output) if Path(output).exists() else None
+    return stored is not None and stored.get("key") == key["key"]
+
+
+def mark_current(output: Path, key: dict) -> None:
+    """Store ``key`` beside ``output``: the last write of a stage, after the output is whole."""
+    with atomic_output(key_file(output)) as partial:
+        partial.write_text(json.dumps(key, indent=1))
+
+
+def forget(output: Path) -> None:
+    """Drop the key of ``output`` before rewriting it: until marked again it is not current."""
+    if Path(output).exists():
+        key_file(output).unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_sha256(paths) -> dict[str, str]:
+    """``{path: sha256}`` of the files among ``paths`` that exist."""
+    return {str(path): file_sha256(path) for path in paths if Path(path).is_file()}
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def part_path(path: Path) -> Path:
+    """The ``.part`` sibling an output is written into before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{PART_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield the ``.part`` sibling of ``path`` to write into; on success it replaces ``path``.
+
+    Works for a file or a folder (an old folder is removed just before the rename). On an
+    error the partial output is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    partial = part_path(path)
+    _remove(partial)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+    except BaseException:
+        _remove(partial)
+        raise
+    if partial.is_dir() and path.exists():
+        _remove(path)
+    os.replace(partial, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The runner's provenance record, typed for its readers
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``relcohort run`` as recorded in ``provenance.json``."""
+
+    started: str
+    finished: str | None
+    state: str | None
+    catalog_file: str
+    catalog_sha256: str
+    catalog: dict
+    seeds: dict
+    packages: dict
+    python: str | None
+    platform: str | None
+    cluster: str | None
+    stages: dict
+    error: str | None = None
+
+    @classmethod
+    def from_record(cls, record: dict) -> Run:
+        return cls(started=record["started"], finished=record.get("finished"), state=record.get("state"),
+                   catalog_file=record.get("catalog_file", "?"), catalog_sha256=record.get("catalog_sha256", ""),
+                   catalog=record.get("catalog", {}), seeds=record.get("seeds", {}),
+                   packages=record.get("packages", {}), python=record.get("python"),
+                   platform=record.get("platform"), cluster=record.get("cluster"),
+                   stages=record.get("stages", {}), error=record.get("error"))
+
+    def section(self, name: str) -> dict:
+        """A section of this run's catalog (paths resolved), ``{}`` when absent."""
+        return self.catalog.get(name) or {}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """``provenance.json``: every run of the workspace's catalog, and the stages the last one applies."""
+
+    runs: tuple[Run, ...]
+    stages: tuple[str, ...] | None
+
+    @classmethod
+    def read(cls, layout: Layout) -> Provenance:
+        """The record, or one without runs when the workspace has none yet."""
+        path = layout.provenance
+        record = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        stages = record.get("stages")
+        return cls(tuple(Run.from_record(run) for run in record.get("runs", [])),
+                   tuple(stages) if stages is not None else None)
+
+    @property
+    def last(self) -> Run | None:
+        return self.runs[-1] if self.runs else None

@@ -1,0 +1,68 @@
+"""The workspace layout's one freshness rule and one atomic write."""
+
+import json
+
+import pytest
+
+from engine.layout import Layout, Provenance, atomic_output, forget, is_current, key_file, mark_current, output_key
+
+
+def test_atomic_output_replaces_a_file_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "table.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(path) as partial:
+        partial.write_text("half")
+        raise RuntimeError("killed midway")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    with atomic_output(path) as partial:
+        assert partial != path and partial.parent == path.parent
+        partial.write_text("new")
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_atomic_output_swaps_a_folder_in_whole(tmp_path):
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(ValueError), atomic_output(folder) as partial:
+        partial.mkdir()
+        (partial / "new.txt").write_text("new")
+        raise ValueError("bad input")
+    assert [path.name for path in folder.iterdir()] == ["old.txt"] and list(tmp_path.iterdir()) == [folder]
+    with atomic_output(folder) as partial:
+        partial.mkdir()
+        (partial / "new.txt").write_text("new")
+    assert [path.name for path in folder.iterdir()] == ["new.txt"] and list(tmp_path.iterdir()) == [folder]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_output_is_current_only_for_the_settings_and_inputs_it_was_marked_with(tmp_path, kind):
+    output = tmp_path / "out"
+    key = output_key({"threshold": 0.2}, {"images": "abc"})
+    assert not is_current(output, key)  # nothing there yet
+    output.mkdir() if kind == "folder" else output.write_text("x")
+    assert not is_current(output, key)  # there, but never marked
+    mark_current(output, key)
+    assert is_current(output, key)
+    assert key_file(output).parent == (output if kind == "folder" else tmp_path)
+    assert json.loads(key_file(output).read_text())["settings"] == {"threshold": 0.2}
+    assert not is_current(output, output_key({"threshold": 0.3}, {"images": "abc"}))
+    assert not is_current(output, output_key({"threshold": 0.2}, {"images": "abd"}))
+    assert is_current(output, output_key({"threshold": 0.2}, {"images": "abc"}))  # equal content, equal key
+    forget(output)
+    assert not is_current(output, key)
+
+
+def test_layout_names_every_output_once_and_provenance_reads_typed(tmp_path):
+    layout = Layout(tmp_path)
+    paths = [layout.demo_cohort, layout.images, layout.features, layout.models.root, layout.relevance,
+             layout.validation, layout.associations, layout.report, layout.provenance, layout.lock]
+    assert len(set(paths)) == len(paths) and all(path.parent == tmp_path for path in paths)
+    assert layout.models.weights(3).name == "member_3.safetensors" and layout.models.members() == []
+    assert Provenance.read(layout).last is None
+    layout.provenance.write_text(json.dumps({"runs": [{"started": "t0", "catalog": {"train": {"target": "age"}},
+                                                       "stages": {"train": {"seconds": 3}}}],
+                                             "stages": ["train"]}))
+    provenance = Provenance.read(layout)
+    assert provenance.last.section("train") == {"target": "age"} and provenance.last.section("explain") == {}
+    assert provenance.stages == ("train",) and provenance.last.stages["train"]["seconds"] == 3
