@@ -20,11 +20,11 @@ from pathlib import Path
 
 import dask
 import nibabel as nib
-import xarray as xr
 from nilearn.maskers import NiftiLabelsMasker
 
 from engine.atlas import cohort_atlas, region_reduce
-from engine.store import ingest, open_cohort, read_participants, to_volume
+from engine.masker import Masker
+from engine.store import ingest, open_cohort, read_participants
 from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 
@@ -36,8 +36,7 @@ def measure(voxel_size: float, subjects: int, atlas_name: str, work: Path) -> di
     ds = open_cohort(store)
     atlas = cohort_atlas(ds, atlas_name)
     files = [cohort / MODALITIES[2].template.format(participant_id=pid) for pid in ds.subject.values]
-    labels = to_volume(xr.DataArray(atlas.voxel_labels, dims=("voxel",), coords=ds.GM.isel(subject=0).coords,
-                                    attrs=ds.GM.attrs))
+    labels = Masker.of(ds).to_nifti(atlas.voxel_labels)
     masker = NiftiLabelsMasker(labels, mask_img=nib.load(cohort / "mask.nii.gz"), strategy="sum",
                                standardize=None).fit()
     stored_megabytes = ds.GM.nbytes / 1e6

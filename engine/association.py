@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from engine.atlas import Atlas, region_reduce
 from engine.stats import adjust_p, region_models, voxelwise_ols
-from engine.store import cohort_grid
+from engine.masker import Masker
 
 MAP_SOURCES = ("relevance", "images")
 #: The p-value map written for each correction name (``none``: uncorrected).
@@ -155,21 +155,18 @@ def corrected_p(result: xr.Dataset, correction: str) -> xr.DataArray:
     return result[CORRECTED_P[correction]]
 
 
-def cluster_table(statistic: xr.DataArray, significant: np.ndarray, atlas: Atlas | None = None,
+def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Masker, atlas: Atlas | None = None,
                   regions_listed: int = 5) -> pd.DataFrame:
     """Connected clusters (26-neighbourhood) of significant voxels, positive and negative apart.
 
     Per cluster: voxels, volume in mm³, the peak statistic and its world coordinates (mm), the
-    atlas region at the peak and the regions the cluster covers (most voxels first).
+    atlas region at the peak and the regions the cluster covers (most voxels first). ``masker``
+    places the statistic's voxels on the cohort grid.
     """
-    grid = cohort_grid(statistic)
-    i, j, k = (statistic[axis].values for axis in "ijk")
-    values = np.asarray(statistic.values, np.float64)
-    volume = np.zeros(grid.shape)
-    volume[i, j, k] = np.where(significant, values, 0)
-    labels_volume = np.zeros(grid.shape, np.int64)
-    if atlas is not None:
-        labels_volume[i, j, k] = atlas.voxel_labels
+    grid = masker.grid
+    volume = masker.inverse_transform(np.where(significant, np.asarray(statistic.values, np.float64), 0))
+    labels_volume = masker.inverse_transform(atlas.voxel_labels.astype(np.int64) if atlas is not None
+                                             else np.zeros(len(masker), np.int64))
     names = {} if atlas is None else dict(zip(atlas.regions.index, atlas.regions["name"], strict=True))
     rows = []
     for sign in (1, -1):

@@ -22,7 +22,7 @@ import xarray as xr
 from nilearn.image import resample_to_img
 
 from engine.grid import Grid
-from engine.store import VOXEL_COORDS, cohort_grid
+from engine.masker import Masker
 
 #: name -> (label image, label table, probabilistic 4D). All are in MNI152 space.
 BUNDLED_ATLASES = {
@@ -179,8 +179,8 @@ def _check_labels(name: str, data: np.ndarray, table: pd.DataFrame) -> None:
 def cohort_atlas(data: xr.Dataset | xr.DataArray, atlas: str | Path, labels: str | Path | None = None,
                  **options) -> Atlas:
     """:func:`load_atlas` on the grid and voxels of a cohort store's arrays (``open_cohort``)."""
-    voxel_indices = tuple(data[axis].values for axis in VOXEL_COORDS)
-    return load_atlas(atlas, cohort_grid(data), voxel_indices, labels, **options)
+    masker = Masker.of(data)
+    return load_atlas(atlas, masker.grid, masker.indices, labels, **options)
 
 
 def _merge_hemispheres(atlas: Atlas) -> Atlas:

@@ -46,8 +46,8 @@ from torch import nn
 
 from engine import lrp
 from engine.layout import ModelsLayout, output_key
-from engine.store import (IMAGE_CODEC, VOXEL_COORDS, content_fingerprint, load_coordinates, open_cohort,
-                          open_layout_group)
+from engine.masker import VOXEL_COORDS
+from engine.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
 from engine.tasks import gpu_resources, run_tasks, torch_device
 from engine.training import CohortVolumes, load_member
 
@@ -251,7 +251,7 @@ def _explain_block(item):
     group = zarr.open_group(out, mode="r+")
     for method_index, method in enumerate(methods):
         maps = attribute(model, inputs, method, options, region_labels).cpu().numpy()
-        group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.to_rows(maps)
+        group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.box.transform(maps)
     group["explained"][member_index, rows[0]:rows[-1] + 1] = True  # after the data: marks the block whole
     return len(rows)
 

@@ -14,7 +14,7 @@ import pandas as pd
 import xarray as xr
 
 from engine.atlas import Atlas, region_reduce
-from engine.store import cohort_grid
+from engine.masker import grid_of
 
 TIDY_COLUMNS = ["participant_id", "structure", "hemisphere", "measure", "value", "unit"]
 # Columns of ?h.aparc*.stats tables and the measure each holds.
@@ -148,7 +148,7 @@ def _parcellation(path: Path) -> str:
 
 def regional_volume(probability: xr.DataArray, atlas: Atlas) -> xr.DataArray:
     """Regional tissue volume in mm³ from a probability map (e.g. GM): Σ probability × voxel volume."""
-    volume = region_reduce(probability, atlas)["sum"] * cohort_grid(probability).voxel_volume
+    volume = region_reduce(probability, atlas)["sum"] * grid_of(probability).voxel_volume
     return volume.rename("volume_mm3").assign_attrs(units="mm^3", source=str(probability.name), atlas=atlas.name)
 
 
@@ -164,7 +164,7 @@ def lesion_load(lesions: xr.DataArray) -> xr.Dataset:
     """Per subject: lesion voxel count and volume in mm³ from a binary lesion mask modality."""
     count = (lesions > 0).sum("voxel")
     return xr.Dataset({"lesion_voxels": count,
-                       "lesion_volume_mm3": count * cohort_grid(lesions).voxel_volume})
+                       "lesion_volume_mm3": count * grid_of(lesions).voxel_volume})
 
 
 def lesion_relevance(lesions: xr.DataArray, relevance: xr.DataArray) -> xr.Dataset:

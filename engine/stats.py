@@ -30,7 +30,6 @@ from scipy import special
 from statsmodels.stats.multitest import multipletests
 from threadpoolctl import ThreadpoolController
 
-from engine.store import cohort_grid
 
 def design_matrix(covariates: pd.DataFrame, categorical: Sequence[str] = ()) -> pd.DataFrame:
     """Intercept, numeric covariates, and dummy codes (first level dropped) of ``categorical`` ones."""
@@ -183,11 +182,6 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
         result["p_fwe"] = ("voxel", np.where(np.isnan(t), np.nan, (1 + permutations - exceed) / (1 + permutations)))
         result["max_t_null"] = ("permutation", null)
         result.attrs.update(permutations=int(permutations), seed=int(seed))
-    if {"grid", "grid_shape"} & set(reference.attrs):  # every map turns back into a NIfTI image (store.to_volume)
-        grid = cohort_grid(reference).to_attrs()
-        for name in result.data_vars:
-            if result[name].dims == ("voxel",):
-                result[name].attrs["grid"] = grid
     return result
 
 

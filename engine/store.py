@@ -36,13 +36,13 @@ from zarr.codecs import BloscCodec
 
 from engine.grid import Grid
 from engine.layout import atomic_output, file_sha256
+from engine.masker import VOXEL_COORDS
 from engine.tasks import run_tasks
 
 LAYOUT = "relcohort.images/1"
 #: Images are written and read far more often than disk is short: fast LZ4 with byte shuffling.
 IMAGE_CODEC = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
 INGEST_GROUP = "ingest"
-VOXEL_COORDS = ("i", "j", "k")
 
 
 class InputError(ValueError):
@@ -644,38 +644,6 @@ def load_coordinates(dataset: xr.Dataset, names=None) -> xr.Dataset:
 
 def _plain(values: np.ndarray) -> np.ndarray:
     return values.astype(object) if values.dtype.kind in "TUS" else values
-
-
-def cohort_grid(data: xr.Dataset | xr.DataArray) -> Grid:
-    """The voxel grid of a store's arrays."""
-    attrs = data.attrs
-    if "grid" in attrs:
-        return Grid.from_attrs(attrs["grid"])
-    return Grid(tuple(attrs["grid_shape"]), np.array(attrs["grid_affine"]), attrs.get("space", "unknown"))
-
-
-def to_volume(row: xr.DataArray, fill: float = 0) -> nib.Nifti1Image:
-    """Turn one (voxel,) row of a store array back into a NIfTI image on the cohort grid."""
-    if row.dims != ("voxel",):
-        raise ValueError(f"to_volume needs one row with dims ('voxel',), got {row.dims}; select a subject first")
-    grid = cohort_grid(row)
-    values = np.asarray(row.values)
-    volume = np.full(grid.shape, fill, dtype=values.dtype)
-    volume[row["i"].values, row["j"].values, row["k"].values] = values
-    image = nib.Nifti1Image(volume, grid.affine)
-    image.header.set_xyzt_units("mm")
-    code = 4 if grid.space.upper().startswith("MNI") else 2  # NIfTI xform codes: MNI_152 or ALIGNED_ANAT
-    image.header.set_sform(grid.affine, code=code)
-    image.header.set_qform(grid.affine, code=code)
-    return image
-
-
-def mask_image(data: xr.Dataset | xr.DataArray) -> nib.Nifti1Image:
-    """The cohort brain mask as a NIfTI image."""
-    grid = cohort_grid(data)
-    volume = np.zeros(grid.shape, np.uint8)
-    volume[data["i"].values, data["j"].values, data["k"].values] = 1
-    return nib.Nifti1Image(volume, grid.affine)
 
 
 def content_fingerprint(path: str | Path) -> str:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from engine.layout import ModelsLayout, atomic_output
+from engine.masker import Masker
 from engine.models import ModelSpec, build_model, place
 from engine.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
@@ -47,7 +48,8 @@ class CohortVolumes:
 
     Positions index the store's complete subjects (``open_cohort`` order). Each channel is
     z-scored inside the mask (per participant and modality: site gain and contrast drop out);
-    voxels outside the mask are zero. The volume is the mask's bounding box.
+    voxels outside the mask are zero. The volume is the mask's bounding box: ``box``, the store's
+    :class:`~engine.masker.Masker` on that box, turns maps back into rows (``box.transform``).
     """
 
     def __init__(self, store: str | Path, modalities: Sequence[str]):
@@ -57,10 +59,8 @@ class CohortVolumes:
         if missing:
             raise ValueError(f"{self.store}: no modality {missing}; it has {list(self.dataset.data_vars)}")
         self.modalities = list(modalities)
-        indices = np.stack([self.dataset[axis].values for axis in ("i", "j", "k")])
-        self.origin = indices.min(axis=1)
-        self.shape = tuple(int(n) for n in indices.max(axis=1) - self.origin + 1)
-        self.voxel_index = tuple(indices - self.origin[:, None])
+        self.box = Masker.of(self.dataset).box()
+        self.shape = self.box.grid.shape
         self.subjects = self.dataset.subject.values
 
     def rows(self, positions: Sequence[int]) -> np.ndarray:
@@ -71,17 +71,8 @@ class CohortVolumes:
         mean, spread = rows.mean(axis=2, keepdims=True), rows.std(axis=2, keepdims=True)
         return (rows - mean) / np.where(spread > 0, spread, 1)
 
-    def to_volumes(self, rows: np.ndarray) -> np.ndarray:
-        volumes = np.zeros(rows.shape[:2] + self.shape, np.float32)
-        volumes[:, :, self.voxel_index[0], self.voxel_index[1], self.voxel_index[2]] = rows
-        return volumes
-
-    def to_rows(self, volumes: np.ndarray) -> np.ndarray:
-        """Back from ``(..., x, y, z)`` volumes to ``(..., voxel)`` rows in store order."""
-        return volumes[..., self.voxel_index[0], self.voxel_index[1], self.voxel_index[2]]
-
     def read(self, positions: Sequence[int]) -> np.ndarray:
-        return self.to_volumes(self.rows(positions))
+        return self.box.inverse_transform(self.rows(positions))
 
     def chunk_of(self, positions: np.ndarray) -> np.ndarray:
         """The store chunk each position falls in (reading one subject reads its whole chunk)."""

@@ -22,7 +22,8 @@ import xarray as xr
 from scipy.stats import rankdata
 
 from engine.atlas import STATISTICS, Atlas, region_gain, region_reduce, top_k_overlap, top_regions
-from engine.store import VOXEL_COORDS, cohort_grid, load_image
+from engine.masker import Masker
+from engine.store import load_image
 
 # ---------------------------------------------------------------------------------------
 # Ground truth
@@ -42,17 +43,18 @@ def truth_mask(truth_image: str | Path | nib.spatialimages.SpatialImage, cohort:
     else:
         name = truth_image.get_filename() or "the truth image"
         image = truth_image
-    if not ("grid" in cohort.attrs or "grid_shape" in cohort.attrs) or any(
-            axis not in cohort.coords for axis in VOXEL_COORDS):
+    try:
+        masker = Masker.of(cohort)
+    except ValueError:
         raise ValueError("truth_mask needs the cohort store (open_cohort) or one of its arrays: the grid attributes "
-                         "and the voxels' i, j, k coordinates are missing")
-    grid = cohort_grid(cohort)
+                         "and the voxels' i, j, k coordinates are missing") from None
+    grid = masker.grid
     shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
     if not grid.matches(shape, image.affine, atol=1e-3):
         raise ValueError(f"truth image {name}: grid differs from the cohort's: shape {tuple(shape)} vs {grid.shape}, "
                          f"affine\n{np.round(image.affine, 4)}\nvs\n{np.round(grid.affine, 4)}")
     volume = np.asanyarray(image.dataobj).reshape(shape)
-    values = volume[tuple(cohort[axis].values for axis in VOXEL_COORDS)]
+    values = masker.transform(volume)
     if labels is None:
         inside = values > 0
     else:

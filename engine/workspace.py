@@ -29,7 +29,8 @@ from engine.association import CORRECTED_P
 from engine.atlas import Atlas, cohort_atlas
 from engine.attribution import open_relevance
 from engine.layout import AssociationLayout, Layout, Provenance
-from engine.store import open_cohort, to_volume
+from engine.masker import Masker
+from engine.store import open_cohort
 
 
 @lru_cache(maxsize=1)
@@ -237,15 +238,12 @@ class Workspace:
         if not isinstance(data, xr.DataArray):
             raise TypeError("to_nifti takes a DataArray, a Series by region or a NIfTI image, "
                             f"got {type(data).__name__}")
-        extra = [dim for dim in data.dims if dim != "voxel"]
-        if "voxel" not in data.dims or any(data.sizes[dim] != 1 for dim in extra):
-            raise ValueError(f"to_nifti needs one map with dims ('voxel',), got {dict(data.sizes)}; select or reduce "
-                             "the other dimensions first, e.g. .sel({'method': 'lrp'}).mean('subject')")
-        row = data.squeeze(extra, drop=True) if extra else data
-        if "grid" not in row.attrs:  # reductions may drop attributes; the grid is the workspace's
-            source = self.relevance if self.has("relevance") else self.images
-            row = row.assign_attrs(grid=source.attrs["grid"])
-        return to_volume(row.astype(np.float32) if row.dtype == bool else row)
+        return self.masker.to_nifti(data)
+
+    @cached_property
+    def masker(self) -> Masker:
+        """The cohort's voxels on their grid: rows ⇄ volumes ⇄ NIfTI (:class:`~engine.masker.Masker`)."""
+        return Masker.of(self.relevance if self.has("relevance") else self.images)
 
     def _paint_regions(self, values: pd.Series, atlas: Atlas) -> nib.Nifti1Image:
         unknown = sorted(set(values.index) - set(atlas.region_names))
@@ -254,10 +252,7 @@ class Workspace:
         by_label = pd.Series(atlas.regions.index, index=atlas.regions["name"])
         lookup = np.zeros(int(max(atlas.regions.index.max(), atlas.voxel_labels.max(initial=0))) + 1, np.float32)
         lookup[by_label.reindex(values.index).to_numpy()] = values.to_numpy(dtype=np.float32)
-        source = self.relevance if self.has("relevance") else self.images
-        row = xr.DataArray(lookup[atlas.voxel_labels], dims="voxel", coords={axis: source[axis] for axis in "ijk"},
-                           attrs={"grid": source.attrs["grid"]})
-        return to_volume(row)
+        return self.masker.to_nifti(lookup[atlas.voxel_labels])
 
     def plot(self, data, kind: str = "stat", **options):
         """Plot ``data`` (anything :meth:`to_nifti` takes) over the MNI template with nilearn.

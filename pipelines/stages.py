@@ -22,6 +22,7 @@ from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
 from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
                            mark_current, output_key, stored_key)
+from engine.masker import Masker
 from engine.report import build_report, screenshot_sections
 from pipelines.catalog import Catalog
 
@@ -211,10 +212,9 @@ class ExplainStage:
         chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
         subjects = [subject for subject in dataset.subject.values if subject in chosen]
         region_labels = None
-        if "region_occlusion" in settings.methods:
-            volumes = training.CohortVolumes(layout.images, catalog.train.modalities)
-            atlas = _atlas(dataset, catalog.atlas)
-            region_labels = volumes.to_volumes(atlas.voxel_labels[None, None].astype(np.float32))[0, 0].astype(np.int64)
+        if "region_occlusion" in settings.methods:  # the atlas in the model inputs' box
+            region_labels = Masker.of(dataset).box().inverse_transform(
+                _atlas(dataset, catalog.atlas).voxel_labels.astype(np.int64))
         attribution.explain(
             layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
             members=list(range(catalog.train.members)), subjects=subjects,
@@ -387,16 +387,18 @@ class AssociateStage:
     def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
         result = association.voxel_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
                                             analysis.correction, analysis.permutations, analysis.seed)
+        masker = Masker.of(sources.images)
         for name in result.data_vars:
             if result[name].dims == ("voxel",):
-                store.to_volume(result[name].astype(np.float32), fill=np.nan).to_filename(out.map(name))
+                masker.to_nifti(result[name].astype(np.float32), fill=np.nan).to_filename(out.map(name))
         if "max_t_null" in result:
             pd.DataFrame({"max_abs_t": result["max_t_null"].values}).to_parquet(out.max_t_null, index=False)
         significant = {correction: int((association.corrected_p(result, correction) < analysis.alpha).sum())
                        for correction in analysis.correction}
         threshold = analysis.correction[0]
         mask = (association.corrected_p(result, threshold) < analysis.alpha).values
-        association.cluster_table(result["t"], mask, atlas_of(catalog.atlas)).to_parquet(out.clusters, index=False)
+        association.cluster_table(result["t"], mask, masker, atlas_of(catalog.atlas)).to_parquet(out.clusters,
+                                                                                                 index=False)
         return {"n": result.attrs["n"], "df": result.attrs["df"], "correction": analysis.correction,
                 "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
                 "seed": analysis.seed, "significant": significant,

@@ -11,6 +11,7 @@ from engine import store
 from engine.association import Sources, cluster_table, voxel_analysis
 from engine.atlas import Atlas
 from engine.grid import Grid
+from engine.masker import Masker
 from engine.stats import adjust_p, voxelwise_ols
 from engine.synth import TRUTH_REGIONS
 from engine.validation import truth_mask
@@ -75,11 +76,10 @@ def test_cluster_table_counts_sizes_peaks_and_regions_by_hand():
     for n, voxel in enumerate(blob):
         t[index == np.ravel_multi_index(voxel, grid.shape)] = 3 + n
     t[index == np.ravel_multi_index((4, 4, 4), grid.shape)] = -6  # a single negative voxel
-    statistic = xr.DataArray(t, dims="voxel", coords={"i": ("voxel", i), "j": ("voxel", j), "k": ("voxel", k)},
-                             attrs={"grid": grid.to_attrs()})
+    statistic = xr.DataArray(t, dims="voxel", coords={"i": ("voxel", i), "j": ("voxel", j), "k": ("voxel", k)})
     labels = np.where(i < 2, 1, 2).astype(np.int32)
     atlas = Atlas("hand", labels, pd.DataFrame({"name": ["Left_thing", "Right_thing"]}, index=[1, 2]))
-    table = cluster_table(statistic, np.abs(t) > 2, atlas)
+    table = cluster_table(statistic, np.abs(t) > 2, Masker(grid, (i, j, k)), atlas)
     assert list(table.cluster) == [1, 2] and list(table.voxels) == [3, 1] and list(table.sign) == ["positive",
                                                                                                    "negative"]
     assert table.volume_mm3[0] == pytest.approx(3 * 8.0) and table.peak_t[0] == 5 and table.peak_t[1] == -6

@@ -13,7 +13,8 @@ from nilearn.maskers import NiftiLabelsMasker
 from engine.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap,
                           top_regions, without_hemisphere)
 from engine.grid import Grid
-from engine.store import open_cohort, to_volume
+from engine.masker import Masker
+from engine.store import open_cohort
 from tests.conftest import HAND_AFFINE as AFFINE
 from tests.conftest import HAND_SHAPE as SHAPE
 from tests.test_store import run_ingest
@@ -106,8 +107,7 @@ def test_bundled_atlases_match_nilearn_labels_masker(tiny_cohort, tmp_path):
     result = region_reduce(ds.GM, atlas).compute()
 
     # nilearn: the same atlas put on the grid, averaged over the same mask, file by file
-    label_image = to_volume(xr.DataArray(atlas.voxel_labels, dims=("voxel",), coords=ds.GM.isel(subject=0).coords,
-                                         attrs=ds.GM.attrs))
+    label_image = Masker.of(ds).to_nifti(atlas.voxel_labels)
     masker = NiftiLabelsMasker(label_image, strategy="mean", standardize=None,
                                mask_img=nib.load(tiny_cohort / "mask.nii.gz")).fit()
     files = [tiny_cohort / f"derivatives/synth/{pid}/{pid}_label-GM_probseg.nii.gz" for pid in ds.subject.values]

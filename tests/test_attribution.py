@@ -128,7 +128,7 @@ def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(tr
     volumes = CohortVolumes(store, ["T1"])
     positions = [list(volumes.subjects).index(subject) for subject in subjects[:3]]
     model, _ = load_member(models / "member_1")
-    expected = volumes.to_rows(attribute(model, torch.from_numpy(volumes.read(positions)), "lrp").numpy())
+    expected = volumes.box.transform(attribute(model, torch.from_numpy(volumes.read(positions)), "lrp").numpy())
     np.testing.assert_allclose(relevance.relevance.sel({"method": "lrp", "member": 1}).isel(subject=slice(0, 3)).values,
                                expected, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(relevance.relevance_mean.values, relevance.relevance.mean("member").values,

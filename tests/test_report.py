@@ -19,7 +19,7 @@ import xarray as xr
 
 from engine import open_workspace
 from engine.report import SECTIONS, browser_check, build_report, screenshot_sections
-from engine.store import to_volume
+from engine.masker import Masker
 from pipelines.catalog import load_catalog
 from engine.layout import Layout
 from pipelines.stages import ReportStage
@@ -126,7 +126,7 @@ def write_associations(workspace: Path) -> None:
     voxel = workspace / "associations/lrp_age"
     voxel.mkdir(parents=True)
     for name, values in {"beta": t * 0.01, "t": t, "p": p, "p_fdr": p * 3}.items():
-        to_volume(values.assign_attrs(grid=images.attrs["grid"])).to_filename(voxel / f"{name}.nii.gz")
+        Masker.of(images).to_nifti(values).to_filename(voxel / f"{name}.nii.gz")
     pd.DataFrame({"cluster": [1], "voxels": [blob.size], "volume_mm3": [blob.size * 512.0], "peak_t": [5.0],
                   "peak_x": [2.0], "peak_y": [-18.0], "peak_z": [10.0], "peak_region": ["Left_Thalamus_Proper"],
                   "regions": ["Left_Thalamus_Proper (60%), Right_Thalamus_Proper (40%)"]}).to_parquet(

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import zarr
 
-from engine.store import (IngestError, InputError, Modality, ingest, mask_image, store_attributes, open_cohort,
-                          read_participants, to_volume)
+from engine.store import (IngestError, InputError, Modality, ingest, open_cohort, read_participants,
+                          store_attributes)
+from engine.masker import Masker
 from tests.conftest import MODALITIES
 
 
@@ -33,11 +34,11 @@ def test_round_trip_is_exact_inside_the_mask(tiny_cohort, tmp_path, client):
     assert report.appended == 24 and report.written == {m.name: 24 for m in MODALITIES}
     ds = open_cohort(store)
     mask = np.asanyarray(nib.load(tiny_cohort / "mask.nii.gz").dataobj) > 0
-    assert np.array_equal(np.asanyarray(mask_image(ds).dataobj) > 0, mask)
+    assert np.array_equal(np.asanyarray(Masker.of(ds).mask_image().dataobj) > 0, mask)
     for modality in MODALITIES:
         for pid in ("sub-0001", "sub-0017", "sub-0024"):
             original = source(tiny_cohort, modality, pid)
-            restored = to_volume(ds[modality.name].sel(subject=pid))
+            restored = Masker.of(ds).to_nifti(ds[modality.name].sel(subject=pid))
             assert restored.get_data_dtype() == original.get_data_dtype()
             assert np.array_equal(restored.affine, original.affine)
             restored_data, original_data = np.asanyarray(restored.dataobj), np.asanyarray(original.dataobj)
@@ -277,7 +278,7 @@ def test_freesurfer_mgz_and_uncompressed_nifti_round_trip(cohort_copy, tmp_path,
     mask = np.asanyarray(nib.load(cohort_copy / "mask.nii.gz").dataobj) > 0
     for pid in table.participant_id:
         expected = np.asanyarray(source(cohort_copy, MODALITIES[0], pid).dataobj)[mask]
-        assert np.array_equal(np.asanyarray(to_volume(ds.T1.sel(subject=pid)).dataobj)[mask], expected)
+        assert np.array_equal(np.asanyarray(Masker.of(ds).to_nifti(ds.T1.sel(subject=pid)).dataobj)[mask], expected)
 
 
 def test_incompatible_catalog_changes_are_refused_before_the_store_changes(tiny_cohort, tmp_path):
