@@ -55,8 +55,8 @@ def ensure_cohort(voxel_size: float, subjects: int, work: Path) -> Path:
     """The benchmark cohort (seed 1) under ``work``, generated on first use."""
     cohort = work / f"cohort_{subjects}_{voxel_size:g}mm"
     if not (cohort / "participants.tsv").is_file():
-        with LocalProfile(n_workers=2).start() as client:
-            generate_cohort(cohort, subjects, voxel_size, seed=1, client=client, overwrite=True)
+        with LocalProfile(n_workers=2).start() as cluster:
+            generate_cohort(cohort, subjects, voxel_size, seed=1, client=cluster.client, overwrite=True)
     return cohort
 
 
@@ -69,15 +69,15 @@ def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     result = {"voxel_size_mm": voxel_size, "subjects": subjects, "files": len(files), "file_megabytes": megabytes,
               "nibabel_loop_s": baseline, "nibabel_subjects_per_s": subjects / baseline}
     for workers in (1, 2):
-        with LocalProfile(n_workers=workers, threads_per_worker=1).start() as client:
+        with LocalProfile(n_workers=workers, threads_per_worker=1).start() as cluster:
             times = []
             for _ in range(3):
                 store = work / "images.zarr"
                 shutil.rmtree(store, ignore_errors=True)
-                times.append(relcohort_ingest(cohort, store, client))
+                times.append(relcohort_ingest(cohort, store, cluster.client))
             result[f"relcohort_{workers}w_s"] = min(times)
             result[f"relcohort_{workers}w_subjects_per_s"] = subjects / min(times)
-            result[f"relcohort_{workers}w_rerun_s"] = relcohort_ingest(cohort, store, client)
+            result[f"relcohort_{workers}w_rerun_s"] = relcohort_ingest(cohort, store, cluster.client)
         shutil.rmtree(work / "images.zarr", ignore_errors=True)
     result["ratio_per_worker"] = result["relcohort_1w_subjects_per_s"] / result["nibabel_subjects_per_s"]
     result["ratio_2w_per_worker"] = result["relcohort_2w_subjects_per_s"] / 2 / result["nibabel_subjects_per_s"]

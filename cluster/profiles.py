@@ -1,4 +1,4 @@
-"""Cluster profiles as pydantic models; each starts a cluster and yields a Dask client."""
+"""Cluster profiles as pydantic models: settings plus ``start()``, which yields a :class:`RunningCluster`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cluster.running import RunningCluster
 
 
 class LocalProfile(BaseModel):
@@ -37,7 +39,7 @@ class LocalProfile(BaseModel):
         return memory_limit
 
     @contextlib.contextmanager
-    def start(self) -> Iterator:
+    def start(self) -> Iterator[RunningCluster]:
         import dask
         from distributed import Client, LocalCluster
 
@@ -56,7 +58,7 @@ class LocalProfile(BaseModel):
             resources=resources,
             silence_logs=40,  # logging.ERROR
         ) as cluster, Client(cluster) as client:
-            yield client
+            yield RunningCluster(client)
 
     def describe(self) -> str:
         return (f"LocalCluster: {self.n_workers} worker(s) × {self.threads_per_worker} thread(s), "

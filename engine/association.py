@@ -36,6 +36,35 @@ class AnalysisError(ValueError):
     """An association analysis of the catalog cannot run: the message names it and what is wrong."""
 
 
+@dataclass(frozen=True)
+class Term:
+    """One name in an analysis, parsed once (see the module docstring for the forms)."""
+
+    text: str
+    source: str  # relevance, images, predictions, features or participants
+    name: str  # the method, modality, prediction column, feature table or participant column
+    column: str | None = None  # the column of a feature table
+
+    @classmethod
+    def parse(cls, text: str) -> Term:
+        source, _, rest = text.partition(".")
+        if source in ("relevance", "images", "predictions"):
+            if not rest:
+                raise ValueError(f"term {text!r}: {source}.<name> needs a name after the dot")
+            return cls(text, source, rest)
+        if source == "features":
+            table, _, column = rest.partition(".")
+            if not table or not column:
+                raise ValueError(f"term {text!r}: a feature is features.<table>.<column>")
+            return cls(text, source, table, column)
+        return cls(text, "participants", text)
+
+    @property
+    def is_map(self) -> bool:
+        """A (subject × voxel) map: ``relevance.<method>`` or ``images.<modality>``."""
+        return self.source in MAP_SOURCES
+
+
 @dataclass
 class Sources:
     """What terms resolve against: the images store, relevance store, participants and tables."""
@@ -47,11 +76,12 @@ class Sources:
     predictions: pd.DataFrame | None = None  # ensemble rows, participant_id + columns
 
     def is_map(self, term: str) -> bool:
-        return term.split(".", 1)[0] in MAP_SOURCES
+        return Term.parse(term).is_map
 
     def map(self, term: str, subjects: list[str] | None = None) -> xr.DataArray:
         """A (``subject`` × ``voxel``) map term, restricted to ``subjects`` in that order."""
-        source, _, name = term.partition(".")
+        parsed = Term.parse(term)
+        source, name = parsed.source, parsed.name
         if source == "relevance":
             if self.relevance is None:
                 raise ValueError(f"{term}: the workspace has no relevance maps (run the explain stage)")
@@ -75,19 +105,20 @@ class Sources:
 
     def subject_values(self, term: str, subjects: list[str]) -> pd.Series:
         """One value per subject (NaN where missing) for a participant, prediction or feature column."""
-        source, _, rest = term.partition(".")
-        if source == "predictions":
+        parsed = Term.parse(term)
+        if parsed.source == "predictions":
             if self.predictions is None:
                 raise ValueError(f"{term}: the workspace has no predictions (run the train stage)")
-            table, column = self.predictions.set_index("participant_id"), rest
-        elif source == "features":
-            name, _, column = rest.partition(".")
-            table = self._table(term, name)
+            table, column = self.predictions.set_index("participant_id"), parsed.name
+        elif parsed.source == "features":
+            table, column = self._table(term, parsed.name), parsed.column
             if "region" in table.columns:
-                raise ValueError(f"{term}: table {name!r} has one value per region: use it in an roi analysis")
+                raise ValueError(f"{term}: table {parsed.name!r} has one value per region: use it in an roi analysis")
             table = table.set_index("participant_id")
-        else:
+        elif parsed.source == "participants":
             table, column = self.participants, term
+        else:
+            raise ValueError(f"{term}: a map, not one value per subject")
         if column not in table.columns:
             raise ValueError(f"{term}: no column {column!r} (columns: {sorted(map(str, table.columns))})")
         return table[column].reindex(subjects).rename(term)
@@ -99,10 +130,10 @@ class Sources:
             regions = region_reduce(self.map(term, subjects), atlas)[statistic].compute()
             table = regions.to_dataframe(name=term).reset_index()
             return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term]]
-        source, _, rest = term.partition(".")
-        name, _, column = rest.partition(".")
-        if source != "features":
+        parsed = Term.parse(term)
+        if parsed.source != "features":
             raise ValueError(f"{term}: not a region-level term (a map, or features.<table>.<column> with regions)")
+        name, column = parsed.name, parsed.column
         table = self._table(term, name)
         if "region" not in table.columns or column not in table.columns:
             raise ValueError(f"{term}: table {name!r} needs 'region' and {column!r} columns "
@@ -121,7 +152,7 @@ def analysis_subjects(sources: Sources, terms: list[str]) -> list[str]:
     maps = [term for term in terms if sources.is_map(term)]
     if not maps:
         return [str(subject) for subject in sources.images["subject"].values]
-    relevance = [term for term in maps if term.startswith("relevance.")]
+    relevance = [term for term in maps if Term.parse(term).source == "relevance"]
     return sources.subjects_of((relevance or maps)[0])
 
 
@@ -220,8 +251,8 @@ def roi_analysis(sources: Sources, outcome: str, predictor: str, covariates: lis
 
 
 def _has_regions(sources: Sources, term: str) -> bool:
-    source, _, rest = term.partition(".")
-    return source == "features" and "region" in sources.tables.get(rest.partition(".")[0], pd.DataFrame()).columns
+    parsed = Term.parse(term)
+    return parsed.source == "features" and "region" in sources.tables.get(parsed.name, pd.DataFrame()).columns
 
 
 def _readable_term(term: str, readable: dict[str, str]) -> str:

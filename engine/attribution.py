@@ -278,15 +278,18 @@ def relevance_key(path: str | Path) -> str | None:
 
 def explain(out: str | Path, *, images: str | Path, models: str | Path, methods: Sequence[str],
             members: Sequence[int], subjects: Sequence[str], options: AttributionOptions | None = None,
-            region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, client=None,
-            progress: Callable[[str, int, int], None] | None = None) -> xr.Dataset:
+            region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, voxels_per_chunk: int = 65536,
+            client=None,
+            progress: Callable[[str, int, int], None] | None = None, gpu_on_demand: bool = False) -> xr.Dataset:
     """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
 
     ``images`` is the cohort store and ``models`` the trained members' folder. One Dask task per
-    (member, block of ``subjects_per_chunk`` subjects) writes whole chunks of every method; blocks
+    (member, block of ``subjects_per_chunk`` subjects) writes whole chunks (of ``voxels_per_chunk``
+    voxels, as the images store's for aligned reductions) of every method; blocks
     already explained for the same plan (settings, weights and images by content) are not redone.
     The ensemble mean over members is written last. ``region_labels`` is the atlas volume for
-    region occlusion.
+    region occlusion. Tasks ask for a GPU where workers have one or the cluster starts GPU workers on
+    demand (``gpu_on_demand``).
     """
     out, store, models_dir = Path(out), Path(images), Path(models)
     options = options or AttributionOptions()
@@ -309,8 +312,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
         if split_file.is_file():
             split = pd.read_csv(split_file, sep="\t", dtype={"participant_id": str}).set_index("participant_id")
             columns["split"] = split["split"].reindex(list(subjects)).fillna("").to_numpy(dtype=object)
-        voxels_per_chunk = dataset[next(iter(dataset.data_vars))].encoding.get("chunks", (0, 65536))[1]
-        _create_store(out, plan, dataset, subjects_per_chunk, voxels_per_chunk, columns)
+        _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]), columns)
     group = zarr.open_group(out, mode="r+")
     chunk = group["relevance"].chunks[2]
     explained = group["explained"][:]
@@ -325,7 +327,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     done = int(explained.sum())
     if progress:
         progress("explain", done, total)
-    for _, count in run_tasks(_explain_block, items, client=client, resources=gpu_resources(client)):
+    for _, count in run_tasks(_explain_block, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
         done += count
         if progress:
             progress("explain", done, total)

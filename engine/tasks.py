@@ -52,15 +52,15 @@ def _in_one_process(func: Callable, item):
         return func(item)
 
 
-def gpu_resources(client) -> dict | None:
+def gpu_resources(client, gpu_on_demand: bool = False) -> dict | None:
     """``{"GPU": 1}`` when any of the client's workers advertises a GPU resource, else ``None``.
 
-    Also ``{"GPU": 1}`` when the client's cluster has a pool of GPU workers that starts on demand
-    (a SLURM ``gpu`` pool, see ``cluster.slurm``): the tasks wait for its workers.
+    Also ``{"GPU": 1}`` with ``gpu_on_demand``: the cluster starts GPU workers when GPU tasks wait
+    for them (a SLURM ``gpu`` pool, see ``cluster.pooled``).
     """
     if client is None:
         return None
-    if "gpu" in getattr(getattr(client, "cluster", None), "pools", {}):
+    if gpu_on_demand:
         return {"GPU": 1}
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return {"GPU": 1} if any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers) else None

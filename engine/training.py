@@ -388,8 +388,10 @@ def _train_member_task(item):
 
 
 def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
-                   split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Train ``members`` members (one Dask task each, a GPU per task where workers have GPUs).
+                   split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None,
+                   gpu_on_demand: bool = False) -> dict:
+    """Train ``members`` members (one Dask task each, a GPU per task where workers have GPUs, or where the
+    cluster starts GPU workers on demand: ``gpu_on_demand``).
 
     Members whose record already holds this config and split are kept. Writes ``split.tsv``,
     ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``.
@@ -418,7 +420,7 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
     if progress:
         progress("train", done, members)
     items = [(str(store), config, split, member, str(files.root), classes) for member in todo]
-    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client)):
+    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
         done += 1
         if progress:
             progress("train", done, members)

@@ -16,6 +16,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 
 from cluster import ClusterProfile, LocalProfile
+from engine.association import Term
 from engine.atlas import BUNDLED_ATLASES
 from engine.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
@@ -223,6 +224,19 @@ class AnalysisSettings(_Strict):
                                          "participant column (e.g. site)")
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
 
+    @field_validator("outcome", "predictor")
+    @classmethod
+    def _term(cls, term: str) -> str:
+        Term.parse(term)
+        return term
+
+    @field_validator("covariates")
+    @classmethod
+    def _terms(cls, terms: list[str]) -> list[str]:
+        for term in terms:
+            Term.parse(term)
+        return terms
+
     @model_validator(mode="after")
     def _consistent(self):
         if "fwe" in self.correction and self.permutations == 0:
@@ -231,7 +245,7 @@ class AnalysisSettings(_Strict):
             raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
         if self.scope != "roi" and (self.robust or self.random_intercept or self.atlas):
             raise ValueError("robust, random_intercept and atlas apply to roi analyses only")
-        maps = [term.split(".", 1)[0] in ("relevance", "images") for term in (self.outcome, self.predictor)]
+        maps = [Term.parse(term).is_map for term in (self.outcome, self.predictor)]
         if self.scope == "similarity" and not all(maps):
             raise ValueError("a similarity analysis compares two maps (relevance.<method> or images.<modality>)")
         if self.scope == "voxel" and not any(maps):
@@ -300,18 +314,19 @@ class Catalog(_Strict):
         """Map and model terms must name what the catalog produces."""
         for field in ("outcome", "predictor", "covariates"):
             terms = getattr(analysis, field)
-            for term in terms if isinstance(terms, list) else [terms]:
-                source, _, name = term.partition(".")
+            for text in terms if isinstance(terms, list) else [terms]:
+                term = Term.parse(text)
+                source, name = term.source, term.name
                 if source == "images" and name not in self.modalities:
-                    raise ValueError(f"{where}.{field}: {term!r} names no modality of {list(self.modalities)}")
+                    raise ValueError(f"{where}.{field}: {text!r} names no modality of {list(self.modalities)}")
                 if source == "relevance" and (self.explain is None or name not in self.explain.methods):
                     methods = self.explain.methods if self.explain else []
-                    raise ValueError(f"{where}.{field}: {term!r} needs the explain section to compute method "
+                    raise ValueError(f"{where}.{field}: {text!r} needs the explain section to compute method "
                                      f"{name!r} (explained: {methods})")
                 if source == "predictions" and self.train is None:
-                    raise ValueError(f"{where}.{field}: {term!r} needs a train section")
-                if field == "covariates" and source in ("images", "relevance"):
-                    raise ValueError(f"{where}.covariates: {term!r} is a map; covariates are per-subject values")
+                    raise ValueError(f"{where}.{field}: {text!r} needs a train section")
+                if field == "covariates" and term.is_map:
+                    raise ValueError(f"{where}.covariates: {text!r} is a map; covariates are per-subject values")
 
     @model_validator(mode="before")
     @classmethod

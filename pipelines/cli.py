@@ -96,8 +96,8 @@ def synth(
 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         _fail(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
-    with LocalProfile(n_workers=workers).start() as client, progress_bar(console) as bar:
-        table = generate_cohort(out_dir, subjects, voxel_size, seed, client=client,
+    with LocalProfile(n_workers=workers).start() as cluster, progress_bar(console) as bar:
+        table = generate_cohort(out_dir, subjects, voxel_size, seed, client=cluster.client,
                                 progress=progress_callback(bar, "synth"), overwrite=overwrite)
     console.print(f"{len(table)} participants in {out_dir} (participants.tsv, planted_effects.json, mask.nii.gz)")
 

@@ -141,15 +141,17 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
     console.print(f"[bold]relcohort[/] {path} → {workspace}")
     console.print(f"cluster: {catalog.cluster.describe()}")
     try:
-        with catalog.cluster.start() as client, progress_bar(console) as bar:
-            bar.console.print(_scheduler_line(client, catalog.cluster.dashboard), highlight=False)
+        with catalog.cluster.start() as cluster, progress_bar(console) as bar:
+            bar.console.print(_scheduler_line(cluster.client, catalog.cluster.dashboard), highlight=False)
             for stage in STAGES:
                 if not stage.applies(catalog):
                     continue
                 started = time.perf_counter()
-                summary = stage.run(catalog, client, progress_callback(bar, stage.name))
+                summary = stage.run(catalog, cluster, progress_callback(bar, stage.name))
                 run["stages"][stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
-                _record_cluster_usage(run, client)
+                usage = cluster.usage()  # per pool jobs, workers and tasks (SLURM pools)
+                if usage:
+                    run["cluster_usage"] = usage
                 _write_provenance(layout, provenance)
         run["state"] = "complete"
     except BaseException as error:
@@ -167,13 +169,6 @@ def _scheduler_line(client, dashboard: bool) -> str:
     """The scheduler's address and, when the profile serves it, the dashboard link."""
     line = f"scheduler: {client.scheduler.address}"
     return line + f"  dashboard: {client.dashboard_link}" if dashboard else line + "  (dashboard off)"
-
-
-def _record_cluster_usage(run: dict, client) -> None:
-    """Per pool jobs, workers and tasks, when the cluster keeps them (SLURM pools)."""
-    usage = getattr(getattr(client, "cluster", None), "usage", None)
-    if callable(usage):
-        run["cluster_usage"] = usage()
 
 
 def progress_bar(console: Console) -> Progress:

@@ -1,6 +1,6 @@
 """The pipeline's stages. Each is idempotent: a finished stage does no work when run again.
 
-A stage has a ``name``, ``applies(catalog)``, ``run(catalog, client, progress) -> summary``
+A stage has a ``name``, ``applies(catalog)``, ``run(catalog, cluster, progress) -> summary``
 and ``status(layout) -> str | None`` (what it has produced, for ``relcohort status``). Each
 writes one output of the workspace (:mod:`engine.layout`) and decides whether that output is
 current by the layout's one rule: its settings and its inputs by content, as a key beside it.
@@ -17,6 +17,7 @@ import dask
 import numpy as np
 import pandas as pd
 
+from cluster import RunningCluster
 from engine import association, attribution, features, stats, store, synth, training, validation
 from engine.atlas import Atlas, cohort_atlas, region_table
 from engine.grid import MNI_SPACE
@@ -37,7 +38,7 @@ class SynthStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.cohort.demo is not None
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings = catalog.cohort.demo
         out = catalog.layout.demo_cohort
         key = output_key(settings.model_dump(), {})
@@ -45,7 +46,7 @@ class SynthStage:
             return {"cohort": str(out), "subjects": settings.subjects, "generated": 0}
         forget(out)
         synth.generate_cohort(out, settings.subjects, settings.voxel_size, settings.seed,
-                              client=client, progress=progress, overwrite=True)
+                              client=cluster.client, progress=progress, overwrite=True)
         mark_current(out, key)
         return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects}
 
@@ -66,14 +67,14 @@ class IngestStage:
     def applies(self, catalog: Catalog) -> bool:
         return True
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         participants = store.read_participants(catalog.participants_file)
         space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
         result = store.ingest(
             catalog.layout.images, participants, catalog.cohort_root, catalog.modality_list(),
             catalog.mask_file, space=space, on_error=catalog.ingest.on_error,
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
-            client=client, progress=progress,
+            client=cluster.client, progress=progress,
         )
         return {"store": str(result.store), "subjects": result.n_subjects, "appended": result.appended,
                 "unchanged": result.unchanged, "written": result.written,
@@ -104,7 +105,7 @@ class FeaturesStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.features is not None
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings, layout = catalog.features, catalog.layout
         dataset = store.open_cohort(layout.images)
         out = layout.features
@@ -152,7 +153,7 @@ class TrainStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.train is not None
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings, layout = catalog.train, catalog.layout
         dataset = store.open_cohort(layout.images)
         participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
@@ -176,8 +177,9 @@ class TrainStage:
             for member in models.members():
                 models.record(member).unlink()
             mark_current(models.root, key)  # before training: members finished survive a kill
-        result = training.train_ensemble(layout.images, config, settings.members, models.root, split, client=client,
-                                         progress=progress)
+        result = training.train_ensemble(layout.images, config, settings.members, models.root, split,
+                                         client=cluster.client, progress=progress,
+                                         gpu_on_demand=cluster.gpu_on_demand)
         return {"folder": str(models.root), "members": settings.members, "trained": result["trained"],
                 "test": _test_metrics(result["metrics"])}
 
@@ -204,7 +206,7 @@ class ExplainStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.explain is not None
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings, layout = catalog.explain, catalog.layout
         dataset = store.open_cohort(layout.images)
         split = pd.read_csv(layout.models.split, sep="\t", dtype={"participant_id": str}).set_index(
@@ -219,7 +221,9 @@ class ExplainStage:
             layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
             members=list(range(catalog.train.members)), subjects=subjects,
             options=attribution.AttributionOptions(**settings.options), region_labels=region_labels,
-            subjects_per_chunk=settings.subjects_per_chunk, client=client, progress=progress)
+            subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
+            client=cluster.client, progress=progress,
+            gpu_on_demand=cluster.gpu_on_demand)
         return {"store": str(layout.relevance), "methods": settings.methods, "subjects": len(subjects),
                 "members": catalog.train.members}
 
@@ -241,7 +245,7 @@ class ValidateStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.explain is not None and (_truth(catalog) is not None or _lesions(catalog) is not None)
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         layout, truth, lesions = catalog.layout, _truth(catalog), _lesions(catalog)
         labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
         out = layout.validation
@@ -342,7 +346,7 @@ class AssociateStage:
     def applies(self, catalog: Catalog) -> bool:
         return bool(catalog.associate)
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         layout = catalog.layout
         sources = _association_sources(layout)
         inputs = _association_inputs(layout)
@@ -469,7 +473,7 @@ class ReportStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.report is not None and catalog.report.enabled
 
-    def run(self, catalog: Catalog, client, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings, layout = catalog.report, catalog.layout
         out = layout.report
         key = output_key(settings.model_dump(mode="json"), _report_inputs(layout))

@@ -99,3 +99,25 @@ def test_terms_that_name_nothing_are_refused_clearly(effects_sources):
         voxel_analysis(sources, "images.GM", "features.lesions.volume", [], ["fdr_bh"])
     with pytest.raises(ValueError, match="needs a map as outcome or predictor"):
         voxel_analysis(sources, "age", "sex", [], ["fdr_bh"])
+
+
+def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
+    from pydantic import ValidationError
+
+    from engine.association import Term
+    from pipelines.catalog import AnalysisSettings
+
+    assert Term.parse("relevance.lrp") == Term("relevance.lrp", "relevance", "lrp")
+    assert Term.parse("features.regional_gm_volume.volume_mm3") == Term(
+        "features.regional_gm_volume.volume_mm3", "features", "regional_gm_volume", "volume_mm3")
+    assert Term.parse("predictions.brain_age_gap_corrected").name == "brain_age_gap_corrected"
+    assert Term.parse("images.GM").is_map and not Term.parse("age").is_map
+    assert Term.parse("age") == Term("age", "participants", "age")
+    with pytest.raises(ValueError, match=r"features\.<table>\.<column>"):
+        Term.parse("features.tract_fa")
+    with pytest.raises(ValueError, match="needs a name after the dot"):
+        Term.parse("relevance.")
+    with pytest.raises(ValidationError, match=r"outcome[\s\S]*features\.<table>\.<column>"):
+        AnalysisSettings(name="bad", outcome="features.tract_fa", predictor="age", scope="roi")
+    with pytest.raises(ValidationError, match=r"covariates[\s\S]*needs a name"):
+        AnalysisSettings(name="bad", outcome="relevance.lrp", predictor="age", covariates=["images."])

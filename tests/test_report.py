@@ -21,6 +21,7 @@ from engine import open_workspace
 from engine.report import SECTIONS, browser_check, build_report, screenshot_sections
 from engine.masker import Masker
 from pipelines.catalog import load_catalog
+from cluster import RunningCluster
 from engine.layout import Layout
 from pipelines.stages import ReportStage
 
@@ -84,7 +85,8 @@ def test_run_writes_a_report_with_every_section(tiny_workspace):
 
     catalog, _ = load_catalog(tiny_workspace.parent / "catalog.yaml")
     written = report.stat().st_mtime_ns
-    assert ReportStage().run(catalog, None, lambda *_: None)["built"] == 0  # inputs unchanged: nothing to do
+    unchanged = ReportStage().run(catalog, RunningCluster(None), lambda *_: None)
+    assert unchanged["built"] == 0  # inputs unchanged: nothing to do
     assert report.stat().st_mtime_ns == written
     assert "report.html" in ReportStage().status(Layout(tiny_workspace))
 

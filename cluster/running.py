@@ -1,0 +1,22 @@
+"""What every cluster profile's ``start()`` yields: the one interface the runner and the stages use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RunningCluster:
+    """A started cluster profile.
+
+    ``client``: the ``distributed.Client`` of its scheduler (``None``: run tasks inline, in this
+    process). ``gpu_on_demand``: GPU workers start when GPU tasks wait for them (a SLURM ``gpu``
+    pool), so training and attribution ask for the GPU resource before any GPU worker exists.
+    ``usage()``: per pool, the jobs, workers and tasks the run used (empty where the profile
+    keeps none).
+    """
+
+    client: object | None
+    gpu_on_demand: bool = False
+    usage: Callable[[], dict] = field(default=dict)
