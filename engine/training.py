@@ -16,19 +16,20 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from engine.layout import ModelsLayout, atomic_output
 from engine.masker import Masker
-from engine.models import ModelSpec, build_model, place
+from engine.models import MODELS, ModelSpec, build_model, place
 from engine.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 
@@ -199,26 +200,43 @@ def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None =
 # Training one member
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
-    """What and how to train; identical configs and seeds give identical members."""
+class TrainingConfig(BaseModel):
+    """How each ensemble member is trained; identical configs and seeds give identical members.
 
-    target: str = "age"
-    task: str = "regression"  # or "classification"
-    modalities: tuple[str, ...] = ("T1",)
-    model: str = "mrinet"
-    model_options: dict = field(default_factory=dict)
-    epochs: int = 25
-    batch_size: int = 8
-    learning_rate: float = 5e-4
-    patience: int = 5
-    seed: int = 0
-    cache_bytes: int = 2 << 30
-    finetune_from: str | None = None
-    freeze: tuple[str, ...] = ()
+    The one definition of the training settings and their defaults: the catalog's ``train:``
+    section is this config plus ``members`` and ``split`` (``pipelines.catalog.TrainSettings``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field("age", description="participant column to predict")
+    task: Literal["regression", "classification"] = "regression"
+    model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
+    model_options: dict = Field({}, description="architecture options, e.g. mrinet dropout, sfcn channels")
+    modalities: tuple[str, ...] = Field(("T1",), min_length=1, description="input channels")
+    epochs: int = Field(25, ge=1, description="at most; early stopping keeps the best validation epoch")
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(5e-4, gt=0, description="Adam")
+    patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+    seed: int = Field(0, ge=0, description="member k trains with seed 1000·seed + k")
+    finetune_from: Path | None = Field(None, description="models folder or member .safetensors to start from")
+    freeze: tuple[str, ...] = Field((), description="parameter-name prefixes to keep fixed, e.g. 'features.0'")
+    cache_gib: float = Field(2.0, gt=0, description="training subjects held in memory up to this size")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+        return model
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_gib * 2**30)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The config as JSON values (what each member's record keeps)."""
+        return self.model_dump(mode="json", include=set(TrainingConfig.model_fields))
 
 
 def _targets(dataset: xr.Dataset, config: TrainingConfig, classes: list | None) -> np.ndarray:
@@ -412,7 +430,7 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
         if not path.is_file():
             return False
         record = json.loads(path.read_text())
-        same_config = record["config"] == json.loads(json.dumps(config.as_dict()))
+        same_config = record["config"] == config.as_dict()
         return same_config and record.get("split") == _split_hash(split)
 
     todo = [member for member in range(members) if not current(member)]

@@ -20,7 +20,7 @@ from engine.association import Term
 from engine.atlas import BUNDLED_ATLASES
 from engine.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
-from engine.models import MODELS
+from engine.training import TrainingConfig
 from engine.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -146,31 +146,16 @@ class SplitSettings(_Strict):
         return fractions
 
 
-class TrainSettings(_Strict):
-    """An ensemble of CNNs trained on the store (see ``engine.training``), written to <workspace>/models/."""
+class TrainSettings(TrainingConfig):
+    """An ensemble of CNNs trained on the store, written to <workspace>/models/: the engine's
+    :class:`~engine.training.TrainingConfig` (every member's settings) plus ``members`` and ``split``."""
 
-    target: str = Field("age", description="participant column to predict")
-    task: Literal["regression", "classification"] = "regression"
-    model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
-    model_options: dict = Field({}, description="architecture options, e.g. sfcn channels")
-    modalities: list[str] = Field(["T1"], min_length=1, description="input channels")
     members: int = Field(3, ge=1, le=100, description="ensemble members (differ by seed and batch order)")
-    epochs: int = Field(25, ge=1)
-    batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
-    patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
-    seed: int = Field(0, ge=0)
     split: SplitSettings = SplitSettings()
-    finetune_from: Path | None = Field(None, description="models folder or member .safetensors to start from")
-    freeze: list[str] = Field([], description="parameter-name prefixes to keep fixed, e.g. 'features.0'")
-    cache_gib: float = Field(2.0, gt=0, description="training subjects held in memory up to this size")
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, model: str) -> str:
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
-        return model
+    def member_config(self) -> TrainingConfig:
+        """The settings each member trains with (without the ensemble's size and split)."""
+        return TrainingConfig(**{name: getattr(self, name) for name in TrainingConfig.model_fields})
 
 
 class ExplainSettings(_Strict):

@@ -162,13 +162,7 @@ class TrainStage:
         strata = list(dict.fromkeys([*settings.split.stratify] +
                                     ([settings.target] if settings.task == "classification" else [])))
         split = training.stratified_split(participants, settings.split.fractions, strata, seed=settings.split.seed)
-        config = training.TrainingConfig(
-            target=settings.target, task=settings.task, modalities=tuple(settings.modalities), model=settings.model,
-            model_options=settings.model_options, epochs=settings.epochs, batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate, patience=settings.patience, seed=settings.seed,
-            cache_bytes=int(settings.cache_gib * 2**30),
-            finetune_from=str(settings.finetune_from) if settings.finetune_from else None,
-            freeze=tuple(settings.freeze))
+        config = settings.member_config()
         models = layout.models
         models.root.mkdir(parents=True, exist_ok=True)
         # the folder's key holds the images; each member's record holds its config and split
