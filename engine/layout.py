@@ -21,7 +21,8 @@ next to it. A stage forgets the key before it rewrites an output and marks it la
 killed midway leaves an output that is not current.
 
 **Atomic writes**: :func:`atomic_output` writes into a ``.part`` sibling and renames it into place
-(files and folders), so an output is either the old one whole or the new one whole.
+(files and folders), so an output is the old one whole, the new one whole, or (a folder, killed
+between removing the old and renaming the new) absent — never half-written.
 
 This module is the only place these names are spelled; it imports nothing heavy.
 """
