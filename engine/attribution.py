@@ -22,7 +22,6 @@ import hashlib
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -42,6 +41,7 @@ from captum.attr import (
     Occlusion,
     Saliency,
 )
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from engine import lrp
@@ -54,23 +54,25 @@ from engine.training import CohortVolumes, load_member
 LAYOUT = "relcohort.relevance/1"
 
 
-@dataclass(frozen=True)
-class AttributionOptions:
-    """Settings of the methods that have any."""
+class AttributionOptions(BaseModel):
+    """Settings of the methods that have any; the catalog's ``explain.options`` is this model."""
 
-    smoothgrad_samples: int = 16
-    smoothgrad_noise: float = 0.1  # noise SD as a fraction of the input's range
-    ig_steps: int = 16
-    occlusion_patch: int = 6  # voxels per side of the sliding cube
-    occlusion_stride: int = 6
-    noise_steps: int = 40
-    noise_learning_rate: float = 0.1
-    noise_sparsity: float = 1.0  # λ: reward for noise against the squared prediction change (in target SDs)
-    target: int = 0  # output (class) to explain
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    smoothgrad_samples: int = Field(16, ge=1, description="noisy copies averaged by SmoothGrad")
+    smoothgrad_noise: float = Field(0.1, ge=0, description="SmoothGrad noise SD as a fraction of the input's range")
+    ig_steps: int = Field(16, ge=1, description="Integrated Gradients steps from the zero baseline")
+    occlusion_patch: int = Field(6, ge=1, description="voxels per side of the sliding occlusion cube")
+    occlusion_stride: int = Field(6, ge=1, description="voxels between occlusion cubes")
+    noise_steps: int = Field(40, ge=1, description="noise-importance optimisation steps")
+    noise_learning_rate: float = Field(0.1, gt=0, description="noise-importance Adam learning rate")
+    noise_sparsity: float = Field(1.0, ge=0, description="λ: reward for noise against the squared prediction "
+                                  "change (in target SDs)")
+    target: int = Field(0, ge=0, description="output (class) to explain")
+    seed: int = Field(0, ge=0)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 def _channel_sum(maps: torch.Tensor) -> torch.Tensor:

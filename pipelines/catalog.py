@@ -164,7 +164,7 @@ class ExplainSettings(_Strict):
     methods: list[str] = Field(["lrp"], min_length=1, description="attribution methods: " + ", ".join(METHODS))
     subjects: Literal["test", "validation", "train", "all"] = Field("test", description="whose maps to compute")
     subjects_per_chunk: int = Field(8, ge=1, le=1024)
-    options: dict = Field({}, description="method settings (engine.attribution.AttributionOptions)")
+    options: AttributionOptions = Field(AttributionOptions(), description="method settings")
     truth: Path | None = Field(None, description="ground-truth label image for scoring (demo: planted regions)")
     truth_labels: list[int] | None = Field(None, description="labels of the truth image to score against")
 
@@ -176,15 +176,6 @@ class ExplainSettings(_Strict):
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
         return methods
 
-    @field_validator("options")
-    @classmethod
-    def _known_options(cls, options: dict) -> dict:
-        known = set(AttributionOptions.__dataclass_fields__)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(sorted(known))}")
-        AttributionOptions(**options)
-        return options
 
 
 class AnalysisSettings(_Strict):

@@ -214,7 +214,7 @@ class ExplainStage:
         attribution.explain(
             layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
             members=list(range(catalog.train.members)), subjects=subjects,
-            options=attribution.AttributionOptions(**settings.options), region_labels=region_labels,
+            options=settings.options, region_labels=region_labels,
             subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
             client=cluster.client, progress=progress,
             gpu_on_demand=cluster.gpu_on_demand)

@@ -243,7 +243,7 @@ def test_train_and_explain_sections_are_checked(tmp_path):
         load_catalog(catalog)
     text = str(failure.value)
     for expected in ("train.model: unknown model 'resnet'", "train.split.fractions", "explain.methods: unknown method",
-                     "'deeplift'", "explain.options: unknown option(s) ['ig_stepz']"):
+                     "'deeplift'", "explain.options.ig_stepz: Extra inputs are not permitted"):
         assert expected in text
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"modalities": ["T2"]})
     with pytest.raises(CatalogError, match=r"train.modalities\[0\]: 'T2' is not one of the modalities"):
