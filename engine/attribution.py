@@ -281,8 +281,8 @@ def relevance_key(path: str | Path) -> str | None:
 def explain(out: str | Path, *, images: str | Path, models: str | Path, methods: Sequence[str],
             members: Sequence[int], subjects: Sequence[str], options: AttributionOptions | None = None,
             region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, voxels_per_chunk: int = 65536,
-            client=None,
-            progress: Callable[[str, int, int], None] | None = None, gpu_on_demand: bool = False) -> xr.Dataset:
+            client=None, progress: Callable[[str, int, int], None] | None = None,
+            gpu_on_demand: bool = False) -> xr.Dataset:
     """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
 
     ``images`` is the cohort store and ``models`` the trained members' folder. One Dask task per

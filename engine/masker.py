@@ -65,10 +65,6 @@ class Masker:
     def __len__(self) -> int:
         return len(self.indices[0])
 
-    def voxel_coords(self) -> dict[str, tuple[str, np.ndarray]]:
-        """The ``i, j, k`` coordinates of the ``voxel`` dimension, for building DataArrays."""
-        return {axis: ("voxel", values) for axis, values in zip(VOXEL_COORDS, self.indices, strict=True)}
-
     def box(self) -> Masker:
         """The same voxels in their bounding box: a grid just large enough, its affine shifted to the box."""
         origin = np.array([axis.min() for axis in self.indices])

@@ -61,8 +61,12 @@ class CohortVolumes:
             raise ValueError(f"{self.store}: no modality {missing}; it has {list(self.dataset.data_vars)}")
         self.modalities = list(modalities)
         self.box = Masker.of(self.dataset).box()
-        self.shape = self.box.grid.shape
         self.subjects = self.dataset.subject.values
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The model inputs' spatial shape: the mask's bounding box."""
+        return self.box.grid.shape
 
     def rows(self, positions: Sequence[int]) -> np.ndarray:
         """Standardised store rows, ``(batch, modality, voxel)`` float32."""
@@ -386,13 +390,12 @@ def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarra
 def load_member(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """A trained member in eval mode and its record, from ``member_<k>.json`` / ``.safetensors`` (weights only).
 
-    ``path`` is the member's path without a suffix (``ModelsLayout.member``) or either file.
+    ``path`` is the member's path without a suffix (``ModelsLayout.member``) or one of the two files.
     """
-    path = Path(path)
-    path = path.with_name(path.name.split(".", 1)[0])
-    record = json.loads(path.with_name(path.name + ".json").read_text())
+    path = Path(path).with_suffix("")
+    record = json.loads(path.with_suffix(".json").read_text())
     model = build_model(ModelSpec.from_record(record["spec"]))
-    model.load_state_dict(load_file(path.with_name(path.name + ".safetensors")))
+    model.load_state_dict(load_file(path.with_suffix(".safetensors")))
     return place(model, device).eval(), record
 
 
