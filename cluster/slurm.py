@@ -31,7 +31,8 @@ def _walltime(value: str | None) -> str | None:
     return value
 
 
-def _memory(value: str | None) -> str | None:
+def memory_size(value: str | None) -> str | None:
+    """``value`` if dask reads it as a size in bytes (``'16GiB'``, ``'4 GB'``); ``None`` passes."""
     from dask.utils import parse_bytes
 
     if value is not None:
@@ -43,7 +44,7 @@ def _memory(value: str | None) -> str | None:
 
 
 Walltime = Annotated[str | None, AfterValidator(_walltime)]
-Memory = Annotated[str | None, AfterValidator(_memory)]
+Memory = Annotated[str | None, AfterValidator(memory_size)]
 
 
 class SlurmPool(BaseModel):

@@ -16,6 +16,7 @@ terms to one value per atlas region (:func:`engine.atlas.region_reduce`) and fit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,14 @@ class Term:
             return cls(text, source, table, column)
         return cls(text, "participants", text)
 
+    @classmethod
+    def of(cls, term: Term | str) -> Term:
+        """``term`` parsed, if it is not a :class:`Term` already."""
+        return term if isinstance(term, Term) else cls.parse(term)
+
+    def __str__(self) -> str:
+        return self.text
+
     @property
     def is_map(self) -> bool:
         """A (subject × voxel) map: ``relevance.<method>`` or ``images.<modality>``."""
@@ -75,13 +84,9 @@ class Sources:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # feature tables by name
     predictions: pd.DataFrame | None = None  # ensemble rows, participant_id + columns
 
-    def is_map(self, term: str) -> bool:
-        return Term.parse(term).is_map
-
-    def map(self, term: str, subjects: list[str] | None = None) -> xr.DataArray:
+    def map(self, term: Term, subjects: list[str] | None = None) -> xr.DataArray:
         """A (``subject`` × ``voxel``) map term, restricted to ``subjects`` in that order."""
-        parsed = Term.parse(term)
-        source, name = parsed.source, parsed.name
+        source, name = term.source, term.name
         if source == "relevance":
             if self.relevance is None:
                 raise ValueError(f"{term}: the workspace has no relevance maps (run the explain stage)")
@@ -98,78 +103,78 @@ class Sources:
         values = values.drop_vars([c for c in values.coords if c not in ("subject", "voxel", "i", "j", "k")])
         if subjects is not None:
             values = values.sel(subject=subjects)
-        return values.rename(term)
+        return values.rename(term.text)
 
-    def subjects_of(self, term: str) -> list[str]:
+    def subjects_of(self, term: Term) -> list[str]:
         return [str(subject) for subject in self.map(term)["subject"].values]
 
-    def subject_values(self, term: str, subjects: list[str]) -> pd.Series:
+    def subject_values(self, term: Term, subjects: list[str]) -> pd.Series:
         """One value per subject (NaN where missing) for a participant, prediction or feature column."""
-        parsed = Term.parse(term)
-        if parsed.source == "predictions":
+        if term.source == "predictions":
             if self.predictions is None:
                 raise ValueError(f"{term}: the workspace has no predictions (run the train stage)")
-            table, column = self.predictions.set_index("participant_id"), parsed.name
-        elif parsed.source == "features":
-            table, column = self._table(term, parsed.name), parsed.column
+            table, column = self.predictions.set_index("participant_id"), term.name
+        elif term.source == "features":
+            table, column = self._table(term, term.name), term.column
             if "region" in table.columns:
-                raise ValueError(f"{term}: table {parsed.name!r} has one value per region: use it in an roi analysis")
+                raise ValueError(f"{term}: table {term.name!r} has one value per region: use it in an roi analysis")
             table = table.set_index("participant_id")
-        elif parsed.source == "participants":
-            table, column = self.participants, term
+        elif term.source == "participants":
+            table, column = self.participants, term.text
         else:
             raise ValueError(f"{term}: a map, not one value per subject")
         if column not in table.columns:
             raise ValueError(f"{term}: no column {column!r} (columns: {sorted(map(str, table.columns))})")
-        return table[column].reindex(subjects).rename(term)
+        return table[column].reindex(subjects).rename(term.text)
 
-    def region_values(self, term: str, subjects: list[str], atlas: Atlas, statistic: str) -> pd.DataFrame:
+    def region_values(self, term: Term, subjects: list[str], atlas: Atlas, statistic: str) -> pd.DataFrame:
         """(participant_id, region, value) of a region-level term: a map reduced per atlas region, or a
         feature table with a ``region`` column."""
-        if self.is_map(term):
+        if term.is_map:
             regions = region_reduce(self.map(term, subjects), atlas)[statistic].compute()
-            table = regions.to_dataframe(name=term).reset_index()
-            return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term]]
-        parsed = Term.parse(term)
-        if parsed.source != "features":
+            table = regions.to_dataframe(name=term.text).reset_index()
+            return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term.text]]
+        if term.source != "features":
             raise ValueError(f"{term}: not a region-level term (a map, or features.<table>.<column> with regions)")
-        name, column = parsed.name, parsed.column
+        name, column = term.name, term.column
         table = self._table(term, name)
         if "region" not in table.columns or column not in table.columns:
             raise ValueError(f"{term}: table {name!r} needs 'region' and {column!r} columns "
                              f"(columns: {list(table.columns)})")
         table = table[table["participant_id"].isin(subjects)]
-        return table[["participant_id", "region", column]].rename(columns={column: term})
+        return table[["participant_id", "region", column]].rename(columns={column: term.text})
 
-    def _table(self, term: str, name: str) -> pd.DataFrame:
+    def _table(self, term: Term, name: str) -> pd.DataFrame:
         if name not in self.tables:
             raise ValueError(f"{term}: no feature table {name!r} (tables: {sorted(self.tables)})")
         return self.tables[name]
 
 
-def analysis_subjects(sources: Sources, terms: list[str]) -> list[str]:
+def analysis_subjects(sources: Sources, terms: Sequence[Term | str]) -> list[str]:
     """Subjects of the analysis: those of its first map term (relevance maps exist for some only)."""
-    maps = [term for term in terms if sources.is_map(term)]
+    maps = [term for term in map(Term.of, terms) if term.is_map]
     if not maps:
         return [str(subject) for subject in sources.images["subject"].values]
-    relevance = [term for term in maps if Term.parse(term).source == "relevance"]
+    relevance = [term for term in maps if term.source == "relevance"]
     return sources.subjects_of((relevance or maps)[0])
 
 
-def covariate_frame(sources: Sources, covariates: list[str], subjects: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Per-subject covariates and which of them are categorical (non-numeric columns)."""
-    frame = pd.DataFrame({term: sources.subject_values(term, subjects).to_numpy() for term in covariates})
-    categorical = [term for term in covariates if not pd.api.types.is_numeric_dtype(frame[term])]
+def covariate_frame(sources: Sources, covariates: list[Term], subjects: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Per-subject covariates (columns named by the terms' text) and which of them are categorical."""
+    frame = pd.DataFrame({term.text: sources.subject_values(term, subjects).to_numpy() for term in covariates})
+    categorical = [name for name in frame.columns if not pd.api.types.is_numeric_dtype(frame[name])]
     return frame, categorical
 
 
-def voxel_analysis(sources: Sources, outcome: str, predictor: str, covariates: list[str],
+def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
                    corrections: list[str], permutations: int = 0, seed: int = 0) -> xr.Dataset:
     """One voxel-wise model with the requested corrections (``p_bonferroni``, ``p_fdr``, ``p_fwe``)."""
-    if not (sources.is_map(outcome) or sources.is_map(predictor)):
-        raise ValueError(f"a voxel analysis needs a map as outcome or predictor, got {outcome!r} and {predictor!r}")
+    outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
+    if not (outcome.is_map or predictor.is_map):
+        raise ValueError(f"a voxel analysis needs a map as outcome or predictor, got {outcome.text!r} and "
+                         f"{predictor.text!r}")
     subjects = analysis_subjects(sources, [outcome, predictor])
-    terms = [sources.map(term, subjects) if sources.is_map(term) else sources.subject_values(term, subjects)
+    terms = [sources.map(term, subjects) if term.is_map else sources.subject_values(term, subjects)
              for term in (outcome, predictor)]
     frame, categorical = covariate_frame(sources, covariates, subjects)
     result = voxelwise_ols(*terms, frame, categorical, permutations=permutations if "fwe" in corrections else 0,
@@ -219,40 +224,45 @@ def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Mask
     return table
 
 
-def roi_analysis(sources: Sources, outcome: str, predictor: str, covariates: list[str], atlas: Atlas,
-                 statistic: str = "mean", robust: bool = False, groups: str | None = None) -> pd.DataFrame:
+def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
+                 atlas: Atlas, statistic: str = "mean", robust: bool = False,
+                 groups: Term | str | None = None) -> pd.DataFrame:
     """Per atlas region: outcome ~ predictor + covariates (statsmodels), FDR across regions."""
+    outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     subjects = analysis_subjects(sources, [outcome, predictor])
-    names = {term: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
+    names = {term.text: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
     per_region = [sources.region_values(term, subjects, atlas, statistic) for term in (outcome, predictor)
-                  if sources.is_map(term) or _has_regions(sources, term)]
+                  if term.is_map or _has_regions(sources, term)]
     if not per_region:
-        raise ValueError(f"an roi analysis needs a region-level outcome or predictor, got {outcome!r}, {predictor!r}")
+        raise ValueError(f"an roi analysis needs a region-level outcome or predictor, got {outcome.text!r}, "
+                         f"{predictor.text!r}")
     table = per_region[0]
     for other in per_region[1:]:
         table = table.merge(other, on=["participant_id", "region"], how="inner")
     if table.empty:
         raise ValueError(f"{outcome} and {predictor} share no (participant, region) rows: do they use the same atlas?")
-    subject_terms = [term for term in (outcome, predictor, *covariates) if term not in table.columns]
+    subject_terms = [term for term in (outcome, predictor, *covariates) if term.text not in table.columns]
     for term in subject_terms:
-        values = sources.subject_values(term, subjects)
-        table[term] = table["participant_id"].map(values)
+        table[term.text] = table["participant_id"].map(sources.subject_values(term, subjects))
     table = table.rename(columns=names)
-    formula_terms = [names[predictor]] + [f"C({names[term]})" if not pd.api.types.is_numeric_dtype(table[names[term]])
-                                          else names[term] for term in covariates]
+    formula_terms = [names[predictor.text]] + [
+        f"C({names[term.text]})" if not pd.api.types.is_numeric_dtype(table[names[term.text]]) else names[term.text]
+        for term in covariates]
+    group_column = None
     if groups is not None:
-        table[names.setdefault(groups, "group")] = table["participant_id"].map(sources.subject_values(groups, subjects))
-    result = region_models(table, f"{names[outcome]} ~ " + " + ".join(formula_terms), robust=robust,
-                           groups=names.get(groups) if groups else None)
+        groups = Term.of(groups)
+        group_column = names.setdefault(groups.text, "group")
+        table[group_column] = table["participant_id"].map(sources.subject_values(groups, subjects))
+    result = region_models(table, f"{names[outcome.text]} ~ " + " + ".join(formula_terms), robust=robust,
+                           groups=group_column)
     readable = {value: key for key, value in names.items()}
     result["term"] = result["term"].replace(
         {term: _readable_term(term, readable) for term in result["term"].unique()})
     return result
 
 
-def _has_regions(sources: Sources, term: str) -> bool:
-    parsed = Term.parse(term)
-    return parsed.source == "features" and "region" in sources.tables.get(parsed.name, pd.DataFrame()).columns
+def _has_regions(sources: Sources, term: Term) -> bool:
+    return term.source == "features" and "region" in sources.tables.get(term.name, pd.DataFrame()).columns
 
 
 def _readable_term(term: str, readable: dict[str, str]) -> str:

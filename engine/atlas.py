@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from nilearn.image import resample_to_img
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.grid import Grid
 from engine.masker import Masker
@@ -181,6 +182,30 @@ def cohort_atlas(data: xr.Dataset | xr.DataArray, atlas: str | Path, labels: str
     """:func:`load_atlas` on the grid and voxels of a cohort store's arrays (``open_cohort``)."""
     masker = Masker.of(data)
     return load_atlas(atlas, masker.grid, masker.indices, labels, **options)
+
+
+class AtlasSettings(BaseModel):
+    """Which atlas to put on the cohort's voxels: a bundled name, or a NIfTI label image with its label
+    table. The catalog's ``atlas:`` sections are this model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("neuromorphometrics", description="bundled atlas name, or path to a NIfTI label image")
+    labels: Path | None = Field(None, description="label table (TSV/CSV) of a NIfTI label image")
+    merge_hemispheres: bool = Field(False, description="join regions that differ only by left/right")
+    space: str | None = Field(None, description="space of a NIfTI label image (default: the cohort's)")
+
+    @model_validator(mode="after")
+    def _table_for_files(self):
+        if self.name not in BUNDLED_ATLASES and self.labels is None:
+            raise ValueError(f"{self.name!r} is not a bundled atlas ({', '.join(BUNDLED_ATLASES)}); "
+                             "a label image needs 'labels'")
+        return self
+
+    def load(self, data: xr.Dataset | xr.DataArray) -> Atlas:
+        """This atlas on the grid and voxels of ``data`` (:func:`cohort_atlas`)."""
+        return cohort_atlas(data, self.name, self.labels, merge_hemispheres=self.merge_hemispheres,
+                            atlas_space=self.space)
 
 
 def _merge_hemispheres(atlas: Atlas) -> Atlas:

@@ -247,8 +247,8 @@ def _create_store(path: Path, plan: dict, dataset: xr.Dataset, subjects_per_chun
 def _explain_block(item):
     out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
     device = torch_device()
-    model, record = load_member(ModelsLayout(Path(models_dir)).member(member), device)
-    volumes = CohortVolumes(store, record["config"]["modalities"])
+    model, card = load_member(ModelsLayout(Path(models_dir)).member(member), device)
+    volumes = CohortVolumes(store, card["config"]["modalities"])
     inputs = torch.from_numpy(volumes.read(positions)).to(device)
     group = zarr.open_group(out, mode="r+")
     for method_index, method in enumerate(methods):
@@ -259,11 +259,11 @@ def _explain_block(item):
 
 
 def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
-    """sha256 over the members' weights and records: changes iff any member does."""
+    """sha256 over the members' weights and cards: changes iff any member does."""
     files = ModelsLayout(Path(models_dir))
     digest = hashlib.sha256()
     for member in members:
-        for path in (files.weights(member), files.record(member)):
+        for path in (files.weights(member), files.card(member)):
             digest.update(path.read_bytes())
     return digest.hexdigest()
 

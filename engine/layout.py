@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 KEY_FILE = ".relcohort-key.json"
@@ -128,7 +128,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class ModelsLayout:
-    """``models/``: the split, each member's weights, record and predictions, the ensemble's tables."""
+    """``models/``: the split, each member's weights, card and predictions, the ensemble's tables."""
 
     root: Path
 
@@ -137,24 +137,25 @@ class ModelsLayout:
         return self.root / "split.tsv"
 
     def member(self, member: int) -> Path:
-        """``member_<k>`` without a suffix: ``.safetensors`` (weights), ``.json`` (record), ``.predictions.parquet``."""
+        """``member_<k>`` without a suffix: ``.safetensors`` (weights), ``.json`` (card: config, split, history),
+        ``.predictions.parquet``."""
         return self.root / f"member_{member}"
 
     def weights(self, member: int) -> Path:
         return self.root / f"member_{member}.safetensors"
 
-    def record(self, member: int) -> Path:
+    def card(self, member: int) -> Path:
         return self.root / f"member_{member}.json"
 
     def member_predictions(self, member: int) -> Path:
         return self.root / f"member_{member}.predictions.parquet"
 
     def members(self) -> list[int]:
-        """Numbers of the members whose record is written."""
+        """Numbers of the members whose card is written (the card is written last)."""
         return sorted(int(path.stem.removeprefix("member_")) for path in self.root.glob("member_*.json"))
 
     def member_files(self, member: int) -> list[Path]:
-        return [self.weights(member), self.record(member), self.member_predictions(member)]
+        return [self.weights(member), self.card(member), self.member_predictions(member)]
 
     @property
     def predictions(self) -> Path:
@@ -209,9 +210,9 @@ class AssociationLayout:
 
 def output_key(settings, inputs: dict[str, str | None]) -> dict:
     """The key of an output made with ``settings`` (JSON-able) from ``inputs`` (name → content hash)."""
-    record = json.loads(json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str))
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-    return {"key": digest, **record}
+    described = json.loads(json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return {"key": digest, **described}
 
 
 def key_file(output: Path) -> Path:
@@ -299,56 +300,52 @@ def _remove(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The runner's provenance record, typed for its readers
+# provenance.json: the runner writes it, everyone reads it, both through these types
 
 
-@dataclass(frozen=True)
+@dataclass
 class Run:
-    """One ``relcohort run`` as recorded in ``provenance.json``."""
+    """One ``relcohort run``: its catalog (paths resolved), environment, and each stage's summary."""
 
     started: str
-    finished: str | None
-    state: str | None
     catalog_file: str
     catalog_sha256: str
     catalog: dict
-    seeds: dict
-    packages: dict
-    python: str | None
-    platform: str | None
-    cluster: str | None
-    stages: dict
+    seeds: dict = field(default_factory=dict)
+    packages: dict = field(default_factory=dict)
+    python: str | None = None
+    platform: str | None = None
+    cluster: str | None = None
+    stages: dict = field(default_factory=dict)  # stage name → {"seconds": ..., the stage's summary}
+    cluster_usage: dict = field(default_factory=dict)  # per pool: jobs, workers, tasks (SLURM)
+    state: str | None = None  # complete or failed; None while running
+    finished: str | None = None
     error: str | None = None
 
     @classmethod
-    def from_record(cls, record: dict) -> Run:
-        return cls(started=record["started"], finished=record.get("finished"), state=record.get("state"),
-                   catalog_file=record.get("catalog_file", "?"), catalog_sha256=record.get("catalog_sha256", ""),
-                   catalog=record.get("catalog", {}), seeds=record.get("seeds", {}),
-                   packages=record.get("packages", {}), python=record.get("python"),
-                   platform=record.get("platform"), cluster=record.get("cluster"),
-                   stages=record.get("stages", {}), error=record.get("error"))
-
-    def section(self, name: str) -> dict:
-        """A section of this run's catalog (paths resolved), ``{}`` when absent."""
-        return self.catalog.get(name) or {}
+    def from_json(cls, data: dict) -> Run:
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        return cls(**{"catalog_file": "?", "catalog_sha256": "", "catalog": {}, **known})
 
 
-@dataclass(frozen=True)
+@dataclass
 class Provenance:
     """``provenance.json``: every run of the workspace's catalog, and the stages the last one applies."""
 
-    runs: tuple[Run, ...]
-    stages: tuple[str, ...] | None
+    runs: list[Run] = field(default_factory=list)
+    stages: list[str] | None = None
 
     @classmethod
     def read(cls, layout: Layout) -> Provenance:
-        """The record, or one without runs when the workspace has none yet."""
+        """The file's runs, or none when the workspace has no provenance yet."""
         path = layout.provenance
-        record = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-        stages = record.get("stages")
-        return cls(tuple(Run.from_record(run) for run in record.get("runs", [])),
-                   tuple(stages) if stages is not None else None)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        return cls([Run.from_json(run) for run in data.get("runs", [])], data.get("stages"))
+
+    def write(self, layout: Layout) -> None:
+        with atomic_output(layout.provenance) as partial:
+            partial.write_text(json.dumps({"runs": [asdict(run) for run in self.runs], "stages": self.stages},
+                                          indent=2, default=str))
 
     @property
     def last(self) -> Run | None:

@@ -145,8 +145,8 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_record(cls, record: dict) -> ModelSpec:
-        return cls(**{**record, "input_shape": tuple(record["input_shape"])})
+    def from_dict(cls, spec: dict) -> ModelSpec:
+        return cls(**{**spec, "input_shape": tuple(spec["input_shape"])})
 
 
 def build_model(spec: ModelSpec, target_mean: float | None = None, target_scale: float | None = None) -> nn.Module:

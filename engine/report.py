@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 
 from engine.atlas import region_gain, region_reduce
 from engine.layout import atomic_output
-from engine.training import ENSEMBLE
+from engine.training import ENSEMBLE, TrainingConfig
 from engine.workspace import Workspace, mni_template
 
 SECTIONS = {"cohort": "Cohort", "models": "Models", "relevance": "Relevance", "validation": "Validation",
@@ -178,20 +178,15 @@ def _cohort_figure(images, columns: list[str]):
 # Models
 
 
-def _train_settings(ws: Workspace) -> dict:
-    last = ws.provenance.last if ws.has("provenance") else None
-    return last.section("train") if last is not None else {}
-
-
 def _models(ws: Workspace) -> list[str]:
     if not ws.has("models"):
         return [_note("No models/metrics.parquet: the train stage has not run.")]
     metrics, predictions = ws.metrics, ws.predictions
-    settings = _train_settings(ws)
-    target = settings.get("target", "age")
+    config = ws.training or TrainingConfig()
+    target = config.target
     parts = [f"<p>Ensemble of {predictions.loc[predictions.member != ENSEMBLE, 'member'].nunique()} member(s) "
-             f"{html.escape(settings.get('model', ''))} predicting <b>{html.escape(target)}</b> "
-             f"({html.escape(settings.get('task', 'regression'))}); member {ENSEMBLE} in the predictions is "
+             f"{html.escape(config.model)} predicting <b>{html.escape(target)}</b> "
+             f"({html.escape(config.task)}); member {ENSEMBLE} in the predictions is "
              "their mean.</p>", _table(metrics, "Metrics per member and split")]
     if "predicted" in predictions:
         parts.append(_figure(_scatter_figure(predictions, target),
@@ -294,8 +289,7 @@ def description_of_gain(groups: dict, reference: str | None) -> str:
 
 def _relevance_groups(ws: Workspace, relevance, age_bands: list[float]) -> tuple[dict, str | None, str]:
     """Boolean subject masks by name, the reference group for gain, and what they are."""
-    settings = _train_settings(ws)
-    if settings.get("task") == "classification" and ws.has("models"):
+    if ws.training is not None and ws.training.task == "classification":
         predictions = ws.predictions[ws.predictions.member == ENSEMBLE].set_index("participant_id")
         classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
         if len(classes) == 2:
@@ -526,7 +520,7 @@ def _provenance(ws: Workspace) -> list[str]:
     facts = pd.DataFrame([{"catalog": last.catalog_file, "sha256": last.catalog_sha256[:16], "seeds": last.seeds,
                            "cluster": last.cluster, "python": last.python, "platform": last.platform}])
     times = pd.DataFrame([{"started": run.started, "state": run.state or "running",
-                           **{stage: record.get("seconds") for stage, record in run.stages.items()}}
+                           **{stage: summary.get("seconds") for stage, summary in run.stages.items()}}
                           for run in runs])
     versions = pd.DataFrame(list(last.packages.items()), columns=["package", "version"])
     catalog = yaml.safe_dump(last.catalog, sort_keys=False)

@@ -5,7 +5,7 @@
 - :func:`stratified_split` assigns participants to train/validation/test, stratified by age
   bands and sex (and the class for classification).
 - :func:`train_member` trains one ensemble member (Adam, early stopping on validation loss) and
-  writes its weights as safetensors beside a JSON record; :func:`train_ensemble` runs one Dask
+  writes its weights as safetensors beside a JSON card (config, split, history); :func:`train_ensemble` runs one Dask
   task per member (asking for a GPU where workers have one) and combines the members.
 - :func:`regression_metrics`, :func:`classification_metrics`, :func:`bias_corrected_gap`.
 """
@@ -118,16 +118,37 @@ def epoch_batches(volumes: CohortVolumes, positions: np.ndarray, batch_size: int
 # Splits
 
 
-def stratified_split(participants: pd.DataFrame, fractions: Sequence[float] = (0.6, 0.2, 0.2),
-                     strata: Sequence[str] = ("age", "sex"), age_bands: int = 5, seed: int = 0) -> pd.Series:
-    """'train' / 'validation' / 'test' per participant, stratified by age bands and the other columns.
+class SplitSettings(BaseModel):
+    """How participants are dealt to train / validation / test (:func:`stratified_split`); the catalog's
+    ``train.split``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train, validation, test")
+    stratify: tuple[str, ...] = Field(("age", "sex"), description="participant columns; numeric ones in "
+                                      "5 quantile bands")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, fractions):
+        if any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1) or 0 in fractions[:2]:
+            raise ValueError(f"fractions {list(fractions)} must be non-negative and sum to 1, "
+                             "with train and validation > 0")
+        return fractions
+
+
+def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None = None,
+                     also_stratify: Sequence[str] = (), age_bands: int = 5) -> pd.Series:
+    """'train' / 'validation' / 'test' per participant, stratified by age bands and the other columns
+    (``settings.stratify``, default age and sex, then ``also_stratify``, e.g. the class of a classification).
 
     Participants are ordered by stratum (random order inside each) and dealt to the split that
     lags its target fraction most, so every stratum and the whole cohort match the fractions to
-    within one participant. Deterministic given ``seed``.
+    within one participant. Deterministic given ``settings.seed``.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1):
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    settings = settings or SplitSettings()
+    strata, fractions = list(dict.fromkeys([*settings.stratify, *also_stratify])), settings.fractions
     table = participants.set_index("participant_id") if "participant_id" in participants else participants
     missing = [column for column in strata if column not in table]
     if missing:
@@ -138,7 +159,7 @@ def stratified_split(participants: pd.DataFrame, fractions: Sequence[float] = (0
         if column == "age" or (pd.api.types.is_numeric_dtype(values) and values.nunique() > 10):
             values = pd.qcut(values.rank(method="first"), min(age_bands, len(values)), labels=False)
         keys.append(values.astype(str).to_numpy())
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings.seed)
     order = np.lexsort([rng.random(len(table)), *keys[::-1]])
     target = np.asarray(fractions, float)
     counts = np.zeros(3)
@@ -239,7 +260,7 @@ class TrainingConfig(BaseModel):
         return int(self.cache_gib * 2**30)
 
     def as_dict(self) -> dict:
-        """The config as JSON values (what each member's record keeps)."""
+        """The config as JSON values (what each member's card keeps)."""
         return self.model_dump(mode="json", include=set(TrainingConfig.model_fields))
 
 
@@ -286,10 +307,10 @@ def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) 
 
 def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
                  classes: list | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Train member ``member`` and write its weights, predictions and record into ``out_dir`` (``models/``).
+    """Train member ``member`` and write its weights, predictions and card into ``out_dir`` (``models/``).
 
     Early stopping keeps the weights of the epoch with the lowest validation loss and stops
-    after ``patience`` epochs without improvement. Returns the JSON record.
+    after ``patience`` epochs without improvement. Returns the card.
     """
     started = time.perf_counter()
     files = ModelsLayout(Path(out_dir))
@@ -358,12 +379,12 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     predictions.insert(2, "member", str(member))
     with atomic_output(files.member_predictions(member)) as partial:
         predictions.to_parquet(partial, index=False)
-    record = {"member": member, "seed": seed, "spec": spec.as_dict(), "config": config.as_dict(), "classes": classes,
+    card = {"member": member, "seed": seed, "spec": spec.as_dict(), "config": config.as_dict(), "classes": classes,
               "split": _split_hash(split), "best_epoch": best[1], "epochs_run": len(history), "history": history,
               "fresh_layers": fresh_layers, "device": str(device), "seconds": time.perf_counter() - started}
-    with atomic_output(files.record(member)) as partial:  # written last: marks the member done
-        partial.write_text(json.dumps(record, indent=1))
-    return record
+    with atomic_output(files.card(member)) as partial:  # written last: marks the member done
+        partial.write_text(json.dumps(card, indent=1))
+    return card
 
 
 def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarray, task: str,
@@ -388,15 +409,15 @@ def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarra
 
 
 def load_member(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """A trained member in eval mode and its record, from ``member_<k>.json`` / ``.safetensors`` (weights only).
+    """A trained member in eval mode and its card, from ``member_<k>.json`` / ``.safetensors`` (weights only).
 
     ``path`` is the member's path without a suffix (``ModelsLayout.member``) or one of the two files.
     """
     path = Path(path).with_suffix("")
-    record = json.loads(path.with_suffix(".json").read_text())
-    model = build_model(ModelSpec.from_record(record["spec"]))
+    card = json.loads(path.with_suffix(".json").read_text())
+    model = build_model(ModelSpec.from_dict(card["spec"]))
     model.load_state_dict(load_file(path.with_suffix(".safetensors")))
-    return place(model, device).eval(), record
+    return place(model, device).eval(), card
 
 
 # ---------------------------------------------------------------------------------------
@@ -414,7 +435,7 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
     """Train ``members`` members (one Dask task each, a GPU per task where workers have GPUs, or where the
     cluster starts GPU workers on demand: ``gpu_on_demand``).
 
-    Members whose record already holds this config and split are kept. Writes ``split.tsv``,
+    Members whose card already holds this config and split are kept. Writes ``split.tsv``,
     ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``.
     """
     files = ModelsLayout(Path(out_dir))
@@ -429,12 +450,12 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
         split.rename_axis("participant_id").reset_index().to_csv(partial, sep="\t", index=False)
 
     def current(member: int) -> bool:
-        path = files.record(member)
+        path = files.card(member)
         if not path.is_file():
             return False
-        record = json.loads(path.read_text())
-        same_config = record["config"] == config.as_dict()
-        return same_config and record.get("split") == _split_hash(split)
+        card = json.loads(path.read_text())
+        same_config = card["config"] == config.as_dict()
+        return same_config and card.get("split") == _split_hash(split)
 
     todo = [member for member in range(members) if not current(member)]
     done = members - len(todo)

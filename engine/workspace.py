@@ -6,7 +6,7 @@
     ws.images                    # xarray.Dataset (subject × voxel), images.zarr
     ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
     ws.features["tract_fa"]      # pandas tables of features/*.parquet
-    ws.predictions, ws.metrics   # models/
+    ws.predictions, ws.metrics   # models/ (ws.training: how the members were trained)
     ws.scores, ws.robustness     # validation/ (and ws.lesion_relevance)
     ws.associations["lrp_age"]   # associations/<name>/: summary, voxel maps, cluster or region tables
     ws.provenance, ws.catalog    # provenance.json (typed: engine.layout.Provenance) and the last run's catalog
@@ -26,11 +26,12 @@ import pandas as pd
 import xarray as xr
 
 from engine.association import CORRECTED_P
-from engine.atlas import Atlas, cohort_atlas
+from engine.atlas import Atlas, AtlasSettings
 from engine.attribution import open_relevance
 from engine.layout import AssociationLayout, Layout, Provenance
 from engine.masker import Masker
 from engine.store import open_cohort
+from engine.training import TrainingConfig
 
 
 @lru_cache(maxsize=1)
@@ -178,6 +179,14 @@ class Workspace:
         return _read_table(self.layout.models.metrics, "train")
 
     @cached_property
+    def training(self) -> TrainingConfig | None:
+        """How the members were trained (their cards' config); ``None`` before the train stage."""
+        members = self.layout.models.members()
+        if not members:
+            return None
+        return TrainingConfig.model_validate(json.loads(self.layout.models.card(members[0]).read_text())["config"])
+
+    @cached_property
     def scores(self) -> pd.DataFrame:
         """Ground-truth scores per method and member (``validation/scores.parquet``)."""
         return _read_table(self.layout.scores, "validate")
@@ -212,15 +221,15 @@ class Workspace:
             raise ValueError(f"{self.layout.provenance}: no runs recorded")
         return self.provenance.last.catalog
 
-    def atlas(self, name: str | None = None, labels: str | Path | None = None, **options) -> Atlas:
-        """An atlas on the workspace's voxels: ``name`` (bundled or a label image), default the catalog's."""
-        source = self.relevance if self.has("relevance") else self.images
-        if name is None:
-            settings = self.catalog.get("atlas", {}) if self.has("provenance") else {}
-            name, labels = settings.get("name", "neuromorphometrics"), settings.get("labels")
-            options = {"merge_hemispheres": settings.get("merge_hemispheres", False),
-                       "atlas_space": settings.get("space"), **options}
-        return cohort_atlas(source, name, labels, **options)
+    def atlas(self, settings: AtlasSettings | str | None = None) -> Atlas:
+        """An atlas on the workspace's voxels: :class:`~engine.atlas.AtlasSettings` or a bundled atlas's
+        name; by default the catalog's ``atlas:``."""
+        if settings is None:
+            recorded = self.catalog.get("atlas") if self.has("provenance") else None
+            settings = AtlasSettings.model_validate(recorded or {})
+        elif isinstance(settings, str):
+            settings = AtlasSettings(name=settings)
+        return settings.load(self.relevance if self.has("relevance") else self.images)
 
     # -- back to images and figures
 

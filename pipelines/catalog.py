@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
+                      field_validator, model_validator)
 
 from cluster import ClusterProfile, LocalProfile
 from engine.association import Term
-from engine.atlas import BUNDLED_ATLASES
+from engine.atlas import BUNDLED_ATLASES, AtlasSettings
 from engine.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
-from engine.training import TrainingConfig
+from engine.training import SplitSettings, TrainingConfig
 from engine.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -35,6 +35,16 @@ def _modality_name(name: str) -> str:
 
 
 ModalityName = Annotated[str, AfterValidator(_modality_name)]
+
+
+def _term(value) -> Term:
+    if not isinstance(value, (str, Term)):
+        raise ValueError(f"a term is text such as 'relevance.lrp' or 'age', got {value!r}")
+    return Term.of(value)
+
+
+#: An analysis term (``engine.association.Term``), parsed once when the catalog is read; written as its text.
+TermText = Annotated[Term, PlainValidator(_term), PlainSerializer(str, return_type=str)]
 
 
 class _Strict(BaseModel):
@@ -90,22 +100,6 @@ class IngestSettings(_Strict):
     voxels_per_chunk: int = Field(65536, ge=1024)
 
 
-class AtlasSettings(_Strict):
-    """An atlas: a bundled name or a NIfTI label image with its label table."""
-
-    name: str = Field("neuromorphometrics", description="bundled atlas name, or path to a NIfTI label image")
-    labels: Path | None = Field(None, description="label table (TSV/CSV) of a NIfTI label image")
-    merge_hemispheres: bool = Field(False, description="join regions that differ only by left/right")
-    space: str | None = Field(None, description="space of a NIfTI label image (default: the cohort's)")
-
-    @model_validator(mode="after")
-    def _table_for_files(self):
-        if self.name not in BUNDLED_ATLASES and self.labels is None:
-            raise ValueError(f"{self.name!r} is not a bundled atlas ({', '.join(BUNDLED_ATLASES)}); "
-                             "a label image needs 'labels'")
-        return self
-
-
 class TractSettings(_Strict):
     modality: str = Field("FA", description="modality holding FA maps")
     atlas: AtlasSettings = AtlasSettings(name="juelich")
@@ -130,20 +124,6 @@ class FeatureSettings(_Strict):
         used = {"features.gray_matter": self.gray_matter, "features.lesions": self.lesions,
                 "features.fa.modality": self.fa.modality if self.fa else None}
         return {field: name for field, name in used.items() if name is not None}
-
-
-class SplitSettings(_Strict):
-    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train, validation, test")
-    stratify: list[str] = Field(["age", "sex"], description="participant columns; numeric ones in 5 quantile bands")
-    seed: int = Field(0, ge=0)
-
-    @field_validator("fractions")
-    @classmethod
-    def _sum_to_one(cls, fractions):
-        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9 or fractions[0] == 0 or fractions[1] == 0:
-            raise ValueError(f"fractions {list(fractions)} must be non-negative and sum to 1, "
-                             "with train and validation > 0")
-        return fractions
 
 
 class TrainSettings(TrainingConfig):
@@ -182,10 +162,10 @@ class AnalysisSettings(_Strict):
     """One association model (``engine.association``): outcome ~ predictor + covariates, voxel- or ROI-wise."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under <workspace>/associations/")
-    outcome: str = Field(..., description="a term: relevance.<method>, images.<modality>, predictions.<column>, "
+    outcome: TermText = Field(..., description="a term: relevance.<method>, images.<modality>, predictions.<column>, "
                          "features.<table>.<column> or a participant column")
-    predictor: str = Field(..., description="a term, as for outcome")
-    covariates: list[str] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
+    predictor: TermText = Field(..., description="a term, as for outcome")
+    covariates: list[TermText] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
     scope: Literal["voxel", "roi", "similarity"] = Field(
         "voxel", description="voxel-wise model, one model per atlas region, or per-subject similarity of two maps")
     correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
@@ -200,19 +180,6 @@ class AnalysisSettings(_Strict):
                                          "participant column (e.g. site)")
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
 
-    @field_validator("outcome", "predictor")
-    @classmethod
-    def _term(cls, term: str) -> str:
-        Term.parse(term)
-        return term
-
-    @field_validator("covariates")
-    @classmethod
-    def _terms(cls, terms: list[str]) -> list[str]:
-        for term in terms:
-            Term.parse(term)
-        return terms
-
     @model_validator(mode="after")
     def _consistent(self):
         if "fwe" in self.correction and self.permutations == 0:
@@ -221,7 +188,7 @@ class AnalysisSettings(_Strict):
             raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
         if self.scope != "roi" and (self.robust or self.random_intercept or self.atlas):
             raise ValueError("robust, random_intercept and atlas apply to roi analyses only")
-        maps = [Term.parse(term).is_map for term in (self.outcome, self.predictor)]
+        maps = [term.is_map for term in (self.outcome, self.predictor)]
         if self.scope == "similarity" and not all(maps):
             raise ValueError("a similarity analysis compares two maps (relevance.<method> or images.<modality>)")
         if self.scope == "voxel" and not any(maps):
@@ -290,9 +257,8 @@ class Catalog(_Strict):
         """Map and model terms must name what the catalog produces."""
         for field in ("outcome", "predictor", "covariates"):
             terms = getattr(analysis, field)
-            for text in terms if isinstance(terms, list) else [terms]:
-                term = Term.parse(text)
-                source, name = term.source, term.name
+            for term in terms if isinstance(terms, list) else [terms]:
+                source, name, text = term.source, term.name, term.text
                 if source == "images" and name not in self.modalities:
                     raise ValueError(f"{where}.{field}: {text!r} names no modality of {list(self.modalities)}")
                 if source == "relevance" and (self.explain is None or name not in self.explain.methods):

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cluster import PROFILES
-from engine.layout import Layout, atomic_output
+from engine.layout import Layout, Provenance, Run
 from pipelines.catalog import CatalogError, check_inputs, load_catalog
 from pipelines.stages import STAGES, describe_problem
 
@@ -33,16 +33,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def _read_provenance(layout: Layout) -> dict:
-    """The runner's own record, to append this run to (readers use ``engine.layout.Provenance``)."""
-    return json.loads(layout.provenance.read_text()) if layout.provenance.is_file() else {"runs": []}
-
-
-def _write_provenance(layout: Layout, record: dict) -> None:
-    with atomic_output(layout.provenance) as partial:
-        partial.write_text(json.dumps(record, indent=2, default=str))
 
 
 class WorkspaceBusy(RuntimeError):
@@ -122,21 +112,15 @@ def run_catalog(path: str | Path, console: Console | None = None, cluster: str |
 
 def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, console: Console) -> Path:
     layout = catalog.layout
-    provenance = _read_provenance(layout)
-    run = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "catalog_file": str(Path(path).resolve()),
-        "catalog_sha256": catalog_sha256,
-        "catalog": catalog.model_dump(mode="json"),
-        "seeds": {"demo": catalog.cohort.demo.seed} if catalog.cohort.demo else {},
-        "packages": package_versions(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cluster": catalog.cluster.describe(),
-        "stages": {},
-    }
-    provenance["runs"].append(run)
-    provenance["stages"] = [stage.name for stage in STAGES if stage.applies(catalog)]
+    provenance = Provenance.read(layout)
+    run = Run(started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              catalog_file=str(Path(path).resolve()), catalog_sha256=catalog_sha256,
+              catalog=catalog.model_dump(mode="json"),
+              seeds={"demo": catalog.cohort.demo.seed} if catalog.cohort.demo else {},
+              packages=package_versions(), python=platform.python_version(), platform=platform.platform(),
+              cluster=catalog.cluster.describe())
+    provenance.runs.append(run)
+    provenance.stages = [stage.name for stage in STAGES if stage.applies(catalog)]
 
     console.print(f"[bold]relcohort[/] {path} → {workspace}")
     console.print(f"cluster: {catalog.cluster.describe()}")
@@ -148,19 +132,17 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
                     continue
                 started = time.perf_counter()
                 summary = stage.run(catalog, cluster, progress_callback(bar, stage.name))
-                run["stages"][stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
-                usage = cluster.usage()  # per pool jobs, workers and tasks (SLURM pools)
-                if usage:
-                    run["cluster_usage"] = usage
-                _write_provenance(layout, provenance)
-        run["state"] = "complete"
+                run.stages[stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
+                run.cluster_usage = cluster.usage()  # per pool jobs, workers and tasks (SLURM pools)
+                provenance.write(layout)
+        run.state = "complete"
     except BaseException as error:
-        run["state"] = "failed"
-        run["error"] = f"{type(error).__name__}: {error}"
+        run.state = "failed"
+        run.error = f"{type(error).__name__}: {error}"
         raise
     finally:
-        run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_provenance(layout, provenance)
+        run.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        provenance.write(layout)
     _print_results(console, layout, run)
     return workspace
 
@@ -188,8 +170,8 @@ def progress_callback(bar: Progress, stage: str):
     return update
 
 
-def _print_results(console: Console, layout: Layout, run: dict) -> None:
-    for name, summary in run["stages"].items():
+def _print_results(console: Console, layout: Layout, run: Run) -> None:
+    for name, summary in run.stages.items():
         details = {key: value for key, value in summary.items() if key not in ("seconds", "skipped")}
         console.print(f"[green]✓[/] {name} ({summary['seconds']} s): {details}")
         for skipped in summary.get("skipped", []):
@@ -199,7 +181,7 @@ def _print_results(console: Console, layout: Layout, run: dict) -> None:
         name = path.name + ("/" if path.suffix == "" else "")
         console.print(f"  {name:<16} {text}", highlight=False)
 
-    stages = run["stages"]
+    stages = run.stages
     console.print(f"\nResults in [bold]{layout.root}[/]:")
     line(layout.images, "the cohort's images, subject × voxel (Zarr v3)")
     if "features" in stages:

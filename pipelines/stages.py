@@ -19,7 +19,7 @@ import pandas as pd
 
 from cluster import RunningCluster
 from engine import association, attribution, features, stats, store, synth, training, validation
-from engine.atlas import Atlas, cohort_atlas, region_table
+from engine.atlas import Atlas, AtlasSettings, region_table
 from engine.grid import MNI_SPACE
 from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
                            mark_current, output_key, stored_key)
@@ -118,10 +118,10 @@ class FeaturesStage:
         jobs = {}
         if settings.gray_matter:
             jobs["regional_gm_volume"] = lambda: region_table(features.regional_volume(
-                dataset[settings.gray_matter], _atlas(dataset, catalog.atlas)))
+                dataset[settings.gray_matter], catalog.atlas.load(dataset)))
         if settings.fa:
             jobs["tract_fa"] = lambda: region_table(features.tract_mean(
-                dataset[settings.fa.modality], _atlas(dataset, settings.fa.atlas), settings.fa.threshold))
+                dataset[settings.fa.modality], settings.fa.atlas.load(dataset), settings.fa.threshold))
         if settings.lesions:
             jobs["lesion_load"] = lambda: features.lesion_load(dataset[settings.lesions]).compute().to_dataframe()[
                 ["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
@@ -159,17 +159,16 @@ class TrainStage:
         participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
                                      if dataset[name].dims == ("subject",)})
         participants = participants.rename(columns={"subject": "participant_id"})
-        strata = list(dict.fromkeys([*settings.split.stratify] +
-                                    ([settings.target] if settings.task == "classification" else [])))
-        split = training.stratified_split(participants, settings.split.fractions, strata, seed=settings.split.seed)
+        split = training.stratified_split(participants, settings.split,
+                                          also_stratify=[settings.target] if settings.task == "classification" else [])
         config = settings.member_config()
         models = layout.models
         models.root.mkdir(parents=True, exist_ok=True)
-        # the folder's key holds the images; each member's record holds its config and split
+        # the folder's key holds the images; each member's card holds its config and split
         key = output_key({}, {"images": store.content_fingerprint(layout.images)})
         if not is_current(models.root, key):  # other images: every member is stale
             for member in models.members():
-                models.record(member).unlink()
+                models.card(member).unlink()
             mark_current(models.root, key)  # before training: members finished survive a kill
         result = training.train_ensemble(layout.images, config, settings.members, models.root, split,
                                          client=cluster.client, progress=progress,
@@ -210,7 +209,7 @@ class ExplainStage:
         region_labels = None
         if "region_occlusion" in settings.methods:  # the atlas in the model inputs' box
             region_labels = Masker.of(dataset).box().inverse_transform(
-                _atlas(dataset, catalog.atlas).voxel_labels.astype(np.int64))
+                catalog.atlas.load(dataset).voxel_labels.astype(np.int64))
         attribution.explain(
             layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
             members=list(range(catalog.train.members)), subjects=subjects,
@@ -272,7 +271,7 @@ class ValidateStage:
         return {**summary, "computed": 1}
 
     def _score(self, catalog: Catalog, relevance, dataset, truth: Path, labels) -> tuple:
-        atlas = _atlas(dataset, catalog.atlas)
+        atlas = catalog.atlas.load(dataset)
         mask = validation.truth_mask(truth, dataset, labels)
         tables = []
         for absolute in (False, True):  # signed relevance, and its magnitude (for maps whose sign flips)
@@ -317,11 +316,6 @@ def describe_problem(problem: dict) -> str:
     return f"{who}: {problem['file'] or ''}: {problem['problem']}"
 
 
-def _atlas(dataset, settings) -> Atlas:
-    return cohort_atlas(dataset, settings.name, settings.labels, merge_hemispheres=settings.merge_hemispheres,
-                        atlas_space=settings.space)
-
-
 def _joined_tables(paths, dataset) -> pd.DataFrame:
     participants = pd.DataFrame({"participant_id": list(dataset.subject.values)})
     joined = participants
@@ -347,10 +341,10 @@ class AssociateStage:
         done, summary = 0, {"folder": str(layout.associations), "analyses": {}}
         atlases = {}  # each atlas resampled once per run, on first use
 
-        def atlas_of(settings) -> Atlas:
+        def atlas_of(settings: AtlasSettings) -> Atlas:
             key = settings.model_dump_json()
             if key not in atlases:
-                atlases[key] = _atlas(sources.images, settings)
+                atlases[key] = settings.load(sources.images)
             return atlases[key]
 
         for analysis in catalog.associate:
@@ -378,8 +372,8 @@ class AssociateStage:
             except ValueError as error:
                 raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
             written.summary.write_text(json.dumps({
-                "name": analysis.name, "scope": analysis.scope, "outcome": analysis.outcome,
-                "predictor": analysis.predictor, "covariates": analysis.covariates, "alpha": analysis.alpha,
+                **analysis.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
+                                                            "alpha"}),
                 **details, "seconds": round(time.perf_counter() - started, 2)}, indent=2))
 
     def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
@@ -409,7 +403,7 @@ class AssociateStage:
         skipped = table.attrs.get("skipped", {})
         table.to_parquet(out.regions, index=False)
         table.to_csv(out.regions_csv, index=False)
-        tested = table[table["term"] == analysis.predictor]
+        tested = table[table["term"] == analysis.predictor.text]
         significant = {correction: int((stats.adjust_p(tested["p"].to_numpy(), correction) < analysis.alpha).sum())
                        for correction in analysis.correction}
         return {"n": int(tested["n"].max()) if len(tested) else 0, "regions": int(tested["region"].nunique()),

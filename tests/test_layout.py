@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine.layout import Layout, Provenance, atomic_output, forget, is_current, key_file, mark_current, output_key
+from engine.layout import Layout, Provenance, Run, atomic_output, forget, is_current, key_file, mark_current, output_key
 
 
 def test_atomic_output_replaces_a_file_whole_or_not_at_all(tmp_path):
@@ -63,6 +63,12 @@ def test_layout_names_every_output_once_and_provenance_reads_typed(tmp_path):
     layout.provenance.write_text(json.dumps({"runs": [{"started": "t0", "catalog": {"train": {"target": "age"}},
                                                        "stages": {"train": {"seconds": 3}}}],
                                              "stages": ["train"]}))
-    provenance = Provenance.read(layout)
-    assert provenance.last.section("train") == {"target": "age"} and provenance.last.section("explain") == {}
-    assert provenance.stages == ("train",) and provenance.last.stages["train"]["seconds"] == 3
+    provenance = Provenance.read(layout)  # an older record: fields it lacks take their defaults
+    assert provenance.last.catalog == {"train": {"target": "age"}} and provenance.last.catalog_file == "?"
+    assert provenance.stages == ["train"] and provenance.last.stages["train"]["seconds"] == 3
+    assert provenance.last.state is None and provenance.last.cluster_usage == {}
+    provenance.runs.append(Run(started="t1", catalog_file="c.yaml", catalog_sha256="ab", catalog={}, state="failed",
+                               error="ValueError: x"))
+    provenance.write(layout)
+    again = Provenance.read(layout)
+    assert again == provenance and again.last.error == "ValueError: x" and not list(tmp_path.glob(".*.part"))

@@ -20,6 +20,7 @@ from engine.training import (
     classification_metrics,
     load_member,
     regression_metrics,
+    SplitSettings,
     stratified_split,
     train_ensemble,
     train_member,
@@ -62,7 +63,7 @@ def _participants(n=300, seed=0):
 
 def test_stratified_split_matches_fractions_within_every_stratum():
     table = _participants()
-    split = stratified_split(table, (0.6, 0.2, 0.2), seed=4)
+    split = stratified_split(table, SplitSettings(seed=4))
     assert split.index.tolist() == table["participant_id"].tolist()
     assert split.value_counts().to_dict() == {"train": 180, "validation": 60, "test": 60}
     bands = pd.qcut(table["age"], 5, labels=False).to_numpy()
@@ -72,15 +73,17 @@ def test_stratified_split_matches_fractions_within_every_stratum():
             expected = np.array([0.6, 0.2, 0.2]) * len(in_stratum)
             counts = in_stratum.value_counts().reindex(["train", "validation", "test"], fill_value=0).to_numpy()
             assert np.abs(counts - expected).max() <= 1.5
-    assert split.equals(stratified_split(table, (0.6, 0.2, 0.2), seed=4))
-    assert not split.equals(stratified_split(table, (0.6, 0.2, 0.2), seed=5))
+    assert split.equals(stratified_split(table, SplitSettings(seed=4)))
+    assert not split.equals(stratified_split(table, SplitSettings(seed=5)))
 
 
 def test_stratified_split_refuses_bad_settings():
     with pytest.raises(ValueError, match="sum"):
-        stratified_split(_participants(), (0.5, 0.2, 0.2))
+        SplitSettings(fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match="validation > 0"):
+        SplitSettings(fractions=(0.8, 0.0, 0.2))
     with pytest.raises(ValueError, match="cannot stratify by \\['site'\\]"):
-        stratified_split(_participants(), strata=("age", "site"))
+        stratified_split(_participants(), SplitSettings(stratify=("age", "site")))
 
 
 def test_metrics_equal_sklearn():
@@ -137,7 +140,7 @@ def cohort_split(store):
     dataset = open_cohort(store)
     table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                           "sex": dataset.sex.values})
-    return stratified_split(table, (0.5, 0.25, 0.25), seed=0)
+    return stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25)))
 
 
 CONFIG = TrainingConfig(modalities=("T1", "FLAIR"), epochs=3, batch_size=4, patience=2, seed=7)
@@ -165,8 +168,8 @@ def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store,
     weights_a, weights_b = (load_file(tmp_path / part / "member_1.safetensors") for part in "ab")
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
     assert first["history"] == second["history"]
-    model, record = load_member(tmp_path / "a" / "member_1")
-    assert record["best_epoch"] == min(first["history"], key=lambda row: row["validation_loss"])["epoch"]
+    model, card = load_member(tmp_path / "a" / "member_1")
+    assert card["best_epoch"] == min(first["history"], key=lambda row: row["validation_loss"])["epoch"]
     volumes = CohortVolumes(tiny_store, ["T1", "FLAIR"])
     with torch.no_grad():
         predicted = model(torch.from_numpy(volumes.read(np.arange(4))))[:, 0].double().numpy()
@@ -202,11 +205,11 @@ def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_
     config = TrainingConfig(modalities=("T1", "FLAIR"), target="sex", task="classification", epochs=2,
                             batch_size=4, finetune_from=str(tmp_path / "source"), freeze=("features.0",))
     (tmp_path / "tuned").mkdir()
-    record = train_member(tiny_store, config, split, 0, tmp_path / "tuned", classes=["F", "M"])
+    card = train_member(tiny_store, config, split, 0, tmp_path / "tuned", classes=["F", "M"])
     tuned = load_file(tmp_path / "tuned" / "member_0.safetensors")
     assert torch.equal(tuned["features.0.weight"], source["features.0.weight"])
     assert not torch.equal(tuned["features.3.weight"], source["features.3.weight"])
-    assert record["fresh_layers"] == ["head.3.bias", "head.3.weight", "output_scale"]  # a new head: 2 classes
+    assert card["fresh_layers"] == ["head.3.bias", "head.3.weight", "output_scale"]  # a new head: 2 classes
     table = pd.read_parquet(tmp_path / "tuned" / "member_0.predictions.parquet")
     np.testing.assert_allclose(table[["p_F", "p_M"]].sum(axis=1), 1, rtol=1e-6)
     with pytest.raises(ValueError, match="freeze: 'backbone' names no layer"):
@@ -219,7 +222,7 @@ def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, t
     dataset = open_cohort(tiny_store)
     table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                           "sex": dataset.sex.values})
-    split = stratified_split(table, (0.5, 0.25, 0.25), strata=("age", "sex"), seed=1)
+    split = stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=1))
     config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=2, batch_size=4)
     result = train_ensemble(tiny_store, config, 2, tmp_path, split)
     metrics = result["metrics"].set_index(["member", "split"])
