@@ -5,7 +5,7 @@
 An MRInet on the demo grid's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
 on the trained weights, so a freshly initialised model is used) explains a batch of random
 inputs with every method, best of three after a warm-up. The model is placed as the engine
-places it (``engine.models.place``: channels-last weights on CPU). The reference is one forward
+places it (``engine.models.networks.place``: channels-last weights on CPU). The reference is one forward
 and one backward pass to the input (``torch.autograd.grad``) on that same model, the cheapest
 attribution there is, timed again right before each method (the machine's speed drifts by
 10-20 % over minutes); the same pass on the model in PyTorch's default layout is reported too.
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.attribution import METHODS, AttributionOptions, attribute
-from engine.grid import mni_grid
-from engine.models import ModelSpec, build_model, place
+from engine.models.attribution import METHODS, AttributionOptions, attribute
+from engine.data.grid import mni_grid
+from engine.models.networks import ModelSpec, build_model, place
 from ingest_throughput import best_of, save_results  # sibling script
 
 #: The brain box of the demo cohort's mask at each voxel size (``CohortVolumes.shape``).

@@ -20,7 +20,7 @@ from scipy import stats
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold, cross_val_predict
 
-from engine.store import open_cohort
+from engine.data.store import open_cohort
 
 
 def aseg_volume(path: Path, structures: tuple[str, ...]) -> float:

@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from cluster import LocalProfile
-from engine.store import Modality, ingest, read_participants
-from engine.synth import MODALITY_PATHS, generate_cohort
+from engine.data.store import Modality, ingest, read_participants
+from engine.data.synth import MODALITY_PATHS, generate_cohort
 
 MODALITIES = [Modality(name, template, "uint8" if name == "WMH" else "float32")
               for name, template in MODALITY_PATHS.items()]

@@ -22,9 +22,9 @@ import dask
 import nibabel as nib
 from nilearn.maskers import NiftiLabelsMasker
 
-from engine.atlas import cohort_atlas, region_reduce
-from engine.masker import Masker
-from engine.store import ingest, open_cohort, read_participants
+from engine.analysis.atlas import cohort_atlas, region_reduce
+from engine.data.masker import Masker
+from engine.data.store import ingest, open_cohort, read_participants
 from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 

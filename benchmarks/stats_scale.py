@@ -30,7 +30,7 @@ def run_one(subjects: int, voxels: int) -> dict:
     import xarray as xr
     from dask.callbacks import Callback
 
-    from engine.stats import voxelwise_ols
+    from engine.analysis.stats import voxelwise_ols
 
     rng = np.random.default_rng(0)
     age = rng.uniform(18, 82, subjects)

@@ -29,8 +29,8 @@ import statsmodels.api as sm
 from nilearn.maskers import NiftiMasker
 from nilearn.mass_univariate import permuted_ols
 
-from engine.stats import design_matrix, voxelwise_ols
-from engine.store import ingest, load_coordinates, open_cohort, read_participants
+from engine.analysis.stats import design_matrix, voxelwise_ols
+from engine.data.store import ingest, load_coordinates, open_cohort, read_participants
 from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 STATSMODELS_VOXELS = 300

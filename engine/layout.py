@@ -4,11 +4,11 @@ One folder per catalog run holds everything the run produces. Each output has ex
 writing stage::
 
     demo_cohort/              synth      the generated demo cohort (only for ``cohort: demo``)
-    images.zarr               ingest     the cohort store (``engine.store``)
+    images.zarr               ingest     the cohort store (``engine.data.store``)
     features/<table>.parquet  features   structural feature tables
     models/                   train      split.tsv, member_<k>.{safetensors,json,predictions.parquet},
                                          predictions.parquet, metrics.parquet
-    relevance.zarr            explain    relevance maps (``engine.attribution``)
+    relevance.zarr            explain    relevance maps (``engine.models.attribution``)
     validation/               validate   scores.parquet, robustness.parquet, lesion_relevance.parquet
     associations/<name>/      associate  one folder per analysis (summary.json, maps, tables)
     report.html               report     the HTML report (and report_screenshots/)

@@ -16,12 +16,12 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSeriali
                       field_validator, model_validator)
 
 from cluster import ClusterProfile, LocalProfile
-from engine.association import Term
-from engine.atlas import BUNDLED_ATLASES, AtlasSettings
-from engine.attribution import METHODS, AttributionOptions
+from engine.analysis.association import Term
+from engine.analysis.atlas import BUNDLED_ATLASES, AtlasSettings
+from engine.models.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
-from engine.training import SplitSettings, TrainingConfig
-from engine.store import Modality
+from engine.models.training import SplitSettings, TrainingConfig
+from engine.data.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED_NAMES = {"subject", "voxel", "i", "j", "k", "ingest", "participant_id"}
@@ -43,7 +43,7 @@ def _term(value) -> Term:
     return Term.of(value)
 
 
-#: An analysis term (``engine.association.Term``), parsed once when the catalog is read; written as its text.
+#: An analysis term (``engine.analysis.association.Term``), parsed once when the catalog is read; written as its text.
 TermText = Annotated[Term, PlainValidator(_term), PlainSerializer(str, return_type=str)]
 
 
@@ -52,7 +52,7 @@ class _Strict(BaseModel):
 
 
 class DemoCohort(_Strict):
-    """Generate the synthetic demo cohort (``engine.synth``) into the workspace."""
+    """Generate the synthetic demo cohort (``engine.data.synth``) into the workspace."""
 
     subjects: int = Field(..., ge=1, description="number of participants")
     voxel_size: float = Field(4.0, gt=0, le=12, description="isotropic voxel size in mm")
@@ -128,7 +128,7 @@ class FeatureSettings(_Strict):
 
 class TrainSettings(TrainingConfig):
     """An ensemble of CNNs trained on the store, written to <workspace>/models/: the engine's
-    :class:`~engine.training.TrainingConfig` (every member's settings) plus ``members`` and ``split``."""
+    :class:`~engine.models.training.TrainingConfig` (every member's settings) plus ``members`` and ``split``."""
 
     members: int = Field(3, ge=1, le=100, description="ensemble members (differ by seed and batch order)")
     split: SplitSettings = SplitSettings()
@@ -159,7 +159,7 @@ class ExplainSettings(_Strict):
 
 
 class AnalysisSettings(_Strict):
-    """One association model (``engine.association``): outcome ~ predictor + covariates, voxel- or ROI-wise."""
+    """One association model (``engine.analysis.association``): outcome ~ predictor + covariates, voxel- or ROI-wise."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under <workspace>/associations/")
     outcome: TermText = Field(..., description="a term: relevance.<method>, images.<modality>, predictions.<column>, "
@@ -200,7 +200,7 @@ class AnalysisSettings(_Strict):
 
 
 class ReportSettings(_Strict):
-    """The HTML report, <workspace>/report.html (see ``engine.report``)."""
+    """The HTML report, <workspace>/report.html (see ``engine.outputs.report``)."""
 
     enabled: bool = True
     methods: list[str] | None = Field(None, description="attribution methods to show (default: all explained)")

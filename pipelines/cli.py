@@ -42,8 +42,8 @@ def run(
 ) -> None:
     """Run every stage of a catalog (those already done are skipped)."""
     from cluster import ClusterSetupError
-    from engine.association import AnalysisError
-    from engine.store import IngestError, InputError
+    from engine.analysis.association import AnalysisError
+    from engine.data.store import IngestError, InputError
     from pipelines.catalog import CatalogError
     from pipelines.runner import WorkspaceBusy, run_catalog
 
@@ -91,7 +91,7 @@ def synth(
 ) -> None:
     """Generate a synthetic cohort with planted age effects (BIDS-like files)."""
     from cluster import LocalProfile
-    from engine.synth import generate_cohort
+    from engine.data.synth import generate_cohort
     from pipelines.runner import progress_bar, progress_callback
 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

@@ -204,8 +204,8 @@ def _print_results(console: Console, layout: Layout, run: Run) -> None:
     if "report" in stages:
         line(layout.report, f"the report with every figure; open it in a browser: {layout.report.as_uri()}")
     console.print("\nOpen them in Python:")
-    console.print("  from engine.masker import Masker", markup=False)
-    console.print("  from engine.store import open_cohort", markup=False)
+    console.print("  from engine.data.masker import Masker", markup=False)
+    console.print("  from engine.data.store import open_cohort", markup=False)
     console.print(f"  ds = open_cohort({str(layout.images)!r})", markup=False)
     console.print("  old = ds.where(ds.age > 60, drop=True)        # lazy, labelled", markup=False)
     console.print("  masker = Masker.of(ds)                        # rows ⇄ volumes ⇄ NIfTI", markup=False)
@@ -213,7 +213,7 @@ def _print_results(console: Console, layout: Layout, run: Run) -> None:
     if "features" in stages:
         console.print(f"  pandas.read_parquet({str(layout.feature_table('regional_gm_volume'))!r})", markup=False)
     if "explain" in stages:
-        console.print("  from engine.attribution import open_relevance", markup=False)
+        console.print("  from engine.models.attribution import open_relevance", markup=False)
         console.print(f"  rel = open_relevance({str(layout.relevance)!r})", markup=False)
         console.print("  masker.to_nifti(rel.relevance_mean.sel({'method': 'lrp'}).mean('subject'))  # mean LRP map",
                       markup=False)

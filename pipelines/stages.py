@@ -18,13 +18,15 @@ import numpy as np
 import pandas as pd
 
 from cluster import RunningCluster
-from engine import association, attribution, features, stats, store, synth, training, validation
-from engine.atlas import Atlas, AtlasSettings, region_table
-from engine.grid import MNI_SPACE
+from engine.analysis import association, features, stats
+from engine.data import store, synth
+from engine.models import attribution, training, validation
+from engine.analysis.atlas import Atlas, AtlasSettings, region_table
+from engine.data.grid import MNI_SPACE
 from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
                            mark_current, output_key, stored_key)
-from engine.masker import Masker
-from engine.report import build_report, screenshot_sections
+from engine.data.masker import Masker
+from engine.outputs.report import build_report, screenshot_sections
 from pipelines.catalog import Catalog
 
 Progress = Callable[[str, int, int], None]
@@ -60,7 +62,7 @@ class SynthStage:
 
 
 class IngestStage:
-    """Ingest the cohort's images into ``images.zarr`` (incremental by file content; see ``engine.store.ingest``)."""
+    """Ingest the cohort's images into ``images.zarr``, incremental by file content (``engine.data.store.ingest``)."""
 
     name = "ingest"
 
@@ -327,7 +329,7 @@ def _joined_tables(paths, dataset) -> pd.DataFrame:
 
 
 class AssociateStage:
-    """The catalog's association analyses, one folder each in ``associations/`` (see ``engine.association``)."""
+    """The catalog's association analyses, one folder each in ``associations/`` (``engine.analysis.association``)."""
 
     name = "associate"
 
@@ -454,7 +456,7 @@ def _association_inputs(layout: Layout) -> dict:
 
 
 class ReportStage:
-    """The HTML report of everything the workspace holds: ``report.html`` (see ``engine.report``)."""
+    """The HTML report of everything the workspace holds: ``report.html`` (see ``engine.outputs.report``)."""
 
     name = "report"
 

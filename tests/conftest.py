@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.store import Modality
-from engine.synth import MODALITY_PATHS, generate_cohort
+from engine.data.store import Modality
+from engine.data.synth import MODALITY_PATHS, generate_cohort
 
 HAND_SHAPE = (6, 5, 4)
 HAND_AFFINE = np.diag([-3.0, 3.0, 3.0, 1.0])
@@ -71,7 +71,7 @@ def tiny_workspace(tiny_cohort, tmp_path_factory) -> Path:
     cohort: for the report and notebook tests. Do not modify; copy it."""
     import yaml
 
-    from engine.synth import FOCAL_TRUTH_LABELS, TRUTH_REGIONS
+    from engine.data.synth import FOCAL_TRUTH_LABELS, TRUTH_REGIONS
     from pipelines.runner import run_catalog
 
     folder = tmp_path_factory.mktemp("workspace")

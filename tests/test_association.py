@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from engine import store
-from engine.association import Sources, cluster_table, voxel_analysis
-from engine.atlas import Atlas
-from engine.grid import Grid
-from engine.masker import Masker
-from engine.stats import adjust_p, voxelwise_ols
-from engine.synth import TRUTH_REGIONS
-from engine.validation import truth_mask
+from engine.data import store
+from engine.analysis.association import Sources, cluster_table, voxel_analysis
+from engine.analysis.atlas import Atlas
+from engine.data.grid import Grid
+from engine.data.masker import Masker
+from engine.analysis.stats import adjust_p, voxelwise_ols
+from engine.data.synth import TRUTH_REGIONS
+from engine.models.validation import truth_mask
 from tests.test_store import run_ingest
 
 
@@ -104,7 +104,7 @@ def test_terms_that_name_nothing_are_refused_clearly(effects_sources):
 def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
     from pydantic import ValidationError
 
-    from engine.association import Term
+    from engine.analysis.association import Term
     from pipelines.catalog import AnalysisSettings
 
     assert Term.parse("relevance.lrp") == Term("relevance.lrp", "relevance", "lrp")

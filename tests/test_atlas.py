@@ -10,11 +10,11 @@ import pytest
 import xarray as xr
 from nilearn.maskers import NiftiLabelsMasker
 
-from engine.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap,
-                          top_regions, without_hemisphere)
-from engine.grid import Grid
-from engine.masker import Masker
-from engine.store import open_cohort
+from engine.analysis.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap,
+                                   top_regions, without_hemisphere)
+from engine.data.grid import Grid
+from engine.data.masker import Masker
+from engine.data.store import open_cohort
 from tests.conftest import HAND_AFFINE as AFFINE
 from tests.conftest import HAND_SHAPE as SHAPE
 from tests.test_store import run_ingest

@@ -6,9 +6,9 @@ import torch
 import zarr
 from torch import nn
 
-from engine.attribution import METHODS, AttributionOptions, attribute, explain, noise_importance, open_relevance
-from engine.models import ModelSpec, build_model
-from engine.training import CohortVolumes, TrainingConfig, load_member, train_ensemble
+from engine.models.attribution import METHODS, AttributionOptions, attribute, explain, noise_importance, open_relevance
+from engine.models.networks import ModelSpec, build_model
+from engine.models.training import CohortVolumes, TrainingConfig, load_member, train_ensemble
 
 SHAPE = (16, 18, 14)
 

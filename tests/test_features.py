@@ -11,11 +11,11 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from engine.atlas import cohort_atlas
-from engine import features
-from engine.features import (aparc_table, aseg_table, freesurfer_table, join_on_participant, lesion_load,
-                             read_stats, regional_volume, tract_mean)
-from engine.store import open_cohort, read_participants
+from engine.analysis.atlas import cohort_atlas
+from engine.analysis import features
+from engine.analysis.features import (aparc_table, aseg_table, freesurfer_table, join_on_participant, lesion_load,
+                                      read_stats, regional_volume, tract_mean)
+from engine.data.store import open_cohort, read_participants
 from tests.test_atlas import GRID, SHAPE
 from tests.test_store import run_ingest
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.grid import Grid, mni_grid
+from engine.data.grid import Grid, mni_grid
 
 
 def test_mni_grid_matches_fsl_standard_spaces():

@@ -8,8 +8,8 @@ from captum.attr import LRP
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule
 from torch import nn
 
-from engine.lrp import AlphaBeta, Epsilon, lrp, merge_batchnorm
-from engine.models import ModelSpec, build_model, place
+from engine.models.lrp import AlphaBeta, Epsilon, lrp, merge_batchnorm
+from engine.models.networks import ModelSpec, build_model, place
 
 SHAPE = (12, 14, 10)
 
@@ -157,7 +157,7 @@ def test_bad_rules_and_presets_are_refused():
 
 @pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon"])
 def test_channels_last_placement_changes_no_relevance(preset):
-    """The engine places models channels-last on CPU (engine.models.place); outputs and LRP maps
+    """The engine places models channels-last on CPU (engine.models.networks.place); outputs and LRP maps
     equal those of PyTorch's default layout, signed inputs included."""
     model, x = _model(), _inputs(signed=True)
     placed = place(copy.deepcopy(model), "cpu")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from engine.grid import mni_grid
-from engine.masker import Masker
+from engine.data.grid import mni_grid
+from engine.data.masker import Masker
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from engine.attribution import open_relevance
-from engine.store import open_cohort
+from engine.models.attribution import open_relevance
+from engine.data.store import open_cohort
 from pipelines.catalog import CatalogError, load_catalog
 
 REPO = Path(__file__).parents[1]

@@ -18,8 +18,8 @@ import pytest
 import xarray as xr
 
 from engine import open_workspace
-from engine.report import SECTIONS, browser_check, build_report, screenshot_sections
-from engine.masker import Masker
+from engine.outputs.report import SECTIONS, browser_check, build_report, screenshot_sections
+from engine.data.masker import Masker
 from pipelines.catalog import load_catalog
 from cluster import RunningCluster
 from engine.layout import Layout

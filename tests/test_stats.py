@@ -9,8 +9,8 @@ import xarray as xr
 from scipy import special
 from statsmodels.stats.multitest import multipletests
 
-from engine.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation, region_models,
-                          voxelwise_ols)
+from engine.analysis.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation, region_models,
+                                   voxelwise_ols)
 
 N, V = 60, 25
 
@@ -215,6 +215,10 @@ def test_map_similarity_equals_numpy_per_subject():
         assert result.pearson_r[subject] == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-10)
         assert result.cosine[subject] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-10)
         assert result.voxels[subject] == keep.sum()
+    transposed = map_similarity(_maps(first).T, _maps(second), mask)  # dims by name, not by position
+    pd.testing.assert_frame_equal(transposed, result)
+    with pytest.raises(ValueError, match="maps differ in subjects or voxels"):
+        map_similarity(_maps(first), _maps(second)[:5])
 
 
 @pytest.fixture
@@ -266,7 +270,7 @@ def test_region_mixed_models_with_a_site_intercept_equal_statsmodels(region_tabl
 
 @pytest.mark.parametrize("df", [1, 2, 5, 123, 4000, 100_000])
 def test_two_sided_p_equals_scipy_student_t(df):
-    """The interpolated p-values (engine.stats._two_sided_p) against scipy's stdtr on a dense grid."""
+    """The interpolated p-values (engine.analysis.stats._two_sided_p) against scipy's stdtr on a dense grid."""
     rng = np.random.default_rng(df)
     t = np.concatenate([np.linspace(-12, 12, 400_001), rng.standard_normal(100_000) * 5,
                         [0.0, np.inf, -np.inf, np.nan, 9.999999, 10.0, -10.0]])

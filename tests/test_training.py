@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 
-from engine.models import ModelSpec, PatchIndividualConv3d, build_model
-from engine.store import open_cohort
-from engine.training import (
+from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
+from engine.data.store import open_cohort
+from engine.models.training import (
     ENSEMBLE,
     CohortVolumes,
     TrainingConfig,
@@ -126,7 +126,7 @@ def test_bias_corrected_gap_equals_the_residual_of_a_cubic_ols():
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny_cohort, tmp_path_factory):
-    from engine.store import ingest, read_participants
+    from engine.data.store import ingest, read_participants
     from tests.conftest import MODALITIES
 
     path = tmp_path_factory.mktemp("train") / "images.zarr"

@@ -12,10 +12,11 @@ import pytest
 import xarray as xr
 from sklearn.metrics import roc_auc_score
 
-from engine.atlas import Atlas, load_atlas
-from engine.grid import Grid
-from engine.validation import (atlas_truth_regions, member_l2_distance, member_robustness, relevance_mass_accuracy,
-                               score_methods, top_k_precision, truth_mask, voxel_roc_auc)
+from engine.analysis.atlas import Atlas, load_atlas
+from engine.data.grid import Grid
+from engine.models.validation import (atlas_truth_regions, member_l2_distance, member_robustness,
+                                      relevance_mass_accuracy, score_methods, top_k_precision, truth_mask,
+                                      voxel_roc_auc)
 from tests.conftest import HAND_AFFINE, HAND_SHAPE
 
 GRID = Grid(HAND_SHAPE, HAND_AFFINE, "MNI152NLin2009aSym")

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import xarray as xr
 
-from engine.grid import Grid
+from engine.data.grid import Grid
 
 VOXEL_COORDS = ("i", "j", "k")
 
@@ -41,7 +41,7 @@ def grid_of(data: xr.Dataset | xr.DataArray) -> Grid:
 
 @dataclass(frozen=True, eq=False)
 class Masker:
-    """The cohort's voxels: a :class:`~engine.grid.Grid` and the grid ``indices`` (i, j, k) of each voxel."""
+    """The cohort's voxels: a :class:`~engine.data.grid.Grid` and the grid ``indices`` (i, j, k) of each voxel."""
 
     grid: Grid
     indices: tuple[np.ndarray, np.ndarray, np.ndarray]

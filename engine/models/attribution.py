@@ -1,7 +1,7 @@
 """Attribution methods behind one interface, and ``relevance.zarr``.
 
 :func:`attribute` maps ``(model, inputs, method)`` to voxel maps ``(batch, x, y, z)`` (summed
-over input channels). LRP is :mod:`engine.lrp`; gradient, gradient×input, guided backprop,
+over input channels). LRP is :mod:`engine.models.lrp`; gradient, gradient×input, guided backprop,
 SmoothGrad, Integrated Gradients, Grad-CAM, sliding-window occlusion and region occlusion come
 from captum; the noise-based importance of Bintsi et al. (2021) is optimised here.
 
@@ -44,12 +44,12 @@ from captum.attr import (
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from engine import lrp
+from engine.models import lrp
 from engine.layout import ModelsLayout, output_key
-from engine.masker import VOXEL_COORDS
-from engine.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
+from engine.data.masker import VOXEL_COORDS
+from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
 from engine.tasks import gpu_resources, run_tasks, torch_device
-from engine.training import CohortVolumes, load_member
+from engine.models.training import CohortVolumes, load_member
 
 LAYOUT = "relcohort.relevance/1"
 

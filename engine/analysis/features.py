@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine.atlas import Atlas, region_reduce
-from engine.masker import grid_of
+from engine.analysis.atlas import Atlas, region_reduce
+from engine.data.masker import grid_of
 
 TIDY_COLUMNS = ["participant_id", "structure", "hemisphere", "measure", "value", "unit"]
 # Columns of ?h.aparc*.stats tables and the measure each holds.

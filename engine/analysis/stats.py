@@ -461,27 +461,29 @@ def adjust_p(p: np.ndarray | xr.DataArray, method: str):
 def map_similarity(first: xr.DataArray, second: xr.DataArray, mask: np.ndarray | None = None) -> pd.DataFrame:
     """Per subject: Pearson r and cosine similarity of two (``subject`` × ``voxel``) maps inside ``mask``.
 
-    One lazy pass of five sums per subject; voxels where either map is NaN are left out.
+    One lazy pass of five sums over ``voxel`` per subject; voxels where either map is NaN are left out.
     """
     for name, values in (("first", first), ("second", second)):
-        if values.dims != ("subject", "voxel"):
+        if set(values.dims) != {"subject", "voxel"}:
             raise ValueError(f"map_similarity: {name} map needs dims ('subject', 'voxel'), got {values.dims}")
-    if first.shape != second.shape:
-        raise ValueError(f"map_similarity: maps differ in shape, {first.shape} and {second.shape}")
-    a, b = (values.data if isinstance(values.data, da.Array) else da.from_array(values.values)
-            for values in (first, second))
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    keep = ~(da.isnan(a) | da.isnan(b))
+    try:
+        first, second = xr.align(first, second, join="exact")
+    except ValueError:
+        raise ValueError(f"map_similarity: maps differ in subjects or voxels, {dict(first.sizes)} and "
+                         f"{dict(second.sizes)}") from None
+    keep = first.notnull() & second.notnull()
     if mask is not None:
-        keep = keep & da.from_array(np.asarray(mask, bool)[None, :], chunks=(1, a.chunks[1]))
-    a, b = da.where(keep, a, 0), da.where(keep, b, 0)
-    count, sa, sb, sab, saa, sbb = da.compute(keep.sum(axis=1), a.sum(axis=1), b.sum(axis=1), (a * b).sum(axis=1),
-                                              (a * a).sum(axis=1), (b * b).sum(axis=1))
+        keep = keep & xr.DataArray(np.asarray(mask, bool), dims="voxel")
+    a, b = (values.astype(np.float64).where(keep, 0) for values in (first, second))
+    sums = xr.Dataset({"count": keep.sum("voxel"), "a": a.sum("voxel"), "b": b.sum("voxel"),
+                       "ab": (a * b).sum("voxel"), "aa": (a * a).sum("voxel"), "bb": (b * b).sum("voxel")})
+    sums = sums.reset_coords(drop=True).compute().transpose("subject")
+    count, sa, sb, sab, saa, sbb = (sums[name].values for name in ("count", "a", "b", "ab", "aa", "bb"))
     with np.errstate(divide="ignore", invalid="ignore"):
         covariance = sab - sa * sb / count
         pearson = covariance / np.sqrt((saa - sa**2 / count) * (sbb - sb**2 / count))
         cosine = sab / np.sqrt(saa * sbb)
-    return pd.DataFrame({"participant_id": first["subject"].values, "pearson_r": pearson, "cosine": cosine,
+    return pd.DataFrame({"participant_id": sums["subject"].values, "pearson_r": pearson, "cosine": cosine,
                          "voxels": count})
 
 

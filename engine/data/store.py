@@ -34,9 +34,9 @@ import zarr
 from isal import igzip
 from zarr.codecs import BloscCodec
 
-from engine.grid import Grid
+from engine.data.grid import Grid
 from engine.layout import atomic_output, file_sha256
-from engine.masker import VOXEL_COORDS
+from engine.data.masker import VOXEL_COORDS
 from engine.tasks import run_tasks
 
 LAYOUT = "relcohort.images/1"

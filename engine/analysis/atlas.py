@@ -22,8 +22,8 @@ import xarray as xr
 from nilearn.image import resample_to_img
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.grid import Grid
-from engine.masker import Masker
+from engine.data.grid import Grid
+from engine.data.masker import Masker
 
 #: name -> (label image, label table, probabilistic 4D). All are in MNI152 space.
 BUNDLED_ATLASES = {

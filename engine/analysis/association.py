@@ -9,9 +9,9 @@ A term names what enters a model:
   or per subject and region when the table has a ``region`` column (``regional_gm_volume.volume_mm3``);
 - anything else: a participant column (``age``, ``sex``, ``site``, ...).
 
-Voxel-wise analyses run :func:`engine.stats.voxelwise_ols` on the maps; ROI-wise ones reduce map
-terms to one value per atlas region (:func:`engine.atlas.region_reduce`) and fit
-:func:`engine.stats.region_models` per region.
+Voxel-wise analyses run :func:`engine.analysis.stats.voxelwise_ols` on the maps; ROI-wise ones reduce map
+terms to one value per atlas region (:func:`engine.analysis.atlas.region_reduce`) and fit
+:func:`engine.analysis.stats.region_models` per region.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
-from engine.atlas import Atlas, region_reduce
-from engine.stats import adjust_p, region_models, voxelwise_ols
-from engine.masker import Masker
+from engine.analysis.atlas import Atlas, region_reduce
+from engine.analysis.stats import adjust_p, region_models, voxelwise_ols
+from engine.data.masker import Masker
 
 MAP_SOURCES = ("relevance", "images")
 #: The p-value map written for each correction name (``none``: uncorrected).

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from engine.layout import ModelsLayout, atomic_output
-from engine.masker import Masker
-from engine.models import MODELS, ModelSpec, build_model, place
-from engine.store import open_cohort
+from engine.data.masker import Masker
+from engine.models.networks import MODELS, ModelSpec, build_model, place
+from engine.data.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 
 SPLITS = ("train", "validation", "test")
@@ -50,7 +50,7 @@ class CohortVolumes:
     Positions index the store's complete subjects (``open_cohort`` order). Each channel is
     z-scored inside the mask (per participant and modality: site gain and contrast drop out);
     voxels outside the mask are zero. The volume is the mask's bounding box: ``box``, the store's
-    :class:`~engine.masker.Masker` on that box, turns maps back into rows (``box.transform``).
+    :class:`~engine.data.masker.Masker` on that box, turns maps back into rows (``box.transform``).
     """
 
     def __init__(self, store: str | Path, modalities: Sequence[str]):

@@ -30,10 +30,10 @@ import xarray as xr
 import yaml
 from matplotlib.figure import Figure
 
-from engine.atlas import region_gain, region_reduce
+from engine.analysis.atlas import region_gain, region_reduce
 from engine.layout import atomic_output
-from engine.training import ENSEMBLE, TrainingConfig
-from engine.workspace import Workspace, mni_template
+from engine.models.training import ENSEMBLE, TrainingConfig
+from engine.outputs.workspace import Workspace, mni_template
 
 SECTIONS = {"cohort": "Cohort", "models": "Models", "relevance": "Relevance", "validation": "Validation",
             "associations": "Associations", "provenance": "Provenance"}

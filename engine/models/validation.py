@@ -21,9 +21,9 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import rankdata
 
-from engine.atlas import STATISTICS, Atlas, region_gain, region_reduce, top_k_overlap, top_regions
-from engine.masker import Masker
-from engine.store import load_image
+from engine.analysis.atlas import STATISTICS, Atlas, region_gain, region_reduce, top_k_overlap, top_regions
+from engine.data.masker import Masker
+from engine.data.store import load_image
 
 # ---------------------------------------------------------------------------------------
 # Ground truth
@@ -34,7 +34,7 @@ def truth_mask(truth_image: str | Path | nib.spatialimages.SpatialImage, cohort:
     """Which of the cohort's voxels lie in the ground truth: a (voxel,) boolean array.
 
     ``truth_image`` is a label (or 0/1) NIfTI on the cohort grid, e.g. the demo cohort's
-    ``truth_regions.nii.gz``; ``cohort`` is the store (:func:`~engine.store.open_cohort`) or one
+    ``truth_regions.nii.gz``; ``cohort`` is the store (:func:`~engine.data.store.open_cohort`) or one
     of its arrays. Voxels with a nonzero value count, or only those with one of ``labels``.
     """
     if isinstance(truth_image, (str, Path)):
@@ -174,7 +174,7 @@ def member_robustness(relevance: xr.DataArray, atlas: Atlas, group, *, reference
     members' max-scaled mean maps of the group) and the mean pairwise overlap |A∩B|/k of the
     members' top-``k`` regions ranked by the group's mean region ``statistic`` (``sum``,
     ``abs_sum`` or ``pos_sum``: column ``top_k_overlap_sum``), by that per voxel (``density``)
-    and by the group's ``gain`` against the reference (:func:`~engine.atlas.region_gain`).
+    and by the group's ``gain`` against the reference (:func:`~engine.analysis.atlas.region_gain`).
     """
     relevance = _voxel_last(relevance)
     missing = [dim for dim in ("member", "subject") if dim not in relevance.dims]

@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine.association import CORRECTED_P
-from engine.atlas import Atlas, AtlasSettings
-from engine.attribution import open_relevance
+from engine.analysis.association import CORRECTED_P
+from engine.analysis.atlas import Atlas, AtlasSettings
+from engine.models.attribution import open_relevance
 from engine.layout import AssociationLayout, Layout, Provenance
-from engine.masker import Masker
-from engine.store import open_cohort
-from engine.training import TrainingConfig
+from engine.data.masker import Masker
+from engine.data.store import open_cohort
+from engine.models.training import TrainingConfig
 
 
 @lru_cache(maxsize=1)
@@ -222,7 +222,7 @@ class Workspace:
         return self.provenance.last.catalog
 
     def atlas(self, settings: AtlasSettings | str | None = None) -> Atlas:
-        """An atlas on the workspace's voxels: :class:`~engine.atlas.AtlasSettings` or a bundled atlas's
+        """An atlas on the workspace's voxels: :class:`~engine.analysis.atlas.AtlasSettings` or a bundled atlas's
         name; by default the catalog's ``atlas:``."""
         if settings is None:
             recorded = self.catalog.get("atlas") if self.has("provenance") else None
@@ -251,7 +251,7 @@ class Workspace:
 
     @cached_property
     def masker(self) -> Masker:
-        """The cohort's voxels on their grid: rows ⇄ volumes ⇄ NIfTI (:class:`~engine.masker.Masker`)."""
+        """The cohort's voxels on their grid: rows ⇄ volumes ⇄ NIfTI (:class:`~engine.data.masker.Masker`)."""
         return Masker.of(self.relevance if self.has("relevance") else self.images)
 
     def _paint_regions(self, values: pd.Series, atlas: Atlas) -> nib.Nifti1Image:
