@@ -30,6 +30,7 @@ benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/voxelwise_stats.py
 	$(BIN)/python benchmarks/stats_scale.py
 	$(BIN)/python benchmarks/attribution_cost.py
+	$(BIN)/python benchmarks/registration.py
 
 clean:
 	rm -rf $(VENV) workspace

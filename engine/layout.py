@@ -58,6 +58,10 @@ class Layout:
         return self.root / "demo_cohort"
 
     @property
+    def registered(self) -> RegisteredLayout:
+        return RegisteredLayout(self.root / "registered")
+
+    @property
     def images(self) -> Path:
         return self.root / "images.zarr"
 
@@ -124,6 +128,81 @@ class Layout:
     @property
     def lock(self) -> Path:
         return self.root / ".relcohort.lock"
+
+
+@dataclass(frozen=True)
+class RegisteredLayout:
+    """``registered/``: the template and cohort mask on the output grid, one folder per participant
+    (:class:`ParticipantRegistration`) and the cohort's QC table."""
+
+    root: Path
+
+    @property
+    def template(self) -> Path:
+        return self.root / "template.nii.gz"
+
+    @property
+    def mask(self) -> Path:
+        return self.root / "mask.nii.gz"
+
+    @property
+    def qc(self) -> Path:
+        return self.root / "qc.parquet"
+
+    def participant(self, participant_id: str) -> ParticipantRegistration:
+        return ParticipantRegistration(self.root / "participants" / participant_id)
+
+    def participant_ids(self) -> list[str]:
+        """Participants whose registration finished (their folder was renamed into place)."""
+        return sorted(path.name for path in (self.root / "participants").glob("*") if path.is_dir()
+                      and not path.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class ParticipantRegistration:
+    """``registered/participants/<id>/``: each modality on the template grid, the transforms both ways,
+    the Jacobian determinant, the native reference scan's grid and QC."""
+
+    root: Path
+
+    def image(self, modality: str) -> Path:
+        return self.root / f"{modality}.nii.gz"
+
+    @property
+    def affine(self) -> Path:
+        """The linear part, template → native points (ANTs ``.mat``)."""
+        return self.root / "template_to_native_affine.mat"
+
+    @property
+    def warp(self) -> Path:
+        """The nonlinear part (SyN), template → native points."""
+        return self.root / "template_to_native_warp.nii.gz"
+
+    @property
+    def inverse_warp(self) -> Path:
+        return self.root / "native_to_template_warp.nii.gz"
+
+    def coregistration(self, modality: str) -> Path:
+        """A modality in its own space: the rigid map from reference-scan points to the modality's."""
+        return self.root / f"reference_to_{modality}.mat"
+
+    @property
+    def jacobian(self) -> Path:
+        """Native volume per template volume at each template voxel (affine × nonlinear)."""
+        return self.root / "jacobian.nii.gz"
+
+    @property
+    def brain_mask(self) -> Path:
+        return self.root / "brain_mask.nii.gz"
+
+    @property
+    def native_grid(self) -> Path:
+        """Shape and affine of the native reference scan, the target of ``to_native``."""
+        return self.root / "native_grid.json"
+
+    @property
+    def qc(self) -> Path:
+        return self.root / "qc.json"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from engine.analysis.atlas import BUNDLED_ATLASES, AtlasSettings
 from engine.models.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
 from engine.models.training import SplitSettings, TrainingConfig
+from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.data.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -57,6 +58,8 @@ class DemoCohort(_Strict):
     subjects: int = Field(..., ge=1, description="number of participants")
     voxel_size: float = Field(4.0, gt=0, le=12, description="isotropic voxel size in mm")
     seed: int = Field(0, ge=0, description="random seed; participant k is the same for a given seed")
+    native_voxel_size: float | None = Field(None, gt=0, le=12, description="write native scans (each head in its "
+                                            "own pose and grid; needs a register section) at this voxel size")
 
 
 class CohortSource(_Strict):
@@ -78,6 +81,18 @@ class CohortSource(_Strict):
 class ModalitySpec(_Strict):
     path: str = Field(..., description="path template relative to the cohort root, with {participant_id}")
     dtype: Literal[STORED_DTYPES] = "float32"
+    space: Literal["reference", "own", "template"] = Field(
+        "reference", description="register: the reference scan's space (FreeSurfer volumes), its own (co-registered "
+        "rigidly first: FLAIR, FA) or the template grid already")
+    kind: Literal["intensity", "probability", "label", "mask"] = Field(
+        "intensity", description="register: how it is resampled (linear; generic label; nearest neighbour)")
+    modulate: bool = Field(False, description="register: a probability map × the Jacobian determinant (volumes)")
+
+    @model_validator(mode="after")
+    def _modulate_probabilities(self):
+        if self.modulate and self.kind != "probability":
+            raise ValueError(f"modulate applies to kind 'probability', not {self.kind!r}")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -227,6 +242,9 @@ class Catalog(_Strict):
     workspace: Path = Field(..., description="folder for everything the run produces")
     cohort: CohortSource
     modalities: dict[ModalityName, ModalitySpec] = Field(..., min_length=1)
+    # ``register:`` in the YAML (the name would shadow pydantic's ABC ``register`` method)
+    registration: RegistrationSettings | None = Field(None, alias="register",
+                                                      description="native scans → the template grid (ANTs)")
     ingest: IngestSettings = IngestSettings()
     atlas: AtlasSettings = AtlasSettings()
     features: FeatureSettings | None = None
@@ -244,6 +262,7 @@ class Catalog(_Strict):
         for field, name in used.items():
             if name not in self.modalities:
                 raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
+        self._check_registration()
         if self.explain is not None and self.train is None:
             raise ValueError("explain: needs a train section (the models it explains)")
         for index, analysis in enumerate(self.associate or []):
@@ -252,6 +271,23 @@ class Catalog(_Strict):
         if len(names) != len(set(names)):
             raise ValueError(f"associate: analysis names must be unique, got {names}")
         return self
+
+    def _check_registration(self) -> None:
+        register = self.registration
+        if register is None:
+            if self.cohort.demo is not None and self.cohort.demo.native_voxel_size is not None:
+                raise ValueError("cohort.demo.native_voxel_size writes native scans: add a register section")
+            modulated = [name for name, spec in self.modalities.items() if spec.modulate]
+            if modulated:
+                raise ValueError(f"modalities {modulated}: modulate needs a register section (the Jacobians)")
+            return
+        for field, name in (("reference", register.reference), ("brain_mask", register.brain_mask)):
+            if name is not None and name not in self.modalities:
+                raise ValueError(f"register.{field}: {name!r} is not one of the modalities {list(self.modalities)}")
+        if self.modalities[register.reference].space != "reference":
+            raise ValueError(f"modalities.{register.reference}: the reference scan's space is 'reference'")
+        if register.brain_mask is not None and self.modalities[register.brain_mask].kind != "mask":
+            raise ValueError(f"modalities.{register.brain_mask}: register.brain_mask needs kind 'mask'")
 
     def _check_terms(self, where: str, analysis: AnalysisSettings) -> None:
         """Map and model terms must name what the catalog produces."""
@@ -310,7 +346,8 @@ class Catalog(_Strict):
         return self.cohort_root / self.features.freesurfer.subjects_dir
 
     def modality_list(self) -> list[Modality]:
-        return [Modality(name, spec.path, spec.dtype) for name, spec in self.modalities.items()]
+        return [Modality(name, spec.path, spec.dtype, spec.space, spec.kind, spec.modulate)
+                for name, spec in self.modalities.items()]
 
 
 class CatalogError(ValueError):
@@ -366,6 +403,11 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
     update = {"workspace": resolve(catalog.workspace), "cohort": cohort, "atlas": resolve_atlas(catalog.atlas)}
     if catalog.train is not None and catalog.train.finetune_from is not None:
         update["train"] = catalog.train.model_copy(update={"finetune_from": resolve(catalog.train.finetune_from)})
+    if catalog.registration is not None and catalog.registration.template != BUNDLED_TEMPLATE:
+        register = catalog.registration
+        update["registration"] = register.model_copy(update={
+            "template": str(resolve(Path(register.template))),
+            "template_mask": resolve(register.template_mask) if register.template_mask is not None else None})
     if catalog.explain is not None and catalog.explain.truth is not None:
         update["explain"] = catalog.explain.model_copy(update={"truth": resolve(catalog.explain.truth)})
     if catalog.features is not None:
@@ -385,8 +427,9 @@ def check_inputs(catalog: Catalog) -> list[tuple[str, str]]:
         return problems
     if not catalog.participants_file.is_file():
         problems.append(("cohort.participants", f"{catalog.participants_file} does not exist"))
-    if not catalog.mask_file.is_file():
-        problems.append(("cohort.mask", f"{catalog.mask_file} does not exist"))
+    if catalog.registration is None and not catalog.mask_file.is_file():
+        problems.append(("cohort.mask", f"{catalog.mask_file} does not exist (with native scans, add a register "
+                         "section: the mask then comes from the template)"))
     if catalog.freesurfer_dir is not None and not catalog.freesurfer_dir.is_dir():
         problems.append(("features.freesurfer.subjects_dir", f"{catalog.freesurfer_dir} is not a folder"))
     return problems + _atlas_file_problems(catalog)
@@ -405,6 +448,11 @@ def _atlas_file_problems(catalog: Catalog) -> list[tuple[str, str]]:
     if catalog.features is not None:
         problems += [("features.tables", f"{table} does not exist")
                      for table in catalog.features.tables if not table.is_file()]
+    register = catalog.registration
+    if register is not None and register.template != BUNDLED_TEMPLATE:
+        for key, path in (("template", Path(register.template)), ("template_mask", register.template_mask)):
+            if path is not None and not path.is_file():
+                problems.append((f"register.{key}", f"{path} does not exist"))
     finetune_from = catalog.train.finetune_from if catalog.train is not None else None
     if finetune_from is not None and not finetune_from.exists():
         problems.append(("train.finetune_from", f"{finetune_from} does not exist"))

@@ -115,7 +115,7 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
     provenance = Provenance.read(layout)
     run = Run(started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
               catalog_file=str(Path(path).resolve()), catalog_sha256=catalog_sha256,
-              catalog=catalog.model_dump(mode="json"),
+              catalog=catalog.model_dump(mode="json", by_alias=True),
               seeds={"demo": catalog.cohort.demo.seed} if catalog.cohort.demo else {},
               packages=package_versions(), python=platform.python_version(), platform=platform.platform(),
               cluster=catalog.cluster.describe())

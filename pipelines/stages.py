@@ -19,7 +19,7 @@ import pandas as pd
 
 from cluster import RunningCluster
 from engine.analysis import association, features, stats
-from engine.data import store, synth
+from engine.data import registration, store, synth
 from engine.models import attribution, training, validation
 from engine.analysis.atlas import Atlas, AtlasSettings, region_table
 from engine.data.grid import MNI_SPACE
@@ -43,12 +43,13 @@ class SynthStage:
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings = catalog.cohort.demo
         out = catalog.layout.demo_cohort
-        key = output_key(settings.model_dump(), {})
+        key = output_key(settings.model_dump(exclude_none=True), {})
         if is_current(out, key):
             return {"cohort": str(out), "subjects": settings.subjects, "generated": 0}
         forget(out)
         synth.generate_cohort(out, settings.subjects, settings.voxel_size, settings.seed,
-                              client=cluster.client, progress=progress, overwrite=True)
+                              client=cluster.client, progress=progress, overwrite=True,
+                              native_voxel_size=settings.native_voxel_size)
         mark_current(out, key)
         return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects}
 
@@ -57,8 +58,45 @@ class SynthStage:
         if key is None:
             return None
         settings = key["settings"]
+        native = settings.get("native_voxel_size")
         return (f"{layout.demo_cohort}: {settings['subjects']} synthetic participants at "
-                f"{settings['voxel_size']} mm, seed {settings['seed']}")
+                f"{settings['voxel_size']} mm, seed {settings['seed']}"
+                + (f"; native scans at {native} mm" if native else ""))
+
+
+class RegisterStage:
+    """Native scans onto the template grid with ANTs, one task per participant (``engine.data.registration``)."""
+
+    name = "register"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return catalog.registration is not None
+
+    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+        settings, registered = catalog.registration, catalog.layout.registered
+        participants = store.read_participants(catalog.participants_file)
+        files, problems = store.resolve_files(catalog.cohort_root, participants, catalog.modality_list())
+        missing = {problem.participant for problem in problems}
+        if settings.on_error == "fail" and problems:
+            raise registration.RegistrationError(problems)
+        result = registration.register_cohort(
+            registered, {pid: by_modality for pid, by_modality in files.items() if pid not in missing},
+            catalog.modality_list(), settings, problems, client=cluster.client, progress=progress)
+        return {"folder": str(registered.root), "registered": result.registered, "unchanged": result.unchanged,
+                "flagged": result.flagged, "skipped": [problem.as_dict() for problem in result.problems]}
+
+    def status(self, layout: Layout) -> str | None:
+        registered = layout.registered
+        if not registered.qc.is_file():
+            return None
+        qc = pd.read_parquet(registered.qc)
+        lines = [f"{registered.root}: {len(qc)} participant(s) on the template grid "
+                 f"({', '.join(sorted(qc['transform'].unique()))}); QC in {registered.qc.name}"]
+        for _, row in qc[qc["flagged"]].iterrows():
+            lines.append(f"  flagged {row['participant_id']}: correlation {row['correlation']:.3f} "
+                         f"(z {row['z_correlation']:.1f}), NMI {row['nmi']:.3f} (z {row['z_nmi']:.1f}), "
+                         f"Dice {row['dice']:.3f} (z {row['z_dice']:.1f})")
+        return "\n".join(lines)
 
 
 class IngestStage:
@@ -72,11 +110,19 @@ class IngestStage:
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         participants = store.read_participants(catalog.participants_file)
         space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
+        root, modalities, mask, unlisted = catalog.cohort_root, catalog.modality_list(), catalog.mask_file, "problem"
+        if catalog.registration is not None:  # the registered images of the participants registered
+            registered = catalog.layout.registered
+            root, mask, space = registered.root / "participants", registered.mask, catalog.registration.space_name
+            done = set(pd.read_parquet(registered.qc)["participant_id"])
+            participants = participants[participants["participant_id"].isin(done)].reset_index(drop=True)
+            modalities = [store.Modality(m.name, f"{{participant_id}}/{m.name}.nii.gz", m.dtype) for m in modalities]
+            unlisted = "ignore"  # folders of participants left out this run
         result = store.ingest(
-            catalog.layout.images, participants, catalog.cohort_root, catalog.modality_list(),
-            catalog.mask_file, space=space, on_error=catalog.ingest.on_error,
+            catalog.layout.images, participants, root, modalities,
+            mask, space=space, on_error=catalog.ingest.on_error,
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
-            client=cluster.client, progress=progress,
+            unlisted_files=unlisted, client=cluster.client, progress=progress,
         )
         return {"store": str(result.store), "subjects": result.n_subjects, "appended": result.appended,
                 "unchanged": result.unchanged, "written": result.written,
@@ -503,5 +549,5 @@ def _report_inputs(layout: Layout) -> dict:
     return inputs
 
 
-STAGES = [SynthStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(), ValidateStage(),
+STAGES = [SynthStage(), RegisterStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(), ValidateStage(),
           AssociateStage(), ReportStage()]

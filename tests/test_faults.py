@@ -162,7 +162,7 @@ def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run
     assert first.returncode == -9
     assert not (workspace / "models/member_1.json").exists(), "the kill must land between the two members"
     kept = {path: path.stat().st_mtime_ns for path in (workspace / "models").glob("member_0*")}
-    assert len(kept) == 3  # weights, record, predictions
+    assert len(kept) == 3  # weights, card, predictions
     assert Layout(workspace).lock.exists()  # left behind by the killed run ...
 
     rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(catalog)], cwd=tmp_path,
@@ -171,7 +171,8 @@ def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run
     assert f"taking over the lock of a run that ended without finishing (PID {first.pid}" in rerun.stdout  # not held
     assert not Layout(workspace).lock.exists()
     provenance = json.loads((workspace / "provenance.json").read_text())
-    assert "finished" not in provenance["runs"][-2]  # the killed run never got to record its end
+    killed = provenance["runs"][-2]  # it never got to record its end
+    assert killed["finished"] is None and killed["state"] is None and "train" not in killed["stages"]
     assert provenance["runs"][-1]["state"] == "complete"
     stages = provenance["runs"][-1]["stages"]
     assert stages["synth"]["generated"] == 0 and stages["ingest"]["appended"] == 0

@@ -80,6 +80,12 @@ class Modality:
     name: str
     template: str
     dtype: str = "float32"
+    #: for registration: ``reference`` (the reference scan's world space), ``own`` (co-registered
+    #: rigidly to the reference scan first) or ``template`` (already on the template grid)
+    space: str = "reference"
+    #: ``intensity`` / ``probability`` (linear), ``label`` (generic label), ``mask`` (nearest neighbour)
+    kind: str = "intensity"
+    modulate: bool = False  # probability maps × Jacobian determinant: sums are native volumes
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,6 +504,7 @@ def ingest(
     on_error: str = "fail",
     subjects_per_chunk: int = 16,
     voxels_per_chunk: int = 65536,
+    unlisted_files: str = "problem",
     client=None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> IngestResult:
@@ -507,7 +514,9 @@ def ingest(
     ones rewritten in place; each file is read once. ``on_error='fail'`` stops before changing
     the store when a file is missing or unlisted; unreadable or invalid images leave their rows
     unwritten and raise :class:`IngestError` at the end, listing every problem. ``'skip'``
-    leaves those participants out and records them in the store's ``ingest`` attribute. With a
+    leaves those participants out and records them in the store's ``ingest`` attribute.
+    ``unlisted_files='ignore'``: files of participants not in the table are no problem (the
+    registered images of participants that registration left out). With a
     Dask ``client`` every subject chunk is one task; ``progress(phase, done, total)`` reports.
     """
     if on_error not in ("fail", "skip"):
@@ -521,6 +530,8 @@ def ingest(
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     files, problems = resolve_files(root, participants, modalities)
+    if unlisted_files == "ignore":
+        problems = [problem for problem in problems if problem.participant is not None]
     _fail_fast(problems, on_error)
     group = _open_for_ingest(store, mask, space, voxels_per_chunk)
     result = IngestResult(store)

@@ -15,6 +15,7 @@ dependent intensity scaling, a bias field and noise. Files are written BIDS-like
     OUT/sub-XXXX/anat/sub-XXXX_T1w.nii.gz   and _FLAIR.nii.gz
     OUT/derivatives/synth/sub-XXXX/         _label-GM_probseg, _FA, _label-WMH_mask
     OUT/derivatives/freesurfer/sub-XXXX/stats/aseg.stats
+    OUT/derivatives/synth/sub-XXXX/_pose.json (native scans only: template → native world maps)
 """
 
 from __future__ import annotations
@@ -460,6 +461,7 @@ MODALITY_PATHS = {
     "WMH": "derivatives/synth/{participant_id}/{participant_id}_label-WMH_mask.nii.gz",
 }
 ASEG_PATH = "derivatives/freesurfer/{participant_id}/stats/aseg.stats"
+POSE_PATH = "derivatives/synth/{participant_id}/{participant_id}_pose.json"
 
 
 def _save(volume: np.ndarray, grid: Grid, path: Path) -> None:
@@ -473,8 +475,14 @@ def _save(volume: np.ndarray, grid: Grid, path: Path) -> None:
     partial.replace(path)
 
 
-def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects) -> dict:
-    """Simulate and write every file of participant ``index``; return its demographics and latents."""
+def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
+                      native_voxel_size: float | None = None) -> dict:
+    """Simulate and write every file of participant ``index``; return its demographics and latents.
+
+    With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
+    participant's head in its own pose on its own grid, FLAIR in a pose of its own, and the poses
+    (template → native world, the ground truth of registration) in ``<id>_pose.json``.
+    """
     participant = draw_participant(seed, index)
     anatomy = simulate_anatomy(participant, grid, seed, index, effects)
     rng = np.random.default_rng([seed, index, 2])
@@ -489,8 +497,23 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
         "WMH": (anatomy.lesion >= 0.5).astype(np.uint8),
     }
     mask = cohort_mask(grid)
+    poses = _native_poses(seed, index) if native_voxel_size else {}
     for modality, volume in volumes.items():
-        _save(volume * mask.astype(volume.dtype), grid, out_dir / MODALITY_PATHS[modality].format(participant_id=pid))
+        path = out_dir / MODALITY_PATHS[modality].format(participant_id=pid)
+        volume = volume * mask.astype(volume.dtype)
+        if not native_voxel_size:
+            _save(volume, grid, path)
+            continue
+        image = nib.Nifti1Image(volume, grid.affine)
+        pose = poses["FLAIR" if modality == "FLAIR" else "T1"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name("." + path.name)  # written whole, then renamed into place
+        native_scan(image, pose, native_voxel_size, order=0 if modality == "WMH" else 1, dtype=volume.dtype,
+                    head=mask).to_filename(partial)
+        partial.replace(path)
+    if poses:
+        (out_dir / POSE_PATH.format(participant_id=pid)).write_text(
+            json.dumps({name: pose.tolist() for name, pose in poses.items()}))
 
     structures = aseg_structures(anatomy)
     rows, measures = aseg_volumes(anatomy, structures, grid)
@@ -522,10 +545,12 @@ def generate_cohort(
     client=None,
     progress: Callable[[str, int, int], None] | None = None,
     overwrite: bool = False,
+    native_voxel_size: float | None = None,
 ) -> pd.DataFrame:
     """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table.
 
-    Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. With a Dask
+    ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
+    the template grid. Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. With a Dask
     ``client`` each participant is one task; ``progress("synth", done, total)`` reports progress.
     ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first.
     """
@@ -540,7 +565,7 @@ def generate_cohort(
     grid = mni_grid(voxel_size)
 
     def simulate(index):
-        return write_participant(out_dir, grid, seed, index, effects)
+        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size)
 
     records = []
     for done, (_, record) in enumerate(run_tasks(simulate, range(n_subjects), client=client), start=1):
@@ -558,7 +583,8 @@ def generate_cohort(
     (out_dir / "planted_effects.json").write_text(json.dumps(record, indent=2))
     (out_dir / "dataset_description.json").write_text(
         json.dumps({"Name": "relcohort synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
-                    "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size}]}, indent=2)
+                    "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size,
+                                     "NativeVoxelSize": native_voxel_size}]}, indent=2)
     )
     return table[demographics]
 
@@ -615,3 +641,58 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
             "regional_volume_sd_log": effects.regional_volume_sd,
         },
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Native scans: a template-space image seen by a scanner, with a known pose
+
+
+def _native_poses(seed: int, index: int) -> dict[str, np.ndarray]:
+    """Participant ``index``'s head pose (T1 and the maps in its space) and FLAIR's (a few degrees and mm off)."""
+    rng = np.random.default_rng([seed, index, 3])
+    head = random_pose(rng)
+    return {"T1": head, "FLAIR": random_pose(rng, rotation_deg=4.0, scale=(1.0, 1.0), shift_mm=4.0) @ head}
+
+
+def random_pose(rng: np.random.Generator, rotation_deg: float = 10.0, scale: tuple[float, float] = (0.92, 1.08),
+                shift_mm: float = 8.0) -> np.ndarray:
+    """A 4×4 map from template to native world coordinates: rotation about each axis up to
+    ``rotation_deg``, an isotropic head-size ``scale`` and a shift up to ``shift_mm``."""
+    angles = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))
+    rotation = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = np.cos(angle), np.sin(angle)
+        turn = np.eye(3)
+        a, b = [i for i in range(3) if i != axis]
+        turn[a, a], turn[a, b], turn[b, a], turn[b, b] = c, -s, s, c
+        rotation = turn @ rotation
+    pose = np.eye(4)
+    pose[:3, :3] = rotation * rng.uniform(*scale)
+    pose[:3, 3] = rng.uniform(-shift_mm, shift_mm, 3)
+    return pose
+
+
+def native_scan(image: nib.spatialimages.SpatialImage, pose: np.ndarray, voxel_size: float, order: int = 1,
+                dtype=np.float32, head: np.ndarray | None = None) -> nib.Nifti1Image:
+    """``image`` (template space) as a scanner would store it after moving the head by ``pose``:
+    on its own RAS grid of ``voxel_size`` mm that holds the moved ``head`` (default: the image's
+    nonzero voxels), resampled with spline ``order`` (0 for labels and masks). Its world coordinates
+    are ``pose`` applied to the template's, so registering it back recovers ``pose``; volumes grow
+    by |det pose|. Images of one session share ``head`` and ``pose`` and so one grid."""
+    data = np.asanyarray(image.dataobj)
+    inside = np.argwhere(data != 0 if head is None else head)
+    corners = np.array([[x, y, z] for x in (inside[:, 0].min(), inside[:, 0].max())
+                        for y in (inside[:, 1].min(), inside[:, 1].max())
+                        for z in (inside[:, 2].min(), inside[:, 2].max())], float)
+    world = (pose @ image.affine @ np.c_[corners, np.ones(8)].T)[:3].T
+    low, high = world.min(axis=0) - 10, world.max(axis=0) + 10  # a 10 mm margin around the head
+    shape = tuple(int(n) for n in np.ceil((high - low) / voxel_size))
+    native_affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
+    native_affine[:3, 3] = low
+    # native voxel → template voxel
+    matrix = np.linalg.inv(image.affine) @ np.linalg.inv(pose) @ native_affine
+    values = ndimage.affine_transform(data.astype(np.float32), matrix[:3, :3], offset=matrix[:3, 3],
+                                      output_shape=shape, order=order, mode="constant", cval=0.0)
+    out = nib.Nifti1Image(values.astype(dtype), native_affine)
+    out.header.set_xyzt_units("mm", "sec")
+    return out

@@ -1,7 +1,8 @@
 """The HTML report of a workspace: one self-contained file with every figure embedded.
 
-:func:`build_report` writes ``<workspace>/report.html`` with six sections, each rendering only
-what the workspace holds (a note says what is missing): the cohort, the models (predicted
+:func:`build_report` writes ``<workspace>/report.html`` with seven sections, each rendering only
+what the workspace holds (a note says what is missing): the cohort, registration QC (measures
+per participant, the flagged ones over template contours), the models (predicted
 against chronological age, the bias-corrected brain-age gap), relevance (mean maps per method
 over the MNI template, group maps by age band or by TP/FP/TN/FN, top regions by sum, density
 and gain), validation (ground-truth scores, robustness across members), associations
@@ -35,12 +36,13 @@ from engine.layout import atomic_output
 from engine.models.training import ENSEMBLE, TrainingConfig
 from engine.outputs.workspace import Workspace, mni_template
 
-SECTIONS = {"cohort": "Cohort", "models": "Models", "relevance": "Relevance", "validation": "Validation",
-            "associations": "Associations", "provenance": "Provenance"}
+SECTIONS = {"cohort": "Cohort", "registration": "Registration", "models": "Models", "relevance": "Relevance",
+            "validation": "Validation", "associations": "Associations", "provenance": "Provenance"}
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
 SPLIT_COLOURS = {"train": "#9ecae1", "validation": "#fdae6b", "test": "#d62728"}
 FIGURE_DPI = 80
 MAX_TABLE_ROWS = 25
+MAX_OVERLAYS = 6
 
 
 def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | None = None,
@@ -56,7 +58,7 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
         raise ValueError(f"age_bands must be strictly increasing cut points, got {list(age_bands)}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    builders = {"cohort": _cohort, "models": _models,
+    builders = {"cohort": _cohort, "registration": _registration, "models": _models,
                 "relevance": lambda w: _relevance(w, methods, list(age_bands), top_k),
                 "validation": _validation, "associations": _associations, "provenance": _provenance}
     body = []
@@ -150,6 +152,55 @@ def _cohort(ws: Workspace) -> list[str]:
     if incomplete:
         parts.append(_note(f"{incomplete} stored row(s) are not wholly ingested and are left out."))
     return parts
+
+
+def _registration(ws: Workspace) -> list[str]:
+    qc = ws.registration_qc
+    if qc is None:
+        return [_note("No registration stage: the images were on the template grid already.")]
+    flagged = qc[qc["flagged"]]
+    transforms = ", ".join(sorted(qc["transform"].unique()))
+    parts = [f"<p><b>{len(qc)}</b> participant(s) registered to the template ({html.escape(transforms)}); "
+             "QC per participant: correlation and normalised mutual information of the registered reference scan "
+             "with the template inside the template mask, and Dice of the participant's brain mask with the "
+             f"template's. Flagged: a robust z (median / MAD over the cohort) below the catalog's flag_z on any "
+             f"measure ({len(flagged)} flagged).</p>",
+             _figure(_qc_figure(qc), "QC measures per participant (flagged in red)")]
+    parts.append(_table(flagged if len(flagged) else qc.nsmallest(min(len(qc), 5), "correlation"),
+                        "Flagged participants" if len(flagged) else
+                        "Lowest correlation with the template (none flagged)"))
+    shown = flagged if len(flagged) else qc.nsmallest(1, "correlation")
+    for _, row in shown.head(MAX_OVERLAYS).iterrows():
+        parts.append(_figure(_overlay_figure(ws, row), f"{html.escape(row['participant_id'])}: registered "
+                             f"{html.escape(row['reference'])} scan with the template brain's outline"))
+    return parts
+
+
+def _qc_figure(qc: pd.DataFrame):
+    from engine.data.registration import QC_MEASURES
+
+    fig, axes = _subplots(1, len(QC_MEASURES), (3.2 * len(QC_MEASURES), 2.8), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, measure in zip(axes[0], QC_MEASURES, strict=True):
+        jitter = rng.uniform(-0.15, 0.15, len(qc))
+        colours = np.where(qc["flagged"], "#d62728", "#4c72b0")
+        ax.scatter(jitter, qc[measure], c=colours, s=12)
+        ax.set_xticks([])
+        ax.set_xlim(-0.5, 0.5)
+        ax.set_title(measure)
+    fig.tight_layout()
+    return fig
+
+
+def _overlay_figure(ws: Workspace, row: pd.Series):
+    from nilearn import plotting
+
+    participant = ws.layout.registered.participant(row["participant_id"])
+    fig = Figure(figsize=(8, 2.6), dpi=FIGURE_DPI)
+    display = plotting.plot_anat(str(participant.image(row["reference"])), figure=fig, display_mode="ortho",
+                                 title=f"{row['participant_id']} (r {row['correlation']:.2f})", draw_cross=False)
+    display.add_contours(str(ws.layout.registered.mask), levels=[0.5], colors="r", linewidths=1)
+    return fig
 
 
 def _cohort_figure(images, columns: list[str]):

@@ -179,6 +179,19 @@ class Workspace:
         return _read_table(self.layout.models.metrics, "train")
 
     @cached_property
+    def registration_qc(self) -> pd.DataFrame | None:
+        """QC per registered participant (``registered/qc.parquet``); ``None`` without a register stage."""
+        path = self.layout.registered.qc
+        return pd.read_parquet(path) if path.is_file() else None
+
+    def to_native(self, data, participant_id: str, kind: str = "intensity") -> nib.Nifti1Image:
+        """``data`` (anything :meth:`to_nifti` takes) on the participant's native reference scan, through
+        the inverse of its registration (``kind``: ``intensity``, ``label`` or ``mask`` interpolation)."""
+        from engine.data.registration import to_native
+
+        return to_native(self.to_nifti(data), self.layout.registered, participant_id, kind)
+
+    @cached_property
     def training(self) -> TrainingConfig | None:
         """How the members were trained (their cards' config); ``None`` before the train stage."""
         members = self.layout.models.members()

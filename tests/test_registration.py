@@ -1,0 +1,328 @@
+"""Registration to the template with ANTs: planted poses recovered, volumes kept by modulation,
+the way back, the unregistered arm against nilearn, QC, bad inputs and resuming."""
+
+import json
+from pathlib import Path
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template, load_mni152_template
+from nilearn.image import resample_to_img
+
+from engine.data.registration import (RegistrationError, RegistrationSettings, dice, normalized_mutual_information,
+                                      register_cohort, robust_z, to_ants, to_native, to_nifti, to_template)
+from engine.data.store import InputError, Modality, open_cohort
+from engine import open_workspace
+from engine.data.synth import native_scan, random_pose
+from engine.layout import RegisteredLayout
+
+ants = pytest.importorskip("ants")
+
+MODALITIES = [Modality("T1", ""), Modality("GM", "", kind="probability", modulate=True),
+              Modality("tissue", "", dtype="int16", kind="label"),
+              Modality("FLAIR", "", space="own")]
+SETTINGS = RegistrationSettings(transform="affine", voxel_size=4.0)
+
+
+@pytest.fixture(scope="module")
+def template_brain():
+    """nilearn's MNI152 T1 brain, its GM probability and a tissue label image (1 GM, 2 other brain) at 2 mm."""
+    t1, mask = load_mni152_template(resolution=2), load_mni152_brain_mask(resolution=2).get_fdata() > 0
+    gm = resample_to_img(load_mni152_gm_template(resolution=2), t1, interpolation="linear", force_resample=True,
+                         copy_header=True).get_fdata() * mask
+    tissue = np.where(gm > 0.5, 1, np.where(mask, 2, 0)).astype(np.int16)
+    return {"T1": nib.Nifti1Image((t1.get_fdata() * mask).astype(np.float32), t1.affine),
+            "GM": nib.Nifti1Image(gm.astype(np.float32), t1.affine), "tissue": nib.Nifti1Image(tissue, t1.affine)}
+
+
+def _participant(folder, pid, images, pose, flair_pose):
+    """Native scans of the template brain in ``pose`` (FLAIR: the T1 contrast in a pose of its own; the
+    tissue labels as FreeSurfer's .mgz, as aseg.mgz would come)."""
+    files = {}
+    for name, image in images.items():
+        scan = native_scan(image, pose, 2.5, order=0 if name == "tissue" else 1,
+                           dtype=np.int16 if name == "tissue" else np.float32)
+        if name == "tissue":
+            files[name] = folder / f"{pid}_{name}.mgz"
+            nib.MGHImage(np.asanyarray(scan.dataobj), scan.affine).to_filename(files[name])
+        else:
+            files[name] = folder / f"{pid}_{name}.nii.gz"
+            scan.to_filename(files[name])
+    files["FLAIR"] = folder / f"{pid}_FLAIR.nii.gz"
+    native_scan(images["T1"], flair_pose @ pose, 3.0).to_filename(files["FLAIR"])
+    return files
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, template_brain):
+    folder = tmp_path_factory.mktemp("native")
+    rng = np.random.default_rng(7)
+    poses, files = {}, {}
+    for k in range(3):
+        pid = f"sub-{k:02d}"
+        poses[pid] = random_pose(rng)
+        files[pid] = _participant(folder, pid, template_brain, poses[pid],
+                                  random_pose(rng, rotation_deg=5, scale=(1, 1), shift_mm=5))
+    layout = RegisteredLayout(folder / "registered")
+    result = register_cohort(layout, files, MODALITIES, SETTINGS)
+    return layout, files, poses, result
+
+
+def test_affine_registration_recovers_the_planted_pose_and_modulation_keeps_native_volumes(registered):
+    layout, files, poses, result = registered
+    assert result.registered == 3 and not result.problems
+    mask = nib.load(layout.mask).get_fdata() > 0
+    for pid, pose in poses.items():
+        participant = layout.participant(pid)
+        qc = json.loads(participant.qc.read_text())
+        assert qc["correlation"] > 0.9 and qc["dice"] > 0.9  # the template itself, moved (and resampled twice)
+        # native volume per template volume is |det pose| everywhere for an affine registration
+        jacobian = nib.load(participant.jacobian).get_fdata()[mask]
+        assert np.median(jacobian) == pytest.approx(abs(np.linalg.det(pose[:3, :3])), rel=0.02)
+        # modulated GM sums to the native scan's GM volume (numpy, on the native grid)
+        native_gm = nib.load(files[pid]["GM"])
+        native_volume = native_gm.get_fdata().sum() * abs(np.linalg.det(native_gm.affine[:3, :3]))
+        modulated = nib.load(participant.image("GM"))
+        assert modulated.get_fdata().sum() * 4.0**3 == pytest.approx(native_volume, rel=0.01)
+
+
+def test_other_modalities_follow_by_space_and_kind(registered, template_brain):
+    layout, files, _, _ = registered
+    template_tissue = resample_to_img(template_brain["tissue"], nib.load(layout.mask), interpolation="nearest",
+                                      force_resample=True, copy_header=True).get_fdata()
+    for pid in files:
+        participant = layout.participant(pid)
+        tissue = nib.load(participant.image("tissue"))
+        assert tissue.get_data_dtype() == np.int16
+        assert set(np.unique(tissue.get_fdata())) <= {0, 1, 2}  # labels are never blended
+        for label in (1, 2):
+            assert dice(tissue.get_fdata() == label, template_tissue == label) > 0.75
+        # FLAIR in its own pose: rigidly co-registered to the T1 scan first, then the T1's transforms
+        assert participant.coregistration("FLAIR").is_file()
+        t1, flair = (nib.load(participant.image(name)).get_fdata() for name in ("T1", "FLAIR"))
+        inside = t1 > 0
+        assert np.corrcoef(t1[inside], flair[inside])[0, 1] > 0.95
+
+
+def test_to_native_and_back(registered):
+    layout, files, _, _ = registered
+    pid = "sub-01"
+    native = nib.load(files[pid]["T1"])
+    back = to_native(nib.load(layout.participant(pid).image("T1")), layout, pid)
+    assert back.shape == native.shape and np.allclose(back.affine, native.affine)
+    inside = native.get_fdata() > 0.1
+    assert np.corrcoef(back.get_fdata()[inside], native.get_fdata()[inside])[0, 1] > 0.9  # via the 4 mm grid
+    again = to_template(back, layout, pid)
+    on_grid = nib.load(layout.participant(pid).image("T1")).get_fdata()
+    brain = nib.load(layout.mask).get_fdata() > 0
+    assert np.corrcoef(again.get_fdata()[brain], on_grid[brain])[0, 1] > 0.95
+    labels = to_native(nib.load(layout.participant(pid).image("tissue")), layout, pid, kind="label")
+    assert set(np.unique(labels.get_fdata())) <= {0, 1, 2}
+    with pytest.raises(FileNotFoundError, match="sub-99 is not registered"):
+        to_native(back, layout, "sub-99")
+
+
+def test_unregistered_arm_equals_nilearn_resampling(tmp_path, template_brain):
+    """``transform: none`` only resamples through the scanner affines: what nilearn does."""
+    pose = np.eye(4)
+    pose[:3, 3] = (3.0, -4.0, 2.0)
+    native = native_scan(template_brain["T1"], pose, 2.5)
+    native.to_filename(tmp_path / "t1.nii.gz")
+    layout = RegisteredLayout(tmp_path / "registered")
+    settings = RegistrationSettings(transform="none", voxel_size=4.0, min_correlation=0)
+    register_cohort(layout, {"sub-01": {"T1": tmp_path / "t1.nii.gz"}}, [Modality("T1", "")], settings)
+    ours = nib.load(layout.participant("sub-01").image("T1")).get_fdata()
+    reference = resample_to_img(native, nib.load(layout.mask), interpolation="linear", force_resample=True,
+                                copy_header=True).get_fdata()
+    inside = nib.load(layout.mask).get_fdata() > 0
+    assert np.abs(ours - reference)[inside].max() < 1e-3 * np.abs(reference).max()
+    assert not layout.participant("sub-01").affine.exists()  # no transform to keep
+    assert np.all(nib.load(layout.participant("sub-01").jacobian).get_fdata() == 1)
+
+
+def test_ants_images_match_antspys_own_nibabel_reader():
+    rng = np.random.default_rng(3)
+    affine = random_pose(rng) @ np.diag([1.2, 0.9, 2.0, 1.0])
+    affine[:3, 3] += (10, -20, 30)
+    image = nib.Nifti1Image(rng.random((7, 8, 9)).astype(np.float32), affine)
+    image.header.set_xyzt_units("mm", "sec")
+    ours, theirs = to_ants(image), ants.from_nibabel_nifti(image)
+    np.testing.assert_allclose(ours.origin, theirs.origin, atol=1e-6)
+    np.testing.assert_allclose(ours.spacing, theirs.spacing, atol=1e-6)
+    np.testing.assert_allclose(ours.direction, theirs.direction, atol=1e-6)
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    np.testing.assert_allclose(to_nifti(ours).affine, affine, atol=1e-5)
+
+
+def test_qc_measures_equal_references():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=5000)
+    b = 0.7 * a + rng.normal(size=5000)
+    labels = [np.clip(np.digitize(x, np.linspace(x.min(), x.max(), 33)[1:-1]), 0, 31) for x in (a, b)]
+    assert normalized_mutual_information(a, b) == pytest.approx(normalized_mutual_info_score(*labels), rel=1e-9)
+    assert dice(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == 0.5
+    z = robust_z(pd.Series([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert z.iloc[4] == pytest.approx((100 - 3) / (1.4826 * 1.0)) and z.iloc[2] == 0
+
+
+def _broken_files(folder, good):
+    """One participant per bad input, each with an otherwise good FLAIR, GM and tissue file."""
+    shape_4d = nib.Nifti1Image(np.ones((5, 5, 5, 2), np.float32), np.eye(4))
+    constant = nib.Nifti1Image(np.full((5, 5, 5), 3.0, np.float32), np.eye(4))
+    with_nan = nib.Nifti1Image(np.where(np.eye(5)[..., None] > 0, np.nan, 1.0).astype(np.float32), np.eye(4))
+    bad = {"sub-4d": shape_4d, "sub-constant": constant, "sub-nan": with_nan}
+    files = {}
+    for pid, image in bad.items():
+        image.to_filename(folder / f"{pid}_T1.nii.gz")
+        files[pid] = {**good, "T1": folder / f"{pid}_T1.nii.gz"}
+    # a header whose sform maps every voxel onto one plane (nibabel refuses to write one: patch the bytes)
+    singular = nib.Nifti1Image(np.random.default_rng(0).random((5, 5, 5)).astype(np.float32), np.eye(4))
+    singular.header.set_qform(None, code=0)
+    singular.header.set_sform(np.eye(4), code=1)
+    raw = bytearray(singular.to_bytes())
+    raw[312:324] = np.zeros(3, "<f4").tobytes()  # srow_z's first three entries
+    (folder / "sub-singular_T1.nii").write_bytes(bytes(raw))
+    files["sub-singular"] = {**good, "T1": folder / "sub-singular_T1.nii"}
+    (folder / "sub-garbled_T1.nii.gz").write_bytes(b"not an image")
+    files["sub-garbled"] = {**good, "T1": folder / "sub-garbled_T1.nii.gz"}
+    return files
+
+
+def test_bad_inputs_are_named_and_skipped_or_stop_without_losing_work(tmp_path, registered):
+    _, files, _, _ = registered
+    good = files["sub-00"]
+    broken = _broken_files(tmp_path, {name: path for name, path in good.items() if name != "T1"})
+    layout = RegisteredLayout(tmp_path / "registered")
+    skip = SETTINGS.model_copy(update={"on_error": "skip"})
+    result = register_cohort(layout, {"sub-00": good, **broken}, MODALITIES, skip)
+    problems = {problem.participant: problem for problem in result.problems}
+    assert set(problems) == set(broken) and result.qc["participant_id"].tolist() == ["sub-00"]
+    assert "expected a 3D image" in problems["sub-4d"].problem
+    assert "degenerate header" in problems["sub-singular"].problem
+    assert "empty or constant" in problems["sub-constant"].problem
+    assert "NaN or infinite" in problems["sub-nan"].problem
+    assert "unreadable image" in problems["sub-garbled"].problem
+    assert all("_T1.nii" in problem.file for problem in problems.values())
+    assert layout.participant_ids() == ["sub-00"] and not list((layout.root / "participants").glob(".*"))
+    # a registration that diverges is a problem too
+    noise = nib.Nifti1Image(np.random.default_rng(1).random((40, 40, 40)).astype(np.float32), np.eye(4) * 3)
+    noise.to_filename(tmp_path / "noise.nii.gz")
+    with pytest.raises(RegistrationError, match="sub-noise.*registration diverged: correlation") as failure:
+        register_cohort(layout, {"sub-00": good, "sub-noise": {**good, "T1": tmp_path / "noise.nii.gz"}}, MODALITIES,
+                        SETTINGS.model_copy(update={"min_correlation": 0.5}))
+    assert isinstance(failure.value.problems[0], InputError)
+    assert layout.participant("sub-00").qc.is_file()  # what was registered is kept
+
+
+def test_rerun_registers_only_what_changed(tmp_path, registered, template_brain):
+    done, files, poses, first = registered
+    layout = RegisteredLayout(tmp_path / "registered")
+    shutil.copytree(done.root, layout.root)  # the fixture's finished registrations, elsewhere
+    copies = {pid: dict(by_modality) for pid, by_modality in files.items()}
+    stamp = layout.participant("sub-02").qc.stat().st_mtime_ns
+    again = register_cohort(layout, copies, MODALITIES, SETTINGS)
+    assert (again.registered, again.unchanged) == (0, 3)
+    pd.testing.assert_frame_equal(again.qc, first.qc)
+    changed = tmp_path / "changed_T1.nii.gz"
+    native_scan(template_brain["T1"], poses["sub-01"] @ np.diag([1.02, 1.0, 1.0, 1.0]), 2.5).to_filename(changed)
+    copies["sub-01"]["T1"] = changed
+    third = register_cohort(layout, copies, MODALITIES, SETTINGS)
+    assert (third.registered, third.unchanged) == (1, 2)
+    assert layout.participant("sub-02").qc.stat().st_mtime_ns == stamp
+    other = SETTINGS.model_copy(update={"transform": "none", "min_correlation": 0.0})
+    assert register_cohort(layout, copies, MODALITIES, other).registered == 3  # other settings: all again
+
+
+def test_native_demo_runs_from_catalog_to_report(tmp_path):
+    """The command line on native scans: synth → register → ingest → features → report, then a rerun."""
+    from tests.test_pipeline import relcohort
+
+    catalog = tmp_path / "native.yaml"
+    catalog.write_text(yaml.safe_dump({
+        "workspace": "ws",
+        "cohort": {"demo": {"subjects": 10, "voxel_size": 4.0, "seed": 3, "native_voxel_size": 4.0}},
+        "register": {"transform": "affine", "voxel_size": 6.0},
+        "modalities": {"T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz",
+                       "GM": {"path": "derivatives/synth/{participant_id}/{participant_id}_label-GM_probseg.nii.gz",
+                              "kind": "probability", "modulate": True}},
+        "features": {"gray_matter": "GM"},
+        "report": {},
+    }))
+    run = relcohort("run", catalog)
+    assert run.returncode == 0, run.stdout + run.stderr
+    workspace = tmp_path / "ws"
+    images = open_cohort(workspace / "images.zarr")
+    assert images.sizes["subject"] == 10 and images.attrs["grid"]["space"] == "MNI152NLin2009aSym"
+    assert np.allclose(np.abs(np.diag(np.array(images.attrs["grid"]["affine"]))[:3]), 6.0)
+    # modulated GM on the 6 mm grid sums to each participant's native GM volume (the store keeps the
+    # voxels inside the template's brain mask: most of it)
+    cohort, registered = workspace / "demo_cohort", RegisteredLayout(workspace / "registered")
+    for pid, stored in zip(images.subject.values, images.GM.sum("voxel").values * 6.0**3, strict=True):
+        native = nib.load(cohort / "derivatives/synth" / pid / f"{pid}_label-GM_probseg.nii.gz").get_fdata().sum()
+        on_grid = nib.load(registered.participant(pid).image("GM")).get_fdata().sum()
+        assert on_grid * 6.0**3 == pytest.approx(native * 4.0**3, rel=0.02)
+        assert 0.75 * on_grid * 6.0**3 < stored <= on_grid * 6.0**3 * 1.0001
+    report = (workspace / "report.html").read_text()
+    assert "registered to the template" in report and "scan with the template brain's outline" in report
+    ws = open_workspace(workspace)  # the notebook's way back: a stored row onto the native scan
+    pid = str(images.subject.values[0])
+    native = ws.to_native(ws.images.T1.isel(subject=0), pid)
+    scan = nib.load(cohort / pid / "anat" / f"{pid}_T1w.nii.gz")
+    assert native.shape == scan.shape and np.allclose(native.affine, scan.affine)
+    inside = scan.get_fdata() > 0
+    assert np.corrcoef(native.get_fdata()[inside], scan.get_fdata()[inside])[0, 1] > 0.8
+    status = relcohort("status", workspace)
+    assert "10 participant(s) on the template grid (affine)" in status.stdout
+    rerun = relcohort("run", catalog)
+    assert rerun.returncode == 0, rerun.stderr
+    stages = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
+    assert stages["register"]["registered"] == 0 and stages["register"]["unchanged"] == 10
+
+
+def test_deepbet_extracts_the_brain_as_nilearns_mask_draws_it(tmp_path):
+    """skull_strip: deepbet on the MNI152 T1 (with its non-brain signal) against nilearn's brain mask."""
+    from engine.data.registration import _skull_strip, template_files
+
+    head = nib.load(template_files(RegistrationSettings())[0])
+    reference = load_mni152_brain_mask(resolution=1).get_fdata() > 0
+    assert dice(_skull_strip(head), reference) > 0.95
+    # through a registration: the head in a pose of its own, stripped, then registered
+    native = native_scan(head, random_pose(np.random.default_rng(5)), 2.0, head=reference)
+    native.to_filename(tmp_path / "head.nii.gz")
+    layout = RegisteredLayout(tmp_path / "registered")
+    settings = SETTINGS.model_copy(update={"skull_strip": "deepbet"})
+    result = register_cohort(layout, {"sub-01": {"T1": tmp_path / "head.nii.gz"}}, [Modality("T1", "")], settings)
+    assert result.qc.loc[0, "dice"] > 0.9 and result.qc.loc[0, "correlation"] > 0.9
+
+
+def test_catalog_checks_the_register_section_with_its_fields(tmp_path):
+    from pipelines.catalog import CatalogError, load_catalog
+
+    def errors(**sections):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"workspace": "ws", "cohort": {"demo": {"subjects": 4}},
+                                        "modalities": {"T1": "{participant_id}_T1.nii.gz"}, **sections}))
+        with pytest.raises(CatalogError) as failure:
+            load_catalog(path)
+        return str(failure.value)
+
+    assert "register.reference: 'T2' is not one of the modalities" in errors(register={"reference": "T2"})
+    assert "register.transform" in errors(register={"transform": "bspline"})
+    assert "modulate applies to kind 'probability'" in errors(
+        register={}, modalities={"T1": "{participant_id}_T1.nii.gz",
+                                 "GM": {"path": "{participant_id}_GM.nii.gz", "modulate": True}})
+    assert "modulate needs a register section" in errors(modalities={
+        "T1": "{participant_id}_T1.nii.gz",
+        "GM": {"path": "{participant_id}_GM.nii.gz", "kind": "probability", "modulate": True}})
+    assert "native_voxel_size writes native scans: add a register section" in errors(
+        cohort={"demo": {"subjects": 4, "native_voxel_size": 2.0}})
+    assert "register.brain_mask needs kind 'mask'" in errors(
+        register={"brain_mask": "BM"}, modalities={"T1": "{participant_id}_T1.nii.gz", "BM": "{participant_id}_m.nii"})
+    catalog, _ = load_catalog(Path(__file__).parents[1] / "docs" / "catalog-native.yaml")
+    assert catalog.registration.transform == "syn" and catalog.modalities["FLAIR"].space == "own"
