@@ -91,9 +91,11 @@ class RegisterStage:
             return None
         qc = pd.read_parquet(registered.qc)
         lines = [f"{registered.root}: {len(qc)} participant(s) on the template grid "
-                 f"({', '.join(sorted(qc['transform'].unique()))}); QC in {registered.qc.name}"]
-        for _, row in qc[qc["flagged"]].iterrows():
-            lines.append(f"  flagged {row['participant_id']}: correlation {row['correlation']:.3f} "
+                 f"({', '.join(sorted(qc['transform'].unique()))}), {int(qc['diverged'].sum())} diverged and left "
+                 f"out; QC in {registered.qc.name}"]
+        for _, row in qc[qc["flagged"] | qc["diverged"]].iterrows():
+            state = "diverged" if row["diverged"] else "flagged"
+            lines.append(f"  {state} {row['participant_id']}: correlation {row['correlation']:.3f} "
                          f"(z {row['z_correlation']:.1f}), NMI {row['nmi']:.3f} (z {row['z_nmi']:.1f}), "
                          f"Dice {row['dice']:.3f} (z {row['z_dice']:.1f})")
         return "\n".join(lines)
@@ -114,8 +116,9 @@ class IngestStage:
         if catalog.registration is not None:  # the registered images of the participants registered
             registered = catalog.layout.registered
             root, mask, space = registered.root / "participants", registered.mask, catalog.registration.space_name
-            done = set(pd.read_parquet(registered.qc)["participant_id"])
-            participants = participants[participants["participant_id"].isin(done)].reset_index(drop=True)
+            qc = pd.read_parquet(registered.qc)
+            usable = set(qc.loc[~qc["diverged"], "participant_id"])
+            participants = participants[participants["participant_id"].isin(usable)].reset_index(drop=True)
             modalities = [store.Modality(m.name, f"{{participant_id}}/{m.name}.nii.gz", m.dtype) for m in modalities]
             unlisted = "ignore"  # folders of participants left out this run
         result = store.ingest(

@@ -4,6 +4,8 @@ the way back, the unregistered arm against nilearn, QC, bad inputs and resuming.
 import json
 from pathlib import Path
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -13,10 +15,11 @@ import yaml
 from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template, load_mni152_template
 from nilearn.image import resample_to_img
 
-from engine.data.registration import (RegistrationError, RegistrationSettings, dice, normalized_mutual_information,
-                                      register_cohort, robust_z, to_ants, to_native, to_nifti, to_template)
-from engine.data.store import InputError, Modality, open_cohort
 from engine import open_workspace
+from engine.data.registration import (RegistrationError, RegistrationSettings, _divergence, dice,
+                                      normalized_mutual_information, register_cohort, robust_z, to_ants, to_native,
+                                      to_nifti, to_template)
+from engine.data.store import InputError, Modality, open_cohort
 from engine.data.synth import native_scan, random_pose
 from engine.layout import RegisteredLayout
 
@@ -211,13 +214,22 @@ def test_bad_inputs_are_named_and_skipped_or_stop_without_losing_work(tmp_path, 
     assert all("_T1.nii" in problem.file for problem in problems.values())
     assert layout.participant_ids() == ["sub-00"] and not list((layout.root / "participants").glob(".*"))
     # a registration that diverges is a problem too
-    noise = nib.Nifti1Image(np.random.default_rng(1).random((40, 40, 40)).astype(np.float32), np.eye(4) * 3)
+    noise = nib.Nifti1Image(np.random.default_rng(1).random((40, 40, 40)).astype(np.float32),
+                            np.diag([3.0, 3.0, 3.0, 1.0]))
     noise.to_filename(tmp_path / "noise.nii.gz")
+    files = {"sub-00": good, "sub-noise": {**good, "T1": tmp_path / "noise.nii.gz"}}
     with pytest.raises(RegistrationError, match="sub-noise.*registration diverged: correlation") as failure:
-        register_cohort(layout, {"sub-00": good, "sub-noise": {**good, "T1": tmp_path / "noise.nii.gz"}}, MODALITIES,
-                        SETTINGS.model_copy(update={"min_correlation": 0.5}))
+        register_cohort(layout, files, MODALITIES, SETTINGS.model_copy(update={"min_correlation": 0.5}))
     assert isinstance(failure.value.problems[0], InputError)
     assert layout.participant("sub-00").qc.is_file()  # what was registered is kept
+    # skipped: kept on disk and in the QC table, but left out of ingest; no registration is redone
+    skipped = register_cohort(layout, files, MODALITIES, skip.model_copy(update={"min_correlation": 0.5}))
+    assert skipped.registered == 0 and skipped.usable == ["sub-00"]
+    assert skipped.qc.set_index("participant_id").loc["sub-noise", "diverged"]
+    assert [problem.participant for problem in skipped.problems] == ["sub-noise"]
+    far = pd.Series({"correlation": 0.6, "nmi": 0.1, "dice": 0.4, "z_correlation": -1.0, "z_nmi": -2.0,
+                     "z_dice": -9.5})
+    assert _divergence(far, SETTINGS) == "dice 0.400 is 9.5 robust SDs below the cohort's (fail_z 6.0)"
 
 
 def test_rerun_registers_only_what_changed(tmp_path, registered, template_brain):
@@ -247,7 +259,7 @@ def test_native_demo_runs_from_catalog_to_report(tmp_path):
     catalog.write_text(yaml.safe_dump({
         "workspace": "ws",
         "cohort": {"demo": {"subjects": 10, "voxel_size": 4.0, "seed": 3, "native_voxel_size": 4.0}},
-        "register": {"transform": "affine", "voxel_size": 6.0},
+        "register": {"transform": "affine", "voxel_size": 6.0, "on_error": "skip"},
         "modalities": {"T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz",
                        "GM": {"path": "derivatives/synth/{participant_id}/{participant_id}_label-GM_probseg.nii.gz",
                               "kind": "probability", "modulate": True}},
@@ -258,7 +270,10 @@ def test_native_demo_runs_from_catalog_to_report(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     workspace = tmp_path / "ws"
     images = open_cohort(workspace / "images.zarr")
-    assert images.sizes["subject"] == 10 and images.attrs["grid"]["space"] == "MNI152NLin2009aSym"
+    qc = pd.read_parquet(workspace / "registered" / "qc.parquet")
+    usable = qc.loc[~qc["diverged"], "participant_id"].tolist()  # a diverged one is left out, and named
+    assert len(qc) == 10 and len(usable) >= 8 and images.subject.values.tolist() == usable
+    assert images.attrs["grid"]["space"] == "MNI152NLin2009aSym"
     assert np.allclose(np.abs(np.diag(np.array(images.attrs["grid"]["affine"]))[:3]), 6.0)
     # modulated GM on the 6 mm grid sums to each participant's native GM volume (the store keeps the
     # voxels inside the template's brain mask: most of it)
@@ -269,7 +284,7 @@ def test_native_demo_runs_from_catalog_to_report(tmp_path):
         assert on_grid * 6.0**3 == pytest.approx(native * 4.0**3, rel=0.02)
         assert 0.75 * on_grid * 6.0**3 < stored <= on_grid * 6.0**3 * 1.0001
     report = (workspace / "report.html").read_text()
-    assert "registered to the template" in report and "scan with the template brain's outline" in report
+    assert "registered to the template" in report and "scan with the template brain&#x27;s outline" in report
     ws = open_workspace(workspace)  # the notebook's way back: a stored row onto the native scan
     pid = str(images.subject.values[0])
     native = ws.to_native(ws.images.T1.isel(subject=0), pid)
@@ -278,7 +293,9 @@ def test_native_demo_runs_from_catalog_to_report(tmp_path):
     inside = scan.get_fdata() > 0
     assert np.corrcoef(native.get_fdata()[inside], scan.get_fdata()[inside])[0, 1] > 0.8
     status = relcohort("status", workspace)
-    assert "10 participant(s) on the template grid (affine)" in status.stdout
+    assert f"10 participant(s) on the template grid (affine), {10 - len(usable)} diverged and left out" in status.stdout
+    for pid in qc.loc[qc["diverged"], "participant_id"]:
+        assert f"diverged {pid}: correlation" in status.stdout
     rerun = relcohort("run", catalog)
     assert rerun.returncode == 0, rerun.stderr
     stages = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
@@ -326,3 +343,27 @@ def test_catalog_checks_the_register_section_with_its_fields(tmp_path):
         register={"brain_mask": "BM"}, modalities={"T1": "{participant_id}_T1.nii.gz", "BM": "{participant_id}_m.nii"})
     catalog, _ = load_catalog(Path(__file__).parents[1] / "docs" / "catalog-native.yaml")
     assert catalog.registration.transform == "syn" and catalog.modalities["FLAIR"].space == "own"
+
+
+def test_registration_is_reproducible_in_a_fresh_process(tmp_path, registered):
+    """One ITK thread and a fixed seed: the same files give the same transform, bit for bit."""
+    _, files, _, _ = registered
+    script = f"""
+import json, sys
+from pathlib import Path
+import nibabel as nib, numpy as np
+from engine.data.registration import RegistrationSettings, register_cohort
+from engine.data.store import Modality
+from engine.layout import RegisteredLayout
+files = {{"sub-00": {{"T1": Path({str(files["sub-00"]["T1"])!r})}}}}
+maps = []
+for run in (0, 1):
+    layout = RegisteredLayout(Path({str(tmp_path)!r}) / f"run{{run}}")
+    register_cohort(layout, files, [Modality("T1", "")], RegistrationSettings(transform="syn", voxel_size=6.0))
+    maps.append(nib.load(layout.participant("sub-00").jacobian).get_fdata())
+print(json.dumps(bool(np.array_equal(maps[0], maps[1]))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is True

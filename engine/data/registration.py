@@ -76,9 +76,12 @@ class RegistrationSettings(BaseModel):
     on_error: Literal["fail", "skip"] = Field("fail", description="stop on a bad scan or failed registration, or "
                                               "skip that participant and record why")
     flag_z: float = Field(3.5, gt=0, description="QC: robust z below -flag_z on any measure flags a participant")
-    min_correlation: float = Field(0.25, ge=-1, lt=1, description="QC: a registration whose correlation with the "
-                                   "template is below this has failed (diverged)")
-    seed: int = Field(0, ge=0, description="ANTs' random seed (sampling of the metric); one ITK thread per task")
+    fail_z: float = Field(6.0, gt=0, description="QC: robust z below -fail_z on any measure: the registration "
+                          "diverged (far below the cohort); the participant is left out")
+    min_correlation: float = Field(0.25, ge=-1, lt=1, description="QC: a correlation with the template below this: "
+                                   "the registration diverged; the participant is left out")
+    seed: int = Field(1, ge=1, description="ANTs' random seed (sampling of the metric; nonzero: ANTs takes 0 as "
+                      "the clock); one ITK thread per task")
 
     @property
     def space_name(self) -> str:
@@ -263,20 +266,18 @@ class RegistrationJob:
 
 @contextlib.contextmanager
 def _ants_environment(seed: int) -> Iterator[None]:
-    """One ITK thread and ANTs' random seed for the calls inside (reproducible metric sampling)."""
+    """ANTs' random seed for the calls inside, and one ITK thread: like Dask's OMP_NUM_THREADS=1, one
+    thread per task. ITK reads its thread count once per process, at its first use, so a process
+    whose first ANTs call comes through here (a worker's registration task) registers reproducibly."""
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     import ants
 
-    previous = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"), ants.config._random_seed
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+    previous = ants.config._random_seed
     ants.config._random_seed = seed
     try:
         yield
     finally:
-        if previous[0] is None:
-            os.environ.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", None)
-        else:
-            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = previous[0]
-        ants.config._random_seed = previous[1]
+        ants.config._random_seed = previous
 
 
 @lru_cache(maxsize=1)
@@ -299,8 +300,13 @@ def register_participant(job: RegistrationJob) -> dict:
     """Register one participant and write ``registered/participants/<id>/``; returns its QC row.
 
     Raises :class:`InputError` naming the participant, file and problem for a bad scan or a
-    registration that failed or diverged (correlation with the template below ``min_correlation``).
+    failed registration; whether it diverged is decided over the cohort (:func:`register_cohort`).
     """
+    with _ants_environment(job.settings.seed):
+        return _register(job)
+
+
+def _register(job: RegistrationJob) -> dict:
     import ants
 
     started = time.perf_counter()
@@ -315,8 +321,7 @@ def register_participant(job: RegistrationJob) -> dict:
     template = ants.image_read(str(registered.template))
     template_mask = nib.load(registered.mask).get_fdata() > 0
     grid = Grid(template.shape, nib.load(registered.mask).affine)
-    with _ants_environment(settings.seed), tempfile.TemporaryDirectory() as scratch, \
-            atomic_output(registered.participant(pid).root) as partial:
+    with tempfile.TemporaryDirectory() as scratch, atomic_output(registered.participant(pid).root) as partial:
         partial.mkdir()
         out = ParticipantRegistration(partial)
         moving = to_ants(native_brain)
@@ -339,10 +344,6 @@ def register_participant(job: RegistrationJob) -> dict:
         warped = reference.numpy()
         qc = {"participant_id": pid, "correlation": correlation(warped[template_mask], template.numpy()[template_mask]),
               "nmi": normalized_mutual_information(warped[template_mask], template.numpy()[template_mask])}
-        if not qc["correlation"] >= settings.min_correlation:
-            raise InputError(f"{settings.reference}: registration diverged: correlation with the template "
-                             f"{qc['correlation']:.3f} < min_correlation {settings.min_correlation}", pid,
-                             reference_file)
         brain_on_grid = _apply(template, to_ants(nib.Nifti1Image(brain.astype(np.float32), native.affine)), forward,
                                "mask").numpy() > 0.5
         qc["dice"] = dice(brain_on_grid, template_mask)
@@ -458,7 +459,7 @@ def to_native(image: nib.spatialimages.SpatialImage, registered: RegisteredLayou
         transforms, invert = [str(participant.affine)], [True]
     if participant.inverse_warp.exists():
         transforms, invert = transforms + [str(participant.inverse_warp)], invert + [False]
-    with _ants_environment(0):
+    with _ants_environment(1):
         return to_nifti(_apply(fixed, to_ants(image), transforms, kind, invert))
 
 
@@ -471,7 +472,7 @@ def to_template(image: nib.spatialimages.SpatialImage, registered: RegisteredLay
     if not participant.native_grid.is_file():
         raise FileNotFoundError(f"{participant.root}: participant {participant_id} is not registered")
     template = ants.image_read(str(registered.template))
-    with _ants_environment(0):
+    with _ants_environment(1):
         return to_nifti(_apply(template, to_ants(image), _forward_transforms(participant), kind))
 
 
@@ -481,8 +482,8 @@ def to_template(image: nib.spatialimages.SpatialImage, registered: RegisteredLay
 
 @dataclass
 class RegistrationResult:
-    """``qc``: one row per registered participant (with robust z and ``flagged``); ``problems``:
-    the :class:`InputError` of every participant left out."""
+    """``qc``: one row per registered participant (robust z, ``flagged``, ``diverged``: left out);
+    ``problems``: the :class:`InputError` of every participant left out."""
 
     qc: pd.DataFrame
     problems: list[InputError]
@@ -492,6 +493,11 @@ class RegistrationResult:
     @property
     def flagged(self) -> list[str]:
         return self.qc.loc[self.qc["flagged"], "participant_id"].tolist()
+
+    @property
+    def usable(self) -> list[str]:
+        """Participants whose registered images go on to ingest."""
+        return self.qc.loc[~self.qc["diverged"], "participant_id"].tolist()
 
 
 class RegistrationError(RuntimeError):
@@ -509,7 +515,8 @@ def participant_key(settings: RegistrationSettings, files: dict[str, Path], moda
     """A participant's registration is current while its files (by content), settings and template are."""
     described = {name: {"space": m.space, "kind": m.kind, "modulate": m.modulate, "dtype": m.dtype}
                  for name, m in ((m.name, m) for m in modalities) if name in files}
-    return output_key({"registration": settings.model_dump(mode="json", exclude={"on_error", "flag_z"}),
+    decisions = {"on_error", "flag_z", "fail_z", "min_correlation"}  # taken over the cohort, after registering
+    return output_key({"registration": settings.model_dump(mode="json", exclude=decisions),
                        "modalities": described},
                       {"template": template_key, **{name: file_sha256(path) for name, path in files.items()}})
 
@@ -545,14 +552,27 @@ def register_cohort(registered: RegisteredLayout, files: dict[str, dict[str, Pat
     qc = pd.DataFrame(rows, columns=["participant_id", *QC_MEASURES, "reference", "transform", "seconds"])
     for measure in QC_MEASURES:  # a robust z needs a cohort: none below MIN_QC_COHORT participants
         qc[f"z_{measure}"] = robust_z(qc[measure]) if len(qc) >= MIN_QC_COHORT else np.nan
-    qc["flagged"] = (qc[[f"z_{m}" for m in QC_MEASURES]] < -settings.flag_z).any(axis=1)
+    z = qc[[f"z_{m}" for m in QC_MEASURES]]
+    qc["flagged"] = (z < -settings.flag_z).any(axis=1)
+    qc["diverged"] = (qc["correlation"] < settings.min_correlation) | (z < -settings.fail_z).any(axis=1)
     qc = qc.sort_values("participant_id").reset_index(drop=True)
+    for _, row in qc[qc["diverged"]].iterrows():
+        problems.append(InputError(f"{row['reference']}: registration diverged: {_divergence(row, settings)}",
+                                   row["participant_id"], files[row["participant_id"]][row["reference"]]))
     with atomic_output(registered.qc) as partial:
         qc.to_parquet(partial, index=False)
     result = RegistrationResult(qc, problems, len(rows) - len(kept), len(kept))
     if problems and settings.on_error == "fail":
         raise RegistrationError(problems)
     return result
+
+
+def _divergence(row: pd.Series, settings: RegistrationSettings) -> str:
+    if row["correlation"] < settings.min_correlation:
+        return f"correlation with the template {row['correlation']:.3f} < min_correlation {settings.min_correlation}"
+    worst = min(QC_MEASURES, key=lambda measure: row[f"z_{measure}"])
+    return (f"{worst} {row[worst]:.3f} is {-row[f'z_{worst}']:.1f} robust SDs below the cohort's "
+            f"(fail_z {settings.fail_z})")
 
 
 def _register_or_problem(job: RegistrationJob):

@@ -158,16 +158,17 @@ def _registration(ws: Workspace) -> list[str]:
     qc = ws.registration_qc
     if qc is None:
         return [_note("No registration stage: the images were on the template grid already.")]
-    flagged = qc[qc["flagged"]]
+    flagged = qc[qc["flagged"] | qc["diverged"]]
     transforms = ", ".join(sorted(qc["transform"].unique()))
     parts = [f"<p><b>{len(qc)}</b> participant(s) registered to the template ({html.escape(transforms)}); "
              "QC per participant: correlation and normalised mutual information of the registered reference scan "
              "with the template inside the template mask, and Dice of the participant's brain mask with the "
              f"template's. Flagged: a robust z (median / MAD over the cohort) below the catalog's flag_z on any "
-             f"measure ({len(flagged)} flagged).</p>",
+             f"measure ({int(qc['flagged'].sum())} flagged). Diverged, and left out of the images: a correlation "
+             f"below min_correlation or a z below fail_z ({int(qc['diverged'].sum())}).</p>",
              _figure(_qc_figure(qc), "QC measures per participant (flagged in red)")]
     parts.append(_table(flagged if len(flagged) else qc.nsmallest(min(len(qc), 5), "correlation"),
-                        "Flagged participants" if len(flagged) else
+                        "Flagged or diverged participants" if len(flagged) else
                         "Lowest correlation with the template (none flagged)"))
     shown = flagged if len(flagged) else qc.nsmallest(1, "correlation")
     for _, row in shown.head(MAX_OVERLAYS).iterrows():
