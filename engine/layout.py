@@ -149,6 +149,11 @@ class RegisteredLayout:
     def qc(self) -> Path:
         return self.root / "qc.parquet"
 
+    @property
+    def problems(self) -> Path:
+        """The last run's participants left out, and why (``participant_id``, ``file``, ``problem``)."""
+        return self.root / "problems.json"
+
     def participant(self, participant_id: str) -> ParticipantRegistration:
         return ParticipantRegistration(self.root / "participants" / participant_id)
 

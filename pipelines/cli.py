@@ -43,6 +43,7 @@ def run(
     """Run every stage of a catalog (those already done are skipped)."""
     from cluster import ClusterSetupError
     from engine.analysis.association import AnalysisError
+    from engine.data.registration import RegistrationError
     from engine.data.store import IngestError, InputError
     from pipelines.catalog import CatalogError
     from pipelines.runner import WorkspaceBusy, run_catalog
@@ -51,7 +52,8 @@ def run(
         _fail(f"--cluster must be local or slurm, not {cluster!r}")
     try:
         run_catalog(catalog, console, cluster=cluster)
-    except (CatalogError, InputError, IngestError, WorkspaceBusy, AnalysisError, ClusterSetupError) as error:
+    except (CatalogError, InputError, IngestError, RegistrationError, WorkspaceBusy, AnalysisError,
+            ClusterSetupError) as error:
         _fail(str(error))
 
 

@@ -98,6 +98,10 @@ class RegisterStage:
             lines.append(f"  {state} {row['participant_id']}: correlation {row['correlation']:.3f} "
                          f"(z {row['z_correlation']:.1f}), NMI {row['nmi']:.3f} (z {row['z_nmi']:.1f}), "
                          f"Dice {row['dice']:.3f} (z {row['z_dice']:.1f})")
+        if registered.problems.is_file():  # diverged ones are listed above
+            problems = json.loads(registered.problems.read_text())
+            lines += [f"  skipped {describe_problem(problem)}" for problem in problems
+                      if problem["participant_id"] not in set(qc["participant_id"])]
         return "\n".join(lines)
 
 

@@ -227,6 +227,7 @@ def test_bad_inputs_are_named_and_skipped_or_stop_without_losing_work(tmp_path, 
     assert skipped.registered == 0 and skipped.usable == ["sub-00"]
     assert skipped.qc.set_index("participant_id").loc["sub-noise", "diverged"]
     assert [problem.participant for problem in skipped.problems] == ["sub-noise"]
+    assert [problem["participant_id"] for problem in json.loads(layout.problems.read_text())] == ["sub-noise"]
     far = pd.Series({"correlation": 0.6, "nmi": 0.1, "dice": 0.4, "z_correlation": -1.0, "z_nmi": -2.0,
                      "z_dice": -9.5})
     assert _divergence(far, SETTINGS) == "dice 0.400 is 9.5 robust SDs below the cohort's (fail_z 6.0)"
