@@ -137,7 +137,11 @@ def test_unregistered_arm_equals_nilearn_resampling(tmp_path, template_brain):
     native.to_filename(tmp_path / "t1.nii.gz")
     layout = RegisteredLayout(tmp_path / "registered")
     settings = RegistrationSettings(transform="none", voxel_size=4.0, min_correlation=0)
-    register_cohort(layout, {"sub-01": {"T1": tmp_path / "t1.nii.gz"}}, [Modality("T1", "")], settings)
+    no_lesions = nib.Nifti1Image(np.zeros(native.shape, np.uint8), native.affine)  # a valid, empty lesion mask
+    no_lesions.to_filename(tmp_path / "wmh.nii.gz")
+    register_cohort(layout, {"sub-01": {"T1": tmp_path / "t1.nii.gz", "WMH": tmp_path / "wmh.nii.gz"}},
+                    [Modality("T1", ""), Modality("WMH", "", dtype="uint8", kind="mask")], settings)
+    assert not np.asanyarray(nib.load(layout.participant("sub-01").image("WMH")).dataobj).any()
     ours = nib.load(layout.participant("sub-01").image("T1")).get_fdata()
     reference = resample_to_img(native, nib.load(layout.mask), interpolation="linear", force_resample=True,
                                 copy_header=True).get_fdata()

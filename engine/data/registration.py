@@ -186,8 +186,9 @@ def to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
 # Checks of a participant's scan
 
 
-def check_scan(image, participant: str, path: Path, modality: str) -> None:
-    """A clear :class:`InputError` for a scan no registration can use."""
+def check_scan(image, participant: str, path: Path, modality: str, kind: str = "intensity") -> None:
+    """A clear :class:`InputError` for an image no registration can use. An empty or constant image is
+    refused for intensity scans only: a lesion mask without lesions is all zeros."""
     shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
     if len(shape) != 3:
         raise InputError(f"{modality}: expected a 3D image, got shape {image.shape}", participant, path)
@@ -198,19 +199,19 @@ def check_scan(image, participant: str, path: Path, modality: str) -> None:
     data = np.asanyarray(image.dataobj)
     if not np.isfinite(data).all():
         raise InputError(f"{modality}: the image has NaN or infinite voxels", participant, path)
-    if data.size == 0 or data.min() == data.max():
+    if data.size == 0 or (kind == "intensity" and data.min() == data.max()):
         value = data.flat[0] if data.size else "-"
         raise InputError(f"{modality}: the image is empty or constant (every voxel {value})", participant, path)
 
 
-def _read_scan(path: Path, participant: str, modality: str):
+def _read_scan(path: Path, participant: str, modality: str, kind: str = "intensity"):
     try:
         image, sha256 = load_image(path)
     except FileNotFoundError:
         raise InputError(f"no {modality} file", participant, path) from None
     except Exception as error:  # nibabel raises many types for a broken file
         raise InputError(f"{modality}: unreadable image ({type(error).__name__}: {error})", participant, path) from None
-    check_scan(image, participant, path, modality)
+    check_scan(image, participant, path, modality, kind)
     if len(image.shape) == 4:
         image = image.slicer[..., 0]
     return image
@@ -380,7 +381,7 @@ def _brain_mask(native: nib.spatialimages.SpatialImage, job: RegistrationJob) ->
         brain = _skull_strip(native)
     elif settings.brain_mask is not None:
         path = Path(job.files[settings.brain_mask])
-        mask = _read_scan(path, pid, settings.brain_mask)
+        mask = _read_scan(path, pid, settings.brain_mask, "mask")
         if mask.shape[:3] != native.shape[:3] or not np.allclose(mask.affine, native.affine, atol=1e-3):
             raise InputError(f"{settings.brain_mask}: the brain mask is not on the {settings.reference} scan's grid",
                              pid, path)
@@ -425,7 +426,7 @@ def _modality_on_grid(template, grid: Grid, native_reference, path: Path, modali
     world space, on any grid, e.g. FreeSurfer's conformed volumes) and kind."""
     import ants
 
-    image = _read_scan(path, pid, modality.name)
+    image = _read_scan(path, pid, modality.name, modality.kind)
     moving = to_ants(image)
     if modality.space == "template":
         if not grid.matches(image.shape[:3], image.affine, atol=1e-3):
