@@ -236,12 +236,13 @@ class TrainStage:
         if not path.is_file():
             return None
         metrics = pd.read_parquet(path)
-        members = sorted(set(metrics["member"]) - {training.ENSEMBLE, training.BASELINE})
+        members = sorted(set(metrics["member"]) - {training.ENSEMBLE, training.BASELINE, training.RIDGE})
         return f"{layout.models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}"
 
 
 def _test_metrics(metrics: pd.DataFrame) -> dict:
-    test = metrics[(metrics["split"] == "test") & metrics["member"].isin([training.ENSEMBLE, training.BASELINE])]
+    baselines = [training.ENSEMBLE, training.BASELINE, training.RIDGE]
+    test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
     columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc") if column in test]
     return {row["member"]: {column: round(float(row[column]), 3) for column in columns} for _, row in test.iterrows()}
 

@@ -189,6 +189,18 @@ def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store,
     assert metrics.loc[("ensemble", "test"), "mae"] == pytest.approx(
         np.abs(test["predicted"] - test["observed"]).mean())
     assert ("predict_train_mean", "test") in metrics.index
+    # the ridge baseline: scikit-learn's RidgeCV on the stored T1 and FLAIR voxels of the training split
+    from sklearn.linear_model import RidgeCV
+
+    from engine.models.baselines import DEFAULT_ALPHAS
+
+    dataset = open_cohort(tiny_store)
+    voxels = np.hstack([dataset[name].values.astype(np.float64) for name in CONFIG.modalities])
+    age = dataset.age.values
+    in_split = split.reindex(dataset.subject.values).to_numpy()
+    ridge = RidgeCV(alphas=DEFAULT_ALPHAS).fit(voxels[in_split == "train"], age[in_split == "train"])
+    expected = np.abs(ridge.predict(voxels[in_split == "test"]) - age[in_split == "test"]).mean()
+    assert metrics.loc[("ridge_voxels", "test"), "mae"] == pytest.approx(expected, rel=1e-6)
     assert test["brain_age_gap_corrected"].notna().all()
     assert (pd.read_csv(tmp_path / "split.tsv", sep="\t").set_index("participant_id")["split"]
             .reindex(split.index).equals(split))

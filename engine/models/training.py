@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
@@ -38,6 +39,8 @@ SPLITS = ("train", "validation", "test")
 ENSEMBLE = "ensemble"
 #: The ``member`` of the predict-the-training-mean baseline's rows in ``metrics.parquet``.
 BASELINE = "predict_train_mean"
+#: The ``member`` of the ridge baseline's rows: ridge regression on the members' stored input voxels.
+RIDGE = "ridge_voxels"
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,6 +476,20 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
     return {**combine_members(files.root, dataset, config, members, classes), "trained": len(todo)}
 
 
+def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame) -> dict:
+    """Test metrics of ridge regression on the stored voxels of the members' input modalities (all of
+    them side by side), fitted on the training split with α by leave-one-out (:mod:`engine.models.baselines`)."""
+    from engine.models.baselines import ridge_baseline
+
+    split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
+    maps = xr.DataArray(da.concatenate([dataset[name].data for name in config.modalities], axis=1),
+                        dims=("subject", "voxel"))
+    target = dataset[config.target].values.astype(np.float64)
+    fit = ridge_baseline(maps, target, split == "train")
+    test = split == "test"
+    return regression_metrics(target[test], fit.predictions[test])
+
+
 def _split_hash(split: pd.Series) -> str:
     return str(pd.util.hash_pandas_object(split.sort_index()).sum())
 
@@ -514,7 +531,9 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
         train = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "train")]
         test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
         baseline = regression_metrics(test["observed"], np.full(len(test), train["observed"].mean()))
-        metrics = pd.concat([metrics, pd.DataFrame([{"member": BASELINE, "split": "test", **baseline}])],
+        ridge = _ridge_metrics(dataset, config, predictions[predictions.member == ENSEMBLE])
+        metrics = pd.concat([metrics, pd.DataFrame([{"member": BASELINE, "split": "test", **baseline},
+                                                    {"member": RIDGE, "split": "test", **ridge}])],
                             ignore_index=True)
     for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
         with atomic_output(path) as partial:
