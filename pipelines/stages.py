@@ -244,7 +244,7 @@ def _test_metrics(metrics: pd.DataFrame) -> dict:
     baselines = [training.ENSEMBLE, training.BASELINE, training.RIDGE]
     test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
     columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc") if column in test]
-    return {row["member"]: {column: round(float(row[column]), 3) for column in columns} for _, row in test.iterrows()}
+    return {row["member"]: {column: round(float(row[column]), 4) for column in columns} for _, row in test.iterrows()}
 
 
 class ExplainStage:
