@@ -37,7 +37,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.grid import MNI_SPACE, Grid, mni_grid
-from engine.data.store import InputError, Modality, load_image
+from engine.data.store import InputError, Modality, load_image, spatial_shape
 from engine.layout import (ParticipantRegistration, RegisteredLayout, atomic_output, file_sha256, forget,
                            is_current, mark_current, output_key)
 from engine.tasks import run_tasks
@@ -189,7 +189,7 @@ def to_nifti(image, dtype=np.float32) -> nib.Nifti1Image:
 def check_scan(image, participant: str, path: Path, modality: str, kind: str = "intensity") -> None:
     """A clear :class:`InputError` for an image no registration can use. An empty or constant image is
     refused for intensity scans only: a lesion mask without lesions is all zeros."""
-    shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
+    shape = spatial_shape(image.shape)
     if len(shape) != 3:
         raise InputError(f"{modality}: expected a 3D image, got shape {image.shape}", participant, path)
     linear = np.asarray(image.affine, float)[:3, :3]

@@ -182,13 +182,13 @@ def resolve_files(root: str | Path, table: pd.DataFrame, modalities: list[Modali
     return files, problems
 
 
-def _spatial(shape: tuple) -> tuple:
+def spatial_shape(shape: tuple) -> tuple:
     """A shape without a trailing singleton 4th axis (a 3D image saved as one volume)."""
     return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
 
 
 def _check_header(image, grid: Grid, participant: str, path: Path) -> None:
-    shape = _spatial(image.shape)
+    shape = spatial_shape(image.shape)
     if len(shape) != 3:
         raise InputError(f"expected a 3D image, got shape {image.shape} ({len(image.shape)}D)", participant, path)
     if not grid.matches(shape, image.affine, atol=1e-3):
@@ -253,7 +253,7 @@ def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant
         volume = np.asanyarray(image.dataobj)
     except Exception as error:
         raise InputError(f"unreadable or truncated image: {error}", participant, path) from None
-    volume = volume.reshape(_spatial(volume.shape))
+    volume = volume.reshape(spatial_shape(volume.shape))
     # NIfTI data are usually Fortran-ordered: index the flat view in its own memory order
     flat = mask.fortran if volume.flags.f_contiguous else mask.c_order
     values = volume.ravel(order="K")[flat] if volume.flags.forc else volume[mask.indices]
@@ -280,7 +280,7 @@ def _string_array(values) -> np.ndarray:
 def _create_store(path: Path, mask_path: Path, space: str | None, voxels_per_chunk: int) -> zarr.Group:
     image = nib.load(mask_path)
     mask = np.asanyarray(image.dataobj)
-    mask = mask.reshape(_spatial(mask.shape))
+    mask = mask.reshape(spatial_shape(mask.shape))
     if mask.ndim != 3:
         raise InputError(f"the brain mask must be 3D, got shape {mask.shape}", file=mask_path)
     indices = np.argwhere(mask > 0)
