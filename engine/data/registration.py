@@ -323,8 +323,9 @@ def _register(job: RegistrationJob) -> dict:
     native_brain = nib.Nifti1Image(np.where(brain, native.get_fdata(dtype=np.float32), 0), native.affine)
 
     template = ants.image_read(str(registered.template))
-    template_mask = nib.load(registered.mask).get_fdata() > 0
-    grid = Grid(template.shape, nib.load(registered.mask).affine)
+    mask_image = nib.load(registered.mask)
+    template_mask = np.asanyarray(mask_image.dataobj) > 0
+    grid = Grid(template.shape, mask_image.affine)
     with tempfile.TemporaryDirectory() as scratch, atomic_output(registered.participant(pid).root) as partial:
         partial.mkdir()
         out = ParticipantRegistration(partial)
