@@ -1,8 +1,11 @@
 """The streaming ridge baseline against scikit-learn's RidgeCV."""
 
+import warnings
+
 import numpy as np
 import pytest
 import xarray as xr
+from dask.array.core import PerformanceWarning
 from sklearn.linear_model import RidgeCV
 
 from engine.models.baselines import ridge_baseline
@@ -18,7 +21,9 @@ def test_ridge_baseline_equals_sklearn_ridgecv(voxels):
     train[rng.permutation(n)[:40]] = True
     maps = xr.DataArray(x.astype(np.float32), dims=("subject", "voxel")).chunk({"subject": 16, "voxel": 64})
     alphas = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
-    ours = ridge_baseline(maps, target, train, alphas)
+    with warnings.catch_warnings():  # dask's rechunking warning is nothing a user can act on
+        warnings.simplefilter("error", PerformanceWarning)
+        ours = ridge_baseline(maps, target, train, alphas)
     reference = RidgeCV(alphas=alphas).fit(x.astype(np.float32).astype(np.float64)[train], target[train])
     assert ours.alpha == reference.alpha_
     assert ours.loo_mse[ours.alpha] == pytest.approx(-reference.best_score_, rel=1e-6)  # leave-one-out MSE

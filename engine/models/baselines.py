@@ -36,7 +36,7 @@ def gram_matrix(maps: xr.DataArray) -> np.ndarray:
         raise ValueError(f"ridge: maps need dims ('subject', 'voxel'), got {maps.dims}")
     values = maps.transpose("subject", "voxel").data
     values = values if isinstance(values, da.Array) else da.from_array(np.asarray(values))
-    values = values.astype(np.float64)
+    values = values.astype(np.float64).rechunk({0: -1})  # all subjects per block: aligned voxel blocks, one sum
     return np.asarray(da.dot(values, values.T).compute())
 
 
