@@ -36,7 +36,9 @@ def gram_matrix(maps: xr.DataArray) -> np.ndarray:
         raise ValueError(f"ridge: maps need dims ('subject', 'voxel'), got {maps.dims}")
     values = maps.transpose("subject", "voxel").data
     values = values if isinstance(values, da.Array) else da.from_array(np.asarray(values))
-    values = values.astype(np.float64).rechunk({0: -1})  # all subjects per block: aligned voxel blocks, one sum
+    # every subject in each block (aligned voxel blocks, no rechunking inside the product), blocks of
+    # about 256 MB: N × (2²⁵ / N) float64 values
+    values = values.astype(np.float64).rechunk({0: -1, 1: max(256, 2**25 // values.shape[0])})
     return np.asarray(da.dot(values, values.T).compute())
 
 
