@@ -1,14 +1,19 @@
-"""LRP rules against independent references: gradient×input, conservation, captum."""
+"""LRP rules against independent references: iNNvestigate's rules written out in numpy float64,
+gradient×input, conservation, captum."""
 
 import copy
+from itertools import product
 
+import numpy as np
 import pytest
 import torch
 from captum.attr import LRP
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule
+from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
-from engine.models.lrp import AlphaBeta, Epsilon, lrp, merge_batchnorm
+from engine.models.attribution import AttributionOptions, attribute
+from engine.models.lrp import AlphaBeta, Epsilon, ZPlus, lrp, prepare
 from engine.models.networks import ModelSpec, build_model, place
 
 SHAPE = (12, 14, 10)
@@ -34,6 +39,169 @@ def _gradient_x_input(model, x):
     x = x.clone().requires_grad_(True)
     (gradient,) = torch.autograd.grad(model(x)[:, 0].sum(), x)
     return (x * gradient).detach()
+
+
+# --- iNNvestigate's rules (relevance_rule.py), one layer at a time in numpy float64 ---------------
+
+
+def _safe(z):
+    """iNNvestigate's safe_divide denominator: exact zeros become K.epsilon() = 1e-7."""
+    return np.where(z == 0, 1e-7, z)
+
+
+def _conv(x, weight):
+    """A 'same'-padded 3D cross-correlation of one sample (channels, x, y, z), without bias."""
+    k = weight.shape[-1]
+    padded = np.pad(x, ((0, 0), *[(k // 2, k // 2)] * 3))
+    out = np.zeros((weight.shape[0], *x.shape[1:]))
+    for a, b, c in product(range(k), repeat=3):
+        window = padded[:, a:a + x.shape[1], b:b + x.shape[2], c:c + x.shape[3]]
+        out += np.einsum("oc,cxyz->oxyz", weight[:, :, a, b, c], window)
+    return out
+
+
+def _conv_backward(signal, weight, shape):
+    """Σ_j w_ij s_j: the transpose of :func:`_conv` applied to an output-shaped signal."""
+    k = weight.shape[-1]
+    grown = np.zeros((weight.shape[1], *[n + 2 * (k // 2) for n in shape]))
+    for a, b, c in product(range(k), repeat=3):
+        grown[:, a:a + shape[0], b:b + shape[1], c:c + shape[2]] += np.einsum("oc,oxyz->cxyz",
+                                                                              weight[:, :, a, b, c], signal)
+    return grown[:, k // 2:k // 2 + shape[0], k // 2:k // 2 + shape[1], k // 2:k // 2 + shape[2]]
+
+
+def _max_pool(x):
+    """3×3×3 max-pooling, stride 2, padding 1: the output and each output's winning input (flat index)."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1)), constant_values=-np.inf)
+    windows = sliding_window_view(padded, (3, 3, 3), axis=(1, 2, 3))[:, ::2, ::2, ::2]
+    flat = windows.reshape(*windows.shape[:4], 27)
+    best = flat.argmax(axis=-1)
+    a, b, c = np.unravel_index(best, (3, 3, 3))
+    channel, i, j, k = np.indices(best.shape)
+    winners = np.ravel_multi_index((channel, 2 * i + a - 1, 2 * j + b - 1, 2 * k + c - 1), x.shape)
+    return flat.max(axis=-1), winners
+
+
+def _epsilon_rule(x, weight, bias, relevance, epsilon, use_bias, forward, backward):
+    z = forward(x, weight) + (bias if use_bias else 0)
+    denominator = z + np.where(z >= 0, 1, -1) * epsilon if epsilon else _safe(z)
+    return x * backward(relevance / denominator, weight)
+
+
+def _alpha_beta_rule(x, weight, bias, relevance, alpha, beta, use_bias, forward, backward):
+    """AlphaBetaRule.apply: each part's layer copy keeps its sign's share of the bias (b⁺ or b⁻)."""
+    positive_x, negative_x = np.maximum(x, 0), np.minimum(x, 0)
+    positive_w, negative_w = np.maximum(weight, 0), np.minimum(weight, 0)
+    positive_b, negative_b = (np.maximum(bias, 0), np.minimum(bias, 0)) if use_bias else (0, 0)
+
+    def part(w1, b1, w2, b2):
+        z = forward(positive_x, w1) + b1 + forward(negative_x, w2) + b2
+        signal = relevance / _safe(z)
+        return positive_x * backward(signal, w1) + negative_x * backward(signal, w2)
+
+    activating = part(positive_w, positive_b, negative_w, negative_b)
+    if not beta:
+        return activating
+    return alpha * activating - beta * part(negative_w, negative_b, positive_w, positive_b)
+
+
+def _reference_lrp(model, x, dense_rule, conv_rule):
+    """LRP of an MRInet, sample by sample, each layer's relevance from its stored input; the output
+    scale is folded into the output layer as in the same network trained without it."""
+    features = [m for m in model.features if not isinstance(m, nn.ReLU)]
+    hidden, output = model.head[1], model.head[3]
+    scale = model.output_scale.detach().numpy()
+    numpy = lambda tensor: tensor.detach().numpy().astype(np.float64)  # noqa: E731
+    dense = (lambda a, w: w @ a, lambda s, w: w.T @ s)
+    maps = []
+    for sample in x.numpy():
+        stored, a = [], sample
+        for layer in features:
+            stored.append(a)
+            if isinstance(layer, nn.Conv3d):
+                a = np.maximum(_conv(a, numpy(layer.weight)) + numpy(layer.bias)[:, None, None, None], 0)
+            else:
+                a, winners = _max_pool(a)
+                stored[-1] = (stored[-1], winners)
+        flat = a.reshape(-1)
+        h = np.maximum(numpy(hidden.weight) @ flat + numpy(hidden.bias), 0)
+        w_out, b_out = numpy(output.weight) * scale[:, None], numpy(output.bias) * scale
+        relevance = w_out @ h + b_out  # LRP starts from the output's value
+        relevance = dense_rule(h, w_out, b_out, relevance[:1], *dense)
+        relevance = dense_rule(flat, numpy(hidden.weight), numpy(hidden.bias), relevance, *dense).reshape(a.shape)
+        for layer, kept in zip(features[::-1], stored[::-1], strict=True):
+            if isinstance(layer, nn.Conv3d):
+                weight, bias = numpy(layer.weight), numpy(layer.bias)[:, None, None, None]
+                relevance = conv_rule(kept, weight, bias, relevance, _conv,
+                                      lambda s, w, shape=kept.shape[1:]: _conv_backward(s, w, shape))
+            else:
+                before, winners = kept
+                spread = np.zeros(before.size)
+                np.add.at(spread, winners.reshape(-1), relevance.reshape(-1))
+                relevance = spread.reshape(before.shape)
+        maps.append(relevance)
+    return torch.from_numpy(np.stack(maps))
+
+
+def _epsilon(epsilon, use_bias=True):
+    return lambda x, w, b, r, forward, backward: _epsilon_rule(x, w, b, r, epsilon, use_bias, forward, backward)
+
+
+def _alpha_beta(alpha, beta, use_bias=True):
+    return lambda x, w, b, r, forward, backward: _alpha_beta_rule(x, w, b, r, alpha, beta, use_bias, forward,
+                                                                  backward)
+
+
+REFERENCES = {  # method: (rule of the dense layers, rule of the convolutions, options)
+    "lrp": (_epsilon(0.1), _alpha_beta(1, 0), {}),
+    "lrp_ignore_bias": (_epsilon(0.1, False), _alpha_beta(1, 0, False), {}),
+    "lrp_epsilon": (_epsilon(0.1), _epsilon(0.1), {}),
+    "lrp_alpha2beta1": (_alpha_beta(2, 1), _alpha_beta(2, 1), {}),
+    "lrp_alpha2beta1_ignore_bias": (_alpha_beta(2, 1, False), _alpha_beta(2, 1, False), {}),
+    "lrp_zplus": (_alpha_beta(1, 0, False), _alpha_beta(1, 0, False), {}),
+    "lrp_zero": (_epsilon(0), _epsilon(0), {}),
+    # the catalog's ε, α, β: sequential_preset_b with ε = 0.5
+    "lrp_preset_b": (_epsilon(0.5), _alpha_beta(2, 1), {"lrp_epsilon": 0.5, "lrp_alpha": 2.0, "lrp_beta": 1.0}),
+}
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("method", list(REFERENCES))
+def test_lrp_methods_equal_innvestigates_rules_with_biases(method, signed):
+    """Biases drawn large enough to matter, a rescaled output, signed inputs (z-scored scans) or not."""
+    model, x = _model(), _inputs(signed)
+    with torch.no_grad():
+        model.output_scale.fill_(7.0)
+        for module in model.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                module.bias.normal_(0, 0.5)
+    dense_rule, conv_rule, options = REFERENCES[method]
+    relevance = attribute(model, x, method.replace("_preset_b", ""), AttributionOptions(**options))
+    reference = _reference_lrp(model, x, dense_rule, conv_rule).sum(dim=1)
+    assert reference.abs().max() > 0
+    assert torch.allclose(relevance, reference, rtol=1e-6, atol=1e-6 * reference.abs().max().item())
+
+
+def test_biases_change_the_study_presets_relevance():
+    """The bias-including and bias-free presets differ on a network with biases and agree without."""
+    model, x = _model(), _inputs()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                module.bias.normal_(0, 0.5)
+    with_bias, without = lrp(model, x, "study"), lrp(model, x, "study_ignore_bias")
+    assert (with_bias - without).abs().max() > 0.01 * without.abs().max()
+    model = _model(bias_free=True)
+    assert torch.allclose(lrp(model, x, "study"), lrp(model, x, "study_ignore_bias"), rtol=1e-10)
+
+
+def test_folding_the_output_scale_keeps_the_function():
+    model, x = _model(), _inputs()
+    with torch.no_grad():
+        model.output_scale.fill_(7.0)
+    prepared = prepare(model)
+    assert float(prepared.output_scale[0]) == 1.0 and float(model.output_scale[0]) == 7.0
+    assert torch.allclose(prepared(x), model(x), rtol=1e-12)
 
 
 def test_lrp_zero_equals_gradient_times_input_on_bias_free_relu_network():
@@ -62,6 +230,7 @@ def test_epsilon_rule_conserves_relevance_as_epsilon_vanishes_and_absorbs_it_oth
 
 @pytest.mark.parametrize("preset", ["epsilon", "study"])
 def test_lrp_equals_captum_where_both_apply(preset):
+    """captum's z⁺ ignores biases: compared with ε (bias included) on dense layers and z⁺ on convolutions."""
     model, x = _model(), _inputs()
     reference_model = copy.deepcopy(model)
     for module in reference_model.modules():
@@ -72,7 +241,8 @@ def test_lrp_equals_captum_where_both_apply(preset):
         elif isinstance(module, nn.MaxPool3d):
             module.rule = EpsilonRule(1e-12)
     reference = LRP(reference_model).attribute(x.clone(), target=0).detach()
-    relevance = lrp(model, x, preset)
+    rules = "epsilon" if preset == "epsilon" else {nn.Linear: Epsilon(0.1), nn.Conv3d: ZPlus()}
+    relevance = lrp(model, x, rules)
     assert torch.allclose(relevance, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item())
 
 
@@ -89,7 +259,7 @@ def _with_kept_gates(model):
     return kept
 
 
-@pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon", "zero"])
+@pytest.mark.parametrize("preset", ["study", "study_ignore_bias", "alpha2beta1", "epsilon", "zero"])
 def test_relus_absorbed_by_the_rule_before_them_change_no_relevance(preset):
     """Rules clamp z and zero their scale where z ≤ 0 in place of the ReLU that follows; the
     relevance equals that with the ReLU and autograd's own gate."""
@@ -133,7 +303,7 @@ def test_merged_batchnorm_keeps_the_function_and_lrp_runs_on_sfcn():
             nn.init.normal_(module.weight, 1, 0.2)
             nn.init.normal_(module.bias, 0, 0.2)
     x = _inputs()
-    merged = merge_batchnorm(model)
+    merged = prepare(model)
     assert not any(isinstance(module, nn.BatchNorm3d) for module in merged.modules())
     assert torch.allclose(merged(x), model(x), rtol=1e-10)
     relevance = lrp(merged, x, "zplus")
@@ -143,7 +313,7 @@ def test_merged_batchnorm_keeps_the_function_and_lrp_runs_on_sfcn():
 def test_batchnorm_that_follows_no_convolution_is_refused():
     model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.BatchNorm3d(2)).eval()
     with pytest.raises(ValueError, match="do not directly follow a Conv3d"):
-        merge_batchnorm(model)
+        prepare(model)
 
 
 def test_bad_rules_and_presets_are_refused():
@@ -153,6 +323,8 @@ def test_bad_rules_and_presets_are_refused():
         AlphaBeta(0.5, -0.5)
     with pytest.raises(ValueError, match="unknown LRP preset 'gamma'"):
         lrp(_model(), _inputs(), "gamma")
+    with pytest.raises(ValueError, match="α − β = 1"):
+        AttributionOptions(lrp_alpha=2.0)
 
 
 @pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon"])

@@ -41,7 +41,7 @@ from captum.attr import (
     Occlusion,
     Saliency,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from engine.models import lrp
@@ -68,8 +68,19 @@ class AttributionOptions(BaseModel):
     noise_learning_rate: float = Field(0.1, gt=0, description="noise-importance Adam learning rate")
     noise_sparsity: float = Field(1.0, ge=0, description="λ: reward for noise against the squared prediction "
                                   "change (in target SDs)")
-    target: int = Field(0, ge=0, description="output (class) to explain")
+    lrp_epsilon: float = Field(0.1, ge=0, description="ε of LRP's ε-rules (lrp's dense layers, lrp_epsilon)")
+    lrp_alpha: float = Field(1.0, ge=1, description="α of lrp's convolutions (α − β = 1; 1: sequential_preset_a, "
+                             "2: sequential_preset_b)")
+    lrp_beta: float = Field(0.0, ge=0, description="β of lrp's convolutions")
+    target: int | None = Field(None, ge=0, description="output (class index) to explain; default: the last "
+                               "output, i.e. the regression value or the last of the sorted classes (a binary "
+                               "classification's positive class, as in the report's TP/FP/TN/FN)")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _alpha_minus_beta_is_one(self):
+        lrp.AlphaBeta(self.lrp_alpha, self.lrp_beta)  # raises on α − β ≠ 1
+        return self
 
     def as_dict(self) -> dict:
         return self.model_dump()
@@ -81,7 +92,8 @@ def _channel_sum(maps: torch.Tensor) -> torch.Tensor:
 
 def _lrp(preset: str) -> Callable:
     def method(model, inputs, options, context):
-        return _channel_sum(lrp.lrp(context["lrp_model"], inputs, preset, options.target))
+        rules = lrp.preset(preset, options.lrp_epsilon, options.lrp_alpha, options.lrp_beta)
+        return _channel_sum(lrp.lrp(context["lrp_model"], inputs, rules, options.target))
     return method
 
 
@@ -170,9 +182,12 @@ def _noise_importance(model, inputs, options, context):
 
 METHODS: dict[str, Callable] = {
     "lrp": _lrp("study"),
+    "lrp_ignore_bias": _lrp("study_ignore_bias"),
     "lrp_epsilon": _lrp("epsilon"),
     "lrp_alpha2beta1": _lrp("alpha2beta1"),
+    "lrp_alpha2beta1_ignore_bias": _lrp("alpha2beta1_ignore_bias"),
     "lrp_zplus": _lrp("zplus"),
+    "lrp_zero": _lrp("zero"),
     "gradient": _gradient,
     "gradient_x_input": _gradient_x_input,
     "guided_backprop": _guided_backprop,
@@ -185,6 +200,12 @@ METHODS: dict[str, Callable] = {
 }
 
 
+def _last_output(model: nn.Module) -> int:
+    """The index of the model's last output (its output layer's last unit)."""
+    layer = getattr(model, "output_layer", None)
+    return 0 if layer is None else layer.weight.shape[0] - 1
+
+
 def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: AttributionOptions | None = None,
               region_labels: np.ndarray | None = None) -> torch.Tensor:
     """Voxel maps ``(batch, x, y, z)`` of ``method`` for the eval-mode ``model`` on ``inputs``.
@@ -195,10 +216,12 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: Attr
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
     options = options or AttributionOptions()
+    if options.target is None:
+        options = options.model_copy(update={"target": _last_output(model)})
     model.eval()
     context = {"region_labels": region_labels}
     if method.startswith("lrp"):
-        context["lrp_model"] = lrp.merge_batchnorm(model)
+        context["lrp_model"] = lrp.prepare(model)
     torch.manual_seed(options.seed)
     inputs = inputs.detach().requires_grad_(True)
     return METHODS[method](model, inputs, options, context).detach().to(inputs.dtype)
@@ -248,7 +271,7 @@ def _explain_block(item):
     out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
     device = torch_device()
     model, card = load_member(ModelsLayout(Path(models_dir)).member(member), device)
-    volumes = CohortVolumes(store, card["config"]["modalities"])
+    volumes = CohortVolumes(store, card["config"]["modalities"], card["config"].get("input_scaling", "zscore"))
     inputs = torch.from_numpy(volumes.read(positions)).to(device)
     group = zarr.open_group(out, mode="r+")
     for method_index, method in enumerate(methods):

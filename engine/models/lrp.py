@@ -1,5 +1,11 @@
 """Layer-wise Relevance Propagation for 3D CNNs: rules, composites, BatchNorm merging.
 
+The rules are iNNvestigate's (the seed study's analyzer was its ``lrp.sequential_preset_a``),
+biases included unless a rule says ``bias=False`` (iNNvestigate's ``…IgnoreBias`` rules). Where a
+rule's denominator is zero the neuron passes no relevance; iNNvestigate divides by 1e-7 instead,
+which gives the same relevance whenever the neuron's contributions are all zero (the denominator
+is their sum, plus the bias for rules that include it; an exact cancellation is the exception).
+
 All rules share one mechanism (the "gradient trick"): a forward hook keeps a layer's output
 value ``z`` but routes the gradient through modified forward passes ``ẑ``::
 
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -90,42 +96,56 @@ def _route(output: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]])
 
 
 def _ratio(output: torch.Tensor, denominator: torch.Tensor, weight: float) -> torch.Tensor:
-    """weight · output / denominator, in place in the (fresh) denominator."""
-    ratio = torch.div(output, denominator, out=denominator)
+    """weight · output / denominator, in place in the (fresh) denominator; 0 where the denominator is 0."""
+    ratio = torch.div(output, denominator, out=denominator).nan_to_num_(0.0, 0.0, 0.0)
     return ratio if weight == 1 else ratio.mul_(weight)
+
+
+def _bias_of(module: nn.Module, output: torch.Tensor) -> torch.Tensor | float:
+    """The layer's bias shaped to broadcast over its output (0 without one)."""
+    return 0 if module.bias is None else module.bias.reshape(-1, *[1] * (output.dim() - 2))
 
 
 @dataclass(frozen=True)
 class Epsilon:
-    """LRP-ε: R_i = Σ_j x_i w_ij / (z_j + ε·sign z_j) R_j (ε = 0 is LRP-0).
+    """LRP-ε: R_i = Σ_j x_i w_ij / (z_j + ε·sign z_j) R_j, sign(0) = +1 (ε = 0 is LRP-0).
 
-    The layer's own backward pass does the work: only the gradient arriving at its output is
-    rescaled by z / (z + ε·sign z).
+    ``z_j`` includes the bias b_j (which so keeps a share of the relevance); with ``bias=False``
+    it is Σ_i x_i w_ij. The layer's own backward pass does the work: only the gradient arriving
+    at its output is rescaled by z / (ẑ + ε·sign ẑ).
     """
 
     epsilon: float = 0.1
+    bias: bool = True
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor, absorbs_relu: bool = False) -> None:
         with torch.no_grad():
-            scale = _ratio(output, _stabilise(output, self.epsilon if self.epsilon else 1e-12), 1.0)
-            if absorbs_relu:
-                scale.masked_fill_(output <= 0, 0)
+            z = output if self.bias else output - _bias_of(module, output)
+            denominator = _stabilise(z, self.epsilon) if self.epsilon else z.clone()
+            if absorbs_relu:  # the ReLU's gate: a zero output passes no relevance
                 output.clamp_(min=0)
+            scale = _ratio(output, denominator, 1.0)
         if output.requires_grad:
             output.register_hook(lambda gradient: scale.mul_(gradient))
 
 
 @dataclass(frozen=True)
 class AlphaBeta:
-    """LRP-αβ: positive contributions weighted by α, negative ones by β (α − β = 1); biases ignored.
+    """LRP-αβ (α − β = 1): activating contributions weighted by α, inhibiting ones by β.
+
+    R_i = α Σ_j (x_i w_ij)⁺/ẑ⁺_j R_j − β Σ_j (x_i w_ij)⁻/ẑ⁻_j R_j, with the activating part
+    ẑ⁺ = W⁺x⁺ + W⁻x⁻ and the inhibiting part ẑ⁻ = W⁻x⁺ + W⁺x⁻. With ``bias`` each denominator also
+    holds the bias as iNNvestigate adds it (its layer copies keep b⁺ with W⁺ and b⁻ with W⁻), so
+    both ẑ⁺ and ẑ⁻ gain the whole b_j; with ``bias=False`` (z⁺ when α = 1) the relevance of active
+    neurons is conserved exactly.
 
     For non-negative inputs (after a ReLU) one extra pass with the positive weights suffices:
-    the negative contributions are the layer's bias-free output minus the positive ones.
+    the inhibiting contributions are the layer's output minus the activating ones.
     """
 
     alpha: float = 1.0
     beta: float = 0.0
-    stabiliser: float = 1e-9
+    bias: bool = True
 
     def __post_init__(self):
         if abs(self.alpha - self.beta - 1) > 1e-12 or self.beta < 0:
@@ -134,55 +154,78 @@ class AlphaBeta:
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor,
                  absorbs_relu: bool = False) -> torch.Tensor:
         x = inputs[0]
+        bias = module.bias if self.bias else None
         positive_w = module.weight.clamp(min=0)
         negative = None
         if bool((x >= 0).all()):
-            positive = _forward(module, x, positive_w, None)
-            if self.beta:
-                bias = 0 if module.bias is None else module.bias.reshape(-1, *[1] * (output.dim() - 2))
-                negative = output - bias - positive
+            positive = _forward(module, x, positive_w, bias)
+            if self.beta:  # W⁻x (+ b) from z = W⁺x + W⁻x + b
+                layer_bias = _bias_of(module, output)
+                negative = output - positive + layer_bias if self.bias else output - layer_bias - positive
         else:  # signed inputs: both signs of x as channels of one pass, W⁺x⁺ + W⁻x⁻ (and W⁻x⁺ + W⁺x⁻)
             negative_w = module.weight.clamp(max=0)
             split_x = _SignSplit.apply(x, _layout(output))
-            positive = _forward(module, split_x, torch.cat([positive_w, negative_w], dim=1), None)
+            positive = _forward(module, split_x, torch.cat([positive_w, negative_w], dim=1), bias)
             if self.beta:
-                negative = _forward(module, split_x, torch.cat([negative_w, positive_w], dim=1), None)
+                negative = _forward(module, split_x, torch.cat([negative_w, positive_w], dim=1), bias)
         # The modified outputs' values are not needed by their backward passes (a convolution's
         # backward reads its input and weight), so each one is turned into its scale in place.
         with torch.no_grad():
-            terms = [(positive, _ratio(output, positive.add_(self.stabiliser), self.alpha))]
-            if negative is not None:
-                terms.append((negative, _ratio(output, negative.sub_(self.stabiliser), -self.beta)))
-            if absorbs_relu:  # each scale has the sign of z (ẑ⁺ > 0 > ẑ⁻, α, β ≥ 0): clamping is the gate
-                for _, scale in terms:
-                    scale.clamp_(min=0)
+            if absorbs_relu:  # the ReLU's gate: a zero output passes no relevance
                 output.clamp_(min=0)
+            terms = [(modified, _ratio(output, modified, weight))
+                     for modified, weight in ((positive, self.alpha), (negative, -self.beta)) if modified is not None]
         return _route(output, terms)
 
 
 def ZPlus() -> AlphaBeta:
-    """LRP-z⁺ (= α1β0): only positive contributions carry relevance."""
-    return AlphaBeta(1.0, 0.0)
+    """LRP-z⁺ (α1β0 without biases, iNNvestigate's ``ZPlus``): only positive contributions carry relevance."""
+    return AlphaBeta(1.0, 0.0, bias=False)
 
 
-#: Composites: which rule each weighted layer type gets.
-PRESETS: dict[str, Mapping[type, object]] = {
-    # the study's preset: ε = 0.1 on dense layers, z⁺ (α1β0) on convolutions
-    "study": {nn.Linear: Epsilon(0.1), nn.Conv3d: ZPlus()},
-    "epsilon": {nn.Linear: Epsilon(0.1), nn.Conv3d: Epsilon(0.1)},
-    "alpha2beta1": {nn.Linear: AlphaBeta(2.0, 1.0), nn.Conv3d: AlphaBeta(2.0, 1.0)},
-    "zplus": {nn.Linear: ZPlus(), nn.Conv3d: ZPlus()},
-    "zero": {nn.Linear: Epsilon(0.0), nn.Conv3d: Epsilon(0.0)},
+def _study(epsilon: float, alpha: float, beta: float, bias: bool = True) -> dict:
+    return {nn.Linear: Epsilon(epsilon, bias), nn.Conv3d: AlphaBeta(alpha, beta, bias)}
+
+
+#: Composites (which rule each weighted layer type gets), named after iNNvestigate's analyzers;
+#: each takes the ε of its ε-rules and the α, β of the study presets' convolutions.
+_COMPOSITES: dict[str, Callable[[float, float, float], dict]] = {
+    # lrp.sequential_preset_a (α1β0) / _b (α2β1): ε on dense layers, αβ on convolutions
+    "study": _study,
+    "study_ignore_bias": partial(_study, bias=False),
+    "epsilon": lambda epsilon, alpha, beta: {nn.Linear: Epsilon(epsilon), nn.Conv3d: Epsilon(epsilon)},
+    "alpha2beta1": lambda epsilon, alpha, beta: {nn.Linear: AlphaBeta(2.0, 1.0), nn.Conv3d: AlphaBeta(2.0, 1.0)},
+    "alpha2beta1_ignore_bias": lambda epsilon, alpha, beta: {nn.Linear: AlphaBeta(2.0, 1.0, False),
+                                                             nn.Conv3d: AlphaBeta(2.0, 1.0, False)},
+    "zplus": lambda epsilon, alpha, beta: {nn.Linear: ZPlus(), nn.Conv3d: ZPlus()},
+    "zero": lambda epsilon, alpha, beta: {nn.Linear: Epsilon(0.0), nn.Conv3d: Epsilon(0.0)},
 }
+PRESETS = tuple(_COMPOSITES)
 
 
-def merge_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode model with each BatchNorm3d folded into the convolution before it.
+def preset(name: str, epsilon: float = 0.1, alpha: float = 1.0, beta: float = 0.0) -> dict[type, object]:
+    """The rules of composite ``name`` (one of :data:`PRESETS`) with these ε, α, β."""
+    if name not in _COMPOSITES:
+        raise ValueError(f"unknown LRP preset {name!r}; known: {', '.join(PRESETS)}")
+    return _COMPOSITES[name](epsilon, alpha, beta)
 
-    Only BatchNorms that directly follow a Conv3d inside an ``nn.Sequential`` can be merged;
-    any other BatchNorm raises ``ValueError`` (LRP needs its rule to act on one linear map).
+
+def prepare(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model computing the same function in the form LRP's rules act on.
+
+    Each BatchNorm3d is folded into the convolution before it: only BatchNorms that directly
+    follow a Conv3d inside an ``nn.Sequential`` can be, any other raises ``ValueError`` (a rule
+    needs one linear map). A model's ``output_scale`` (``engine.models.networks``) is folded into
+    its ``output_layer``, so the output layer's rule sees the prediction in the target's units, as
+    it would in the same network trained without the rescaling (ε = 0.1 is then 0.1 years).
     """
     merged = copy.deepcopy(model).eval()
+    if isinstance(getattr(merged, "output_scale", None), torch.Tensor):
+        scale, layer = merged.output_scale, merged.output_layer
+        with torch.no_grad():
+            layer.weight.mul_(scale.reshape(-1, *[1] * (layer.weight.dim() - 1)))
+            layer.bias.mul_(scale)
+            scale.fill_(1)
     for sequential in [module for module in merged.modules() if isinstance(module, nn.Sequential)]:
         for index in range(1, len(sequential)):
             conv, norm = sequential[index - 1], sequential[index]
@@ -219,7 +262,7 @@ def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Itera
     Each ReLU that a rule absorbs (see the module's docstring) is an ``nn.Identity`` in its
     ``nn.Sequential`` until the block ends.
     """
-    rules = PRESETS[composite] if isinstance(composite, str) else composite
+    rules = preset(composite) if isinstance(composite, str) else composite
     following_relus = _following_relus(model)
     handles, absorbed = [], []
     try:
@@ -245,10 +288,9 @@ def lrp(model: nn.Module, inputs: torch.Tensor, composite: str | Mapping[type, o
         target: int = 0) -> torch.Tensor:
     """Relevance of each input element for output ``target`` (raw, unnormalised), same shape as inputs.
 
-    ``model`` must be in eval mode with BatchNorms merged (see :func:`merge_batchnorm`).
+    ``model`` must be in eval mode with BatchNorms merged (see :func:`prepare`); ``composite`` is
+    a preset's name (its default ε, α, β) or rules from :func:`preset`.
     """
-    if isinstance(composite, str) and composite not in PRESETS:
-        raise ValueError(f"unknown LRP preset {composite!r}; known: {', '.join(PRESETS)}")
     inputs = inputs.detach().clone().requires_grad_(True)
     with lrp_rules(model, composite), torch.enable_grad():
         output = model(inputs)[:, target]
