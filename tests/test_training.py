@@ -14,7 +14,9 @@ from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.data.store import open_cohort
 from engine.models.training import (
     ENSEMBLE,
+    Augmentation,
     CohortVolumes,
+    augment,
     TrainingConfig,
     bias_corrected_gap,
     classification_metrics,
@@ -53,6 +55,11 @@ def test_patch_individual_convolution_applies_separate_filters_per_patch():
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model(ModelSpec("resnet", (8, 8, 8)))
+
+
+def test_balanced_accuracy_stopping_needs_a_classification():
+    with pytest.raises(ValueError, match="balanced_accuracy needs task: classification"):
+        TrainingConfig(early_stopping="balanced_accuracy")
 
 
 def _participants(n=300, seed=0):
@@ -160,6 +167,59 @@ def test_cohort_volumes_put_scaled_rows_back_on_the_grid(tiny_store):
     np.testing.assert_array_equal(volumes.box.transform(inputs), volumes.rows([2, 5]))
 
 
+@pytest.mark.parametrize("scaling", ["minmax", "max"])
+def test_cohort_volumes_scale_like_the_seed_studies(tiny_store, scaling):
+    volumes = CohortVolumes(tiny_store, ["T1"], scaling)
+    row = volumes.dataset["T1"].isel(subject=3).values.astype(np.float64)
+    expected = (row - row.min()) / (row.max() - row.min()) if scaling == "minmax" else row / np.abs(row).max()
+    np.testing.assert_allclose(volumes.rows([3])[0, 0], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown input scaling 'robust'"):
+        CohortVolumes(tiny_store, ["T1"], "robust")
+
+
+def test_augmentation_flips_and_shifts_whole_volumes():
+    volume = np.zeros((1, 2, 9, 8, 7), np.float32)
+    volume[0, 0, 2, 3, 4], volume[0, 1, 6, 4, 3] = 1.0, 2.0  # both at least 2 voxels from every face
+    assert augment(volume, Augmentation(), np.random.default_rng(0)) is volume
+    flipped = augment(volume, Augmentation(flip=1.0), np.random.default_rng(0), left_right_axis=1)
+    np.testing.assert_array_equal(flipped, volume[:, :, :, ::-1])
+    rng, seen = np.random.default_rng(1), set()
+    for _ in range(1500):  # each of the 125 shifts is drawn at least once unless the draw is not uniform
+        shifted = augment(volume, Augmentation(translation=2), rng)[0]
+        shift = tuple(np.argwhere(shifted[0] == 1.0)[0] - (2, 3, 4))
+        assert all(abs(s) <= 2 for s in shift)
+        seen.add(shift)
+        assert shifted[(1, *np.add((6, 4, 3), shift))] == 2.0 and np.count_nonzero(shifted) == 2  # both channels
+    assert len(seen) == 125  # every shift in ±2 along three axes
+    block = np.random.default_rng(2).random((1, 1, 5, 6, 7)).astype(np.float32) + 1  # no zeros inside
+    for seed in range(5):
+        shifts = np.random.default_rng(seed).integers(-2, 3, size=3)  # the draw augment makes (no flip)
+        expected = np.roll(block[0, 0], shifts, axis=(0, 1, 2))
+        for axis, shift in enumerate(shifts):  # what rolled around the edge is zero instead
+            edge = [slice(None)] * 3
+            edge[axis] = slice(0, shift) if shift > 0 else slice(shift, None) if shift < 0 else slice(0, 0)
+            expected[tuple(edge)] = 0
+        moved = augment(block, Augmentation(translation=2), np.random.default_rng(seed))[0, 0]
+        np.testing.assert_array_equal(moved, expected)
+
+
+def test_learning_rate_schedules_and_weight_decay_follow_their_definitions(tiny_store, tmp_path):
+    split = cohort_split(tiny_store)
+    cosine = train_member(tiny_store, CONFIG.model_copy(update={"schedule": "cosine", "epochs": 3, "patience": 3}),
+                          split, 0, tmp_path)
+    rates = [row["learning_rate"] for row in cosine["history"]]
+    np.testing.assert_allclose(rates, [5e-4 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3)], rtol=1e-9)
+    step = train_member(tiny_store, CONFIG.model_copy(update={"schedule": "step", "step_epochs": 2, "step_gamma": 0.5,
+                                                              "epochs": 3, "patience": 3}), split, 0, tmp_path)
+    np.testing.assert_allclose([row["learning_rate"] for row in step["history"]], [5e-4, 5e-4, 2.5e-4])
+    norms = {}
+    for decay in (0.0, 1000.0):
+        config = CONFIG.model_copy(update={"weight_decay": decay, "epochs": 1})
+        train_member(tiny_store, config, split, 0, tmp_path / str(decay))
+        norms[decay] = float(load_file(tmp_path / str(decay) / "member_0.safetensors")["features.0.weight"].norm())
+    assert norms[1000.0] < 0.5 * norms[0.0]  # AdamW shrinks each weight by (1 − lr·decay) per step
+
+
 def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store, tmp_path):
     split = cohort_split(tiny_store)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -235,8 +295,12 @@ def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, t
     table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                           "sex": dataset.sex.values})
     split = stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=1))
-    config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=2, batch_size=4)
+    config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=3, batch_size=4,
+                            early_stopping="balanced_accuracy", patience=3)
     result = train_ensemble(tiny_store, config, 2, tmp_path, split)
+    card = json.loads((tmp_path / "member_0.json").read_text())
+    accuracies = [row["validation_balanced_accuracy"] for row in card["history"]]
+    assert card["best_epoch"] == int(np.argmax(accuracies)) + 1  # the first epoch with the best accuracy
     metrics = result["metrics"].set_index(["member", "split"])
     assert {"balanced_accuracy", "roc_auc"} <= set(metrics.columns)
     ensemble = result["predictions"].query("member == @ENSEMBLE")

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
@@ -47,16 +47,25 @@ RIDGE = "ridge_voxels"
 # Inputs
 
 
+#: How each channel is scaled inside the mask, per participant and modality (``input_scaling``).
+SCALINGS = ("zscore", "minmax", "max")
+
+
 class CohortVolumes:
     """Model inputs read from a store: ``read(positions)`` → float32 ``(batch, modality, x, y, z)``.
 
-    Positions index the store's complete subjects (``open_cohort`` order). Each channel is
-    z-scored inside the mask (per participant and modality: site gain and contrast drop out);
-    voxels outside the mask are zero. The volume is the mask's bounding box: ``box``, the store's
-    :class:`~engine.data.masker.Masker` on that box, turns maps back into rows (``box.transform``).
+    Positions index the store's complete subjects (``open_cohort`` order). Each channel is scaled
+    inside the mask per participant and modality (``scaling``: ``zscore``, so site gain and
+    contrast drop out; ``minmax`` to [0, 1] or ``max``, division by the maximum, as the seed
+    studies did); voxels outside the mask are zero. The volume is the mask's bounding box:
+    ``box``, the store's :class:`~engine.data.masker.Masker` on that box, turns maps back into
+    rows (``box.transform``).
     """
 
-    def __init__(self, store: str | Path, modalities: Sequence[str]):
+    def __init__(self, store: str | Path, modalities: Sequence[str], scaling: str = "zscore"):
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown input scaling {scaling!r}; known: {', '.join(SCALINGS)}")
+        self.scaling = scaling
         self.store = Path(store)
         self.dataset = open_cohort(self.store)
         missing = [name for name in modalities if name not in self.dataset.data_vars]
@@ -71,13 +80,24 @@ class CohortVolumes:
         """The model inputs' spatial shape: the mask's bounding box."""
         return self.box.grid.shape
 
+    @property
+    def left_right_axis(self) -> int:
+        """The voxel axis closest to world x (left–right): the axis a sagittal flip mirrors."""
+        return int(np.argmax(np.abs(self.box.grid.affine[0, :3])))
+
     def rows(self, positions: Sequence[int]) -> np.ndarray:
-        """Standardised store rows, ``(batch, modality, voxel)`` float32."""
+        """Scaled store rows, ``(batch, modality, voxel)`` float32."""
         positions = np.asarray(positions)
         rows = np.stack([self.dataset[name].isel(subject=positions).values.astype(np.float32)
                          for name in self.modalities], axis=1)
-        mean, spread = rows.mean(axis=2, keepdims=True), rows.std(axis=2, keepdims=True)
-        return (rows - mean) / np.where(spread > 0, spread, 1)
+        if self.scaling == "zscore":
+            shift, spread = rows.mean(axis=2, keepdims=True), rows.std(axis=2, keepdims=True)
+        elif self.scaling == "minmax":
+            shift = rows.min(axis=2, keepdims=True)
+            spread = rows.max(axis=2, keepdims=True) - shift
+        else:
+            shift, spread = 0, np.abs(rows).max(axis=2, keepdims=True)
+        return (rows - shift) / np.where(spread > 0, spread, 1)
 
     def read(self, positions: Sequence[int]) -> np.ndarray:
         return self.box.inverse_transform(self.rows(positions))
@@ -115,6 +135,34 @@ def epoch_batches(volumes: CohortVolumes, positions: np.ndarray, batch_size: int
         inputs = volumes.read(buffer)
         for start in range(0, len(buffer), batch_size):
             yield buffer[start:start + batch_size], inputs[start:start + batch_size]
+
+
+class Augmentation(BaseModel):
+    """Random changes to each training input, drawn anew every epoch (the seed studies: ±2 voxels, flip 0.5)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    translation: int = Field(0, ge=0, le=16, description="shift by up to ± this many voxels along each axis "
+                             "(zero-filled)")
+    flip: float = Field(0.0, ge=0, le=1, description="probability of a left–right (sagittal) mirror image")
+
+
+def augment(inputs: np.ndarray, settings: Augmentation, rng: np.random.Generator,
+            left_right_axis: int = 0) -> np.ndarray:
+    """Each input ``(channels, x, y, z)`` of the batch mirrored along ``left_right_axis`` with probability
+    ``settings.flip``, then shifted by whole voxels drawn uniformly from ±``settings.translation`` per
+    axis (voxels shifted in are zero, like the background)."""
+    if not settings.translation and not settings.flip:
+        return inputs
+    augmented = np.zeros_like(inputs)
+    for index, volume in enumerate(inputs):
+        if settings.flip and rng.random() < settings.flip:
+            volume = np.flip(volume, axis=1 + left_right_axis)
+        shifts = rng.integers(-settings.translation, settings.translation + 1, size=3)
+        target = tuple(slice(max(s, 0), n + min(s, 0)) for s, n in zip(shifts, volume.shape[1:], strict=True))
+        source = tuple(slice(max(-s, 0), n - max(s, 0)) for s, n in zip(shifts, volume.shape[1:], strict=True))
+        augmented[index][(slice(None), *target)] = volume[(slice(None), *source)]
+    return augmented
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,10 +290,24 @@ class TrainingConfig(BaseModel):
     model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
     model_options: dict = Field({}, description="architecture options, e.g. mrinet dropout, sfcn channels")
     modalities: tuple[str, ...] = Field(("T1",), min_length=1, description="input channels")
+    input_scaling: Literal["zscore", "minmax", "max"] = Field(
+        "zscore", description="each channel inside the mask, per participant: z-score, min–max to [0, 1] or "
+        "divided by its maximum (the seed studies: minmax or max; relevance maps depend on it)")
+    augmentation: Augmentation = Field(Augmentation(), description="random shifts and left–right flips of "
+                                       "training inputs")
     epochs: int = Field(25, ge=1, description="at most; early stopping keeps the best validation epoch")
     batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(5e-4, gt=0, description="Adam")
+    learning_rate: float = Field(5e-4, gt=0, description="Adam's (AdamW's with weight decay) initial rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW); 0 is plain Adam")
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="learning rate over epochs: constant, cosine annealing to 0 over `epochs`, "
+        "or × step_gamma every step_epochs")
+    step_epochs: int = Field(10, ge=1, description="step schedule: epochs between decays")
+    step_gamma: float = Field(0.3, gt=0, le=1, description="step schedule: factor per decay")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+    early_stopping: Literal["loss", "balanced_accuracy"] = Field(
+        "loss", description="validation criterion that picks the kept epoch (balanced_accuracy: classification)")
+    mixed_precision: bool = Field(True, description="bfloat16 autocast on a GPU (ignored on CPU)")
     seed: int = Field(0, ge=0, description="member k trains with seed 1000·seed + k")
     finetune_from: Path | None = Field(None, description="models folder or member .safetensors to start from")
     freeze: tuple[str, ...] = Field((), description="parameter-name prefixes to keep fixed, e.g. 'features.0'")
@@ -257,6 +319,12 @@ class TrainingConfig(BaseModel):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
         return model
+
+    @model_validator(mode="after")
+    def _criterion_fits_task(self):
+        if self.early_stopping == "balanced_accuracy" and self.task != "classification":
+            raise ValueError("early_stopping: balanced_accuracy needs task: classification")
+        return self
 
     @property
     def cache_bytes(self) -> int:
@@ -308,16 +376,24 @@ def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) 
     return fresh
 
 
+def _schedule(optimiser: torch.optim.Optimizer, config: TrainingConfig):
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimiser, step_size=config.step_epochs, gamma=config.step_gamma)
+    return None
+
+
 def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
                  classes: list | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train member ``member`` and write its weights, predictions and card into ``out_dir`` (``models/``).
 
-    Early stopping keeps the weights of the epoch with the lowest validation loss and stops
-    after ``patience`` epochs without improvement. Returns the card.
+    Early stopping keeps the weights of the epoch with the best validation criterion (loss, or
+    balanced accuracy) and stops after ``patience`` epochs without improvement. Returns the card.
     """
     started = time.perf_counter()
     files = ModelsLayout(Path(out_dir))
-    volumes = CohortVolumes(store, config.modalities)
+    volumes = CohortVolumes(store, config.modalities, config.input_scaling)
     targets = _targets(volumes.dataset, config, classes)
     subject_split = split.reindex(volumes.subjects).to_numpy()
     train = np.flatnonzero(subject_split == "train")
@@ -340,39 +416,55 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     fresh_layers = _start_weights(model, config, member)
     model = place(model, device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimiser = torch.optim.Adam(trainable, lr=config.learning_rate)
+    optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = _schedule(optimiser, config)
     loss_fn = torch.nn.MSELoss() if config.task == "regression" else torch.nn.CrossEntropyLoss()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=config.mixed_precision and device.type == "cuda")
 
-    def loss_of(inputs: np.ndarray, positions: np.ndarray) -> torch.Tensor:
-        output = model(torch.from_numpy(inputs).to(device))
+    def outputs_of(inputs: np.ndarray) -> torch.Tensor:
+        with autocast:
+            return model(torch.from_numpy(inputs).to(device)).float()
+
+    def loss_of(output: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         target = torch.from_numpy(targets[positions]).to(device)
         return loss_fn(output[:, 0], target) if config.task == "regression" else loss_fn(output, target)
 
     rng = np.random.default_rng(seed)
     cache: dict = {}
     validation_inputs = volumes.read(validation)
-    history, best = [], (math.inf, -1, None)
+    history, best = [], (-math.inf, -1, None)
     for epoch in range(config.epochs):
         model.train()
         total = 0.0
         for positions, inputs in epoch_batches(volumes, train, config.batch_size, rng, cache, config.cache_bytes):
+            inputs = augment(inputs, config.augmentation, rng, volumes.left_right_axis)
             optimiser.zero_grad()
-            loss = loss_of(inputs, positions)
+            loss = loss_of(outputs_of(inputs), positions)
             loss.backward()
             optimiser.step()
             total += loss.item() * len(positions)
         model.eval()
         with torch.no_grad():
-            validation_loss = float(sum(float(loss_of(validation_inputs[s:s + 32], validation[s:s + 32])) *
-                                        len(validation[s:s + 32]) for s in range(0, len(validation), 32))
-                                    / len(validation))
-        history.append({"epoch": epoch + 1, "train_loss": total / len(train), "validation_loss": validation_loss})
+            output = torch.cat([outputs_of(validation_inputs[s:s + 32]) for s in range(0, len(validation), 32)])
+            scores = {"validation_loss": float(loss_of(output, validation))}
+            if config.task == "classification":
+                probabilities = torch.softmax(output, dim=1).cpu().numpy()
+                scores["validation_balanced_accuracy"] = classification_metrics(targets[validation],
+                                                                                probabilities)["balanced_accuracy"]
+        history.append({"epoch": epoch + 1, "train_loss": total / len(train), **scores,
+                        "learning_rate": optimiser.param_groups[0]["lr"]})
         if log:
-            log(f"member {member} epoch {epoch + 1}: train {total / len(train):.3f}, validation {validation_loss:.3f}")
-        if validation_loss < best[0]:
-            best = (validation_loss, epoch + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            log(f"member {member} epoch {epoch + 1}: train {total / len(train):.3f}, "
+                + ", ".join(f"{name.removeprefix('validation_')} {value:.3f}" for name, value in scores.items()))
+        score = -scores["validation_loss"] if config.early_stopping == "loss" else scores[
+            "validation_balanced_accuracy"]
+        if score > best[0]:
+            best = (score, epoch + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         elif epoch + 1 - best[1] >= config.patience:
             break
+        if schedule is not None:
+            schedule.step()
     model.load_state_dict(best[2])
     with atomic_output(files.weights(member)) as partial:
         save_file({name: value.contiguous() for name, value in best[2].items()}, partial)
