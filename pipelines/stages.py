@@ -27,7 +27,7 @@ from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256
                            mark_current, output_key, stored_key)
 from engine.data.masker import Masker
 from engine.outputs.report import build_report, screenshot_sections
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, ReportSettings
 
 Progress = Callable[[str, int, int], None]
 
@@ -292,13 +292,16 @@ class ValidateStage:
     name = "validate"
 
     def applies(self, catalog: Catalog) -> bool:
-        return catalog.explain is not None and (_truth(catalog) is not None or _lesions(catalog) is not None)
+        return catalog.explain is not None and (_truth(catalog) is not None or _lesions(catalog) is not None
+                                                or catalog.train.members > 1)
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         layout, truth, lesions = catalog.layout, _truth(catalog), _lesions(catalog)
         labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
         out = layout.validation
-        key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"), "lesions": lesions},
+        age_bands = _age_bands(catalog)
+        key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"), "lesions": lesions,
+                          "age_bands": age_bands},
                          {"relevance": attribution.relevance_key(layout.relevance),
                           "images": store.content_fingerprint(layout.images),
                           "truth": file_sha256(truth) if truth is not None else None})
@@ -316,18 +319,21 @@ class ValidateStage:
                 table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
                 table[["method", "participant_id", *indices.data_vars]].to_parquet(
                     partial / layout.lesion_relevance.name, index=False)
+            atlas = catalog.atlas.load(dataset)
             if truth is not None:
-                scores, robustness = self._score(catalog, relevance, dataset, truth, labels)
+                scores = self._score(relevance, atlas, dataset, truth, labels)
                 scores.to_parquet(partial / layout.scores.name, index=False)
-                if robustness is not None:
-                    robustness.to_parquet(partial / layout.robustness.name, index=False)
                 summary["scores"] = _method_scores(scores)
+            if relevance.sizes["member"] > 1:
+                predictions = pd.read_parquet(layout.models.predictions) if catalog.train.task == "classification" \
+                    else None
+                robustness = self._robustness(relevance, atlas, predictions, age_bands)
+                robustness.to_parquet(partial / layout.robustness.name, index=False)
         mark_current(out, key)
         progress("validate", 1, 1)
         return {**summary, "computed": 1}
 
-    def _score(self, catalog: Catalog, relevance, dataset, truth: Path, labels) -> tuple:
-        atlas = catalog.atlas.load(dataset)
+    def _score(self, relevance, atlas, dataset, truth: Path, labels) -> pd.DataFrame:
         mask = validation.truth_mask(truth, dataset, labels)
         tables = []
         for absolute in (False, True):  # signed relevance, and its magnitude (for maps whose sign flips)
@@ -335,17 +341,29 @@ class ValidateStage:
             members = validation.score_methods(relevance.relevance, mask, atlas, absolute=absolute).reset_index()
             tables += [ensemble.assign(member=training.ENSEMBLE, scored="|R|" if absolute else "R"),
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
-        scores = pd.concat(tables, ignore_index=True)
-        robustness = None
-        if relevance.sizes["member"] > 1:
-            age = relevance["age"].values
-            robustness = validation.member_robustness(relevance.relevance, atlas, age >= np.median(age)).reset_index()
-        return scores, robustness
+        return pd.concat(tables, ignore_index=True)
+
+    def _robustness(self, relevance, atlas, predictions: pd.DataFrame | None, age_bands) -> pd.DataFrame:
+        """Eitel & Ritter's robustness per method, for the true positives and true negatives of a binary
+        classification (gain: patients over controls) or per age band (gain: over the youngest band)."""
+        if predictions is not None:
+            predictions = predictions[predictions.member == training.ENSEMBLE]
+        age = relevance["age"].values if "age" in relevance.coords else None
+        groups = validation.subject_groups(relevance.subject.values, age, predictions, age_bands)
+        masks = {name: mask for name, mask in groups.masks.items() if name in ("TP", "TN")} \
+            if predictions is not None else groups.masks
+        table = validation.member_robustness(relevance.relevance, atlas, masks, controls=groups.gain_denominator)
+        return table.reset_index().assign(gain_definition=groups.gain_description)
 
     def status(self, layout: Layout) -> str | None:
         if stored_key(layout.validation) is None:
             return None
         return f"{layout.validation}: " + ", ".join(path.name for path in sorted(layout.validation.glob("*.parquet")))
+
+
+def _age_bands(catalog: Catalog) -> list[float]:
+    """The age cut points of group comparisons: the report's (its default without a report section)."""
+    return list((catalog.report or ReportSettings()).age_bands)
 
 
 def _truth(catalog: Catalog) -> Path | None:

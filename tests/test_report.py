@@ -97,7 +97,7 @@ def test_workspace_api_gives_labelled_objects_and_images(tiny_workspace, tmp_pat
     assert ws.relevance.relevance.dims == ("method", "member", "subject", "voxel")
     assert {"regional_gm_volume", "lesion_load"} <= set(ws.features) and len(ws.lesion_relevance)
     assert {"ensemble", "0", "1"} == set(ws.predictions.member) and "ensemble" in set(ws.metrics.member)
-    assert set(ws.scores.method) == {"lrp", "gradient"} and len(ws.robustness) == 2
+    assert set(ws.scores.method) == {"lrp", "gradient"} and len(ws.robustness) == 2 * 3  # methods × age bands
     assert ws.associations == {} and ws.catalog["train"]["members"] == 2
 
     mean_map = ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject")

@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from engine.analysis.atlas import Atlas, load_atlas
 from engine.data.grid import Grid
-from engine.models.validation import (atlas_truth_regions, member_l2_distance, member_robustness,
+from engine.models.validation import (atlas_truth_regions, member_l2_distance, member_robustness, subject_groups,
                                       relevance_mass_accuracy, score_methods, top_k_precision, truth_mask,
                                       voxel_roc_auc)
 from tests.conftest import HAND_AFFINE, HAND_SHAPE
@@ -174,38 +174,44 @@ def test_member_robustness_by_hand():
     atlas = Atlas("hand", np.array([1, 1, 1, 2, 3, 4, 0], np.int32),
                   pd.DataFrame({"name": list("ABCDE")}, index=pd.Index([1, 2, 3, 4, 5], name="label")))
     group_values = [[1, 2, 0.5, 0.1], [1, 0.5, 2, 0.1], [0.1, 2, 0.5, 1]]  # per member, per region and voxel
-    reference_values = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 10]]
+    control_values = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 10]]
     voxels = np.array([0, 0, 0, 1, 2, 3])
 
     def voxel_map(per_region):
         return np.append(np.asarray(per_region)[voxels], 7.0)
 
-    maps = np.stack([np.stack([voxel_map(group), voxel_map(group), voxel_map(reference)])
-                     for group, reference in zip(group_values, reference_values, strict=True)])
+    maps = np.stack([np.stack([voxel_map(group), voxel_map(group), voxel_map(control)])
+                     for group, control in zip(group_values, control_values, strict=True)])
+    maps[1] *= -1  # member 1's maps with the opposite sign: robustness is scored on |R|
     relevance = xr.DataArray(maps, dims=("member", "subject", "voxel"))
     group = np.array([True, True, False])
-    table = member_robustness(relevance, atlas, group, k=2)
-    # top-2 by sum: AB, AC, BD; by density: AB, AC, BD; by gain: AB, AC, BC
-    assert list(table.columns) == ["l2_distance", "top_k_overlap_sum", "top_k_overlap_density", "top_k_overlap_gain"]
+    table = member_robustness(relevance, atlas, {"patients": group}, controls=~group, k=2)
+    # top-2 by sum: AB, AC, BD; by density: AB, AC, BD; by gain over the controls: AB, AC, BC
+    assert list(table.columns) == ["group", "n", "l2_distance", "top_k_overlap_sum", "top_k_overlap_density",
+                                   "top_k_overlap_gain"]
     assert list(table.index) == ["relevance"]
     row = table.iloc[0]
+    assert (row["group"], row["n"]) == ("patients", 2)
     assert row["top_k_overlap_sum"] == pytest.approx(1 / 3)
     assert row["top_k_overlap_density"] == pytest.approx(1 / 3)
     assert row["top_k_overlap_gain"] == pytest.approx(0.5)
     scaled = [voxel_map(values) / 7.0 for values in group_values]
     expected = np.mean([np.linalg.norm(a - b) for a, b in combinations(scaled, 2)])
     assert row["l2_distance"] == pytest.approx(expected, rel=1e-12)
+    two_groups = member_robustness(relevance, atlas, {"patients": group, "controls": ~group}, k=2)
+    assert list(two_groups["group"]) == ["patients", "controls"] and list(two_groups["n"]) == [2, 1]
+    assert two_groups["top_k_overlap_gain"].isna().all()  # no controls given: no gain
 
     with pytest.raises(ValueError, match=r"number of regions \(4\), got 5"):
-        member_robustness(relevance, atlas, group, k=5)
+        member_robustness(relevance, atlas, {"g": group}, k=5)
     with pytest.raises(ValueError, match=r"one value per subject \(3\)"):
-        member_robustness(relevance, atlas, np.array([True, False]), k=2)
+        member_robustness(relevance, atlas, {"g": np.array([True, False])}, k=2)
     with pytest.raises(ValueError, match="at least two members"):
-        member_robustness(relevance.isel(member=[0]), atlas, group, k=2)
+        member_robustness(relevance.isel(member=[0]), atlas, {"g": group}, k=2)
     with pytest.raises(ValueError, match=r"\['member'\] missing"):
-        member_robustness(relevance.isel(member=0), atlas, group, k=2)
-    with pytest.raises(ValueError, match="reference has no subjects"):
-        member_robustness(relevance, atlas, group, reference=np.zeros(3, bool), k=2)
+        member_robustness(relevance.isel(member=0), atlas, {"g": group}, k=2)
+    with pytest.raises(ValueError, match="controls has no subjects"):
+        member_robustness(relevance, atlas, {"g": group}, controls=np.zeros(3, bool), k=2)
 
 
 def test_member_robustness_equals_numpy_reference(hand_atlas):
@@ -217,7 +223,7 @@ def test_member_robustness_equals_numpy_reference(hand_atlas):
                              coords={"method": ["lrp", "smoothgrad"]})
     group = np.array([True, True, True, False, False, True])
     k = 3
-    table = member_robustness(relevance, atlas, group, k=k)
+    table = member_robustness(relevance, atlas, {"group": group}, controls=~group, k=k)
     assert list(table.index) == ["lrp", "smoothgrad"]
 
     present = [label for label in atlas.regions.index if np.any(labels == label)]
@@ -226,7 +232,7 @@ def test_member_robustness_equals_numpy_reference(hand_atlas):
         tops = {"sum": [], "density": [], "gain": []}
         means = []
         for member in range(3):
-            maps = values[member, :, :, method]
+            maps = np.abs(values[member, :, :, method])
             sums = np.stack([maps[:, labels == label].sum(axis=1) for label in present], axis=1)
             rankings = {"sum": sums[group].mean(0), "density": sums[group].mean(0) / counts,
                         "gain": sums[group].mean(0) / sums[~group].mean(0)}
@@ -239,6 +245,23 @@ def test_member_robustness_equals_numpy_reference(hand_atlas):
         scaled = [mean / np.abs(mean).max() for mean in means]
         expected = np.mean([np.linalg.norm(a - b) for a, b in combinations(scaled, 2)])
         assert table.loc[name, "l2_distance"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_subject_groups_by_outcome_and_by_age_band():
+    predictions = pd.DataFrame({"participant_id": ["a", "b", "c", "d", "e"],
+                                "observed": ["AD", "AD", "HC", "HC", "AD"],
+                                "p_AD": [0.9, 0.2, 0.7, 0.1, 0.6], "p_HC": [0.1, 0.8, 0.3, 0.9, 0.4]})
+    groups = subject_groups(["e", "d", "c", "b", "a"], None, predictions)
+    assert groups.kind == "outcome (positive class HC)"  # sorted classes: the last is positive
+    assert {name: list(mask) for name, mask in groups.masks.items()} == {
+        "TP": [False, True, False, False, False], "FP": [False, False, False, True, False],
+        "TN": [True, False, False, False, True], "FN": [False, False, True, False, False]}
+    assert list(groups.gain_numerator) == [False, True, True, False, False]  # patients: observed HC here
+    assert list(groups.gain_denominator) == [True, False, False, True, True]
+    by_age = subject_groups(["a", "b", "c", "d"], np.array([30.0, 45, 70, 65]), None, age_bands=(40, 60))
+    assert list(by_age.masks) == ["age < 40", "age 40–60", "age ≥ 60"]
+    assert list(by_age.gain_numerator) == [False, False, True, True] and by_age.gain_description == \
+        "age ≥ 60 over age < 40"
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,15 +3,17 @@
 Ground truth is a mask over the cohort's voxels (e.g. the demo cohort's ``truth_regions.nii.gz``,
 read with :func:`truth_mask`). Each relevance map is scored by relevance-mass accuracy, voxel
 ROC-AUC and top-k region precision; :func:`score_methods` tabulates them per method. Robustness
-follows Eitel & Ritter (2019): across the members of an ensemble (retrainings of one model), the
-L2 distance between their max-scaled mean maps and the overlap of their top-k regions by sum,
-density and gain. Relevance maps are DataArrays with a ``voxel`` dim and any leading dims
-(``method``, ``member``, ``subject``), numpy or dask; voxel reductions stay lazy.
+follows Eitel & Ritter (2019): across the members of an ensemble (retrainings of one model), per
+group of subjects (:func:`subject_groups`), the L2 distance between their max-scaled mean |R| maps
+and the overlap of their top-k regions by sum, density and gain (Böhle et al. 2019). Relevance
+maps are DataArrays with a ``voxel`` dim and any leading dims (``method``, ``member``,
+``subject``), numpy or dask; voxel reductions stay lazy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pandas as pd
 import xarray as xr
 from scipy.stats import rankdata
 
-from engine.analysis.atlas import STATISTICS, Atlas, region_gain, region_reduce, top_k_overlap, top_regions
+from engine.analysis.atlas import STATISTICS, Atlas, region_reduce, top_k_overlap, top_regions
 from engine.data.masker import Masker
 from engine.data.store import load_image
 
@@ -163,47 +165,108 @@ def member_l2_distance(member_maps: xr.DataArray) -> xr.DataArray:
     return np.sqrt((difference**2).sum("voxel", skipna=False)).mean("member").rename("l2_distance")
 
 
-def member_robustness(relevance: xr.DataArray, atlas: Atlas, group, *, reference=None, k: int = 10,
-                      statistic: str = "sum") -> pd.DataFrame:
-    """Agreement of an ensemble's members (Eitel & Ritter 2019): one row per method, four columns.
+def member_robustness(relevance: xr.DataArray, atlas: Atlas, groups: Mapping[str, np.ndarray], *,
+                      controls: np.ndarray | None = None, k: int = 10) -> pd.DataFrame:
+    """Agreement of an ensemble's retrained members on absolute relevance (Eitel & Ritter 2019).
 
     ``relevance`` holds per-subject maps with dims ``member``, ``subject``, ``voxel`` and
-    optionally others such as ``method`` (one row each). ``group`` marks the subjects of
-    interest (boolean, one per subject, e.g. patients) and ``reference`` the comparison group
-    (default: the others). Columns: ``l2_distance`` (mean pairwise L2 distance between the
-    members' max-scaled mean maps of the group) and the mean pairwise overlap |A∩B|/k of the
-    members' top-``k`` regions ranked by the group's mean region ``statistic`` (``sum``,
-    ``abs_sum`` or ``pos_sum``: column ``top_k_overlap_sum``), by that per voxel (``density``)
-    and by the group's ``gain`` against the reference (:func:`~engine.analysis.atlas.region_gain`).
+    optionally others such as ``method``; ``groups`` names boolean subject masks to score
+    separately (their paper: true positives and true negatives; in regression, age bands).
+    One row per method and group: ``n`` (subjects), ``l2_distance`` (mean pairwise L2 distance
+    between the members' max-scaled mean |R| maps of the group) and the mean pairwise overlap
+    |A∩B|/k of the members' top-``k`` regions ranked by the group's mean region sum of |R|
+    (``top_k_overlap_sum``), by that per voxel (``density``) and by its gain over the
+    ``controls`` (Böhle et al. 2019: the group's mean region sum ÷ the healthy controls'; NaN
+    without controls).
     """
     relevance = _voxel_last(relevance)
     missing = [dim for dim in ("member", "subject") if dim not in relevance.dims]
     if missing:
         raise ValueError(f"member_robustness needs dims 'member', 'subject' and 'voxel'; {missing} missing from "
                          f"{relevance.dims}")
-    if statistic not in STATISTICS:
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     _member_pairs(relevance)
-    group = _subject_mask(group, relevance, "group")
-    reference = ~group if reference is None else _subject_mask(reference, relevance, "reference")
-    in_group, in_reference = (xr.DataArray(mask, dims="subject") for mask in (group, reference))
-
-    regions, counts = _region_statistic(relevance, atlas, statistic)
+    if not groups:
+        raise ValueError("member_robustness needs at least one group of subjects")
+    masks = {name: _subject_mask(mask, relevance, f"group {name!r}") for name, mask in groups.items()}
+    magnitude = abs(relevance)
+    regions, counts = _region_statistic(magnitude, atlas, "sum")
     _check_k(k, counts.size)
-    sums = regions.isel(subject=group).mean("subject")
-    scores = xr.Dataset({
-        "l2_distance": member_l2_distance(relevance.isel(subject=group).astype(np.float64).mean("subject")),
-        "sum": sums,
-        "density": sums / counts,
-        "gain": region_gain(regions, in_group, in_reference),
-    }).compute()
-    table = xr.Dataset({"l2_distance": scores["l2_distance"]})
-    for ranking in ("sum", "density", "gain"):
-        top = top_regions(scores[ranking].transpose(..., "member", "region"), k)
-        table[f"top_k_overlap_{ranking}"] = xr.apply_ufunc(
-            _mean_pairwise_overlap, top, input_core_dims=[["member", "rank"]], vectorize=True,
-            output_dtypes=[np.float64])
-    return _to_frame(table, relevance)
+    control_sums = None
+    if controls is not None:
+        control_sums = regions.isel(subject=_subject_mask(controls, relevance, "controls")).mean("subject")
+    tables = []
+    for name, mask in masks.items():
+        sums = regions.isel(subject=mask).mean("subject")
+        scores = {"l2_distance": member_l2_distance(magnitude.isel(subject=mask).astype(np.float64).mean("subject")),
+                  "sum": sums, "density": sums / counts}
+        if control_sums is not None:
+            scores["gain"] = sums / control_sums.where(control_sums != 0)
+        scores = xr.Dataset(scores).compute()
+        table = xr.Dataset({"l2_distance": scores["l2_distance"]})
+        for ranking in ("sum", "density", "gain"):
+            if ranking not in scores:
+                table[f"top_k_overlap_{ranking}"] = xr.full_like(scores["l2_distance"], np.nan)
+                continue
+            top = top_regions(scores[ranking].transpose(..., "member", "region"), k)
+            table[f"top_k_overlap_{ranking}"] = xr.apply_ufunc(
+                _mean_pairwise_overlap, top, input_core_dims=[["member", "rank"]], vectorize=True,
+                output_dtypes=[np.float64])
+        frame = _to_frame(table, relevance)
+        frame.insert(0, "n", int(mask.sum()))
+        frame.insert(0, "group", name)
+        tables.append(frame)
+    return pd.concat(tables)
+
+
+@dataclass(frozen=True)
+class SubjectGroups:
+    """Named boolean subject masks to compare explanations between, and the two groups a gain divides."""
+
+    kind: str
+    masks: dict[str, np.ndarray]
+    gain_numerator: np.ndarray | None = None
+    gain_denominator: np.ndarray | None = None
+    gain_description: str = "not computed: no groups"
+
+
+def subject_groups(subjects: Sequence[str], age: np.ndarray | None, predictions: pd.DataFrame | None,
+                   age_bands: Sequence[float] = (40, 60)) -> SubjectGroups:
+    """The groups of explained subjects that explanations are compared between.
+
+    For a binary classification (``predictions``: the ensemble's rows with ``observed`` and one
+    ``p_<class>`` column per class, sorted classes), the outcomes TP, FP, TN, FN with the last class
+    positive (the class the explanations explain by default), and gain as Böhle et al. (2019)
+    defined it: patients (observed positive class) over healthy controls (observed negative class).
+    Otherwise age bands cut at ``age_bands``, with gain of the oldest band over the youngest.
+    """
+    if predictions is not None:
+        classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
+        if len(classes) == 2:
+            rows = predictions.set_index("participant_id").reindex(list(subjects))
+            positive = rows["observed"].astype(str).to_numpy() == classes[1]
+            called = rows[f"p_{classes[1]}"].to_numpy() >= 0.5
+            outcomes = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
+                        "FN": positive & ~called}
+            has_both = positive.any() and (~positive).any()
+            return SubjectGroups(
+                f"outcome (positive class {classes[1]})", {name: mask for name, mask in outcomes.items() if mask.any()},
+                positive if has_both else None, ~positive if has_both else None,
+                f"patients ({classes[1]}) over controls ({classes[0]})" if has_both else "not computed: one class only")
+    if age is None:
+        return SubjectGroups("", {})
+    age = np.asarray(age, dtype=float)
+    edges = [-np.inf, *age_bands, np.inf]
+    masks = {}
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        name = (f"age < {high:g}" if low == -np.inf else f"age ≥ {low:g}" if high == np.inf
+                else f"age {low:g}–{high:g}")
+        mask = (age >= low) & (age < high)
+        if mask.any():
+            masks[name] = mask
+    if len(masks) < 2:
+        return SubjectGroups("age band", masks)
+    (youngest, young), (oldest, old) = list(masks.items())[0], list(masks.items())[-1]
+    return SubjectGroups("age band", masks, old, young, f"{oldest} over {youngest}")
 
 
 def _mean_pairwise_overlap(top: np.ndarray) -> float:

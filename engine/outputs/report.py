@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from matplotlib.figure import Figure
 from engine.analysis.atlas import region_gain, region_reduce
 from engine.layout import atomic_output
 from engine.models.training import ENSEMBLE, TrainingConfig
+from engine.models.validation import SubjectGroups, subject_groups
 from engine.outputs.workspace import Workspace, mni_template
 
 SECTIONS = {"cohort": "Cohort", "registration": "Registration", "models": "Models", "relevance": "Relevance",
@@ -317,54 +319,30 @@ def _relevance(ws: Workspace, methods, age_bands: list[float], top_k: int) -> li
     for method in methods:
         parts.append(_figure(_mean_map_figure(ws, mean_maps.sel({"method": method}), method),
                              f"{method}: mean relevance (orthogonal slices and glass brain)"))
-    groups, reference, description = _relevance_groups(ws, relevance, age_bands)
-    if groups:
-        parts.append(_figure(_group_figure(ws, maps, groups, methods), f"Mean relevance by {description}"))
+    groups = explanation_groups(ws, relevance, age_bands)
+    if groups.masks:
+        parts.append(_figure(_group_figure(ws, maps, groups.masks, methods),
+                             f"Mean relevance by {groups.kind}: {', '.join(groups.masks)}"))
     else:
         parts.append(_note("No groups to compare (no age coordinate or classification predictions)."))
     atlas = ws.atlas()
     parts.append(f"<p>Top {top_k} regions of the {html.escape(atlas.name)} atlas by mean region sum, density "
-                 f"(sum per voxel) and gain ({html.escape(description_of_gain(groups, reference))}).</p>")
+                 f"(sum per voxel) and gain of |R| ({html.escape(groups.gain_description)}).</p>")
     for method in methods:
         regions = region_reduce(maps.sel({"method": method}).drop_vars("method"), atlas).compute()
-        parts.append(_figure(_top_regions_figure(regions, groups, reference, top_k, method),
+        parts.append(_figure(_top_regions_figure(regions, groups, top_k, method),
                              f"{method}: top regions by sum, density and gain"))
     return parts
 
 
-def description_of_gain(groups: dict, reference: str | None) -> str:
-    if not groups or reference is None:
-        return "not computed: no groups"
-    target = list(groups)[-1] if list(groups)[-1] != reference else list(groups)[0]
-    return f"{target} over {reference}"
-
-
-def _relevance_groups(ws: Workspace, relevance, age_bands: list[float]) -> tuple[dict, str | None, str]:
-    """Boolean subject masks by name, the reference group for gain, and what they are."""
+def explanation_groups(ws: Workspace, relevance, age_bands: list[float]) -> SubjectGroups:
+    """The explained subjects' outcome groups (binary classification) or age bands, named with their sizes."""
+    predictions = None
     if ws.training is not None and ws.training.task == "classification":
-        predictions = ws.predictions[ws.predictions.member == ENSEMBLE].set_index("participant_id")
-        classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
-        if len(classes) == 2:
-            rows = predictions.reindex(relevance.subject.values)
-            positive = rows["observed"].astype(str).to_numpy() == classes[1]
-            called = rows[f"p_{classes[1]}"].to_numpy() >= 0.5
-            outcomes = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
-                        "FN": positive & ~called}
-            groups = {f"{name} (n={mask.sum()})": mask for name, mask in outcomes.items() if mask.any()}
-            reference = next((name for name in groups if name.startswith("TN")), None)
-            return groups, reference, f"outcome (positive class {classes[1]})"
-    if "age" not in relevance.coords:
-        return {}, None, ""
-    age = relevance.age.values.astype(float)
-    edges = [-np.inf, *age_bands, np.inf]
-    groups = {}
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        name = (f"age < {high:g}" if low == -np.inf else f"age ≥ {low:g}" if high == np.inf
-                else f"age {low:g}–{high:g}")
-        mask = (age >= low) & (age < high)
-        if mask.any():
-            groups[f"{name} (n={mask.sum()})"] = mask
-    return groups, (next(iter(groups)) if len(groups) > 1 else None), "age band"
+        predictions = ws.predictions[ws.predictions.member == ENSEMBLE]
+    age = relevance.age.values if "age" in relevance.coords else None
+    groups = subject_groups(relevance.subject.values, age, predictions, age_bands)
+    return replace(groups, masks={f"{name} (n={mask.sum()})": mask for name, mask in groups.masks.items()})
 
 
 def _robust_limit(values: np.ndarray) -> tuple[float, float]:
@@ -407,12 +385,12 @@ def _group_figure(ws: Workspace, maps, groups: dict, methods: list[str]):
     return fig
 
 
-def _top_regions_figure(regions, groups: dict, reference: str | None, top_k: int, method: str):
+def _top_regions_figure(regions, groups: SubjectGroups, top_k: int, method: str):
     scores = {"sum": regions["sum"].mean("subject"), "density": regions["mean"].mean("subject")}
-    if reference is not None:
-        target = list(groups)[-1] if list(groups)[-1] != reference else list(groups)[0]
-        group, ref = (xr.DataArray(groups[name], dims="subject") for name in (target, reference))
-        scores["gain"] = region_gain(regions["sum"], group, ref)
+    if groups.gain_numerator is not None:
+        numerator, denominator = (xr.DataArray(mask, dims="subject")
+                                  for mask in (groups.gain_numerator, groups.gain_denominator))
+        scores["gain"] = region_gain(regions["abs_sum"], numerator, denominator)
     fig, axes = _subplots(1, len(scores), (4.4 * len(scores), 0.28 * top_k + 1.2), squeeze=False)
     for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
         series = values.to_series().dropna().sort_values(ascending=False).head(top_k)[::-1]
@@ -428,24 +406,26 @@ def _top_regions_figure(regions, groups: dict, reference: str | None, top_k: int
 
 
 def _validation(ws: Workspace) -> list[str]:
-    if not ws.has("validation"):
-        return [_note("No validation/scores.parquet: no ground truth was given to score the methods against.")]
-    scores = ws.scores
-    ensemble = scores[scores.member == ENSEMBLE].drop(columns="member")
-    parts = ["<p>Scores of the ensemble-mean maps against the ground truth (on R and on |R|): relevance-mass "
-             "accuracy against its uniform expectation, voxel ROC-AUC (0.5 = chance) and the precision of the "
-             "top regions by relevance density against chance.</p>",
-             _table(ensemble[["method", "scored", *[c for c in ensemble if c not in ("method", "scored")]]],
-                    "Ground-truth scores (ensemble)"),
-             _figure(_scores_figure(scores), "ROC-AUC and relevance-mass accuracy per method (dots: members)")]
+    if not ws.layout.scores.is_file():
+        parts = [_note("No validation/scores.parquet: no ground truth was given to score the methods against.")]
+    else:
+        scores = ws.scores
+        ensemble = scores[scores.member == ENSEMBLE].drop(columns="member")
+        parts = ["<p>Scores of the ensemble-mean maps against the ground truth (on R and on |R|): relevance-mass "
+                 "accuracy against its uniform expectation, voxel ROC-AUC (0.5 = chance) and the precision of the "
+                 "top regions by relevance density against chance.</p>",
+                 _table(ensemble[["method", "scored", *[c for c in ensemble if c not in ("method", "scored")]]],
+                        "Ground-truth scores (ensemble)"),
+                 _figure(_scores_figure(scores), "ROC-AUC and relevance-mass accuracy per method (dots: members)")]
     if ws.layout.robustness.is_file():
         robustness = ws.robustness.rename(columns={
             "l2_distance": "L2 distance", "top_k_overlap_sum": "top-k overlap, sum (%)",
             "top_k_overlap_density": "top-k overlap, density (%)", "top_k_overlap_gain": "top-k overlap, gain (%)"})
         for column in robustness.columns[robustness.columns.str.endswith("(%)")]:
             robustness[column] = 100 * robustness[column]
-        parts.append(_table(robustness, "Robustness across ensemble members (Eitel & Ritter 2019): L2 distance of "
-                                        "max-scaled mean maps and mean pairwise overlap of the top regions", 1))
+        parts.append(_table(robustness, "Robustness across ensemble members (Eitel & Ritter 2019), on |R| per group: "
+                                        "L2 distance of max-scaled mean maps and mean pairwise overlap of the top "
+                                        "regions by sum, density and gain (gain_definition)", 1))
     else:
         parts.append(_note("No robustness table (it needs at least two ensemble members)."))
     return parts
