@@ -9,7 +9,7 @@ writing stage::
     models/                   train      split.tsv, member_<k>.{safetensors,json,predictions.parquet},
                                          predictions.parquet, metrics.parquet
     relevance.zarr            explain    relevance maps (``engine.models.attribution``)
-    validation/               validate   scores.parquet, robustness.parquet, lesion_relevance.parquet
+    validation/               validate   scores.parquet, robustness.parquet, sanity.parquet, lesion_relevance.parquet
     associations/<name>/      associate  one folder per analysis (summary.json, maps, tables)
     report.html               report     the HTML report (and report_screenshots/)
     provenance.json           the runner: catalog, versions, seeds, stage times of every run
@@ -95,6 +95,10 @@ class Layout:
     @property
     def robustness(self) -> Path:
         return self.validation / "robustness.parquet"
+
+    @property
+    def sanity(self) -> Path:
+        return self.validation / "sanity.parquet"
 
     @property
     def lesion_relevance(self) -> Path:
@@ -238,8 +242,12 @@ class ModelsLayout:
         """Numbers of the members whose card is written (the card is written last)."""
         return sorted(int(path.stem.removeprefix("member_")) for path in self.root.glob("member_*.json"))
 
+    def noise_model(self, member: int) -> Path:
+        """The noise network explaining member ``member`` (method ``noise_model``), written by the explain stage."""
+        return self.root / f"noise_{member}.safetensors"
+
     def member_files(self, member: int) -> list[Path]:
-        return [self.weights(member), self.card(member), self.member_predictions(member)]
+        return [self.weights(member), self.card(member), self.member_predictions(member), self.noise_model(member)]
 
     @property
     def predictions(self) -> Path:

@@ -6,7 +6,8 @@ import torch
 import zarr
 from torch import nn
 
-from engine.models.attribution import METHODS, AttributionOptions, attribute, explain, noise_importance, open_relevance
+from engine.models.attribution import METHODS, AttributionOptions, attribute, explain, open_relevance
+from engine.models.noise import NoiseNet, noise_model_importance, noise_optimisation, train_noise_model
 from engine.models.networks import ModelSpec, build_model
 from engine.models.training import CohortVolumes, TrainingConfig, load_member, train_ensemble
 
@@ -39,7 +40,8 @@ def test_every_method_gives_one_finite_map_per_subject(method):
     labels = np.arange(np.prod(SHAPE)).reshape(SHAPE) // 600  # a few blocky "regions"
     options = AttributionOptions(smoothgrad_samples=2, ig_steps=4, occlusion_patch=8, occlusion_stride=8,
                                  noise_steps=3)
-    maps = attribute(_model(), _inputs(), method, options, region_labels=labels)
+    noise_net = NoiseNet(2).double().eval()
+    maps = attribute(_model(), _inputs(), method, options, region_labels=labels, noise_model=noise_net)
     assert maps.shape == (2, *SHAPE)
     assert torch.isfinite(maps).all()
     assert maps.abs().sum() > 0
@@ -88,14 +90,35 @@ def test_grad_cam_is_upsampled_to_the_input_grid():
     assert maps.shape == (2, *SHAPE)
 
 
-def test_noise_importance_finds_the_voxels_the_prediction_depends_on():
+def test_noise_optimisation_finds_the_voxels_the_prediction_depends_on():
     weights = torch.zeros(SHAPE, dtype=torch.float64)
     weights[4:10, 5:12, 3:9] = 1.0
     model, x = Weighted(weights), _inputs()
-    importance = noise_importance(model, x, AttributionOptions(noise_steps=60, noise_sparsity=0.05))
+    importance = noise_optimisation(model, x, steps=60, learning_rate=0.1, sparsity=0.05)
     inside = importance[:, weights > 0].mean()
     outside = importance[:, weights == 0].mean()
     assert inside > outside + 0.3
+
+
+def test_noise_model_learns_over_a_cohort_where_the_prediction_needs_its_inputs():
+    """Bintsi et al.'s noise network, trained over 40 inputs with the model frozen, puts little noise on the
+    planted box the prediction sums (visible in each input, as anatomy is) and much elsewhere, also on new inputs."""
+    box = torch.zeros(SHAPE)
+    box[4:10, 5:12, 3:9] = 1.0
+    model = Weighted(nn.Parameter(box.clone()))
+    generator = torch.Generator().manual_seed(4)
+    volumes = torch.randn(48, 2, *SHAPE, generator=generator) * 0.5 + 2 * box
+    with torch.no_grad():
+        targets = model(volumes)[:, 0].numpy()
+    weights = model.weights.detach().clone()
+    noise_net = train_noise_model(model, lambda positions: volumes[positions].numpy(), np.arange(40), targets[:40],
+                                  sparsity=30.0, epochs=10, learning_rate=1e-2)
+    assert torch.equal(model.weights, weights) and model.weights.requires_grad  # frozen, then given back
+    importance = noise_model_importance(noise_net, volumes[40:])  # participants it was not trained on
+    inside, outside = importance[:, box > 0].mean(), importance[:, box == 0].mean()
+    assert inside > 0.9 and outside < 0.2
+    with pytest.raises(ValueError, match="noise_model needs the member's trained noise network"):
+        attribute(model, volumes[:2], "noise_model")
 
 
 def test_unknown_method_is_named():
@@ -136,6 +159,18 @@ def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(tr
     assert (relevance.i.values == volumes.dataset.i.values).all()
     assert relevance.age.dims == ("subject",)
     assert set(relevance.split.values) <= {"validation", "test"}
+
+
+def test_explain_trains_a_noise_network_per_member_once(trained, tmp_path):
+    store, models, subjects = trained
+    plan = {"images": store, "models": models, "methods": ["noise_model"], "members": [0, 1], "subjects": subjects,
+            "options": AttributionOptions(noise_model_epochs=1)}
+    relevance = explain(tmp_path / "relevance.zarr", **plan)
+    maps = relevance.relevance.values
+    assert ((maps > 0) & (maps < 1)).all()
+    stamps = [(models / f"noise_{member}.safetensors").stat().st_mtime_ns for member in (0, 1)]
+    explain(tmp_path / "again.zarr", **plan)  # same members, images, split and settings: the networks are kept
+    assert [(models / f"noise_{member}.safetensors").stat().st_mtime_ns for member in (0, 1)] == stamps
 
 
 def test_explain_resumes_the_blocks_that_are_missing(trained, tmp_path):

@@ -3,7 +3,7 @@
 :func:`attribute` maps ``(model, inputs, method)`` to voxel maps ``(batch, x, y, z)`` (summed
 over input channels). LRP is :mod:`engine.models.lrp`; gradient, gradient×input, guided backprop,
 SmoothGrad, Integrated Gradients, Grad-CAM, sliding-window occlusion and region occlusion come
-from captum; the noise-based importance of Bintsi et al. (2021) is optimised here.
+from captum; the noise-based importance of Bintsi et al. (2021) is :mod:`engine.models.noise`.
 
 :func:`explain` runs ``method × member × subject`` as Dask tasks — one per (member, block of
 subjects), asking for a GPU where workers have one — into ``relevance.zarr``::
@@ -42,10 +42,11 @@ from captum.attr import (
     Saliency,
 )
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.models import lrp
-from engine.layout import ModelsLayout, output_key
+from engine.models import lrp, noise
+from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, mark_current, output_key
 from engine.data.masker import VOXEL_COORDS
 from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
 from engine.tasks import gpu_resources, run_tasks, torch_device
@@ -64,10 +65,14 @@ class AttributionOptions(BaseModel):
     ig_steps: int = Field(16, ge=1, description="Integrated Gradients steps from the zero baseline")
     occlusion_patch: int = Field(6, ge=1, description="voxels per side of the sliding occlusion cube")
     occlusion_stride: int = Field(6, ge=1, description="voxels between occlusion cubes")
-    noise_steps: int = Field(40, ge=1, description="noise-importance optimisation steps")
-    noise_learning_rate: float = Field(0.1, gt=0, description="noise-importance Adam learning rate")
-    noise_sparsity: float = Field(1.0, ge=0, description="λ: reward for noise against the squared prediction "
-                                  "change (in target SDs)")
+    noise_model_sparsity: float = Field(1.0, ge=0, description="noise_model's λ: reward for mean noise against the "
+                                        "squared prediction error (in target SDs)")
+    noise_model_epochs: int = Field(3, ge=1, description="noise_model: passes over the training participants")
+    noise_model_learning_rate: float = Field(1e-3, gt=0, description="noise_model: Adam learning rate")
+    noise_steps: int = Field(40, ge=1, description="noise_optimisation: steps per batch of participants")
+    noise_learning_rate: float = Field(0.1, gt=0, description="noise_optimisation: Adam learning rate")
+    noise_sparsity: float = Field(1.0, ge=0, description="noise_optimisation's λ: reward for mean noise against the "
+                                  "squared prediction change (in target SDs)")
     lrp_epsilon: float = Field(0.1, ge=0, description="ε of LRP's ε-rules (lrp's dense layers, lrp_epsilon)")
     lrp_alpha: float = Field(1.0, ge=1, description="α of lrp's convolutions (α − β = 1; 1: sequential_preset_a, "
                              "2: sequential_preset_b)")
@@ -149,35 +154,16 @@ def _region_occlusion(model, inputs, options, context):
     return maps.mean(dim=1)
 
 
-def noise_importance(model: nn.Module, inputs: torch.Tensor, options: AttributionOptions) -> torch.Tensor:
-    """Bintsi et al. (2021): per voxel, how much Gaussian noise the prediction tolerates.
-
-    Learns σ_v ∈ (0, σ_max) (σ_max: the input's standard deviation) minimising
-    ``((f(x + σ·ε) − f(x)) / s)² − λ · mean(σ / σ_max)`` by Adam, with ``s`` the model's output
-    scale; importance is ``1 − σ_v / σ_max`` (voxels that tolerate much noise are unimportant).
-    """
-    inputs = inputs.detach()
-    generator = torch.Generator(device=inputs.device).manual_seed(options.seed)
-    sigma_max = inputs.std(dim=(1, 2, 3, 4), keepdim=True)
-    scale = getattr(model, "output_scale", torch.ones(1, device=inputs.device))[options.target]
-    logits = torch.zeros((inputs.shape[0], 1, *inputs.shape[2:]), device=inputs.device, dtype=inputs.dtype,
-                         requires_grad=True)
-    optimiser = torch.optim.Adam([logits], lr=options.noise_learning_rate)
-    with torch.no_grad():
-        reference = model(inputs)[:, options.target]
-    for _ in range(options.noise_steps):
-        fraction = torch.sigmoid(logits)
-        noise = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-        change = (model(inputs + fraction * sigma_max * noise)[:, options.target] - reference) / scale
-        loss = (change ** 2).mean() - options.noise_sparsity * fraction.mean(dim=(1, 2, 3, 4)).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return (1 - torch.sigmoid(logits)).detach()[:, 0]
+def _noise_model(model, inputs, options, context):
+    if context.get("noise_model") is None:
+        raise ValueError("noise_model needs the member's trained noise network (explain trains one per member over "
+                         "the training split; engine.models.noise.train_noise_model)")
+    return noise.noise_model_importance(context["noise_model"], inputs)
 
 
-def _noise_importance(model, inputs, options, context):
-    return noise_importance(model, inputs, options)
+def _noise_optimisation(model, inputs, options, context):
+    return noise.noise_optimisation(model, inputs, steps=options.noise_steps, learning_rate=options.noise_learning_rate,
+                                    sparsity=options.noise_sparsity, target=options.target, seed=options.seed)
 
 
 METHODS: dict[str, Callable] = {
@@ -196,30 +182,33 @@ METHODS: dict[str, Callable] = {
     "grad_cam": _grad_cam,
     "occlusion": _occlusion,
     "region_occlusion": _region_occlusion,
-    "noise_importance": _noise_importance,
+    "noise_model": _noise_model,
+    "noise_optimisation": _noise_optimisation,
 }
 
 
-def _last_output(model: nn.Module) -> int:
-    """The index of the model's last output (its output layer's last unit)."""
+def _target(model: nn.Module, options: AttributionOptions) -> int:
+    """The output to explain: ``options.target``, or the model's last output (its output layer's last unit)."""
+    if options.target is not None:
+        return options.target
     layer = getattr(model, "output_layer", None)
     return 0 if layer is None else layer.weight.shape[0] - 1
 
 
 def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: AttributionOptions | None = None,
-              region_labels: np.ndarray | None = None) -> torch.Tensor:
+              region_labels: np.ndarray | None = None, noise_model: nn.Module | None = None) -> torch.Tensor:
     """Voxel maps ``(batch, x, y, z)`` of ``method`` for the eval-mode ``model`` on ``inputs``.
 
     ``region_labels`` (an integer volume like the inputs' spatial shape) is needed by
-    ``region_occlusion``: one forward pass per region with the region set to zero.
+    ``region_occlusion``: one forward pass per region with the region set to zero; ``noise_model``
+    (:func:`~engine.models.noise.train_noise_model` for this model) by ``noise_model``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
     options = options or AttributionOptions()
-    if options.target is None:
-        options = options.model_copy(update={"target": _last_output(model)})
+    options = options.model_copy(update={"target": _target(model, options)})
     model.eval()
-    context = {"region_labels": region_labels}
+    context = {"region_labels": region_labels, "noise_model": noise_model}
     if method.startswith("lrp"):
         context["lrp_model"] = lrp.prepare(model)
     torch.manual_seed(options.seed)
@@ -267,15 +256,68 @@ def _create_store(path: Path, plan: dict, dataset: xr.Dataset, subjects_per_chun
     return group
 
 
+def _member_inputs(store: str, models_dir: str, member: int, device) -> tuple[nn.Module, dict, CohortVolumes]:
+    model, card = load_member(ModelsLayout(Path(models_dir)).member(member), device)
+    return model, card, CohortVolumes(store, card["config"]["modalities"], card["config"]["input_scaling"])
+
+
+def _train_noise_task(item):
+    """Train and write the noise network of one member over its training participants (Bintsi et al. 2021)."""
+    store, models_dir, member, options, key = item
+    files = ModelsLayout(Path(models_dir))
+    model, card, volumes = _member_inputs(store, models_dir, member, torch_device())
+    split = pd.read_csv(files.split, sep="\t", dtype={"participant_id": str}).set_index("participant_id")["split"]
+    train = np.flatnonzero(split.reindex(volumes.subjects).to_numpy() == "train")
+    values = volumes.dataset[card["config"]["target"]].values[train]
+    classes = card["classes"]
+    targets = values.astype(np.float32) if classes is None else np.array([classes.index(value) for value in values])
+    noise_net = noise.train_noise_model(
+        model, volumes.read, train, targets, sparsity=options.noise_model_sparsity, epochs=options.noise_model_epochs,
+        learning_rate=options.noise_model_learning_rate, target=_target(model, options),
+        classification=classes is not None, seed=1000 * options.seed + member)
+    path = files.noise_model(member)
+    with atomic_output(path) as partial:
+        save_file(noise_net.state_dict(), partial)
+    mark_current(path, key)
+    return member
+
+
+def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], options: AttributionOptions,
+                        client, progress, gpu_on_demand: bool) -> None:
+    """The noise network of every member that lacks a current one (same member, images, split and settings)."""
+    files = ModelsLayout(models_dir)
+    settings = {name: value for name, value in options.as_dict().items()
+                if name.startswith("noise_model_") or name in ("seed", "target")}
+    items = []
+    for member in members:
+        key = output_key(settings, {"member": models_fingerprint(models_dir, [member]),
+                                    "split": file_sha256(files.split), "images": content_fingerprint(store)})
+        if not is_current(files.noise_model(member), key):
+            items.append((str(store), str(models_dir), member, options, key))
+    done = len(members) - len(items)
+    if progress:
+        progress("explain: noise models", done, len(members))
+    for _ in run_tasks(_train_noise_task, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
+        done += 1
+        if progress:
+            progress("explain: noise models", done, len(members))
+
+
+def _load_noise_model(models_dir: str, member: int, in_channels: int, device) -> nn.Module:
+    noise_net = noise.NoiseNet(in_channels)
+    noise_net.load_state_dict(load_file(ModelsLayout(Path(models_dir)).noise_model(member)))
+    return noise_net.to(device).eval()
+
+
 def _explain_block(item):
     out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
     device = torch_device()
-    model, card = load_member(ModelsLayout(Path(models_dir)).member(member), device)
-    volumes = CohortVolumes(store, card["config"]["modalities"], card["config"].get("input_scaling", "zscore"))
+    model, card, volumes = _member_inputs(store, models_dir, member, device)
     inputs = torch.from_numpy(volumes.read(positions)).to(device)
+    noise_net = _load_noise_model(models_dir, member, inputs.shape[1], device) if "noise_model" in methods else None
     group = zarr.open_group(out, mode="r+")
     for method_index, method in enumerate(methods):
-        maps = attribute(model, inputs, method, options, region_labels).cpu().numpy()
+        maps = attribute(model, inputs, method, options, region_labels, noise_net).cpu().numpy()
         group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.box.transform(maps)
     group["explained"][member_index, rows[0]:rows[-1] + 1] = True  # after the data: marks the block whole
     return len(rows)
@@ -338,6 +380,8 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
             split = pd.read_csv(split_file, sep="\t", dtype={"participant_id": str}).set_index("participant_id")
             columns["split"] = split["split"].reindex(list(subjects)).fillna("").to_numpy(dtype=object)
         _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]), columns)
+    if "noise_model" in methods:
+        _train_noise_models(store, models_dir, members, options, client, progress, gpu_on_demand)
     group = zarr.open_group(out, mode="r+")
     chunk = group["relevance"].chunks[2]
     explained = group["explained"][:]
