@@ -4,8 +4,9 @@
 
 Reads the workspace that ``relcohort run catalog.yaml`` wrote: ``models/metrics.parquet``
 (test MAE of each member and the ensemble against predicting the training mean) and
-``validation/scores.parquet`` / ``robustness.parquet`` (each method's ensemble-mean maps
-against the planted focal regions, and agreement across members). Writes
+``validation/scores.parquet`` / ``sanity.parquet`` / ``robustness.parquet`` (each method's
+ensemble-mean maps against the planted focal regions, the parameter randomisation test, and
+agreement across members per age band). Writes
 ``benchmarks/results/demo_explanations.json`` and prints the Markdown tables of the README.
 """
 
@@ -25,10 +26,12 @@ def tables(workspace: Path) -> tuple[list[dict], str]:
     test = metrics[metrics["split"] == "test"].set_index("member")
     scores = pd.read_parquet(workspace / "validation/scores.parquet")
     ensemble = scores[scores["member"] == "ensemble"].pivot(index="method", columns="scored")
-    robustness = pd.read_parquet(workspace / "validation/robustness.parquet").set_index("method")
+    robustness = pd.read_parquet(workspace / "validation/robustness.parquet")
+    sanity = pd.read_parquet(workspace / "validation/sanity.parquet").set_index("method")
     records = json.loads(json.dumps({"test": test.to_dict(orient="index"),
                                      "scores": scores.to_dict(orient="records"),
-                                     "robustness": robustness.reset_index().to_dict(orient="records")}, default=float))
+                                     "sanity": sanity.reset_index().to_dict(orient="records"),
+                                     "robustness": robustness.to_dict(orient="records")}, default=float))
 
     lines = ["| test set | N | MAE (y) | r | R² |", "|---|---|---|---|---|"]
     for who, row in test.iterrows():
@@ -37,15 +40,21 @@ def tables(workspace: Path) -> tuple[list[dict], str]:
     lines += ["", "| method | ROC-AUC R | ROC-AUC \\|R\\| "
               f"| top-10 precision R (chance {chance.top_k_precision_uniform:.3f}) "
               f"| top-10 precision \\|R\\| | mass accuracy (uniform {chance.mass_accuracy_uniform:.3f}) "
-              "| member L2 distance | top-10 overlap sum / density / gain |", "|---|---|---|---|---|---|---|---|"]
-    for method in robustness.index:
-        row, agreement = ensemble.loc[method], robustness.loc[method]
+              "| randomisation ρ R / \\|R\\| |", "|---|---|---|---|---|---|---|"]
+    for method in ensemble.index:
+        row = ensemble.loc[method]
+        randomised = (f"{sanity.loc[method, 'spearman']:.2f} / {sanity.loc[method, 'spearman_abs']:.2f}"
+                      if method in sanity.index else "–")
         lines.append(
             f"| {method} | {row[('roc_auc', 'R')]:.2f} | {row[('roc_auc', '|R|')]:.2f} "
             f"| {row[('top_k_precision', 'R')]:.2f} | {row[('top_k_precision', '|R|')]:.2f} "
-            f"| {row[('mass_accuracy', 'R')]:.3f} | {agreement['l2_distance']:.1f} "
-            f"| {agreement['top_k_overlap_sum']:.1f} / {agreement['top_k_overlap_density']:.1f} / "
-            f"{agreement['top_k_overlap_gain']:.1f} |")
+            f"| {row[('mass_accuracy', 'R')]:.3f} | {randomised} |")
+    lines += ["", f"| method | group (gain: {robustness['gain_definition'].iloc[0]}) | n | member L2 distance "
+              "| top-10 overlap sum / density / gain |", "|---|---|---|---|---|"]
+    for _, agreement in robustness.iterrows():
+        lines.append(f"| {agreement['method']} | {agreement['group']} | {agreement['n']} "
+                     f"| {agreement['l2_distance']:.1f} | {agreement['top_k_overlap_sum']:.1f} / "
+                     f"{agreement['top_k_overlap_density']:.1f} / {agreement['top_k_overlap_gain']:.1f} |")
     return [records], "\n".join(lines)
 
 

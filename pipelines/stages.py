@@ -16,6 +16,7 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
+import torch
 
 from cluster import RunningCluster
 from engine.analysis import association, features, stats
@@ -262,10 +263,7 @@ class ExplainStage:
             "participant_id")["split"]
         chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
         subjects = [subject for subject in dataset.subject.values if subject in chosen]
-        region_labels = None
-        if "region_occlusion" in settings.methods:  # the atlas in the model inputs' box
-            region_labels = Masker.of(dataset).box().inverse_transform(
-                catalog.atlas.load(dataset).voxel_labels.astype(np.int64))
+        region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
         attribution.explain(
             layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
             members=list(range(catalog.train.members)), subjects=subjects,
@@ -286,6 +284,10 @@ class ExplainStage:
                 f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
 
 
+#: Participants the parameter randomisation test explains (member 0, the first explained ones).
+SANITY_SUBJECTS = 8
+
+
 class ValidateStage:
     """Scores of the relevance maps in ``validation/``: against a ground truth, across members, inside lesions."""
 
@@ -301,7 +303,7 @@ class ValidateStage:
         out = layout.validation
         age_bands = _age_bands(catalog)
         key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"), "lesions": lesions,
-                          "age_bands": age_bands},
+                          "age_bands": age_bands, "sanity_subjects": SANITY_SUBJECTS},
                          {"relevance": attribution.relevance_key(layout.relevance),
                           "images": store.content_fingerprint(layout.images),
                           "truth": file_sha256(truth) if truth is not None else None})
@@ -329,6 +331,9 @@ class ValidateStage:
                     else None
                 robustness = self._robustness(relevance, atlas, predictions, age_bands)
                 robustness.to_parquet(partial / layout.robustness.name, index=False)
+            sanity = self._sanity(catalog, relevance)
+            if sanity is not None:
+                sanity.to_parquet(partial / layout.sanity.name, index=False)
         mark_current(out, key)
         progress("validate", 1, 1)
         return {**summary, "computed": 1}
@@ -342,6 +347,22 @@ class ValidateStage:
             tables += [ensemble.assign(member=training.ENSEMBLE, scored="|R|" if absolute else "R"),
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
+
+    def _sanity(self, catalog: Catalog, relevance) -> pd.DataFrame | None:
+        """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
+        belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants."""
+        methods = [method for method in relevance.method.values if method != "noise_model"]
+        if not methods:
+            return None
+        layout = catalog.layout
+        model, card = training.load_member(layout.models.member(0))
+        volumes = training.CohortVolumes(layout.images, card["config"]["modalities"], card["config"]["input_scaling"])
+        positions = [list(volumes.subjects).index(subject) for subject in relevance.subject.values[:SANITY_SUBJECTS]]
+        inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
+        region_labels = _region_labels(catalog, volumes.dataset) if "region_occlusion" in methods else None
+        return validation.parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), methods,
+                                                  options=catalog.explain.options, inside=inside,
+                                                  region_labels=region_labels)
 
     def _robustness(self, relevance, atlas, predictions: pd.DataFrame | None, age_bands) -> pd.DataFrame:
         """Eitel & Ritter's robustness per method, for the true positives and true negatives of a binary
@@ -359,6 +380,11 @@ class ValidateStage:
         if stored_key(layout.validation) is None:
             return None
         return f"{layout.validation}: " + ", ".join(path.name for path in sorted(layout.validation.glob("*.parquet")))
+
+
+def _region_labels(catalog: Catalog, dataset) -> np.ndarray:
+    """The catalog's atlas in the model inputs' box (what region occlusion removes region by region)."""
+    return Masker.of(dataset).box().inverse_transform(catalog.atlas.load(dataset).voxel_labels.astype(np.int64))
 
 
 def _age_bands(catalog: Catalog) -> list[float]:

@@ -141,7 +141,14 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert set(scores.member) == {"ensemble", "0", "1"}
     assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 3 * 3
     assert scores.roc_auc.between(0, 1).all()
-    assert len(pd.read_parquet(workspace / "validation/robustness.parquet")) == 3
+    robustness = pd.read_parquet(workspace / "validation/robustness.parquet")
+    ages = relevance.age.values
+    bands = {"age < 40": ages < 40, "age 40–60": (ages >= 40) & (ages < 60), "age ≥ 60": ages >= 60}
+    present = [name for name, mask in bands.items() if mask.any()]
+    assert len(robustness) == 3 * len(present) and set(robustness.group) == set(present)
+    assert dict(zip(robustness.group, robustness.n, strict=True)) == {name: bands[name].sum() for name in present}
+    sanity = pd.read_parquet(workspace / "validation/sanity.parquet")
+    assert list(sanity.method) == ["lrp", "gradient", "region_occlusion"] and sanity.spearman.between(-1, 1).all()
     lesion_relevance = pd.read_parquet(workspace / "validation/lesion_relevance.parquet")
     assert len(lesion_relevance) == 3 * relevance.sizes["subject"]
     assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)

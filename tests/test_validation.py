@@ -201,6 +201,9 @@ def test_member_robustness_by_hand():
     two_groups = member_robustness(relevance, atlas, {"patients": group, "controls": ~group}, k=2)
     assert list(two_groups["group"]) == ["patients", "controls"] and list(two_groups["n"]) == [2, 1]
     assert two_groups["top_k_overlap_gain"].isna().all()  # no controls given: no gain
+    with_controls = member_robustness(relevance, atlas, {"patients": group, "controls": ~group}, controls=~group, k=2)
+    assert with_controls["top_k_overlap_gain"].tolist()[0] == pytest.approx(0.5)
+    assert np.isnan(with_controls["top_k_overlap_gain"].tolist()[1])  # the controls over themselves: no gain
 
     with pytest.raises(ValueError, match=r"number of regions \(4\), got 5"):
         member_robustness(relevance, atlas, {"g": group}, k=5)
@@ -245,6 +248,35 @@ def test_member_robustness_equals_numpy_reference(hand_atlas):
         scaled = [mean / np.abs(mean).max() for mean in means]
         expected = np.mean([np.linalg.norm(a - b) for a, b in combinations(scaled, 2)])
         assert table.loc[name, "l2_distance"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_parameter_randomisation_scores_maps_of_the_trained_and_the_redrawn_model():
+    import torch
+    from scipy.stats import spearmanr
+
+    from engine.models.attribution import attribute
+    from engine.models.networks import ModelSpec, build_model
+    from engine.models.validation import parameter_randomisation, randomised_copy
+
+    shape = (12, 14, 10)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("mrinet", shape, 1, 1), target_mean=50.0, target_scale=10.0).double().eval()
+    inputs = torch.randn(3, 1, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inside = np.zeros(shape, bool)
+    inside[2:10, 2:12, 2:8] = True
+    itself = parameter_randomisation(model, inputs, ["gradient"], inside=inside, randomised=model)
+    assert itself.loc[0, "spearman"] == pytest.approx(1.0) and itself.loc[0, "spearman_abs"] == pytest.approx(1.0)
+
+    redrawn = randomised_copy(model, seed=5)
+    assert float(redrawn.output_scale[0]) == 10.0  # buffers are kept
+    assert not any(torch.equal(a, b) for (name, a), b in zip(model.named_parameters(), redrawn.parameters(),
+                                                              strict=True) if name.endswith("weight"))
+    table = parameter_randomisation(model, inputs, ["gradient", "gradient_x_input"], inside=inside, seed=5)
+    assert list(table.method) == ["gradient", "gradient_x_input"] and list(table.n) == [3, 3]
+    trained, shuffled = (attribute(network, inputs, "gradient").numpy()[:, inside] for network in (model, redrawn))
+    expected = np.mean([spearmanr(np.abs(a), np.abs(b)).statistic for a, b in zip(trained, shuffled, strict=True)])
+    assert table.loc[0, "spearman_abs"] == pytest.approx(expected, rel=1e-12)
+    assert abs(table.loc[0, "spearman"]) < 0.5  # the gradient of a re-drawn network is another map
 
 
 def test_subject_groups_by_outcome_and_by_age_band():

@@ -12,6 +12,8 @@ maps are DataArrays with a ``voxel`` dim and any leading dims (``method``, ``mem
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -21,7 +23,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.stats import rankdata
+import torch
+from scipy.stats import rankdata, spearmanr
+from torch import nn
 
 from engine.analysis.atlas import STATISTICS, Atlas, region_reduce, top_k_overlap, top_regions
 from engine.data.masker import Masker
@@ -177,7 +181,7 @@ def member_robustness(relevance: xr.DataArray, atlas: Atlas, groups: Mapping[str
     |A∩B|/k of the members' top-``k`` regions ranked by the group's mean region sum of |R|
     (``top_k_overlap_sum``), by that per voxel (``density``) and by its gain over the
     ``controls`` (Böhle et al. 2019: the group's mean region sum ÷ the healthy controls'; NaN
-    without controls).
+    without controls, and for the controls themselves).
     """
     relevance = _voxel_last(relevance)
     missing = [dim for dim in ("member", "subject") if dim not in relevance.dims]
@@ -193,13 +197,14 @@ def member_robustness(relevance: xr.DataArray, atlas: Atlas, groups: Mapping[str
     _check_k(k, counts.size)
     control_sums = None
     if controls is not None:
-        control_sums = regions.isel(subject=_subject_mask(controls, relevance, "controls")).mean("subject")
+        controls = _subject_mask(controls, relevance, "controls")
+        control_sums = regions.isel(subject=controls).mean("subject")
     tables = []
     for name, mask in masks.items():
         sums = regions.isel(subject=mask).mean("subject")
         scores = {"l2_distance": member_l2_distance(magnitude.isel(subject=mask).astype(np.float64).mean("subject")),
                   "sum": sums, "density": sums / counts}
-        if control_sums is not None:
+        if control_sums is not None and not np.array_equal(mask, controls):  # the controls' own gain is 1
             scores["gain"] = sums / control_sums.where(control_sums != 0)
         scores = xr.Dataset(scores).compute()
         table = xr.Dataset({"l2_distance": scores["l2_distance"]})
@@ -271,6 +276,53 @@ def subject_groups(subjects: Sequence[str], age: np.ndarray | None, predictions:
 
 def _mean_pairwise_overlap(top: np.ndarray) -> float:
     return float(np.mean([top_k_overlap(first, second) for first, second in combinations(top, 2)]))
+
+
+# ---------------------------------------------------------------------------------------
+# Sanity check (Adebayo et al. 2018)
+
+
+def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with every convolution and dense layer drawn afresh as a new model starts
+    (He-normal weights, zero biases; buffers such as the output scale are kept)."""
+    randomised = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in randomised.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                fresh = torch.randn(module.weight.shape, generator=generator) * math.sqrt(2 / fan_in)
+                module.weight.copy_(fresh.to(module.weight))
+                if module.bias is not None:
+                    module.bias.zero_()
+    return randomised
+
+
+def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, methods: Sequence[str], *,
+                            options=None, inside: np.ndarray | None = None, randomised: nn.Module | None = None,
+                            region_labels: np.ndarray | None = None, seed: int = 0) -> pd.DataFrame:
+    """The model-parameter randomisation test of Adebayo et al. (2018), one row per method.
+
+    Each method explains ``inputs`` with the trained ``model`` and with ``randomised`` (default:
+    :func:`randomised_copy`, every layer re-drawn); a map that reflects what the model learned
+    should change. Columns: ``spearman`` and ``spearman_abs``, the mean over inputs of the rank
+    correlation between the two maps (signed, and of their magnitudes) over the voxels ``inside``
+    (a boolean volume, e.g. the brain mask; default all). Near 0 passes, near 1 fails.
+    ``region_labels`` is the atlas volume ``region_occlusion`` needs.
+    """
+    from engine.models.attribution import attribute
+
+    randomised = randomised_copy(model, seed) if randomised is None else randomised
+    inside = np.ones(inputs.shape[2:], bool) if inside is None else np.asarray(inside, bool)
+    rows = []
+    for method in methods:
+        trained, shuffled = (attribute(network, inputs, method, options, region_labels).cpu().numpy()[:, inside]
+                             for network in (model, randomised))
+        signed = [spearmanr(a, b).statistic for a, b in zip(trained, shuffled, strict=True)]
+        magnitude = [spearmanr(np.abs(a), np.abs(b)).statistic for a, b in zip(trained, shuffled, strict=True)]
+        rows.append({"method": method, "n": len(trained), "spearman": float(np.mean(signed)),
+                     "spearman_abs": float(np.mean(magnitude))})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------

@@ -428,6 +428,10 @@ def _validation(ws: Workspace) -> list[str]:
                                         "regions by sum, density and gain (gain_definition)", 1))
     else:
         parts.append(_note("No robustness table (it needs at least two ensemble members)."))
+    if ws.layout.sanity.is_file():
+        parts.append(_table(ws.sanity, "Sanity check (Adebayo et al. 2018): rank correlation between the maps of "
+                                       "member 0 and of the same network with every layer re-drawn (near 0 passes, "
+                                       "near 1: the map does not depend on what the model learned)", 3))
     return parts
 
 

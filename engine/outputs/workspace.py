@@ -7,7 +7,7 @@
     ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
     ws.features["tract_fa"]      # pandas tables of features/*.parquet
     ws.predictions, ws.metrics   # models/ (ws.training: how the members were trained)
-    ws.scores, ws.robustness     # validation/ (and ws.lesion_relevance)
+    ws.scores, ws.robustness, ws.sanity   # validation/ (and ws.lesion_relevance)
     ws.associations["lrp_age"]   # associations/<name>/: summary, voxel maps, cluster or region tables
     ws.provenance, ws.catalog    # provenance.json (typed: engine.layout.Provenance) and the last run's catalog
     ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject"))
@@ -208,6 +208,11 @@ class Workspace:
     def robustness(self) -> pd.DataFrame:
         """Robustness across members per method (``validation/robustness.parquet``)."""
         return _read_table(self.layout.robustness, "validate")
+
+    @cached_property
+    def sanity(self) -> pd.DataFrame:
+        """The parameter randomisation test per method (``validation/sanity.parquet``)."""
+        return _read_table(self.layout.sanity, "validate")
 
     @cached_property
     def lesion_relevance(self) -> pd.DataFrame:
