@@ -121,6 +121,26 @@ def test_noise_model_learns_over_a_cohort_where_the_prediction_needs_its_inputs(
         attribute(model, volumes[:2], "noise_model")
 
 
+def test_a_binned_model_explains_each_inputs_most_probable_bin():
+    """Soft-label models (one output per age bin) are explained at the bin they predict, per input."""
+    torch.manual_seed(4)
+    model = build_model(ModelSpec("mrinet", SHAPE, 2, 4, bin_centres=(20.0, 40.0, 60.0, 80.0))).double().eval()
+    with torch.no_grad():
+        model.output_layer.weight.normal_(0, 0.5)
+    x = _inputs()
+    x[1] = torch.randn(x[1].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    chosen = model(x).argmax(dim=1)
+    assert chosen.tolist() == [0, 1]  # two inputs, two bins
+    inputs = x.clone().requires_grad_(True)
+    picked = model(inputs).gather(1, chosen[:, None]).sum()
+    (gradient,) = torch.autograd.grad(picked, inputs)
+    assert torch.allclose(attribute(model, x, "gradient"), gradient.sum(dim=1))
+    by_bin = [attribute(model, x[[row]], "gradient", AttributionOptions(target=int(chosen[row]))) for row in range(2)]
+    assert torch.allclose(attribute(model, x, "lrp"), torch.cat([attribute(model, x[[row]], "lrp", AttributionOptions(
+        target=int(chosen[row]))) for row in range(2)]))
+    assert torch.allclose(torch.cat(by_bin), gradient.sum(dim=1))
+
+
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown attribution method 'deeplift'"):
         attribute(_model(), _inputs(), "deeplift")

@@ -14,6 +14,8 @@ from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.data.store import open_cohort
 from engine.models.training import (
     ENSEMBLE,
+    soft_labels,
+    value_bins,
     Augmentation,
     CohortVolumes,
     augment,
@@ -218,6 +220,54 @@ def test_learning_rate_schedules_and_weight_decay_follow_their_definitions(tiny_
         train_member(tiny_store, config, split, 0, tmp_path / str(decay))
         norms[decay] = float(load_file(tmp_path / str(decay) / "member_0.safetensors")["features.0.weight"].norm())
     assert norms[1000.0] < 0.5 * norms[0.0]  # AdamW shrinks each weight by (1 − lr·decay) per step
+
+
+def test_soft_labels_integrate_a_gaussian_over_the_bins_by_hand():
+    from math import erf, sqrt
+
+    edges = value_bins([50.5], 1.0)
+    np.testing.assert_array_equal(edges, [48, 49, 50, 51, 52, 53])  # two spare bins on each side
+    phi = lambda z: (1 + erf(z / sqrt(2))) / 2  # noqa: E731
+    expected = np.array([phi(edge - 50.5) for edge in edges[1:]]) - np.array([phi(edge - 50.5) for edge in edges[:-1]])
+    labels = soft_labels([50.5], edges, 1.0)
+    np.testing.assert_allclose(labels[0], expected / expected.sum(), rtol=1e-12)
+    assert labels[0, 2] == pytest.approx(0.38292 / 0.98758, rel=1e-4)  # Φ(½) − Φ(−½) over Φ(2½) − Φ(−2½)
+    centres = (edges[:-1] + edges[1:]) / 2
+    assert labels[0] @ centres == pytest.approx(50.5)  # symmetric: the expected centre is the value
+    np.testing.assert_allclose(soft_labels([20.0, 80.0], value_bins([20.0, 80.0], 2.0), 1.0).sum(axis=1), 1.0)
+
+
+def test_soft_label_training_minimises_the_kl_divergence_and_predicts_the_expected_bin(tiny_store, tmp_path):
+    """Peng et al.'s recipe: SGD, step decay, soft labels; the recorded validation loss is the KL divergence
+    computed here by hand, and predictions are the softmax-weighted bin centres."""
+    split = cohort_split(tiny_store)
+    config = TrainingConfig(modalities=("T1",), model="sfcn", model_options={"channels": [4, 8, 8, 4]},
+                            loss="soft_labels", bin_width=2.0, soft_label_sigma=1.0, optimizer="sgd",
+                            learning_rate=0.01, weight_decay=1e-3, schedule="step", step_epochs=1, step_gamma=0.3,
+                            epochs=2, patience=2, batch_size=4, seed=2)
+    card = train_member(tiny_store, config, split, 0, tmp_path)
+    model, _ = load_member(tmp_path / "member_0")
+    volumes = CohortVolumes(tiny_store, ["T1"])
+    age = volumes.dataset.age.values
+    in_split = split.reindex(volumes.subjects).to_numpy()
+    edges = value_bins(age[in_split == "train"], 2.0)
+    centres = (edges[:-1] + edges[1:]) / 2
+    np.testing.assert_allclose(model.bin_centres.numpy(), centres)
+    validation = np.flatnonzero(in_split == "validation")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(volumes.read(validation))).double().numpy()
+    log_q = logits - logits.max(axis=1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    p = soft_labels(age[validation], edges, 1.0)
+    kl = np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - log_q), 0)) / len(validation)
+    best = card["history"][card["best_epoch"] - 1]
+    assert best["validation_loss"] == pytest.approx(kl, rel=1e-4)
+    assert [row["learning_rate"] for row in card["history"]] == pytest.approx([0.01, 0.003])
+    table = pd.read_parquet(tmp_path / "member_0.predictions.parquet").set_index("participant_id")
+    expected = np.exp(log_q) @ centres
+    np.testing.assert_allclose(table.loc[volumes.subjects[validation], "predicted"], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="soft_labels needs task: regression"):
+        TrainingConfig(loss="soft_labels", task="classification", target="sex")
 
 
 def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store, tmp_path):

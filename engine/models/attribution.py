@@ -98,22 +98,22 @@ def _channel_sum(maps: torch.Tensor) -> torch.Tensor:
 def _lrp(preset: str) -> Callable:
     def method(model, inputs, options, context):
         rules = lrp.preset(preset, options.lrp_epsilon, options.lrp_alpha, options.lrp_beta)
-        return _channel_sum(lrp.lrp(context["lrp_model"], inputs, rules, options.target))
+        return _channel_sum(lrp.lrp(context["lrp_model"], inputs, rules, context["target"]))
     return method
 
 
 def _gradient(model, inputs, options, context):
-    return _channel_sum(Saliency(model).attribute(inputs, target=options.target, abs=False))
+    return _channel_sum(Saliency(model).attribute(inputs, target=context["target"], abs=False))
 
 
 def _gradient_x_input(model, inputs, options, context):
-    return _channel_sum(InputXGradient(model).attribute(inputs, target=options.target))
+    return _channel_sum(InputXGradient(model).attribute(inputs, target=context["target"]))
 
 
 def _guided_backprop(model, inputs, options, context):
     with warnings.catch_warnings():  # captum announces the ReLU hooks it sets (and removes) on every call
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations", category=UserWarning)
-        return _channel_sum(GuidedBackprop(model).attribute(inputs, target=options.target))
+        return _channel_sum(GuidedBackprop(model).attribute(inputs, target=context["target"]))
 
 
 def _smoothgrad(model, inputs, options, context):
@@ -121,17 +121,17 @@ def _smoothgrad(model, inputs, options, context):
     tunnel = NoiseTunnel(Saliency(model))
     return _channel_sum(tunnel.attribute(inputs, nt_type="smoothgrad", nt_samples=options.smoothgrad_samples,
                                          nt_samples_batch_size=options.smoothgrad_samples, stdevs=noise,
-                                         target=options.target, abs=False))
+                                         target=context["target"], abs=False))
 
 
 def _integrated_gradients(model, inputs, options, context):
     return _channel_sum(IntegratedGradients(model).attribute(
-        inputs, baselines=torch.zeros_like(inputs), target=options.target, n_steps=options.ig_steps,
+        inputs, baselines=torch.zeros_like(inputs), target=context["target"], n_steps=options.ig_steps,
         internal_batch_size=max(len(inputs), 8)))
 
 
 def _grad_cam(model, inputs, options, context):
-    cam = LayerGradCam(model, model.last_conv).attribute(inputs, target=options.target)
+    cam = LayerGradCam(model, model.last_conv).attribute(inputs, target=context["target"])
     return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="trilinear")[:, 0]
 
 
@@ -140,7 +140,7 @@ def _occlusion(model, inputs, options, context):
     patch, stride = options.occlusion_patch, options.occlusion_stride
     maps = Occlusion(model).attribute(inputs, sliding_window_shapes=(channels, patch, patch, patch),
                                       strides=(channels, stride, stride, stride), baselines=0,
-                                      target=options.target, perturbations_per_eval=8)
+                                      target=context["target"], perturbations_per_eval=8)
     return maps.mean(dim=1)  # every channel of a window carries the window's whole effect
 
 
@@ -149,7 +149,7 @@ def _region_occlusion(model, inputs, options, context):
         raise ValueError("region_occlusion needs an atlas (the explain stage passes the catalog's atlas)")
     labels = torch.as_tensor(context["region_labels"], device=inputs.device)
     feature_mask = labels.expand(inputs.shape[0], inputs.shape[1], *labels.shape)
-    maps = FeatureAblation(model).attribute(inputs, baselines=0, target=options.target, feature_mask=feature_mask,
+    maps = FeatureAblation(model).attribute(inputs, baselines=0, target=context["target"], feature_mask=feature_mask,
                                             perturbations_per_eval=8)
     return maps.mean(dim=1)
 
@@ -163,7 +163,7 @@ def _noise_model(model, inputs, options, context):
 
 def _noise_optimisation(model, inputs, options, context):
     return noise.noise_optimisation(model, inputs, steps=options.noise_steps, learning_rate=options.noise_learning_rate,
-                                    sparsity=options.noise_sparsity, target=options.target, seed=options.seed)
+                                    sparsity=options.noise_sparsity, target=context["target"], seed=options.seed)
 
 
 METHODS: dict[str, Callable] = {
@@ -187,10 +187,14 @@ METHODS: dict[str, Callable] = {
 }
 
 
-def _target(model: nn.Module, options: AttributionOptions) -> int:
-    """The output to explain: ``options.target``, or the model's last output (its output layer's last unit)."""
+def _target(model: nn.Module, options: AttributionOptions, inputs: torch.Tensor) -> int | torch.Tensor:
+    """The output to explain: ``options.target``; else, for a model with value bins, each input's most
+    probable bin (given ``inputs``), otherwise the model's last output (its output layer's last unit)."""
     if options.target is not None:
         return options.target
+    if getattr(model, "bin_centres", None) is not None:
+        with torch.no_grad():
+            return model(inputs).argmax(dim=1)
     layer = getattr(model, "output_layer", None)
     return 0 if layer is None else layer.weight.shape[0] - 1
 
@@ -206,9 +210,8 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: Attr
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
     options = options or AttributionOptions()
-    options = options.model_copy(update={"target": _target(model, options)})
     model.eval()
-    context = {"region_labels": region_labels, "noise_model": noise_model}
+    context = {"region_labels": region_labels, "noise_model": noise_model, "target": _target(model, options, inputs)}
     if method.startswith("lrp"):
         context["lrp_model"] = lrp.prepare(model)
     torch.manual_seed(options.seed)
@@ -273,8 +276,8 @@ def _train_noise_task(item):
     targets = values.astype(np.float32) if classes is None else np.array([classes.index(value) for value in values])
     noise_net = noise.train_noise_model(
         model, volumes.read, train, targets, sparsity=options.noise_model_sparsity, epochs=options.noise_model_epochs,
-        learning_rate=options.noise_model_learning_rate, target=_target(model, options),
-        classification=classes is not None, seed=1000 * options.seed + member)
+        learning_rate=options.noise_model_learning_rate, classification=classes is not None,
+        seed=1000 * options.seed + member)
     path = files.noise_model(member)
     with atomic_output(path) as partial:
         save_file(noise_net.state_dict(), partial)
@@ -287,7 +290,7 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
     """The noise network of every member that lacks a current one (same member, images, split and settings)."""
     files = ModelsLayout(models_dir)
     settings = {name: value for name, value in options.as_dict().items()
-                if name.startswith("noise_model_") or name in ("seed", "target")}
+                if name.startswith("noise_model_") or name == "seed"}
     items = []
     for member in members:
         key = output_key(settings, {"member": models_fingerprint(models_dir, [member]),

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.models.networks import selected_outputs
+
 
 def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(module, nn.Linear):
@@ -285,14 +287,15 @@ def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Itera
 
 
 def lrp(model: nn.Module, inputs: torch.Tensor, composite: str | Mapping[type, object] = "study",
-        target: int = 0) -> torch.Tensor:
-    """Relevance of each input element for output ``target`` (raw, unnormalised), same shape as inputs.
+        target: int | torch.Tensor = 0) -> torch.Tensor:
+    """Relevance of each input element for output ``target`` (one index, or one per input; raw,
+    unnormalised), same shape as inputs.
 
     ``model`` must be in eval mode with BatchNorms merged (see :func:`prepare`); ``composite`` is
     a preset's name (its default ε, α, β) or rules from :func:`preset`.
     """
     inputs = inputs.detach().clone().requires_grad_(True)
     with lrp_rules(model, composite), torch.enable_grad():
-        output = model(inputs)[:, target]
+        output = selected_outputs(model(inputs), target)
         (gradient,) = torch.autograd.grad(output.sum(), inputs)
     return (inputs * gradient).detach()

@@ -133,20 +133,26 @@ MODELS = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a model before loading its weights."""
+    """Everything needed to rebuild a model before loading its weights.
+
+    ``bin_centres`` makes a regression model predict a distribution over value bins (Peng et
+    al. 2021's soft-label brain age): one output per bin, the prediction the expected bin centre.
+    """
 
     name: str
     input_shape: tuple[int, int, int]
     in_channels: int = 1
     n_outputs: int = 1
     options: dict = field(default_factory=dict)
+    bin_centres: tuple[float, ...] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, spec: dict) -> ModelSpec:
-        return cls(**{**spec, "input_shape": tuple(spec["input_shape"])})
+        bins = spec.get("bin_centres")
+        return cls(**{**spec, "input_shape": tuple(spec["input_shape"]), "bin_centres": tuple(bins) if bins else None})
 
 
 def build_model(spec: ModelSpec, target_mean: float | None = None, target_scale: float | None = None) -> nn.Module:
@@ -166,12 +172,33 @@ def build_model(spec: ModelSpec, target_mean: float | None = None, target_scale:
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             nn.init.zeros_(module.bias)
     nn.init.normal_(model.output_layer.weight, std=0.01)  # start every prediction near the bias
+    if spec.bin_centres is not None:
+        if len(spec.bin_centres) != spec.n_outputs:
+            raise ValueError(f"{len(spec.bin_centres)} bin centres for {spec.n_outputs} outputs")
+        model.register_buffer("bin_centres", torch.tensor(spec.bin_centres, dtype=torch.float32))
+        return model
     with torch.no_grad():
         if target_scale is not None:
             model.output_scale.fill_(float(target_scale))
         if target_mean is not None:
             model.output_layer.bias.fill_(float(target_mean) / float(model.output_scale[0]))
     return model
+
+
+def selected_outputs(output: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+    """``output[:, target]``, with ``target`` one output index or one per row."""
+    if isinstance(target, torch.Tensor):
+        return output.gather(1, target.reshape(-1, 1).to(output.device))[:, 0]
+    return output[:, target]
+
+
+def predicted_values(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A regression model's predictions from its ``output``: the first output, or for a model with
+    ``bin_centres`` the expected bin centre under the softmax of its outputs."""
+    centres = getattr(model, "bin_centres", None)
+    if centres is None:
+        return output[:, 0]
+    return torch.softmax(output, dim=1) @ centres.to(output)
 
 
 def place(model: nn.Module, device: torch.device | str) -> nn.Module:

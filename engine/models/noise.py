@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.models.networks import predicted_values, selected_outputs
+
 
 class NoiseNet(nn.Module):
     """Per-voxel noise logits for an input ``(batch, channels, x, y, z)``: two scales, one skip connection."""
@@ -45,18 +47,18 @@ def _spread(inputs: torch.Tensor) -> torch.Tensor:
     return inputs.std(dim=(1, 2, 3, 4), keepdim=True)
 
 
-def _prediction_loss(model: nn.Module, noisy: torch.Tensor, targets: torch.Tensor, target: int,
+def _prediction_loss(model: nn.Module, noisy: torch.Tensor, targets: torch.Tensor,
                      classification: bool) -> torch.Tensor:
     output = model(noisy)
     if classification:
         return F.cross_entropy(output, targets.long())
-    scale = getattr(model, "output_scale", torch.ones(target + 1, device=noisy.device))[target]
-    return (((output[:, target] - targets) / scale) ** 2).mean()
+    scale = getattr(model, "output_scale", torch.ones(1, device=noisy.device))[0]
+    return (((predicted_values(model, output) - targets) / scale) ** 2).mean()
 
 
 def train_noise_model(model: nn.Module, read, positions: np.ndarray, targets: np.ndarray, *, sparsity: float,
-                      epochs: int, learning_rate: float = 1e-3, batch_size: int = 8, target: int = 0,
-                      classification: bool = False, seed: int = 0) -> NoiseNet:
+                      epochs: int, learning_rate: float = 1e-3, batch_size: int = 8, classification: bool = False,
+                      seed: int = 0) -> NoiseNet:
     """A NoiseNet for the frozen ``model``, trained over ``positions`` (``read(positions)`` gives their inputs as a
     float32 array, ``targets`` their regression values or class indices) for ``epochs`` passes by Adam."""
     device = next(model.parameters()).device
@@ -79,7 +81,7 @@ def train_noise_model(model: nn.Module, read, positions: np.ndarray, targets: np
                 sigma = noise_net.noise_level(inputs)
                 noise = torch.randn(inputs.shape, generator=generator, device=device, dtype=inputs.dtype)
                 noisy = inputs + sigma * _spread(inputs) * noise
-                loss = (_prediction_loss(model, noisy, targets[batch].to(device), target, classification)
+                loss = (_prediction_loss(model, noisy, targets[batch].to(device), classification)
                         - sparsity * sigma.mean())
                 optimiser.zero_grad()
                 loss.backward()
@@ -97,22 +99,23 @@ def noise_model_importance(noise_net: NoiseNet, inputs: torch.Tensor) -> torch.T
 
 
 def noise_optimisation(model: nn.Module, inputs: torch.Tensor, *, steps: int, learning_rate: float,
-                       sparsity: float, target: int = 0, seed: int = 0) -> torch.Tensor:
+                       sparsity: float, target: int | torch.Tensor = 0, seed: int = 0) -> torch.Tensor:
     """Per batch of inputs, σ_v ∈ (0, 1) learned by Adam for every voxel minimising
     ``((f(x + σ·s·ε) − f(x)) / scale)² − λ · mean(σ)``; importance is ``1 − σ_v``, ``(batch, x, y, z)``."""
     inputs = inputs.detach()
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
     spread = _spread(inputs)
-    scale = getattr(model, "output_scale", torch.ones(target + 1, device=inputs.device))[target]
+    scale = getattr(model, "output_scale", None)
+    scale = 1 if scale is None else selected_outputs(scale.expand(len(inputs), -1), target)
     logits = torch.zeros((inputs.shape[0], 1, *inputs.shape[2:]), device=inputs.device, dtype=inputs.dtype,
                          requires_grad=True)
     optimiser = torch.optim.Adam([logits], lr=learning_rate)
     with torch.no_grad():
-        reference = model(inputs)[:, target]
+        reference = selected_outputs(model(inputs), target)
     for _ in range(steps):
         sigma = torch.sigmoid(logits)
         noise = torch.randn(inputs.shape, generator=generator, device=inputs.device, dtype=inputs.dtype)
-        change = (model(inputs + sigma * spread * noise)[:, target] - reference) / scale
+        change = (selected_outputs(model(inputs + sigma * spread * noise), target) - reference) / scale
         loss = (change ** 2).mean() - sparsity * sigma.mean(dim=(1, 2, 3, 4)).mean()
         optimiser.zero_grad()
         loss.backward()

@@ -30,7 +30,7 @@ from scipy import stats
 
 from engine.layout import ModelsLayout, atomic_output
 from engine.data.masker import Masker
-from engine.models.networks import MODELS, ModelSpec, build_model, place
+from engine.models.networks import MODELS, ModelSpec, build_model, place, predicted_values
 from engine.data.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
 
@@ -273,6 +273,25 @@ def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None =
 
 
 # ---------------------------------------------------------------------------------------
+# Soft labels (Peng et al. 2021)
+
+
+def value_bins(values, width: float) -> np.ndarray:
+    """Edges of value bins of ``width`` covering ``values`` with two spare bins on each side."""
+    values = np.asarray(values, float)
+    low = (np.floor(values.min() / width) - 2) * width
+    high = (np.ceil(values.max() / width) + 2) * width
+    return np.arange(round((high - low) / width) + 1) * width + low
+
+
+def soft_labels(values, edges: np.ndarray, sigma: float) -> np.ndarray:
+    """Each value as a Gaussian (SD ``sigma``) integrated over the bins ``edges``, renormalised: ``(n, bins)``."""
+    cumulative = stats.norm.cdf((np.asarray(edges, float)[None, :] - np.asarray(values, float)[:, None]) / sigma)
+    mass = np.diff(cumulative, axis=1)
+    return mass / mass.sum(axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------
 # Training one member
 
 
@@ -297,8 +316,16 @@ class TrainingConfig(BaseModel):
                                        "training inputs")
     epochs: int = Field(25, ge=1, description="at most; early stopping keeps the best validation epoch")
     batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(5e-4, gt=0, description="Adam's (AdamW's with weight decay) initial rate")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW); 0 is plain Adam")
+    learning_rate: float = Field(5e-4, gt=0, description="the optimiser's initial rate")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam (AdamW with weight decay) or SGD")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
+    weight_decay: float = Field(0.0, ge=0, description="adam: decoupled weight decay (AdamW; 0 is plain Adam); "
+                                "sgd: L2 weight decay")
+    loss: Literal["mse", "soft_labels"] = Field(
+        "mse", description="regression: mean squared error, or Peng et al.'s (2021) soft labels: the target as a "
+        "Gaussian over value bins, a KL-divergence loss, the prediction the expected bin centre")
+    bin_width: float = Field(1.0, gt=0, description="soft_labels: width of the value bins (years)")
+    soft_label_sigma: float = Field(1.0, gt=0, description="soft_labels: SD of the Gaussian label (years)")
     schedule: Literal["constant", "cosine", "step"] = Field(
         "constant", description="learning rate over epochs: constant, cosine annealing to 0 over `epochs`, "
         "or × step_gamma every step_epochs")
@@ -324,6 +351,8 @@ class TrainingConfig(BaseModel):
     def _criterion_fits_task(self):
         if self.early_stopping == "balanced_accuracy" and self.task != "classification":
             raise ValueError("early_stopping: balanced_accuracy needs task: classification")
+        if self.loss == "soft_labels" and self.task != "regression":
+            raise ValueError("loss: soft_labels needs task: regression")
         return self
 
     @property
@@ -408,17 +437,28 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     seed = _member_seed(config, member)
     torch.manual_seed(seed)
     device = torch_device()
-    n_outputs = 1 if config.task == "regression" else len(classes)
-    spec = ModelSpec(config.model, volumes.shape, len(config.modalities), n_outputs, dict(config.model_options))
     regression = config.task == "regression"
-    model = build_model(spec, target_mean=float(targets[train].mean()) if regression else None,
-                        target_scale=float(targets[train].std()) if regression else None)
+    edges = value_bins(targets[train], config.bin_width) if config.loss == "soft_labels" else None
+    if edges is not None:
+        centres = tuple(float(centre) for centre in (edges[:-1] + edges[1:]) / 2)
+        spec = ModelSpec(config.model, volumes.shape, len(config.modalities), len(centres),
+                         dict(config.model_options), bin_centres=centres)
+        model = build_model(spec)
+    else:
+        n_outputs = 1 if regression else len(classes)
+        spec = ModelSpec(config.model, volumes.shape, len(config.modalities), n_outputs, dict(config.model_options))
+        model = build_model(spec, target_mean=float(targets[train].mean()) if regression else None,
+                            target_scale=float(targets[train].std()) if regression else None)
     fresh_layers = _start_weights(model, config, member)
     model = place(model, device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        optimiser = torch.optim.SGD(trainable, lr=config.learning_rate, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    else:
+        optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = _schedule(optimiser, config)
-    loss_fn = torch.nn.MSELoss() if config.task == "regression" else torch.nn.CrossEntropyLoss()
+    loss_fn = torch.nn.MSELoss() if regression else torch.nn.CrossEntropyLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.mixed_precision and device.type == "cuda")
 
@@ -427,8 +467,11 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
             return model(torch.from_numpy(inputs).to(device)).float()
 
     def loss_of(output: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        if edges is not None:  # KL(soft label ‖ predicted distribution), averaged over the batch
+            labels = torch.from_numpy(soft_labels(targets[positions], edges, config.soft_label_sigma)).to(output)
+            return torch.nn.functional.kl_div(torch.log_softmax(output, dim=1), labels, reduction="batchmean")
         target = torch.from_numpy(targets[positions]).to(device)
-        return loss_fn(output[:, 0], target) if config.task == "regression" else loss_fn(output, target)
+        return loss_fn(output[:, 0], target) if regression else loss_fn(output, target)
 
     rng = np.random.default_rng(seed)
     cache: dict = {}
@@ -495,7 +538,7 @@ def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarra
     output = np.concatenate(outputs)
     table = pd.DataFrame({"participant_id": volumes.subjects[positions]})
     if task == "regression":
-        table["predicted"] = output[:, 0]
+        table["predicted"] = predicted_values(model, torch.from_numpy(output)).numpy()
     else:
         probabilities = torch.softmax(torch.from_numpy(output), dim=1).numpy()
         for index, name in enumerate(classes):
