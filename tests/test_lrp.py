@@ -288,8 +288,10 @@ def test_a_layer_used_twice_does_not_absorb_its_relu():
 
 
 def test_patch_individual_convolutions_take_rules_like_any_convolution():
-    shape = (24, 20, 20)  # the last convolution sees 2×2×2 voxels: one per patch
+    """z⁺ conserves relevance through patch-individual filters and the average over their overlaps."""
+    shape = (48, 40, 40)  # the last convolution sees 3×3×3 voxels: 2×2×2 patches overlap by 1
     model, x = _model("mrinet_pif", bias_free=True, shape=shape), _inputs(shape=shape)
+    assert (model.last_conv.coverage > 1).any()
     output = model(x)[:, 0].detach()
     assert torch.allclose(lrp(model, x, "zplus").sum(dim=(1, 2, 3, 4)), output, rtol=1e-6)
 

@@ -54,6 +54,21 @@ def test_patch_individual_convolution_applies_separate_filters_per_patch():
         PatchIndividualConv3d(2, 3, 1, (4, 6, 2), patches=(2, 2, 3))
 
 
+def test_overlapping_patches_average_their_filters_where_they_overlap():
+    """Two patches along x of a 6-voxel axis, grown by 1 voxel: x 0–3 and 2–5; voxels 2 and 3 get the mean."""
+    torch.manual_seed(1)
+    layer = PatchIndividualConv3d(2, 3, 3, (6, 4, 5), patches=(2, 1, 1), overlap=1)
+    assert [box[0] for box in layer.boxes] == [(0, 4), (2, 6)]
+    x = torch.randn(2, 2, 6, 4, 5)
+    output = layer(x)
+    first, second = layer.convs[0](x[:, :, 0:4]), layer.convs[1](x[:, :, 2:6])
+    assert torch.allclose(output[:, :, 0:2], first[:, :, 0:2])
+    assert torch.allclose(output[:, :, 2:4], (first[:, :, 2:4] + second[:, :, 0:2]) / 2)
+    assert torch.allclose(output[:, :, 4:6], second[:, :, 2:4])
+    with pytest.raises(ValueError, match="overlap"):
+        PatchIndividualConv3d(2, 3, 1, (4, 6, 2), overlap=-1)
+
+
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model(ModelSpec("resnet", (8, 8, 8)))

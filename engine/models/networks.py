@@ -17,33 +17,45 @@ from torch import nn
 
 
 class PatchIndividualConv3d(nn.Module):
-    """A convolution with separate filters per spatial patch (no weight sharing across patches).
+    """Patch-individual filters (Eitel et al. 2021): separate convolution weights per spatial patch.
 
-    The input is cut into ``patches`` (along x, y, z) equal-as-possible boxes; each box has its
-    own ``nn.Conv3d`` and the outputs are put back in place. With a 1×1×1 kernel this is exactly
-    a position-dependent convolution; larger kernels are padded inside each patch.
+    The input is cut into a ``patches`` grid (along x, y, z) of equal-as-possible boxes, each
+    grown by ``overlap`` voxels on every side (within the input). Each patch has its own
+    ``nn.Conv3d`` (padded inside the patch); the output is the patches' outputs put back in place,
+    averaged where patches overlap, so relevance propagated back is shared among the overlapping
+    patches in proportion to their contributions.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_shape: tuple[int, int, int],
-                 patches: tuple[int, int, int] = (2, 2, 2)):
+                 patches: tuple[int, int, int] = (2, 2, 2), overlap: int = 0):
         super().__init__()
         if any(p < 1 or p > n for p, n in zip(patches, input_shape, strict=True)):
             raise ValueError(f"patches {patches} must each be between 1 and the input size {input_shape}")
-        self.bounds = [[(n * i) // p for i in range(p + 1)] for p, n in zip(patches, input_shape, strict=True)]
-        self.patches = tuple(patches)
+        if overlap < 0:
+            raise ValueError(f"patch overlap must be ≥ 0 voxels, got {overlap}")
+        edges = [[(n * i) // p for i in range(p + 1)] for p, n in zip(patches, input_shape, strict=True)]
+        per_axis = []  # each patch's (start, stop) along each axis, grown by the overlap
+        for e, n in zip(edges, input_shape, strict=True):
+            per_axis.append([(max(start - overlap, 0), min(stop + overlap, n))
+                             for start, stop in zip(e[:-1], e[1:], strict=True)])
+        self.boxes = [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
+        self.patches, self.overlap = tuple(patches), overlap
         self.convs = nn.ModuleList(nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-                                   for _ in range(math.prod(patches)))
+                                   for _ in self.boxes)
+        coverage = torch.zeros(tuple(input_shape))
+        for box in self.boxes:
+            coverage[tuple(slice(*bounds) for bounds in box)] += 1
+        self.register_buffer("coverage", coverage, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        convs = iter(self.convs)
-        planes = []
-        for a0, a1 in zip(self.bounds[0][:-1], self.bounds[0][1:], strict=True):
-            rows = []
-            for b0, b1 in zip(self.bounds[1][:-1], self.bounds[1][1:], strict=True):
-                rows.append(torch.cat([next(convs)(x[:, :, a0:a1, b0:b1, c0:c1])
-                                       for c0, c1 in zip(self.bounds[2][:-1], self.bounds[2][1:], strict=True)], dim=4))
-            planes.append(torch.cat(rows, dim=3))
-        return torch.cat(planes, dim=2)
+        output = None
+        for conv, box in zip(self.convs, self.boxes, strict=True):
+            where = (slice(None), slice(None), *(slice(*bounds) for bounds in box))
+            part = conv(x[where])
+            if output is None:
+                output = x.new_zeros((x.shape[0], part.shape[1], *x.shape[2:]))
+            output[where] = output[where] + part
+        return output / self.coverage.to(output)
 
 
 class MRInet(nn.Module):
@@ -52,19 +64,22 @@ class MRInet(nn.Module):
     Conv 16 → pool → Conv 16 → pool → Conv 32 → pool → Conv 64 → pool → Conv 32 (1×1×1) → pool →
     flatten → dropout 0.5 → dense 64 → dense ``n_outputs``. Convolutions are 3×3×3 with 'same'
     padding and max-pooling is 3×3×3 with stride 2 and padding 1, so each pool halves the grid
-    (rounding up) and the model works at 1, 2 or 4 mm. With ``patch_individual`` the last
-    (1×1×1) convolution learns separate filters per spatial patch (the PIF variant).
+    (rounding up) and the model works at 1, 2 or 4 mm. With ``patch_individual`` (``{"patches":
+    [x, y, z], "overlap": voxels}``) the last (1×1×1) convolution learns separate filters per
+    spatial patch (:class:`PatchIndividualConv3d`, the PIF variant).
     """
 
     def __init__(self, input_shape: tuple[int, int, int], in_channels: int = 1, n_outputs: int = 1,
-                 patch_individual: tuple[int, int, int] | None = None, dropout: float = 0.5):
+                 patch_individual: dict | None = None, dropout: float = 0.5):
         super().__init__()
         layers: list[nn.Module] = []
         shape = tuple(input_shape)
         channels = in_channels
         for width, kernel in ((16, 3), (16, 3), (32, 3), (64, 3), (32, 1)):
             if kernel == 1 and patch_individual is not None:
-                layers.append(PatchIndividualConv3d(channels, width, kernel, shape, patch_individual))
+                layers.append(PatchIndividualConv3d(channels, width, kernel, shape,
+                                                    tuple(patch_individual.get("patches", (2, 2, 2))),
+                                                    int(patch_individual.get("overlap", 0))))
             else:
                 layers.append(nn.Conv3d(channels, width, kernel, padding=kernel // 2))
             layers += [nn.ReLU(), nn.MaxPool3d(3, stride=2, padding=1)]
@@ -126,7 +141,8 @@ class SFCN(nn.Module):
 
 MODELS = {
     "mrinet": MRInet,
-    "mrinet_pif": lambda input_shape, **options: MRInet(input_shape, patch_individual=(2, 2, 2), **options),
+    "mrinet_pif": lambda input_shape, patch_individual=None, **options: MRInet(
+        input_shape, patch_individual=patch_individual or {"patches": (2, 2, 2), "overlap": 1}, **options),
     "sfcn": SFCN,
 }
 
