@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 from engine.data import store
-from engine.analysis.association import Sources, cluster_table, voxel_analysis
+from engine.analysis.association import Sources, Term, cluster_table, voxel_analysis
 from engine.analysis.atlas import Atlas
 from engine.data.grid import Grid
 from engine.data.masker import Masker
@@ -101,6 +101,23 @@ def test_terms_that_name_nothing_are_refused_clearly(effects_sources):
         voxel_analysis(sources, "age", "sex", [], ["fdr_bh"])
 
 
+def test_relevance_terms_are_raw_sum_normalised_or_absolute(effects_sources):
+    sources, _ = effects_sources
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.2, 1.0, (1, 4, sources.images.sizes["voxel"]))
+    subjects = list(sources.images.subject.values[:4])
+    relevance = xr.Dataset({"relevance_mean": (("method", "subject", "voxel"), values)},
+                           coords={"method": ["lrp"], "subject": subjects})
+    with_relevance = Sources(sources.images, sources.participants, relevance)
+    raw = with_relevance.map(Term.parse("relevance.lrp")).values
+    normalised = with_relevance.map(Term.parse("relevance.lrp.normalised")).values
+    absolute = with_relevance.map(Term.parse("relevance.lrp.absolute")).values
+    np.testing.assert_array_equal(raw, values[0])
+    np.testing.assert_allclose(normalised, values[0] / np.abs(values[0]).sum(axis=1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(np.abs(normalised).sum(axis=1), 1.0)
+    np.testing.assert_array_equal(absolute, np.abs(values[0]))
+
+
 def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
     from pydantic import ValidationError
 
@@ -117,6 +134,10 @@ def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
         Term.parse("features.tract_fa")
     with pytest.raises(ValueError, match="needs a name after the dot"):
         Term.parse("relevance.")
+    assert Term.parse("relevance.lrp.absolute") == Term("relevance.lrp.absolute", "relevance", "lrp",
+                                                         normalisation="absolute")
+    with pytest.raises(ValueError, match="takes one of raw, normalised, absolute, got 'scaled'"):
+        Term.parse("relevance.lrp.scaled")
     with pytest.raises(ValidationError, match=r"outcome[\s\S]*features\.<table>\.<column>"):
         AnalysisSettings(name="bad", outcome="features.tract_fa", predictor="age", scope="roi")
     with pytest.raises(ValidationError, match=r"covariates[\s\S]*needs a name"):

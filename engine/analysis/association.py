@@ -2,7 +2,11 @@
 
 A term names what enters a model:
 
-- ``relevance.<method>``: the ensemble-mean relevance map of an attribution method (a map);
+- ``relevance.<method>``: the ensemble-mean relevance map of an attribution method (a map), raw;
+  ``relevance.<method>.normalised`` divides each participant's map by its total Σ|R| (LRP
+  relevance sums to about the prediction minus the output bias, so raw maps grow with predicted
+  age everywhere; that sum crosses zero, the total magnitude does not), and
+  ``relevance.<method>.absolute`` takes |R|;
 - ``images.<modality>``: a modality of the images store, e.g. ``images.GM`` (a map);
 - ``predictions.<column>``: the ensemble's value per subject, e.g. ``predictions.brain_age_gap_corrected``;
 - ``features.<table>.<column>``: a feature table's column, per subject (``lesion_load.lesion_volume_mm3``)
@@ -29,6 +33,8 @@ from engine.analysis.stats import adjust_p, region_models, voxelwise_ols
 from engine.data.masker import Masker
 
 MAP_SOURCES = ("relevance", "images")
+#: How a relevance term's maps enter a model: as stored, divided by their sum per participant, or |R|.
+RELEVANCE_NORMALISATIONS = ("raw", "normalised", "absolute")
 #: The p-value map written for each correction name (``none``: uncorrected).
 CORRECTED_P = {"fwe": "p_fwe", "fdr_bh": "p_fdr", "bonferroni": "p_bonferroni", "none": "p"}
 
@@ -45,11 +51,20 @@ class Term:
     source: str  # relevance, images, predictions, features or participants
     name: str  # the method, modality, prediction column, feature table or participant column
     column: str | None = None  # the column of a feature table
+    normalisation: str = "raw"  # of a relevance map: raw, normalised (÷ Σ|R| per participant), absolute
 
     @classmethod
     def parse(cls, text: str) -> Term:
         source, _, rest = text.partition(".")
-        if source in ("relevance", "images", "predictions"):
+        if source == "relevance":
+            method, _, normalisation = rest.partition(".")
+            if not method:
+                raise ValueError(f"term {text!r}: relevance.<method> needs a name after the dot")
+            if normalisation and normalisation not in RELEVANCE_NORMALISATIONS:
+                raise ValueError(f"term {text!r}: relevance.<method>.<normalisation> takes one of "
+                                 f"{', '.join(RELEVANCE_NORMALISATIONS)}, got {normalisation!r}")
+            return cls(text, source, method, normalisation=normalisation or "raw")
+        if source in ("images", "predictions"):
             if not rest:
                 raise ValueError(f"term {text!r}: {source}.<name> needs a name after the dot")
             return cls(text, source, rest)
@@ -94,6 +109,11 @@ class Sources:
             if name not in methods:
                 raise ValueError(f"{term}: no relevance maps of method {name!r} (explained: {methods})")
             values = self.relevance["relevance_mean"].sel({"method": name})
+            if term.normalisation == "normalised":  # Σ R itself crosses zero: about prediction − output bias
+                total = abs(values).sum("voxel")
+                values = values / total.where(total != 0)
+            elif term.normalisation == "absolute":
+                values = abs(values)
         elif source == "images":
             if name not in self.images.data_vars:
                 raise ValueError(f"{term}: no modality {name!r} in the images store ({list(self.images.data_vars)})")
