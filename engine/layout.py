@@ -292,6 +292,15 @@ class AssociationLayout:
         return self.root / "regions.csv"
 
     @property
+    def correlations(self) -> Path:
+        """roi analyses with a correlation statistic: region, r, p, p_bonferroni, p_fdr, n."""
+        return self.root / "correlations.parquet"
+
+    @property
+    def correlations_csv(self) -> Path:
+        return self.root / "correlations.csv"
+
+    @property
     def similarity(self) -> Path:
         return self.root / "similarity.parquet"
 

@@ -185,11 +185,15 @@ class AnalysisSettings(_Strict):
         "voxel", description="voxel-wise model, one model per atlas region, or per-subject similarity of two maps")
     correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
         ["fdr_bh"], min_length=1, description="voxel p-value corrections; the first thresholds the cluster table")
-    permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe")
+    permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe; "
+                              "roi correlations: a permutation p per region")
     seed: int = Field(0, ge=0, description="seed of the permutations")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of maps and cluster tables")
     region_statistic: Literal["mean", "sum", "abs_sum", "pos_sum"] = Field(
         "mean", description="roi: how a map becomes one value per region (mean = relevance density)")
+    statistic: Literal["regression", "pearson", "spearman", "partial"] = Field(
+        "regression", description="roi: a regression model per region, or the study's correlation per region "
+        "(partial: controlling for the covariates), with Bonferroni and FDR across regions")
     robust: bool = Field(False, description="roi: HC3 standard errors")
     random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
                                          "participant column (e.g. site)")
@@ -209,6 +213,13 @@ class AnalysisSettings(_Strict):
         if self.scope == "voxel" and not any(maps):
             raise ValueError("a voxel analysis needs a map (relevance.<method> or images.<modality>) as outcome "
                              "or predictor")
+        if self.statistic != "regression":
+            if self.scope != "roi":
+                raise ValueError(f"statistic {self.statistic} applies to roi analyses only")
+            if self.statistic != "partial" and self.covariates:
+                raise ValueError(f"a {self.statistic} correlation takes no covariates; use statistic: partial")
+            if self.robust or self.random_intercept:
+                raise ValueError("robust and random_intercept apply to statistic: regression")
         if self.robust and self.random_intercept:
             raise ValueError("choose robust (OLS with HC3 errors) or random_intercept (mixed model), not both")
         return self

@@ -498,6 +498,17 @@ class AssociateStage:
 
     def _roi(self, catalog, sources, atlas_of, analysis, out) -> dict:
         atlas = atlas_of(analysis.atlas or catalog.atlas)
+        if analysis.statistic != "regression":
+            table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
+                                             atlas, analysis.region_statistic, correlation=analysis.statistic,
+                                             permutations=analysis.permutations, seed=analysis.seed)
+            table.to_parquet(out.correlations, index=False)
+            table.to_csv(out.correlations_csv, index=False)
+            column = {"bonferroni": "p_bonferroni", "fdr_bh": "p_fdr"}
+            return {"n": int(table["n"].max()) if len(table) else 0, "regions": len(table),
+                    "correction": analysis.correction, "model": analysis.statistic,
+                    "significant": {correction: int((table[column[correction]] < analysis.alpha).sum())
+                                    for correction in analysis.correction}}
         table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates, atlas,
                                          analysis.region_statistic, analysis.robust, analysis.random_intercept)
         skipped = table.attrs.get("skipped", {})

@@ -140,5 +140,10 @@ def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
         Term.parse("relevance.lrp.scaled")
     with pytest.raises(ValidationError, match=r"outcome[\s\S]*features\.<table>\.<column>"):
         AnalysisSettings(name="bad", outcome="features.tract_fa", predictor="age", scope="roi")
+    with pytest.raises(ValidationError, match="takes no covariates; use statistic: partial"):
+        AnalysisSettings(name="bad", outcome="relevance.lrp", predictor="features.t.v", scope="roi",
+                         statistic="pearson", covariates=["age"])
+    with pytest.raises(ValidationError, match="statistic spearman applies to roi analyses only"):
+        AnalysisSettings(name="bad", outcome="relevance.lrp", predictor="age", statistic="spearman")
     with pytest.raises(ValidationError, match=r"covariates[\s\S]*needs a name"):
         AnalysisSettings(name="bad", outcome="relevance.lrp", predictor="age", covariates=["images."])

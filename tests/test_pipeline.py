@@ -156,7 +156,8 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
 
     associations = workspace / "associations"
     assert {path.name for path in associations.iterdir()} == {
-        "relevance_age", "relevance_gm", "relevance_gmv_regions", "gm_age", "relevance_gm_similarity"}
+        "relevance_age", "relevance_gm", "relevance_gmv_regions", "relevance_gmv_pearson", "gm_age",
+        "relevance_gm_similarity"}
     gm_age = json.loads((associations / "gm_age/summary.json").read_text())
     assert gm_age["n"] == 16 and gm_age["permutations"] == 1000 and set(gm_age["significant"]) == {"fwe", "fdr_bh"}
     t_map = nib.load(associations / "gm_age/t.nii.gz")
@@ -170,6 +171,11 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     regions = pd.read_parquet(associations / "relevance_gmv_regions/regions.parquet")
     assert regions.n.max() == relevance.sizes["subject"] and regions.p_fdr.between(0, 1).all()
     assert "features.regional_gm_volume.volume_mm3" in set(regions.term)
+    correlations = pd.read_parquet(associations / "relevance_gmv_pearson/correlations.parquet")
+    assert list(correlations.columns) == ["region", "r", "p", "p_bonferroni", "p_fdr", "n"]
+    assert correlations.r.dropna().between(-1, 1).all() and correlations.n.max() == relevance.sizes["subject"]
+    tested = correlations.dropna(subset=["p"])  # regions without data are listed, not counted
+    np.testing.assert_allclose(tested.p_bonferroni, np.minimum(tested.p * len(tested), 1))
     similarity = pd.read_parquet(associations / "relevance_gm_similarity/similarity.parquet")
     assert len(similarity) == relevance.sizes["subject"] and similarity.pearson_r.between(-1, 1).all()
     association_files = {path: path.stat().st_mtime_ns for path in associations.rglob("*") if path.is_file()}

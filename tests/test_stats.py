@@ -9,8 +9,8 @@ import xarray as xr
 from scipy import special
 from statsmodels.stats.multitest import multipletests
 
-from engine.analysis.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation, region_models,
-                                   voxelwise_ols)
+from engine.analysis.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation,
+                                   region_correlations, region_models, voxelwise_ols)
 
 N, V = 60, 25
 
@@ -253,6 +253,44 @@ def test_region_models_equal_statsmodels_per_region_with_fdr(region_table):
     np.testing.assert_allclose(volume.p_fdr, multipletests(volume.p, method="fdr_bh")[1], rtol=1e-12)
     assert volume.set_index("region").p_fdr.idxmin() == "hippocampus" and row.p_fdr < 0.05
     assert set(result.term) == {"volume", "age", "C(site)[T.B]", "C(site)[T.C]"}
+
+
+def test_region_correlations_equal_scipy_and_statsmodels_with_bonferroni(region_table):
+    import statsmodels.formula.api as smf
+    from scipy import stats as scipy_stats
+
+    pearson = region_correlations(region_table, "density", "volume").set_index("region")
+    spearman = region_correlations(region_table, "density", "volume", method="spearman").set_index("region")
+    partial = region_correlations(region_table, "density", "volume", ["age", "site"], "partial").set_index("region")
+    for name, data in region_table.groupby("region"):
+        data = data.dropna()
+        expected = scipy_stats.pearsonr(data.density, data.volume)
+        assert pearson.loc[name, "r"] == pytest.approx(expected.statistic, abs=1e-12)
+        assert pearson.loc[name, "p"] == pytest.approx(expected.pvalue, rel=1e-10)
+        expected = scipy_stats.spearmanr(data.density, data.volume)
+        assert spearman.loc[name, "r"] == pytest.approx(expected.statistic, abs=1e-12)
+        assert spearman.loc[name, "p"] == pytest.approx(expected.pvalue, rel=1e-10)
+        fit = smf.ols("density ~ volume + age + C(site)", data).fit()  # partial r: the predictor's t-test
+        t = fit.tvalues["volume"]
+        assert partial.loc[name, "p"] == pytest.approx(fit.pvalues["volume"], rel=1e-10)
+        assert partial.loc[name, "r"] == pytest.approx(t / np.sqrt(t**2 + fit.df_resid), abs=1e-12)
+        assert partial.loc[name, "n"] == len(data)
+    np.testing.assert_allclose(partial["p_bonferroni"], np.minimum(partial["p"] * 4, 1), rtol=1e-12)
+    assert partial["p_bonferroni"].idxmin() == "hippocampus" and partial.loc["hippocampus", "p_bonferroni"] < 0.05
+    with pytest.raises(ValueError, match="takes no covariates"):
+        region_correlations(region_table, "density", "volume", ["age"], "pearson")
+
+
+def test_region_correlation_permutation_p(region_table):
+    table = region_correlations(region_table, "density", "volume", ["age", "site"], "partial", permutations=999,
+                                seed=3).set_index("region")
+    assert table.loc["hippocampus", "p_permutation"] == pytest.approx(1 / 1000)  # no permutation reaches it
+    nulls = table.drop(index="hippocampus")
+    assert (nulls["p_permutation"] > 0.01).all()
+    assert nulls["p_permutation"].to_numpy() == pytest.approx(nulls["p"].to_numpy(), abs=0.06)  # as the t-test
+    again = region_correlations(region_table, "density", "volume", ["age", "site"], "partial", permutations=999,
+                                seed=3).set_index("region")
+    assert again["p_permutation"].equals(table["p_permutation"])
 
 
 def test_region_mixed_models_with_a_site_intercept_equal_statsmodels(region_table):

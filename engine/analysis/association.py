@@ -29,7 +29,7 @@ import xarray as xr
 from scipy import ndimage
 
 from engine.analysis.atlas import Atlas, region_reduce
-from engine.analysis.stats import adjust_p, region_models, voxelwise_ols
+from engine.analysis.stats import adjust_p, region_correlations, region_models, voxelwise_ols
 from engine.data.masker import Masker
 
 MAP_SOURCES = ("relevance", "images")
@@ -246,8 +246,10 @@ def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Mask
 
 def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
                  atlas: Atlas, statistic: str = "mean", robust: bool = False,
-                 groups: Term | str | None = None) -> pd.DataFrame:
-    """Per atlas region: outcome ~ predictor + covariates (statsmodels), FDR across regions."""
+                 groups: Term | str | None = None, correlation: str | None = None, permutations: int = 0,
+                 seed: int = 0) -> pd.DataFrame:
+    """Per atlas region: outcome ~ predictor + covariates (statsmodels), FDR across regions; or, with
+    ``correlation`` (pearson, spearman, partial), :func:`~engine.analysis.stats.region_correlations`."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     subjects = analysis_subjects(sources, [outcome, predictor])
     names = {term.text: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
@@ -265,6 +267,9 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
     for term in subject_terms:
         table[term.text] = table["participant_id"].map(sources.subject_values(term, subjects))
     table = table.rename(columns=names)
+    if correlation is not None:
+        return region_correlations(table, names[outcome.text], names[predictor.text],
+                                   [names[term.text] for term in covariates], correlation, permutations, seed)
     formula_terms = [names[predictor.text]] + [
         f"C({names[term.text]})" if not pd.api.types.is_numeric_dtype(table[names[term.text]]) else names[term.text]
         for term in covariates]

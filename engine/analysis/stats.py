@@ -458,6 +458,68 @@ def adjust_p(p: np.ndarray | xr.DataArray, method: str):
     return p.copy(data=adjusted) if isinstance(p, xr.DataArray) else adjusted
 
 
+#: Per-region statistics of an roi analysis besides the regression model.
+CORRELATIONS = ("pearson", "spearman", "partial")
+
+
+def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covariates: Sequence[str] = (),
+                        method: str = "pearson", permutations: int = 0, seed: int = 0,
+                        region: str = "region") -> pd.DataFrame:
+    """Per region the correlation of ``outcome`` and ``predictor`` across the table's rows (participants),
+    as the seed study tabulated it: region, r, p, p_bonferroni, p_fdr, n (and p_permutation).
+
+    ``pearson`` and ``spearman`` (Pearson of the ranks) take no covariates; ``partial`` is the
+    Pearson correlation of the two after least-squares removal of an intercept and the
+    ``covariates`` (non-numeric ones dummy-coded), with df = n − 2 − (covariate columns), so its p
+    equals the predictor's OLS t-test in outcome ~ predictor + covariates. Bonferroni and
+    Benjamini–Hochberg run across regions. With ``permutations`` the (residualised) predictor is
+    permuted within each region (the same permutations for regions with the same participants,
+    from ``seed``) for a two-sided p = (1 + #{|r*| ≥ |r|}) / (1 + permutations). Rows with a
+    missing value are dropped per region.
+    """
+    if method not in CORRELATIONS:
+        raise ValueError(f"unknown correlation {method!r}; known: {', '.join(CORRELATIONS)}")
+    if method != "partial" and covariates:
+        raise ValueError(f"a {method} correlation takes no covariates ({list(covariates)}); use partial")
+    missing = [column for column in (region, outcome, predictor, *covariates) if column not in table.columns]
+    if missing:
+        raise ValueError(f"region_correlations: columns {missing} are not in the table ({list(table.columns)})")
+    rng = np.random.default_rng(seed)
+    rows = []
+    orders = None
+    for name, data in table.groupby(region, sort=False, observed=True):
+        data = data[[outcome, predictor, *covariates]].dropna()
+        y, x = data[outcome].to_numpy(np.float64), data[predictor].to_numpy(np.float64)
+        n = len(data)
+        if method == "spearman":
+            y, x = pd.Series(y).rank().to_numpy(), pd.Series(x).rank().to_numpy()
+        design = np.ones((n, 1))
+        if covariates:
+            design = np.column_stack([design, pd.get_dummies(data[list(covariates)], drop_first=True,
+                                                              dtype=np.float64).to_numpy()])
+        df = n - 1 - design.shape[1]
+        if df < 1 or np.linalg.matrix_rank(design) < design.shape[1]:
+            rows.append({"region": name, "r": np.nan, "p": np.nan, "n": n})
+            continue
+        y_res, x_res = (values - design @ np.linalg.lstsq(design, values, rcond=None)[0] for values in (y, x))
+        scale = np.sqrt((y_res @ y_res) * (x_res @ x_res))
+        r = float(y_res @ x_res / scale) if scale > 0 else np.nan
+        t = r * np.sqrt(df / max(1 - r * r, 1e-300))
+        row = {"region": name, "r": r, "p": float(2 * special.stdtr(df, -abs(t))) if np.isfinite(r) else np.nan,
+               "n": n}
+        if permutations:
+            if orders is None or orders.shape[1] != n:
+                orders = np.argsort(rng.random((permutations, n)), axis=1)
+            null = x_res[orders] @ y_res / scale
+            row["p_permutation"] = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + permutations))
+        rows.append(row)
+    result = pd.DataFrame(rows)
+    result["p_bonferroni"] = adjust_p(result["p"].to_numpy(), "bonferroni")
+    result["p_fdr"] = adjust_p(result["p"].to_numpy(), "fdr_bh")
+    columns = ["region", "r", "p", "p_bonferroni", "p_fdr", "n"] + (["p_permutation"] if permutations else [])
+    return result[columns]
+
+
 def map_similarity(first: xr.DataArray, second: xr.DataArray, mask: np.ndarray | None = None) -> pd.DataFrame:
     """Per subject: Pearson r and cosine similarity of two (``subject`` × ``voxel``) maps inside ``mask``.
 

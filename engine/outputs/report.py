@@ -521,7 +521,29 @@ def _voxel_association(analysis) -> list[str]:
     return parts
 
 
+def _roi_correlations(analysis, correlations: pd.DataFrame) -> list[str]:
+    """The study's table (region, r, p, p_bonferroni, n) and the regions ranked by r (red: Bonferroni p < α)."""
+    ordered = correlations.sort_values("r", ascending=False)
+    statistic = analysis.summary.get("model", "correlation")
+    parts = [_table(ordered, f"{analysis.name}: {statistic} r per region of {analysis.summary.get('outcome')} and "
+                             f"{analysis.summary.get('predictor')}, Bonferroni across regions", 3)]
+    shown = ordered.dropna(subset=["r"])
+    shown = pd.concat([shown.head(MAX_TABLE_ROWS // 2), shown.tail(MAX_TABLE_ROWS // 2)]).drop_duplicates("region")
+    shown = shown.sort_values("r")
+    fig, ax = _subplots(1, 1, (7, 0.26 * len(shown) + 1.2))
+    significant = shown["p_bonferroni"].to_numpy() < analysis.alpha
+    ax.barh(shown["region"].astype(str), shown["r"], color=np.where(significant, "#d62728", "#9e9e9e"))
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"{statistic} r (red: Bonferroni p < α)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    parts.append(_figure(fig, f"{analysis.name}: regions ranked by r"))
+    return parts
+
+
 def _roi_association(analysis) -> list[str]:
+    if analysis.correlations is not None:
+        return _roi_correlations(analysis, analysis.correlations)
     regions = analysis.regions
     if regions is None:
         return [_note(f"{analysis.path}: no regions.parquet.")]

@@ -50,7 +50,7 @@ def _read_table(path: Path, stage: str) -> pd.DataFrame:
 
 class Association:
     """One analysis in ``associations/<name>/``: ``summary`` (summary.json) and its voxel maps
-    (``t.nii.gz``, ``p_fdr.nii.gz``...), cluster table, region table or similarity table."""
+    (``t.nii.gz``, ``p_fdr.nii.gz``...), cluster table, region table, correlation table or similarity table."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -112,6 +112,11 @@ class Association:
     @cached_property
     def regions(self) -> pd.DataFrame | None:
         return _optional_table(self.files.regions)
+
+    @cached_property
+    def correlations(self) -> pd.DataFrame | None:
+        """An roi analysis with a correlation statistic: region, r, p, p_bonferroni, p_fdr, n."""
+        return _optional_table(self.files.correlations)
 
     @cached_property
     def similarity(self) -> pd.DataFrame | None:
