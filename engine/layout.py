@@ -304,6 +304,16 @@ class AssociationLayout:
     def similarity(self) -> Path:
         return self.root / "similarity.parquet"
 
+    @property
+    def model(self) -> Path:
+        """subject analyses: term, estimate, se, t, p, partial_r, n."""
+        return self.root / "model.parquet"
+
+    @property
+    def data(self) -> Path:
+        """subject analyses: the per-participant values the model was fitted on."""
+        return self.root / "data.parquet"
+
 
 # ---------------------------------------------------------------------------------------
 # Freshness: inputs by content + settings → a key stored beside the output

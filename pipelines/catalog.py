@@ -181,8 +181,9 @@ class AnalysisSettings(_Strict):
                          "features.<table>.<column> or a participant column")
     predictor: TermText = Field(..., description="a term, as for outcome")
     covariates: list[TermText] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
-    scope: Literal["voxel", "roi", "similarity"] = Field(
-        "voxel", description="voxel-wise model, one model per atlas region, or per-subject similarity of two maps")
+    scope: Literal["voxel", "roi", "similarity", "subject"] = Field(
+        "voxel", description="voxel-wise model, one model per atlas region, per-subject similarity of two maps, "
+        "or one model of per-participant values (e.g. lesion load ~ brain-age gap)")
     correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
         ["fdr_bh"], min_length=1, description="voxel p-value corrections; the first thresholds the cluster table")
     permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe; "
@@ -194,7 +195,7 @@ class AnalysisSettings(_Strict):
     statistic: Literal["regression", "pearson", "spearman", "partial"] = Field(
         "regression", description="roi: a regression model per region, or the study's correlation per region "
         "(partial: controlling for the covariates), with Bonferroni and FDR across regions")
-    robust: bool = Field(False, description="roi: HC3 standard errors")
+    robust: bool = Field(False, description="roi and subject: HC3 standard errors")
     random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
                                          "participant column (e.g. site)")
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
@@ -205,8 +206,12 @@ class AnalysisSettings(_Strict):
             raise ValueError("correction fwe needs permutations (e.g. 1000)")
         if self.scope == "roi" and "fwe" in self.correction:
             raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
-        if self.scope != "roi" and (self.robust or self.random_intercept or self.atlas):
-            raise ValueError("robust, random_intercept and atlas apply to roi analyses only")
+        if self.scope != "roi" and (self.random_intercept or self.atlas):
+            raise ValueError("random_intercept and atlas apply to roi analyses only")
+        if self.robust and self.scope not in ("roi", "subject"):
+            raise ValueError("robust applies to roi and subject analyses only")
+        if self.scope == "subject" and any(term.is_map for term in (self.outcome, self.predictor, *self.covariates)):
+            raise ValueError("a subject analysis takes one value per participant (no relevance. or images. maps)")
         maps = [term.is_map for term in (self.outcome, self.predictor)]
         if self.scope == "similarity" and not all(maps):
             raise ValueError("a similarity analysis compares two maps (relevance.<method> or images.<modality>)")

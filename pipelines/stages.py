@@ -467,7 +467,8 @@ class AssociateStage:
             partial.mkdir()
             written = AssociationLayout(partial)
             try:
-                details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity}[analysis.scope](
+                details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity,
+                           "subject": self._subject}[analysis.scope](
                     catalog, sources, atlas_of, analysis, written)
             except ValueError as error:
                 raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
@@ -521,6 +522,15 @@ class AssociateStage:
                 "correction": analysis.correction, "significant": significant,
                 "model": "mixed" if analysis.random_intercept else ("ols_hc3" if analysis.robust else "ols"),
                 "skipped_regions": skipped}
+
+    def _subject(self, catalog, sources, atlas_of, analysis, out) -> dict:
+        model, data = association.subject_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
+                                                   analysis.robust)
+        model.to_parquet(out.model, index=False)
+        data.to_parquet(out.data, index=False)
+        tested = model[model["term"] == analysis.predictor.text].iloc[0]
+        return {"n": int(tested["n"]), "model": "ols_hc3" if analysis.robust else "ols",
+                "significant": {"p": float(f"{tested['p']:.3g}"), "partial_r": round(float(tested["partial_r"]), 4)}}
 
     def _similarity(self, catalog, sources, atlas_of, analysis, out) -> dict:
         subjects = association.analysis_subjects(sources, [analysis.outcome, analysis.predictor])

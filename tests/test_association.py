@@ -118,6 +118,38 @@ def test_relevance_terms_are_raw_sum_normalised_or_absolute(effects_sources):
     np.testing.assert_array_equal(absolute, np.abs(values[0]))
 
 
+def test_subject_analysis_equals_statsmodels_on_the_test_participants(effects_sources):
+    import statsmodels.formula.api as smf
+
+    from engine.analysis.association import subject_analysis
+
+    sources, _ = effects_sources
+    subjects = [str(subject) for subject in sources.images.subject.values]
+    rng = np.random.default_rng(5)
+    age = sources.participants.loc[subjects, "age"].to_numpy()
+    gap = rng.normal(0, 4, len(subjects))
+    lesions = pd.DataFrame({"participant_id": subjects,
+                            "volume": 50 + 3 * gap + 0.5 * age + rng.normal(0, 5, len(age))})
+    lesions.loc[2, "volume"] = np.nan  # a participant without the value is dropped
+    split = np.where(np.arange(len(subjects)) % 2 == 0, "test", "train")  # subjects[2] is a test participant
+    predictions = pd.DataFrame({"participant_id": subjects, "split": split, "gap": gap})
+    with_tables = Sources(sources.images, sources.participants, tables={"lesions": lesions}, predictions=predictions)
+    model, data = subject_analysis(with_tables, "features.lesions.volume", "predictions.gap", ["age", "sex"])
+    test = [subject for subject, part in zip(subjects, split, strict=True) if part == "test"]
+    assert set(data.participant_id) == set(test) - {subjects[2]}  # the test split, less the missing value
+    frame = pd.DataFrame({"volume": lesions.set_index("participant_id").loc[test, "volume"].to_numpy(),
+                          "gap": gap[np.isin(subjects, test)], "age": sources.participants.loc[test, "age"].to_numpy(),
+                          "sex": sources.participants.loc[test, "sex"].to_numpy()}).dropna()
+    fit = smf.ols("volume ~ gap + age + C(sex)", frame).fit()
+    row = model.set_index("term").loc["predictions.gap"]
+    assert row.estimate == pytest.approx(fit.params["gap"], rel=1e-10)
+    assert row.p == pytest.approx(fit.pvalues["gap"], rel=1e-10) and row.n == fit.nobs == len(data)
+    assert row.partial_r == pytest.approx(fit.tvalues["gap"] / np.sqrt(fit.tvalues["gap"] ** 2 + fit.df_resid))
+    assert {"age", "sex[T.M]"} <= set(model.term)
+    with pytest.raises(ValueError, match="one value per participant"):
+        subject_analysis(with_tables, "images.GM", "age")
+
+
 def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
     from pydantic import ValidationError
 

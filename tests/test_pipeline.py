@@ -101,7 +101,8 @@ def test_directory_cohort_needs_its_files(tmp_path):
 def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
-                            train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4},
+                            train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4,
+                                   "split": {"fractions": [0.4, 0.2, 0.4]}},  # enough test participants for lesions_gap
                             explain={"methods": ["lrp", "gradient", "region_occlusion"], "subjects": "all"},
                             cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
     assert relcohort("validate", catalog).returncode == 0
@@ -156,7 +157,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
 
     associations = workspace / "associations"
     assert {path.name for path in associations.iterdir()} == {
-        "relevance_age", "relevance_gm", "relevance_gmv_regions", "relevance_gmv_pearson", "gm_age",
+        "relevance_age", "relevance_gm", "relevance_gmv_regions", "relevance_gmv_pearson", "lesions_gap", "gm_age",
         "relevance_gm_similarity"}
     gm_age = json.loads((associations / "gm_age/summary.json").read_text())
     assert gm_age["n"] == 16 and gm_age["permutations"] == 1000 and set(gm_age["significant"]) == {"fwe", "fdr_bh"}
@@ -176,6 +177,10 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert correlations.r.dropna().between(-1, 1).all() and correlations.n.max() == relevance.sizes["subject"]
     tested = correlations.dropna(subset=["p"])  # regions without data are listed, not counted
     np.testing.assert_allclose(tested.p_bonferroni, np.minimum(tested.p * len(tested), 1))
+    model = pd.read_parquet(associations / "lesions_gap/model.parquet").set_index("term")
+    data = pd.read_parquet(associations / "lesions_gap/data.parquet")
+    test_split = set(split.participant_id[split.split == "test"])
+    assert set(data.participant_id) == test_split and model.loc["predictions.brain_age_gap", "n"] == len(data)
     similarity = pd.read_parquet(associations / "relevance_gm_similarity/similarity.parquet")
     assert len(similarity) == relevance.sizes["subject"] and similarity.pearson_r.between(-1, 1).all()
     association_files = {path: path.stat().st_mtime_ns for path in associations.rglob("*") if path.is_file()}

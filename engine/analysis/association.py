@@ -286,6 +286,43 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
     return result
 
 
+def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | str,
+                     covariates: Sequence[Term | str] = (), robust: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One value per participant on both sides: outcome ~ predictor + covariates (statsmodels OLS, HC3 with
+    ``robust``). Participants with a missing value are dropped; with a ``predictions`` term only the test split
+    enters (the others' predictions were fitted). Returns the model table (term, estimate, se, t, p, partial_r,
+    n) and the data it was fitted on (participant_id and one column per term)."""
+    import statsmodels.formula.api as smf
+
+    outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
+    terms = [outcome, predictor, *covariates]
+    maps = [term.text for term in terms if term.is_map]
+    if maps:
+        raise ValueError(f"a subject analysis takes one value per participant; {maps} are maps")
+    subjects = [str(subject) for subject in sources.images["subject"].values]
+    if any(term.source == "predictions" for term in terms):
+        if sources.predictions is None:
+            raise ValueError("the workspace has no predictions (run the train stage)")
+        split = sources.predictions.set_index("participant_id")["split"]
+        subjects = [subject for subject in subjects if split.get(subject) == "test"]
+    data = pd.DataFrame({term.text: sources.subject_values(term, subjects).to_numpy() for term in terms},
+                        index=pd.Index(subjects, name="participant_id")).dropna()
+    names = {term.text: f"term{index}" for index, term in enumerate(terms)}
+    frame = data.rename(columns=names)
+    formula = f"{names[outcome.text]} ~ " + " + ".join(
+        f"C({names[term.text]})" if not pd.api.types.is_numeric_dtype(frame[names[term.text]]) else names[term.text]
+        for term in (predictor, *covariates))
+    if len(frame) <= len(terms) + 1:
+        raise ValueError(f"{len(frame)} participant(s) with every value of {[term.text for term in terms]}: too few")
+    fit = smf.ols(formula, frame).fit(cov_type="HC3" if robust else "nonrobust")
+    readable = {value: key for key, value in names.items()}
+    rows = [{"term": _readable_term(name, readable), "estimate": fit.params[name], "se": fit.bse[name],
+             "t": fit.tvalues[name], "p": fit.pvalues[name],
+             "partial_r": fit.tvalues[name] / np.sqrt(fit.tvalues[name] ** 2 + fit.df_resid), "n": int(fit.nobs)}
+            for name in fit.params.index if name != "Intercept"]
+    return pd.DataFrame(rows), data.reset_index()
+
+
 def _has_regions(sources: Sources, term: Term) -> bool:
     return term.source == "features" and "region" in sources.tables.get(term.name, pd.DataFrame()).columns
 

@@ -480,9 +480,30 @@ def _associations(ws: Workspace) -> list[str]:
             parts += _voxel_association(analysis)
         elif analysis.scope == "roi":
             parts += _roi_association(analysis)
+        elif analysis.scope == "subject" and analysis.model is not None:
+            parts += _subject_association(analysis)
         elif analysis.similarity is not None:
             parts.append(_table(analysis.similarity.describe().T.reset_index(names="measure"),
                                 f"{analysis.name}: per-participant similarity of the two maps"))
+    return parts
+
+
+def _subject_association(analysis) -> list[str]:
+    """The model table and the participants' outcome against the predictor with the least-squares line."""
+    outcome, predictor = analysis.summary.get("outcome"), analysis.summary.get("predictor")
+    parts = [_table(analysis.model, f"{analysis.name}: {outcome} ~ {predictor} + covariates, one value per "
+                                    "participant", 4)]
+    data = analysis.data
+    if data is not None and pd.api.types.is_numeric_dtype(data[predictor]):
+        fig, ax = _subplots(1, 1, (4.6, 3.4))
+        ax.scatter(data[predictor], data[outcome], s=12, color="#4c72b0")
+        slope, intercept = np.polyfit(data[predictor], data[outcome], 1)
+        line = np.linspace(data[predictor].min(), data[predictor].max(), 2)
+        ax.plot(line, slope * line + intercept, color="#d62728", lw=1)
+        ax.set_xlabel(predictor, fontsize=8)
+        ax.set_ylabel(outcome, fontsize=8)
+        fig.tight_layout()
+        parts.append(_figure(fig, f"{analysis.name}: {outcome} against {predictor} (n = {len(data)})"))
     return parts
 
 

@@ -122,6 +122,16 @@ class Association:
     def similarity(self) -> pd.DataFrame | None:
         return _optional_table(self.files.similarity)
 
+    @cached_property
+    def model(self) -> pd.DataFrame | None:
+        """A subject analysis's model: term, estimate, se, t, p, partial_r, n."""
+        return _optional_table(self.files.model)
+
+    @cached_property
+    def data(self) -> pd.DataFrame | None:
+        """A subject analysis's per-participant values."""
+        return _optional_table(self.files.data)
+
 
 def _optional_table(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
