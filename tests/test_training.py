@@ -374,3 +374,20 @@ def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, t
     labels = (test["observed"] == "M").astype(int)
     expected = balanced_accuracy_score(labels, (test["p_M"] > test["p_F"]).astype(int))
     assert metrics.loc[("ensemble", "test"), "balanced_accuracy"] == pytest.approx(expected)
+
+
+def test_a_chosen_positive_class_comes_last(tiny_store, tmp_path):
+    """positive_class reorders the classes so the explained output and the report's positive class are it."""
+    dataset = open_cohort(tiny_store)
+    table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
+                          "sex": dataset.sex.values})
+    split = stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=1))
+    config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=1, batch_size=4,
+                            positive_class="F")
+    result = train_ensemble(tiny_store, config, 1, tmp_path, split)
+    assert [column for column in result["predictions"] if column.startswith("p_")] == ["p_M", "p_F"]
+    assert json.loads((tmp_path / "member_0.json").read_text())["classes"] == ["M", "F"]
+    with pytest.raises(ValueError, match="positive_class 'X' is not a value of 'sex'"):
+        train_ensemble(tiny_store, config.model_copy(update={"positive_class": "X"}), 1, tmp_path / "x", split)
+    with pytest.raises(ValueError, match="positive_class needs task: classification"):
+        TrainingConfig(positive_class="F")

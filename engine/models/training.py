@@ -332,6 +332,8 @@ class TrainingConfig(BaseModel):
     step_epochs: int = Field(10, ge=1, description="step schedule: epochs between decays")
     step_gamma: float = Field(0.3, gt=0, le=1, description="step schedule: factor per decay")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+    positive_class: str | None = Field(None, description="classification: the class explained by default and "
+                                       "called positive in TP/FP/TN/FN (default: the last of the sorted classes)")
     early_stopping: Literal["loss", "balanced_accuracy"] = Field(
         "loss", description="validation criterion that picks the kept epoch (balanced_accuracy: classification)")
     mixed_precision: bool = Field(True, description="bfloat16 autocast on a GPU (ignored on CPU)")
@@ -351,6 +353,8 @@ class TrainingConfig(BaseModel):
     def _criterion_fits_task(self):
         if self.early_stopping == "balanced_accuracy" and self.task != "classification":
             raise ValueError("early_stopping: balanced_accuracy needs task: classification")
+        if self.positive_class is not None and self.task != "classification":
+            raise ValueError("positive_class needs task: classification")
         if self.loss == "soft_labels" and self.task != "regression":
             raise ValueError("loss: soft_labels needs task: regression")
         return self
@@ -584,6 +588,12 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
         if config.target not in dataset.coords:
             raise ValueError(f"target {config.target!r} is not a participant column of the store")
         classes = sorted({value for value in dataset[config.target].values if not pd.isna(value)}, key=str)
+        if config.positive_class is not None:  # the positive class goes last: explained and called "positive"
+            positive = [value for value in classes if str(value) == config.positive_class]
+            if not positive:
+                raise ValueError(f"positive_class {config.positive_class!r} is not a value of {config.target!r} "
+                                 f"({[str(value) for value in classes]})")
+            classes = [value for value in classes if value != positive[0]] + positive
     with atomic_output(files.split) as partial:
         split.rename_axis("participant_id").reset_index().to_csv(partial, sep="\t", index=False)
 
