@@ -159,12 +159,12 @@ def tiny_store(tiny_cohort, tmp_path_factory):
     return path
 
 
-def cohort_split(store):
+def cohort_split(store, seed: int = 0):
     """Half of the stored participants for training, a quarter each for validation and test."""
     dataset = open_cohort(store)
     table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
                           "sex": dataset.sex.values})
-    return stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25)))
+    return stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=seed))
 
 
 CONFIG = TrainingConfig(modalities=("T1", "FLAIR"), epochs=3, batch_size=4, patience=2, seed=7)
@@ -356,10 +356,7 @@ def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_
 
 
 def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, tmp_path):
-    dataset = open_cohort(tiny_store)
-    table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
-                          "sex": dataset.sex.values})
-    split = stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=1))
+    split = cohort_split(tiny_store, seed=1)
     config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=3, batch_size=4,
                             early_stopping="balanced_accuracy", patience=3)
     result = train_ensemble(tiny_store, config, 2, tmp_path, split)
@@ -378,10 +375,7 @@ def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, t
 
 def test_a_chosen_positive_class_comes_last(tiny_store, tmp_path):
     """positive_class reorders the classes so the explained output and the report's positive class are it."""
-    dataset = open_cohort(tiny_store)
-    table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
-                          "sex": dataset.sex.values})
-    split = stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=1))
+    split = cohort_split(tiny_store, seed=1)
     config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=1, batch_size=4,
                             positive_class="F")
     result = train_ensemble(tiny_store, config, 1, tmp_path, split)
