@@ -259,8 +259,7 @@ class ExplainStage:
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings, layout = catalog.explain, catalog.layout
         dataset = store.open_cohort(layout.images)
-        split = pd.read_csv(layout.models.split, sep="\t", dtype={"participant_id": str}).set_index(
-            "participant_id")["split"]
+        split = training.read_split(layout.models.split)
         chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
         subjects = [subject for subject in dataset.subject.values if subject in chosen]
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None

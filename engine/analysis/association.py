@@ -270,16 +270,13 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
     if correlation is not None:
         return region_correlations(table, names[outcome.text], names[predictor.text],
                                    [names[term.text] for term in covariates], correlation, permutations, seed)
-    formula_terms = [names[predictor.text]] + [
-        f"C({names[term.text]})" if not pd.api.types.is_numeric_dtype(table[names[term.text]]) else names[term.text]
-        for term in covariates]
     group_column = None
     if groups is not None:
         groups = Term.of(groups)
         group_column = names.setdefault(groups.text, "group")
         table[group_column] = table["participant_id"].map(sources.subject_values(groups, subjects))
-    result = region_models(table, f"{names[outcome.text]} ~ " + " + ".join(formula_terms), robust=robust,
-                           groups=group_column)
+    formula = _formula(table, names[outcome.text], [names[term.text] for term in (predictor, *covariates)])
+    result = region_models(table, formula, robust=robust, groups=group_column)
     readable = {value: key for key, value in names.items()}
     result["term"] = result["term"].replace(
         {term: _readable_term(term, readable) for term in result["term"].unique()})
@@ -309,9 +306,7 @@ def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | st
                         index=pd.Index(subjects, name="participant_id")).dropna()
     names = {term.text: f"term{index}" for index, term in enumerate(terms)}
     frame = data.rename(columns=names)
-    formula = f"{names[outcome.text]} ~ " + " + ".join(
-        f"C({names[term.text]})" if not pd.api.types.is_numeric_dtype(frame[names[term.text]]) else names[term.text]
-        for term in (predictor, *covariates))
+    formula = _formula(frame, names[outcome.text], [names[term.text] for term in (predictor, *covariates)])
     if len(frame) <= len(terms) + 1:
         raise ValueError(f"{len(frame)} participant(s) with every value of {[term.text for term in terms]}: too few")
     fit = smf.ols(formula, frame).fit(cov_type="HC3" if robust else "nonrobust")
@@ -321,6 +316,12 @@ def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | st
              "partial_r": fit.tvalues[name] / np.sqrt(fit.tvalues[name] ** 2 + fit.df_resid), "n": int(fit.nobs)}
             for name in fit.params.index if name != "Intercept"]
     return pd.DataFrame(rows), data.reset_index()
+
+
+def _formula(table: pd.DataFrame, outcome: str, columns: Sequence[str]) -> str:
+    """``outcome ~ a + C(b) + …``: the table's non-numeric columns as categorical (dummy-coded)."""
+    return f"{outcome} ~ " + " + ".join(
+        column if pd.api.types.is_numeric_dtype(table[column]) else f"C({column})" for column in columns)
 
 
 def _has_regions(sources: Sources, term: Term) -> bool:

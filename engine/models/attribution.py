@@ -26,7 +26,6 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
-import pandas as pd
 import torch
 import xarray as xr
 import zarr
@@ -50,7 +49,7 @@ from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, 
 from engine.data.masker import VOXEL_COORDS
 from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
 from engine.tasks import gpu_resources, run_tasks, torch_device
-from engine.models.training import CohortVolumes, load_member
+from engine.models.training import CohortVolumes, TrainingConfig, load_member, read_split, targets_of
 
 LAYOUT = "relcohort.relevance/1"
 
@@ -269,11 +268,9 @@ def _train_noise_task(item):
     store, models_dir, member, options, key = item
     files = ModelsLayout(Path(models_dir))
     model, card, volumes = _member_inputs(store, models_dir, member, torch_device())
-    split = pd.read_csv(files.split, sep="\t", dtype={"participant_id": str}).set_index("participant_id")["split"]
-    train = np.flatnonzero(split.reindex(volumes.subjects).to_numpy() == "train")
-    values = volumes.dataset[card["config"]["target"]].values[train]
+    train = np.flatnonzero(read_split(files.split).reindex(volumes.subjects).to_numpy() == "train")
     classes = card["classes"]
-    targets = values.astype(np.float32) if classes is None else np.array([classes.index(value) for value in values])
+    targets = targets_of(volumes.dataset, TrainingConfig(**card["config"]), classes)[train]
     noise_net = noise.train_noise_model(
         model, volumes.read, train, targets, sparsity=options.noise_model_sparsity, epochs=options.noise_model_epochs,
         learning_rate=options.noise_model_learning_rate, classification=classes is not None,
@@ -380,8 +377,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
                    if dataset[name].dims == ("subject",) and name != "subject"}
         split_file = ModelsLayout(models_dir).split
         if split_file.is_file():
-            split = pd.read_csv(split_file, sep="\t", dtype={"participant_id": str}).set_index("participant_id")
-            columns["split"] = split["split"].reindex(list(subjects)).fillna("").to_numpy(dtype=object)
+            columns["split"] = read_split(split_file).reindex(list(subjects)).fillna("").to_numpy(dtype=object)
         _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]), columns)
     if "noise_model" in methods:
         _train_noise_models(store, models_dir, members, options, client, progress, gpu_on_demand)

@@ -39,7 +39,6 @@ class PatchIndividualConv3d(nn.Module):
             per_axis.append([(max(start - overlap, 0), min(stop + overlap, n))
                              for start, stop in zip(e[:-1], e[1:], strict=True)])
         self.boxes = [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
-        self.patches, self.overlap = tuple(patches), overlap
         self.convs = nn.ModuleList(nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
                                    for _ in self.boxes)
         coverage = torch.zeros(tuple(input_shape))

@@ -368,7 +368,8 @@ class TrainingConfig(BaseModel):
         return self.model_dump(mode="json", include=set(TrainingConfig.model_fields))
 
 
-def _targets(dataset: xr.Dataset, config: TrainingConfig, classes: list | None) -> np.ndarray:
+def targets_of(dataset: xr.Dataset, config: TrainingConfig, classes: list | None) -> np.ndarray:
+    """Each stored subject's target: the regression value, or the index of its class (−1 outside ``classes``)."""
     if config.target not in dataset.coords:
         raise ValueError(f"target {config.target!r} is not a participant column of the store "
                          f"({[name for name in dataset.coords if dataset[name].dims == ('subject',)]})")
@@ -427,7 +428,7 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     started = time.perf_counter()
     files = ModelsLayout(Path(out_dir))
     volumes = CohortVolumes(store, config.modalities, config.input_scaling)
-    targets = _targets(volumes.dataset, config, classes)
+    targets = targets_of(volumes.dataset, config, classes)
     subject_split = split.reindex(volumes.subjects).to_numpy()
     train = np.flatnonzero(subject_split == "train")
     validation = np.flatnonzero(subject_split == "validation")
@@ -633,6 +634,11 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
     fit = ridge_baseline(maps, target, split == "train")
     test = split == "test"
     return regression_metrics(target[test], fit.predictions[test])
+
+
+def read_split(path: str | Path) -> pd.Series:
+    """``models/split.tsv`` (as :func:`train_ensemble` writes it): each participant's split, by participant_id."""
+    return pd.read_csv(path, sep="\t", dtype={"participant_id": str}).set_index("participant_id")["split"]
 
 
 def _split_hash(split: pd.Series) -> str:
