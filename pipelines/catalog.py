@@ -87,11 +87,15 @@ class ModalitySpec(_Strict):
     kind: Literal["intensity", "probability", "label", "mask"] = Field(
         "intensity", description="register: how it is resampled (linear; generic label; nearest neighbour)")
     modulate: bool = Field(False, description="register: a probability map × the Jacobian determinant (volumes)")
+    labels: str | None = Field(None, description="a label volume's region table: freesurfer (aseg, aparc+aseg, "
+                               "aparc.DKTatlas+aseg) or a TSV/CSV path (label, name); each participant's own parcels")
 
     @model_validator(mode="after")
     def _modulate_probabilities(self):
         if self.modulate and self.kind != "probability":
             raise ValueError(f"modulate applies to kind 'probability', not {self.kind!r}")
+        if self.labels is not None and (not self.dtype.startswith(("int", "uint")) or self.kind != "label"):
+            raise ValueError("a label volume (labels:) needs an integer dtype (e.g. int16) and kind: label")
         return self
 
     @field_validator("path")
@@ -199,6 +203,8 @@ class AnalysisSettings(_Strict):
     random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
                                          "participant column (e.g. site)")
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
+    labels: str | None = Field(None, description="roi: a label-volume modality (with labels: in modalities, e.g. "
+                               "every participant's aparc+aseg): each participant's own parcels instead of an atlas")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -206,8 +212,10 @@ class AnalysisSettings(_Strict):
             raise ValueError("correction fwe needs permutations (e.g. 1000)")
         if self.scope == "roi" and "fwe" in self.correction:
             raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
-        if self.scope != "roi" and (self.random_intercept or self.atlas):
-            raise ValueError("random_intercept and atlas apply to roi analyses only")
+        if self.scope != "roi" and (self.random_intercept or self.atlas or self.labels):
+            raise ValueError("random_intercept, atlas and labels apply to roi analyses only")
+        if self.atlas and self.labels:
+            raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
         if self.robust and self.scope not in ("roi", "subject"):
             raise ValueError("robust applies to roi and subject analyses only")
         if self.scope == "subject" and any(term.is_map for term in (self.outcome, self.predictor, *self.covariates)):
@@ -306,7 +314,12 @@ class Catalog(_Strict):
             raise ValueError(f"modalities.{register.brain_mask}: register.brain_mask needs kind 'mask'")
 
     def _check_terms(self, where: str, analysis: AnalysisSettings) -> None:
-        """Map and model terms must name what the catalog produces."""
+        """Map and model terms, and label volumes, must name what the catalog produces."""
+        if analysis.labels is not None and (analysis.labels not in self.modalities
+                                            or self.modalities[analysis.labels].labels is None):
+            volumes = [name for name, spec in self.modalities.items() if spec.labels is not None]
+            raise ValueError(f"{where}.labels: {analysis.labels!r} is not a label volume of the modalities (those "
+                             f"with labels: {volumes})")
         for field in ("outcome", "predictor", "covariates"):
             terms = getattr(analysis, field)
             for term in terms if isinstance(terms, list) else [terms]:
@@ -319,6 +332,9 @@ class Catalog(_Strict):
                                      f"{name!r} (explained: {methods})")
                 if source == "predictions" and self.train is None:
                     raise ValueError(f"{where}.{field}: {text!r} needs a train section")
+                if source == "features" and name == "freesurfer" and (
+                        self.features is None or self.features.freesurfer is None):
+                    raise ValueError(f"{where}.{field}: {text!r} needs features.freesurfer (the stats files)")
                 if field == "covariates" and term.is_map:
                     raise ValueError(f"{where}.covariates: {text!r} is a map; covariates are per-subject values")
 
@@ -362,7 +378,7 @@ class Catalog(_Strict):
         return self.cohort_root / self.features.freesurfer.subjects_dir
 
     def modality_list(self) -> list[Modality]:
-        return [Modality(name, spec.path, spec.dtype, spec.space, spec.kind, spec.modulate)
+        return [Modality(name, spec.path, spec.dtype, spec.space, spec.kind, spec.modulate, spec.labels)
                 for name, spec in self.modalities.items()]
 
 
@@ -416,7 +432,10 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
 
     cohort = catalog.cohort.model_copy(update={"directory": resolve(catalog.cohort.directory)}
                                        if catalog.cohort.directory is not None else {})
-    update = {"workspace": resolve(catalog.workspace), "cohort": cohort, "atlas": resolve_atlas(catalog.atlas)}
+    modalities = {name: spec.model_copy(update={"labels": str(resolve(Path(spec.labels)))})
+                  if spec.labels not in (None, "freesurfer") else spec for name, spec in catalog.modalities.items()}
+    update = {"workspace": resolve(catalog.workspace), "cohort": cohort, "atlas": resolve_atlas(catalog.atlas),
+              "modalities": modalities}
     if catalog.train is not None and catalog.train.finetune_from is not None:
         update["train"] = catalog.train.model_copy(update={"finetune_from": resolve(catalog.train.finetune_from)})
     if catalog.registration is not None and catalog.registration.template != BUNDLED_TEMPLATE:
@@ -464,6 +483,9 @@ def _atlas_file_problems(catalog: Catalog) -> list[tuple[str, str]]:
     if catalog.features is not None:
         problems += [("features.tables", f"{table} does not exist")
                      for table in catalog.features.tables if not table.is_file()]
+    problems += [(f"modalities.{name}.labels", f"{spec.labels} does not exist")
+                 for name, spec in catalog.modalities.items()
+                 if spec.labels not in (None, "freesurfer") and not Path(spec.labels).is_file()]
     register = catalog.registration
     if register is not None and register.template != BUNDLED_TEMPLATE:
         for key, path in (("template", Path(register.template)), ("template_mask", register.template_mask)):

@@ -22,7 +22,7 @@ from cluster import RunningCluster
 from engine.analysis import association, features, stats
 from engine.data import registration, store, synth
 from engine.models import attribution, training, validation
-from engine.analysis.atlas import Atlas, AtlasSettings, region_table
+from engine.analysis.atlas import Atlas, AtlasSettings, ParticipantLabels, label_table, region_table
 from engine.data.grid import MNI_SPACE
 from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
                            mark_current, output_key, stored_key)
@@ -448,8 +448,10 @@ class AssociateStage:
 
         for analysis in catalog.associate:
             out = layout.association(analysis.name)
+            table = catalog.modalities[analysis.labels].labels if analysis.labels else None
             key = output_key({"analysis": analysis.model_dump(mode="json"),
-                              "atlas": catalog.atlas.model_dump(mode="json")}, inputs)
+                              "atlas": catalog.atlas.model_dump(mode="json"), "label_table": table},
+                             {**inputs, **files_sha256([table] if table else [])})
             if not is_current(out.root, key):
                 self._run_one(catalog, sources, atlas_of, analysis, out.root)
                 mark_current(out.root, key)
@@ -473,7 +475,7 @@ class AssociateStage:
                 raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
             written.summary.write_text(json.dumps({
                 **analysis.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
-                                                            "alpha"}),
+                                                            "alpha", "labels"}),
                 **details, "seconds": round(time.perf_counter() - started, 2)}, indent=2))
 
     def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
@@ -497,7 +499,11 @@ class AssociateStage:
                 "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
 
     def _roi(self, catalog, sources, atlas_of, analysis, out) -> dict:
-        atlas = atlas_of(analysis.atlas or catalog.atlas)
+        if analysis.labels is not None:  # each participant's own parcels
+            atlas = ParticipantLabels(analysis.labels, sources.images[analysis.labels],
+                                      label_table(catalog.modalities[analysis.labels].labels))
+        else:
+            atlas = atlas_of(analysis.atlas or catalog.atlas)
         if analysis.statistic != "regression":
             table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
                                              atlas, analysis.region_statistic, correlation=analysis.statistic,

@@ -179,3 +179,44 @@ def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
         AnalysisSettings(name="bad", outcome="relevance.lrp", predictor="age", statistic="spearman")
     with pytest.raises(ValidationError, match=r"covariates[\s\S]*needs a name"):
         AnalysisSettings(name="bad", outcome="relevance.lrp", predictor="age", covariates=["images."])
+
+
+def test_relevance_in_each_participants_parcels_against_freesurfer_volumes_equals_scipy():
+    """The study's region table: relevance summed in each participant's own parcels, Pearson r with the same
+    parcel's FreeSurfer volume across participants (scipy), Bonferroni across the regions both sides have."""
+    from scipy import stats as scipy_stats
+
+    from engine.analysis.association import roi_analysis
+    from engine.analysis.atlas import ParticipantLabels, label_table
+
+    rng = np.random.default_rng(5)
+    subjects = [f"sub-{n:02d}" for n in range(12)]
+    labels = rng.choice([0, 17, 53, 4, 1028], size=(12, 400)).astype(np.int16)
+    maps = rng.normal(0.0, 1.0, (12, 400))
+    images = xr.Dataset({"R": (("subject", "voxel"), maps), "APARC": (("subject", "voxel"), labels)},
+                        coords={"subject": subjects})
+    volumes = {"Left-Hippocampus": 17, "Right-Hippocampus": 53, "Left-Lateral-Ventricle": 4}
+    rows = [{"participant_id": pid, "structure": name, "hemisphere": "lh", "measure": "volume",
+             "value": float(rng.normal(4000, 300)), "unit": "mm^3"} for pid in subjects for name in volumes]
+    rows += [{"participant_id": pid, "structure": "eTIV", "hemisphere": "both", "measure": "global",
+              "value": 1.5e6, "unit": "mm^3"} for pid in subjects]
+    freesurfer = pd.DataFrame(rows)
+    participants = pd.DataFrame({"age": np.arange(12.0)}, index=pd.Index(subjects, name="participant_id"))
+    sources = Sources(images, participants, tables={"freesurfer": freesurfer})
+    parcels = ParticipantLabels("APARC", images["APARC"], label_table("freesurfer"))
+    table = roi_analysis(sources, "images.R", "features.freesurfer.volume", [], parcels, "sum",
+                         correlation="pearson").set_index("region")
+    assert sorted(table.index) == sorted(volumes)  # ctx-lh-superiorfrontal has no FreeSurfer volume: not joined
+    for name, label in volumes.items():
+        relevance = [maps[n, labels[n] == label].sum() for n in range(12)]
+        volume = freesurfer[freesurfer.structure == name].set_index("participant_id").loc[subjects, "value"]
+        expected = scipy_stats.pearsonr(relevance, volume)
+        assert abs(table.loc[name, "r"] - expected.statistic) < 1e-10
+        assert abs(table.loc[name, "p"] - expected.pvalue) < 1e-10
+        assert abs(table.loc[name, "p_bonferroni"] - min(1.0, 3 * expected.pvalue)) < 1e-10
+    with pytest.raises(ValueError, match=r"features.freesurfer.aparc.thickness_mean: the FreeSurfer table has no "
+                                         r"measure 'aparc.thickness_mean' \(available: eTIV, volume\)"):
+        roi_analysis(sources, "images.R", "features.freesurfer.aparc.thickness_mean", [], parcels, "sum",
+                     correlation="pearson")
+    etiv = sources.subject_values(Term.parse("features.freesurfer.eTIV"), subjects[:2])
+    assert list(etiv) == [1.5e6, 1.5e6]

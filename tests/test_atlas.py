@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 from nilearn.maskers import NiftiLabelsMasker
 
-from engine.analysis.atlas import (cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap,
-                                   top_regions, without_hemisphere)
+from engine.analysis.atlas import (ParticipantLabels, cohort_atlas, label_table, load_atlas, region_gain,
+                                   region_reduce, region_table, top_k_overlap, top_regions, without_hemisphere)
 from engine.data.grid import Grid
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
@@ -133,3 +133,39 @@ def test_gain_and_top_k_helpers_by_hand():
     assert top_k_overlap(["x", "y"], ["y", "z"]) == 0.5
     with pytest.raises(ValueError):
         top_k_overlap(["x"], ["x", "y"])
+
+
+def test_each_participants_own_labels_reduce_like_numpy_float64():
+    """Per-participant parcels (FreeSurfer numbers, other chunks and subject order than the maps, one label the
+    table lacks) give every statistic of numpy in float64; a participant without labels is named."""
+    rng = np.random.default_rng(4)
+    table = label_table("freesurfer")
+    n_subjects, n_voxels = 9, 500
+    values = rng.normal(0.3, 1.0, (n_subjects, n_voxels)).astype(np.float32)
+    labels = rng.choice([0, 17, 53, 1028, 2035, 9999], size=(n_subjects + 2, n_voxels)).astype(np.int16)
+    label_subjects = [f"s{n}" for n in reversed(range(n_subjects + 2))]  # more participants, another order
+    parcels = ParticipantLabels("aparc+aseg", xr.DataArray(
+        da.from_array(labels, chunks=(5, 200)), dims=("subject", "voxel"), coords={"subject": label_subjects}), table)
+    data = xr.DataArray(da.from_array(values, chunks=(4, 130)), dims=("subject", "voxel"),
+                        coords={"subject": [f"s{n}" for n in range(n_subjects)]}, name="R")
+    result = region_reduce(data, parcels)
+    assert isinstance(result["sum"].data, da.Array)
+    result = result.compute()
+    assert result.sizes["region"] == len(table)
+    for subject in range(n_subjects):
+        own = labels[label_subjects.index(f"s{subject}")]
+        for label in (17, 53, 1028, 2035, 1001):
+            name = table.loc[label, "name"]
+            inside = values[subject, own == label].astype(np.float64)
+            cell = result.sel(subject=f"s{subject}", region=name)
+            np.testing.assert_allclose(cell["sum"], inside.sum(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(cell["abs_sum"], np.abs(inside).sum(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(cell["pos_sum"], np.clip(inside, 0, None).sum(), rtol=1e-12, atol=1e-12)
+            assert int(cell["count"]) == inside.size
+            if inside.size:
+                np.testing.assert_allclose(cell["mean"], inside.mean(), rtol=1e-12)
+            else:
+                assert np.isnan(cell["mean"])
+    missing = data.assign_coords(subject=[f"s{n}" for n in range(n_subjects - 1)] + ["sub-x"])
+    with pytest.raises(ValueError, match=r"labels aparc\+aseg: no label volume for participant\(s\) \['sub-x'\]"):
+        region_reduce(missing, parcels)

@@ -13,8 +13,9 @@ from scipy import stats
 
 from engine.analysis.atlas import cohort_atlas
 from engine.analysis import features
-from engine.analysis.features import (aparc_table, aseg_table, freesurfer_table, join_on_participant, lesion_load,
-                                      read_stats, regional_volume, tract_mean)
+from engine.analysis.atlas import label_table
+from engine.analysis.features import (aparc_table, aseg_table, freesurfer_measure, freesurfer_table,
+                                      join_on_participant, lesion_load, read_stats, regional_volume, tract_mean)
 from engine.data.store import open_cohort, read_participants
 from tests.test_atlas import GRID, SHAPE
 from tests.test_store import run_ingest
@@ -118,6 +119,32 @@ def test_freesurfer_table_over_a_subjects_dir(tmp_path):
     (tmp_path / "sub-02/stats/rh.aparc.stats").unlink()
     with pytest.raises(FileNotFoundError, match="participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
         freesurfer_table(tmp_path, ["sub-01", "sub-02"])
+
+
+def test_freesurfer_measures_are_named_as_freesurfer_labels_name_the_parcels(tmp_path):
+    """aseg rows keep their names (FreeSurfer 6's Thalamus-Proper read as 7's Thalamus), aparc rows become the
+    ctx-lh-/ctx-rh- labels of aparc+aseg, header measures stay per participant; all are FreeSurfer label names."""
+    for pid, aseg in (("sub-01", ASEG), ("sub-02", ASEG.replace("Right-Hippocampus   ", "Left-Thalamus-Proper"))):
+        stats_dir = tmp_path / pid / "stats"
+        stats_dir.mkdir(parents=True)
+        (stats_dir / "aseg.stats").write_text(aseg)
+        for parcellation in ("aparc", "aparc.DKTatlas"):
+            (stats_dir / f"lh.{parcellation}.stats").write_text(LH_APARC)
+            (stats_dir / f"rh.{parcellation}.stats").write_text(
+                LH_APARC.replace("# hemi lh", "# hemi rh").replace("3.256", "3.111"))
+    table = freesurfer_table(tmp_path, ["sub-01", "sub-02"], parcellations=("aparc", "aparc.DKTatlas"))
+    volume = freesurfer_measure(table, "volume").set_index(["participant_id", "region"])["value"]
+    assert volume["sub-01", "Right-Hippocampus"] == 4201.1 and volume["sub-02", "Left-Thalamus"] == 4201.1
+    thickness = freesurfer_measure(table, "aparc.DKTatlas.thickness_mean").set_index(["participant_id", "region"])
+    assert thickness.loc[("sub-02", "ctx-lh-entorhinal"), "value"] == 3.256
+    assert thickness.loc[("sub-02", "ctx-rh-entorhinal"), "value"] == 3.111
+    assert len(thickness) == 2 * 2 * 3  # participants × hemispheres × regions, aparc's rows not mixed in
+    names = set(label_table("freesurfer")["name"])
+    assert set(volume.index.get_level_values("region")) | set(thickness.index.get_level_values("region")) <= names
+    etiv = freesurfer_measure(table, "eTIV")
+    assert list(etiv.columns) == ["participant_id", "value"] and (etiv["value"] == 1482637.11).all()
+    with pytest.raises(ValueError, match=r"no measure 'aparc.thickness'.*aparc.thickness_mean"):
+        freesurfer_measure(table, "aparc.thickness")
 
 
 def test_malformed_stats_files_are_named(tmp_path):

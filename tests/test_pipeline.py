@@ -272,3 +272,28 @@ def test_train_and_explain_sections_are_checked(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"})
     result = relcohort("validate", catalog)
     assert result.returncode == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
+
+
+def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
+    base = yaml.safe_load((REPO / "catalog.yaml").read_text())
+    modalities = {**base["modalities"], "APARC": {"path": "{participant_id}/aparc+aseg.mgz", "labels": "freesurfer"}}
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities)
+    with pytest.raises(CatalogError, match="modalities.APARC: .*needs an integer dtype .* and kind: label"):
+        load_catalog(catalog)
+    modalities["APARC"].update(dtype="int16", kind="label")
+    analysis = {"name": "parcels", "scope": "roi", "statistic": "pearson", "outcome": "relevance.lrp",
+                "predictor": "features.freesurfer.volume", "labels": "T1"}
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis])
+    with pytest.raises(CatalogError, match=r"associate\[0\].labels: 'T1' is not a label volume .*\['APARC'\]"):
+        load_catalog(catalog)
+    analysis["labels"] = "APARC"
+    features = {**base["features"], "freesurfer": None}
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis],
+                            features=features)
+    with pytest.raises(CatalogError, match="'features.freesurfer.volume' needs features.freesurfer"):
+        load_catalog(catalog)
+    modalities["APARC"]["labels"] = "my_labels.tsv"
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis])
+    result = relcohort("validate", catalog)
+    assert result.returncode == 1 and "modalities.APARC.labels" in result.stderr and "my_labels.tsv does not exist" \
+        in result.stderr

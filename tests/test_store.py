@@ -332,3 +332,25 @@ def test_rewrites_land_on_their_own_rows_whatever_the_table_order(cohort_copy, t
     np.testing.assert_array_equal(after.sel(subject="sub-0003").values, before[2] * np.float32(0.5))
     np.testing.assert_array_equal(after.sel(subject="sub-0002").values, before[1] * np.float32(0.25))
     np.testing.assert_array_equal(after.sel(subject="sub-0001").values, before[0])
+
+
+def test_label_volumes_hold_only_their_tables_labels(tiny_cohort, tmp_path):
+    """A label volume (FreeSurfer numbers) with a label its table lacks is refused naming the participant, the
+    file and the label; with on_error=skip the others are stored, as integers."""
+    root = tmp_path / "labels"
+    root.mkdir()
+    shutil.copy(tiny_cohort / "mask.nii.gz", root / "mask.nii.gz")
+    mask = nib.load(root / "mask.nii.gz")
+    table = read_participants(tiny_cohort / "participants.tsv").iloc[:3]
+    for n, pid in enumerate(table.participant_id):
+        labels = np.where(np.asanyarray(mask.dataobj) > 0, 17, 0).astype(np.int16)
+        labels[10, 10, 10] = 9999 if n == 1 else 1028
+        nib.save(nib.MGHImage(labels.astype(np.int32), mask.affine), root / f"{pid}_aparc+aseg.mgz")
+    modality = Modality("APARC", "{participant_id}_aparc+aseg.mgz", "int16", kind="label", labels="freesurfer")
+    with pytest.raises(IngestError, match=r"sub-0002.*label\(s\) \[9999\] are not in the modality's label table"):
+        ingest(tmp_path / "a.zarr", table, root, [modality], root / "mask.nii.gz")
+    report = ingest(tmp_path / "b.zarr", table, root, [modality], root / "mask.nii.gz", on_error="skip")
+    assert [problem.participant for problem in report.problems] == ["sub-0002"]
+    assert "sub-0002_aparc+aseg.mgz" in str(report.problems[0].file)
+    stored = open_cohort(tmp_path / "b.zarr")["APARC"]
+    assert stored.dtype == np.int16 and set(np.unique(stored.values)) <= {17, 1028}

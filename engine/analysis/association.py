@@ -11,11 +11,14 @@ A term names what enters a model:
 - ``predictions.<column>``: the ensemble's value per subject, e.g. ``predictions.brain_age_gap_corrected``;
 - ``features.<table>.<column>``: a feature table's column, per subject (``lesion_load.lesion_volume_mm3``)
   or per subject and region when the table has a ``region`` column (``regional_gm_volume.volume_mm3``);
+  ``features.freesurfer.<measure>``: a FreeSurfer measure per participant and structure, named as
+  FreeSurfer's label table names it (``volume``, ``aparc.thickness_mean``) or per participant (``eTIV``);
 - anything else: a participant column (``age``, ``sex``, ``site``, ...).
 
 Voxel-wise analyses run :func:`engine.analysis.stats.voxelwise_ols` on the maps; ROI-wise ones reduce map
-terms to one value per atlas region (:func:`engine.analysis.atlas.region_reduce`) and fit
-:func:`engine.analysis.stats.region_models` per region.
+terms to one value per region (:func:`engine.analysis.atlas.region_reduce`: an atlas, or each
+participant's own parcels) and fit :func:`engine.analysis.stats.region_models` or
+:func:`engine.analysis.stats.region_correlations` per region.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
-from engine.analysis.atlas import Atlas, region_reduce
+from engine.analysis.atlas import Atlas, ParticipantLabels, region_reduce
+from engine.analysis.features import freesurfer_measure
 from engine.analysis.stats import adjust_p, region_correlations, region_models, voxelwise_ols
 from engine.data.masker import Masker
 
 MAP_SOURCES = ("relevance", "images")
+#: The feature table of every participant's FreeSurfer stats (``features.freesurfer.<measure>``).
+FREESURFER_TABLE = "freesurfer"
 #: How a relevance term's maps enter a model: as stored, divided by their sum per participant, or |R|.
 RELEVANCE_NORMALISATIONS = ("raw", "normalised", "absolute")
 #: The p-value map written for each correction name (``none``: uncorrected).
@@ -135,7 +141,7 @@ class Sources:
                 raise ValueError(f"{term}: the workspace has no predictions (run the train stage)")
             table, column = self.predictions.set_index("participant_id"), term.name
         elif term.source == "features":
-            table, column = self._table(term, term.name), term.column
+            table, column = self.feature(term), term.text
             if "region" in table.columns:
                 raise ValueError(f"{term}: table {term.name!r} has one value per region: use it in an roi analysis")
             table = table.set_index("participant_id")
@@ -147,27 +153,40 @@ class Sources:
             raise ValueError(f"{term}: no column {column!r} (columns: {sorted(map(str, table.columns))})")
         return table[column].reindex(subjects).rename(term.text)
 
-    def region_values(self, term: Term, subjects: list[str], atlas: Atlas, statistic: str) -> pd.DataFrame:
-        """(participant_id, region, value) of a region-level term: a map reduced per atlas region, or a
-        feature table with a ``region`` column."""
-        if term.is_map:
-            regions = region_reduce(self.map(term, subjects), atlas)[statistic].compute()
-            table = regions.to_dataframe(name=term.text).reset_index()
+    def region_values(self, term: Term, subjects: list[str], regions: Atlas | ParticipantLabels,
+                      statistic: str) -> pd.DataFrame:
+        """(participant_id, region, value) of a region-level term: a map reduced per region (of one atlas, or of
+        each participant's own labels), or a feature with regions (a table's ``region`` column, FreeSurfer's
+        structures)."""
+        if term.is_map:  # regions no participant has (a label table's unused labels) are left out
+            reduced = region_reduce(self.map(term, subjects), regions)[[statistic, "count"]].compute()
+            present = reduced["region"].values[(reduced["count"] > 0).any([d for d in reduced["count"].dims
+                                                                           if d != "region"]).values]
+            table = reduced[statistic].sel(region=present).to_dataframe(name=term.text).reset_index()
             return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term.text]]
         if term.source != "features":
             raise ValueError(f"{term}: not a region-level term (a map, or features.<table>.<column> with regions)")
-        name, column = term.name, term.column
-        table = self._table(term, name)
-        if "region" not in table.columns or column not in table.columns:
-            raise ValueError(f"{term}: table {name!r} needs 'region' and {column!r} columns "
-                             f"(columns: {list(table.columns)})")
-        table = table[table["participant_id"].isin(subjects)]
-        return table[["participant_id", "region", column]].rename(columns={column: term.text})
+        table = self.feature(term)
+        if "region" not in table.columns:
+            raise ValueError(f"{term}: table {term.name!r} has no 'region' column: one value per participant")
+        return table[table["participant_id"].isin(subjects)]
 
-    def _table(self, term: Term, name: str) -> pd.DataFrame:
+    def feature(self, term: Term) -> pd.DataFrame:
+        """``participant_id``, (``region``,) and the term's values (column named by the term) of a feature term.
+        The FreeSurfer table's columns are measures (:func:`~engine.analysis.features.freesurfer_measure`)."""
+        name, column = term.name, term.column
         if name not in self.tables:
             raise ValueError(f"{term}: no feature table {name!r} (tables: {sorted(self.tables)})")
-        return self.tables[name]
+        table = self.tables[name]
+        if name == FREESURFER_TABLE:
+            try:
+                return freesurfer_measure(table, column).rename(columns={"value": term.text})
+            except ValueError as error:
+                raise ValueError(f"{term}: {error}") from None
+        if column not in table.columns:
+            raise ValueError(f"{term}: no column {column!r} in table {name!r} (columns: {list(table.columns)})")
+        keys = [key for key in ("participant_id", "region") if key in table.columns]
+        return table[[*keys, column]].rename(columns={column: term.text})
 
 
 def analysis_subjects(sources: Sources, terms: Sequence[Term | str]) -> list[str]:
@@ -245,15 +264,16 @@ def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Mask
 
 
 def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
-                 atlas: Atlas, statistic: str = "mean", robust: bool = False,
+                 regions: Atlas | ParticipantLabels, statistic: str = "mean", robust: bool = False,
                  groups: Term | str | None = None, correlation: str | None = None, permutations: int = 0,
                  seed: int = 0) -> pd.DataFrame:
-    """Per atlas region: outcome ~ predictor + covariates (statsmodels), FDR across regions; or, with
-    ``correlation`` (pearson, spearman, partial), :func:`~engine.analysis.stats.region_correlations`."""
+    """Per region (of an atlas, or each participant's own labels): outcome ~ predictor + covariates (statsmodels),
+    FDR across regions; or, with ``correlation`` (pearson, spearman, partial),
+    :func:`~engine.analysis.stats.region_correlations`."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     subjects = analysis_subjects(sources, [outcome, predictor])
     names = {term.text: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
-    per_region = [sources.region_values(term, subjects, atlas, statistic) for term in (outcome, predictor)
+    per_region = [sources.region_values(term, subjects, regions, statistic) for term in (outcome, predictor)
                   if term.is_map or _has_regions(sources, term)]
     if not per_region:
         raise ValueError(f"an roi analysis needs a region-level outcome or predictor, got {outcome.text!r}, "
@@ -262,7 +282,8 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
     for other in per_region[1:]:
         table = table.merge(other, on=["participant_id", "region"], how="inner")
     if table.empty:
-        raise ValueError(f"{outcome} and {predictor} share no (participant, region) rows: do they use the same atlas?")
+        raise ValueError(f"{outcome} and {predictor} share no (participant, region) rows: are their regions named "
+                         "alike (the same atlas, or labels named as the FreeSurfer table names them)?")
     subject_terms = [term for term in (outcome, predictor, *covariates) if term.text not in table.columns]
     for term in subject_terms:
         table[term.text] = table["participant_id"].map(sources.subject_values(term, subjects))
@@ -325,7 +346,7 @@ def _formula(table: pd.DataFrame, outcome: str, columns: Sequence[str]) -> str:
 
 
 def _has_regions(sources: Sources, term: Term) -> bool:
-    return term.source == "features" and "region" in sources.tables.get(term.name, pd.DataFrame()).columns
+    return term.source == "features" and "region" in sources.feature(term).columns
 
 
 def _readable_term(term: str, readable: dict[str, str]) -> str:

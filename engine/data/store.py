@@ -34,6 +34,7 @@ import zarr
 from isal import igzip
 from zarr.codecs import BloscCodec
 
+from engine.analysis.atlas import label_table
 from engine.data.grid import Grid
 from engine.layout import atomic_output, file_sha256
 from engine.data.masker import VOXEL_COORDS
@@ -86,6 +87,8 @@ class Modality:
     #: ``intensity`` / ``probability`` (linear), ``label`` (generic label), ``mask`` (nearest neighbour)
     kind: str = "intensity"
     modulate: bool = False  # probability maps × Jacobian determinant: sums are native volumes
+    #: for label volumes: their region table (``freesurfer`` or a TSV/CSV path); ingest checks every label is in it
+    labels: str | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,8 +242,9 @@ class MaskIndex:
         return len(self.c_order)
 
 
-def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant: str):
-    """Read one image; check it (readable, 3D, on ``grid``, finite, fits ``dtype``).
+def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant: str,
+                known_labels: np.ndarray | None = None):
+    """Read one image; check it (readable, 3D, on ``grid``, finite, fits ``dtype``, labels in ``known_labels``).
 
     Returns ``(values inside the mask as dtype, sha256 of the file)``.
     """
@@ -266,6 +270,11 @@ def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant
     if np.issubdtype(np.dtype(dtype), np.integer) and not np.array_equal(stored, values):
         raise InputError(f"values do not fit the modality's dtype {dtype} (e.g. {values[stored != values][0]})",
                          participant, path)
+    if known_labels is not None:
+        unknown = np.setdiff1d(np.unique(stored), known_labels)
+        if unknown.size:
+            raise InputError(f"label(s) {unknown[:10].tolist()}{' …' if unknown.size > 10 else ''} are not in the "
+                             "modality's label table", participant, path)
     return stored, sha256
 
 
@@ -449,20 +458,20 @@ def _write_block(item):
     One modality's block is written (compressed by Zarr, off the GIL) while the next one's
     files are read.
     """
-    store, mask_sha256, dtypes, block = item
+    store, mask_sha256, checks, block = item
     mask = _mask_index(store, mask_sha256)
     group = zarr.open_group(store, mode="r+")
     grid = Grid.from_attrs(group.attrs["grid"])
     start, stop = min(work.row for work in block), max(work.row for work in block) + 1
     problems, written, pending = [], {}, []
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for modality, dtype in dtypes.items():
+        for modality, (dtype, known_labels) in checks.items():
             rows, values, hashes = [], [], []
             for work in block:
                 if modality in work.files:
                     try:
                         row_values, sha256 = read_masked(Path(work.files[modality]), grid, mask, dtype,
-                                                         work.participant_id)
+                                                         work.participant_id, known_labels)
                     except InputError as problem:
                         problems.append(problem)
                         continue
@@ -475,6 +484,13 @@ def _write_block(item):
         for write in pending:
             write.result()
     return written, problems
+
+
+def _known_labels(modality: Modality) -> np.ndarray | None:
+    """The labels a label volume may hold: 0 (no region) and its table's."""
+    if modality.labels is None:
+        return None
+    return np.union1d([0], label_table(modality.labels).index.to_numpy())
 
 
 def _write_rows(group: zarr.Group, modality: str, span: tuple[int, int], rows: list[int], values, hashes) -> None:
@@ -577,8 +593,8 @@ def ingest(
             work.setdefault(row // subjects_per_chunk, []).append(_RowWork(row, pid, paths))
         else:
             result.unchanged += 1
-    dtypes = {modality.name: modality.dtype for modality in modalities}
-    blocks = [(str(store), group.attrs["mask_sha256"], dtypes, block) for block in work.values()]
+    checks = {modality.name: (modality.dtype, _known_labels(modality)) for modality in modalities}
+    blocks = [(str(store), group.attrs["mask_sha256"], checks, block) for block in work.values()]
     group.attrs["ingest"] = {**group.attrs["ingest"], "state": "in progress", "started": started}
     total, done = sum(len(block) for block in work.values()), 0
     for (_, _, _, block), (written, found) in run_tasks(_write_block, blocks, client=client):
