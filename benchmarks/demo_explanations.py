@@ -2,12 +2,12 @@
 
     make demo && .venv/bin/python benchmarks/demo_explanations.py [--workspace workspace/demo]
 
-Reads the workspace that ``relcohort run catalog.yaml`` wrote: ``models/metrics.parquet``
-(test MAE of each member and the ensemble against predicting the training mean) and
-``validation/scores.parquet`` / ``sanity.parquet`` / ``robustness.parquet`` (each method's
-ensemble-mean maps against the planted focal regions, the parameter randomisation test, and
-agreement across members per age band). Writes
-``benchmarks/results/demo_explanations.json`` and prints the Markdown tables of the README.
+Reads the workspace that ``relcohort run catalog.yaml`` wrote, for each of its ensembles (the
+demo's ``t1`` and ``flair``): ``models/metrics.parquet`` (test MAE of each member and the
+ensemble against predicting the training mean and ridge) and ``validation/scores.parquet`` /
+``sanity.parquet`` / ``robustness.parquet`` (each method's ensemble-mean maps against the planted
+focal regions, the parameter randomisation test, and agreement across members per age band).
+Writes ``benchmarks/results/demo_explanations.json`` and prints the Markdown tables of the README.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from engine.layout import Layout
 from ingest_throughput import save_results  # sibling script
 
 
-def tables(workspace: Path) -> tuple[list[dict], str]:
-    metrics = pd.read_parquet(workspace / "models/metrics.parquet")
+def tables(layout: Layout) -> tuple[dict, str]:
+    metrics = pd.read_parquet(layout.models.metrics)
     test = metrics[metrics["split"] == "test"].set_index("member")
-    scores = pd.read_parquet(workspace / "validation/scores.parquet")
+    scores = pd.read_parquet(layout.scores)
     ensemble = scores[scores["member"] == "ensemble"].pivot(index="method", columns="scored")
-    robustness = pd.read_parquet(workspace / "validation/robustness.parquet")
-    sanity = pd.read_parquet(workspace / "validation/sanity.parquet").set_index("method")
-    records = json.loads(json.dumps({"test": test.to_dict(orient="index"),
+    robustness = pd.read_parquet(layout.robustness)
+    sanity = pd.read_parquet(layout.sanity).set_index("method")
+    records = json.loads(json.dumps({"ensemble": layout.ensemble, "test": test.to_dict(orient="index"),
                                      "scores": scores.to_dict(orient="records"),
                                      "sanity": sanity.reset_index().to_dict(orient="records"),
                                      "robustness": robustness.to_dict(orient="records")}, default=float))
@@ -55,7 +56,7 @@ def tables(workspace: Path) -> tuple[list[dict], str]:
         lines.append(f"| {agreement['method']} | {agreement['group']} | {agreement['n']} "
                      f"| {agreement['l2_distance']:.1f} | {agreement['top_k_overlap_sum']:.1f} / "
                      f"{agreement['top_k_overlap_density']:.1f} / {agreement['top_k_overlap_gain']:.1f} |")
-    return [records], "\n".join(lines)
+    return records, "\n".join(lines)
 
 
 def main():
@@ -63,10 +64,14 @@ def main():
     parser.add_argument("--workspace", type=Path, default=Path(__file__).parents[1] / "workspace" / "demo")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    records, table = tables(args.workspace)
+    layout = Layout(args.workspace)
+    records = []
+    for name in layout.ensemble_names():
+        record, table = tables(layout.for_ensemble(name))
+        records.append(record)
+        print(f"\n### ensemble {name or '(unnamed)'}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
     save_results(args.out / "demo_explanations.json", records)
-    print(table)
 
 
 if __name__ == "__main__":

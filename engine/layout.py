@@ -11,6 +11,8 @@ writing stage::
     relevance.zarr            explain    relevance maps (``engine.models.attribution``)
     validation/               validate   scores.parquet, robustness.parquet, sanity.parquet, lesion_relevance.parquet,
                                          {lesion,pvs}_indices.parquet, {lesion,pvs}_comparison.parquet
+    ensembles/<name>/         train, explain, validate: models/, relevance.zarr and validation/ of each named
+                                         ensemble (``train: ensembles:``); a single unnamed one uses the above
     associations/<name>/      associate  one folder per analysis (summary.json, maps, tables)
     report.html               report     the HTML report (and report_screenshots/)
     provenance.json           the runner: catalog, versions, seeds, stage times of every run
@@ -43,14 +45,33 @@ KEY_FILE = ".relcohort-key.json"
 PART_SUFFIX = ".part"
 
 
+ENSEMBLES = "ensembles"
+
+
 @dataclass(frozen=True)
 class Layout:
-    """The path of every output in the workspace folder ``root``."""
+    """The path of every output in the workspace folder ``root``; with ``ensemble``, the models, relevance maps
+    and validation of that named ensemble (``ensembles/<name>/``), the rest shared."""
 
     root: Path
+    ensemble: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+
+    def for_ensemble(self, name: str | None) -> Layout:
+        """This workspace with the outputs of ensemble ``name`` (``None``: the single unnamed ensemble)."""
+        return Layout(self.root, name)
+
+    @property
+    def ensemble_root(self) -> Path:
+        """Where this ensemble's models/, relevance.zarr and validation/ live."""
+        return self.root if self.ensemble is None else self.root / ENSEMBLES / self.ensemble
+
+    def ensemble_names(self) -> list[str | None]:
+        """The ensembles with trained models: ``None`` for the unnamed one, then the named ones."""
+        named = sorted(path.parents[1].name for path in (self.root / ENSEMBLES).glob("*/models/metrics.parquet"))
+        return ([None] if (self.root / "models" / "metrics.parquet").is_file() else []) + named
 
     # -- the stages' outputs
 
@@ -79,15 +100,15 @@ class Layout:
 
     @property
     def models(self) -> ModelsLayout:
-        return ModelsLayout(self.root / "models")
+        return ModelsLayout(self.ensemble_root / "models")
 
     @property
     def relevance(self) -> Path:
-        return self.root / "relevance.zarr"
+        return self.ensemble_root / "relevance.zarr"
 
     @property
     def validation(self) -> Path:
-        return self.root / "validation"
+        return self.ensemble_root / "validation"
 
     @property
     def scores(self) -> Path:

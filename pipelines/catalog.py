@@ -9,14 +9,14 @@ import hashlib
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
                       field_validator, model_validator)
 
 from cluster import ClusterProfile, LocalProfile
-from engine.analysis.association import Term
+from engine.analysis.association import RELEVANCE_NORMALISATIONS, Term
 from engine.analysis.atlas import BUNDLED_ATLASES, AtlasSettings
 from engine.models.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
@@ -25,6 +25,7 @@ from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.data.store import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+ENSEMBLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"subject", "voxel", "i", "j", "k", "ingest", "participant_id"}
 STORED_DTYPES = ("float32", "float64", "int16", "int32", "uint8", "uint16")
 
@@ -178,6 +179,34 @@ class TrainSettings(TrainingConfig):
 
     members: int = Field(3, ge=1, le=100, description="ensemble members (differ by seed and batch order)")
     split: SplitSettings = SplitSettings()
+    ensembles: dict[str, dict[str, Any]] | None = Field(
+        None, description="several named ensembles in one workspace, each these settings with its own changes, "
+        "e.g. {t1: {modalities: [T1]}, flair: {modalities: [FLAIR]}}; their relevance is relevance.<name>.<method>")
+
+    @model_validator(mode="after")
+    def _valid_ensembles(self):
+        for name in self.ensembles or {}:
+            if not ENSEMBLE_NAME.match(name) or name in METHODS or name in RELEVANCE_NORMALISATIONS:
+                raise ValueError(f"ensemble name {name!r} must be an identifier and not a method or normalisation "
+                                 "name (it is the middle of relevance.<ensemble>.<method>)")
+            self.ensemble(name)
+        return self
+
+    def ensemble(self, name: str | None) -> TrainSettings:
+        """The settings of ensemble ``name`` (``None``: these settings, without named ensembles)."""
+        base = self.model_dump(exclude={"ensembles"})
+        changes = (self.ensembles or {}).get(name, {}) if name is not None else {}
+        if "ensembles" in changes:
+            raise ValueError(f"ensembles.{name}: an ensemble cannot hold ensembles")
+        try:
+            return TrainSettings.model_validate({**base, **changes})
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+            raise ValueError(f"ensembles.{name}: {problems}") from None
+
+    def ensemble_settings(self) -> dict[str | None, TrainSettings]:
+        """Every ensemble the section trains, by name (one unnamed ensemble without ``ensembles``)."""
+        return {name: self.ensemble(name) for name in (self.ensembles or [None])}
 
     def member_config(self) -> TrainingConfig:
         """The settings each member trains with (without the ensemble's size and split)."""
@@ -232,6 +261,9 @@ class AnalysisSettings(_Strict):
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
     labels: str | None = Field(None, description="roi: a label-volume modality (with labels: in modalities, e.g. "
                                "every participant's aparc+aseg): each participant's own parcels instead of an atlas")
+    native: bool = Field(False, description="roi with labels: take each participant's map back onto their native "
+                         "label volume (the registration's inverse transform) and reduce there, as the seed study "
+                         "did; needs a register section")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -243,6 +275,8 @@ class AnalysisSettings(_Strict):
             raise ValueError("random_intercept, atlas and labels apply to roi analyses only")
         if self.atlas and self.labels:
             raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
+        if self.native and not self.labels:
+            raise ValueError("native reduces in each participant's native label volume: it needs labels")
         if self.robust and self.scope not in ("roi", "subject"):
             raise ValueError("robust applies to roi and subject analyses only")
         if self.scope == "subject" and any(term.is_map for term in (self.outcome, self.predictor, *self.covariates)):
@@ -308,8 +342,9 @@ class Catalog(_Strict):
     @model_validator(mode="after")
     def _sections_name_modalities(self):
         used = self.features.modalities_used() if self.features is not None else {}
-        if self.train is not None:
-            used.update({f"train.modalities[{index}]": name for index, name in enumerate(self.train.modalities)})
+        for ensemble, settings in (self.ensembles() or {}).items():
+            where = "train" if ensemble is None else f"train.ensembles.{ensemble}"
+            used.update({f"{where}.modalities[{index}]": name for index, name in enumerate(settings.modalities)})
         for field, name in used.items():
             if name not in self.modalities:
                 raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
@@ -340,6 +375,17 @@ class Catalog(_Strict):
         if register.brain_mask is not None and self.modalities[register.brain_mask].kind != "mask":
             raise ValueError(f"modalities.{register.brain_mask}: register.brain_mask needs kind 'mask'")
 
+    def _check_ensemble(self, where: str, term: Term) -> None:
+        """A relevance or predictions term names one of the ensembles (it must, when there are several)."""
+        named = [name for name in self.ensembles() if name is not None]
+        if term.ensemble is None and named:
+            raise ValueError(f"{where}: {term.text!r}: the train section has several ensembles ({', '.join(named)}); "
+                             f"name one, e.g. '{term.source}.{named[0]}.{term.name}'")
+        if term.ensemble is not None and term.ensemble not in named:
+            ensembles = ", ".join(named) if named else f"one, unnamed: write '{term.source}.{term.name}'"
+            raise ValueError(f"{where}: {term.text!r} names ensemble {term.ensemble!r}; the train section's "
+                             f"ensembles: {ensembles}")
+
     def _check_terms(self, where: str, analysis: AnalysisSettings) -> None:
         """Map and model terms, and label volumes, must name what the catalog produces."""
         if analysis.labels is not None and (analysis.labels not in self.modalities
@@ -347,6 +393,9 @@ class Catalog(_Strict):
             volumes = [name for name, spec in self.modalities.items() if spec.labels is not None]
             raise ValueError(f"{where}.labels: {analysis.labels!r} is not a label volume of the modalities (those "
                              f"with labels: {volumes})")
+        if analysis.native and (self.registration is None or self.modalities[analysis.labels].space == "template"):
+            raise ValueError(f"{where}.native: the maps go back to native label volumes through the registration: it "
+                             "needs a register section and a label volume in native space (space: reference)")
         for field in ("outcome", "predictor", "covariates"):
             terms = getattr(analysis, field)
             for term in terms if isinstance(terms, list) else [terms]:
@@ -359,6 +408,8 @@ class Catalog(_Strict):
                                      f"{name!r} (explained: {methods})")
                 if source == "predictions" and self.train is None:
                     raise ValueError(f"{where}.{field}: {text!r} needs a train section")
+                if source in ("relevance", "predictions"):
+                    self._check_ensemble(f"{where}.{field}", term)
                 if source == "features" and name == "freesurfer" and (
                         self.features is None or self.features.freesurfer is None):
                     raise ValueError(f"{where}.{field}: {text!r} needs features.freesurfer (the stats files)")
@@ -403,6 +454,10 @@ class Catalog(_Strict):
         if self.features is None or self.features.freesurfer is None:
             return None
         return self.cohort_root / self.features.freesurfer.subjects_dir
+
+    def ensembles(self) -> dict[str | None, TrainSettings]:
+        """The ensembles the train section trains, by name (``None``: a single unnamed one); empty without it."""
+        return self.train.ensemble_settings() if self.train is not None else {}
 
     def modality_list(self) -> list[Modality]:
         return [Modality(name, spec.path, spec.dtype, spec.space, spec.kind, spec.modulate, spec.labels)

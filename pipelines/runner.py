@@ -178,7 +178,7 @@ def _print_results(console: Console, layout: Layout, run: Run) -> None:
             console.print(f"  [yellow]skipped[/] {describe_problem(skipped)}", highlight=False)
 
     def line(path: Path, text: str) -> None:
-        name = path.name + ("/" if path.suffix == "" else "")
+        name = str(path.relative_to(layout.root)) + ("/" if path.suffix == "" else "")
         console.print(f"  {name:<16} {text}", highlight=False)
 
     stages = run.stages
@@ -186,17 +186,18 @@ def _print_results(console: Console, layout: Layout, run: Run) -> None:
     line(layout.images, "the cohort's images, subject × voxel (Zarr v3)")
     if "features" in stages:
         line(layout.features, ", ".join(f"{name}.parquet" for name in stages["features"]["tables"]))
-    if "train" in stages:
-        test = stages["train"]["test"]
+    for ensemble, trained in _per_ensemble(stages.get("train")).items():
+        test = trained["test"]
         scores = ", ".join(f"{who} MAE {values['mae']:.2f}" for who, values in test.items() if "mae" in values)
-        line(layout.models.root, f"{stages['train']['members']} member(s) (safetensors), predictions, "
-                                 f"metrics{'; test ' + scores if scores else ''}")
-    if "explain" in stages:
-        explain = stages["explain"]
-        line(layout.relevance, f"{', '.join(explain['methods'])} × {explain['members']} member(s) × "
-                               f"{explain['subjects']} subject(s)")
+        line(layout.for_ensemble(ensemble).models.root, f"{trained['members']} member(s) (safetensors), predictions, "
+                                                        f"metrics{'; test ' + scores if scores else ''}")
+    for ensemble, explain in _per_ensemble(stages.get("explain")).items():
+        line(layout.for_ensemble(ensemble).relevance, f"{', '.join(explain['methods'])} × {explain['members']} "
+                                                      f"member(s) × {explain['subjects']} subject(s)")
     if "validate" in stages:
-        line(layout.validation, ", ".join(path.name for path in sorted(layout.validation.glob("*.parquet"))))
+        for ensemble in layout.ensemble_names():
+            validated = layout.for_ensemble(ensemble).validation
+            line(validated, ", ".join(path.name for path in sorted(validated.glob("*.parquet"))))
     if "associate" in stages:
         line(layout.associations, "; ".join(f"{name} {significant}"
                                             for name, significant in stages["associate"]["analyses"].items()))
@@ -213,13 +214,21 @@ def _print_results(console: Console, layout: Layout, run: Run) -> None:
     if "features" in stages:
         console.print(f"  pandas.read_parquet({str(layout.feature_table('regional_gm_volume'))!r})", markup=False)
     if "explain" in stages:
+        first = next(iter(_per_ensemble(stages["explain"])))
         console.print("  from engine.models.attribution import open_relevance", markup=False)
-        console.print(f"  rel = open_relevance({str(layout.relevance)!r})", markup=False)
+        console.print(f"  rel = open_relevance({str(layout.for_ensemble(first).relevance)!r})", markup=False)
         console.print("  masker.to_nifti(rel.relevance_mean.sel({'method': 'lrp'}).mean('subject'))  # mean LRP map",
                       markup=False)
     console.print("  from engine import open_workspace               # everything above, labelled", markup=False)
     console.print(f"  ws = open_workspace({str(layout.root)!r})", markup=False)
     console.print(f"or run: relcohort status {layout.root}", markup=False)
+
+
+def _per_ensemble(summary: dict | None) -> dict:
+    """A stage's summary per ensemble name (``None``: the single unnamed ensemble)."""
+    if summary is None:
+        return {}
+    return summary["ensembles"] if "ensembles" in summary else {None: summary}
 
 
 def workspace_status(workspace: str | Path) -> list[tuple[str, str | None]]:

@@ -22,7 +22,8 @@ from cluster import RunningCluster
 from engine.analysis import association, features, mask_relevance, stats
 from engine.data import registration, store, synth
 from engine.models import attribution, training, validation
-from engine.analysis.atlas import Atlas, AtlasSettings, ParticipantLabels, label_table, region_table
+from engine.analysis.atlas import (Atlas, AtlasSettings, NativeLabels, ParticipantLabels, label_table,
+                                   region_table)
 from engine.data.grid import MNI_SPACE
 from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
                            mark_current, output_key, stored_key)
@@ -214,14 +215,17 @@ class TrainStage:
         return catalog.train is not None
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        settings, layout = catalog.train, catalog.layout
-        dataset = store.open_cohort(layout.images)
+        dataset = store.open_cohort(catalog.layout.images)
         participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
                                      if dataset[name].dims == ("subject",)})
         participants = participants.rename(columns={"subject": "participant_id"})
+        return _by_ensemble({name: self._train(catalog.layout.for_ensemble(name), settings, participants, cluster,
+                                               progress) for name, settings in catalog.ensembles().items()})
+
+    def _train(self, layout: Layout, settings, participants: pd.DataFrame, cluster: RunningCluster,
+               progress: Progress) -> dict:
         split = training.stratified_split(participants, settings.split,
                                           also_stratify=[settings.target] if settings.task == "classification" else [])
-        config = settings.member_config()
         models = layout.models
         models.root.mkdir(parents=True, exist_ok=True)
         # the folder's key holds the images; each member's card holds its config and split
@@ -230,19 +234,25 @@ class TrainStage:
             for member in models.members():
                 models.card(member).unlink()
             mark_current(models.root, key)  # before training: members finished survive a kill
-        result = training.train_ensemble(layout.images, config, settings.members, models.root, split,
+        result = training.train_ensemble(layout.images, settings.member_config(), settings.members, models.root, split,
                                          client=cluster.client, progress=progress,
                                          gpu_on_demand=cluster.gpu_on_demand)
         return {"folder": str(models.root), "members": settings.members, "trained": result["trained"],
                 "test": _test_metrics(result["metrics"])}
 
     def status(self, layout: Layout) -> str | None:
-        path = layout.models.metrics
-        if not path.is_file():
-            return None
-        metrics = pd.read_parquet(path)
-        members = sorted(set(metrics["member"]) - {training.ENSEMBLE, training.BASELINE, training.RIDGE})
-        return f"{layout.models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}"
+        lines = []
+        for name in layout.ensemble_names():
+            models = layout.for_ensemble(name).models
+            metrics = pd.read_parquet(models.metrics)
+            members = sorted(set(metrics["member"]) - {training.ENSEMBLE, training.BASELINE, training.RIDGE})
+            lines.append(f"{models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}")
+        return "\n".join(lines) or None
+
+
+def _by_ensemble(summaries: dict) -> dict:
+    """A stage's summary: the single unnamed ensemble's, or one per named ensemble."""
+    return summaries[None] if list(summaries) == [None] else {"ensembles": summaries}
 
 
 def _test_metrics(metrics: pd.DataFrame) -> dict:
@@ -261,30 +271,38 @@ class ExplainStage:
         return catalog.explain is not None
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        settings, layout = catalog.explain, catalog.layout
-        dataset = store.open_cohort(layout.images)
-        split = training.read_split(layout.models.split)
-        chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
-        subjects = [subject for subject in dataset.subject.values if subject in chosen]
+        settings = catalog.explain
+        dataset = store.open_cohort(catalog.layout.images)
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
-        attribution.explain(
-            layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
-            members=list(range(catalog.train.members)), subjects=subjects,
-            options=settings.options, region_labels=region_labels,
-            subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
-            client=cluster.client, progress=progress,
-            gpu_on_demand=cluster.gpu_on_demand)
-        return {"store": str(layout.relevance), "methods": settings.methods, "subjects": len(subjects),
-                "members": catalog.train.members}
+        summaries = {}
+        for name, ensemble in catalog.ensembles().items():
+            layout = catalog.layout.for_ensemble(name)
+            split = training.read_split(layout.models.split)
+            chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
+            subjects = [subject for subject in dataset.subject.values if subject in chosen]
+            attribution.explain(
+                layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
+                members=list(range(ensemble.members)), subjects=subjects,
+                options=settings.options, region_labels=region_labels,
+                subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
+                client=cluster.client, progress=progress,
+                gpu_on_demand=cluster.gpu_on_demand)
+            summaries[name] = {"store": str(layout.relevance), "methods": settings.methods,
+                               "subjects": len(subjects), "members": ensemble.members}
+        return _by_ensemble(summaries)
 
     def status(self, layout: Layout) -> str | None:
-        try:
-            relevance = attribution.open_relevance(layout.relevance)
-        except (FileNotFoundError, ValueError):
-            return None
-        sizes = relevance.relevance.sizes
-        return (f"{layout.relevance}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
-                f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
+        lines = []
+        for name in layout.ensemble_names():
+            path = layout.for_ensemble(name).relevance
+            try:
+                relevance = attribution.open_relevance(path)
+            except (FileNotFoundError, ValueError):
+                continue
+            sizes = relevance.relevance.sizes
+            lines.append(f"{path}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
+                         f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
+        return "\n".join(lines) or None
 
 
 #: Participants the parameter randomisation test explains (member 0, the first explained ones).
@@ -297,16 +315,23 @@ class ValidateStage:
     name = "validate"
 
     def applies(self, catalog: Catalog) -> bool:
-        return catalog.explain is not None and (_truth(catalog) is not None or bool(_masks(catalog))
-                                                or catalog.train.members > 1)
+        return catalog.explain is not None and (_truth(catalog) is not None or bool(_masks(catalog)) or any(
+            settings.members > 1 for settings in catalog.ensembles().values()))
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        layout, truth, masks = catalog.layout, _truth(catalog), _masks(catalog)
+        summaries = {name: self._validate(catalog, catalog.layout.for_ensemble(name), settings)
+                     for name, settings in catalog.ensembles().items()}
+        progress("validate", 1, 1)
+        return _by_ensemble(summaries)
+
+    def _validate(self, catalog: Catalog, layout: Layout, settings) -> dict:
+        """Every score of one ensemble's maps into its validation/ folder (when not current)."""
+        truth, masks = _truth(catalog), _masks(catalog)
         labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
         out = layout.validation
         age_bands = _age_bands(catalog)
         key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"),
-                          "masks": {name: settings.model_dump() for name, settings in masks.items()},
+                          "masks": {name: mask.model_dump() for name, mask in masks.items()},
                           "age_bands": age_bands, "sanity_subjects": SANITY_SUBJECTS},
                          {"relevance": attribution.relevance_key(layout.relevance),
                           "images": store.content_fingerprint(layout.images),
@@ -326,8 +351,8 @@ class ValidateStage:
                 table = indices.compute().to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
                 table[["method", "participant_id", *indices.data_vars]].to_parquet(
                     partial / layout.lesion_relevance.name, index=False)
-            for name, settings in masks.items():  # the seed study's indices and comparison
-                indices, comparison = self._mask_indices(catalog, dataset, relevance, name, settings)
+            for name, mask in masks.items():  # the seed study's indices and comparison
+                indices, comparison = self._mask_indices(layout, settings, dataset, relevance, name, mask)
                 indices.to_parquet(partial / layout.mask_indices(name).name, index=False)
                 comparison.to_parquet(partial / layout.mask_comparison(name).name, index=False)
             atlas = catalog.atlas.load(dataset)
@@ -336,35 +361,34 @@ class ValidateStage:
                 scores.to_parquet(partial / layout.scores.name, index=False)
                 summary["scores"] = _method_scores(scores)
             if relevance.sizes["member"] > 1:
-                predictions = pd.read_parquet(layout.models.predictions) if catalog.train.task == "classification" \
+                predictions = pd.read_parquet(layout.models.predictions) if settings.task == "classification" \
                     else None
                 robustness = self._robustness(relevance, atlas, predictions, age_bands)
                 robustness.to_parquet(partial / layout.robustness.name, index=False)
-            sanity = self._sanity(catalog, relevance)
+            sanity = self._sanity(catalog, layout, relevance)
             if sanity is not None:
                 sanity.to_parquet(partial / layout.sanity.name, index=False)
         mark_current(out, key)
-        progress("validate", 1, 1)
         return {**summary, "computed": 1}
 
-    def _mask_indices(self, catalog: Catalog, dataset, relevance, name: str, settings) -> tuple[pd.DataFrame,
-                                                                                                 pd.DataFrame]:
+    def _mask_indices(self, layout: Layout, settings, dataset, relevance, name: str, mask_settings) -> tuple[
+            pd.DataFrame, pd.DataFrame]:
         """Hofmann & Goltermann et al.'s indices of the ensemble-mean maps inside lesion or PVS masks, per method
         and participant with age and predicted age, and their per-voxel comparison with each one's average."""
-        mask = dataset[settings.modality]
+        mask = dataset[mask_settings.modality]
         if name == "pvs":
-            mask = mask_relevance.pvs_mask(mask, Masker.of(dataset), settings.threshold, settings.min_cluster,
-                                           settings.dilate)
+            mask = mask_relevance.pvs_mask(mask, Masker.of(dataset), mask_settings.threshold,
+                                           mask_settings.min_cluster, mask_settings.dilate)
         indices = mask_relevance.mask_indices(mask, relevance.relevance_mean).compute()
         table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
         table = table[["method", "participant_id", *indices.data_vars]]
         table.insert(2, "age", table["participant_id"].map(_participant_column(dataset, "age")))
-        if catalog.layout.models.predictions.is_file() and catalog.train.task == "regression":
-            predictions = pd.read_parquet(catalog.layout.models.predictions)
+        if layout.models.predictions.is_file() and settings.task == "regression":
+            predictions = pd.read_parquet(layout.models.predictions)
             predicted = predictions[predictions.member == training.ENSEMBLE].set_index("participant_id")["predicted"]
             table.insert(3, "predicted", table["participant_id"].map(predicted))
-        comparison = mask_relevance.compare_to_average(table, settings.min_voxels)
-        return table, comparison.assign(min_voxels=settings.min_voxels)
+        comparison = mask_relevance.compare_to_average(table, mask_settings.min_voxels)
+        return table, comparison.assign(min_voxels=mask_settings.min_voxels)
 
     def _score(self, relevance, atlas, dataset, truth: Path, labels) -> pd.DataFrame:
         mask = validation.truth_mask(truth, dataset, labels)
@@ -376,13 +400,12 @@ class ValidateStage:
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
 
-    def _sanity(self, catalog: Catalog, relevance) -> pd.DataFrame | None:
+    def _sanity(self, catalog: Catalog, layout: Layout, relevance) -> pd.DataFrame | None:
         """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
         belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants."""
         methods = [method for method in relevance.method.values if method != "noise_model"]
         if not methods:
             return None
-        layout = catalog.layout
         model, card = training.load_member(layout.models.member(0))
         volumes = training.CohortVolumes(layout.images, card["config"]["modalities"], card["config"]["input_scaling"])
         positions = [list(volumes.subjects).index(subject) for subject in relevance.subject.values[:SANITY_SUBJECTS]]
@@ -405,9 +428,10 @@ class ValidateStage:
         return table.reset_index().assign(gain_definition=groups.gain_description)
 
     def status(self, layout: Layout) -> str | None:
-        if stored_key(layout.validation) is None:
-            return None
-        return f"{layout.validation}: " + ", ".join(path.name for path in sorted(layout.validation.glob("*.parquet")))
+        lines = [f"{validated}: " + ", ".join(path.name for path in sorted(validated.glob("*.parquet")))
+                 for validated in (layout.for_ensemble(name).validation for name in layout.ensemble_names())
+                 if stored_key(validated) is not None]
+        return "\n".join(lines) or None
 
 
 def _region_labels(catalog: Catalog, dataset) -> np.ndarray:
@@ -473,8 +497,8 @@ class AssociateStage:
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         layout = catalog.layout
-        sources = _association_sources(layout)
-        inputs = _association_inputs(layout)
+        sources = _association_sources(catalog)
+        inputs = _association_inputs(catalog)
         done, summary = 0, {"folder": str(layout.associations), "analyses": {}}
         atlases = {}  # each atlas resampled once per run, on first use
 
@@ -513,7 +537,7 @@ class AssociateStage:
                 raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
             written.summary.write_text(json.dumps({
                 **analysis.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
-                                                            "alpha", "labels"}),
+                                                            "alpha", "labels", "native"}),
                 **details, "seconds": round(time.perf_counter() - started, 2)}, indent=2))
 
     def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
@@ -537,7 +561,13 @@ class AssociateStage:
                 "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
 
     def _roi(self, catalog, sources, atlas_of, analysis, out) -> dict:
-        if analysis.labels is not None:  # each participant's own parcels
+        if analysis.native:  # each participant's own parcels on their native scan
+            modality = next(m for m in catalog.modality_list() if m.name == analysis.labels)
+            participants = store.read_participants(catalog.participants_file)
+            files, _ = store.resolve_files(catalog.cohort_root, participants, [modality])
+            atlas = NativeLabels(analysis.labels, {pid: paths[modality.name] for pid, paths in files.items()},
+                                 label_table(modality.labels), catalog.layout.registered)
+        elif analysis.labels is not None:  # each participant's own parcels, on the template grid
             atlas = ParticipantLabels(analysis.labels, sources.images[analysis.labels],
                                       label_table(catalog.modalities[analysis.labels].labels))
         else:
@@ -594,25 +624,33 @@ class AssociateStage:
         return f"{layout.associations}: " + "; ".join(parts)
 
 
-def _association_sources(layout: Layout) -> association.Sources:
+def _association_sources(catalog: Catalog) -> association.Sources:
+    layout = catalog.layout
     images = store.load_coordinates(store.open_cohort(layout.images))
     participants = pd.DataFrame({name: images[name].values for name in images.coords
                                  if images[name].dims == ("subject",) and name != "subject"},
                                 index=pd.Index(images["subject"].values, name="participant_id"))
-    relevance = attribution.open_relevance(layout.relevance) if layout.relevance.exists() else None
     tables = {name: pd.read_parquet(path) for name, path in layout.feature_tables().items()}
-    predictions = None
-    if layout.models.predictions.is_file():
-        predictions = pd.read_parquet(layout.models.predictions)
-        predictions = predictions[predictions["member"] == training.ENSEMBLE]
+    relevance, predictions = {}, {}
+    for name in catalog.ensembles():
+        ensemble = layout.for_ensemble(name)
+        if ensemble.relevance.exists():
+            relevance[name] = attribution.open_relevance(ensemble.relevance)
+        if ensemble.models.predictions.is_file():
+            table = pd.read_parquet(ensemble.models.predictions)
+            predictions[name] = table[table["member"] == training.ENSEMBLE]
     return association.Sources(images, participants, relevance, tables, predictions)
 
 
-def _association_inputs(layout: Layout) -> dict:
-    """What the analyses read, by content: images, the relevance maps, predictions, feature tables."""
-    inputs = {"images": store.content_fingerprint(layout.images),
-              "relevance": attribution.relevance_key(layout.relevance)}
-    tables = [layout.models.predictions, *layout.feature_tables().values()]
+def _association_inputs(catalog: Catalog) -> dict:
+    """What the analyses read, by content: images, every ensemble's relevance maps and predictions, feature tables."""
+    layout = catalog.layout
+    inputs = {"images": store.content_fingerprint(layout.images)}
+    tables = list(layout.feature_tables().values())
+    for name in catalog.ensembles():
+        ensemble = layout.for_ensemble(name)
+        inputs[f"relevance {name}" if name else "relevance"] = attribution.relevance_key(ensemble.relevance)
+        tables.append(ensemble.models.predictions)
     inputs.update({str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(tables).items()})
     return inputs
 
@@ -654,12 +692,16 @@ class ReportStage:
 
 
 def _report_inputs(layout: Layout) -> dict:
-    """What the report reads, by content: the images' data, the relevance maps and every table and map."""
-    paths = [*sorted(layout.models.root.glob("*.parquet")), *layout.feature_tables().values(),
-             *sorted(layout.validation.glob("*.parquet")),
-             *sorted(path for path in layout.associations.rglob("*") if path.is_file())]
-    inputs = {str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(paths).items()}
-    inputs["relevance"] = attribution.relevance_key(layout.relevance)
+    """What the report reads, by content: the images' data, every ensemble's relevance maps and every table and
+    map."""
+    paths = [*layout.feature_tables().values(), *sorted(path for path in layout.associations.rglob("*")
+                                                         if path.is_file())]
+    inputs = {}
+    for name in layout.ensemble_names():
+        ensemble = layout.for_ensemble(name)
+        paths += [*sorted(ensemble.models.root.glob("*.parquet")), *sorted(ensemble.validation.glob("*.parquet"))]
+        inputs[f"relevance {name}" if name else "relevance"] = attribution.relevance_key(ensemble.relevance)
+    inputs.update({str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(paths).items()})
     if (layout.images / "zarr.json").is_file():
         inputs["images"] = store.content_fingerprint(layout.images)
     return inputs

@@ -169,7 +169,12 @@ def test_terms_are_parsed_once_and_a_malformed_one_is_refused_by_the_catalog():
     assert Term.parse("relevance.lrp.absolute") == Term("relevance.lrp.absolute", "relevance", "lrp",
                                                          normalisation="absolute")
     with pytest.raises(ValueError, match="takes one of raw, normalised, absolute, got 'scaled'"):
-        Term.parse("relevance.lrp.scaled")
+        Term.parse("relevance.t1.lrp.scaled")
+    assert Term.parse("relevance.flair.lrp.normalised") == Term(
+        "relevance.flair.lrp.normalised", "relevance", "lrp", normalisation="normalised", ensemble="flair")
+    assert Term.parse("relevance.flair.lrp") == Term("relevance.flair.lrp", "relevance", "lrp", ensemble="flair")
+    assert Term.parse("predictions.t1.brain_age_gap") == Term("predictions.t1.brain_age_gap", "predictions",
+                                                              "brain_age_gap", ensemble="t1")
     with pytest.raises(ValidationError, match=r"outcome[\s\S]*features\.<table>\.<column>"):
         AnalysisSettings(name="bad", outcome="features.tract_fa", predictor="age", scope="roi")
     with pytest.raises(ValidationError, match="takes no covariates; use statistic: partial"):

@@ -13,9 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats
 
+from engine import open_workspace
 from engine.models.attribution import open_relevance
 from engine.data.store import open_cohort
+from engine.data.synth import cortical_regions
 from pipelines.catalog import CatalogError, load_catalog
 
 REPO = Path(__file__).parents[1]
@@ -36,8 +39,11 @@ def write_catalog(path: Path, **sections) -> Path:
 def test_default_catalog_is_valid():
     catalog, digest = load_catalog(REPO / "catalog.yaml")
     assert catalog.workspace == (REPO / "workspace/demo").resolve()
-    assert catalog.cohort.demo.subjects >= 128 and list(catalog.modalities) == ["T1", "FLAIR", "GM", "FA", "WMH"]
-    assert catalog.modalities["WMH"].dtype == "uint8"
+    assert catalog.cohort.demo.subjects >= 128
+    assert list(catalog.modalities) == ["T1", "FLAIR", "GM", "FA", "WMH", "PVS", "APARC_ASEG"]
+    assert catalog.modalities["WMH"].dtype == "uint8" and catalog.modalities["APARC_ASEG"].labels == "freesurfer"
+    assert {name: list(settings.modalities) for name, settings in catalog.ensembles().items()} == {
+        "t1": ["T1"], "flair": ["FLAIR"]}
     assert digest == hashlib.sha256((REPO / "catalog.yaml").read_bytes()).hexdigest()
 
 
@@ -98,13 +104,36 @@ def test_directory_cohort_needs_its_files(tmp_path):
     assert result.returncode == 1 and "cohort.directory" in result.stderr and "is not a folder" in result.stderr
 
 
+#: The demo's kinds of analysis for one unnamed ensemble (the demo catalog names its two ensembles).
+ANALYSES = [
+    {"name": "relevance_age", "outcome": "relevance.lrp.normalised", "predictor": "age",
+     "covariates": ["predictions.predicted", "sex", "site"], "correction": ["fwe", "fdr_bh"], "permutations": 1000},
+    {"name": "relevance_gm", "outcome": "relevance.lrp.normalised", "predictor": "images.GM",
+     "covariates": ["age", "sex", "site"]},
+    {"name": "relevance_gmv_regions", "scope": "roi", "outcome": "relevance.lrp.normalised",
+     "predictor": "features.regional_gm_volume.volume_mm3", "covariates": ["age", "sex", "site"], "robust": True},
+    {"name": "subcortical_volume", "scope": "roi", "statistic": "pearson", "outcome": "relevance.lrp",
+     "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.volume",
+     "correction": ["bonferroni", "fdr_bh"]},
+    {"name": "cortical_thickness", "scope": "roi", "statistic": "pearson", "outcome": "relevance.lrp",
+     "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.aparc.thickness_mean",
+     "correction": ["bonferroni", "fdr_bh"]},
+    {"name": "lesions_gap", "scope": "subject", "outcome": "features.lesion_load.lesion_volume_mm3",
+     "predictor": "predictions.brain_age_gap", "covariates": ["age"]},
+    {"name": "pvs_age", "scope": "subject", "outcome": "features.pvs_load.pvs_count", "predictor": "age"},
+    {"name": "gm_age", "outcome": "images.GM", "predictor": "age", "covariates": ["sex", "site"],
+     "correction": ["fwe", "fdr_bh"], "permutations": 1000},
+    {"name": "relevance_gm_similarity", "scope": "similarity", "outcome": "relevance.lrp", "predictor": "images.GM"},
+]
+
+
 def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
                             train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4,
                                    "split": {"fractions": [0.4, 0.2, 0.4]}},  # enough test participants for lesions_gap
                             explain={"methods": ["lrp", "gradient", "region_occlusion"], "subjects": "all"},
-                            cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
+                            associate=ANALYSES, cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
     assert relcohort("validate", catalog).returncode == 0
     first = relcohort("run", catalog, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -112,7 +141,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert str(workspace / "images.zarr") in first.stdout and "open_cohort" in first.stdout
 
     ds = open_cohort(workspace / "images.zarr")
-    assert ds.sizes["subject"] == 16 and set(ds.data_vars) == {"T1", "FLAIR", "GM", "FA", "WMH"}
+    assert ds.sizes["subject"] == 16 and set(ds.data_vars) == {"T1", "FLAIR", "GM", "FA", "WMH", "PVS", "APARC_ASEG"}
     assert ds.T1.attrs["space"] == "MNI152NLin2009aSym"
     provenance = json.loads((workspace / "provenance.json").read_text())
     run = provenance["runs"][-1]
@@ -128,6 +157,9 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     aseg = pd.read_parquet(workspace / "features/freesurfer.parquet")
     assert len(aseg[(aseg.structure == "eTIV") & (aseg.measure == "global")]) == 16
     assert len(pd.read_parquet(workspace / "features/lesion_load.parquet")) == 16
+    pvs_load = pd.read_parquet(workspace / "features/pvs_load.parquet")
+    assert list(pvs_load.columns) == ["participant_id", "pvs_count", "pvs_voxels"] and len(pvs_load) == 16
+    assert (pvs_load.pvs_voxels >= 5 * pvs_load.pvs_count).all()  # clusters of at least 5 voxels
 
     metrics = pd.read_parquet(workspace / "models/metrics.parquet")
     assert {"0", "1", "ensemble", "predict_train_mean"} <= set(metrics.member)
@@ -153,12 +185,16 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     lesion_relevance = pd.read_parquet(workspace / "validation/lesion_relevance.parquet")
     assert len(lesion_relevance) == 3 * relevance.sizes["subject"]
     assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
+    for mask in ("lesion", "pvs"):
+        indices = pd.read_parquet(workspace / f"validation/{mask}_indices.parquet")
+        assert len(indices) == 3 * relevance.sizes["subject"] and {"age", "predicted", "p_wml_voxel"} <= set(indices)
+        comparison = pd.read_parquet(workspace / f"validation/{mask}_comparison.parquet")
+        assert list(comparison.method) == ["lrp", "gradient", "region_occlusion"]
+        assert (comparison.min_voxels == 30).all()
     relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}
 
     associations = workspace / "associations"
-    assert {path.name for path in associations.iterdir()} == {
-        "relevance_age", "relevance_gm", "relevance_gmv_regions", "relevance_gmv_pearson", "lesions_gap", "gm_age",
-        "relevance_gm_similarity"}
+    assert {path.name for path in associations.iterdir()} == {analysis["name"] for analysis in ANALYSES}
     gm_age = json.loads((associations / "gm_age/summary.json").read_text())
     assert gm_age["n"] == 16 and gm_age["permutations"] == 1000 and set(gm_age["significant"]) == {"fwe", "fdr_bh"}
     t_map = nib.load(associations / "gm_age/t.nii.gz")
@@ -172,11 +208,22 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     regions = pd.read_parquet(associations / "relevance_gmv_regions/regions.parquet")
     assert regions.n.max() == relevance.sizes["subject"] and regions.p_fdr.between(0, 1).all()
     assert "features.regional_gm_volume.volume_mm3" in set(regions.term)
-    correlations = pd.read_parquet(associations / "relevance_gmv_pearson/correlations.parquet")
-    assert list(correlations.columns) == ["region", "r", "p", "p_bonferroni", "p_fdr", "n"]
+    correlations = pd.read_parquet(associations / "subcortical_volume/correlations.parquet").set_index("region")
+    assert list(correlations.columns) == ["r", "p", "p_bonferroni", "p_fdr", "n"]
     assert correlations.r.dropna().between(-1, 1).all() and correlations.n.max() == relevance.sizes["subject"]
     tested = correlations.dropna(subset=["p"])  # regions without data are listed, not counted
     np.testing.assert_allclose(tested.p_bonferroni, np.minimum(tested.p * len(tested), 1))
+    # the seed study's way, by hand: LRP summed in each participant's own hippocampus (its aparc+aseg in the
+    # store) against that participant's aseg.stats volume, Pearson r across participants
+    labels = ds.APARC_ASEG.sel(subject=relevance.subject.values).values
+    lrp = relevance.relevance_mean.sel({"method": "lrp"}).values
+    aseg = pd.read_parquet(workspace / "features/freesurfer.parquet").query("structure == 'Left-Hippocampus'")
+    volume = aseg.set_index("participant_id").loc[relevance.subject.values, "value"]
+    expected = stats.pearsonr(np.where(labels == 17, lrp, 0).sum(axis=1), volume)
+    assert abs(correlations.loc["Left-Hippocampus", "r"] - expected.statistic) < 1e-6
+    thickness = pd.read_parquet(associations / "cortical_thickness/correlations.parquet")
+    desikan_killiany = {f"ctx-{hemi}-{region}" for hemi in ("lh", "rh") for region in cortical_regions().values()}
+    assert set(thickness.region) <= desikan_killiany and len(thickness) > 0.9 * len(desikan_killiany)
     model = pd.read_parquet(associations / "lesions_gap/model.parquet").set_index("term")
     data = pd.read_parquet(associations / "lesions_gap/data.parquet")
     test_split = set(split.participant_id[split.split == "test"])
@@ -269,7 +316,8 @@ def test_train_and_explain_sections_are_checked(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train=None)
     with pytest.raises(CatalogError, match="explain: needs a train section"):
         load_catalog(catalog)
-    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"})
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
+                            associate=None)
     result = relcohort("validate", catalog)
     assert result.returncode == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
 
@@ -281,10 +329,11 @@ def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
     with pytest.raises(CatalogError, match="modalities.APARC: .*needs an integer dtype .* and kind: label"):
         load_catalog(catalog)
     modalities["APARC"].update(dtype="int16", kind="label")
-    analysis = {"name": "parcels", "scope": "roi", "statistic": "pearson", "outcome": "relevance.lrp",
+    analysis = {"name": "parcels", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
                 "predictor": "features.freesurfer.volume", "labels": "T1"}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis])
-    with pytest.raises(CatalogError, match=r"associate\[0\].labels: 'T1' is not a label volume .*\['APARC'\]"):
+    with pytest.raises(CatalogError, match=r"associate\[0\].labels: 'T1' is not a label volume .*\['APARC', "
+                                           r"'APARC_ASEG'\]"):
         load_catalog(catalog)
     analysis["labels"] = "APARC"
     features = {**base["features"], "freesurfer": None}
@@ -297,3 +346,65 @@ def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
     result = relcohort("validate", catalog)
     assert result.returncode == 1 and "modalities.APARC.labels" in result.stderr and "my_labels.tsv does not exist" \
         in result.stderr
+
+
+def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_path):
+    """A T1 and a FLAIR ensemble in one workspace: each its models, relevance and validation under
+    ensembles/<name>/, analyses address relevance.<ensemble>.<method>, the report shows both."""
+    train = {"modalities": ["T1"], "members": 1, "epochs": 1, "batch_size": 4,
+             "split": {"fractions": [0.4, 0.2, 0.4]},
+             "ensembles": {"t1": {}, "flair": {"modalities": ["FLAIR"], "members": 2}}}
+    analyses = [{"name": "flair_lrp_age", "scope": "roi", "statistic": "pearson", "outcome": "relevance.flair.lrp",
+                 "region_statistic": "sum", "predictor": "age"},
+                {"name": "t1_gap_lesions", "scope": "subject", "outcome": "features.lesion_load.lesion_volume_mm3",
+                 "predictor": "predictions.t1.brain_age_gap"}]
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train=train, associate=[
+        {**analyses[0], "outcome": "relevance.lrp"}])
+    with pytest.raises(CatalogError, match=r"'relevance.lrp': the train section has several ensembles \(flair, t1\); "
+                                           r"name one, e.g. 'relevance.flair.lrp'"):  # (safe_dump sorts the keys)
+        load_catalog(bad)
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train={**train, "ensembles": {"lrp": {}}})
+    with pytest.raises(CatalogError, match="ensemble name 'lrp' must be an identifier and not a method"):
+        load_catalog(bad)
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train={**train, "ensembles": {"t2": {"modalities":
+                                                                                                  ["T2"]}}})
+    with pytest.raises(CatalogError, match=r"train.ensembles.t2.modalities\[0\]: 'T2' is not one of the modalities"):
+        load_catalog(bad)
+
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
+                            cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}}, train=train,
+                            explain={"methods": ["lrp", "gradient"]}, associate=analyses,
+                            cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
+    result = relcohort("run", catalog, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workspace = tmp_path / "ws"
+    assert not (workspace / "models").exists()
+    for name, members, channels in (("t1", 1, ["T1"]), ("flair", 2, ["FLAIR"])):
+        ensemble = workspace / "ensembles" / name
+        card = json.loads((ensemble / "models/member_0.json").read_text())
+        assert card["config"]["modalities"] == channels
+        relevance = open_relevance(ensemble / "relevance.zarr")
+        assert relevance.sizes["member"] == members and list(relevance.method.values) == ["lrp", "gradient"]
+        assert (ensemble / "validation/scores.parquet").is_file()
+        assert (ensemble / "validation/robustness.parquet").is_file() == (members > 1)
+    flair = open_relevance(workspace / "ensembles/flair/relevance.zarr")
+    correlations = pd.read_parquet(workspace / "associations/flair_lrp_age/correlations.parquet").set_index("region")
+    hippocampus = flair.relevance_mean.sel({"method": "lrp"}).values[:, np.flatnonzero(
+        open_workspace(workspace).atlas().voxel_labels == 48)].sum(axis=1)  # Neuromorphometrics Left Hippocampus
+    expected = stats.pearsonr(hippocampus, flair.age.values).statistic
+    assert abs(correlations.loc["Left_Hippocampus", "r"] - expected) < 1e-6
+    data = pd.read_parquet(workspace / "associations/t1_gap_lesions/data.parquet")
+    predictions = pd.read_parquet(workspace / "ensembles/t1/models/predictions.parquet")
+    test = predictions[(predictions.member == "ensemble") & (predictions.split == "test")].set_index("participant_id")
+    np.testing.assert_allclose(data.set_index("participant_id")["predictions.t1.brain_age_gap"],
+                               test.loc[data.participant_id, "brain_age_gap"])
+    report = (workspace / "report.html").read_text()
+    assert "<h3>Ensemble t1</h3>" in report and "<h3>Ensemble flair</h3>" in report
+    assert "Test metrics of every ensemble" in report
+    status = relcohort("status", workspace)
+    assert "ensembles/t1/models: 1 member(s)" in status.stdout and "ensembles/flair/models: 2 member(s)" in \
+        status.stdout
+    again = relcohort("run", catalog, cwd=tmp_path)
+    rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
+    assert again.returncode == 0 and rerun["train"]["ensembles"]["flair"]["trained"] == 0
+    assert rerun["associate"]["computed"] == 0 and rerun["report"]["built"] == 0

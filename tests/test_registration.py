@@ -267,7 +267,9 @@ def test_native_demo_runs_from_catalog_to_report(tmp_path):
         "register": {"transform": "affine", "voxel_size": 6.0, "on_error": "skip"},
         "modalities": {"T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz",
                        "GM": {"path": "derivatives/synth/{participant_id}/{participant_id}_label-GM_probseg.nii.gz",
-                              "kind": "probability", "modulate": True}},
+                              "kind": "probability", "modulate": True},
+                       "APARC": {"path": "derivatives/freesurfer/{participant_id}/mri/aparc+aseg.mgz",
+                                 "dtype": "int16", "kind": "label", "labels": "freesurfer"}},
         "features": {"gray_matter": "GM"},
         "report": {},
     }))
@@ -288,6 +290,16 @@ def test_native_demo_runs_from_catalog_to_report(tmp_path):
         on_grid = nib.load(registered.participant(pid).image("GM")).get_fdata().sum()
         assert on_grid * 6.0**3 == pytest.approx(native * 4.0**3, rel=0.02)
         assert 0.75 * on_grid * 6.0**3 < stored <= on_grid * 6.0**3 * 1.0001
+    # each participant's own parcels (FreeSurfer's .mgz in the scan's space) on the template grid: labels
+    # interpolated as labels (never blended), large structures keeping their native volume × the affine's scaling
+    for pid, labels in zip(images.subject.values[:3], images.APARC.values[:3], strict=True):
+        native = np.asanyarray(nib.load(cohort / f"derivatives/freesurfer/{pid}/mri/aparc+aseg.mgz").dataobj)
+        assert set(np.unique(labels)) <= set(np.unique(native))
+        scaling = np.median(nib.load(registered.participant(pid).jacobian).get_fdata()[
+            nib.load(registered.mask).get_fdata() > 0])  # native volume per template volume
+        for structure in ([2], [41], list(range(1001, 2036))):  # cerebral white matter, the whole cortex
+            ratio = np.isin(labels, structure).sum() * 6.0**3 * scaling / (np.isin(native, structure).sum() * 4.0**3)
+            assert 0.8 < ratio < 1.25, (pid, structure[0], ratio)
     report = (workspace / "report.html").read_text()
     assert "registered to the template" in report and "scan with the template brain&#x27;s outline" in report
     ws = open_workspace(workspace)  # the notebook's way back: a stored row onto the native scan
@@ -372,3 +384,43 @@ print(json.dumps(bool(np.array_equal(maps[0], maps[1]))))
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) is True
+
+
+def test_native_parcels_sum_each_map_taken_back_to_its_own_scan(registered):
+    """NativeLabels: each participant's template-grid map goes back onto their native label volume (.mgz, another
+    grid than the scan's reference) and is summed per label there; against one full-volume mask per label
+    (the study's way) on the same mapped map, and the map's total kept: Σ R × native volume per template volume."""
+    import xarray as xr
+
+    from engine.analysis.atlas import NativeLabels, region_reduce
+    from engine.data.grid import Grid
+    from engine.data.masker import Masker
+
+    layout, files, poses, _ = registered
+    mask = nib.load(layout.mask)
+    grid = Grid(mask.shape, mask.affine, "MNI152NLin2009cAsym")
+    indices = np.nonzero(mask.get_fdata() > 0)
+    values = np.random.default_rng(2).normal(1.0, 0.5, (len(files), indices[0].size))
+    data = xr.DataArray(values, dims=("subject", "voxel"), name="R", attrs={"grid": grid.to_attrs()},
+                        coords={"subject": list(files), **{axis: ("voxel", index)
+                                                           for axis, index in zip("ijk", indices, strict=True)}})
+    regions = pd.DataFrame({"name": ["gray matter", "other brain"]}, index=pd.Index([1, 2], name="label"))
+    parcels = NativeLabels("tissue", {pid: paths["tissue"] for pid, paths in files.items()}, regions, layout)
+    result = region_reduce(data, parcels)
+    masker = Masker(grid, indices)
+    for row, pid in enumerate(files):
+        labels_image = nib.load(files[pid]["tissue"])
+        labels = np.asanyarray(labels_image.dataobj)
+        native_voxel = abs(np.linalg.det(labels_image.affine[:3, :3]))
+        mapped = to_native(masker.to_nifti(values[row] / 4.0**3), layout, pid, grid=labels_image).get_fdata()
+        for label, name in ((1, "gray matter"), (2, "other brain")):
+            cell = result.sel(subject=pid, region=name)
+            inside = labels == label
+            assert int(cell["count"]) == inside.sum()
+            assert float(cell["sum"]) == pytest.approx(mapped[inside].sum() * native_voxel, rel=1e-9)
+            assert float(cell["mean"]) == pytest.approx(float(cell["sum"]) / inside.sum(), rel=1e-12)
+        total = mapped.sum() * native_voxel
+        assert total == pytest.approx(values[row].sum() * abs(np.linalg.det(poses[pid][:3, :3])), rel=0.03)
+    with pytest.raises(ValueError, match=r"no native label volume for participant\(s\) \['sub-02'\]"):
+        region_reduce(data, NativeLabels("tissue", {pid: files[pid]["tissue"] for pid in ("sub-00", "sub-01")},
+                                         regions, layout))

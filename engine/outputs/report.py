@@ -39,6 +39,8 @@ from engine.models.training import ENSEMBLE, TrainingConfig
 from engine.models.validation import SubjectGroups, subject_groups
 from engine.outputs.workspace import Workspace, mni_template
 
+#: Sections shown once per ensemble when a workspace holds several named ensembles.
+ENSEMBLE_SECTIONS = ("models", "relevance", "validation")
 SECTIONS = {"cohort": "Cohort", "registration": "Registration", "models": "Models", "relevance": "Relevance",
             "validation": "Validation", "associations": "Associations", "provenance": "Provenance"}
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
@@ -64,9 +66,15 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
     builders = {"cohort": _cohort, "registration": _registration, "models": _models,
                 "relevance": lambda w: _relevance(w, methods, list(age_bands), top_k),
                 "validation": _validation, "associations": _associations, "provenance": _provenance}
+    ensembles = ws.ensembles or [None]
     body = []
     for key, title in SECTIONS.items():
-        parts = builders[key](ws)
+        if key in ENSEMBLE_SECTIONS and ensembles != [None]:  # one part per named ensemble, side by side
+            parts = _ensembles_compared(ws, ensembles) if key == "models" else []
+            for name in ensembles:
+                parts += [f"<h3>Ensemble {html.escape(name)}</h3>", *builders[key](ws.for_ensemble(name))]
+        else:
+            parts = builders[key](ws)
         body.append(f'<section id="{key}"><h2>{title}</h2>\n' + "\n".join(parts) + "</section>")
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items())
@@ -259,6 +267,21 @@ def _models(ws: Workspace) -> list[str]:
                                 pd.Series(predicted.astype(str), name="predicted"))
         parts.append(_table(confusion.reset_index(), "Ensemble confusion matrix on the test set"))
     return parts
+
+
+def _ensembles_compared(ws: Workspace, ensembles: list[str]) -> list[str]:
+    """The named ensembles' test metrics side by side (ensemble means and baselines)."""
+    rows = []
+    for name in ensembles:
+        member = ws.for_ensemble(name)
+        metrics = member.metrics
+        config = member.training or TrainingConfig()
+        test = metrics[(metrics.split == "test") & ~metrics.member.str.fullmatch(r"\d+")]
+        rows.append(test.assign(ensemble=name, inputs=", ".join(config.modalities)))
+    table = pd.concat(rows, ignore_index=True)
+    first = ["ensemble", "inputs", "member"]
+    return [_table(table[first + [column for column in table.columns if column not in first + ["split"]]],
+                   "Test metrics of every ensemble (ensemble mean and baselines; members below)")]
 
 
 def _scatter_figure(predictions: pd.DataFrame, target: str):

@@ -2,7 +2,7 @@
 
 ``open_workspace(path)`` returns a :class:`Workspace` whose properties load on first use::
 
-    ws = open_workspace("workspace/demo")
+    ws = open_workspace("workspace/demo")   # several named ensembles: open_workspace(path, "flair"), ws.ensembles
     ws.images                    # xarray.Dataset (subject × voxel), images.zarr
     ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
     ws.features["tract_fa"]      # pandas tables of features/*.parquet
@@ -138,16 +138,30 @@ def _optional_table(path: Path) -> pd.DataFrame | None:
 
 
 class Workspace:
-    """The outputs of one catalog's runs in ``path``, loaded lazily with labelled dimensions."""
+    """The outputs of one catalog's runs in ``path``, loaded lazily with labelled dimensions; with ``ensemble``,
+    the models, relevance maps and validation of that named ensemble (see :attr:`ensembles`)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, ensemble: str | None = None):
         self.path = Path(path).resolve()
-        self.layout = Layout(self.path)
+        self.ensemble = ensemble
+        self.layout = Layout(self.path, ensemble)
         if not self.path.is_dir():
             raise FileNotFoundError(f"no workspace at {self.path}")
 
     def __repr__(self) -> str:
-        return f"Workspace({str(self.path)!r}, has={[part for part in self.PARTS if self.has(part)]})"
+        ensemble = f", ensemble={self.ensemble!r}" if self.ensemble else ""
+        return f"Workspace({str(self.path)!r}{ensemble}, has={[part for part in self.PARTS if self.has(part)]})"
+
+    @property
+    def ensembles(self) -> list[str | None]:
+        """The trained ensembles' names (``[None]``: one unnamed ensemble; ``["t1", "flair"]``: named ones)."""
+        return self.layout.ensemble_names()
+
+    def for_ensemble(self, name: str | None) -> Workspace:
+        """This workspace with ensemble ``name``'s models, relevance maps and validation."""
+        if name is not None and name not in self.ensembles:
+            raise ValueError(f"no ensemble {name!r} in {self.path} (ensembles: {self.ensembles})")
+        return Workspace(self.path, name)
 
     PARTS = ("images", "relevance", "features", "models", "validation", "associations", "provenance", "report")
 
@@ -324,6 +338,7 @@ class Workspace:
         raise ValueError(f"kind must be 'stat', 'glass' or 'anat', got {kind!r}")
 
 
-def open_workspace(path: str | Path) -> Workspace:
-    """The workspace of a catalog run (``workspace:`` in the catalog) for notebooks: see :class:`Workspace`."""
-    return Workspace(path)
+def open_workspace(path: str | Path, ensemble: str | None = None) -> Workspace:
+    """The workspace of a catalog run (``workspace:`` in the catalog) for notebooks: see :class:`Workspace`;
+    ``ensemble`` picks one of several named ensembles."""
+    return Workspace(path).for_ensemble(ensemble)
