@@ -315,16 +315,26 @@ class ParticipantLabels:
 
 @numba.njit(cache=True, nogil=True)
 def _label_sums(block, labels, slots, n_slots):
-    """Σv, Σmax(v, 0) and the voxel count per row and region slot of one block, each row with its own labels."""
+    """Σv, Σmax(v, 0) and the voxel count per row and region slot of one block, each row with its own labels.
+
+    Voxels in mask order come in runs of one label, so each run is summed in registers and added
+    to its region once, when the label changes."""
     sums = np.zeros((block.shape[0], n_slots, 3))
     for row in range(block.shape[0]):
-        for voxel in range(block.shape[1]):
-            label = labels[row, voxel]
-            slot = slots[label] if 0 <= label < slots.size else n_slots - 1
-            value = np.float64(block[row, voxel])
-            sums[row, slot, 0] += value
-            sums[row, slot, 1] += max(value, 0.0)
-            sums[row, slot, 2] += 1.0
+        start, total, positive = 0, 0.0, 0.0
+        current = labels[row, 0] if block.shape[1] else 0
+        for voxel in range(block.shape[1] + 1):
+            label = labels[row, voxel] if voxel < block.shape[1] else current + 1
+            if label != current:  # flush the run that ended
+                slot = slots[current] if 0 <= current < slots.size else n_slots - 1
+                sums[row, slot, 0] += total
+                sums[row, slot, 1] += positive
+                sums[row, slot, 2] += voxel - start
+                start, total, positive, current = voxel, 0.0, 0.0, label
+            if voxel < block.shape[1]:
+                value = np.float64(block[row, voxel])
+                total += value
+                positive += max(value, 0.0)
     return sums
 
 
