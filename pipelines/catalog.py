@@ -17,7 +17,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSeriali
 
 from cluster import ClusterProfile, LocalProfile
 from engine.analysis.association import RELEVANCE_NORMALISATIONS, Term
-from engine.analysis.atlas import BUNDLED_ATLASES, AtlasSettings
+from engine.analysis.atlas import (BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed,
+                                   tract_atlas)
 from engine.models.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
 from engine.models.training import SplitSettings, TrainingConfig
@@ -122,7 +123,8 @@ class IngestSettings(_Strict):
 
 class TractSettings(_Strict):
     modality: str = Field("FA", description="modality holding FA maps")
-    atlas: AtlasSettings = AtlasSettings(name="juelich")
+    atlas: AtlasSettings = Field(default_factory=tract_atlas, description="tracts: JHU's white-matter labels when "
+                                 "Debian's mricron-data is installed (as the study), Juelich's otherwise")
     threshold: float = Field(0.2, ge=0, le=1, description="only voxels with FA above this count")
 
 
@@ -508,7 +510,7 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
         return (base / value.expanduser()).resolve()
 
     def resolve_atlas(atlas: AtlasSettings) -> AtlasSettings:
-        if atlas.name in BUNDLED_ATLASES:
+        if atlas.name in BUNDLED_ATLASES or atlas.name in SYSTEM_ATLASES:
             return atlas
         return atlas.model_copy(update={"name": str(resolve(Path(atlas.name))), "labels": resolve(atlas.labels)})
 
@@ -558,7 +560,11 @@ def _atlas_file_problems(catalog: Catalog) -> list[tuple[str, str]]:
         atlases["features.fa.atlas"] = catalog.features.fa.atlas
     problems = []
     for field, atlas in atlases.items():
-        if atlas.name not in BUNDLED_ATLASES:
+        if atlas.name in SYSTEM_ATLASES and not system_atlas_installed(atlas.name):
+            package = SYSTEM_ATLASES[atlas.name][2]
+            problems.append((f"{field}.name", f"atlas {atlas.name} comes with Debian's {package} package, not "
+                             f"installed here (apt-get install {package})"))
+        elif atlas.name not in BUNDLED_ATLASES and atlas.name not in SYSTEM_ATLASES:
             for key, path in (("name", Path(atlas.name)), ("labels", atlas.labels)):
                 if not path.is_file():
                     problems.append((f"{field}.{key}", f"{path} does not exist"))

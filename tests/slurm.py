@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.debian import apt_install
+
 PACKAGES = ("slurm-wlm", "munge")
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 
@@ -27,17 +29,9 @@ def ensure_installed() -> str | None:
     """Install SLURM and MUNGE with apt when missing; return why they cannot be had, or None."""
     if not missing_commands():
         return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"SLURM is not installed ({', '.join(missing_commands())} missing) and we cannot apt-get it as non-root"
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-                             capture_output=True, text=True, env=environment, timeout=600)
-    if install.returncode != 0:
-        update = subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=600)
-        install = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-                                 capture_output=True, text=True, env=environment, timeout=600)
-        if install.returncode != 0:
-            return f"apt-get install {' '.join(PACKAGES)} failed: {(update.stderr + install.stderr)[-500:]}"
+    problem = apt_install(PACKAGES)
+    if problem:
+        return f"SLURM is not installed ({', '.join(missing_commands())} missing): {problem}"
     return f"still missing after apt-get: {missing_commands()}" if missing_commands() else None
 
 

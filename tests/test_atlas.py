@@ -183,3 +183,47 @@ def test_fsaverage5_vertices_carry_their_hemispheres_desikan_killiany_labels():
         assert labels.shape == (mesh.inflated.parts[hemisphere].n_vertices,)
         names = set(table.loc[np.unique(labels), "name"])
         assert all(name.startswith(prefix) for name in names) and len(names) == 34  # DK's 34 regions, no others
+
+
+@pytest.fixture(scope="module")
+def jhu_installed():
+    """Debian's mricron-data (the JHU white-matter labels), installed with apt when missing and we are root."""
+    from engine.analysis.atlas import system_atlas_installed
+    from tests.debian import apt_install
+
+    if not system_atlas_installed("jhu"):
+        problem = apt_install(("mricron-data",))
+        if problem or not system_atlas_installed("jhu"):
+            pytest.skip(problem or "mricron-data installed without the JHU labels")
+
+
+def test_jhu_tracts_come_from_mricron_data_as_nilearn_resamples_them(jhu_installed):
+    from nilearn.image import resample_to_img
+
+    from engine.analysis.atlas import SYSTEM_ATLASES, tract_atlas
+    from engine.data.grid import mni_grid
+
+    grid = mni_grid(4.0)
+    indices = np.nonzero(np.ones(grid.shape, bool))
+    atlas = load_atlas("jhu", grid, indices)
+    image = nib.load(SYSTEM_ATLASES["jhu"][0])
+    expected = resample_to_img(image, nib.Nifti1Image(np.zeros(grid.shape, np.uint8), grid.affine),
+                               interpolation="nearest", force_resample=True, copy_header=True)
+    np.testing.assert_array_equal(atlas.voxel_labels, np.asanyarray(expected.dataobj)[indices])
+    assert len(atlas.regions) == 48 and atlas.regions.loc[3, "name"] == "Genu_of_corpus_callosum"
+    assert {"Corticospinal_tract_L", "Corticospinal_tract_R"} <= set(atlas.region_names)
+    assert tract_atlas().name == "jhu"  # the FA tracts' default where mricron-data is installed
+
+
+def test_a_missing_debian_atlas_names_its_package(tmp_path, monkeypatch):
+    from engine.analysis import atlas as atlas_module
+    from engine.data.grid import mni_grid
+
+    monkeypatch.setitem(atlas_module.SYSTEM_ATLASES, "jhu", (tmp_path / "JHU.nii.gz", tmp_path / "JHU.txt",
+                                                             "mricron-data"))
+    atlas_module._system_label_image.cache_clear()
+    grid = mni_grid(8.0)
+    with pytest.raises(FileNotFoundError, match=r"comes with Debian's mricron-data package.*apt-get install"):
+        load_atlas("jhu", grid, np.nonzero(np.ones(grid.shape, bool)))
+    assert atlas_module.tract_atlas().name == "juelich"
+    atlas_module._system_label_image.cache_clear()

@@ -15,7 +15,7 @@ from engine.outputs.workspace import mni_template
 WORKSPACE = Path(__file__).parents[2] / "workspace" / "demo" / "associations"
 PANELS = [("gm_age", "p_fwe", "GM probability ~ age + sex + site, 240 participants: t where p_FWE < 0.05 "
            "(1,000 permutations)"),
-          ("relevance_gm", "p_fdr", "LRP relevance share (R / Σ|R|) ~ GM probability + age + sex + site, 48 test "
+          ("relevance_gm", "p_fdr", "T1 ensemble: LRP share (R / Σ|R|) ~ GM probability + age + sex + site, 48 test "
            "participants: t where p_FDR < 0.05")]
 
 

