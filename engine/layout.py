@@ -69,9 +69,12 @@ class Layout:
         return self.root if self.ensemble is None else self.root / ENSEMBLES / self.ensemble
 
     def ensemble_names(self) -> list[str | None]:
-        """The ensembles with trained models: ``None`` for the unnamed one, then the named ones."""
-        named = sorted(path.parents[1].name for path in (self.root / ENSEMBLES).glob("*/models/metrics.parquet"))
-        return ([None] if (self.root / "models" / "metrics.parquet").is_file() else []) + named
+        """The ensembles with trained models or relevance maps: ``None`` for the unnamed one, then the named ones."""
+        def present(root: Path) -> bool:
+            return (root / "models" / "metrics.parquet").is_file() or (root / "relevance.zarr" / "zarr.json").is_file()
+
+        named = sorted(path.name for path in (self.root / ENSEMBLES).glob("*") if present(path))
+        return ([None] if present(self.root) else []) + named
 
     # -- the stages' outputs
 

@@ -337,6 +337,9 @@ class Catalog(_Strict):
     features: FeatureSettings | None = None
     train: TrainSettings | None = None
     explain: ExplainSettings | None = None
+    relevance: dict[str, dict[str, str]] | None = Field(
+        None, description="relevance maps made elsewhere (e.g. iNNvestigate's NIfTIs, declared as modalities), as "
+        "named ensembles: {name: {method: modality}}; analyses address them as relevance.<name>.<method>")
     cluster: ClusterProfile = LocalProfile()
     associate: list[AnalysisSettings] | None = Field(None, description="association analyses")
     report: ReportSettings | None = None
@@ -353,6 +356,7 @@ class Catalog(_Strict):
         self._check_registration()
         if self.explain is not None and self.train is None:
             raise ValueError("explain: needs a train section (the models it explains)")
+        self._check_imported_relevance()
         for index, analysis in enumerate(self.associate or []):
             self._check_terms(f"associate[{index}]", analysis)
         names = [analysis.name for analysis in self.associate or []]
@@ -377,16 +381,40 @@ class Catalog(_Strict):
         if register.brain_mask is not None and self.modalities[register.brain_mask].kind != "mask":
             raise ValueError(f"modalities.{register.brain_mask}: register.brain_mask needs kind 'mask'")
 
+    def _check_imported_relevance(self) -> None:
+        trained = set(self.ensembles())
+        for name, maps in (self.relevance or {}).items():
+            if not ENSEMBLE_NAME.match(name) or name in METHODS or name in RELEVANCE_NORMALISATIONS or name in trained:
+                raise ValueError(f"relevance.{name}: an imported ensemble's name must be an identifier, not a method "
+                                 "or normalisation name, nor a trained ensemble's")
+            if not maps:
+                raise ValueError(f"relevance.{name}: name at least one method and its modality, e.g. {{lrp: LRP}}")
+            for method, modality in maps.items():
+                if modality not in self.modalities:
+                    raise ValueError(f"relevance.{name}.{method}: {modality!r} is not one of the modalities "
+                                     f"{list(self.modalities)}")
+
+    def ensemble_names(self) -> list[str | None]:
+        """Every ensemble with relevance maps: the trained ones (``None``: a single unnamed one) and the imported."""
+        return [*self.ensembles(), *(self.relevance or {})]
+
     def _check_ensemble(self, where: str, term: Term) -> None:
         """A relevance or predictions term names one of the ensembles (it must, when there are several)."""
-        named = [name for name in self.ensembles() if name is not None]
+        imported = self.relevance or {}
+        if term.source == "relevance" and term.ensemble in imported:
+            if term.name not in imported[term.ensemble]:
+                raise ValueError(f"{where}: {term.text!r}: the imported ensemble {term.ensemble!r} has methods "
+                                 f"{list(imported[term.ensemble])}")
+            return
+        candidates = self.ensemble_names() if term.source == "relevance" else list(self.ensembles())
+        named = [name for name in candidates if name is not None]
         if term.ensemble is None and named:
-            raise ValueError(f"{where}: {term.text!r}: the train section has several ensembles ({', '.join(named)}); "
-                             f"name one, e.g. '{term.source}.{named[0]}.{term.name}'")
+            raise ValueError(f"{where}: {term.text!r}: there are several ensembles ({', '.join(named)}); name one, "
+                             f"e.g. '{term.source}.{named[0]}.{term.name}'")
         if term.ensemble is not None and term.ensemble not in named:
             ensembles = ", ".join(named) if named else f"one, unnamed: write '{term.source}.{term.name}'"
-            raise ValueError(f"{where}: {term.text!r} names ensemble {term.ensemble!r}; the train section's "
-                             f"ensembles: {ensembles}")
+            raise ValueError(f"{where}: {term.text!r} names ensemble {term.ensemble!r}; the ensembles "
+                             f"{'with relevance maps' if term.source == 'relevance' else 'trained'}: {ensembles}")
 
     def _check_terms(self, where: str, analysis: AnalysisSettings) -> None:
         """Map and model terms, and label volumes, must name what the catalog produces."""
@@ -404,7 +432,8 @@ class Catalog(_Strict):
                 source, name, text = term.source, term.name, term.text
                 if source == "images" and name not in self.modalities:
                     raise ValueError(f"{where}.{field}: {text!r} names no modality of {list(self.modalities)}")
-                if source == "relevance" and (self.explain is None or name not in self.explain.methods):
+                if source == "relevance" and term.ensemble not in (self.relevance or {}) and (
+                        self.explain is None or name not in self.explain.methods):
                     methods = self.explain.methods if self.explain else []
                     raise ValueError(f"{where}.{field}: {text!r} needs the explain section to compute method "
                                      f"{name!r} (explained: {methods})")

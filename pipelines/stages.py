@@ -268,13 +268,21 @@ class ExplainStage:
     name = "explain"
 
     def applies(self, catalog: Catalog) -> bool:
-        return catalog.explain is not None
+        return catalog.explain is not None or bool(catalog.relevance)
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+        summaries = {}
+        for name, maps in (catalog.relevance or {}).items():  # maps made elsewhere, from the images store
+            layout = catalog.layout.for_ensemble(name)
+            imported = attribution.import_relevance(layout.relevance, images=layout.images, maps=maps,
+                                                    voxels_per_chunk=catalog.ingest.voxels_per_chunk)
+            summaries[name] = {"store": str(layout.relevance), "methods": list(maps), "members": 1,
+                               "subjects": imported.sizes["subject"], "imported": maps}
+        if catalog.explain is None:
+            return summaries and {"ensembles": summaries}
         settings = catalog.explain
         dataset = store.open_cohort(catalog.layout.images)
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
-        summaries = {}
         for name, ensemble in catalog.ensembles().items():
             layout = catalog.layout.for_ensemble(name)
             split = training.read_split(layout.models.split)
@@ -315,19 +323,20 @@ class ValidateStage:
     name = "validate"
 
     def applies(self, catalog: Catalog) -> bool:
-        return catalog.explain is not None and (_truth(catalog) is not None or bool(_masks(catalog)) or any(
-            settings.members > 1 for settings in catalog.ensembles().values()))
+        ensembles = _explained_ensembles(catalog)
+        return bool(ensembles) and (_truth(catalog) is not None or bool(_masks(catalog)) or any(
+            settings is not None and settings.members > 1 for settings in ensembles.values()))
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         summaries = {name: self._validate(catalog, catalog.layout.for_ensemble(name), settings)
-                     for name, settings in catalog.ensembles().items()}
+                     for name, settings in _explained_ensembles(catalog).items()}
         progress("validate", 1, 1)
         return _by_ensemble(summaries)
 
     def _validate(self, catalog: Catalog, layout: Layout, settings) -> dict:
         """Every score of one ensemble's maps into its validation/ folder (when not current)."""
         truth, masks = _truth(catalog), _masks(catalog)
-        labels = catalog.explain.truth_labels or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
+        labels = _truth_labels(catalog)
         out = layout.validation
         age_bands = _age_bands(catalog)
         key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"),
@@ -365,7 +374,7 @@ class ValidateStage:
                     else None
                 robustness = self._robustness(relevance, atlas, predictions, age_bands)
                 robustness.to_parquet(partial / layout.robustness.name, index=False)
-            sanity = self._sanity(catalog, layout, relevance)
+            sanity = self._sanity(catalog, layout, relevance) if settings is not None else None  # (imported: no model)
             if sanity is not None:
                 sanity.to_parquet(partial / layout.sanity.name, index=False)
         mark_current(out, key)
@@ -383,7 +392,7 @@ class ValidateStage:
         table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
         table = table[["method", "participant_id", *indices.data_vars]]
         table.insert(2, "age", table["participant_id"].map(_participant_column(dataset, "age")))
-        if layout.models.predictions.is_file() and settings.task == "regression":
+        if layout.models.predictions.is_file() and settings is not None and settings.task == "regression":
             predictions = pd.read_parquet(layout.models.predictions)
             predicted = predictions[predictions.member == training.ENSEMBLE].set_index("participant_id")["predicted"]
             table.insert(3, "predicted", table["participant_id"].map(predicted))
@@ -434,6 +443,13 @@ class ValidateStage:
         return "\n".join(lines) or None
 
 
+def _explained_ensembles(catalog: Catalog) -> dict:
+    """The ensembles with relevance maps and their training settings: the trained ones when the catalog explains
+    them, and the imported ones (settings ``None``: no model)."""
+    trained = catalog.ensembles() if catalog.explain is not None else {}
+    return {**trained, **dict.fromkeys(catalog.relevance or {})}
+
+
 def _region_labels(catalog: Catalog, dataset) -> np.ndarray:
     """The catalog's atlas in the model inputs' box (what region occlusion removes region by region)."""
     return Masker.of(dataset).box().inverse_transform(catalog.atlas.load(dataset).voxel_labels.astype(np.int64))
@@ -446,9 +462,14 @@ def _age_bands(catalog: Catalog) -> list[float]:
 
 def _truth(catalog: Catalog) -> Path | None:
     """The ground-truth label image the maps are scored against (the demo's planted regions by default)."""
-    if catalog.explain is None:
-        return None
-    return catalog.explain.truth or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
+    given = catalog.explain.truth if catalog.explain is not None else None
+    return given or (catalog.cohort_root / synth.TRUTH_REGIONS if catalog.cohort.demo else None)
+
+
+def _truth_labels(catalog: Catalog) -> list[int] | None:
+    """The truth image's labels that count (the demo's focal planted regions by default)."""
+    given = catalog.explain.truth_labels if catalog.explain is not None else None
+    return given or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
 
 
 def _masks(catalog: Catalog) -> dict:
@@ -632,7 +653,7 @@ def _association_sources(catalog: Catalog) -> association.Sources:
                                 index=pd.Index(images["subject"].values, name="participant_id"))
     tables = {name: pd.read_parquet(path) for name, path in layout.feature_tables().items()}
     relevance, predictions = {}, {}
-    for name in catalog.ensembles():
+    for name in catalog.ensemble_names():
         ensemble = layout.for_ensemble(name)
         if ensemble.relevance.exists():
             relevance[name] = attribution.open_relevance(ensemble.relevance)
@@ -647,7 +668,7 @@ def _association_inputs(catalog: Catalog) -> dict:
     layout = catalog.layout
     inputs = {"images": store.content_fingerprint(layout.images)}
     tables = list(layout.feature_tables().values())
-    for name in catalog.ensembles():
+    for name in catalog.ensemble_names():
         ensemble = layout.for_ensemble(name)
         inputs[f"relevance {name}" if name else "relevance"] = attribution.relevance_key(ensemble.relevance)
         tables.append(ensemble.models.predictions)

@@ -17,6 +17,7 @@ from scipy import stats
 
 from engine import open_workspace
 from engine.models.attribution import open_relevance
+from engine.data.masker import Masker
 from engine.data.store import open_cohort
 from engine.data.synth import cortical_regions
 from pipelines.catalog import CatalogError, load_catalog
@@ -360,7 +361,7 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
                  "predictor": "predictions.t1.brain_age_gap"}]
     bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train=train, associate=[
         {**analyses[0], "outcome": "relevance.lrp"}])
-    with pytest.raises(CatalogError, match=r"'relevance.lrp': the train section has several ensembles \(flair, t1\); "
+    with pytest.raises(CatalogError, match=r"'relevance.lrp': there are several ensembles \(flair, t1\); "
                                            r"name one, e.g. 'relevance.flair.lrp'"):  # (safe_dump sorts the keys)
         load_catalog(bad)
     bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train={**train, "ensembles": {"lrp": {}}})
@@ -408,3 +409,50 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
     rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
     assert again.returncode == 0 and rerun["train"]["ensembles"]["flair"]["trained"] == 0
     assert rerun["associate"]["computed"] == 0 and rerun["report"]["built"] == 0
+
+
+def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(cohort_copy, tmp_path):
+    """Per-participant relevance NIfTIs from another tool, declared as a modality and imported as ensemble
+    'study': stored exactly, validated inside lesions, and analysed in each participant's own parcels."""
+    participants = pd.read_csv(cohort_copy / "participants.tsv", sep="\t")
+    rng = np.random.default_rng(8)
+    for pid in participants.participant_id:
+        gm = nib.load(cohort_copy / f"derivatives/synth/{pid}/{pid}_label-GM_probseg.nii.gz")
+        maps = (gm.get_fdata() * rng.normal(1.0, 0.3, gm.shape)).astype(np.float32)
+        path = cohort_copy / f"derivatives/innvestigate/{pid}_lrp.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(maps, gm.affine), path)
+    modalities = {**yaml.safe_load((REPO / "catalog.yaml").read_text())["modalities"],
+                  "LRP_STUDY": "derivatives/innvestigate/{participant_id}_lrp.nii.gz"}
+    analysis = {"name": "study_subcortical", "scope": "roi", "statistic": "pearson", "outcome": "relevance.study.lrp",
+                "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.volume"}
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", cohort={"directory": str(cohort_copy)},
+                            modalities=modalities, train=None, explain=None, relevance={"study": {"lrp": "LRP_STUDY"}},
+                            associate=[analysis], cluster={"profile": "local", "n_workers": 1})
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", cohort={"directory": str(cohort_copy)},
+                        modalities=modalities, train=None, explain=None, relevance={"study": {"lrp": "LRP"}},
+                        associate=None)
+    with pytest.raises(CatalogError, match=r"relevance.study.lrp: 'LRP' is not one of the modalities"):
+        load_catalog(bad)
+    result = relcohort("run", catalog)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workspace = tmp_path / "ws"
+    relevance = open_relevance(workspace / "ensembles/study/relevance.zarr")
+    assert relevance.sizes["member"] == 1 and list(relevance.method.values) == ["lrp"]
+    images = open_cohort(workspace / "images.zarr")
+    assert list(relevance.subject.values) == list(images.subject.values)
+    masker = Masker.of(images)
+    for pid in relevance.subject.values[:3]:
+        stored = masker.to_nifti(relevance.relevance_mean.sel({"method": "lrp", "subject": pid})).get_fdata()
+        original = nib.load(cohort_copy / f"derivatives/innvestigate/{pid}_lrp.nii.gz").get_fdata()
+        inside = np.asanyarray(masker.mask_image().dataobj) > 0
+        np.testing.assert_array_equal(stored[inside], original[inside])
+    assert (workspace / "ensembles/study/validation/lesion_indices.parquet").is_file()
+    correlations = pd.read_parquet(workspace / "associations/study_subcortical/correlations.parquet")
+    labels = images.APARC_ASEG.values
+    sums = np.where(labels == 53, relevance.relevance_mean.sel({"method": "lrp"}).values, 0).sum(axis=1)
+    aseg = pd.read_parquet(workspace / "features/freesurfer.parquet").query("structure == 'Right-Hippocampus'")
+    expected = stats.pearsonr(sums, aseg.set_index("participant_id").loc[images.subject.values, "value"])
+    assert abs(correlations.set_index("region").loc["Right-Hippocampus", "r"] - expected.statistic) < 1e-6
+    report = (workspace / "report.html").read_text()
+    assert "<h3>Ensemble study</h3>" in report and "maps were made elsewhere and imported" in report

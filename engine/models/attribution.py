@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import dask.array as da
@@ -399,6 +399,42 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
         done += count
         if progress:
             progress("explain", done, total)
+    _write_ensemble_mean(group)
+    group.attrs["state"] = "complete"
+    return open_relevance(out)
+
+
+def import_relevance(out: str | Path, *, images: str | Path, maps: Mapping[str, str], subjects_per_chunk: int = 8,
+                     voxels_per_chunk: int = 65536) -> xr.Dataset:
+    """Relevance maps made elsewhere as a relevance store of one member (0), so validation and every analysis run
+    on them unchanged.
+
+    ``maps`` names, per method, the modality of the images store ``images`` that holds them (e.g.
+    iNNvestigate's LRP NIfTIs of every participant, ingested like any image, after registration when
+    they are in native space). Every participant of the store is imported; a store made for other maps
+    or images is rebuilt, a current one kept.
+    """
+    out, store = Path(out), Path(images)
+    dataset = open_cohort(store)
+    missing = [modality for modality in maps.values() if modality not in dataset.data_vars]
+    if missing:
+        raise ValueError(f"imported relevance: no modality {missing} in {store} (modalities: "
+                         f"{list(dataset.data_vars)})")
+    subjects = [str(subject) for subject in dataset.subject.values]
+    plan = output_key({"methods": list(maps), "members": [0], "subjects": subjects, "imported": dict(maps)},
+                      {"images": content_fingerprint(store)})
+    if relevance_key(out) == plan["key"]:
+        return open_relevance(out)
+    columns = {name: dataset[name].values for name in dataset.coords
+               if dataset[name].dims == ("subject",) and name != "subject"}
+    group = _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]),
+                          columns)
+    target = group["relevance"]
+    for index, modality in enumerate(maps.values()):
+        values = dataset[modality].data.astype(np.float32)[None, None].rechunk((1, 1, *target.chunks[2:]))
+        da.store(values, target, regions=(slice(index, index + 1), slice(0, 1), slice(None), slice(None)),
+                 lock=False)
+    group["explained"][:] = True
     _write_ensemble_mean(group)
     group.attrs["state"] = "complete"
     return open_relevance(out)

@@ -243,7 +243,8 @@ def _cohort_figure(images, columns: list[str]):
 
 def _models(ws: Workspace) -> list[str]:
     if not ws.has("models"):
-        return [_note("No models/metrics.parquet: the train stage has not run.")]
+        return [_note("No models/metrics.parquet: no trained models (the train stage has not run, or the relevance "
+                      "maps were made elsewhere and imported).")]
     metrics, predictions = ws.metrics, ws.predictions
     config = ws.training or TrainingConfig()
     target = config.target
@@ -270,14 +271,18 @@ def _models(ws: Workspace) -> list[str]:
 
 
 def _ensembles_compared(ws: Workspace, ensembles: list[str]) -> list[str]:
-    """The named ensembles' test metrics side by side (ensemble means and baselines)."""
+    """The named ensembles' test metrics side by side (ensemble means and baselines; imported maps have none)."""
     rows = []
     for name in ensembles:
         member = ws.for_ensemble(name)
+        if not member.has("models"):
+            continue
         metrics = member.metrics
         config = member.training or TrainingConfig()
         test = metrics[(metrics.split == "test") & ~metrics.member.str.fullmatch(r"\d+")]
         rows.append(test.assign(ensemble=name, inputs=", ".join(config.modalities)))
+    if not rows:
+        return []
     table = pd.concat(rows, ignore_index=True)
     first = ["ensemble", "inputs", "member"]
     return [_table(table[first + [column for column in table.columns if column not in first + ["split"]]],
