@@ -337,6 +337,10 @@ def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
                                            r"'APARC_ASEG'\]"):
         load_catalog(catalog)
     analysis["labels"] = "APARC"
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities,
+                            associate=[{**analysis, "native": True}])
+    with pytest.raises(CatalogError, match=r"associate\[0\].native: .* needs a register section"):
+        load_catalog(catalog)
     features = {**base["features"], "freesurfer": None}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis],
                             features=features)
