@@ -362,7 +362,9 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
     analyses = [{"name": "flair_lrp_age", "scope": "roi", "statistic": "pearson", "outcome": "relevance.flair.lrp",
                  "region_statistic": "sum", "predictor": "age"},
                 {"name": "t1_gap_lesions", "scope": "subject", "outcome": "features.lesion_load.lesion_volume_mm3",
-                 "predictor": "predictions.t1.brain_age_gap"}]
+                 "predictor": "predictions.t1.brain_age_gap"},
+                {"name": "t1_lrp_age", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
+                 "region_statistic": "sum", "predictor": "age"}]
     bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train=train, associate=[
         {**analyses[0], "outcome": "relevance.lrp"}])
     with pytest.raises(CatalogError, match=r"'relevance.lrp': there are several ensembles \(flair, t1\); "
@@ -406,6 +408,7 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
     report = (workspace / "report.html").read_text()
     assert "<h3>Ensemble t1</h3>" in report and "<h3>Ensemble flair</h3>" in report
     assert "Test metrics of every ensemble" in report
+    assert "flair, t1 side by side: pearson r per region" in report  # the two ensembles' tables in one figure
     status = relcohort("status", workspace)
     assert "ensembles/t1/models: 1 member(s)" in status.stdout and "ensembles/flair/models: 2 member(s)" in \
         status.stdout

@@ -33,6 +33,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from engine.analysis import mask_relevance
+from engine.analysis.association import Term
 from engine.analysis.atlas import fsaverage_labels, label_table, region_gain, region_reduce
 from engine.layout import atomic_output
 from engine.models.training import ENSEMBLE, TrainingConfig
@@ -514,7 +515,7 @@ def _scores_figure(scores: pd.DataFrame):
 def _associations(ws: Workspace) -> list[str]:
     if not ws.has("associations"):
         return [_note("No association analyses in this workspace (associations/<name>/summary.json).")]
-    parts = []
+    parts = _ensembles_side_by_side(list(ws.associations.values()))
     for analysis in ws.associations.values():
         summary = analysis.summary
         fields = {key: summary[key] for key in ("outcome", "predictor", "covariates", "correction", "alpha", "n",
@@ -532,6 +533,47 @@ def _associations(ws: Workspace) -> list[str]:
         elif analysis.similarity is not None:
             parts.append(_table(analysis.similarity.describe().T.reset_index(names="measure"),
                                 f"{analysis.name}: per-participant similarity of the two maps"))
+    return parts
+
+
+def _ensembles_side_by_side(analyses: list) -> list[str]:
+    """The study's correlation tables of several ensembles side by side: analyses whose outcome is the same
+    relevance term of different ensembles against the same predictor, in the same regions, one figure each."""
+    groups: dict[tuple, dict[str, object]] = {}
+    for analysis in analyses:
+        summary = analysis.summary
+        term = Term.parse(summary.get("outcome", ""))
+        if analysis.correlations is None or term.source != "relevance" or term.ensemble is None:
+            continue
+        key = (term.name, term.normalisation, summary.get("predictor"), summary.get("labels"), summary.get("model"))
+        groups.setdefault(key, {})[term.ensemble] = analysis
+    parts = []
+    for (method, _, predictor, _, statistic), by_ensemble in groups.items():
+        if len(by_ensemble) < 2:
+            continue
+        tables = {name: analysis.correlations.set_index("region") for name, analysis in by_ensemble.items()}
+        regions = sorted(set.intersection(*(set(table.index) for table in tables.values())),
+                         key=lambda region: np.nanmean([table.loc[region, "r"] for table in tables.values()]))
+        shown = regions[:MAX_TABLE_ROWS // 2] + [region for region in regions[-(MAX_TABLE_ROWS // 2):]
+                                                 if region not in regions[:MAX_TABLE_ROWS // 2]]
+        fig, ax = _subplots(1, 1, (7, 0.3 * len(shown) + 1.4))
+        height = 0.8 / len(tables)
+        for index, (name, table) in enumerate(tables.items()):
+            rows = table.loc[shown]
+            significant = rows["p_bonferroni"].to_numpy() < next(iter(by_ensemble.values())).alpha
+            positions = np.arange(len(shown)) + (index - (len(tables) - 1) / 2) * height
+            ax.barh(positions, rows["r"], height=height, color=f"C{index}", label=name)
+            ax.scatter(rows["r"].to_numpy()[significant], positions[significant], marker="*", color="black", s=14,
+                       zorder=3)
+        ax.set_yticks(np.arange(len(shown)), shown, fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"relevance.<ensemble>.{method} and {predictor}", fontsize=8)
+        ax.set_xlabel(f"{statistic} r (*: Bonferroni p < α)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        parts.append(_figure(fig, f"{', '.join(by_ensemble)} side by side: {statistic} r per region of "
+                                  f"relevance.<ensemble>.{method} and {predictor} "
+                                  f"({', '.join(analysis.name for analysis in by_ensemble.values())})"))
     return parts
 
 
