@@ -16,7 +16,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSeriali
                       field_validator, model_validator)
 
 from cluster import ClusterProfile, LocalProfile
-from engine.analysis.association import RELEVANCE_NORMALISATIONS, Term
+from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, Term
 from engine.analysis.atlas import (BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed,
                                    tract_atlas)
 from engine.models.attribution import METHODS, AttributionOptions
@@ -29,6 +29,11 @@ MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 ENSEMBLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"subject", "voxel", "i", "j", "k", "ingest", "participant_id"}
 STORED_DTYPES = ("float32", "float64", "int16", "int32", "uint8", "uint16")
+
+
+def valid_ensemble_name(name: str) -> bool:
+    """An identifier that is neither a method nor a normalisation: the middle of relevance.<ensemble>.<method>."""
+    return bool(ENSEMBLE_NAME.match(name)) and name not in METHODS and name not in RELEVANCE_NORMALISATIONS
 
 
 def _modality_name(name: str) -> str:
@@ -188,7 +193,7 @@ class TrainSettings(TrainingConfig):
     @model_validator(mode="after")
     def _valid_ensembles(self):
         for name in self.ensembles or {}:
-            if not ENSEMBLE_NAME.match(name) or name in METHODS or name in RELEVANCE_NORMALISATIONS:
+            if not valid_ensemble_name(name):
                 raise ValueError(f"ensemble name {name!r} must be an identifier and not a method or normalisation "
                                  "name (it is the middle of relevance.<ensemble>.<method>)")
             self.ensemble(name)
@@ -384,7 +389,7 @@ class Catalog(_Strict):
     def _check_imported_relevance(self) -> None:
         trained = set(self.ensembles())
         for name, maps in (self.relevance or {}).items():
-            if not ENSEMBLE_NAME.match(name) or name in METHODS or name in RELEVANCE_NORMALISATIONS or name in trained:
+            if not valid_ensemble_name(name) or name in trained:
                 raise ValueError(f"relevance.{name}: an imported ensemble's name must be an identifier, not a method "
                                  "or normalisation name, nor a trained ensemble's")
             if not maps:
@@ -441,7 +446,7 @@ class Catalog(_Strict):
                     raise ValueError(f"{where}.{field}: {text!r} needs a train section")
                 if source in ("relevance", "predictions"):
                     self._check_ensemble(f"{where}.{field}", term)
-                if source == "features" and name == "freesurfer" and (
+                if source == "features" and name == FREESURFER_TABLE and (
                         self.features is None or self.features.freesurfer is None):
                     raise ValueError(f"{where}.{field}: {text!r} needs features.freesurfer (the stats files)")
                 if field == "covariates" and term.is_map:

@@ -279,7 +279,7 @@ class ExplainStage:
             summaries[name] = {"store": str(layout.relevance), "methods": list(maps), "members": 1,
                                "subjects": imported.sizes["subject"], "imported": maps}
         if catalog.explain is None:
-            return summaries and {"ensembles": summaries}
+            return _by_ensemble(summaries)
         settings = catalog.explain
         dataset = store.open_cohort(catalog.layout.images)
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
@@ -390,8 +390,7 @@ class ValidateStage:
                                            mask_settings.min_cluster, mask_settings.dilate)
         indices = mask_relevance.mask_indices(mask, relevance.relevance_mean).compute()
         table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-        table = table[["method", "participant_id", *indices.data_vars]]
-        table.insert(2, "age", table["participant_id"].map(_participant_column(dataset, "age")))
+        table = table.reindex(columns=["method", "participant_id", "age", *indices.data_vars])  # age: a coordinate
         if layout.models.predictions.is_file() and settings is not None and settings.task == "regression":
             predictions = pd.read_parquet(layout.models.predictions)
             predicted = predictions[predictions.member == training.ENSEMBLE].set_index("participant_id")["predicted"]
@@ -478,11 +477,6 @@ def _masks(catalog: Catalog) -> dict:
     return {} if settings is None else {name: mask for name, mask in (("lesion", settings.lesions),
                                                                       ("pvs", settings.pvs)) if mask is not None}
 
-
-def _participant_column(dataset, name: str) -> pd.Series:
-    """A participant column of the store (NaN for all when it has none), indexed by participant_id."""
-    values = dataset[name].values if name in dataset.coords else np.full(dataset.sizes["subject"], np.nan)
-    return pd.Series(values, index=dataset["subject"].values)
 
 
 def _method_scores(scores: pd.DataFrame) -> dict:

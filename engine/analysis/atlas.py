@@ -389,14 +389,26 @@ def _reduce_participant_labels(data: xr.DataArray, parcels: ParticipantLabels) -
     label_values = labels.data if isinstance(labels.data, da.Array) else da.from_array(labels.values)
     label_values = label_values.rechunk(values.chunks)
     n_regions = len(parcels.regions)
-    slots = np.full(int(parcels.regions.index.max()) + 1, n_regions, np.int64)
-    slots[parcels.regions.index.to_numpy()] = np.arange(n_regions)
-    parts = da.map_blocks(_block_label_sums, values, label_values, slots=slots, dtype=np.float64, new_axis=[2, 3],
+    parts = da.map_blocks(_block_label_sums, values, label_values, slots=_region_slots(parcels.regions),
+                          dtype=np.float64, new_axis=[2, 3],
                           chunks=(values.chunks[0], (1,) * len(values.chunks[1]), (n_regions + 1,), (4,)))
-    totals = parts.sum(axis=1)[:, :n_regions]
+    return _label_statistics(data, parcels.region_names, parts.sum(axis=1)[:, :n_regions])
+
+
+def _region_slots(regions: pd.DataFrame, max_label: int = 0) -> np.ndarray:
+    """Label → row of its region in ``regions``; labels of no region (0, those the table lacks, up to
+    ``max_label``) → ``len(regions)``, a last slot the caller drops."""
+    slots = np.full(max(int(regions.index.max()), max_label) + 1, len(regions), np.int64)
+    slots[regions.index.to_numpy()] = np.arange(len(regions))
+    return slots
+
+
+def _label_statistics(data: xr.DataArray, region_names: list[str], totals) -> xr.Dataset:
+    """(subject, region, sum | abs_sum | pos_sum | count) totals of per-participant labels as region_reduce's dataset
+    (without ``mean``)."""
     dims = ("subject", "region")
     result = xr.Dataset({name: (dims, totals[..., n]) for n, name in enumerate(STATISTICS)},
-                        coords=_region_coords(data, parcels.region_names))
+                        coords=_region_coords(data, region_names))
     result["count"] = (dims, totals[..., len(STATISTICS)].astype(np.int64))
     return result
 
@@ -434,9 +446,7 @@ def _native_region_sums(values: np.ndarray, masker: Masker, parcels: NativeLabel
                         grid=labels_image)
     native = np.asanyarray(density.dataobj, np.float64) * float(np.abs(np.linalg.det(labels_image.affine[:3, :3])))
     n_regions = len(parcels.regions)
-    slots = np.full(max(int(parcels.regions.index.max()), int(labels.max(initial=0))) + 1, n_regions, np.int64)
-    slots[parcels.regions.index.to_numpy()] = np.arange(n_regions)
-    slot = slots[np.clip(labels, 0, None)].ravel()
+    slot = _region_slots(parcels.regions, int(labels.max(initial=0)))[np.clip(labels, 0, None)].ravel()
     total = np.bincount(slot, weights=native.ravel(), minlength=n_regions + 1)
     positive = np.bincount(slot, weights=np.clip(native, 0, None).ravel(), minlength=n_regions + 1)
     count = np.bincount(slot, minlength=n_regions + 1)
@@ -454,12 +464,7 @@ def _reduce_native_labels(data: xr.DataArray, parcels: NativeLabels) -> xr.Datas
     rows = [dask.delayed(_native_region_sums)(row, masker, parcels, subject)
             for row, subject in zip(data.data if isinstance(data.data, da.Array) else data.values, subjects,
                                     strict=True)]
-    totals = np.stack(dask.compute(*rows))
-    dims = ("subject", "region")
-    result = xr.Dataset({name: (dims, totals[..., n]) for n, name in enumerate(STATISTICS)},
-                        coords=_region_coords(data, parcels.region_names))
-    result["count"] = (dims, totals[..., len(STATISTICS)].astype(np.int64))
-    return result
+    return _label_statistics(data, parcels.region_names, np.stack(dask.compute(*rows)))
 
 
 def _region_coords(data: xr.DataArray, region_names: list[str]) -> dict:

@@ -154,8 +154,9 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
     Returns ``participant_id``, (``region``,) ``value``.
     """
     parcellation, _, name = measure.rpartition(".")
+    cortical = table["structure"].str.contains(":", regex=False)  # "<parcellation>:<region>" rows
     if not parcellation:
-        aseg = table[~table["structure"].str.contains(":", regex=False)]
+        aseg = table[~cortical]
         if name == "volume":
             rows = aseg[aseg["measure"] == "volume"]
             region = rows["structure"].str.replace("-Thalamus-Proper", "-Thalamus", regex=False)
@@ -169,11 +170,10 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
                       + rows["structure"].str.slice(len(parcellation) + 1))
             return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": rows["value"]})
     if rows.empty:
-        available = sorted({"volume", *table.loc[table["measure"] == "global", "structure"][
-            ~table["structure"].str.contains(":", regex=False)]} | {
-            f"{structure.split(':')[0]}.{kind}" for structure, kind in
-            table.loc[table["structure"].str.contains(":", regex=False), ["structure", "measure"]].drop_duplicates()
-            .itertuples(index=False) if kind != "global"})
+        header = table.loc[~cortical & (table["measure"] == "global"), "structure"]
+        regional = table[cortical & (table["measure"] != "global")]
+        available = sorted({"volume", *header, *(regional["structure"].str.split(":").str[0] + "."
+                                                  + regional["measure"])})
         raise ValueError(f"the FreeSurfer table has no measure {measure!r} (available: {', '.join(available)})")
     return pd.DataFrame({"participant_id": rows["participant_id"], "value": rows["value"]})
 

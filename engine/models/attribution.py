@@ -373,8 +373,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
                       {"models": models_fingerprint(models_dir, members), "images": content_fingerprint(store)})
     existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
     if existing is None or (existing.attrs.get("plan") or {}).get("key") != plan["key"]:
-        columns = {name: dataset[name].sel(subject=list(subjects)).values for name in dataset.coords
-                   if dataset[name].dims == ("subject",) and name != "subject"}
+        columns = _subject_columns(dataset, subjects)
         split_file = ModelsLayout(models_dir).split
         if split_file.is_file():
             columns["split"] = read_split(split_file).reindex(list(subjects)).fillna("").to_numpy(dtype=object)
@@ -425,10 +424,8 @@ def import_relevance(out: str | Path, *, images: str | Path, maps: Mapping[str, 
                       {"images": content_fingerprint(store)})
     if relevance_key(out) == plan["key"]:
         return open_relevance(out)
-    columns = {name: dataset[name].values for name in dataset.coords
-               if dataset[name].dims == ("subject",) and name != "subject"}
     group = _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]),
-                          columns)
+                          _subject_columns(dataset, subjects))
     target = group["relevance"]
     for index, modality in enumerate(maps.values()):
         values = dataset[modality].data.astype(np.float32)[None, None].rechunk((1, 1, *target.chunks[2:]))
@@ -438,6 +435,12 @@ def import_relevance(out: str | Path, *, images: str | Path, maps: Mapping[str, 
     _write_ensemble_mean(group)
     group.attrs["state"] = "complete"
     return open_relevance(out)
+
+
+def _subject_columns(dataset: xr.Dataset, subjects: Sequence[str]) -> dict:
+    """The images store's participant columns (age, sex, …) of ``subjects``: the relevance store's coordinates."""
+    return {name: dataset[name].sel(subject=list(subjects)).values for name in dataset.coords
+            if dataset[name].dims == ("subject",) and name != "subject"}
 
 
 def _write_ensemble_mean(group: zarr.Group) -> None:

@@ -661,10 +661,10 @@ def _surface_figure(regions: pd.DataFrame, label: str):
     from nilearn import datasets, plotting
 
     mesh = datasets.load_fsaverage("fsaverage5")
-    by_label = pd.Series(regions["r"].to_numpy(), index=regions["region"].astype(str)).reindex(
-        label_table("freesurfer")["name"]).to_numpy()
-    lookup = np.full(int(label_table("freesurfer").index.max()) + 1, np.nan)
-    lookup[label_table("freesurfer").index] = by_label
+    table = label_table("freesurfer")
+    lookup = np.full(int(table.index.max()) + 1, np.nan)
+    lookup[table.index] = pd.Series(regions["r"].to_numpy(), index=regions["region"].astype(str)).reindex(
+        table["name"]).to_numpy()
     limit = float(np.nanmax(np.abs(regions["r"]))) if regions["r"].notna().any() else 1.0
     fig = Figure(figsize=(12, 2.8), facecolor="white")
     views = [("left", "lateral"), ("left", "medial"), ("right", "medial"), ("right", "lateral")]

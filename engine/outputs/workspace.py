@@ -154,7 +154,8 @@ class Workspace:
 
     @property
     def ensembles(self) -> list[str | None]:
-        """The trained ensembles' names (``[None]``: one unnamed ensemble; ``["t1", "flair"]``: named ones)."""
+        """The names of the ensembles with models or relevance maps (``[None]``: one unnamed ensemble;
+        ``["flair", "t1"]``: named ones, trained or imported)."""
         return self.layout.ensemble_names()
 
     def for_ensemble(self, name: str | None) -> Workspace:
