@@ -409,9 +409,11 @@ def _group_figure(ws: Workspace, maps, groups: dict, methods: list[str]):
         for column, (name, mean) in enumerate(means.items()):
             ax = axes[row, column]
             ax.set_axis_off()
-            ax.set_title(f"{method}\n{name}", fontsize=8)
-            plotting.plot_glass_brain(ws.to_nifti(mean), axes=ax, display_mode="z", threshold=threshold,
-                                      vmax=vmax, vmin=-vmax, plot_abs=False, colorbar=False)
+            shown = bool((np.abs(np.nan_to_num(mean.values)) >= threshold).any())  # nilearn warns of an empty map
+            ax.set_title(f"{method}\n{name}" + ("" if shown else "\n(nothing above the threshold)"), fontsize=8)
+            plotting.plot_glass_brain(ws.to_nifti(mean) if shown else None, axes=ax, display_mode="z",
+                                      threshold=threshold if shown else None, vmax=vmax, vmin=-vmax,
+                                      plot_abs=False, colorbar=False)
     return fig
 
 
