@@ -121,6 +121,19 @@ def test_bundled_atlases_match_nilearn_labels_masker(tiny_cohort, tmp_path):
         assert (other.voxel_labels > 0).sum() > 100 and other.voxel_counts().sum() > 100
 
 
+def test_maximum_probability_labels_equal_numpy_argmax_with_ties_and_threshold():
+    from engine.analysis.atlas import _maximum_probability
+
+    rng = np.random.default_rng(2)
+    probabilities = rng.integers(0, 40, (6, 5, 4, 7)).astype(np.uint8)
+    probabilities[0, 0, 0] = [30, 30, 5, 30, 0, 0, 0]  # a tie: the first volume wins
+    table = pd.DataFrame({"name": [f"r{n}" for n in range(7)]})
+    image, relabelled = _maximum_probability(nib.Nifti1Image(probabilities, np.eye(4)), table, threshold=25)
+    expected = np.where(probabilities.max(axis=3) >= 25, probabilities.argmax(axis=3) + 1, 0)
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj), expected)
+    assert np.asanyarray(image.dataobj)[0, 0, 0] == 1 and list(relabelled.index) == list(range(1, 8))
+
+
 def test_gain_and_top_k_helpers_by_hand():
     sums = xr.DataArray([[1.0, 4.0, 2.0], [3.0, 2.0, 2.0], [2.0, 0.0, 1.0], [2.0, 2.0, 3.0]],
                         dims=("subject", "region"), coords={"subject": list("abcd"), "region": ["x", "y", "z"]})
