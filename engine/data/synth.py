@@ -221,15 +221,28 @@ def _sample(volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: in
 
 
 def _smooth_field(rng, grid: Grid, spacing_mm: float, sd: float, ncomponents: int = 1) -> np.ndarray:
-    """A smooth random field on ``grid`` (``ncomponents``×shape): cubic B-spline of N(0, sd) knots."""
+    """A smooth random field on ``grid`` (``ncomponents``×shape): cubic B-spline of N(0, sd) knots.
+
+    The grid's voxels lie on a lattice, so the spline is evaluated axis by axis (what
+    ``ndimage.map_coordinates(…, order=3, prefilter=False)`` gives at the same points, 10× faster)."""
     extent = np.array(grid.shape) * grid.voxel_size
     knots = np.ceil(extent / spacing_mm).astype(int) + 4
-    position = np.indices(grid.shape).reshape(3, -1) * (grid.voxel_size / spacing_mm)[:, None] + 2
+    bases = [_cubic_bspline_basis(np.arange(size) * step + 2, count)
+             for size, step, count in zip(grid.shape, grid.voxel_size / spacing_mm, knots, strict=True)]
     fields = []
     for _ in range(ncomponents):
-        coefficients = ndimage.spline_filter(rng.normal(0, sd, knots), order=3)
-        fields.append(ndimage.map_coordinates(coefficients, position, order=3, prefilter=False).reshape(grid.shape))
+        field = ndimage.spline_filter(rng.normal(0, sd, knots), order=3)
+        for basis in bases:  # contract the knots of one axis at a time; the axis moves to the end
+            field = np.tensordot(field, basis, axes=([0], [1]))
+        fields.append(field)
     return np.stack(fields)
+
+
+def _cubic_bspline_basis(positions: np.ndarray, knots: int) -> np.ndarray:
+    """(position × knot) weights of the cubic B-spline centred on each knot, at positions in knot units."""
+    distance = np.abs(positions[:, None] - np.arange(knots)[None, :])
+    return np.where(distance < 1, 2 / 3 - distance**2 + distance**3 / 2,
+                    np.where(distance < 2, (2 - distance) ** 3 / 6, 0.0))
 
 
 # ---------------------------------------------------------------------------------------
