@@ -180,6 +180,20 @@ class FeatureSettings(_Strict):
         return {field: name for field, name in used.items() if name is not None}
 
 
+def _with_changes(settings: BaseModel, name: str | None, fixed: tuple[str, ...] = ()):
+    """``settings`` with ensemble ``name``'s changes from its ``ensembles`` field (``None``: without named ensembles);
+    ``fixed`` fields hold for every ensemble."""
+    changes = (settings.ensembles or {}).get(name, {}) if name is not None else {}
+    kept = [field for field in ("ensembles", *fixed) if field in changes]
+    if kept:
+        raise ValueError(f"ensembles.{name}: {', '.join(kept)} cannot change per ensemble")
+    try:
+        return type(settings).model_validate({**settings.model_dump(exclude={"ensembles"}), **changes})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+        raise ValueError(f"ensembles.{name}: {problems}") from None
+
+
 class TrainSettings(TrainingConfig):
     """An ensemble of CNNs trained on the store, written to <workspace>/models/: the engine's
     :class:`~engine.models.training.TrainingConfig` (every member's settings) plus ``members`` and ``split``."""
@@ -201,15 +215,7 @@ class TrainSettings(TrainingConfig):
 
     def ensemble(self, name: str | None) -> TrainSettings:
         """The settings of ensemble ``name`` (``None``: these settings, without named ensembles)."""
-        base = self.model_dump(exclude={"ensembles"})
-        changes = (self.ensembles or {}).get(name, {}) if name is not None else {}
-        if "ensembles" in changes:
-            raise ValueError(f"ensembles.{name}: an ensemble cannot hold ensembles")
-        try:
-            return TrainSettings.model_validate({**base, **changes})
-        except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
-            raise ValueError(f"ensembles.{name}: {problems}") from None
+        return _with_changes(self, name)
 
     def ensemble_settings(self) -> dict[str | None, TrainSettings]:
         """Every ensemble the section trains, by name (one unnamed ensemble without ``ensembles``)."""
@@ -229,6 +235,9 @@ class ExplainSettings(_Strict):
     options: AttributionOptions = Field(AttributionOptions(), description="method settings")
     truth: Path | None = Field(None, description="ground-truth label image for scoring (demo: planted regions)")
     truth_labels: list[int] | None = Field(None, description="labels of the truth image to score against")
+    ensembles: dict[str, dict[str, Any]] | None = Field(
+        None, description="changes for named ensembles of the train section, e.g. {flair: {methods: [lrp]}} "
+        "(methods, subjects, options; the others explain with these settings)")
 
     @field_validator("methods")
     @classmethod
@@ -237,6 +246,16 @@ class ExplainSettings(_Strict):
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
         return methods
+
+    @model_validator(mode="after")
+    def _valid_ensembles(self):
+        for name in self.ensembles or {}:
+            self.ensemble(name)
+        return self
+
+    def ensemble(self, name: str | None) -> ExplainSettings:
+        """The settings ensemble ``name`` is explained with (``None``: these, for a single unnamed ensemble)."""
+        return _with_changes(self, name, fixed=("truth", "truth_labels"))
 
 
 
@@ -361,6 +380,10 @@ class Catalog(_Strict):
         self._check_registration()
         if self.explain is not None and self.train is None:
             raise ValueError("explain: needs a train section (the models it explains)")
+        unknown = sorted(set(self.explain.ensembles or {}) - set(self.ensembles())) if self.explain else []
+        if unknown:
+            raise ValueError(f"explain.ensembles: {unknown} are not ensembles of the train section "
+                             f"({[name for name in self.ensembles() if name is not None]})")
         self._check_imported_relevance()
         for index, analysis in enumerate(self.associate or []):
             self._check_terms(f"associate[{index}]", analysis)
@@ -437,11 +460,11 @@ class Catalog(_Strict):
                 source, name, text = term.source, term.name, term.text
                 if source == "images" and name not in self.modalities:
                     raise ValueError(f"{where}.{field}: {text!r} names no modality of {list(self.modalities)}")
-                if source == "relevance" and term.ensemble not in (self.relevance or {}) and (
-                        self.explain is None or name not in self.explain.methods):
-                    methods = self.explain.methods if self.explain else []
-                    raise ValueError(f"{where}.{field}: {text!r} needs the explain section to compute method "
-                                     f"{name!r} (explained: {methods})")
+                if source == "relevance" and term.ensemble not in (self.relevance or {}):
+                    methods = self.explain.ensemble(term.ensemble).methods if self.explain else []
+                    if name not in methods:
+                        raise ValueError(f"{where}.{field}: {text!r} needs the explain section to compute method "
+                                         f"{name!r} (explained: {methods})")
                 if source == "predictions" and self.train is None:
                     raise ValueError(f"{where}.{field}: {text!r} needs a train section")
                 if source in ("relevance", "predictions"):

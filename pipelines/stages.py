@@ -280,10 +280,10 @@ class ExplainStage:
                                "subjects": imported.sizes["subject"], "imported": maps}
         if catalog.explain is None:
             return _by_ensemble(summaries)
-        settings = catalog.explain
         dataset = store.open_cohort(catalog.layout.images)
-        region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
         for name, ensemble in catalog.ensembles().items():
+            settings = catalog.explain.ensemble(name)
+            region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
             layout = catalog.layout.for_ensemble(name)
             split = training.read_split(layout.models.split)
             chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
@@ -328,13 +328,14 @@ class ValidateStage:
             settings is not None and settings.members > 1 for settings in ensembles.values()))
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        summaries = {name: self._validate(catalog, catalog.layout.for_ensemble(name), settings)
+        summaries = {name: self._validate(catalog, name, settings)
                      for name, settings in _explained_ensembles(catalog).items()}
         progress("validate", 1, 1)
         return _by_ensemble(summaries)
 
-    def _validate(self, catalog: Catalog, layout: Layout, settings) -> dict:
+    def _validate(self, catalog: Catalog, ensemble: str | None, settings) -> dict:
         """Every score of one ensemble's maps into its validation/ folder (when not current)."""
+        layout = catalog.layout.for_ensemble(ensemble)
         truth, masks = _truth(catalog), _masks(catalog)
         labels = _truth_labels(catalog)
         out = layout.validation
@@ -374,7 +375,7 @@ class ValidateStage:
                     else None
                 robustness = self._robustness(relevance, atlas, predictions, age_bands)
                 robustness.to_parquet(partial / layout.robustness.name, index=False)
-            sanity = self._sanity(catalog, layout, relevance) if settings is not None else None  # (imported: no model)
+            sanity = None if settings is None else self._sanity(catalog, ensemble, relevance)  # imported: no model
             if sanity is not None:
                 sanity.to_parquet(partial / layout.sanity.name, index=False)
         mark_current(out, key)
@@ -408,19 +409,20 @@ class ValidateStage:
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
 
-    def _sanity(self, catalog: Catalog, layout: Layout, relevance) -> pd.DataFrame | None:
+    def _sanity(self, catalog: Catalog, ensemble: str | None, relevance) -> pd.DataFrame | None:
         """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
         belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants."""
         methods = [method for method in relevance.method.values if method != "noise_model"]
         if not methods:
             return None
+        layout = catalog.layout.for_ensemble(ensemble)
         model, card = training.load_member(layout.models.member(0))
         volumes = training.CohortVolumes(layout.images, card["config"]["modalities"], card["config"]["input_scaling"])
         positions = [list(volumes.subjects).index(subject) for subject in relevance.subject.values[:SANITY_SUBJECTS]]
         inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
         region_labels = _region_labels(catalog, volumes.dataset) if "region_occlusion" in methods else None
         return validation.parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), methods,
-                                                  options=catalog.explain.options, inside=inside,
+                                                  options=catalog.explain.ensemble(ensemble).options, inside=inside,
                                                   region_labels=region_labels)
 
     def _robustness(self, relevance, atlas, predictions: pd.DataFrame | None, age_bands) -> pd.DataFrame:

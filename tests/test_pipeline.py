@@ -378,20 +378,36 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
     with pytest.raises(CatalogError, match=r"train.ensembles.t2.modalities\[0\]: 'T2' is not one of the modalities"):
         load_catalog(bad)
 
+    explain = {"methods": ["lrp", "gradient"], "ensembles": {"t1": {"methods": ["lrp"]}}}
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train=train, explain=explain, associate=[
+        {**analyses[2], "outcome": "relevance.t1.gradient"}])
+    with pytest.raises(CatalogError, match=r"'relevance.t1.gradient' needs the explain section to compute method "
+                                           r"'gradient' \(explained: \['lrp'\]\)"):
+        load_catalog(bad)
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train=train,
+                        explain={**explain, "ensembles": {"t2": {"methods": ["lrp"]}}})
+    with pytest.raises(CatalogError, match=r"explain.ensembles: \['t2'\] are not ensembles of the train section"):
+        load_catalog(bad)
+    bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", train=train,
+                        explain={**explain, "ensembles": {"t1": {"methods": ["lpr"]}}})
+    with pytest.raises(CatalogError, match=r"ensembles.t1: methods: .*unknown method\(s\) \['lpr'\]"):
+        load_catalog(bad)
+
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}}, train=train,
-                            explain={"methods": ["lrp", "gradient"]}, associate=analyses,
+                            explain=explain, associate=analyses,
                             cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
     result = relcohort("run", catalog, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     workspace = tmp_path / "ws"
     assert not (workspace / "models").exists()
-    for name, members, channels in (("t1", 1, ["T1"]), ("flair", 2, ["FLAIR"])):
+    for name, members, channels, methods in (("t1", 1, ["T1"], ["lrp"]), ("flair", 2, ["FLAIR"], ["lrp", "gradient"])):
         ensemble = workspace / "ensembles" / name
         card = json.loads((ensemble / "models/member_0.json").read_text())
         assert card["config"]["modalities"] == channels
         relevance = open_relevance(ensemble / "relevance.zarr")
-        assert relevance.sizes["member"] == members and list(relevance.method.values) == ["lrp", "gradient"]
+        assert relevance.sizes["member"] == members and list(relevance.method.values) == methods
+        assert sorted(pd.read_parquet(ensemble / "validation/sanity.parquet")["method"].unique()) == sorted(methods)
         assert (ensemble / "validation/scores.parquet").is_file()
         assert (ensemble / "validation/robustness.parquet").is_file() == (members > 1)
     flair = open_relevance(workspace / "ensembles/flair/relevance.zarr")

@@ -48,16 +48,41 @@ RIDGE = "ridge_voxels"
 
 
 #: How each channel is scaled inside the mask, per participant and modality (``input_scaling``).
-SCALINGS = ("zscore", "minmax", "max")
+SCALINGS = ("zscore", "zscore_mask", "minmax", "max")
+
+
+def scale_rows(rows, scaling: str):
+    """Rows ``(…, voxel)`` (NumPy or Dask) scaled along the voxels, per row: ``zscore`` over the row's
+    nonzero voxels (the participant's own brain or head: background zeros inside the cohort mask
+    neither shift nor spread the scale, and stay 0); over all the mask's voxels, ``zscore_mask``
+    (background included, so the scale also follows how much of the mask the brain fills),
+    ``minmax`` to [0, 1] or ``max``, division by the largest magnitude."""
+    if scaling == "zscore":
+        inside = rows != 0
+        count = np.maximum(inside.sum(axis=-1, keepdims=True), 1)
+        shift = rows.sum(axis=-1, keepdims=True) / count
+        spread = np.sqrt((np.where(inside, rows - shift, 0) ** 2).sum(axis=-1, keepdims=True) / count)
+        return np.where(inside, (rows - shift) / np.where(spread > 0, spread, 1), 0).astype(rows.dtype)
+    if scaling == "zscore_mask":
+        shift, spread = rows.mean(axis=-1, keepdims=True), rows.std(axis=-1, keepdims=True)
+    elif scaling == "minmax":
+        shift = rows.min(axis=-1, keepdims=True)
+        spread = rows.max(axis=-1, keepdims=True) - shift
+    elif scaling == "max":
+        shift, spread = 0, np.abs(rows).max(axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"unknown input scaling {scaling!r}; known: {', '.join(SCALINGS)}")
+    return ((rows - shift) / np.where(spread > 0, spread, 1)).astype(rows.dtype)
 
 
 class CohortVolumes:
     """Model inputs read from a store: ``read(positions)`` → float32 ``(batch, modality, x, y, z)``.
 
     Positions index the store's complete subjects (``open_cohort`` order). Each channel is scaled
-    inside the mask per participant and modality (``scaling``: ``zscore``, so site gain and
-    contrast drop out; ``minmax`` to [0, 1] or ``max``, division by the maximum, as the seed
-    studies did); voxels outside the mask are zero. The volume is the mask's bounding box:
+    per participant and modality by :func:`scale_rows` (``scaling``: ``zscore`` over the
+    participant's nonzero voxels, so site gain and contrast drop out, or ``zscore_mask`` over the
+    mask's; ``minmax`` to [0, 1] or ``max``, division by the maximum, as the seed studies did);
+    voxels outside the mask are zero. The volume is the mask's bounding box:
     ``box``, the store's :class:`~engine.data.masker.Masker` on that box, turns maps back into
     rows (``box.transform``).
     """
@@ -88,16 +113,8 @@ class CohortVolumes:
     def rows(self, positions: Sequence[int]) -> np.ndarray:
         """Scaled store rows, ``(batch, modality, voxel)`` float32."""
         positions = np.asarray(positions)
-        rows = np.stack([self.dataset[name].isel(subject=positions).values.astype(np.float32)
-                         for name in self.modalities], axis=1)
-        if self.scaling == "zscore":
-            shift, spread = rows.mean(axis=2, keepdims=True), rows.std(axis=2, keepdims=True)
-        elif self.scaling == "minmax":
-            shift = rows.min(axis=2, keepdims=True)
-            spread = rows.max(axis=2, keepdims=True) - shift
-        else:
-            shift, spread = 0, np.abs(rows).max(axis=2, keepdims=True)
-        return (rows - shift) / np.where(spread > 0, spread, 1)
+        return scale_rows(np.stack([self.dataset[name].isel(subject=positions).values.astype(np.float32)
+                                    for name in self.modalities], axis=1), self.scaling)
 
     def read(self, positions: Sequence[int]) -> np.ndarray:
         return self.box.inverse_transform(self.rows(positions))
@@ -309,9 +326,10 @@ class TrainingConfig(BaseModel):
     model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
     model_options: dict = Field({}, description="architecture options, e.g. mrinet dropout, sfcn channels")
     modalities: tuple[str, ...] = Field(("T1",), min_length=1, description="input channels")
-    input_scaling: Literal["zscore", "minmax", "max"] = Field(
-        "zscore", description="each channel inside the mask, per participant: z-score, min–max to [0, 1] or "
-        "divided by its maximum (the seed studies: minmax or max; relevance maps depend on it)")
+    input_scaling: Literal["zscore", "zscore_mask", "minmax", "max"] = Field(
+        "zscore", description="each channel per participant: z-score over its nonzero voxels (the brain; "
+        "background stays 0) or over the whole mask, min–max to [0, 1] or divided by its maximum inside the "
+        "mask (the seed studies: minmax or max; relevance maps depend on it)")
     augmentation: Augmentation = Field(Augmentation(), description="random shifts and left–right flips of "
                                        "training inputs")
     epochs: int = Field(25, ge=1, description="at most; early stopping keeps the best validation epoch")
@@ -623,13 +641,14 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
 
 
 def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame) -> dict:
-    """Test metrics of ridge regression on the stored voxels of the members' input modalities (all of
-    them side by side), fitted on the training split with α by leave-one-out (:mod:`engine.models.baselines`)."""
+    """Test metrics of ridge regression on the members' inputs (the stored voxels of their modalities side
+    by side, each scaled per participant as the members' are), fitted on the training split with α by
+    leave-one-out (:mod:`engine.models.baselines`)."""
     from engine.models.baselines import ridge_baseline
 
     split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
-    maps = xr.DataArray(da.concatenate([dataset[name].data for name in config.modalities], axis=1),
-                        dims=("subject", "voxel"))
+    maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
+                                        for name in config.modalities], axis=1), dims=("subject", "voxel"))
     target = dataset[config.target].values.astype(np.float64)
     fit = ridge_baseline(maps, target, split == "train")
     test = split == "test"
