@@ -233,6 +233,11 @@ def test_learning_rate_schedules_and_weight_decay_follow_their_definitions(tiny_
     step = train_member(tiny_store, CONFIG.model_copy(update={"schedule": "step", "step_epochs": 2, "step_gamma": 0.5,
                                                               "epochs": 3, "patience": 3}), split, 0, tmp_path)
     np.testing.assert_allclose([row["learning_rate"] for row in step["history"]], [5e-4, 5e-4, 2.5e-4])
+    warm = train_member(tiny_store, CONFIG.model_copy(update={"schedule": "cosine", "warmup_epochs": 2, "epochs": 4,
+                                                              "patience": 4}), split, 0, tmp_path)
+    np.testing.assert_allclose([row["learning_rate"] for row in warm["history"]],
+                               [5e-4 * min(1, (e + 1) / 2) * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)],
+                               rtol=1e-9)
     norms = {}
     for decay in (0.0, 1000.0):
         config = CONFIG.model_copy(update={"weight_decay": decay, "epochs": 1})

@@ -347,6 +347,8 @@ class TrainingConfig(BaseModel):
     schedule: Literal["constant", "cosine", "step"] = Field(
         "constant", description="learning rate over epochs: constant, cosine annealing to 0 over `epochs`, "
         "or × step_gamma every step_epochs")
+    warmup_epochs: int = Field(0, ge=0, description="the learning rate rises linearly over this many first epochs "
+                               "(1/n, 2/n, … of the schedule's), so an early large step does not silence the ReLUs")
     step_epochs: int = Field(10, ge=1, description="step schedule: epochs between decays")
     step_gamma: float = Field(0.3, gt=0, le=1, description="step schedule: factor per decay")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
@@ -429,11 +431,19 @@ def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) 
 
 
 def _schedule(optimiser: torch.optim.Optimizer, config: TrainingConfig):
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs)
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimiser, step_size=config.step_epochs, gamma=config.step_gamma)
-    return None
+    """The learning rate of epoch e (from 0): the initial rate × the warm-up ramp × the schedule's factor."""
+    if config.schedule == "constant" and not config.warmup_epochs:
+        return None
+
+    def factor(epoch: int) -> float:
+        ramp = min(1.0, (epoch + 1) / config.warmup_epochs) if config.warmup_epochs else 1.0
+        if config.schedule == "cosine":  # annealed to 0 over the epochs
+            return ramp * (1 + math.cos(math.pi * epoch / config.epochs)) / 2
+        if config.schedule == "step":
+            return ramp * config.step_gamma ** (epoch // config.step_epochs)
+        return ramp
+
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
 
 def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
