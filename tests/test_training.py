@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 import statsmodels.api as sm
 import torch
 from safetensors.torch import load_file
@@ -176,23 +177,22 @@ def test_cohort_volumes_put_scaled_rows_back_on_the_grid(tiny_store):
     inputs = volumes.read([2, 5])
     assert inputs.shape == (2, 2, *volumes.shape)
     row = dataset["GM"].isel(subject=5).values.astype(np.float64)
-    inside = row != 0  # z-scored over the participant's own nonzero voxels; the mask's background stays 0
-    assert 0 < inside.sum() < len(row)
-    expected = np.where(inside, (row - row[inside].mean()) / row[inside].std(), 0)
     i, j, k = (dataset[axis].values - dataset[axis].values.min() for axis in "ijk")  # the mask's bounding box
-    np.testing.assert_allclose(inputs[1, 1, i, j, k], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inputs[1, 1, i, j, k], (row - row.mean()) / row.std(), rtol=1e-5, atol=1e-6)
     outside = np.ones(volumes.shape, bool)
     outside[i, j, k] = False
     assert not inputs[:, :, outside].any()
     np.testing.assert_array_equal(volumes.box.transform(inputs), volumes.rows([2, 5]))
 
 
-@pytest.mark.parametrize("scaling", ["zscore_mask", "minmax", "max"])
-def test_cohort_volumes_scale_over_the_mask_like_the_seed_studies(tiny_store, scaling):
-    volumes = CohortVolumes(tiny_store, ["T1"], scaling)
-    row = volumes.dataset["T1"].isel(subject=3).values.astype(np.float64)
-    expected = {"zscore_mask": (row - row.mean()) / row.std(), "minmax": (row - row.min()) / (row.max() - row.min()),
-                "max": row / np.abs(row).max()}[scaling]
+@pytest.mark.parametrize("scaling", ["zscore_brain", "minmax", "max"])
+def test_cohort_volumes_scale_like_the_seed_studies_or_over_the_brain(tiny_store, scaling):
+    volumes = CohortVolumes(tiny_store, ["GM"], scaling)
+    row = volumes.dataset["GM"].isel(subject=3).values.astype(np.float64)
+    inside = row != 0  # zscore_brain: over the participant's own nonzero voxels; the mask's background stays 0
+    assert 0 < inside.sum() < len(row)
+    expected = {"zscore_brain": np.where(inside, (row - row[inside].mean()) / row[inside].std(), 0),
+                "minmax": (row - row.min()) / (row.max() - row.min()), "max": row / np.abs(row).max()}[scaling]
     np.testing.assert_allclose(volumes.rows([3])[0, 0], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown input scaling 'robust'"):
         CohortVolumes(tiny_store, ["T1"], "robust")
@@ -324,19 +324,13 @@ def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store,
         np.abs(test["predicted"] - test["observed"]).mean())
     assert ("predict_train_mean", "test") in metrics.index
     # the ridge baseline: scikit-learn's RidgeCV on the members' inputs (T1 and FLAIR voxels, each z-scored per
-    # participant over its nonzero voxels) of the training split
+    # participant over the mask) of the training split
     from sklearn.linear_model import RidgeCV
 
     from engine.models.baselines import DEFAULT_ALPHAS
 
-    def zscored(rows):
-        inside = rows != 0
-        values = np.where(inside, rows, np.nan)
-        mean, sd = np.nanmean(values, axis=1, keepdims=True), np.nanstd(values, axis=1, keepdims=True)
-        return np.where(inside, (rows - mean) / sd, 0)
-
     dataset = open_cohort(tiny_store)
-    voxels = np.hstack([zscored(dataset[name].values.astype(np.float64)) for name in CONFIG.modalities])
+    voxels = np.hstack([stats.zscore(dataset[name].values.astype(np.float64), axis=1) for name in CONFIG.modalities])
     age = dataset.age.values
     in_split = split.reindex(dataset.subject.values).to_numpy()
     ridge = RidgeCV(alphas=DEFAULT_ALPHAS).fit(voxels[in_split == "train"], age[in_split == "train"])

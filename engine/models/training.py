@@ -48,22 +48,23 @@ RIDGE = "ridge_voxels"
 
 
 #: How each channel is scaled inside the mask, per participant and modality (``input_scaling``).
-SCALINGS = ("zscore", "zscore_mask", "minmax", "max")
+SCALINGS = ("zscore", "zscore_brain", "minmax", "max")
 
 
 def scale_rows(rows, scaling: str):
-    """Rows ``(…, voxel)`` (NumPy or Dask) scaled along the voxels, per row: ``zscore`` over the row's
-    nonzero voxels (the participant's own brain or head: background zeros inside the cohort mask
-    neither shift nor spread the scale, and stay 0); over all the mask's voxels, ``zscore_mask``
-    (background included, so the scale also follows how much of the mask the brain fills),
-    ``minmax`` to [0, 1] or ``max``, division by the largest magnitude."""
-    if scaling == "zscore":
+    """Rows ``(…, voxel)`` (NumPy or Dask) scaled along the voxels, per row: over all the mask's
+    voxels, ``zscore``, ``minmax`` to [0, 1] or ``max``, division by the largest magnitude; or
+    ``zscore_brain`` over the row's nonzero voxels (the participant's own brain or head: background
+    zeros inside the cohort mask neither shift nor spread the scale, and stay 0 — so maps of the
+    model are 0 there too, and where few participants' heads reach, voxel-wise statistics rest on
+    a few of them)."""
+    if scaling == "zscore_brain":
         inside = rows != 0
         count = np.maximum(inside.sum(axis=-1, keepdims=True), 1)
         shift = rows.sum(axis=-1, keepdims=True) / count
         spread = np.sqrt((np.where(inside, rows - shift, 0) ** 2).sum(axis=-1, keepdims=True) / count)
         return np.where(inside, (rows - shift) / np.where(spread > 0, spread, 1), 0).astype(rows.dtype)
-    if scaling == "zscore_mask":
+    if scaling == "zscore":
         shift, spread = rows.mean(axis=-1, keepdims=True), rows.std(axis=-1, keepdims=True)
     elif scaling == "minmax":
         shift = rows.min(axis=-1, keepdims=True)
@@ -79,10 +80,10 @@ class CohortVolumes:
     """Model inputs read from a store: ``read(positions)`` → float32 ``(batch, modality, x, y, z)``.
 
     Positions index the store's complete subjects (``open_cohort`` order). Each channel is scaled
-    per participant and modality by :func:`scale_rows` (``scaling``: ``zscore`` over the
-    participant's nonzero voxels, so site gain and contrast drop out, or ``zscore_mask`` over the
-    mask's; ``minmax`` to [0, 1] or ``max``, division by the maximum, as the seed studies did);
-    voxels outside the mask are zero. The volume is the mask's bounding box:
+    per participant and modality by :func:`scale_rows` (``scaling``: ``zscore`` over the mask, so
+    site gain and contrast drop out, or ``zscore_brain`` over the participant's nonzero voxels;
+    ``minmax`` to [0, 1] or ``max``, division by the maximum, as the seed studies did); voxels
+    outside the mask are zero. The volume is the mask's bounding box:
     ``box``, the store's :class:`~engine.data.masker.Masker` on that box, turns maps back into
     rows (``box.transform``).
     """
@@ -326,10 +327,10 @@ class TrainingConfig(BaseModel):
     model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
     model_options: dict = Field({}, description="architecture options, e.g. mrinet dropout, sfcn channels")
     modalities: tuple[str, ...] = Field(("T1",), min_length=1, description="input channels")
-    input_scaling: Literal["zscore", "zscore_mask", "minmax", "max"] = Field(
-        "zscore", description="each channel per participant: z-score over its nonzero voxels (the brain; "
-        "background stays 0) or over the whole mask, min–max to [0, 1] or divided by its maximum inside the "
-        "mask (the seed studies: minmax or max; relevance maps depend on it)")
+    input_scaling: Literal["zscore", "zscore_brain", "minmax", "max"] = Field(
+        "zscore", description="each channel per participant inside the mask: z-score, min–max to [0, 1] or "
+        "divided by its maximum (the seed studies: minmax or max; relevance maps depend on it), or "
+        "zscore_brain: z-score over its nonzero voxels, the background left at 0")
     augmentation: Augmentation = Field(Augmentation(), description="random shifts and left–right flips of "
                                        "training inputs")
     epochs: int = Field(25, ge=1, description="at most; early stopping keeps the best validation epoch")

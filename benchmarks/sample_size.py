@@ -1,0 +1,82 @@
+"""How many participants the T1 brain-age CNN needs: the demo's T1 recipe at several cohort sizes.
+
+    .venv/bin/python benchmarks/sample_size.py [--subjects 480 960] [--members 2] [--work benchmarks/work]
+
+For each N, a catalog with the demo's cohort (seed, 4 mm) and the demo's ``t1`` ensemble recipe
+(``catalog.yaml``'s train section with its ``t1`` changes, ``members`` members) but N participants
+and only the T1 modality is written to ``<work>/sample_size_<N>/catalog.yaml`` and run with
+``relcohort run`` (synth → ingest → train; nothing else). The 60 / 20 / 20 % split is stratified as
+in the demo. Reads each run's ``metrics.parquet``: test MAE and r of every member, the ensemble,
+ridge regression on the same scaled inputs (``ridge_voxels``) and predicting the training mean.
+Writes ``benchmarks/results/sample_size.json`` and prints the Markdown table of the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ingest_throughput import save_results  # sibling script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def catalog_for(subjects: int, members: int, folder: Path) -> Path:
+    """The demo catalog cut down to its T1 ensemble on ``subjects`` participants."""
+    demo = yaml.safe_load((ROOT / "catalog.yaml").read_text())
+    train = {key: value for key, value in demo["train"].items() if key != "ensembles"}
+    train.update(demo["train"]["ensembles"]["t1"], members=members)
+    catalog = {"workspace": "workspace",
+               "cohort": {"demo": {**demo["cohort"]["demo"], "subjects": subjects}},
+               "modalities": {"T1": demo["modalities"]["T1"]},
+               "train": train, "ingest": demo["ingest"], "cluster": demo["cluster"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "catalog.yaml"
+    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    return path
+
+
+def measure(subjects: int, members: int, work: Path) -> dict:
+    catalog = catalog_for(subjects, members, work / f"sample_size_{subjects}")
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "relcohort"), "run", str(catalog)], check=True)
+    metrics = pd.read_parquet(catalog.parent / "workspace" / "models" / "metrics.parquet")
+    test = metrics[metrics["split"] == "test"].set_index("member")
+    return {"subjects": subjects, "training": int(metrics.loc[metrics["split"] == "train", "n"].iloc[0]),
+            "test_subjects": int(test["n"].iloc[0]), "members": members,
+            "test": {who: {"mae": float(row["mae"]), "r": float(row["r"])} for who, row in test.iterrows()},
+            "seconds": time.perf_counter() - started}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| N (training) | members, test MAE (y) | ensemble | ridge on the same inputs | mean-age baseline |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        test = r["test"]
+        members = ", ".join(f"{test[str(m)]['mae']:.2f}" for m in range(r["members"]))
+        lines.append(f"| {r['subjects']} ({r['training']}) | {members} | **{test['ensemble']['mae']:.2f}** "
+                     f"| {test['ridge_voxels']['mae']:.2f} | {test['predict_train_mean']['mae']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, nargs="+", default=[480, 960])
+    parser.add_argument("--members", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [measure(subjects, args.members, args.work) for subjects in args.subjects]
+    save_results(args.out / "sample_size.json", results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
