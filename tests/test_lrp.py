@@ -263,7 +263,11 @@ def _with_kept_gates(model):
 def test_relus_absorbed_by_the_rule_before_them_change_no_relevance(preset):
     """Rules clamp z and zero their scale where z ≤ 0 in place of the ReLU that follows; the
     relevance equals that with the ReLU and autograd's own gate."""
+    from engine.models.lrp import _following_relus
+
     model, x = _model(), _inputs(signed=True)
+    convolutions = [module for module in model.features if isinstance(module, nn.Conv3d)]
+    assert set(convolutions) <= set(_following_relus(model))  # MRInet's ReLUs come after its max-pools
     relevance, reference = lrp(model, x, preset), lrp(_with_kept_gates(model), x, preset)
     assert torch.allclose(relevance, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
 

@@ -16,10 +16,11 @@ so that ``input × gradient`` at the layer's input is the rule's relevance (the 
 (winner takes all), average pooling (the z-rule of a linear map), dropout in eval mode and
 reshapes pass the plain gradient. Relevance at the input is ``input × gradient`` of the output.
 
-A ReLU that directly follows a weighted layer in an ``nn.Sequential`` is absorbed by the layer's
-rule while the rules are on: the rule clamps ``z`` in place and zeroes its scale where ``z ≤ 0``
-(the ReLU's gate), which saves the ReLU's own forward and backward passes (a fresh
-activation-sized buffer and two passes over it) and changes no relevance.
+A ReLU that follows a weighted layer in an ``nn.Sequential`` — directly, or after max-pooling,
+which commutes with it (MRInet pools before its ReLUs) — is absorbed by the layer's rule while the
+rules are on: the rule clamps ``z`` in place and zeroes its scale where ``z ≤ 0`` (the ReLU's
+gate), which saves the ReLU's own forward and backward passes (a fresh activation-sized buffer
+and two passes over it) and changes no relevance.
 """
 
 from __future__ import annotations
@@ -247,14 +248,25 @@ def prepare(model: nn.Module) -> nn.Module:
     return merged
 
 
+#: Modules between a layer and its ReLU that commute with the ReLU (so the layer's rule may clamp instead).
+_COMMUTE_WITH_RELU = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Identity)
+
+
 def _following_relus(model: nn.Module) -> dict[nn.Module, tuple[nn.Sequential, int]]:
-    """Each layer whose output only feeds a ReLU, with the place of that ReLU: the next module of
-    an ``nn.Sequential``, the layer used nowhere else in the model."""
+    """Each layer whose output only feeds a ReLU, with the place of that ReLU: a later module of an
+    ``nn.Sequential`` with only max-pools (or identities) between them, the layer used nowhere else."""
     uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
-    return {sequential[index - 1]: (sequential, index)
-            for sequential in model.modules() if isinstance(sequential, nn.Sequential)
-            for index in range(1, len(sequential))
-            if type(sequential[index]) is nn.ReLU and uses[id(sequential[index - 1])] == 1}
+    found = {}
+    for sequential in [module for module in model.modules() if isinstance(module, nn.Sequential)]:
+        for index in range(1, len(sequential)):
+            if type(sequential[index]) is not nn.ReLU:
+                continue
+            layer = index - 1
+            while layer > 0 and isinstance(sequential[layer], _COMMUTE_WITH_RELU):
+                layer -= 1
+            if not isinstance(sequential[layer], _COMMUTE_WITH_RELU) and uses[id(sequential[layer])] == 1:
+                found[sequential[layer]] = (sequential, index)
+    return found
 
 
 @contextmanager
