@@ -2,7 +2,7 @@
 
     python benchmarks/attribution_cost.py [--voxel-size 4] [--batch 8] [--threads 1 2]
 
-An MRInet on the demo cohort's brain box (4 mm: 45×55×43, T1 input; the cost does not depend
+An MRInet on the demo cohort's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
 on the trained weights, so a freshly initialised model is used) explains a batch of random
 inputs with every method, best of three after a warm-up. The model is placed as the engine
 places it (``engine.models.networks.place``: channels-last weights). The reference is one forward
@@ -28,8 +28,8 @@ from engine.models.networks import ModelSpec, build_model, place
 from engine.models.noise import NoiseNet
 from ingest_throughput import best_of, save_results  # sibling script
 
-#: The brain box of the demo cohort's mask (``CohortVolumes.shape``; at 2 mm the 4 mm box's extent).
-BOX = {4.0: (45, 55, 43), 2.0: (90, 110, 86)}
+#: The brain box of the demo cohort's mask at each voxel size (``CohortVolumes.shape``).
+BOX = {4.0: (46, 55, 44), 2.0: (91, 109, 87)}
 OPTIONS = AttributionOptions(smoothgrad_samples=8, ig_steps=8, occlusion_patch=8, occlusion_stride=8, noise_steps=20)
 
 

@@ -318,7 +318,12 @@ def test_train_and_explain_sections_are_checked(tmp_path):
     with pytest.raises(CatalogError, match="explain: needs a train section"):
         load_catalog(catalog)
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
-                            associate=None)
+                            associate=None)  # one unnamed ensemble: the demo's explain.ensembles names one no more
+    result = relcohort("validate", catalog)
+    assert result.returncode == 1 and "explain.ensembles: ['flair'] are not ensembles of the train section" in \
+        result.stderr
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
+                            explain={"methods": ["lrp"]}, associate=None)
     result = relcohort("validate", catalog)
     assert result.returncode == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
 

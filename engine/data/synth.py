@@ -88,7 +88,6 @@ ATROPHY_REGIONS = {
 }
 LATERAL_VENTRICLES = (49, 50, 51, 52)
 CORTEX_MIN_LABEL = 100  # Neuromorphometrics cortical parcels are labelled 100 and above
-TISSUE_FRACTION = 0.05  # a voxel with more tissue than this is part of the head (its images are nonzero there)
 
 # Perivascular spaces: Neuromorphometrics basal ganglia (caudate, pallidum, putamen) and the
 # centrum semiovale (cerebral white matter above world z = PVS_CENTRUM_SEMIOVALE_Z mm).
@@ -421,7 +420,7 @@ def render_contrast(anatomy: Anatomy, contrast: str, site: str, rng, grid: Grid)
     gain, gamma, noise_sd = SITE_SCANNER[site]
     signal = gain * np.power(signal, gamma) * np.exp(_smooth_field(rng, grid, 60.0, 0.06)[0])
     signal = ndimage.gaussian_filter(signal, 0.5)
-    tissue = (anatomy.gm + anatomy.wm + anatomy.csf) > TISSUE_FRACTION
+    tissue = (anatomy.gm + anatomy.wm + anatomy.csf) > 0.05
     signal = signal + rng.normal(0, noise_sd * TISSUE_SIGNAL["T1w"][2], grid.shape)
     return (np.clip(signal, 0, None) * tissue * INTENSITY_SCALE).astype(np.float32)
 
@@ -434,7 +433,7 @@ def render_fa(anatomy: Anatomy, participant: Participant, rng, effects: PlantedE
     fa = white + (1 - anatomy.wm) * 0.08
     fa *= 1 - 0.5 * anatomy.lesion
     fa += rng.normal(0, 0.02, fa.shape)
-    tissue = (anatomy.gm + anatomy.wm + anatomy.csf) > TISSUE_FRACTION
+    tissue = (anatomy.gm + anatomy.wm + anatomy.csf) > 0.05
     return (np.clip(fa, 0, 1) * tissue).astype(np.float32)
 
 
@@ -759,9 +758,8 @@ def _write(image: nib.spatialimages.SpatialImage, path: Path) -> None:
 
 
 def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
-                      native_voxel_size: float | None = None) -> tuple[dict, np.ndarray]:
-    """Simulate and write every file of participant ``index``; return its demographics and latents, and
-    its head on ``grid`` (the voxels with tissue, where its images are nonzero).
+                      native_voxel_size: float | None = None) -> dict:
+    """Simulate and write every file of participant ``index``; return its demographics and latents.
 
     With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
     participant's head in its own pose on its own grid, FLAIR in a pose of its own, and the poses
@@ -784,7 +782,7 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
         "APARC_ASEG": anatomy.aparc_aseg,
         "APARC_DKT_ASEG": dkt_labels(anatomy.aparc_aseg),
     }
-    mask = head_frame(grid)
+    mask = cohort_mask(grid)
     poses = _native_poses(seed, index) if native_voxel_size else {}
     paths = {**MODALITY_PATHS, **FREESURFER_LABEL_PATHS}
     for name, volume in volumes.items():
@@ -811,21 +809,19 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
             path = out_dir / APARC_STATS_PATH.format(participant_id=pid, hemi=hemi, parcellation=parcellation)
             path.write_text(format_aparc_stats(pid, hemi, parcellation, aparc_rows(cortex, hemi, parcellation)))
 
-    head = (anatomy.gm + anatomy.wm + anatomy.csf) > TISSUE_FRACTION
-    outside = int((head & ~mask).sum())
-    return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}, head & mask
+    outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
+    return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}
 
 
-HEAD_FRAME_MARGIN_MM = 20.0
+COHORT_MASK_MARGIN_MM = 20.0
 
 
 @lru_cache(maxsize=4)
-def head_frame(grid: Grid) -> np.ndarray:
-    """The template brain on ``grid`` grown by 20 mm: the frame every participant's head is written in,
-    whatever its size (the cohort's mask is the union of the heads, see :func:`generate_cohort`)."""
+def cohort_mask(grid: Grid) -> np.ndarray:
+    """The template brain on ``grid`` grown by 20 mm: holds every participant's brain, whatever N is."""
     volume, affine = _smoothed_templates(float(grid.voxel_size.max()))["brain"]
     brain = _sample(volume, affine, grid.world_coordinates(), order=1).reshape(grid.shape) > 0.5
-    return ndimage.distance_transform_edt(~brain, sampling=grid.voxel_size) <= HEAD_FRAME_MARGIN_MM
+    return ndimage.distance_transform_edt(~brain, sampling=grid.voxel_size) <= COHORT_MASK_MARGIN_MM
 
 
 def generate_cohort(
@@ -859,15 +855,14 @@ def generate_cohort(
     def simulate(index):
         return write_participant(out_dir, grid, seed, index, effects, native_voxel_size)
 
-    records, heads = [], np.zeros(grid.shape, bool)
-    for done, (_, (record, head)) in enumerate(run_tasks(simulate, range(n_subjects), client=client), start=1):
+    records = []
+    for done, (_, record) in enumerate(run_tasks(simulate, range(n_subjects), client=client), start=1):
         records.append(record)
-        heads |= head
         if progress:
             progress("synth", done, n_subjects)
 
     table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
-    _save(heads.astype(np.uint8), grid, out_dir / "mask.nii.gz")  # a group mask: every voxel of any head
+    _save(cohort_mask(grid).astype(np.uint8), grid, out_dir / "mask.nii.gz")
     _save(_truth_regions(grid), grid, out_dir / TRUTH_REGIONS)
     demographics = ["participant_id", "age", "sex", "site"]
     table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)
