@@ -65,9 +65,11 @@ class MRInet(nn.Module):
     padding and max-pooling is 3×3×3 with stride 2 and padding 1, so each pool halves the grid
     (rounding up) and the model works at 1, 2 or 4 mm. Each ReLU follows its pool: max-pooling
     commutes with a ReLU, so the function (and every gradient) is the study's, with the ReLU on an
-    eighth of the voxels (a training step ≈ 30 % faster on CPU). With ``patch_individual`` (``{"patches":
-    [x, y, z], "overlap": voxels}``) the last (1×1×1) convolution learns separate filters per
-    spatial patch (:class:`PatchIndividualConv3d`, the PIF variant).
+    eighth of the voxels (a training step ≈ 30 % faster on CPU); guided backprop, which gates the
+    backward pass at the ReLUs, now gates each overlapping pooling window's share before they add
+    up. With ``patch_individual`` (``{"patches": [x, y, z], "overlap": voxels}``) the last (1×1×1)
+    convolution learns separate filters per spatial patch (:class:`PatchIndividualConv3d`, the PIF
+    variant).
     """
 
     def __init__(self, input_shape: tuple[int, int, int], in_channels: int = 1, n_outputs: int = 1,
