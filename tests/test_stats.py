@@ -6,7 +6,7 @@ import pytest
 import statsmodels.api as sm
 import xarray as xr
 
-from scipy import special
+from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 
 from engine.analysis.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation,
@@ -279,6 +279,18 @@ def test_region_correlations_equal_scipy_and_statsmodels_with_bonferroni(region_
     assert partial["p_bonferroni"].idxmin() == "hippocampus" and partial.loc["hippocampus", "p_bonferroni"] < 0.05
     with pytest.raises(ValueError, match="takes no covariates"):
         region_correlations(region_table, "density", "volume", ["age"], "pearson")
+
+
+def test_a_perfect_correlation_stays_within_one_as_scipys():
+    """Two-valued data on a line: the residual products round past ±1 (here, with this machine's BLAS, to
+    −1 − 2e-16: the demo test once failed on such a region); r is clipped as scipy clips it."""
+    rng = np.random.default_rng(0)
+    x = rng.choice([0.0, 1.0], 16) * rng.random() + rng.random()
+    y = x * rng.normal() * 5 + rng.normal()
+    table = pd.DataFrame({"participant_id": range(16), "region": "a", "y": y, "x": x})
+    row = region_correlations(table, "y", "x").iloc[0]
+    expected = stats.pearsonr(y, x)
+    assert row.r == expected.statistic == -1.0 and row.p == pytest.approx(expected.pvalue, abs=1e-300)
 
 
 def test_region_correlation_permutation_p(region_table):

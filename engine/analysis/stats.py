@@ -503,7 +503,7 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
             continue
         y_res, x_res = (values - design @ np.linalg.lstsq(design, values, rcond=None)[0] for values in (y, x))
         scale = np.sqrt((y_res @ y_res) * (x_res @ x_res))
-        r = float(y_res @ x_res / scale) if scale > 0 else np.nan
+        r = float(np.clip(y_res @ x_res / scale, -1, 1)) if scale > 0 else np.nan  # rounding passes ±1, as in scipy
         t = r * np.sqrt(df / max(1 - r * r, 1e-300))
         row = {"region": name, "r": r, "p": float(2 * special.stdtr(df, -abs(t))) if np.isfinite(r) else np.nan,
                "n": n}
