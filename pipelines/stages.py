@@ -281,9 +281,11 @@ class ExplainStage:
         if catalog.explain is None:
             return _by_ensemble(summaries)
         dataset = store.open_cohort(catalog.layout.images)
+        explained = {name: catalog.explain.ensemble(name) for name in catalog.ensembles()}
+        region_labels = _region_labels(catalog, dataset) if any(  # the atlas on the box, once for every ensemble
+            "region_occlusion" in settings.methods for settings in explained.values()) else None
         for name, ensemble in catalog.ensembles().items():
-            settings = catalog.explain.ensemble(name)
-            region_labels = _region_labels(catalog, dataset) if "region_occlusion" in settings.methods else None
+            settings = explained[name]
             layout = catalog.layout.for_ensemble(name)
             split = training.read_split(layout.models.split)
             chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
@@ -291,7 +293,8 @@ class ExplainStage:
             attribution.explain(
                 layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
                 members=list(range(ensemble.members)), subjects=subjects,
-                options=settings.options, region_labels=region_labels,
+                options=settings.options,
+                region_labels=region_labels if "region_occlusion" in settings.methods else None,
                 subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
                 client=cluster.client, progress=progress,
                 gpu_on_demand=cluster.gpu_on_demand)
@@ -478,7 +481,6 @@ def _masks(catalog: Catalog) -> dict:
     settings = catalog.features
     return {} if settings is None else {name: mask for name, mask in (("lesion", settings.lesions),
                                                                       ("pvs", settings.pvs)) if mask is not None}
-
 
 
 def _method_scores(scores: pd.DataFrame) -> dict:
