@@ -47,7 +47,7 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
     default_model.eval()
     inputs = torch.randn(batch, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     labels = (torch.arange(torch.tensor(shape).prod()).reshape(shape) // 800).numpy()  # ~150 blocky regions
-    noise_net = NoiseNet(1).to(device).eval()  # noise_model: inference only (its training is once per member)
+    noise_net = place(NoiseNet(1), device).eval()  # noise_model: inference only (its training is once per member)
 
     def timed(function):
         def run():

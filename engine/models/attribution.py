@@ -49,6 +49,7 @@ from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, 
 from engine.data.masker import VOXEL_COORDS
 from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
 from engine.tasks import gpu_resources, run_tasks, torch_device
+from engine.models.networks import place
 from engine.models.training import CohortVolumes, TrainingConfig, load_member, read_split, targets_of
 
 LAYOUT = "relcohort.relevance/1"
@@ -277,7 +278,7 @@ def _train_noise_task(item):
         seed=1000 * options.seed + member)
     path = files.noise_model(member)
     with atomic_output(path) as partial:
-        save_file(noise_net.state_dict(), partial)
+        save_file({name: value.contiguous() for name, value in noise_net.state_dict().items()}, partial)
     mark_current(path, key)
     return member
 
@@ -306,7 +307,7 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
 def _load_noise_model(models_dir: str, member: int, in_channels: int, device) -> nn.Module:
     noise_net = noise.NoiseNet(in_channels)
     noise_net.load_state_dict(load_file(ModelsLayout(Path(models_dir)).noise_model(member)))
-    return noise_net.to(device).eval()
+    return place(noise_net, device).eval()
 
 
 def _explain_block(item):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.models.networks import predicted_values, selected_outputs
+from engine.models.networks import place, predicted_values, selected_outputs
 
 
 class NoiseNet(nn.Module):
@@ -69,7 +69,7 @@ def train_noise_model(model: nn.Module, read, positions: np.ndarray, targets: np
     rng = np.random.default_rng(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     first = torch.from_numpy(read(positions[:1]))
-    noise_net = NoiseNet(first.shape[1]).to(device=device, dtype=first.dtype)
+    noise_net = place(NoiseNet(first.shape[1]).to(dtype=first.dtype), device)
     optimiser = torch.optim.Adam(noise_net.parameters(), lr=learning_rate)
     targets = torch.as_tensor(np.asarray(targets), dtype=first.dtype)
     try:
