@@ -219,11 +219,17 @@ class TrainStage:
         participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
                                      if dataset[name].dims == ("subject",)})
         participants = participants.rename(columns={"subject": "participant_id"})
-        return _by_ensemble({name: self._train(catalog.layout.for_ensemble(name), settings, participants, cluster,
-                                               progress) for name, settings in catalog.ensembles().items()})
+        ensembles = catalog.ensembles()
+        jobs = [self._job(catalog.layout.for_ensemble(name), settings, participants)
+                for name, settings in ensembles.items()]
+        results = training.train_ensembles(jobs, client=cluster.client, progress=progress,
+                                           gpu_on_demand=cluster.gpu_on_demand)
+        return _by_ensemble({name: {"folder": str(job.out_dir), "members": job.members, "trained": result["trained"],
+                                    "test": _test_metrics(result["metrics"])}
+                             for name, job, result in zip(ensembles, jobs, results, strict=True)})
 
-    def _train(self, layout: Layout, settings, participants: pd.DataFrame, cluster: RunningCluster,
-               progress: Progress) -> dict:
+    def _job(self, layout: Layout, settings, participants: pd.DataFrame) -> training.EnsembleJob:
+        """The ensemble's split and training job; members trained on other images are made stale first."""
         split = training.stratified_split(participants, settings.split,
                                           also_stratify=[settings.target] if settings.task == "classification" else [])
         models = layout.models
@@ -234,11 +240,7 @@ class TrainStage:
             for member in models.members():
                 models.card(member).unlink()
             mark_current(models.root, key)  # before training: members finished survive a kill
-        result = training.train_ensemble(layout.images, settings.member_config(), settings.members, models.root, split,
-                                         client=cluster.client, progress=progress,
-                                         gpu_on_demand=cluster.gpu_on_demand)
-        return {"folder": str(models.root), "members": settings.members, "trained": result["trained"],
-                "test": _test_metrics(result["metrics"])}
+        return training.EnsembleJob(layout.images, settings.member_config(), settings.members, models.root, split)
 
     def status(self, layout: Layout) -> str | None:
         lines = []

@@ -246,6 +246,51 @@ def test_learning_rate_schedules_and_weight_decay_follow_their_definitions(tiny_
     assert norms[1000.0] < 0.5 * norms[0.0]  # AdamW shrinks each weight by (1 − lr·decay) per step
 
 
+def _dead_models(monkeypatch, how_many: int):
+    """The first ``how_many`` models training builds have a last convolution whose ReLUs never fire: the network
+    puts out one constant for every participant and no gradient reaches its convolutions."""
+    import engine.models.training as training_module
+
+    built = []
+
+    def build(spec, **kwargs):
+        model = build_model(spec, **kwargs)
+        if len(built) < how_many:
+            with torch.no_grad():
+                model.last_conv.bias.fill_(-1e6)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(training_module, "build_model", build)
+    return built
+
+
+def test_a_member_that_collapses_to_a_constant_starts_again_from_a_fresh_seed(tiny_store, tmp_path, monkeypatch):
+    split = cohort_split(tiny_store)
+    config = CONFIG.model_copy(update={"epochs": 4, "patience": 3})
+    built = _dead_models(monkeypatch, 1)
+    card = train_member(tiny_store, config, split, 1, tmp_path)
+    first_seed = 1000 * config.seed + 1
+    assert len(built) == 2
+    assert card["restarts"] == [{"seed": first_seed, "collapsed_at_epoch": 2}]
+    assert card["seed"] == first_seed + 1_000_000
+    assert not any(row["constant_output"] for row in card["history"])
+    predicted = pd.read_parquet(tmp_path / "member_1.predictions.parquet")["predicted"]
+    assert predicted.std() > 0.01
+    assert float(load_file(tmp_path / "member_1.safetensors")["features.12.bias"].max()) > -1e3  # the fresh model
+
+
+def test_a_member_that_keeps_collapsing_fails_without_writing(tiny_store, tmp_path, monkeypatch):
+    from engine.models.training import MemberCollapsed
+
+    split = cohort_split(tiny_store)
+    config = CONFIG.model_copy(update={"epochs": 4, "patience": 3, "collapse_restarts": 1})
+    _dead_models(monkeypatch, 2)
+    with pytest.raises(MemberCollapsed, match=r"member 0 collapsed .* all 2 attempts \(seeds \[7000, 1007000\]\)"):
+        train_member(tiny_store, config, split, 0, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_soft_labels_integrate_a_gaussian_over_the_bins_by_hand():
     from math import erf, sqrt
 

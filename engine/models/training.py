@@ -5,8 +5,8 @@
 - :func:`stratified_split` assigns participants to train/validation/test, stratified by age
   bands and sex (and the class for classification).
 - :func:`train_member` trains one ensemble member (Adam, early stopping on validation loss) and
-  writes its weights as safetensors beside a JSON card (config, split, history); :func:`train_ensemble` runs one Dask
-  task per member (asking for a GPU where workers have one) and combines the members.
+  writes its weights as safetensors beside a JSON card (config, split, history); :func:`train_ensembles` runs one Dask
+  task per member of every ensemble (asking for a GPU where workers have one) and combines each ensemble's members.
 - :func:`regression_metrics`, :func:`classification_metrics`, :func:`bias_corrected_gap`.
 """
 
@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -359,6 +360,8 @@ class TrainingConfig(BaseModel):
         "loss", description="validation criterion that picks the kept epoch (balanced_accuracy: classification)")
     mixed_precision: bool = Field(True, description="bfloat16 autocast on a GPU (ignored on CPU)")
     seed: int = Field(0, ge=0, description="member k trains with seed 1000·seed + k")
+    collapse_restarts: int = Field(2, ge=0, description="times a member whose output collapsed to a constant "
+                                   "(every ReLU silent) starts again from a fresh seed before training fails")
     finetune_from: Path | None = Field(None, description="models folder or member .safetensors to start from")
     freeze: tuple[str, ...] = Field((), description="parameter-name prefixes to keep fixed, e.g. 'features.0'")
     cache_gib: float = Field(2.0, gt=0, description="training subjects held in memory up to this size")
@@ -447,12 +450,27 @@ def _schedule(optimiser: torch.optim.Optimizer, config: TrainingConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
 
+#: Validation outputs whose spread across participants is at most this fraction of the training
+#: targets' SD (regression) or this many logits (classification) are one constant value.
+CONSTANT_OUTPUT = 1e-6
+#: A restarted member's seed: its own seed plus this times the attempt (no other member's seed).
+RESTART_SEED_STEP = 1_000_000
+
+
+class MemberCollapsed(RuntimeError):
+    """A member's network put out one constant for every participant and could not learn again."""
+
+
 def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
                  classes: list | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train member ``member`` and write its weights, predictions and card into ``out_dir`` (``models/``).
 
     Early stopping keeps the weights of the epoch with the best validation criterion (loss, or
-    balanced accuracy) and stops after ``patience`` epochs without improvement. Returns the card.
+    balanced accuracy) and stops after ``patience`` epochs without improvement. A member whose
+    validation outputs are one constant in two successive epochs has collapsed (every ReLU silent:
+    no gradient reaches the layers before them again); when its kept epoch is such a constant, it
+    starts again from a fresh seed, up to ``collapse_restarts`` times (the card lists the
+    restarts), and then fails with :class:`MemberCollapsed`. Returns the card.
     """
     started = time.perf_counter()
     files = ModelsLayout(Path(out_dir))
@@ -468,7 +486,44 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     if len(train) == 0 or len(validation) == 0:
         raise ValueError("training needs participants in both the train and the validation split")
 
-    seed = _member_seed(config, member)
+    restarts = []
+    for attempt in range(config.collapse_restarts + 1):
+        seed = _member_seed(config, member) + RESTART_SEED_STEP * attempt
+        fit = _fit(volumes, targets, train, validation, config, member, seed, classes, log)
+        if fit["collapsed_at"] is None:
+            break
+        restarts.append({"seed": seed, "collapsed_at_epoch": fit["collapsed_at"]})
+        if log:
+            log(f"member {member} collapsed to a constant output at epoch {fit['collapsed_at']} (seed {seed})")
+    else:
+        raise MemberCollapsed(
+            f"member {member} collapsed to a constant output (every ReLU silent) in all {len(restarts)} attempts "
+            f"(seeds {[restart['seed'] for restart in restarts]}); lower learning_rate or set warmup_epochs")
+    model, best = fit["model"], fit["best"]
+    model.load_state_dict(best["state"])
+    with atomic_output(files.weights(member)) as partial:
+        save_file({name: value.contiguous() for name, value in best["state"].items()}, partial)
+
+    predictions = predict(model, volumes, np.arange(len(volumes.subjects)), config.task, classes)
+    predictions.insert(1, "split", subject_split)
+    predictions.insert(2, "member", str(member))
+    with atomic_output(files.member_predictions(member)) as partial:
+        predictions.to_parquet(partial, index=False)
+    card = {"member": member, "seed": seed, "spec": fit["spec"].as_dict(), "config": config.as_dict(),
+            "classes": classes, "split": _split_hash(split), "best_epoch": best["epoch"],
+            "epochs_run": len(fit["history"]), "history": fit["history"], "restarts": restarts,
+            "fresh_layers": fit["fresh_layers"], "device": str(fit["device"]),
+            "seconds": time.perf_counter() - started}
+    with atomic_output(files.card(member)) as partial:  # written last: marks the member done
+        partial.write_text(json.dumps(card, indent=1))
+    return card
+
+
+def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validation: np.ndarray,
+         config: TrainingConfig, member: int, seed: int, classes: list | None,
+         log: Callable[[str], None] | None) -> dict:
+    """One training run from ``seed``: the model, its best epoch (``best``: criterion, epoch, state), the
+    history, and the epoch at which the run collapsed with its best epoch a constant (else ``None``)."""
     torch.manual_seed(seed)
     device = torch_device()
     regression = config.task == "regression"
@@ -495,6 +550,9 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     loss_fn = torch.nn.MSELoss() if regression else torch.nn.CrossEntropyLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=config.mixed_precision and device.type == "cuda")
+    # the spread below which the validation outputs are one constant: outputs are in the target's units
+    # (regression), or logits
+    constant_spread = CONSTANT_OUTPUT * (float(targets[train].std()) if regression and edges is None else 1.0)
 
     def outputs_of(inputs: np.ndarray) -> torch.Tensor:
         with autocast:
@@ -510,7 +568,8 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     rng = np.random.default_rng(seed)
     cache: dict = {}
     validation_inputs = volumes.read(validation)
-    history, best = [], (-math.inf, -1, None)
+    history, best = [], {"score": -math.inf, "epoch": -1, "state": None, "constant": False}
+    constant_before, collapsed_at = False, None
     for epoch in range(config.epochs):
         model.train()
         total = 0.0
@@ -529,34 +588,27 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
                 probabilities = torch.softmax(output, dim=1).cpu().numpy()
                 scores["validation_balanced_accuracy"] = classification_metrics(targets[validation],
                                                                                 probabilities)["balanced_accuracy"]
+        constant = len(validation) > 1 and float(output.std(dim=0).max()) <= constant_spread
         history.append({"epoch": epoch + 1, "train_loss": total / len(train), **scores,
-                        "learning_rate": optimiser.param_groups[0]["lr"]})
+                        "learning_rate": optimiser.param_groups[0]["lr"], "constant_output": constant})
         if log:
             log(f"member {member} epoch {epoch + 1}: train {total / len(train):.3f}, "
                 + ", ".join(f"{name.removeprefix('validation_')} {value:.3f}" for name, value in scores.items()))
         score = -scores["validation_loss"] if config.early_stopping == "loss" else scores[
             "validation_balanced_accuracy"]
-        if score > best[0]:
-            best = (score, epoch + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        elif epoch + 1 - best[1] >= config.patience:
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1, "constant": constant,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        elif epoch + 1 - best["epoch"] >= config.patience:
             break
+        if constant and constant_before:  # collapsed: nothing more can be learned
+            collapsed_at = epoch + 1 if best["constant"] else None
+            break
+        constant_before = constant
         if schedule is not None:
             schedule.step()
-    model.load_state_dict(best[2])
-    with atomic_output(files.weights(member)) as partial:
-        save_file({name: value.contiguous() for name, value in best[2].items()}, partial)
-
-    predictions = predict(model, volumes, np.arange(len(volumes.subjects)), config.task, classes)
-    predictions.insert(1, "split", subject_split)
-    predictions.insert(2, "member", str(member))
-    with atomic_output(files.member_predictions(member)) as partial:
-        predictions.to_parquet(partial, index=False)
-    card = {"member": member, "seed": seed, "spec": spec.as_dict(), "config": config.as_dict(), "classes": classes,
-              "split": _split_hash(split), "best_epoch": best[1], "epochs_run": len(history), "history": history,
-              "fresh_layers": fresh_layers, "device": str(device), "seconds": time.perf_counter() - started}
-    with atomic_output(files.card(member)) as partial:  # written last: marks the member done
-        partial.write_text(json.dumps(card, indent=1))
-    return card
+    return {"model": model, "spec": spec, "best": best, "history": history, "collapsed_at": collapsed_at,
+            "fresh_layers": fresh_layers, "device": device}
 
 
 def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarray, task: str,
@@ -601,18 +653,62 @@ def _train_member_task(item):
     return train_member(store, config, split, member, out_dir, classes)
 
 
+@dataclass(frozen=True)
+class EnsembleJob:
+    """One ensemble to train: ``members`` members of ``config`` on ``store`` into ``out_dir`` (``models/``)."""
+
+    store: str | Path
+    config: TrainingConfig
+    members: int
+    out_dir: str | Path
+    split: pd.Series
+
+
 def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
                    split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None,
                    gpu_on_demand: bool = False) -> dict:
-    """Train ``members`` members (one Dask task each, a GPU per task where workers have GPUs, or where the
-    cluster starts GPU workers on demand: ``gpu_on_demand``).
+    """Train one ensemble: :func:`train_ensembles` of one job."""
+    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], client, progress, gpu_on_demand)[0]
 
-    Members whose card already holds this config and split are kept. Writes ``split.tsv``,
-    ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``.
+
+def train_ensembles(jobs: Sequence[EnsembleJob], client=None, progress: Callable[[str, int, int], None] | None = None,
+                    gpu_on_demand: bool = False) -> list[dict]:
+    """Train every job's members as one pool of Dask tasks (one per member, a GPU per task where workers have
+    GPUs, or where the cluster starts GPU workers on demand: ``gpu_on_demand``), so a worker whose member
+    stopped early starts the next ensemble's member instead of waiting for its own ensemble's last one.
+
+    Members whose card already holds this config and split are kept. Writes each job's ``split.tsv``,
+    ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``; returns one
+    summary per job.
     """
-    files = ModelsLayout(Path(out_dir))
+    plans = [_plan_ensemble(job) for job in jobs]
+    items = [item for plan in plans for item in plan["items"]]
+    total = sum(job.members for job in jobs)
+    done = total - len(items)
+    if progress:
+        progress("train", done, total)
+    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
+        done += 1
+        if progress:
+            progress("train", done, total)
+    results = []
+    for job, plan in zip(jobs, plans, strict=True):
+        files = ModelsLayout(Path(job.out_dir))
+        for stale in files.members():
+            if stale >= job.members:
+                for path in files.member_files(stale):
+                    path.unlink(missing_ok=True)
+        results.append({**combine_members(files.root, plan["dataset"], job.config, job.members, plan["classes"]),
+                        "trained": len(plan["items"])})
+    return results
+
+
+def _plan_ensemble(job: EnsembleJob) -> dict:
+    """A job's classes, its ``split.tsv`` written, and the task items of its members that are not current."""
+    config, split = job.config, job.split
+    files = ModelsLayout(Path(job.out_dir))
     files.root.mkdir(parents=True, exist_ok=True)
-    dataset = open_cohort(store)
+    dataset = open_cohort(job.store)
     classes = None
     if config.task == "classification":
         if config.target not in dataset.coords:
@@ -635,20 +731,9 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
         same_config = card["config"] == config.as_dict()
         return same_config and card.get("split") == _split_hash(split)
 
-    todo = [member for member in range(members) if not current(member)]
-    done = members - len(todo)
-    if progress:
-        progress("train", done, members)
-    items = [(str(store), config, split, member, str(files.root), classes) for member in todo]
-    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
-        done += 1
-        if progress:
-            progress("train", done, members)
-    for stale in files.members():
-        if stale >= members:
-            for path in files.member_files(stale):
-                path.unlink(missing_ok=True)
-    return {**combine_members(files.root, dataset, config, members, classes), "trained": len(todo)}
+    items = [(str(job.store), config, split, member, str(files.root), classes)
+             for member in range(job.members) if not current(member)]
+    return {"dataset": dataset, "classes": classes, "items": items}
 
 
 def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame) -> dict:
