@@ -37,8 +37,10 @@ class LocalProfile(BaseModel):
 
         resources = {"GPU": self.gpus_per_worker} if self.gpus_per_worker else None
         settings = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": self.malloc_trim_threshold,
-                    # one queued task per thread: long tasks (training a member) spread over idle workers
-                    # instead of two landing on one single-threaded worker (the default 1.1 rounds up to 2)
+                    # one queued task per thread: a large group of tasks spreads over idle workers instead of
+                    # two landing on one single-threaded worker (the default 1.1 rounds up to 2); groups of at
+                    # most twice the threads are not queued but assigned up front, so long ones are capped by
+                    # task_slots (engine.tasks.run_tasks's in_flight)
                     "distributed.scheduler.worker-saturation": 1.0}
         with dask.config.set(settings), LocalCluster(
             n_workers=self.n_workers,
@@ -50,7 +52,7 @@ class LocalProfile(BaseModel):
             resources=resources,
             silence_logs=40,  # logging.ERROR
         ) as cluster, Client(cluster) as client:
-            yield RunningCluster(client)
+            yield RunningCluster(client, task_slots=self.n_workers * self.threads_per_worker)
 
     def describe(self) -> str:
         return (f"LocalCluster: {self.n_workers} worker(s) × {self.threads_per_worker} thread(s), "

@@ -14,9 +14,11 @@ class RunningCluster:
     process). ``gpu_on_demand``: GPU workers start when GPU tasks wait for them (a SLURM ``gpu``
     pool), so training and attribution ask for the GPU resource before any GPU worker exists.
     ``usage()``: per pool, the jobs, workers and tasks the run used (empty where the profile
-    keeps none).
+    keeps none). ``task_slots``: the worker threads of a cluster of fixed size, the most long tasks
+    (training, attribution) worth submitting at once; ``None`` where waiting tasks start workers.
     """
 
     client: object | None
     gpu_on_demand: bool = False
+    task_slots: int | None = None
     usage: Callable[[], dict] = field(default=dict)

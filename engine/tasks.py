@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -12,12 +13,16 @@ def run_tasks(
     *,
     client=None,
     resources: dict | None = None,
+    in_flight: int | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Run ``func(item)`` for every item and yield ``(item, result)`` as each finishes.
 
     With a ``distributed.Client`` the calls are Dask tasks spread over its workers (retried
     once if a worker dies); without one they run inline, in order. A task's exception is
-    raised here, after the tasks that finished before it were yielded.
+    raised here, after the tasks that finished before it were yielded. ``in_flight`` caps the
+    tasks submitted at once, the next going out as one finishes: with as many as the workers have
+    threads, each long task starts on whichever worker frees first (Dask assigns a few tasks to
+    workers up front, so one worker may queue two long trainings while another idles).
     """
     items = list(items)
     if client is None:
@@ -30,11 +35,21 @@ def run_tasks(
     from dask.utils import funcname
     from distributed import as_completed
 
-    futures = {client.submit(_in_one_process, func, item, resources=resources, retries=1,
-                             key=f"{funcname(func)}-{uuid4().hex}"): item for item in items}
+    def submit(item):
+        return client.submit(_in_one_process, func, item, resources=resources, retries=1,
+                             key=f"{funcname(func)}-{uuid4().hex}")
+
+    waiting = iter(items[in_flight:] if in_flight else [])
+    futures = {submit(item): item for item in (items[:in_flight] if in_flight else items)}
+    finished = as_completed(list(futures))
     try:
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+        for future in finished:
+            result = future.result()
+            for item in itertools.islice(waiting, 1):  # the next task goes out before this one's result is used
+                following = submit(item)
+                futures[following] = item
+                finished.add(following)
+            yield futures[future], result
     finally:
         client.cancel(list(futures))
 

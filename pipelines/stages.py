@@ -223,7 +223,7 @@ class TrainStage:
         jobs = [self._job(catalog.layout.for_ensemble(name), settings, participants)
                 for name, settings in ensembles.items()]
         results = training.train_ensembles(jobs, client=cluster.client, progress=progress,
-                                           gpu_on_demand=cluster.gpu_on_demand)
+                                           gpu_on_demand=cluster.gpu_on_demand, in_flight=cluster.task_slots)
         return _by_ensemble({name: {"folder": str(job.out_dir), "members": job.members, "trained": result["trained"],
                                     "test": _test_metrics(result["metrics"])}
                              for name, job, result in zip(ensembles, jobs, results, strict=True)})
@@ -299,7 +299,7 @@ class ExplainStage:
                 region_labels=region_labels if "region_occlusion" in settings.methods else None,
                 subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
                 client=cluster.client, progress=progress,
-                gpu_on_demand=cluster.gpu_on_demand)
+                gpu_on_demand=cluster.gpu_on_demand, in_flight=cluster.task_slots)
             summaries[name] = {"store": str(layout.relevance), "methods": settings.methods,
                                "subjects": len(subjects), "members": ensemble.members}
         return _by_ensemble(summaries)

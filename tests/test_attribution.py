@@ -1,5 +1,7 @@
 """Attribution methods against hand-computed references, and relevance.zarr written by Dask tasks."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -219,6 +221,26 @@ def test_an_interrupted_relevance_store_is_not_opened(trained, tmp_path):
     zarr.open_group(out, mode="r+").attrs["state"] = "running"
     with pytest.raises(ValueError, match="incomplete"):
         open_relevance(out)
+
+
+def _timed_sleep(seconds):
+    import time
+
+    started = time.monotonic()
+    time.sleep(seconds)
+    return started, time.monotonic()
+
+
+def test_tasks_in_flight_are_capped_and_the_next_goes_out_as_one_finishes(client):
+    from engine.tasks import run_tasks
+
+    items = [0.3, 0.1, 0.2, 0.1]
+    uncapped = sorted(interval for _, interval in run_tasks(_timed_sleep, items, client=client))
+    assert any(after[0] < before[1] for before, after in itertools.pairwise(uncapped))  # 2 workers: overlap
+    capped = dict(run_tasks(_timed_sleep, items[:3], client=client, in_flight=1))
+    assert sorted(capped) == sorted(items[:3])
+    intervals = sorted(capped.values())
+    assert all(after[0] >= before[1] for before, after in itertools.pairwise(intervals))  # one at a time
 
 
 def test_tasks_ask_for_a_gpu_only_where_workers_advertise_one():

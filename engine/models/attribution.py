@@ -284,7 +284,7 @@ def _train_noise_task(item):
 
 
 def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], options: AttributionOptions,
-                        client, progress, gpu_on_demand: bool) -> None:
+                        client, progress, gpu_on_demand: bool, in_flight: int | None) -> None:
     """The noise network of every member that lacks a current one (same member, images, split and settings)."""
     files = ModelsLayout(models_dir)
     settings = {name: value for name, value in options.as_dict().items()
@@ -298,7 +298,8 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
     done = len(members) - len(items)
     if progress:
         progress("explain: noise models", done, len(members))
-    for _ in run_tasks(_train_noise_task, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
+    for _ in run_tasks(_train_noise_task, items, client=client, resources=gpu_resources(client, gpu_on_demand),
+                       in_flight=in_flight):
         done += 1
         if progress:
             progress("explain: noise models", done, len(members))
@@ -348,7 +349,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
             members: Sequence[int], subjects: Sequence[str], options: AttributionOptions | None = None,
             region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, voxels_per_chunk: int = 65536,
             client=None, progress: Callable[[str, int, int], None] | None = None,
-            gpu_on_demand: bool = False) -> xr.Dataset:
+            gpu_on_demand: bool = False, in_flight: int | None = None) -> xr.Dataset:
     """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
 
     ``images`` is the cohort store and ``models`` the trained members' folder. One Dask task per
@@ -357,7 +358,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     already explained for the same plan (settings, weights and images by content) are not redone.
     The ensemble mean over members is written last. ``region_labels`` is the atlas volume for
     region occlusion. Tasks ask for a GPU where workers have one or the cluster starts GPU workers on
-    demand (``gpu_on_demand``).
+    demand (``gpu_on_demand``); ``in_flight`` caps the tasks submitted at once (:func:`engine.tasks.run_tasks`).
     """
     out, store, models_dir = Path(out), Path(images), Path(models)
     options = options or AttributionOptions()
@@ -380,7 +381,7 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
             columns["split"] = read_split(split_file).reindex(list(subjects)).fillna("").to_numpy(dtype=object)
         _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]), columns)
     if "noise_model" in methods:
-        _train_noise_models(store, models_dir, members, options, client, progress, gpu_on_demand)
+        _train_noise_models(store, models_dir, members, options, client, progress, gpu_on_demand, in_flight)
     group = zarr.open_group(out, mode="r+")
     chunk = group["relevance"].chunks[2]
     explained = group["explained"][:]
@@ -395,7 +396,8 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     done = int(explained.sum())
     if progress:
         progress("explain", done, total)
-    for _, count in run_tasks(_explain_block, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
+    for _, count in run_tasks(_explain_block, items, client=client, resources=gpu_resources(client, gpu_on_demand),
+                              in_flight=in_flight):
         done += count
         if progress:
             progress("explain", done, total)

@@ -666,16 +666,19 @@ class EnsembleJob:
 
 def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
                    split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None,
-                   gpu_on_demand: bool = False) -> dict:
+                   gpu_on_demand: bool = False, in_flight: int | None = None) -> dict:
     """Train one ensemble: :func:`train_ensembles` of one job."""
-    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], client, progress, gpu_on_demand)[0]
+    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], client, progress, gpu_on_demand,
+                           in_flight)[0]
 
 
 def train_ensembles(jobs: Sequence[EnsembleJob], client=None, progress: Callable[[str, int, int], None] | None = None,
-                    gpu_on_demand: bool = False) -> list[dict]:
+                    gpu_on_demand: bool = False, in_flight: int | None = None) -> list[dict]:
     """Train every job's members as one pool of Dask tasks (one per member, a GPU per task where workers have
     GPUs, or where the cluster starts GPU workers on demand: ``gpu_on_demand``), so a worker whose member
-    stopped early starts the next ensemble's member instead of waiting for its own ensemble's last one.
+    stopped early starts the next ensemble's member instead of waiting for its own ensemble's last one
+    (``in_flight``: the most members submitted at once, the cluster's worker threads; see
+    :func:`engine.tasks.run_tasks`).
 
     Members whose card already holds this config and split are kept. Writes each job's ``split.tsv``,
     ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``; returns one
@@ -687,7 +690,8 @@ def train_ensembles(jobs: Sequence[EnsembleJob], client=None, progress: Callable
     done = total - len(items)
     if progress:
         progress("train", done, total)
-    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand)):
+    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand),
+                       in_flight=in_flight):
         done += 1
         if progress:
             progress("train", done, total)
