@@ -333,8 +333,11 @@ class ValidateStage:
             settings is not None and settings.members > 1 for settings in ensembles.values()))
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        summaries = {name: self._validate(catalog, name, settings)
-                     for name, settings in _explained_ensembles(catalog).items()}
+        # many small reductions (92 in the demo's): cheaper in this process than on workers, where each one's
+        # chunks and results travel between processes (the demo's validation: 58 s on its 2 workers, 30 s here)
+        with dask.config.set(scheduler="threads"):
+            summaries = {name: self._validate(catalog, name, settings)
+                         for name, settings in _explained_ensembles(catalog).items()}
         progress("validate", 1, 1)
         return _by_ensemble(summaries)
 
