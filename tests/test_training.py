@@ -265,9 +265,13 @@ def _dead_models(monkeypatch, how_many: int):
     return built
 
 
-def test_a_member_that_collapses_to_a_constant_starts_again_from_a_fresh_seed(tiny_store, tmp_path, monkeypatch):
+# with the head frozen the dead network's loss never improves: patience 1 would end the run in the epoch the
+# collapse shows
+@pytest.mark.parametrize("changes", [{"patience": 3}, {"patience": 1, "freeze": ("head",)}])
+def test_a_member_that_collapses_to_a_constant_starts_again_from_a_fresh_seed(tiny_store, tmp_path, monkeypatch,
+                                                                              changes):
     split = cohort_split(tiny_store)
-    config = CONFIG.model_copy(update={"epochs": 4, "patience": 3})
+    config = CONFIG.model_copy(update={"epochs": 4, **changes})
     built = _dead_models(monkeypatch, 1)
     card = train_member(tiny_store, config, split, 1, tmp_path)
     first_seed = 1000 * config.seed + 1

@@ -599,10 +599,10 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "constant": constant,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-        elif epoch + 1 - best["epoch"] >= config.patience:
-            break
-        if constant and constant_before:  # collapsed: nothing more can be learned
+        if constant and constant_before:  # collapsed: nothing more can be learned (before patience ends the run)
             collapsed_at = epoch + 1 if best["constant"] else None
+            break
+        if epoch + 1 - best["epoch"] >= config.patience:
             break
         constant_before = constant
         if schedule is not None:
