@@ -39,8 +39,9 @@ def run_tasks(
         return client.submit(_in_one_process, func, item, resources=resources, retries=1,
                              key=f"{funcname(func)}-{uuid4().hex}")
 
-    waiting = iter(items[in_flight:] if in_flight else [])
-    futures = {submit(item): item for item in (items[:in_flight] if in_flight else items)}
+    first = items[:in_flight] if in_flight else items
+    waiting = iter(items[len(first):])
+    futures = {submit(item): item for item in first}
     finished = as_completed(list(futures))
     try:
         for future in finished:
