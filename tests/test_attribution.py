@@ -8,7 +8,8 @@ import torch
 import zarr
 from torch import nn
 
-from engine.models.attribution import METHODS, AttributionOptions, attribute, explain, open_relevance
+from engine.models import attribution
+from engine.models.attribution import METHODS, AttributionOptions, attribute, explain, open_relevance, relevance_key
 from engine.models.noise import NoiseNet, noise_model_importance, noise_optimisation, train_noise_model
 from engine.models.networks import ModelSpec, build_model
 from engine.models.training import CohortVolumes, TrainingConfig, load_member, train_ensemble
@@ -123,6 +124,21 @@ def test_noise_model_learns_over_a_cohort_where_the_prediction_needs_its_inputs(
         attribute(model, volumes[:2], "noise_model")
 
 
+def test_noise_network_mixes_its_two_scales_as_an_output_layer_on_the_upsampled_features():
+    """NoiseNet mixes the coarse features before upsampling them: the same logits as the textbook order
+    (upsample every coarse feature, concatenate, one 1×1×1 convolution)."""
+    torch.manual_seed(5)
+    net = NoiseNet(2).double()
+    for parameter in net.parameters():
+        nn.init.normal_(parameter)
+    x = _inputs()
+    near = net.encode(x)
+    far = nn.functional.interpolate(net.down(near), size=SHAPE, mode="trilinear", align_corners=False)
+    weight = torch.cat([net.out_near.weight, net.out_far.weight], dim=1)
+    textbook = nn.functional.conv3d(torch.cat([near, far], dim=1), weight, net.out_near.bias)
+    torch.testing.assert_close(net(x), textbook, rtol=1e-12, atol=1e-12)
+
+
 def test_a_binned_model_explains_each_inputs_most_probable_bin():
     """Soft-label models (one output per age bin) are explained at the bin they predict, per input."""
     torch.manual_seed(4)
@@ -193,6 +209,19 @@ def test_explain_trains_a_noise_network_per_member_once(trained, tmp_path):
     stamps = [(models / f"noise_{member}.safetensors").stat().st_mtime_ns for member in (0, 1)]
     explain(tmp_path / "again.zarr", **plan)  # same members, images, split and settings: the networks are kept
     assert [(models / f"noise_{member}.safetensors").stat().st_mtime_ns for member in (0, 1)] == stamps
+
+
+def test_noise_networks_of_another_design_are_trained_again_and_their_maps_redone(trained, tmp_path, monkeypatch):
+    store, models, subjects = trained
+    plan = {"images": store, "models": models, "methods": ["noise_model"], "members": [0], "subjects": subjects,
+            "options": AttributionOptions(noise_model_epochs=1)}
+    explain(tmp_path / "relevance.zarr", **plan)
+    stamp = (models / "noise_0.safetensors").stat().st_mtime_ns
+    key = relevance_key(tmp_path / "relevance.zarr")
+    monkeypatch.setattr(attribution, "_noise_network_layout", lambda: {"out.weight": [1, 16, 3, 3, 3]})
+    explain(tmp_path / "relevance.zarr", **plan)
+    assert (models / "noise_0.safetensors").stat().st_mtime_ns != stamp
+    assert relevance_key(tmp_path / "relevance.zarr") != key
 
 
 def test_explain_resumes_the_blocks_that_are_missing(trained, tmp_path):

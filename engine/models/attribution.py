@@ -288,7 +288,7 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
     """The noise network of every member that lacks a current one (same member, images, split and settings)."""
     files = ModelsLayout(models_dir)
     settings = {name: value for name, value in options.as_dict().items()
-                if name.startswith("noise_model_") or name == "seed"}
+                if name.startswith("noise_model_") or name == "seed"} | {"network": _noise_network_layout()}
     items = []
     for member in members:
         key = output_key(settings, {"member": models_fingerprint(models_dir, [member]),
@@ -303,6 +303,12 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
         done += 1
         if progress:
             progress("explain: noise models", done, len(members))
+
+
+def _noise_network_layout() -> dict:
+    """The noise network's parameters (names and shapes, for one input channel): in the keys of the networks and of
+    the maps made with them, so that networks of an earlier design are trained again and their maps redone."""
+    return {name: list(value.shape) for name, value in noise.NoiseNet(1).state_dict().items()}
 
 
 def _load_noise_model(models_dir: str, member: int, in_channels: int, device) -> nn.Module:
@@ -371,7 +377,8 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     if missing:
         raise ValueError(f"participants {missing[:5]} are not complete in {store}")
     plan = output_key({"methods": list(methods), "members": list(members), "subjects": list(subjects),
-                       "options": options.as_dict()},
+                       "options": options.as_dict(),
+                       **({"noise_network": _noise_network_layout()} if "noise_model" in methods else {})},
                       {"models": models_fingerprint(models_dir, members), "images": content_fingerprint(store)})
     existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
     if existing is None or (existing.attrs.get("plan") or {}).get("key") != plan["key"]:
