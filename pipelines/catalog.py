@@ -276,6 +276,9 @@ class AnalysisSettings(_Strict):
                               "roi correlations: a permutation p per region")
     seed: int = Field(0, ge=0, description="seed of the permutations")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of maps and cluster tables")
+    min_coverage: float = Field(0.1, ge=0, le=1, description="voxel: test only voxels where at least this share of "
+                                "the participants has a nonzero value in every map term (1: SPM's implicit mask); "
+                                "elsewhere the few participants with a value would decide the fit")
     region_statistic: Literal["mean", "sum", "abs_sum", "pos_sum"] = Field(
         "mean", description="roi: how a map becomes one value per region (mean = relevance density)")
     statistic: Literal["regression", "pearson", "spearman", "partial"] = Field(
@@ -303,6 +306,8 @@ class AnalysisSettings(_Strict):
             raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
         if self.native and not self.labels:
             raise ValueError("native reduces in each participant's native label volume: it needs labels")
+        if self.min_coverage and self.scope != "voxel" and "min_coverage" in self.model_fields_set:
+            raise ValueError("min_coverage applies to voxel analyses only")
         if self.robust and self.scope not in ("roi", "subject"):
             raise ValueError("robust applies to roi and subject analyses only")
         if self.scope == "subject" and any(term.is_map for term in (self.outcome, self.predictor, *self.covariates)):

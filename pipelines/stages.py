@@ -566,7 +566,8 @@ class AssociateStage:
 
     def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
         result = association.voxel_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
-                                            analysis.correction, analysis.permutations, analysis.seed)
+                                            analysis.correction, analysis.permutations, analysis.seed,
+                                            analysis.min_coverage)
         masker = Masker.of(sources.images)
         for name in result.data_vars:
             if result[name].dims == ("voxel",):
@@ -579,7 +580,8 @@ class AssociateStage:
         mask = (association.corrected_p(result, threshold) < analysis.alpha).values
         association.cluster_table(result["t"], mask, masker, atlas_of(catalog.atlas)).to_parquet(out.clusters,
                                                                                                  index=False)
-        return {"n": result.attrs["n"], "df": result.attrs["df"], "correction": analysis.correction,
+        return {"n": result.attrs["n"], "df": result.attrs["df"], "min_coverage": analysis.min_coverage,
+                "voxels_tested": int(np.isfinite(result["t"].values).sum()), "correction": analysis.correction,
                 "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
                 "seed": analysis.seed, "significant": significant,
                 "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}

@@ -328,6 +328,16 @@ def test_train_and_explain_sections_are_checked(tmp_path):
     assert result.returncode == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
 
 
+def test_min_coverage_is_a_share_for_voxel_analyses(tmp_path):
+    analysis = {"name": "regions", "scope": "roi", "outcome": "relevance.t1.lrp", "predictor": "age",
+                "min_coverage": 0.5}
+    with pytest.raises(CatalogError, match=r"associate.0: min_coverage applies to voxel analyses only"):
+        load_catalog(write_catalog(tmp_path / "catalog.yaml", workspace="ws", associate=[analysis]))
+    analysis.update(scope="voxel", min_coverage=30)
+    with pytest.raises(CatalogError, match=r"associate.0.min_coverage: .*less than or equal to 1"):
+        load_catalog(write_catalog(tmp_path / "catalog.yaml", workspace="ws", associate=[analysis]))
+
+
 def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
     base = yaml.safe_load((REPO / "catalog.yaml").read_text())
     modalities = {**base["modalities"], "APARC": {"path": "{participant_id}/aparc+aseg.mgz", "labels": "freesurfer"}}

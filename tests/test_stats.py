@@ -129,6 +129,41 @@ def test_permutation_null_equals_refitting_each_permutation(data, case):
     np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-8 if case == "both maps" else 1e-4)
 
 
+@pytest.mark.parametrize("case", ["map outcome", "map predictor", "both maps"])
+def test_voxels_too_few_participants_have_a_value_at_are_left_out_of_the_fit_and_the_null(data, case):
+    """Zeros planted at 5 voxels (a map nonzero for only 3, 20 or 40 of the 60 participants): coverage counts
+    the participants nonzero in every map; with min_coverage 0.5 the voxels under 30 are NaN and the max-T
+    null equals refitting each permutation on the covered voxels only."""
+    covariates, x, x_map, y = data
+    covariates = covariates[["age", "site"]]
+    y, x_map = y.copy(), x_map.copy()
+    rng = np.random.default_rng(3)
+    for voxel, nonzero in zip((2, 7, 11, 18, 23), (3, 20, 40, 3, 29), strict=True):
+        hidden = rng.permutation(N)[nonzero:]
+        (x_map if voxel in (18, 23) and case != "map outcome" else y)[hidden, voxel] = 0
+    outcome, predictor = {"map outcome": (y, x), "map predictor": (y[:, 0], x_map), "both maps": (y, x_map)}[case]
+    maps = [values for values in (outcome, predictor) if values.ndim == 2]
+    expected_coverage = np.min([(values != 0).sum(axis=0) for values in maps], axis=0)
+    as_term = {True: _maps, False: lambda values: values}
+    result = voxelwise_ols(as_term[outcome.ndim == 2](outcome), as_term[predictor.ndim == 2](predictor), covariates,
+                           ["site"], permutations=12, seed=5, permutation_batch=5, min_coverage=0.5)
+    np.testing.assert_array_equal(result.coverage.values, expected_coverage)
+    covered = expected_coverage >= 30
+    assert (~covered).sum() >= 2  # the planted voxels under 30 that this case's maps hold
+    assert np.isnan(result.t.values[~covered]).all() and np.isnan(result.p.values[~covered]).all()
+    everything = voxelwise_ols(as_term[outcome.ndim == 2](outcome), as_term[predictor.ndim == 2](predictor),
+                               covariates, ["site"])
+    np.testing.assert_array_equal(result.t.values[covered], everything.t.values[covered])
+    orders = [permutation(5, k, N) for k in range(12)]
+    permute = ((lambda r, order: r[order]) if case == "map predictor"
+               else (lambda r, order: r[np.argsort(order)]))
+    outcome, predictor = (values[:, covered] if values.ndim == 2 else values for values in (outcome, predictor))
+    expected = _brute_force_max_t(outcome, predictor, covariates, orders, permute)
+    np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-8 if case == "both maps" else 1e-4)
+    with pytest.raises(ValueError, match="min_coverage is a share"):
+        voxelwise_ols(_maps(y), x, covariates, ["site"], min_coverage=30)
+
+
 #: How far the max-T null may move when only the batching, chunking or BLAS threads change: float32
 #: products are rounded differently by the kernels BLAS picks for other matrix shapes (≈ 1e-7 seen).
 NULL_RTOL = 1e-5

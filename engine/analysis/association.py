@@ -247,8 +247,11 @@ def covariate_frame(sources: Sources, covariates: list[Term], subjects: list[str
 
 
 def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
-                   corrections: list[str], permutations: int = 0, seed: int = 0) -> xr.Dataset:
-    """One voxel-wise model with the requested corrections (``p_bonferroni``, ``p_fdr``, ``p_fwe``)."""
+                   corrections: list[str], permutations: int = 0, seed: int = 0,
+                   min_coverage: float = 0.0) -> xr.Dataset:
+    """One voxel-wise model with the requested corrections (``p_bonferroni``, ``p_fdr``, ``p_fwe``), at the voxels
+    where at least the share ``min_coverage`` of the participants has a value (see
+    :func:`~engine.analysis.stats.voxelwise_ols`)."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     if not (outcome.is_map or predictor.is_map):
         raise ValueError(f"a voxel analysis needs a map as outcome or predictor, got {outcome.text!r} and "
@@ -258,7 +261,7 @@ def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str,
              for term in (outcome, predictor)]
     frame, categorical = covariate_frame(sources, covariates, subjects)
     result = voxelwise_ols(*terms, frame, categorical, permutations=permutations if "fwe" in corrections else 0,
-                           seed=seed)
+                           seed=seed, min_coverage=min_coverage)
     if "bonferroni" in corrections:
         result["p_bonferroni"] = adjust_p(result["p"], "bonferroni")
     if "fdr_bh" in corrections:

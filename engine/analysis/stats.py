@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class _Model:
     sxy: np.ndarray
     sxx: np.ndarray
     syy: np.ndarray
+    coverage: np.ndarray
 
     @property
     def n(self) -> int:
@@ -92,7 +94,7 @@ class _Model:
         return values - self.design @ (self.gram_inverse @ cross)[:, 0]
 
 
-def _fit(outcome, predictor, covariates, categorical) -> tuple[_Model, xr.DataArray]:
+def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0) -> tuple[_Model, xr.DataArray]:
     maps = [term for term in (outcome, predictor) if isinstance(term, xr.DataArray) and "voxel" in term.dims]
     if not maps:
         raise ValueError("voxelwise_ols needs a (subject, voxel) map as outcome or predictor")
@@ -126,6 +128,8 @@ def _fit(outcome, predictor, covariates, categorical) -> tuple[_Model, xr.DataAr
         raise ValueError(f"the covariate design is rank-deficient (columns {list(design_frame.columns)})")
     gram_inverse = np.linalg.inv(design.T @ design)
     q = design.shape[1]
+    # per voxel, how many participants have a value (nonzero) in every map of the model
+    coverage = sums[-2:].min(axis=0) if y_map and x_map else sums[-1]
     if y_map and x_map:
         cy, cx, xy, xx, yy = sums[:q], sums[q:2 * q], sums[2 * q], sums[2 * q + 1], sums[2 * q + 2]
     elif y_map:
@@ -143,11 +147,18 @@ def _fit(outcome, predictor, covariates, categorical) -> tuple[_Model, xr.DataAr
     # residual sums hold is rounding error
     sxx, syy = (np.where(sums_of_squares > DEGENERATE * total, sums_of_squares, np.nan)
                 for sums_of_squares, total in ((sxx, xx), (syy, yy)))
-    return _Model(y, x, design, gram_inverse, cx, cy, sxy, sxx, syy), reference
+    # a voxel that too few participants have a value at is not tested (the map's sums carry the NaN)
+    covered = coverage >= math.ceil(min_coverage * n - 1e-9)
+    if x_map:
+        sxx = np.where(covered, sxx, np.nan)
+    if y_map:
+        syy = np.where(covered, syy, np.nan)
+    return _Model(y, x, design, gram_inverse, cx, cy, sxy, sxx, syy, coverage.astype(np.int64)), reference
 
 
 def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, categorical: Sequence[str] = (),
-                  permutations: int = 0, seed: int = 0, permutation_batch: int = 64) -> xr.Dataset:
+                  permutations: int = 0, seed: int = 0, permutation_batch: int = 64,
+                  min_coverage: float = 0.0) -> xr.Dataset:
     """Per voxel: β, SE, t, two-sided p and partial r of ``predictor`` on ``outcome`` given covariates.
 
     ``outcome`` and ``predictor`` are DataArrays with dims (``subject``, ``voxel``) or
@@ -156,13 +167,22 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     covariate) are dropped; ``n`` reports how many were used. A rank-deficient design or
     ``n ≤`` number of parameters is an error.
 
+    ``coverage`` counts, per voxel, the participants with a nonzero value in every map term. A voxel
+    covered by less than the share ``min_coverage`` of the ``n`` participants is not tested (NaN
+    statistics, left out of the max-T null), as SPM's implicit mask leaves out voxels outside some
+    participants' images (its rule is ``min_coverage`` = 1) and lesion-symptom mapping voxels
+    lesioned in too few patients: where a map is zero for most participants (gray matter outside
+    the cortex, relevance outside the heads of ``zscore_brain`` inputs), the few others decide the fit.
+
     With ``permutations`` > 0, also ``p_fwe`` (two-sided max-T, Freedman–Lane) and the null
     distribution ``max_t_null``. Permutation k depends on (``seed``, k) only: the same settings on
     the same machine give the same null bit for bit; another batch size, chunking, worker or BLAS
     thread count, or CPU rounds the float32 products differently (≈ 1e-7 relative; tested ≤ 1e-5),
     which moves ``p_fwe`` only at a voxel whose |t| lies that close to a null maximum.
     """
-    model, reference = _fit(outcome, predictor, covariates, categorical)
+    if not 0 <= min_coverage <= 1:
+        raise ValueError(f"min_coverage is a share of the participants, between 0 and 1; got {min_coverage}")
+    model, reference = _fit(outcome, predictor, covariates, categorical, min_coverage)
     df = model.df
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = model.sxy / model.sxx
@@ -173,9 +193,10 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
         partial_r = model.sxy / np.sqrt(model.sxx * model.syy)
     voxel_coords = {name: coord for name, coord in reference.coords.items() if coord.dims == ("voxel",)}
     result = xr.Dataset({"beta": ("voxel", beta), "se": ("voxel", se), "t": ("voxel", t),
-                         "p": ("voxel", _two_sided_p(t, df)), "partial_r": ("voxel", partial_r)},
+                         "p": ("voxel", _two_sided_p(t, df)), "partial_r": ("voxel", partial_r),
+                         "coverage": ("voxel", model.coverage)},
                         coords=voxel_coords)
-    result.attrs.update(n=int(model.n), df=int(df))
+    result.attrs.update(n=int(model.n), df=int(df), min_coverage=float(min_coverage))
     if permutations:
         null = max_t_null(model, permutations, seed, permutation_batch)
         exceed = np.searchsorted(np.sort(null), np.abs(t), side="left")
@@ -236,7 +257,7 @@ def _cross_products(y, x, design: np.ndarray) -> np.ndarray:
 
     (y_blocks, y_index), (x_blocks, x_index) = aligned(y), aligned(x)
     q = design.shape[1]
-    rows = 2 * q + 3 if len(maps) == 2 else q + 2
+    rows = 2 * q + 5 if len(maps) == 2 else q + 3
     parts = da.blockwise(_task_cross_products, "skv", y_blocks, y_index, x_blocks, x_index,
                          da.from_array(design, chunks=(subjects, -1)), "sq", new_axes={"k": rows},
                          adjust_chunks={"s": 1}, meta=np.empty((0, 0, 0)), concatenate=True, step=step)
@@ -261,19 +282,19 @@ def _blas_controller() -> ThreadpoolController:
 def _task_cross_products(y, x, design, step):
     """One task's sums over its subjects in float64, as rows of a (1, k, voxel) array:
 
-    both maps: Cᵀy, Cᵀx, Σxy, Σx², Σy²; one map m and a vector v: [C v]ᵀm, Σm².
-    ``step`` subjects at a time are cast into reused float64 buffers (a fresh buffer per block
-    costs more in page faults than the products).
+    both maps: Cᵀy, Cᵀx, Σxy, Σx², Σy², then the number of nonzero values of y and of x; one map m and a
+    vector v: [C v]ᵀm, Σm², the number of nonzero values of m. ``step`` subjects at a time are cast into
+    reused float64 buffers (a fresh buffer per block costs more in page faults than the products).
     """
     maps = [values for values in (y, x) if values.ndim == 2]
     n_voxels = maps[0].shape[1]
     if len(maps) == 2:
         q = design.shape[1]
-        sums = np.zeros((2 * q + 3, n_voxels))
+        sums = np.zeros((2 * q + 5, n_voxels))
     else:
         design = np.column_stack([design, y if y.ndim == 1 else x])
         q = design.shape[1]
-        sums = np.zeros((q + 1, n_voxels))
+        sums = np.zeros((q + 2, n_voxels))
     buffers = [np.empty((min(step, len(design)), n_voxels)) for _ in maps]
     for first in range(0, len(design), step):
         rows = slice(first, first + step)
@@ -290,6 +311,7 @@ def _task_cross_products(y, x, design, step):
         else:
             sums[:q] += design[rows].T @ blocks[0]
             sums[q] += np.einsum("sv,sv->v", blocks[0], blocks[0])
+        sums[len(sums) - len(blocks):] += [np.count_nonzero(block, axis=0) for block in blocks]
     return sums[None]
 
 
