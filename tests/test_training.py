@@ -276,12 +276,47 @@ def test_a_member_that_collapses_to_a_constant_starts_again_from_a_fresh_seed(ti
     card = train_member(tiny_store, config, split, 1, tmp_path)
     first_seed = 1000 * config.seed + 1
     assert len(built) == 2
-    assert card["restarts"] == [{"seed": first_seed, "collapsed_at_epoch": 2}]
+    assert card["restarts"] == [{"seed": first_seed, "reason": "constant output", "epoch": 2}]
     assert card["seed"] == first_seed + 1_000_000
     assert not any(row["constant_output"] for row in card["history"])
     predicted = pd.read_parquet(tmp_path / "member_1.predictions.parquet")["predicted"]
     assert predicted.std() > 0.01
     assert float(load_file(tmp_path / "member_1.safetensors")["features.12.bias"].max()) > -1e3  # the fresh model
+
+
+def test_a_member_stuck_at_the_mean_when_patience_runs_out_starts_again(tiny_store, tmp_path, monkeypatch):
+    """The first model's output layer is frozen at a thousandth of its scale: its predictions vary (no
+    collapse) but stay at the training mean, so patience ends the run early with a validation loss no better
+    than predicting the mean; the member starts again from a fresh seed. The card's constant loss is the
+    validation MSE of the training mean, computed here from the store."""
+    import engine.models.training as training_module
+
+    built = []
+
+    def build(spec, **kwargs):
+        model = build_model(spec, **kwargs)
+        if not built:
+            with torch.no_grad():
+                model.output_layer.weight.mul_(1e-3)
+            model.output_layer.requires_grad_(False)
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(training_module, "build_model", build)
+    split = cohort_split(tiny_store)
+    config = CONFIG.model_copy(update={"epochs": 8, "patience": 2, "collapse_restarts": 1})
+    card = train_member(tiny_store, config, split, 0, tmp_path)
+    first_seed = 1000 * config.seed
+    assert card["restarts"][0]["seed"] == first_seed and card["restarts"][0]["reason"] == "no better than a constant"
+    assert card["restarts"][0]["epoch"] < config.epochs and card["seed"] == first_seed + 1_000_000
+    assert float(load_file(tmp_path / "member_0.safetensors")["head.3.weight"].abs().max()) > 1e-3  # the fresh one
+    dataset = open_cohort(tiny_store)
+    ages = pd.Series(dataset.age.values, index=dataset.subject.values)
+    roles = split.reindex(ages.index)
+    expected = float(((ages[roles == "validation"] - ages[roles == "train"].mean()) ** 2).mean())
+    assert card["constant_loss"] == pytest.approx(expected, rel=1e-5)
+    kept = min(row["validation_loss"] for row in card["history"])
+    assert card["learned_nothing"] == (kept > 0.95 * expected)
 
 
 def test_a_member_that_keeps_collapsing_fails_without_writing(tiny_store, tmp_path, monkeypatch):
@@ -290,7 +325,8 @@ def test_a_member_that_keeps_collapsing_fails_without_writing(tiny_store, tmp_pa
     split = cohort_split(tiny_store)
     config = CONFIG.model_copy(update={"epochs": 4, "patience": 3, "collapse_restarts": 1})
     _dead_models(monkeypatch, 2)
-    with pytest.raises(MemberCollapsed, match=r"member 0 collapsed .* all 2 attempts \(seeds \[7000, 1007000\]\)"):
+    with pytest.raises(MemberCollapsed,
+                       match=r"member 0 collapsed .* all 2 attempts learned nothing \(seeds \[7000, 1007000\]\)"):
         train_member(tiny_store, config, split, 0, tmp_path)
     assert not list(tmp_path.iterdir())
 

@@ -360,8 +360,9 @@ class TrainingConfig(BaseModel):
         "loss", description="validation criterion that picks the kept epoch (balanced_accuracy: classification)")
     mixed_precision: bool = Field(True, description="bfloat16 autocast on a GPU (ignored on CPU)")
     seed: int = Field(0, ge=0, description="member k trains with seed 1000·seed + k")
-    collapse_restarts: int = Field(2, ge=0, description="times a member whose output collapsed to a constant "
-                                   "(every ReLU silent) starts again from a fresh seed before training fails")
+    collapse_restarts: int = Field(2, ge=0, description="times a member that learned nothing (collapsed to one "
+                                   "constant output, or stuck at the training mean when patience ran out) starts "
+                                   "again from a fresh seed")
     finetune_from: Path | None = Field(None, description="models folder or member .safetensors to start from")
     freeze: tuple[str, ...] = Field((), description="parameter-name prefixes to keep fixed, e.g. 'features.0'")
     cache_gib: float = Field(2.0, gt=0, description="training subjects held in memory up to this size")
@@ -453,6 +454,11 @@ def _schedule(optimiser: torch.optim.Optimizer, config: TrainingConfig):
 #: Validation outputs whose spread across participants is at most this fraction of the training
 #: targets' SD (regression) or this many logits (classification) are one constant value.
 CONSTANT_OUTPUT = 1e-6
+#: A member whose kept validation loss is not at least this share below the loss of the best constant
+#: (the training mean, or the training split's class or bin frequencies) has learned nothing.
+MIN_GAIN = 0.05
+#: Why a run learned nothing (a restart's ``reason``).
+COLLAPSED, NO_BETTER = "constant output", "no better than a constant"
 #: A restarted member's seed: its own seed plus this times the attempt (no other member's seed).
 RESTART_SEED_STEP = 1_000_000
 
@@ -461,16 +467,39 @@ class MemberCollapsed(RuntimeError):
     """A member's network put out one constant for every participant and could not learn again."""
 
 
+def _constant_output(targets: np.ndarray, n: int, config: TrainingConfig, edges: np.ndarray | None,
+                     classes: list | None) -> torch.Tensor:
+    """The best constant model's outputs for ``n`` participants, from the training ``targets``: their mean
+    (regression), or the logits of their bin (soft labels) or class frequencies."""
+    if config.task == "regression" and edges is None:
+        return torch.full((n, 1), float(targets.mean()))
+    if edges is not None:
+        frequencies = soft_labels(targets, edges, config.soft_label_sigma).mean(axis=0)
+    else:
+        frequencies = np.bincount(targets, minlength=len(classes)) / len(targets)
+    logits = torch.from_numpy(np.log(np.maximum(frequencies, 1e-12))).float()
+    return logits.expand(n, -1)
+
+
 def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, member: int, out_dir: str | Path,
                  classes: list | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train member ``member`` and write its weights, predictions and card into ``out_dir`` (``models/``).
 
     Early stopping keeps the weights of the epoch with the best validation criterion (loss, or
-    balanced accuracy) and stops after ``patience`` epochs without improvement. A member whose
-    validation outputs are one constant in two successive epochs has collapsed (every ReLU silent:
-    no gradient reaches the layers before them again); when its kept epoch is such a constant, it
-    starts again from a fresh seed, up to ``collapse_restarts`` times (the card lists the
-    restarts), and then fails with :class:`MemberCollapsed`. Returns the card.
+    balanced accuracy) and stops after ``patience`` epochs without improvement. A member that learned
+    nothing starts again from a fresh seed, up to ``collapse_restarts`` times (the card lists the restarts):
+
+    - its validation outputs were one constant in two successive epochs and its kept epoch is such a
+      constant (collapsed: every ReLU silent, no gradient reaches the layers before them again); if the
+      last attempt collapses too, training fails with :class:`MemberCollapsed`;
+    - or patience ended it before its last epoch while its kept epoch's validation loss was not
+      ``MIN_GAIN`` below the best constant's (stuck at the training mean: the plateau every member
+      starts on, which some do not leave before patience runs out); if the last attempt is stuck too,
+      it is kept. The card's ``learned_nothing`` says whether the kept member beats the best constant
+      by less than ``MIN_GAIN`` — the target may not be predictable from the inputs, and that is a
+      result.
+
+    Returns the card.
     """
     started = time.perf_counter()
     files = ModelsLayout(Path(out_dir))
@@ -490,15 +519,18 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     for attempt in range(config.collapse_restarts + 1):
         seed = _member_seed(config, member) + RESTART_SEED_STEP * attempt
         fit = _fit(volumes, targets, train, validation, config, member, seed, classes, log)
-        if fit["collapsed_at"] is None:
+        if fit["failure"] is None:
             break
-        restarts.append({"seed": seed, "collapsed_at_epoch": fit["collapsed_at"]})
+        restarts.append({"seed": seed, **fit["failure"]})
         if log:
-            log(f"member {member} collapsed to a constant output at epoch {fit['collapsed_at']} (seed {seed})")
+            log(f"member {member} learned nothing ({fit['failure']['reason']} at epoch {fit['failure']['epoch']}, "
+                f"seed {seed})")
     else:
-        raise MemberCollapsed(
-            f"member {member} collapsed to a constant output (every ReLU silent) in all {len(restarts)} attempts "
-            f"(seeds {[restart['seed'] for restart in restarts]}); lower learning_rate or set warmup_epochs")
+        if fit["failure"]["reason"] == COLLAPSED:
+            raise MemberCollapsed(
+                f"member {member} collapsed to a constant output (every ReLU silent) in its last attempt; all "
+                f"{len(restarts)} attempts learned nothing (seeds {[restart['seed'] for restart in restarts]}); "
+                "lower learning_rate or set warmup_epochs")
     model, best = fit["model"], fit["best"]
     model.load_state_dict(best["state"])
     with atomic_output(files.weights(member)) as partial:
@@ -512,6 +544,7 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     card = {"member": member, "seed": seed, "spec": fit["spec"].as_dict(), "config": config.as_dict(),
             "classes": classes, "split": _split_hash(split), "best_epoch": best["epoch"],
             "epochs_run": len(fit["history"]), "history": fit["history"], "restarts": restarts,
+            "learned_nothing": fit["learned_nothing"], "constant_loss": fit["constant_loss"],
             "fresh_layers": fit["fresh_layers"], "device": str(fit["device"]),
             "seconds": time.perf_counter() - started}
     with atomic_output(files.card(member)) as partial:  # written last: marks the member done
@@ -522,8 +555,9 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
 def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validation: np.ndarray,
          config: TrainingConfig, member: int, seed: int, classes: list | None,
          log: Callable[[str], None] | None) -> dict:
-    """One training run from ``seed``: the model, its best epoch (``best``: criterion, epoch, state), the
-    history, and the epoch at which the run collapsed with its best epoch a constant (else ``None``)."""
+    """One training run from ``seed``: the model, its best epoch (``best``: criterion, loss, epoch, state), the
+    history, the validation loss of the best constant model and the run's ``failure`` (``None``, or the
+    reason the run learned nothing and its last epoch)."""
     torch.manual_seed(seed)
     device = torch_device()
     regression = config.task == "regression"
@@ -568,6 +602,8 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
     rng = np.random.default_rng(seed)
     cache: dict = {}
     validation_inputs = volumes.read(validation)
+    constant_loss = float(loss_of(_constant_output(targets[train], len(validation), config, edges, classes).to(device),
+                                  validation))
     history, best = [], {"score": -math.inf, "epoch": -1, "state": None, "constant": False}
     constant_before, collapsed_at = False, None
     for epoch in range(config.epochs):
@@ -597,7 +633,7 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
         score = -scores["validation_loss"] if config.early_stopping == "loss" else scores[
             "validation_balanced_accuracy"]
         if score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1, "constant": constant,
+            best = {"score": score, "loss": scores["validation_loss"], "epoch": epoch + 1, "constant": constant,
                     "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         if constant and constant_before:  # collapsed: nothing more can be learned (before patience ends the run)
             collapsed_at = epoch + 1 if best["constant"] else None
@@ -607,8 +643,16 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
         constant_before = constant
         if schedule is not None:
             schedule.step()
-    return {"model": model, "spec": spec, "best": best, "history": history, "collapsed_at": collapsed_at,
-            "fresh_layers": fresh_layers, "device": device}
+    learned_nothing = best["loss"] > (1 - MIN_GAIN) * constant_loss
+    if collapsed_at is not None:
+        failure = {"reason": COLLAPSED, "epoch": collapsed_at}
+    elif learned_nothing and len(history) < config.epochs:  # patience ran out on the plateau
+        failure = {"reason": NO_BETTER, "epoch": len(history)}
+    else:
+        failure = None
+    return {"model": model, "spec": spec, "best": best, "history": history, "failure": failure,
+            "learned_nothing": learned_nothing, "constant_loss": constant_loss, "fresh_layers": fresh_layers,
+            "device": device}
 
 
 def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarray, task: str,
