@@ -74,8 +74,12 @@ def test_run_writes_a_report_with_every_section(tiny_workspace):
         assert f'<section id="{section}">' in html
     assert "No association analyses" in html  # the tiny run has none: the section says so
     for expected in ("Metrics per member and split", "Ground-truth scores", "Robustness across ensemble members",
-                     "lrp: mean relevance", "gradient: top regions", "Package versions", "24</b> participants"):
+                     "lrp: mean relevance", "gradient: top regions", "Package versions", "24</b> participants",
+                     "Training per member"):
         assert expected in html
+    for member in (0, 1):  # each member's seed and kept epoch, as its card has them
+        card = json.loads((tiny_workspace / "models" / f"member_{member}.json").read_text())
+        assert f"<td>{card['seed']}</td>" in html and f"<td>{card['best_epoch']}</td>" in html
     figures = embedded_images(html)
     # cohort 1, models 2, relevance 2 mean maps + 1 group figure + 2 top-region charts, validation 1
     assert len(figures) == 9

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -252,7 +253,7 @@ def _models(ws: Workspace) -> list[str]:
     parts = [f"<p>Ensemble of {predictions.loc[predictions.member != ENSEMBLE, 'member'].nunique()} member(s) "
              f"{html.escape(config.model)} predicting <b>{html.escape(target)}</b> "
              f"({html.escape(config.task)}); member {ENSEMBLE} in the predictions is "
-             "their mean.</p>", _table(metrics, "Metrics per member and split")]
+             "their mean.</p>", _table(metrics, "Metrics per member and split"), _training_table(ws)]
     if "predicted" in predictions:
         parts.append(_figure(_scatter_figure(predictions, target),
                              f"Predicted against observed {target} per member and for the ensemble"))
@@ -269,6 +270,24 @@ def _models(ws: Workspace) -> list[str]:
                                 pd.Series(predicted.astype(str), name="predicted"))
         parts.append(_table(confusion.reset_index(), "Ensemble confusion matrix on the test set"))
     return parts
+
+
+def _training_table(ws: Workspace) -> str:
+    """How each member's training went, from its card: kept and last epoch, restarts and why, whether it learned
+    anything (its kept validation loss at least 5 % below predicting a constant), seconds."""
+    rows = []
+    for member in ws.layout.models.members():
+        card = json.loads(ws.layout.models.card(member).read_text())
+        kept = card["history"][card["best_epoch"] - 1]
+        rows.append({"member": member, "seed": card["seed"], "kept epoch": card["best_epoch"],
+                     "epochs run": card["epochs_run"], "validation loss": kept["validation_loss"],
+                     "constant's loss": card.get("constant_loss"),
+                     "restarts": "; ".join(f"seed {restart['seed']}: {restart.get('reason', 'constant output')} at "
+                                           f"epoch {restart.get('epoch', restart.get('collapsed_at_epoch'))}"
+                                           for restart in card.get("restarts", [])) or "–",
+                     "learned nothing": card.get("learned_nothing"), "seconds": card["seconds"]})
+    return _table(pd.DataFrame(rows), "Training per member (a member restarts from a fresh seed when it collapses to "
+                  "a constant output, or when patience ends it no better than predicting a constant)")
 
 
 def _ensembles_compared(ws: Workspace, ensembles: list[str]) -> list[str]:
