@@ -1,7 +1,6 @@
 """Noise-based importance (Bintsi et al. 2021): voxels the prediction does not need tolerate noise.
 
-- :class:`NoiseNet` maps an input to a noise level σ ∈ (0, 1) per voxel (a small two-scale 3D
-  encoder–decoder).
+- :class:`NoiseNet` maps an input to a noise level σ ∈ (0, 1) per voxel (a small 3D encoder–decoder).
 - :func:`train_noise_model` fits a NoiseNet over the training participants with the prediction
   model frozen, adding as much noise as it can without harming the prediction: it minimises
   ``((f(x + σ·s·ε) − y) / scale)² − λ · mean(σ)`` (``s``: the input's standard deviation, ``ε``
@@ -24,27 +23,20 @@ from engine.models.networks import place, predicted_values, selected_outputs
 
 
 class NoiseNet(nn.Module):
-    """Per-voxel noise logits for an input ``(batch, channels, x, y, z)``: features at the input's scale and at
-    half of it, mixed voxel by voxel as a U-Net's 1×1×1 output layer mixes its last features.
-
-    The mix of the coarse features is taken before they are upsampled (trilinear): both steps are linear and
-    the interpolation weights sum to 1, so this is the same map as mixing the upsampled features, with one
-    channel to upsample instead of ``width``.
-    """
+    """Per-voxel noise logits for an input ``(batch, channels, x, y, z)``: two scales, one skip connection."""
 
     def __init__(self, in_channels: int, width: int = 8):
         super().__init__()
         self.encode = nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), nn.ReLU())
         self.down = nn.Sequential(nn.Conv3d(width, width, 3, stride=2, padding=1), nn.ReLU(),
                                   nn.Conv3d(width, width, 3, padding=1), nn.ReLU())
-        self.out_near = nn.Conv3d(width, 1, 1)
-        self.out_far = nn.Conv3d(width, 1, 1, bias=False)
-        nn.init.constant_(self.out_near.bias, -2.0)  # start with little noise (σ ≈ 0.12) everywhere
+        self.out = nn.Conv3d(2 * width, 1, 3, padding=1)
+        nn.init.constant_(self.out.bias, -2.0)  # start with little noise (σ ≈ 0.12) everywhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         near = self.encode(x)
-        far = F.interpolate(self.out_far(self.down(near)), size=x.shape[2:], mode="trilinear", align_corners=False)
-        return self.out_near(near) + far
+        far = F.interpolate(self.down(near), size=x.shape[2:], mode="trilinear", align_corners=False)
+        return self.out(torch.cat([near, far], dim=1))
 
     def noise_level(self, x: torch.Tensor) -> torch.Tensor:
         """σ ∈ (0, 1) per voxel, ``(batch, 1, x, y, z)``."""
