@@ -531,6 +531,7 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
                 f"member {member} collapsed to a constant output (every ReLU silent) in its last attempt; all "
                 f"{len(restarts)} attempts learned nothing (seeds {[restart['seed'] for restart in restarts]}); "
                 "lower learning_rate or set warmup_epochs")
+        restarts.pop()  # a last attempt that is only stuck is kept, not restarted
     model, best = fit["model"], fit["best"]
     model.load_state_dict(best["state"])
     with atomic_output(files.weights(member)) as partial:
