@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.models import lrp, noise
+from engine.models.heap import heap_kept
 from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, mark_current, output_key
 from engine.data.masker import VOXEL_COORDS
 from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
@@ -272,10 +273,11 @@ def _train_noise_task(item):
     train = np.flatnonzero(read_split(files.split).reindex(volumes.subjects).to_numpy() == "train")
     classes = card["classes"]
     targets = targets_of(volumes.dataset, TrainingConfig(**card["config"]), classes)[train]
-    noise_net = noise.train_noise_model(
-        model, volumes.read, train, targets, sparsity=options.noise_model_sparsity, epochs=options.noise_model_epochs,
-        learning_rate=options.noise_model_learning_rate, classification=classes is not None,
-        seed=1000 * options.seed + member)
+    with heap_kept():
+        noise_net = noise.train_noise_model(
+            model, volumes.read, train, targets, sparsity=options.noise_model_sparsity,
+            epochs=options.noise_model_epochs, learning_rate=options.noise_model_learning_rate,
+            classification=classes is not None, seed=1000 * options.seed + member)
     path = files.noise_model(member)
     with atomic_output(path) as partial:
         save_file({name: value.contiguous() for name, value in noise_net.state_dict().items()}, partial)
@@ -324,9 +326,10 @@ def _explain_block(item):
     inputs = torch.from_numpy(volumes.read(positions)).to(device)
     noise_net = _load_noise_model(models_dir, member, inputs.shape[1], device) if "noise_model" in methods else None
     group = zarr.open_group(out, mode="r+")
-    for method_index, method in enumerate(methods):
-        maps = attribute(model, inputs, method, options, region_labels, noise_net).cpu().numpy()
-        group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.box.transform(maps)
+    with heap_kept():
+        for method_index, method in enumerate(methods):
+            maps = attribute(model, inputs, method, options, region_labels, noise_net).cpu().numpy()
+            group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.box.transform(maps)
     group["explained"][member_index, rows[0]:rows[-1] + 1] = True  # after the data: marks the block whole
     return len(rows)
 

@@ -31,6 +31,7 @@ from scipy import stats
 
 from engine.layout import ModelsLayout, atomic_output
 from engine.data.masker import Masker
+from engine.models.heap import heap_kept
 from engine.models.networks import MODELS, ModelSpec, build_model, place, predicted_values
 from engine.data.store import open_cohort
 from engine.tasks import gpu_resources, run_tasks, torch_device
@@ -695,7 +696,8 @@ def load_member(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
 
 def _train_member_task(item):
     store, config, split, member, out_dir, classes = item
-    return train_member(store, config, split, member, out_dir, classes)
+    with heap_kept():
+        return train_member(store, config, split, member, out_dir, classes)
 
 
 @dataclass(frozen=True)
