@@ -188,7 +188,8 @@ class FeaturesStage:
             ).compute().to_dataframe()[["pvs_count", "pvs_voxels"]].rename_axis("participant_id").reset_index()
         if settings.freesurfer:
             jobs["freesurfer"] = lambda: features.freesurfer_table(
-                catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations)
+                catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations,
+                client=cluster.client)
         if settings.tables:
             jobs["subject_features"] = lambda: _joined_tables(settings.tables, dataset)
         with atomic_output(out) as partial:  # the folder is swapped in whole: a failure keeps the old tables
@@ -696,10 +697,10 @@ class ReportStage:
         summary = {"report": str(out)}
         if not is_current(out, key):
             forget(out)
-            with dask.config.set(scheduler="threads"):  # small reductions: cheaper in this process than on workers
-                build_report(layout.root, methods=settings.methods, age_bands=settings.age_bands, top_k=settings.top_k)
+            # each section a task drawing its figures, its small reductions inside that worker
+            build_report(layout.root, methods=settings.methods, age_bands=settings.age_bands, top_k=settings.top_k,
+                         client=cluster.client, progress=progress)
             mark_current(out, key)
-            progress("report", 1, 1)
             summary["built"] = 1
         else:
             summary["built"] = 0

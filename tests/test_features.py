@@ -104,8 +104,8 @@ def test_aparc_stats_in_the_published_format(tmp_path):
     assert tidy[(tidy.structure == "MeanThickness")].value.item() == 2.45012
 
 
-def test_freesurfer_table_over_a_subjects_dir(tmp_path):
-    for pid in ("sub-01", "sub-02"):
+def test_freesurfer_table_over_a_subjects_dir(tmp_path, client, monkeypatch):
+    for pid in ("sub-01", "sub-02", "sub-03"):
         stats_dir = tmp_path / pid / "stats"
         stats_dir.mkdir(parents=True)
         (stats_dir / "aseg.stats").write_text(ASEG)
@@ -116,9 +116,13 @@ def test_freesurfer_table_over_a_subjects_dir(tmp_path):
     assert set(table.participant_id) == {"sub-01", "sub-02"}
     thickness = table[(table.measure == "thickness_mean") & (table.structure == "aparc.DKTatlas:entorhinal")]
     assert sorted(thickness.hemisphere) == ["lh", "lh", "rh", "rh"]
+    monkeypatch.setattr(features, "STATS_PARTICIPANTS_PER_TASK", 2)  # two tasks on the workers, the same table
+    ids = ["sub-03", "sub-01", "sub-02"]
+    pd.testing.assert_frame_equal(freesurfer_table(tmp_path, ids, client=client), freesurfer_table(tmp_path, ids))
     (tmp_path / "sub-02/stats/rh.aparc.stats").unlink()
-    with pytest.raises(FileNotFoundError, match="participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
-        freesurfer_table(tmp_path, ["sub-01", "sub-02"])
+    for on in (None, client):
+        with pytest.raises(FileNotFoundError, match="participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
+            freesurfer_table(tmp_path, ["sub-01", "sub-02"], client=on)
 
 
 def test_freesurfer_measures_are_named_as_freesurfer_labels_name_the_parcels(tmp_path):

@@ -97,13 +97,16 @@ def test_mass_accuracy_by_hand():
 @pytest.mark.parametrize("absolute", [False, True], ids=["signed", "absolute"])
 def test_roc_auc_equals_sklearn_with_ties(absolute):
     rng = np.random.default_rng(4)
-    values = rng.integers(-2, 3, (2, 3, 200)).astype(np.float32)  # five levels: many ties
+    values = rng.integers(-2, 3, (2, 4, 200)).astype(np.float32)  # five levels: many ties
     truth = rng.random(200) < 0.3
+    values[1, 3, np.flatnonzero(truth)[0]] = np.nan  # a map with NaN inside the truth …
+    values[0, 3, np.flatnonzero(~truth)[0]] = np.nan  # … and one with NaN outside it
     relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 50)), dims=("method", "subject", "voxel"),
                              coords={"method": ["a", "b"]})
     auc = voxel_roc_auc(relevance, truth, absolute=absolute)
     assert auc.dims == ("method", "subject") and isinstance(auc.data, da.Array)
     auc = auc.compute()
+    assert np.isnan(auc.values[:, 3]).all()
     for method in range(2):
         for subject in range(3):
             scores = np.abs(values[method, subject]) if absolute else values[method, subject]

@@ -21,7 +21,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,9 +40,12 @@ from engine.layout import atomic_output
 from engine.models.training import ENSEMBLE, TrainingConfig
 from engine.models.validation import SubjectGroups, subject_groups
 from engine.outputs.workspace import Workspace, mni_template
+from engine.tasks import run_tasks
 
 #: Sections shown once per ensemble when a workspace holds several named ensembles.
 ENSEMBLE_SECTIONS = ("models", "relevance", "validation")
+#: Sections with many brain figures: drawn first when sections are tasks on a cluster.
+SLOW_SECTIONS = ("relevance", "associations")
 SECTIONS = {"cohort": "Cohort", "registration": "Registration", "models": "Models", "relevance": "Relevance",
             "validation": "Validation", "associations": "Associations", "provenance": "Provenance"}
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
@@ -53,30 +56,39 @@ MAX_OVERLAYS = 6
 
 
 def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | None = None,
-                 age_bands: Sequence[float] = (40, 60), top_k: int = 10) -> Path:
+                 age_bands: Sequence[float] = (40, 60), top_k: int = 10, client=None,
+                 progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Write ``<workspace>/report.html`` (atomically) and return its path.
 
     ``methods``: the attribution methods to show (default: all in ``relevance.zarr``);
     ``age_bands``: age cut points of the group maps (``(40, 60)``: < 40, 40–60, ≥ 60);
-    ``top_k``: regions in the bar charts.
+    ``top_k``: regions in the bar charts. With a Dask ``client`` each section (of each ensemble) is drawn
+    by a task on the workers, the slowest first; ``progress("report", done, total)`` counts the sections.
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if list(age_bands) != sorted(set(age_bands)):
         raise ValueError(f"age_bands must be strictly increasing cut points, got {list(age_bands)}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    builders = {"cohort": _cohort, "registration": _registration, "models": _models,
-                "relevance": lambda w: _relevance(w, methods, list(age_bands), top_k),
-                "validation": _validation, "associations": _associations, "provenance": _provenance}
     ensembles = ws.ensembles or [None]
+    per_ensemble = ensembles != [None]
+    settings = (tuple(methods) if methods is not None else None, tuple(age_bands), top_k)
+    items = [(str(ws.path), key, name if key in ENSEMBLE_SECTIONS and per_ensemble else ws.ensemble, settings)
+             for key in sorted(SECTIONS, key=lambda key: key not in SLOW_SECTIONS)
+             for name in (ensembles if key in ENSEMBLE_SECTIONS and per_ensemble else [None])]
+    drawn = {}
+    for done, ((_, key, name, _), parts) in enumerate(run_tasks(_section, items, client=client), start=1):
+        drawn[key, name] = parts
+        if progress:
+            progress("report", done, len(items))
     body = []
     for key, title in SECTIONS.items():
-        if key in ENSEMBLE_SECTIONS and ensembles != [None]:  # one part per named ensemble, side by side
+        if key in ENSEMBLE_SECTIONS and per_ensemble:  # one part per named ensemble, side by side
             parts = _ensembles_compared(ws, ensembles) if key == "models" else []
             for name in ensembles:
-                parts += [f"<h3>Ensemble {html.escape(name)}</h3>", *builders[key](ws.for_ensemble(name))]
+                parts += [f"<h3>Ensemble {html.escape(name)}</h3>", *drawn[key, name]]
         else:
-            parts = builders[key](ws)
+            parts = drawn[key, ws.ensemble]
         body.append(f'<section id="{key}"><h2>{title}</h2>\n' + "\n".join(parts) + "</section>")
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items())
@@ -85,6 +97,16 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
     with atomic_output(ws.layout.report) as partial:
         partial.write_text(page, encoding="utf-8")
     return ws.layout.report
+
+
+def _section(item) -> list[str]:
+    """The HTML parts of one section of one ensemble's workspace (a task of :func:`build_report`)."""
+    path, key, ensemble, (methods, age_bands, top_k) = item
+    ws = Workspace(path, ensemble)
+    if key == "relevance":
+        return _relevance(ws, methods, list(age_bands), top_k)
+    return {"cohort": _cohort, "registration": _registration, "models": _models, "validation": _validation,
+            "associations": _associations, "provenance": _provenance}[key](ws)
 
 
 # ---------------------------------------------------------------------------------------
