@@ -5,7 +5,8 @@
 An MRInet on the demo cohort's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
 on the trained weights, so a freshly initialised model is used) explains a batch of random
 inputs with every method, best of three after a warm-up. The model is placed as the engine
-places it (``engine.models.networks.place``: channels-last weights). The reference is one forward
+places it (``engine.models.networks.place``: channels-last weights), and the heap is kept as the
+explain tasks keep it (``engine.models.heap.heap_kept``). The reference is one forward
 and one backward pass to the input (``torch.autograd.grad``) on that same model, the cheapest
 attribution there is, timed again right before each method (the machine's speed drifts by
 10-20 % over minutes); the same pass on the model in PyTorch's default layout is reported too.
@@ -24,6 +25,7 @@ import torch
 
 from engine.models.attribution import METHODS, AttributionOptions, attribute
 from engine.data.grid import mni_grid
+from engine.models.heap import heap_kept
 from engine.models.networks import ModelSpec, build_model, place
 from engine.models.noise import NoiseNet
 from ingest_throughput import best_of, save_results  # sibling script
@@ -97,10 +99,11 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     rows = []
-    for threads in args.threads:
-        rows += measure(args.voxel_size, args.batch, threads, torch.device("cpu"))
-    if torch.cuda.is_available():
-        rows += measure(args.voxel_size, args.batch, 1, torch.device("cuda"))
+    with heap_kept():
+        for threads in args.threads:
+            rows += measure(args.voxel_size, args.batch, threads, torch.device("cpu"))
+        if torch.cuda.is_available():
+            rows += measure(args.voxel_size, args.batch, 1, torch.device("cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
     save_results(args.out / "attribution_cost.json", rows)
     print(f"MRInet, {args.voxel_size:g} mm brain box, batch {args.batch}; options {OPTIONS}")
