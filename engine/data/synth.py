@@ -214,10 +214,17 @@ def _smoothed_templates(voxel_size: float) -> dict:
     return smoothed
 
 
-def _sample(volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int) -> np.ndarray:
-    """Sample ``volume`` (voxel→world ``affine``) at world points (n×3)."""
-    indices = (world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
-    return ndimage.map_coordinates(volume, indices.T, order=order, mode="constant", cval=0, prefilter=False)
+def _sample(volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int,
+            indices: np.ndarray | None = None) -> np.ndarray:
+    """Sample ``volume`` (voxel→world ``affine``) at world points (n×3), or at its voxel ``indices`` (3×n) of them
+    (:func:`_voxel_indices`, shared by volumes on one grid)."""
+    indices = _voxel_indices(affine, world) if indices is None else indices
+    return ndimage.map_coordinates(volume, indices, order=order, mode="constant", cval=0, prefilter=False)
+
+
+def _voxel_indices(affine: np.ndarray, world: np.ndarray) -> np.ndarray:
+    """The voxel coordinates (3×n, contiguous) of world points (n×3) in a volume with voxel→world ``affine``."""
+    return np.ascontiguousarray(((world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).T)
 
 
 def _smooth_field(rng, grid: Grid, spacing_mm: float, sd: float, ncomponents: int = 1) -> np.ndarray:
@@ -280,9 +287,14 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     displacement = _smooth_field(rng, grid, 24.0, effects.deformation_mm, 3).reshape(3, -1).T
     source = center + (world - center) / scale + displacement
 
+    indices = {}  # per template grid: the templates share few
+
     def sample(name, order=1):
         volume, affine = templates[name]
-        return _sample(volume, affine, source, order).reshape(grid.shape)
+        key = affine.tobytes()
+        if key not in indices:
+            indices[key] = _voxel_indices(affine, source)
+        return _sample(volume, affine, source, order, indices[key]).reshape(grid.shape)
 
     brain = np.clip(sample("brain"), 0, 1)
     gm = np.clip(sample("gm"), 0, 1)
@@ -862,8 +874,9 @@ def generate_cohort(
             progress("synth", done, n_subjects)
 
     table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
-    _save(cohort_mask(grid).astype(np.uint8), grid, out_dir / "mask.nii.gz")
-    _save(_truth_regions(grid), grid, out_dir / TRUTH_REGIONS)
+    ((_, (mask, truth)),) = run_tasks(_cohort_images, [grid], client=client)  # a worker has the templates loaded
+    _save(mask, grid, out_dir / "mask.nii.gz")
+    _save(truth, grid, out_dir / TRUTH_REGIONS)
     demographics = ["participant_id", "age", "sex", "site"]
     table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)
     table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
@@ -881,6 +894,11 @@ TRUTH_REGIONS = "truth_regions.nii.gz"
 TRUTH_LABELS = {1: "hippocampus", 2: "amygdala", 3: "thalamus", 4: "lateral_ventricles", 5: "cortex"}
 #: The focal planted effects (the cortex-wide thinning is diffuse): what explanations are scored against.
 FOCAL_TRUTH_LABELS = [1, 2, 3, 4]
+
+
+def _cohort_images(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The cohort mask (uint8) and the planted regions on ``grid``."""
+    return cohort_mask(grid).astype(np.uint8), _truth_regions(grid)
 
 
 def _truth_regions(grid: Grid) -> np.ndarray:
