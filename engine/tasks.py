@@ -30,29 +30,40 @@ def run_tasks(
             yield item, func(item)
         return
 
-    from uuid import uuid4
-
-    from dask.utils import funcname
     from distributed import as_completed
-
-    def submit(item):
-        return client.submit(_in_one_process, func, item, resources=resources, retries=1,
-                             key=f"{funcname(func)}-{uuid4().hex}")
 
     first = items[:in_flight] if in_flight else items
     waiting = iter(items[len(first):])
-    futures = {submit(item): item for item in first}
+    futures = {_submit(client, func, item, resources): item for item in first}
     finished = as_completed(list(futures))
     try:
         for future in finished:
             result = future.result()
             for item in itertools.islice(waiting, 1):  # the next task goes out before this one's result is used
-                following = submit(item)
+                following = _submit(client, func, item, resources)
                 futures[following] = item
                 finished.add(following)
             yield futures[future], result
     finally:
         client.cancel(list(futures))
+
+
+def start_task(func: Callable, item, *, client=None) -> Callable[[], Any]:
+    """``func(item)`` started as one Dask task (as :func:`run_tasks` runs each), while this process goes on;
+    call the returned function for its result. Without a client ``func(item)`` runs when the result is asked for."""
+    if client is None:
+        return lambda: func(item)
+    return _submit(client, func, item).result
+
+
+def _submit(client, func: Callable, item, resources: dict | None = None):
+    """The future of ``func(item)`` as a task of its own (a unique key), retried once if its worker dies."""
+    from uuid import uuid4
+
+    from dask.utils import funcname
+
+    return client.submit(_in_one_process, func, item, resources=resources, retries=1,
+                         key=f"{funcname(func)}-{uuid4().hex}")
 
 
 def _in_one_process(func: Callable, item):

@@ -29,6 +29,7 @@ from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256
                            mark_current, output_key, stored_key)
 from engine.data.masker import Masker
 from engine.outputs.report import build_report, screenshot_sections
+from engine.tasks import start_task
 from pipelines.catalog import Catalog, ReportSettings
 
 Progress = Callable[[str, int, int], None]
@@ -337,13 +338,14 @@ class ValidateStage:
         # many small reductions (92 in the demo's): cheaper in this process than on workers, where each one's
         # chunks and results travel between processes (the demo's validation: 58 s on its 2 workers, 30 s here)
         with dask.config.set(scheduler="threads"):
-            summaries = {name: self._validate(catalog, name, settings)
+            summaries = {name: self._validate(catalog, name, settings, cluster.client)
                          for name, settings in _explained_ensembles(catalog).items()}
         progress("validate", 1, 1)
         return _by_ensemble(summaries)
 
-    def _validate(self, catalog: Catalog, ensemble: str | None, settings) -> dict:
-        """Every score of one ensemble's maps into its validation/ folder (when not current)."""
+    def _validate(self, catalog: Catalog, ensemble: str | None, settings, client) -> dict:
+        """Every score of one ensemble's maps into its validation/ folder (when not current); the parameter
+        randomisation test runs on a worker meanwhile."""
         layout = catalog.layout.for_ensemble(ensemble)
         truth, masks = _truth(catalog), _masks(catalog)
         labels = _truth_labels(catalog)
@@ -363,6 +365,8 @@ class ValidateStage:
             return {**summary, "computed": 0}
         relevance = attribution.open_relevance(layout.relevance)
         dataset = store.open_cohort(layout.images)
+        # imported maps (no settings) have no model to randomise
+        sanity = None if settings is None else self._start_sanity(catalog, ensemble, relevance, client)
         with atomic_output(out) as partial:  # the folder is swapped in whole
             partial.mkdir()
             if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
@@ -384,9 +388,9 @@ class ValidateStage:
                     else None
                 robustness = self._robustness(relevance, atlas, predictions, age_bands)
                 robustness.to_parquet(partial / layout.robustness.name, index=False)
-            sanity = None if settings is None else self._sanity(catalog, ensemble, relevance)  # imported: no model
-            if sanity is not None:
-                sanity.to_parquet(partial / layout.sanity.name, index=False)
+            table = sanity() if sanity is not None else None
+            if table is not None:
+                table.to_parquet(partial / layout.sanity.name, index=False)
         mark_current(out, key)
         return {**summary, "computed": 1}
 
@@ -418,21 +422,21 @@ class ValidateStage:
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
 
-    def _sanity(self, catalog: Catalog, ensemble: str | None, relevance) -> pd.DataFrame | None:
+    def _start_sanity(self, catalog: Catalog, ensemble: str | None, relevance,
+                      client) -> Callable[[], pd.DataFrame | None]:
         """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
-        belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants."""
-        methods = [method for method in relevance.method.values if method != "noise_model"]
+        belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants, started as a
+        task; call the result for its table (``None`` without such methods)."""
+        methods = tuple(method for method in relevance.method.values if method != "noise_model")
         if not methods:
-            return None
+            return lambda: None
         layout = catalog.layout.for_ensemble(ensemble)
-        model, card = training.load_member(layout.models.member(0))
-        volumes = training.CohortVolumes(layout.images, card["config"]["modalities"], card["config"]["input_scaling"])
-        positions = [list(volumes.subjects).index(subject) for subject in relevance.subject.values[:SANITY_SUBJECTS]]
-        inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
-        region_labels = _region_labels(catalog, volumes.dataset) if "region_occlusion" in methods else None
-        return validation.parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), methods,
-                                                  options=catalog.explain.ensemble(ensemble).options, inside=inside,
-                                                  region_labels=region_labels)
+        region_labels = _region_labels(catalog, store.open_cohort(layout.images)) if "region_occlusion" in methods \
+            else None
+        item = (str(layout.models.member(0)), str(layout.images), methods,
+                tuple(relevance.subject.values[:SANITY_SUBJECTS]), catalog.explain.ensemble(ensemble).options,
+                region_labels)
+        return start_task(_parameter_randomisation, item, client=client)
 
     def _robustness(self, relevance, atlas, predictions: pd.DataFrame | None, age_bands) -> pd.DataFrame:
         """Eitel & Ritter's robustness per method, for the true positives and true negatives of a binary
@@ -451,6 +455,17 @@ class ValidateStage:
                  for validated in (layout.for_ensemble(name).validation for name in layout.ensemble_names())
                  if stored_key(validated) is not None]
         return "\n".join(lines) or None
+
+
+def _parameter_randomisation(item) -> pd.DataFrame:
+    """The randomisation test of ``methods`` on one member over some participants (a task of the validate stage)."""
+    member, images, methods, subjects, options, region_labels = item
+    model, card = training.load_member(member)
+    volumes = training.CohortVolumes(images, card["config"]["modalities"], card["config"]["input_scaling"])
+    positions = [list(volumes.subjects).index(subject) for subject in subjects]
+    inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
+    return validation.parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), list(methods),
+                                              options=options, inside=inside, region_labels=region_labels)
 
 
 def _explained_ensembles(catalog: Catalog) -> dict:

@@ -257,6 +257,20 @@ def test_tasks_in_flight_are_capped_and_the_next_goes_out_as_one_finishes(client
     assert all(after[0] >= before[1] for before, after in itertools.pairwise(intervals))  # one at a time
 
 
+def test_a_started_task_runs_on_a_worker_while_this_process_goes_on(client):
+    import time
+
+    from engine.tasks import start_task
+
+    result = start_task(_timed_sleep, 0.5, client=client)
+    asked = time.monotonic()  # back at once, while the task sleeps on a worker
+    started, ended = result()
+    assert ended - started >= 0.5 and asked < ended
+    later = start_task(_timed_sleep, 0.0)  # without a client: run when its result is asked for
+    before = time.monotonic()
+    assert later()[0] >= before
+
+
 def test_tasks_ask_for_a_gpu_only_where_workers_advertise_one():
     from distributed import Client, LocalCluster
 
