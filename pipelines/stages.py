@@ -365,8 +365,7 @@ class ValidateStage:
             return {**summary, "computed": 0}
         relevance = attribution.open_relevance(layout.relevance)
         dataset = store.open_cohort(layout.images)
-        # imported maps (no settings) have no model to randomise
-        sanity = None if settings is None else self._start_sanity(catalog, ensemble, relevance, client)
+        sanity = self._start_sanity(catalog, ensemble, settings, relevance, client)
         with atomic_output(out) as partial:  # the folder is swapped in whole
             partial.mkdir()
             if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
@@ -388,7 +387,7 @@ class ValidateStage:
                     else None
                 robustness = self._robustness(relevance, atlas, predictions, age_bands)
                 robustness.to_parquet(partial / layout.robustness.name, index=False)
-            table = sanity() if sanity is not None else None
+            table = sanity()
             if table is not None:
                 table.to_parquet(partial / layout.sanity.name, index=False)
         mark_current(out, key)
@@ -422,13 +421,14 @@ class ValidateStage:
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
 
-    def _start_sanity(self, catalog: Catalog, ensemble: str | None, relevance,
+    def _start_sanity(self, catalog: Catalog, ensemble: str | None, settings, relevance,
                       client) -> Callable[[], pd.DataFrame | None]:
         """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
         belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants, started as a
-        task; call the result for its table (``None`` without such methods)."""
+        task; call the result for its table (``None`` for imported maps, which have no model, or without such
+        methods)."""
         methods = tuple(method for method in relevance.method.values if method != "noise_model")
-        if not methods:
+        if settings is None or not methods:
             return lambda: None
         layout = catalog.layout.for_ensemble(ensemble)
         region_labels = _region_labels(catalog, store.open_cohort(layout.images)) if "region_occlusion" in methods \

@@ -214,11 +214,13 @@ def _smoothed_templates(voxel_size: float) -> dict:
     return smoothed
 
 
-def _sample(volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int,
-            indices: np.ndarray | None = None) -> np.ndarray:
-    """Sample ``volume`` (voxel→world ``affine``) at world points (n×3), or at its voxel ``indices`` (3×n) of them
-    (:func:`_voxel_indices`, shared by volumes on one grid)."""
-    indices = _voxel_indices(affine, world) if indices is None else indices
+def _sample(volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int) -> np.ndarray:
+    """Sample ``volume`` (voxel→world ``affine``) at world points (n×3)."""
+    return _sample_at(volume, _voxel_indices(affine, world), order)
+
+
+def _sample_at(volume: np.ndarray, indices: np.ndarray, order: int) -> np.ndarray:
+    """Sample ``volume`` at voxel coordinates (3×n, :func:`_voxel_indices`)."""
     return ndimage.map_coordinates(volume, indices, order=order, mode="constant", cval=0, prefilter=False)
 
 
@@ -294,7 +296,7 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
         key = affine.tobytes()
         if key not in indices:
             indices[key] = _voxel_indices(affine, source)
-        return _sample(volume, affine, source, order, indices[key]).reshape(grid.shape)
+        return _sample_at(volume, indices[key], order).reshape(grid.shape)
 
     brain = np.clip(sample("brain"), 0, 1)
     gm = np.clip(sample("gm"), 0, 1)
