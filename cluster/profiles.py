@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from cluster.running import RunningCluster
+from cluster.running import WORKER_ENVIRONMENT, RunningCluster
 from cluster.slurm import SlurmProfile, memory_size
 
 #: A per-worker memory limit: a size such as '4GiB', or 'auto' (the machine's memory split over the workers).
@@ -37,6 +37,8 @@ class LocalProfile(BaseModel):
 
         resources = {"GPU": self.gpus_per_worker} if self.gpus_per_worker else None
         settings = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": self.malloc_trim_threshold,
+                    **{f"distributed.nanny.pre-spawn-environ.{name}": value
+                       for name, value in WORKER_ENVIRONMENT.items()},
                     # one queued task per thread: a large group of tasks spreads over idle workers instead of
                     # two landing on one single-threaded worker (the default 1.1 rounds up to 2); groups of at
                     # most twice the threads are not queued but assigned up front, so long ones are capped by

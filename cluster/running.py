@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+#: Set in every worker process before it starts. One malloc arena: a task thread's memory comes from
+#: glibc's main heap, where ``engine.models.heap.heap_kept`` keeps large blocks for reuse. A thread's
+#: own arena grows in heaps of at most 64 MiB and serves larger blocks as fresh mappings whatever
+#: ``mallopt`` says: the demo's training epochs took 3.3 s on a worker thread against 2.4 s with one arena.
+WORKER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "1"}
+
 
 @dataclass(frozen=True)
 class RunningCluster:

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cluster.running import RunningCluster
+from cluster.running import WORKER_ENVIRONMENT, RunningCluster
 
 WALLTIME = r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$"
 
@@ -116,7 +116,8 @@ class SlurmProfile(BaseModel):
             if getattr(self, field) is not None:
                 options[field] = getattr(self, field)
         directives = [*(site.get("job-extra-directives") or []), *self.job_directives, *spec.job_directives]
-        prologue = [*(site.get("job-script-prologue") or []), *self.setup, *spec.setup]
+        prologue = [*(f"export {name}={value}" for name, value in WORKER_ENVIRONMENT.items()),
+                    *(site.get("job-script-prologue") or []), *self.setup, *spec.setup]
         worker_args = list(site.get("worker-extra-args") or [])
         if isinstance(spec, SlurmGpuPool):
             options["processes"] = 1

@@ -61,7 +61,9 @@ def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
     assert gpu["cores"] == 4 and gpu["processes"] == 1
     assert gpu["job_extra_directives"] == ["--constraint=site", "--qos=gpu", "--gres=gpu:2"]
     assert gpu["worker_extra_args"] == ["--resources", "GPU=2"]
-    assert cpu["job_script_prologue"] == ["module load site-python", "source /lab/venv/bin/activate"]
+    # one malloc arena in every worker (cluster.running.WORKER_ENVIRONMENT), before the site's and the catalog's lines
+    assert cpu["job_script_prologue"] == ["export MALLOC_ARENA_MAX=1", "module load site-python",
+                                          "source /lab/venv/bin/activate"]
 
     from dask_jobqueue.slurm import SLURMJob
 
