@@ -300,12 +300,12 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
             items.append((str(store), str(models_dir), member, options, key))
     done = len(members) - len(items)
     if progress:
-        progress("explain: noise models", done, len(members))
+        progress("noise models", done, len(members))
     for _ in run_tasks(_train_noise_task, items, client=client, resources=gpu_resources(client, gpu_on_demand),
                        in_flight=in_flight):
         done += 1
         if progress:
-            progress("explain: noise models", done, len(members))
+            progress("noise models", done, len(members))
 
 
 def _noise_network_layout() -> dict:
