@@ -1,6 +1,7 @@
 """Models, splits, metrics, bias correction and training against independent references."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -432,6 +433,25 @@ def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store,
     stamps = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("member_*.safetensors")}
     train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
     assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("member_*.safetensors")} == stamps
+
+
+def test_mixed_precision_trains_under_bfloat16_autocast_and_keeps_float32_weights(tiny_store, tmp_path, monkeypatch):
+    """The GPU path (bfloat16 autocast) run on CPU: it changes the arithmetic, not the stored model."""
+    import engine.models.training as training_module
+
+    split = cohort_split(tiny_store)
+    config = CONFIG.model_copy(update={"epochs": 2, "patience": 2})
+    full = train_member(tiny_store, config, split, 0, tmp_path / "float32")
+    ignored = train_member(tiny_store, config, split, 0, tmp_path / "ignored")  # mixed_precision: on, not on CPU
+    assert config.mixed_precision and ignored["history"] == full["history"]
+    monkeypatch.setattr(training_module, "MIXED_PRECISION_DEVICES", ("cuda", "cpu"))
+    half = train_member(tiny_store, config, split, 0, tmp_path / "bfloat16")
+    assert [row["train_loss"] for row in half["history"]] != [row["train_loss"] for row in full["history"]]
+    assert all(math.isfinite(row["validation_loss"]) for row in half["history"])
+    weights = load_file(tmp_path / "bfloat16" / "member_0.safetensors")
+    assert {value.dtype for value in weights.values()} == {torch.float32}
+    # bfloat16 keeps 8 bits of mantissa: the first epoch's losses agree to a few percent
+    np.testing.assert_allclose(half["history"][0]["train_loss"], full["history"][0]["train_loss"], rtol=0.05)
 
 
 def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_path):

@@ -462,6 +462,9 @@ MIN_GAIN = 0.05
 COLLAPSED, NO_BETTER = "constant output", "no better than a constant"
 #: A restarted member's seed: its own seed plus this times the attempt (no other member's seed).
 RESTART_SEED_STEP = 1_000_000
+#: Devices on which ``mixed_precision`` trains under bfloat16 autocast (a CPU's bfloat16 3D
+#: convolutions are slower than float32 without AVX512-BF16 or AMX).
+MIXED_PRECISION_DEVICES = ("cuda",)
 
 
 class MemberCollapsed(RuntimeError):
@@ -585,7 +588,7 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
     schedule = _schedule(optimiser, config)
     loss_fn = torch.nn.MSELoss() if regression else torch.nn.CrossEntropyLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=config.mixed_precision and device.type == "cuda")
+                              enabled=config.mixed_precision and device.type in MIXED_PRECISION_DEVICES)
     # the spread below which the validation outputs are one constant: outputs are in the target's units
     # (regression), or logits
     constant_spread = CONSTANT_OUTPUT * (float(targets[train].std()) if regression and edges is None else 1.0)
