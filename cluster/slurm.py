@@ -146,7 +146,8 @@ class SlurmProfile(BaseModel):
 
         pools = self.pools()  # raises a clear error for missing cores/memory before anything is submitted
         settings = {"distributed.scheduler.worker-saturation": 1.0}
-        scheduler_options = {"dashboard_address": ":8787" if self.dashboard else None}
+        # off: the scheduler still serves HTTP (health checks), so on a free port, not on 8787
+        scheduler_options = {"dashboard_address": ":8787" if self.dashboard else ":0"}
         if self.interface is not None:
             scheduler_options["interface"] = self.interface
         with dask.config.set(settings), PooledSLURMCluster(

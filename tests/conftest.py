@@ -47,7 +47,7 @@ def client():
     """An in-process Dask cluster (threads), shared by the tests that run tasks on one."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as dask_client:
         yield dask_client
 

@@ -277,11 +277,11 @@ def test_tasks_ask_for_a_gpu_only_where_workers_advertise_one():
     from engine.tasks import gpu_resources, run_tasks
 
     assert gpu_resources(None) is None
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
                       resources={"GPU": 1}) as cluster, Client(cluster) as client:
         assert gpu_resources(client) == {"GPU": 1}
         results = dict(run_tasks(lambda item: item * 2, [1, 2, 3], client=client, resources=gpu_resources(client)))
         assert results == {1: 2, 2: 4, 3: 6}
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         assert gpu_resources(client) is None

@@ -89,7 +89,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undis
     split = cohort_split(store)
     config = TrainingConfig(modalities=("T1",), epochs=4, batch_size=4, seed=3)
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         undisturbed = train_ensemble(store, config, 2, tmp_path / "undisturbed", split, client=client)
         pids = client.run(os.getpid)

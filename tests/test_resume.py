@@ -27,7 +27,7 @@ KILLED_INGEST = textwrap.dedent("""
             os.killpg(os.getpgid(0), signal.SIGKILL)  # the driver and its worker processes, at once
 
     if __name__ == "__main__":
-        with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \\
+        with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \\
                 Client(cluster) as client:
             ingest(store, read_participants(f"{cohort}/participants.tsv"), cohort, MODALITIES,
                    f"{cohort}/mask.nii.gz", subjects_per_chunk=1, client=client, progress=progress)
