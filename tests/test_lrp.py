@@ -19,9 +19,9 @@ from engine.models.networks import ModelSpec, build_model, place
 SHAPE = (12, 14, 10)
 
 
-def _model(name="mrinet", bias_free=False, shape=SHAPE, **options):
+def _model(name="mrinet", bias_free=False, shape=SHAPE, in_channels=2, **options):
     torch.manual_seed(3)
-    model = build_model(ModelSpec(name, shape, 2, 1, options)).double().eval()
+    model = build_model(ModelSpec(name, shape, in_channels, 1, options)).double().eval()
     for module in model.modules():
         if isinstance(module, (nn.Conv3d, nn.Linear)):
             nn.init.normal_(module.weight, std=0.3)
@@ -29,9 +29,9 @@ def _model(name="mrinet", bias_free=False, shape=SHAPE, **options):
     return model
 
 
-def _inputs(signed=False, shape=SHAPE):
+def _inputs(signed=False, shape=SHAPE, channels=2):
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 2, *shape, generator=generator, dtype=torch.float64)
+    x = torch.randn(3, channels, *shape, generator=generator, dtype=torch.float64)
     return x if signed else x.abs()
 
 
@@ -165,11 +165,14 @@ REFERENCES = {  # method: (rule of the dense layers, rule of the convolutions, o
 }
 
 
+# one input channel: the first layer's gradient to the input by depthwise convolutions
+# (engine.models.input_gradient), over the sign split too; two: only where the inputs are non-negative
+@pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("method", list(REFERENCES))
-def test_lrp_methods_equal_innvestigates_rules_with_biases(method, signed):
+def test_lrp_methods_equal_innvestigates_rules_with_biases(method, signed, channels):
     """Biases drawn large enough to matter, a rescaled output, signed inputs (z-scored scans) or not."""
-    model, x = _model(), _inputs(signed)
+    model, x = _model(in_channels=channels), _inputs(signed, channels=channels)
     with torch.no_grad():
         model.output_scale.fill_(7.0)
         for module in model.modules():

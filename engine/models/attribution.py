@@ -46,6 +46,7 @@ from torch import nn
 
 from engine.models import lrp, noise
 from engine.models.heap import heap_kept
+from engine.models.input_gradient import depthwise_input_gradients
 from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, mark_current, output_key
 from engine.data.masker import VOXEL_COORDS
 from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
@@ -218,7 +219,8 @@ def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: Attr
         context["lrp_model"] = lrp.prepare(model)
     torch.manual_seed(options.seed)
     inputs = inputs.detach().requires_grad_(True)
-    return METHODS[method](model, inputs, options, context).detach().to(inputs.dtype)
+    with depthwise_input_gradients(model):  # LRP's rules route their own (engine.models.lrp)
+        return METHODS[method](model, inputs, options, context).detach().to(inputs.dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,12 +36,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.models.input_gradient import (
+    convolution_with_depthwise_input_gradient,
+    input_gradient_by_depthwise,
+    takes_depthwise_route,
+)
 from engine.models.networks import selected_outputs
 
 
 def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's map with a rule's weights and bias (its gradient to a few-channel input by depthwise
+    convolutions, :mod:`engine.models.input_gradient`)."""
     if isinstance(module, nn.Linear):
         return F.linear(x, weight, bias)
+    if takes_depthwise_route(module, x.device, channels=x.shape[1]):
+        return convolution_with_depthwise_input_gradient(module, x, weight, bias)
     return module._conv_forward(x, weight, bias)
 
 
@@ -121,7 +130,8 @@ class Epsilon:
     epsilon: float = 0.1
     bias: bool = True
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor, absorbs_relu: bool = False) -> None:
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor,
+                 absorbs_relu: bool = False) -> torch.Tensor:
         with torch.no_grad():
             z = output if self.bias else output - _bias_of(module, output)
             denominator = _stabilise(z, self.epsilon) if self.epsilon else z.clone()
@@ -129,7 +139,10 @@ class Epsilon:
                 output.clamp_(min=0)
             scale = _ratio(output, denominator, 1.0)
         if output.requires_grad:
+            if takes_depthwise_route(module, inputs[0].device):
+                output = input_gradient_by_depthwise(module, inputs[0], output)
             output.register_hook(lambda gradient: scale.mul_(gradient))
+        return output
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.models.input_gradient import depthwise_input_gradients
 from engine.models.networks import place, predicted_values, selected_outputs
 
 
@@ -73,19 +74,20 @@ def train_noise_model(model: nn.Module, read, positions: np.ndarray, targets: np
     optimiser = torch.optim.Adam(noise_net.parameters(), lr=learning_rate)
     targets = torch.as_tensor(np.asarray(targets), dtype=first.dtype)
     try:
-        for _ in range(epochs):
-            order = rng.permutation(len(positions))
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                inputs = torch.from_numpy(read(positions[batch])).to(device)
-                sigma = noise_net.noise_level(inputs)
-                noise = torch.randn(inputs.shape, generator=generator, device=device, dtype=inputs.dtype)
-                noisy = inputs + sigma * _spread(inputs) * noise
-                loss = (_prediction_loss(model, noisy, targets[batch].to(device), classification)
-                        - sparsity * sigma.mean())
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
+        with depthwise_input_gradients(model):  # the frozen model's weights need no gradient
+            for _ in range(epochs):
+                order = rng.permutation(len(positions))
+                for start in range(0, len(order), batch_size):
+                    batch = order[start:start + batch_size]
+                    inputs = torch.from_numpy(read(positions[batch])).to(device)
+                    sigma = noise_net.noise_level(inputs)
+                    noise = torch.randn(inputs.shape, generator=generator, device=device, dtype=inputs.dtype)
+                    noisy = inputs + sigma * _spread(inputs) * noise
+                    loss = (_prediction_loss(model, noisy, targets[batch].to(device), classification)
+                            - sparsity * sigma.mean())
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
     finally:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
