@@ -7,9 +7,12 @@ on the trained weights, so a freshly initialised model is used) explains a batch
 inputs with every method, best of three after a warm-up. The model is placed as the engine
 places it (``engine.models.networks.place``: channels-last weights), and the heap is kept as the
 explain tasks keep it (``engine.models.heap.heap_kept``). The reference is one forward
-and one backward pass to the input (``torch.autograd.grad``) on that same model, the cheapest
-attribution there is, timed again right before each method (the machine's speed drifts by
-10-20 % over minutes); the same pass on the model in PyTorch's default layout is reported too.
+and one backward pass to the input (``torch.autograd.grad``) on that same model, as PyTorch
+computes it, timed again right before each method (the machine's speed drifts by
+10-20 % over minutes); the same pass on the model in PyTorch's default layout is reported too. The
+engine's own ``gradient`` is cheaper than the reference: it takes the first convolution's input
+gradient by depthwise convolutions (``engine.models.input_gradient``), as do the other gradient
+methods and LRP's rules.
 Methods slower than 10 s per batch are timed once after the warm-up.
 Writes ``benchmarks/results/attribution_cost.json`` and prints a Markdown table.
 """
