@@ -243,7 +243,7 @@ def test_lrp_equals_captum_where_both_apply(preset):
             module.rule = EpsilonRule(0.1) if preset == "epsilon" else Alpha1_Beta0_Rule(set_bias_to_zero=True)
         elif isinstance(module, nn.MaxPool3d):
             module.rule = EpsilonRule(1e-12)
-    reference = LRP(reference_model).attribute(x.clone(), target=0).detach()
+    reference = LRP(reference_model).attribute(x.clone().requires_grad_(True), target=0).detach()
     rules = "epsilon" if preset == "epsilon" else {nn.Linear: Epsilon(0.1), nn.Conv3d: ZPlus()}
     relevance = lrp(model, x, rules)
     assert torch.allclose(relevance, reference, rtol=1e-6, atol=1e-9 * reference.abs().max().item())
