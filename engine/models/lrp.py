@@ -139,7 +139,7 @@ class Epsilon:
                 output.clamp_(min=0)
             scale = _ratio(output, denominator, 1.0)
         if output.requires_grad:
-            if takes_depthwise_route(module, inputs[0].device):
+            if inputs[0].requires_grad and takes_depthwise_route(module, inputs[0].device):
                 output = input_gradient_by_depthwise(module, inputs[0], output)
             output.register_hook(lambda gradient: scale.mul_(gradient))
         return output
