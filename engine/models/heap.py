@@ -7,7 +7,10 @@ touch, so each step pays for zeroing new pages: on the AMD EPYC a training step 
 0.13 s with the blocks reused. Inside :func:`heap_kept` large blocks come from the heap and freed
 ones stay in it for the next step; on leaving the outermost one, the trim threshold returns to its
 start value (``MALLOC_TRIM_THRESHOLD_``, or glibc's 128 KiB) and the heap is trimmed, so a worker's
-memory falls back between tasks. Elsewhere than glibc it does nothing.
+memory falls back between tasks. Elsewhere than glibc it does nothing. In a thread other than the
+main one (a Dask task's) it needs the process to have one malloc arena (``MALLOC_ARENA_MAX=1``,
+which the cluster profiles set in their workers): a thread's own arena grows in heaps of at most
+64 MiB and serves larger blocks as fresh mappings whatever ``mallopt`` says.
 """
 
 from __future__ import annotations
