@@ -365,7 +365,7 @@ class ValidateStage:
             return {**summary, "computed": 0}
         relevance = attribution.open_relevance(layout.relevance)
         dataset = store.open_cohort(layout.images)
-        sanity = self._start_sanity(catalog, ensemble, settings, relevance, client)
+        sanity = self._start_sanity(catalog, ensemble, settings, relevance, dataset, client)
         with atomic_output(out) as partial:  # the folder is swapped in whole
             partial.mkdir()
             if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
@@ -421,7 +421,7 @@ class ValidateStage:
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
 
-    def _start_sanity(self, catalog: Catalog, ensemble: str | None, settings, relevance,
+    def _start_sanity(self, catalog: Catalog, ensemble: str | None, settings, relevance, dataset,
                       client) -> Callable[[], pd.DataFrame | None]:
         """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
         belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants, started as a
@@ -431,8 +431,7 @@ class ValidateStage:
         if settings is None or not methods:
             return lambda: None
         layout = catalog.layout.for_ensemble(ensemble)
-        region_labels = _region_labels(catalog, store.open_cohort(layout.images)) if "region_occlusion" in methods \
-            else None
+        region_labels = _region_labels(catalog, dataset) if "region_occlusion" in methods else None
         item = (str(layout.models.member(0)), str(layout.images), methods,
                 tuple(relevance.subject.values[:SANITY_SUBJECTS]), catalog.explain.ensemble(ensemble).options,
                 region_labels)
