@@ -25,7 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from cluster import LocalProfile
-from engine.data.store import Modality, ingest, read_participants
+from engine.data.store import ingest
+from engine.data.inputs import Modality, read_participants
 from engine.data.synth import MODALITY_PATHS, generate_cohort
 
 MODALITIES = [Modality(name, template, "uint8" if name == "WMH" else "float32")

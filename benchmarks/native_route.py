@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 
 from engine import open_workspace
-from engine.analysis.atlas import NativeLabels, ParticipantLabels, label_table, region_reduce
-from engine.data.store import Modality, read_participants, resolve_files
+from engine.analysis.atlas import NativeLabels, ParticipantLabels, region_reduce
+from engine.data.labels import label_table
+from engine.data.inputs import Modality, read_participants, resolve_files
 from ingest_throughput import save_results  # sibling script
 
 LABELS = Modality("APARC_ASEG", "derivatives/freesurfer/{participant_id}/mri/aparc+aseg.mgz", "int16",

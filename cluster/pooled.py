@@ -23,7 +23,20 @@ from dask_jobqueue.slurm import SLURMJob
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from cluster.slurm import JobPool
+
+
+class JobPool:
+    """A pool's job options and bounds; ``gpu`` pools serve the tasks that need the GPU resource."""
+
+    def __init__(self, options: dict, min_jobs: int, max_jobs: int, gpu: bool = False):
+        self.options, self.min_jobs, self.max_jobs, self.gpu = options, min_jobs, max_jobs, gpu
+
+    @property
+    def slots(self) -> int:
+        """Tasks one job runs at once: its cores (threads over all its worker processes)."""
+        import dask
+
+        return int(self.options.get("cores") or dask.config.get("jobqueue.slurm.cores") or 1)
 
 
 def _of_job(worker, job) -> bool:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from cluster.running import WORKER_ENVIRONMENT, RunningCluster
+
+if TYPE_CHECKING:
+    from cluster.pooled import JobPool
 
 WALLTIME = r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$"
 
@@ -131,6 +134,8 @@ class SlurmProfile(BaseModel):
         return options
 
     def pools(self) -> dict[str, JobPool]:
+        from cluster.pooled import JobPool  # imports dask-jobqueue: only when a SLURM profile starts
+
         pools = {"cpu": JobPool(self.job_options("cpu"), self.cpu.min_jobs, self.cpu.max_jobs)}
         if self.gpu is not None:
             pools["gpu"] = JobPool(self.job_options("gpu"), self.gpu.min_jobs, self.gpu.max_jobs,
@@ -166,17 +171,3 @@ class SlurmProfile(BaseModel):
                           if getattr(self, field))
         pools = "; ".join(pool(name, spec) for name, spec in (("cpu", self.cpu), ("gpu", self.gpu)) if spec)
         return f"SLURM (dask-jobqueue){': ' + where if where else ''}; {pools}"
-
-
-class JobPool:
-    """A pool's job options and bounds; ``gpu`` pools serve the tasks that need the GPU resource."""
-
-    def __init__(self, options: dict, min_jobs: int, max_jobs: int, gpu: bool = False):
-        self.options, self.min_jobs, self.max_jobs, self.gpu = options, min_jobs, max_jobs, gpu
-
-    @property
-    def slots(self) -> int:
-        """Tasks one job runs at once: its cores (threads over all its worker processes)."""
-        import dask
-
-        return int(self.options.get("cores") or dask.config.get("jobqueue.slurm.cores") or 1)

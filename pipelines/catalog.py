@@ -17,13 +17,13 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSeriali
 
 from cluster import ClusterProfile, LocalProfile
 from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, Term
-from engine.analysis.atlas import (BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed,
-                                   tract_atlas)
+from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed, tract_atlas
 from engine.models.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
-from engine.models.training import SplitSettings, TrainingConfig
+from engine.models.training import TrainingConfig
+from engine.models.splits import SplitSettings
 from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
-from engine.data.store import Modality
+from engine.data.inputs import Modality
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 ENSEMBLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

@@ -44,7 +44,8 @@ def run(
     from cluster import ClusterSetupError
     from engine.analysis.association import AnalysisError
     from engine.data.registration import RegistrationError
-    from engine.data.store import IngestError, InputError
+    from engine.data.store import IngestError
+    from engine.data.inputs import InputError
     from pipelines.catalog import CatalogError
     from pipelines.runner import WorkspaceBusy, run_catalog
 

@@ -20,15 +20,19 @@ import torch
 
 from cluster import RunningCluster
 from engine.analysis import association, features, mask_relevance, stats
-from engine.data import registration, store, synth
-from engine.models import attribution, training, validation
-from engine.analysis.atlas import (Atlas, AtlasSettings, NativeLabels, ParticipantLabels, label_table,
-                                   region_table)
+from engine.data import inputs, registration, store, synth
+from engine.models import splits, training, validation
+from engine.models.relevance import explain as explain_relevance, import_relevance, open_relevance, relevance_key
+from engine.models.volumes import CohortVolumes
+from engine.models.ensembles import BASELINE, ENSEMBLE, RIDGE, EnsembleJob, train_ensembles
+from engine.analysis.atlas import Atlas, AtlasSettings, NativeLabels, ParticipantLabels, region_table
+from engine.data.labels import label_table
 from engine.data.grid import MNI_SPACE
 from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
                            mark_current, output_key, stored_key)
 from engine.data.masker import Masker
-from engine.outputs.report import build_report, screenshot_sections
+from engine.outputs.report import build_report
+from engine.outputs.browser import screenshot_sections
 from engine.tasks import start_task
 from pipelines.catalog import Catalog, ReportSettings
 
@@ -77,8 +81,8 @@ class RegisterStage:
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
         settings, registered = catalog.registration, catalog.layout.registered
-        participants = store.read_participants(catalog.participants_file)
-        files, problems = store.resolve_files(catalog.cohort_root, participants, catalog.modality_list())
+        participants = inputs.read_participants(catalog.participants_file)
+        files, problems = inputs.resolve_files(catalog.cohort_root, participants, catalog.modality_list())
         missing = {problem.participant for problem in problems}
         if settings.on_error == "fail" and problems:
             raise registration.RegistrationError(problems)
@@ -117,7 +121,7 @@ class IngestStage:
         return True
 
     def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        participants = store.read_participants(catalog.participants_file)
+        participants = inputs.read_participants(catalog.participants_file)
         space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
         root, modalities, mask, unlisted = catalog.cohort_root, catalog.modality_list(), catalog.mask_file, "problem"
         if catalog.registration is not None:  # the registered images of the participants registered
@@ -126,7 +130,7 @@ class IngestStage:
             qc = pd.read_parquet(registered.qc)
             usable = set(qc.loc[~qc["diverged"], "participant_id"])
             participants = participants[participants["participant_id"].isin(usable)].reset_index(drop=True)
-            modalities = [store.Modality(m.name, f"{{participant_id}}/{m.name}.nii.gz", m.dtype) for m in modalities]
+            modalities = [inputs.Modality(m.name, f"{{participant_id}}/{m.name}.nii.gz", m.dtype) for m in modalities]
             unlisted = "ignore"  # folders of participants left out this run
         result = store.ingest(
             catalog.layout.images, participants, root, modalities,
@@ -224,15 +228,15 @@ class TrainStage:
         ensembles = catalog.ensembles()
         jobs = [self._job(catalog.layout.for_ensemble(name), settings, participants)
                 for name, settings in ensembles.items()]
-        results = training.train_ensembles(jobs, client=cluster.client, progress=progress,
+        results = train_ensembles(jobs, client=cluster.client, progress=progress,
                                            gpu_on_demand=cluster.gpu_on_demand, in_flight=cluster.task_slots)
         return _by_ensemble({name: {"folder": str(job.out_dir), "members": job.members, "trained": result["trained"],
                                     "test": _test_metrics(result["metrics"])}
                              for name, job, result in zip(ensembles, jobs, results, strict=True)})
 
-    def _job(self, layout: Layout, settings, participants: pd.DataFrame) -> training.EnsembleJob:
+    def _job(self, layout: Layout, settings, participants: pd.DataFrame) -> EnsembleJob:
         """The ensemble's split and training job; members trained on other images are made stale first."""
-        split = training.stratified_split(participants, settings.split,
+        split = splits.stratified_split(participants, settings.split,
                                           also_stratify=[settings.target] if settings.task == "classification" else [])
         models = layout.models
         models.root.mkdir(parents=True, exist_ok=True)
@@ -242,14 +246,14 @@ class TrainStage:
             for member in models.members():
                 models.card(member).unlink()
             mark_current(models.root, key)  # before training: members finished survive a kill
-        return training.EnsembleJob(layout.images, settings.member_config(), settings.members, models.root, split)
+        return EnsembleJob(layout.images, settings.member_config(), settings.members, models.root, split)
 
     def status(self, layout: Layout) -> str | None:
         lines = []
         for name in layout.ensemble_names():
             models = layout.for_ensemble(name).models
             metrics = pd.read_parquet(models.metrics)
-            members = sorted(set(metrics["member"]) - {training.ENSEMBLE, training.BASELINE, training.RIDGE})
+            members = sorted(set(metrics["member"]) - {ENSEMBLE, BASELINE, RIDGE})
             lines.append(f"{models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}")
         return "\n".join(lines) or None
 
@@ -260,7 +264,7 @@ def _by_ensemble(summaries: dict) -> dict:
 
 
 def _test_metrics(metrics: pd.DataFrame) -> dict:
-    baselines = [training.ENSEMBLE, training.BASELINE, training.RIDGE]
+    baselines = [ENSEMBLE, BASELINE, RIDGE]
     test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
     columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc") if column in test]
     return {row["member"]: {column: round(float(row[column]), 4) for column in columns} for _, row in test.iterrows()}
@@ -278,7 +282,7 @@ class ExplainStage:
         summaries = {}
         for name, maps in (catalog.relevance or {}).items():  # maps made elsewhere, from the images store
             layout = catalog.layout.for_ensemble(name)
-            imported = attribution.import_relevance(layout.relevance, images=layout.images, maps=maps,
+            imported = import_relevance(layout.relevance, images=layout.images, maps=maps,
                                                     voxels_per_chunk=catalog.ingest.voxels_per_chunk)
             summaries[name] = {"store": str(layout.relevance), "methods": list(maps), "members": 1,
                                "subjects": imported.sizes["subject"], "imported": maps}
@@ -291,10 +295,10 @@ class ExplainStage:
         for name, ensemble in catalog.ensembles().items():
             settings = explained[name]
             layout = catalog.layout.for_ensemble(name)
-            split = training.read_split(layout.models.split)
+            split = splits.read_split(layout.models.split)
             chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
             subjects = [subject for subject in dataset.subject.values if subject in chosen]
-            attribution.explain(
+            explain_relevance(
                 layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
                 members=list(range(ensemble.members)), subjects=subjects,
                 options=settings.options,
@@ -311,7 +315,7 @@ class ExplainStage:
         for name in layout.ensemble_names():
             path = layout.for_ensemble(name).relevance
             try:
-                relevance = attribution.open_relevance(path)
+                relevance = open_relevance(path)
             except (FileNotFoundError, ValueError):
                 continue
             sizes = relevance.relevance.sizes
@@ -354,7 +358,7 @@ class ValidateStage:
         key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"),
                           "masks": {name: mask.model_dump() for name, mask in masks.items()},
                           "age_bands": age_bands, "sanity_subjects": SANITY_SUBJECTS},
-                         {"relevance": attribution.relevance_key(layout.relevance),
+                         {"relevance": relevance_key(layout.relevance),
                           "images": store.content_fingerprint(layout.images),
                           "predictions": files_sha256([layout.models.predictions]),
                           "truth": file_sha256(truth) if truth is not None else None})
@@ -363,7 +367,7 @@ class ValidateStage:
             if truth is not None:
                 summary["scores"] = _method_scores(pd.read_parquet(layout.scores))
             return {**summary, "computed": 0}
-        relevance = attribution.open_relevance(layout.relevance)
+        relevance = open_relevance(layout.relevance)
         dataset = store.open_cohort(layout.images)
         sanity = self._start_sanity(catalog, ensemble, settings, relevance, dataset, client)
         with atomic_output(out) as partial:  # the folder is swapped in whole
@@ -406,7 +410,7 @@ class ValidateStage:
         table = table.reindex(columns=["method", "participant_id", "age", *indices.data_vars])  # age: a coordinate
         if layout.models.predictions.is_file() and settings is not None and settings.task == "regression":
             predictions = pd.read_parquet(layout.models.predictions)
-            predicted = predictions[predictions.member == training.ENSEMBLE].set_index("participant_id")["predicted"]
+            predicted = predictions[predictions.member == ENSEMBLE].set_index("participant_id")["predicted"]
             table.insert(3, "predicted", table["participant_id"].map(predicted))
         comparison = mask_relevance.compare_to_average(table, mask_settings.min_voxels)
         return table, comparison.assign(min_voxels=mask_settings.min_voxels)
@@ -417,7 +421,7 @@ class ValidateStage:
         for absolute in (False, True):  # signed relevance, and its magnitude (for maps whose sign flips)
             ensemble = validation.score_methods(relevance.relevance_mean, mask, atlas, absolute=absolute).reset_index()
             members = validation.score_methods(relevance.relevance, mask, atlas, absolute=absolute).reset_index()
-            tables += [ensemble.assign(member=training.ENSEMBLE, scored="|R|" if absolute else "R"),
+            tables += [ensemble.assign(member=ENSEMBLE, scored="|R|" if absolute else "R"),
                        members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
         return pd.concat(tables, ignore_index=True)
 
@@ -441,7 +445,7 @@ class ValidateStage:
         """Eitel & Ritter's robustness per method, for the true positives and true negatives of a binary
         classification (gain: patients over controls) or per age band (gain: over the youngest band)."""
         if predictions is not None:
-            predictions = predictions[predictions.member == training.ENSEMBLE]
+            predictions = predictions[predictions.member == ENSEMBLE]
         age = relevance["age"].values if "age" in relevance.coords else None
         groups = validation.subject_groups(relevance.subject.values, age, predictions, age_bands)
         masks = {name: mask for name, mask in groups.masks.items() if name in ("TP", "TN")} \
@@ -460,7 +464,7 @@ def _parameter_randomisation(item) -> pd.DataFrame:
     """The randomisation test of ``methods`` on one member over some participants (a task of the validate stage)."""
     member, images, methods, subjects, options, region_labels = item
     model, card = training.load_member(member)
-    volumes = training.CohortVolumes(images, card["config"]["modalities"], card["config"]["input_scaling"])
+    volumes = CohortVolumes(images, card["config"]["modalities"], card["config"]["input_scaling"])
     positions = [list(volumes.subjects).index(subject) for subject in subjects]
     inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
     return validation.parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), list(methods),
@@ -505,7 +509,7 @@ def _masks(catalog: Catalog) -> dict:
 
 def _method_scores(scores: pd.DataFrame) -> dict:
     """ROC-AUC and mass accuracy of each method's ensemble-mean signed maps (for the run summary)."""
-    ensemble = scores[(scores.member == training.ENSEMBLE) & (scores.scored == "R")]
+    ensemble = scores[(scores.member == ENSEMBLE) & (scores.scored == "R")]
     return {row["method"]: {"roc_auc": round(float(row["roc_auc"]), 3),
                             "mass_accuracy": round(float(row["mass_accuracy"]), 3)} for _, row in ensemble.iterrows()}
 
@@ -604,8 +608,8 @@ class AssociateStage:
     def _roi(self, catalog, sources, atlas_of, analysis, out) -> dict:
         if analysis.native:  # each participant's own parcels on their native scan
             modality = next(m for m in catalog.modality_list() if m.name == analysis.labels)
-            participants = store.read_participants(catalog.participants_file)
-            files, _ = store.resolve_files(catalog.cohort_root, participants, [modality])
+            participants = inputs.read_participants(catalog.participants_file)
+            files, _ = inputs.resolve_files(catalog.cohort_root, participants, [modality])
             atlas = NativeLabels(analysis.labels, {pid: paths[modality.name] for pid, paths in files.items()},
                                  label_table(modality.labels), catalog.layout.registered)
         elif analysis.labels is not None:  # each participant's own parcels, on the template grid
@@ -676,10 +680,10 @@ def _association_sources(catalog: Catalog) -> association.Sources:
     for name in catalog.ensemble_names():
         ensemble = layout.for_ensemble(name)
         if ensemble.relevance.exists():
-            relevance[name] = attribution.open_relevance(ensemble.relevance)
+            relevance[name] = open_relevance(ensemble.relevance)
         if ensemble.models.predictions.is_file():
             table = pd.read_parquet(ensemble.models.predictions)
-            predictions[name] = table[table["member"] == training.ENSEMBLE]
+            predictions[name] = table[table["member"] == ENSEMBLE]
     return association.Sources(images, participants, relevance, tables, predictions)
 
 
@@ -690,7 +694,7 @@ def _association_inputs(catalog: Catalog) -> dict:
     tables = list(layout.feature_tables().values())
     for name in catalog.ensemble_names():
         ensemble = layout.for_ensemble(name)
-        inputs[f"relevance {name}" if name else "relevance"] = attribution.relevance_key(ensemble.relevance)
+        inputs[f"relevance {name}" if name else "relevance"] = relevance_key(ensemble.relevance)
         tables.append(ensemble.models.predictions)
     inputs.update({str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(tables).items()})
     return inputs
@@ -741,7 +745,7 @@ def _report_inputs(layout: Layout) -> dict:
     for name in layout.ensemble_names():
         ensemble = layout.for_ensemble(name)
         paths += [*sorted(ensemble.models.root.glob("*.parquet")), *sorted(ensemble.validation.glob("*.parquet"))]
-        inputs[f"relevance {name}" if name else "relevance"] = attribution.relevance_key(ensemble.relevance)
+        inputs[f"relevance {name}" if name else "relevance"] = relevance_key(ensemble.relevance)
     inputs.update({str(Path(path).relative_to(layout.root)): sha for path, sha in files_sha256(paths).items()})
     if (layout.images / "zarr.json").is_file():
         inputs["images"] = store.content_fingerprint(layout.images)

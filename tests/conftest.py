@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.data.store import Modality
+from engine.data.inputs import Modality
 from engine.data.synth import MODALITY_PATHS, generate_cohort
 
 HAND_SHAPE = (6, 5, 4)

@@ -192,7 +192,8 @@ def test_relevance_in_each_participants_parcels_against_freesurfer_volumes_equal
     from scipy import stats as scipy_stats
 
     from engine.analysis.association import roi_analysis
-    from engine.analysis.atlas import ParticipantLabels, label_table
+    from engine.analysis.atlas import ParticipantLabels
+    from engine.data.labels import label_table
 
     rng = np.random.default_rng(5)
     subjects = [f"sub-{n:02d}" for n in range(12)]

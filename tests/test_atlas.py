@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 from nilearn.maskers import NiftiLabelsMasker
 
-from engine.analysis.atlas import (ParticipantLabels, cohort_atlas, label_table, load_atlas, region_gain,
-                                   region_reduce, region_table, top_k_overlap, top_regions, without_hemisphere)
+from engine.analysis.atlas import ParticipantLabels, cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap, top_regions, without_hemisphere
+from engine.data.labels import label_table
 from engine.data.grid import Grid
 from engine.data.masker import Masker
 from engine.data.store import open_cohort

@@ -8,11 +8,14 @@ import torch
 import zarr
 from torch import nn
 
-from engine.models import attribution
-from engine.models.attribution import METHODS, AttributionOptions, attribute, explain, open_relevance, relevance_key
+from engine.models import relevance as relevance_module
+from engine.models.attribution import METHODS, AttributionOptions, attribute
+from engine.models.relevance import explain, open_relevance, relevance_key
 from engine.models.noise import NoiseNet, noise_model_importance, noise_optimisation, train_noise_model
 from engine.models.networks import ModelSpec, build_model
-from engine.models.training import CohortVolumes, TrainingConfig, load_member, train_ensemble
+from engine.models.training import TrainingConfig, load_member
+from engine.models.ensembles import train_ensemble
+from engine.models.volumes import CohortVolumes
 
 SHAPE = (16, 18, 14)
 
@@ -203,7 +206,7 @@ def test_noise_networks_of_another_design_are_trained_again_and_their_maps_redon
     explain(tmp_path / "relevance.zarr", **plan)
     stamp = (models / "noise_0.safetensors").stat().st_mtime_ns
     key = relevance_key(tmp_path / "relevance.zarr")
-    monkeypatch.setattr(attribution, "_noise_network_layout", lambda: {"out_near.weight": [1, 8, 1, 1, 1]})
+    monkeypatch.setattr(relevance_module, "_noise_network_layout", lambda: {"out_near.weight": [1, 8, 1, 1, 1]})
     explain(tmp_path / "relevance.zarr", **plan)
     assert (models / "noise_0.safetensors").stat().st_mtime_ns != stamp
     assert relevance_key(tmp_path / "relevance.zarr") != key

@@ -20,8 +20,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from engine.models.attribution import open_relevance
-from engine.models.training import TrainingConfig, train_ensemble
+from engine.models.relevance import open_relevance
+from engine.models.training import TrainingConfig
+from engine.models.ensembles import train_ensemble
 from engine.layout import Layout
 from pipelines.runner import WorkspaceBusy, workspace_lock
 from tests.test_store import run_ingest

@@ -13,10 +13,11 @@ from scipy import stats
 
 from engine.analysis.atlas import cohort_atlas
 from engine.analysis import features
-from engine.analysis.atlas import label_table
+from engine.data.labels import label_table
 from engine.analysis.features import (aparc_table, aseg_table, freesurfer_measure, freesurfer_table,
                                       join_on_participant, lesion_load, read_stats, regional_volume, tract_mean)
-from engine.data.store import open_cohort, read_participants
+from engine.data.store import open_cohort
+from engine.data.inputs import read_participants
 from tests.test_atlas import GRID, SHAPE
 from tests.test_store import run_ingest
 

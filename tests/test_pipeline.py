@@ -16,10 +16,10 @@ import yaml
 from scipy import stats
 
 from engine import open_workspace
-from engine.models.attribution import open_relevance
+from engine.models.relevance import open_relevance
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
-from engine.data.synth import cortical_regions
+from engine.data.synth.freesurfer import cortical_regions
 from pipelines.catalog import CatalogError, load_catalog
 
 REPO = Path(__file__).parents[1]

@@ -19,8 +19,9 @@ from engine import open_workspace
 from engine.data.registration import (RegistrationError, RegistrationSettings, _divergence, dice,
                                       normalized_mutual_information, register_cohort, robust_z, to_ants, to_native,
                                       to_nifti, to_template)
-from engine.data.store import InputError, Modality, open_cohort
-from engine.data.synth import native_scan, random_pose
+from engine.data.store import open_cohort
+from engine.data.inputs import InputError, Modality
+from engine.data.synth.native import native_scan, random_pose
 from engine.layout import RegisteredLayout
 
 ants = pytest.importorskip("ants")
@@ -370,7 +371,7 @@ import json, sys
 from pathlib import Path
 import nibabel as nib, numpy as np
 from engine.data.registration import RegistrationSettings, register_cohort
-from engine.data.store import Modality
+from engine.data.inputs import Modality
 from engine.layout import RegisteredLayout
 files = {{"sub-00": {{"T1": Path({str(files["sub-00"]["T1"])!r})}}}}
 maps = []

@@ -18,7 +18,8 @@ import pytest
 import xarray as xr
 
 from engine import open_workspace
-from engine.outputs.report import SECTIONS, browser_check, build_report, screenshot_sections
+from engine.outputs.report import SECTIONS, build_report
+from engine.outputs.browser import browser_check, screenshot_sections
 from engine.data.masker import Masker
 from pipelines.catalog import load_catalog
 from cluster import RunningCluster

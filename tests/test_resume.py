@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from engine.data.store import open_cohort, read_participants
+from engine.data.store import open_cohort
+from engine.data.inputs import read_participants
 from tests.test_store import run_ingest
 
 KILLED_INGEST = textwrap.dedent("""
     import os, signal, sys
     from distributed import Client, LocalCluster
-    from engine.data.store import ingest, read_participants
+    from engine.data.store import ingest
+    from engine.data.inputs import read_participants
     from tests.conftest import MODALITIES
 
     cohort, store = sys.argv[1], sys.argv[2]

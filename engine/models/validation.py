@@ -29,7 +29,7 @@ from torch import nn
 
 from engine.analysis.atlas import STATISTICS, Atlas, region_reduce, top_k_overlap, top_regions
 from engine.data.masker import Masker
-from engine.data.store import load_image
+from engine.data.inputs import load_image
 from engine.models.heap import heap_kept
 
 # ---------------------------------------------------------------------------------------

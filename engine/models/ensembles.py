@@ -1,0 +1,186 @@
+"""Ensembles: every member of every ensemble as one pool of tasks, then each ensemble's predictions (the mean
+over members) and metrics beside the baselines (the training mean, ridge on the voxels)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from engine.data.store import open_cohort
+from engine.layout import ModelsLayout, atomic_output
+from engine.models.heap import heap_kept
+from engine.models.metrics import bias_corrected_gap, classification_metrics, regression_metrics
+from engine.models.splits import split_hash
+from engine.models.training import TrainingConfig, train_member
+from engine.models.volumes import scale_rows
+from engine.tasks import gpu_resources, run_tasks
+
+
+#: The ``member`` of the ensemble mean's rows in every table (members are "0", "1", ...).
+ENSEMBLE = "ensemble"
+#: The ``member`` of the predict-the-training-mean baseline's rows in ``metrics.parquet``.
+BASELINE = "predict_train_mean"
+#: The ``member`` of the ridge baseline's rows: ridge regression on the members' stored input voxels.
+RIDGE = "ridge_voxels"
+
+
+def _train_member_task(item):
+    store, config, split, member, out_dir, classes = item
+    with heap_kept():
+        return train_member(store, config, split, member, out_dir, classes)
+
+
+@dataclass(frozen=True)
+class EnsembleJob:
+    """One ensemble to train: ``members`` members of ``config`` on ``store`` into ``out_dir`` (``models/``)."""
+
+    store: str | Path
+    config: TrainingConfig
+    members: int
+    out_dir: str | Path
+    split: pd.Series
+
+
+def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
+                   split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None,
+                   gpu_on_demand: bool = False, in_flight: int | None = None) -> dict:
+    """Train one ensemble: :func:`train_ensembles` of one job."""
+    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], client, progress, gpu_on_demand,
+                           in_flight)[0]
+
+
+def train_ensembles(jobs: Sequence[EnsembleJob], client=None, progress: Callable[[str, int, int], None] | None = None,
+                    gpu_on_demand: bool = False, in_flight: int | None = None) -> list[dict]:
+    """Train every job's members as one pool of Dask tasks (one per member, a GPU per task where workers have
+    GPUs, or where the cluster starts GPU workers on demand: ``gpu_on_demand``), so a worker whose member
+    stopped early starts the next ensemble's member instead of waiting for its own ensemble's last one
+    (``in_flight``: the most members submitted at once, the cluster's worker threads; see
+    :func:`engine.tasks.run_tasks`).
+
+    Members whose card already holds this config and split are kept. Writes each job's ``split.tsv``,
+    ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``; returns one
+    summary per job.
+    """
+    plans = [_plan_ensemble(job) for job in jobs]
+    items = [item for plan in plans for item in plan["items"]]
+    total = sum(job.members for job in jobs)
+    done = total - len(items)
+    if progress:
+        progress("train", done, total)
+    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand),
+                       in_flight=in_flight):
+        done += 1
+        if progress:
+            progress("train", done, total)
+    results = []
+    for job, plan in zip(jobs, plans, strict=True):
+        files = ModelsLayout(Path(job.out_dir))
+        for stale in files.members():
+            if stale >= job.members:
+                for path in files.member_files(stale):
+                    path.unlink(missing_ok=True)
+        results.append({**combine_members(files.root, plan["dataset"], job.config, job.members, plan["classes"]),
+                        "trained": len(plan["items"])})
+    return results
+
+
+def _plan_ensemble(job: EnsembleJob) -> dict:
+    """A job's classes, its ``split.tsv`` written, and the task items of its members that are not current."""
+    config, split = job.config, job.split
+    files = ModelsLayout(Path(job.out_dir))
+    files.root.mkdir(parents=True, exist_ok=True)
+    dataset = open_cohort(job.store)
+    classes = None
+    if config.task == "classification":
+        if config.target not in dataset.coords:
+            raise ValueError(f"target {config.target!r} is not a participant column of the store")
+        classes = sorted({value for value in dataset[config.target].values if not pd.isna(value)}, key=str)
+        if config.positive_class is not None:  # the positive class goes last: explained and called "positive"
+            positive = [value for value in classes if str(value) == config.positive_class]
+            if not positive:
+                raise ValueError(f"positive_class {config.positive_class!r} is not a value of {config.target!r} "
+                                 f"({[str(value) for value in classes]})")
+            classes = [value for value in classes if value != positive[0]] + positive
+    with atomic_output(files.split) as partial:
+        split.rename_axis("participant_id").reset_index().to_csv(partial, sep="\t", index=False)
+
+    def current(member: int) -> bool:
+        path = files.card(member)
+        if not path.is_file():
+            return False
+        card = json.loads(path.read_text())
+        same_config = card["config"] == config.as_dict()
+        return same_config and card.get("split") == split_hash(split)
+
+    items = [(str(job.store), config, split, member, str(files.root), classes)
+             for member in range(job.members) if not current(member)]
+    return {"dataset": dataset, "classes": classes, "items": items}
+
+
+def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame) -> dict:
+    """Test metrics of ridge regression on the members' inputs (the stored voxels of their modalities side
+    by side, each scaled per participant as the members' are), fitted on the training split with α by
+    leave-one-out (:mod:`engine.models.baselines`)."""
+    from engine.models.baselines import ridge_baseline
+
+    split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
+    maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
+                                        for name in config.modalities], axis=1), dims=("subject", "voxel"))
+    target = dataset[config.target].values.astype(np.float64)
+    fit = ridge_baseline(maps, target, split == "train")
+    test = split == "test"
+    return regression_metrics(target[test], fit.predictions[test])
+
+
+def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
+                    classes: list | None) -> dict:
+    """Ensemble predictions (mean over members) and metrics per member and for the ensemble."""
+    files = ModelsLayout(Path(out_dir))
+    tables = [pd.read_parquet(files.member_predictions(member)) for member in range(members)]
+    value_columns = ["predicted"] if config.task == "regression" else [f"p_{name}" for name in classes]
+    ensemble = tables[0][["participant_id", "split"]].copy()
+    ensemble["member"] = ENSEMBLE
+    for column in value_columns:
+        ensemble[column] = np.mean([table[column].to_numpy() for table in tables], axis=0)
+    predictions = pd.concat([*tables, ensemble], ignore_index=True)
+    observed = pd.Series(dataset[config.target].values, index=dataset.subject.values)
+    predictions["observed"] = observed.reindex(predictions["participant_id"]).to_numpy()
+    if config.task == "regression" and config.target == "age":
+        predictions["brain_age_gap"] = predictions["predicted"] - predictions["observed"]
+        predictions["brain_age_gap_corrected"] = np.nan
+        for rows in predictions.groupby("member").groups.values():
+            part = predictions.loc[rows]
+            test = part["split"].to_numpy() == "test"
+            if test.sum() > 4:
+                corrected, _ = bias_corrected_gap(part["predicted"], part["observed"], fit=test)
+                predictions.loc[rows, "brain_age_gap_corrected"] = corrected
+    rows = []
+    for member, part in predictions.groupby("member"):
+        for split_name, subset in part.groupby("split"):
+            if config.task == "regression":
+                metrics = regression_metrics(subset["observed"], subset["predicted"])
+            else:
+                labels = subset["observed"].map({name: index for index, name in enumerate(classes)})
+                metrics = classification_metrics(labels, subset[value_columns])
+            rows.append({"member": member, "split": split_name,
+                         **metrics})
+    metrics = pd.DataFrame(rows)
+    if config.task == "regression":
+        train = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "train")]
+        test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
+        baseline = regression_metrics(test["observed"], np.full(len(test), train["observed"].mean()))
+        ridge = _ridge_metrics(dataset, config, predictions[predictions.member == ENSEMBLE])
+        metrics = pd.concat([metrics, pd.DataFrame([{"member": BASELINE, "split": "test", **baseline},
+                                                    {"member": RIDGE, "split": "test", **ridge}])],
+                            ignore_index=True)
+    for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
+        with atomic_output(path) as partial:
+            table.to_parquet(partial, index=False)
+    return {"members": members, "metrics": metrics, "predictions": predictions}

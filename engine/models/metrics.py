@@ -1,0 +1,55 @@
+"""How well predictions fit: regression and classification metrics, and the brain-age gap with its age bias
+removed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def regression_metrics(observed, predicted) -> dict:
+    """MAE, Pearson r and R² (1 − SS_res / SS_tot) of predictions."""
+    observed, predicted = np.asarray(observed, float), np.asarray(predicted, float)
+    residual = predicted - observed
+    varies = len(observed) > 1 and observed.std() > 0 and predicted.std() > 0
+    return {"n": len(observed), "mae": float(np.abs(residual).mean()),
+            "r": float(np.corrcoef(observed, predicted)[0, 1]) if varies else math.nan,
+            "r2": float(1 - (residual ** 2).sum() / ((observed - observed.mean()) ** 2).sum())}
+
+
+def classification_metrics(labels, probabilities) -> dict:
+    """Balanced accuracy and ROC-AUC (one-vs-rest, macro-averaged) from class probabilities."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, float)
+    predicted = probabilities.argmax(axis=1)
+    present = np.unique(labels)
+    recalls = [(predicted[labels == c] == c).mean() for c in present]
+    aucs = []
+    for c in present:
+        positive, negative = probabilities[labels == c, c], probabilities[labels != c, c]
+        if len(negative):
+            aucs.append(stats.mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
+        if probabilities.shape[1] == 2:
+            break  # binary: the positive class's AUC is the AUC
+    return {"n": len(labels), "balanced_accuracy": float(np.mean(recalls)),
+            "roc_auc": float(np.mean(aucs)) if aucs else math.nan}
+
+
+def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brain-age gap (predicted − age) with its age dependence removed.
+
+    The gap is regressed on a polynomial of age (``degree``; 3, as the seed study did) over the
+    participants where ``fit`` is true (default: all); the residual is returned for everyone,
+    with the polynomial's coefficients (highest power first, as ``numpy.polyval`` takes them).
+    """
+    predicted, age = np.asarray(predicted, float), np.asarray(age, float)
+    fit = np.ones(len(age), bool) if fit is None else np.asarray(fit, bool)
+    if fit.sum() <= degree + 1:
+        raise ValueError(f"bias correction of degree {degree} needs more than {degree + 1} participants, "
+                         f"got {int(fit.sum())}")
+    gap = predicted - age
+    centre, spread = age[fit].mean(), age[fit].std() or 1.0
+    scaled = (age - centre) / spread
+    coefficients = np.polyfit(scaled[fit], gap[fit], degree)
+    return gap - np.polyval(coefficients, scaled), coefficients

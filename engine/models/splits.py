@@ -1,0 +1,77 @@
+"""Which participants train, validate and test: stratified splits, written as ``models/split.tsv``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+SPLITS = ("train", "validation", "test")
+
+
+class SplitSettings(BaseModel):
+    """How participants are dealt to train / validation / test (:func:`stratified_split`); the catalog's
+    ``train.split``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train, validation, test")
+    stratify: tuple[str, ...] = Field(("age", "sex"), description="participant columns; numeric ones in "
+                                      "5 quantile bands")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, fractions):
+        if any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1) or 0 in fractions[:2]:
+            raise ValueError(f"fractions {list(fractions)} must be non-negative and sum to 1, "
+                             "with train and validation > 0")
+        return fractions
+
+
+def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None = None,
+                     also_stratify: Sequence[str] = (), age_bands: int = 5) -> pd.Series:
+    """'train' / 'validation' / 'test' per participant, stratified by age bands and the other columns
+    (``settings.stratify``, default age and sex, then ``also_stratify``, e.g. the class of a classification).
+
+    Participants are ordered by stratum (random order inside each) and dealt to the split that
+    lags its target fraction most, so every stratum and the whole cohort match the fractions to
+    within one participant. Deterministic given ``settings.seed``.
+    """
+    settings = settings or SplitSettings()
+    strata, fractions = list(dict.fromkeys([*settings.stratify, *also_stratify])), settings.fractions
+    table = participants.set_index("participant_id") if "participant_id" in participants else participants
+    missing = [column for column in strata if column not in table]
+    if missing:
+        raise ValueError(f"cannot stratify by {missing}: not a participant column ({list(table.columns)})")
+    keys = []
+    for column in strata:
+        values = table[column]
+        if column == "age" or (pd.api.types.is_numeric_dtype(values) and values.nunique() > 10):
+            values = pd.qcut(values.rank(method="first"), min(age_bands, len(values)), labels=False)
+        keys.append(values.astype(str).to_numpy())
+    rng = np.random.default_rng(settings.seed)
+    order = np.lexsort([rng.random(len(table)), *keys[::-1]])
+    target = np.asarray(fractions, float)
+    counts = np.zeros(3)
+    split = np.empty(len(table), object)
+    for dealt, index in enumerate(order, start=1):
+        choice = int(np.argmax(target * dealt - counts))
+        counts[choice] += 1
+        split[index] = SPLITS[choice]
+    return pd.Series(split, index=table.index, name="split")
+
+
+def read_split(path: str | Path) -> pd.Series:
+    """``models/split.tsv`` (as :func:`train_ensemble` writes it): each participant's split, by participant_id."""
+    return pd.read_csv(path, sep="\t", dtype={"participant_id": str}).set_index("participant_id")["split"]
+
+
+def split_hash(split: pd.Series) -> str:
+    """A fingerprint of the split (what a member's card records, to know it was trained on this split)."""
+    return str(pd.util.hash_pandas_object(split.sort_index()).sum())
