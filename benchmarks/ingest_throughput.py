@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from cluster import LocalProfile
+from engine.tasks import Execution
 from engine.data.store import ingest
 from engine.data.inputs import Modality, read_participants
 from engine.data.synth import MODALITY_PATHS, generate_cohort
@@ -48,7 +49,7 @@ def nibabel_loop(files: list[Path]) -> float:
 def relcohort_ingest(cohort: Path, store: Path, client) -> float:
     participants = read_participants(cohort / "participants.tsv")
     started = time.perf_counter()
-    ingest(store, participants, cohort, MODALITIES, cohort / "mask.nii.gz", client=client)
+    ingest(store, participants, cohort, MODALITIES, cohort / "mask.nii.gz", execution=Execution(client))
     return time.perf_counter() - started
 
 
@@ -57,7 +58,7 @@ def ensure_cohort(voxel_size: float, subjects: int, work: Path) -> Path:
     cohort = work / f"cohort_{subjects}_{voxel_size:g}mm"
     if not (cohort / "participants.tsv").is_file():
         with LocalProfile(n_workers=2).start() as cluster:
-            generate_cohort(cohort, subjects, voxel_size, seed=1, client=cluster.client, overwrite=True)
+            generate_cohort(cohort, subjects, voxel_size, seed=1, execution=Execution(cluster.client), overwrite=True)
     return cohort
 
 

@@ -28,7 +28,7 @@ class LocalProfile(BaseModel):
     gpus_per_worker: int = Field(0, ge=0, description="advertise this many GPU resources on every worker")
     malloc_trim_threshold: int | None = Field(
         None, ge=0, description="MALLOC_TRIM_THRESHOLD_ for worker processes; None keeps glibc's adaptive default "
-        "(Dask's 65536 makes every whole-volume array a fresh mmap: ingest ran 1.5× slower with it)")
+        "(Dask's 65536 makes every whole-volume array a fresh mmap, which slows ingest)")
 
     @contextlib.contextmanager
     def start(self) -> Iterator[RunningCluster]:

@@ -1,10 +1,57 @@
-"""Running many independent tasks on a Dask cluster, or inline when there is none."""
+"""Running many independent tasks on a Dask cluster, or inline when there is none.
+
+:class:`Execution` is where an engine function's tasks run and who hears of their progress;
+:func:`run_tasks` and :func:`start_task` are what it does with them.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+#: ``progress(phase, done, total)``: a phase's count of finished tasks.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where tasks run and who hears of their progress.
+
+    ``client``: a ``distributed.Client`` (``None``: each task runs inline, in this process, in order).
+    ``progress``: told ``(phase, done, total)`` as tasks finish. ``gpu_on_demand``: the cluster starts
+    GPU workers when GPU tasks wait for them (a SLURM ``gpu`` pool), so GPU tasks ask for the GPU
+    resource before any GPU worker exists. ``task_slots``: the most long tasks worth submitting at
+    once (a fixed cluster's worker threads; ``None``: all, where waiting tasks start workers).
+    """
+
+    client: Any = None
+    progress: Progress | None = None
+    gpu_on_demand: bool = False
+    task_slots: int | None = None
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        """Tell ``progress`` that ``done`` of ``total`` tasks of ``phase`` are finished."""
+        if self.progress is not None:
+            self.progress(phase, done, total)
+
+    def map(self, func: Callable, items: Iterable, *, long: bool = False) -> Iterator[tuple[Any, Any]]:
+        """``func(item)`` for every item as tasks (:func:`run_tasks`), yielding ``(item, result)`` as each
+        finishes. ``long`` tasks (training, attribution) run on a GPU where the cluster has or starts one, at
+        most ``task_slots`` submitted at once."""
+        if not long:
+            return run_tasks(func, items, client=self.client)
+        return run_tasks(func, items, client=self.client, resources=gpu_resources(self.client, self.gpu_on_demand),
+                         in_flight=self.task_slots)
+
+    def start(self, func: Callable, item) -> Callable[[], Any]:
+        """``func(item)`` started as one task while this process goes on (:func:`start_task`)."""
+        return start_task(func, item, client=self.client)
+
+
+#: Every task in this process, in order, without progress reports.
+INLINE = Execution()
 
 
 def run_tasks(

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
 from cluster import ClusterProfile, LocalProfile
-from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, Term
+from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, AnalysisSettings, Term
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed, tract_atlas
 from engine.models.attribution import METHODS, AttributionOptions
 from engine.layout import Layout
@@ -43,16 +43,6 @@ def _modality_name(name: str) -> str:
 
 
 ModalityName = Annotated[str, AfterValidator(_modality_name)]
-
-
-def _term(value) -> Term:
-    if not isinstance(value, (str, Term)):
-        raise ValueError(f"a term is text such as 'relevance.lrp' or 'age', got {value!r}")
-    return Term.of(value)
-
-
-#: An analysis term (``engine.analysis.association.Term``), parsed once when the catalog is read; written as its text.
-TermText = Annotated[Term, PlainValidator(_term), PlainSerializer(str, return_type=str)]
 
 
 class _Strict(BaseModel):
@@ -257,77 +247,6 @@ class ExplainSettings(_Strict):
         """The settings ensemble ``name`` is explained with (``None``: these, for a single unnamed ensemble)."""
         return _with_changes(self, name, fixed=("truth", "truth_labels"))
 
-
-
-class AnalysisSettings(_Strict):
-    """One association model (``engine.analysis.association``): outcome ~ predictor + covariates, voxel- or ROI-wise."""
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under <workspace>/associations/")
-    outcome: TermText = Field(..., description="a term: relevance.<method>, images.<modality>, predictions.<column>, "
-                         "features.<table>.<column> or a participant column")
-    predictor: TermText = Field(..., description="a term, as for outcome")
-    covariates: list[TermText] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
-    scope: Literal["voxel", "roi", "similarity", "subject"] = Field(
-        "voxel", description="voxel-wise model, one model per atlas region, per-subject similarity of two maps, "
-        "or one model of per-participant values (e.g. lesion load ~ brain-age gap)")
-    correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
-        ["fdr_bh"], min_length=1, description="voxel p-value corrections; the first thresholds the cluster table")
-    permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe; "
-                              "roi correlations: a permutation p per region")
-    seed: int = Field(0, ge=0, description="seed of the permutations")
-    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of maps and cluster tables")
-    min_coverage: float = Field(0.1, ge=0, le=1, description="voxel: test only voxels where at least this share of "
-                                "the participants has a nonzero value in every map term (1: SPM's implicit mask); "
-                                "elsewhere the few participants with a value would decide the fit")
-    region_statistic: Literal["mean", "sum", "abs_sum", "pos_sum"] = Field(
-        "mean", description="roi: how a map becomes one value per region (mean = relevance density)")
-    statistic: Literal["regression", "pearson", "spearman", "partial"] = Field(
-        "regression", description="roi: a regression model per region, or the study's correlation per region "
-        "(partial: controlling for the covariates), with Bonferroni and FDR across regions")
-    robust: bool = Field(False, description="roi and subject: HC3 standard errors")
-    random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
-                                         "participant column (e.g. site)")
-    atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
-    labels: str | None = Field(None, description="roi: a label-volume modality (with labels: in modalities, e.g. "
-                               "every participant's aparc+aseg): each participant's own parcels instead of an atlas")
-    native: bool = Field(False, description="roi with labels: take each participant's map back onto their native "
-                         "label volume (the registration's inverse transform) and reduce there, as the seed study "
-                         "did; needs a register section")
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if "fwe" in self.correction and self.permutations == 0:
-            raise ValueError("correction fwe needs permutations (e.g. 1000)")
-        if self.scope == "roi" and "fwe" in self.correction:
-            raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
-        if self.scope != "roi" and (self.random_intercept or self.atlas or self.labels):
-            raise ValueError("random_intercept, atlas and labels apply to roi analyses only")
-        if self.atlas and self.labels:
-            raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
-        if self.native and not self.labels:
-            raise ValueError("native reduces in each participant's native label volume: it needs labels")
-        if self.min_coverage and self.scope != "voxel" and "min_coverage" in self.model_fields_set:
-            raise ValueError("min_coverage applies to voxel analyses only")
-        if self.robust and self.scope not in ("roi", "subject"):
-            raise ValueError("robust applies to roi and subject analyses only")
-        if self.scope == "subject" and any(term.is_map for term in (self.outcome, self.predictor, *self.covariates)):
-            raise ValueError("a subject analysis takes one value per participant (no relevance. or images. maps)")
-        maps = [term.is_map for term in (self.outcome, self.predictor)]
-        if self.scope == "similarity" and not all(maps):
-            raise ValueError("a similarity analysis compares two maps (relevance.<method> or images.<modality>)")
-        if self.scope == "voxel" and not any(maps):
-            raise ValueError("a voxel analysis needs a map (relevance.<method> or images.<modality>) as outcome "
-                             "or predictor")
-        if self.statistic != "regression":
-            if self.scope != "roi":
-                raise ValueError(f"statistic {self.statistic} applies to roi analyses only")
-            if self.statistic != "partial" and self.covariates:
-                raise ValueError(f"a {self.statistic} correlation takes no covariates; use statistic: partial")
-            if self.robust or self.random_intercept:
-                raise ValueError("robust and random_intercept apply to statistic: regression")
-        if self.robust and self.random_intercept:
-            raise ValueError("choose robust (OLS with HC3 errors) or random_intercept (mixed model), not both")
-        return self
 
 
 class ReportSettings(_Strict):

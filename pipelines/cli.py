@@ -95,13 +95,14 @@ def synth(
     """Generate a synthetic cohort with planted age effects (BIDS-like files)."""
     from cluster import LocalProfile
     from engine.data.synth import generate_cohort
+    from engine.tasks import Execution
     from pipelines.runner import progress_bar, progress_callback
 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         _fail(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
     with LocalProfile(n_workers=workers).start() as cluster, progress_bar(console) as bar:
-        table = generate_cohort(out_dir, subjects, voxel_size, seed, client=cluster.client,
-                                progress=progress_callback(bar, "synth"), overwrite=overwrite)
+        execution = Execution(cluster.client, progress_callback(bar, "synth"))
+        table = generate_cohort(out_dir, subjects, voxel_size, seed, execution=execution, overwrite=overwrite)
     console.print(f"{len(table)} participants in {out_dir} (participants.tsv, planted_effects.json, mask.nii.gz)")
 
 

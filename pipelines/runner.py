@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cluster import PROFILES
 from engine.layout import Layout, Provenance, Run
+from engine.tasks import Execution
 from pipelines.catalog import CatalogError, check_inputs, load_catalog
 from pipelines.stages import STAGES, describe_problem
 
@@ -131,7 +132,9 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
                 if not stage.applies(catalog):
                     continue
                 started = time.perf_counter()
-                summary = stage.run(catalog, cluster, progress_callback(bar, stage.name))
+                execution = Execution(cluster.client, progress_callback(bar, stage.name), cluster.gpu_on_demand,
+                                      cluster.task_slots)
+                summary = stage.run(catalog, execution)
                 run.stages[stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
                 run.cluster_usage = cluster.usage()  # per pool jobs, workers and tasks (SLURM pools)
                 provenance.write(layout)
@@ -215,9 +218,9 @@ def _print_results(console: Console, layout: Layout, run: Run) -> None:
         console.print(f"  pandas.read_parquet({str(layout.feature_table('regional_gm_volume'))!r})", markup=False)
     if "explain" in stages:
         first = next(iter(_per_ensemble(stages["explain"])))
-        console.print("  from engine.models.attribution import open_relevance", markup=False)
+        console.print("  from engine.models.relevance import open_relevance", markup=False)
         console.print(f"  rel = open_relevance({str(layout.for_ensemble(first).relevance)!r})", markup=False)
-        console.print("  masker.to_nifti(rel.relevance_mean.sel({'method': 'lrp'}).mean('subject'))  # mean LRP map",
+        console.print("  masker.to_nifti(rel.relevance_mean.sel(attribution='lrp').mean('subject'))  # mean LRP map",
                       markup=False)
     console.print("  from engine import open_workspace               # everything above, labelled", markup=False)
     console.print(f"  ws = open_workspace({str(layout.root)!r})", markup=False)

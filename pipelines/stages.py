@@ -1,45 +1,77 @@
-"""The pipeline's stages. Each is idempotent: a finished stage does no work when run again.
+"""The pipeline's stages: one contract (:class:`Stage`) and nine stages that say only what is theirs.
 
-A stage has a ``name``, ``applies(catalog)``, ``run(catalog, cluster, progress) -> summary``
-and ``status(layout) -> str | None`` (what it has produced, for ``relcohort status``). Each
-writes one output of the workspace (:mod:`engine.layout`) and decides whether that output is
-current by the layout's one rule: its settings and its inputs by content, as a key beside it.
+A stage has a ``name``, ``applies(catalog)``, ``run(catalog, execution) -> summary`` and
+``status(layout)`` (what it has produced, for ``relcohort status``). A stage writes outputs of the
+workspace (:mod:`engine.layout`) in one of two ways: a whole output through :meth:`Stage.produce`,
+which keeps it when it is current by the layout's one rule (its settings and its inputs by content,
+as a key beside it) and otherwise writes it into a ``.part`` sibling that replaces it whole before
+the key is stored; or by calling the engine where it keeps finer pieces current itself (registration
+per participant, ingest per file, training per member, attribution per block of subjects).
 """
 
 from __future__ import annotations
 
 import json
-import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import dask
-import numpy as np
 import pandas as pd
-import torch
 
-from cluster import RunningCluster
-from engine.analysis import association, features, mask_relevance, stats
-from engine.data import inputs, registration, store, synth
-from engine.models import splits, training, validation
-from engine.models.relevance import explain as explain_relevance, import_relevance, open_relevance, relevance_key
-from engine.models.volumes import CohortVolumes
-from engine.models.ensembles import BASELINE, ENSEMBLE, RIDGE, EnsembleJob, train_ensembles
+from engine.analysis import association, features, mask_relevance
 from engine.analysis.atlas import Atlas, AtlasSettings, NativeLabels, ParticipantLabels, region_table
-from engine.data.labels import label_table
+from engine.data import inputs, registration, store, synth
 from engine.data.grid import MNI_SPACE
-from engine.layout import (AssociationLayout, Layout, atomic_output, file_sha256, files_sha256, forget, is_current,
-                           mark_current, output_key, stored_key)
+from engine.data.labels import label_table
 from engine.data.masker import Masker
+from engine.layout import (Layout, atomic_output, file_sha256, files_sha256, forget, is_current, mark_current,
+                           output_key, stored_key)
+from engine.models import validation
+from engine.models.ensembles import BASELINE, ENSEMBLE, RIDGE, EnsembleJob, train_ensembles
+from engine.models.relevance import explain, import_relevance, open_relevance, relevance_key
+from engine.models.splits import read_split, stratified_split
 from engine.outputs.report import build_report
-from engine.outputs.browser import screenshot_sections
-from engine.tasks import start_task
+from engine.outputs.workspace import Workspace
+from engine.tasks import Execution
 from pipelines.catalog import Catalog, ReportSettings
 
-Progress = Callable[[str, int, int], None]
+
+class Stage(ABC):
+    """One step of a catalog run: what it reads, the outputs it writes and how it tells they are current."""
+
+    name: ClassVar[str]
+
+    def applies(self, catalog: Catalog) -> bool:
+        """Whether the catalog asks for this stage."""
+        return True
+
+    @abstractmethod
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
+        """Bring the stage's outputs up to date (tasks and progress through ``execution``); return what it did."""
+
+    @abstractmethod
+    def status(self, layout: Layout) -> str | None:
+        """What the stage has produced in a workspace (``None``: nothing)."""
+
+    @staticmethod
+    def produce(output: Path, settings: Any, inputs: dict, write: Callable[[Path], object]) -> bool:
+        """Write ``output`` (a file or a folder) unless it is current for ``settings`` and ``inputs`` (name →
+        content hash). ``write(partial)`` fills a ``.part`` sibling that then replaces the output whole; the key
+        is stored beside it last, so a run killed midway leaves nothing that looks current. Returns whether it
+        wrote."""
+        key = output_key(settings, inputs)
+        if is_current(output, key):
+            return False
+        forget(output)
+        with atomic_output(output) as partial:
+            write(partial)
+        mark_current(output, key)
+        return True
 
 
-class SynthStage:
+class SynthStage(Stage):
     """Generate the demo cohort's files (skipped when the catalog names a directory)."""
 
     name = "synth"
@@ -47,18 +79,13 @@ class SynthStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.cohort.demo is not None
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         settings = catalog.cohort.demo
         out = catalog.layout.demo_cohort
-        key = output_key(settings.model_dump(exclude_none=True), {})
-        if is_current(out, key):
-            return {"cohort": str(out), "subjects": settings.subjects, "generated": 0}
-        forget(out)
-        synth.generate_cohort(out, settings.subjects, settings.voxel_size, settings.seed,
-                              client=cluster.client, progress=progress, overwrite=True,
-                              native_voxel_size=settings.native_voxel_size)
-        mark_current(out, key)
-        return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects}
+        generated = self.produce(out, settings.model_dump(exclude_none=True), {}, lambda partial: synth.generate_cohort(
+            partial, settings.subjects, settings.voxel_size, settings.seed, execution=execution,
+            native_voxel_size=settings.native_voxel_size))
+        return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects if generated else 0}
 
     def status(self, layout: Layout) -> str | None:
         key = stored_key(layout.demo_cohort)
@@ -71,7 +98,7 @@ class SynthStage:
                 + (f"; native scans at {native} mm" if native else ""))
 
 
-class RegisterStage:
+class RegisterStage(Stage):
     """Native scans onto the template grid with ANTs, one task per participant (``engine.data.registration``)."""
 
     name = "register"
@@ -79,7 +106,7 @@ class RegisterStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.registration is not None
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         settings, registered = catalog.registration, catalog.layout.registered
         participants = inputs.read_participants(catalog.participants_file)
         files, problems = inputs.resolve_files(catalog.cohort_root, participants, catalog.modality_list())
@@ -88,7 +115,7 @@ class RegisterStage:
             raise registration.RegistrationError(problems)
         result = registration.register_cohort(
             registered, {pid: by_modality for pid, by_modality in files.items() if pid not in missing},
-            catalog.modality_list(), settings, problems, client=cluster.client, progress=progress)
+            catalog.modality_list(), settings, problems, execution)
         return {"folder": str(registered.root), "registered": result.registered, "unchanged": result.unchanged,
                 "flagged": result.flagged, "skipped": [problem.as_dict() for problem in result.problems]}
 
@@ -112,15 +139,12 @@ class RegisterStage:
         return "\n".join(lines)
 
 
-class IngestStage:
+class IngestStage(Stage):
     """Ingest the cohort's images into ``images.zarr``, incremental by file content (``engine.data.store.ingest``)."""
 
     name = "ingest"
 
-    def applies(self, catalog: Catalog) -> bool:
-        return True
-
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         participants = inputs.read_participants(catalog.participants_file)
         space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
         root, modalities, mask, unlisted = catalog.cohort_root, catalog.modality_list(), catalog.mask_file, "problem"
@@ -136,7 +160,7 @@ class IngestStage:
             catalog.layout.images, participants, root, modalities,
             mask, space=space, on_error=catalog.ingest.on_error,
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
-            unlisted_files=unlisted, client=cluster.client, progress=progress,
+            unlisted_files=unlisted, execution=execution,
         )
         return {"store": str(result.store), "subjects": result.n_subjects, "appended": result.appended,
                 "unchanged": result.unchanged, "written": result.written,
@@ -159,7 +183,7 @@ class IngestStage:
         return "\n".join(lines)
 
 
-class FeaturesStage:
+class FeaturesStage(Stage):
     """Structural feature tables from the store and the cohort's files, in ``features/``."""
 
     name = "features"
@@ -167,16 +191,9 @@ class FeaturesStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.features is not None
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         settings, layout = catalog.features, catalog.layout
         dataset = store.open_cohort(layout.images)
-        out = layout.features
-        # FreeSurfer stats are not hashed: a smaller demo run removes participants' folders the store keeps
-        key = output_key({"features": settings.model_dump(mode="json"), "atlas": catalog.atlas.model_dump(mode="json")},
-                         {"images": store.content_fingerprint(layout.images), **files_sha256(settings.tables)})
-        if is_current(out, key):
-            return {"folder": str(out), "tables": sorted(layout.feature_tables()), "computed": 0}
-
         jobs = {}
         if settings.gray_matter:
             jobs["regional_gm_volume"] = lambda: region_table(features.regional_volume(
@@ -193,17 +210,23 @@ class FeaturesStage:
             ).compute().to_dataframe()[["pvs_count", "pvs_voxels"]].rename_axis("participant_id").reset_index()
         if settings.freesurfer:
             jobs["freesurfer"] = lambda: features.freesurfer_table(
-                catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations,
-                client=cluster.client)
+                catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations, execution)
         if settings.tables:
             jobs["subject_features"] = lambda: _joined_tables(settings.tables, dataset)
-        with atomic_output(out) as partial:  # the folder is swapped in whole: a failure keeps the old tables
+
+        def write(partial: Path) -> None:
             partial.mkdir()
             for done, (name, job) in enumerate(jobs.items(), start=1):
                 job().to_parquet(partial / layout.feature_table(name).name, index=False)
-                progress("features", done, len(jobs))
-        mark_current(out, key)
-        return {"folder": str(out), "tables": list(jobs), "computed": len(jobs)}
+                execution.report("features", done, len(jobs))
+
+        # FreeSurfer stats are not hashed: a smaller demo run removes participants' folders the store keeps
+        computed = self.produce(
+            layout.features, {"features": settings.model_dump(mode="json"),
+                              "atlas": catalog.atlas.model_dump(mode="json")},
+            {"images": store.content_fingerprint(layout.images), **files_sha256(settings.tables)}, write)
+        return {"folder": str(layout.features), "tables": list(jobs) if computed else sorted(layout.feature_tables()),
+                "computed": len(jobs) if computed else 0}
 
     def status(self, layout: Layout) -> str | None:
         if stored_key(layout.features) is None:
@@ -212,15 +235,25 @@ class FeaturesStage:
                                                   for path in layout.feature_tables().values())
 
 
-class TrainStage:
-    """Train the ensemble on the store into ``models/`` (members already trained are kept)."""
+def _joined_tables(paths, dataset) -> pd.DataFrame:
+    participants = pd.DataFrame({"participant_id": list(dataset.subject.values)})
+    joined = participants
+    for path in paths:
+        table = features.read_feature_table(path)
+        joined = joined.merge(features.join_on_participant(table, participants, source=str(path)),
+                              on="participant_id", how="left")
+    return joined
+
+
+class TrainStage(Stage):
+    """Train the ensembles on the store into ``models/`` (members already trained are kept)."""
 
     name = "train"
 
     def applies(self, catalog: Catalog) -> bool:
         return catalog.train is not None
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         dataset = store.open_cohort(catalog.layout.images)
         participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
                                      if dataset[name].dims == ("subject",)})
@@ -228,16 +261,15 @@ class TrainStage:
         ensembles = catalog.ensembles()
         jobs = [self._job(catalog.layout.for_ensemble(name), settings, participants)
                 for name, settings in ensembles.items()]
-        results = train_ensembles(jobs, client=cluster.client, progress=progress,
-                                           gpu_on_demand=cluster.gpu_on_demand, in_flight=cluster.task_slots)
+        results = train_ensembles(jobs, execution)
         return _by_ensemble({name: {"folder": str(job.out_dir), "members": job.members, "trained": result["trained"],
                                     "test": _test_metrics(result["metrics"])}
                              for name, job, result in zip(ensembles, jobs, results, strict=True)})
 
     def _job(self, layout: Layout, settings, participants: pd.DataFrame) -> EnsembleJob:
         """The ensemble's split and training job; members trained on other images are made stale first."""
-        split = splits.stratified_split(participants, settings.split,
-                                          also_stratify=[settings.target] if settings.task == "classification" else [])
+        split = stratified_split(participants, settings.split,
+                                 also_stratify=[settings.target] if settings.task == "classification" else [])
         models = layout.models
         models.root.mkdir(parents=True, exist_ok=True)
         # the folder's key holds the images; each member's card holds its config and split
@@ -270,7 +302,7 @@ def _test_metrics(metrics: pd.DataFrame) -> dict:
     return {row["member"]: {column: round(float(row[column]), 4) for column in columns} for _, row in test.iterrows()}
 
 
-class ExplainStage:
+class ExplainStage(Stage):
     """Relevance maps of every member into ``relevance.zarr`` (blocks already explained for the same plan are kept)."""
 
     name = "explain"
@@ -278,12 +310,12 @@ class ExplainStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.explain is not None or bool(catalog.relevance)
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         summaries = {}
         for name, maps in (catalog.relevance or {}).items():  # maps made elsewhere, from the images store
             layout = catalog.layout.for_ensemble(name)
             imported = import_relevance(layout.relevance, images=layout.images, maps=maps,
-                                                    voxels_per_chunk=catalog.ingest.voxels_per_chunk)
+                                        voxels_per_chunk=catalog.ingest.voxels_per_chunk)
             summaries[name] = {"store": str(layout.relevance), "methods": list(maps), "members": 1,
                                "subjects": imported.sizes["subject"], "imported": maps}
         if catalog.explain is None:
@@ -295,17 +327,14 @@ class ExplainStage:
         for name, ensemble in catalog.ensembles().items():
             settings = explained[name]
             layout = catalog.layout.for_ensemble(name)
-            split = splits.read_split(layout.models.split)
+            split = read_split(layout.models.split)
             chosen = set(split.index if settings.subjects == "all" else split.index[split == settings.subjects])
             subjects = [subject for subject in dataset.subject.values if subject in chosen]
-            explain_relevance(
-                layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
-                members=list(range(ensemble.members)), subjects=subjects,
-                options=settings.options,
-                region_labels=region_labels if "region_occlusion" in settings.methods else None,
-                subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
-                client=cluster.client, progress=progress,
-                gpu_on_demand=cluster.gpu_on_demand, in_flight=cluster.task_slots)
+            explain(layout.relevance, images=layout.images, models=layout.models.root, methods=settings.methods,
+                    members=list(range(ensemble.members)), subjects=subjects, options=settings.options,
+                    region_labels=region_labels if "region_occlusion" in settings.methods else None,
+                    subjects_per_chunk=settings.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
+                    execution=execution)
             summaries[name] = {"store": str(layout.relevance), "methods": settings.methods,
                                "subjects": len(subjects), "members": ensemble.members}
         return _by_ensemble(summaries)
@@ -319,7 +348,7 @@ class ExplainStage:
             except (FileNotFoundError, ValueError):
                 continue
             sizes = relevance.relevance.sizes
-            lines.append(f"{path}: {sizes['method']} method(s) ({', '.join(relevance.method.values)}) × "
+            lines.append(f"{path}: {sizes['attribution']} method(s) ({', '.join(relevance.attribution.values)}) × "
                          f"{sizes['member']} member(s) × {sizes['subject']} subject(s)")
         return "\n".join(lines) or None
 
@@ -328,7 +357,7 @@ class ExplainStage:
 SANITY_SUBJECTS = 8
 
 
-class ValidateStage:
+class ValidateStage(Stage):
     """Scores of the relevance maps in ``validation/``: against a ground truth, across members, inside lesions."""
 
     name = "validate"
@@ -338,137 +367,93 @@ class ValidateStage:
         return bool(ensembles) and (_truth(catalog) is not None or bool(_masks(catalog)) or any(
             settings is not None and settings.members > 1 for settings in ensembles.values()))
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
-        # many small reductions (92 in the demo's): cheaper in this process than on workers, where each one's
-        # chunks and results travel between processes (the demo's validation: 58 s on its 2 workers, 30 s here)
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
+        # many small reductions: cheaper in this process than on workers, where each one's chunks and results
+        # would travel between processes
         with dask.config.set(scheduler="threads"):
-            summaries = {name: self._validate(catalog, name, settings, cluster.client)
+            summaries = {name: self._validate(catalog, name, settings, execution)
                          for name, settings in _explained_ensembles(catalog).items()}
-        progress("validate", 1, 1)
+        execution.report("validate", 1, 1)
         return _by_ensemble(summaries)
 
-    def _validate(self, catalog: Catalog, ensemble: str | None, settings, client) -> dict:
-        """Every score of one ensemble's maps into its validation/ folder (when not current); the parameter
-        randomisation test runs on a worker meanwhile."""
+    def _validate(self, catalog: Catalog, ensemble: str | None, settings, execution: Execution) -> dict:
+        """Every score of one ensemble's maps into its validation/ folder (the parameter randomisation test runs
+        as a task meanwhile)."""
         layout = catalog.layout.for_ensemble(ensemble)
-        truth, masks = _truth(catalog), _masks(catalog)
-        labels = _truth_labels(catalog)
-        out = layout.validation
-        age_bands = _age_bands(catalog)
-        key = output_key({"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"),
-                          "masks": {name: mask.model_dump() for name, mask in masks.items()},
-                          "age_bands": age_bands, "sanity_subjects": SANITY_SUBJECTS},
-                         {"relevance": relevance_key(layout.relevance),
-                          "images": store.content_fingerprint(layout.images),
-                          "predictions": files_sha256([layout.models.predictions]),
-                          "truth": file_sha256(truth) if truth is not None else None})
-        summary = {"folder": str(out)}
-        if is_current(out, key):
-            if truth is not None:
-                summary["scores"] = _method_scores(pd.read_parquet(layout.scores))
-            return {**summary, "computed": 0}
-        relevance = open_relevance(layout.relevance)
-        dataset = store.open_cohort(layout.images)
-        sanity = self._start_sanity(catalog, ensemble, settings, relevance, dataset, client)
-        with atomic_output(out) as partial:  # the folder is swapped in whole
+        truth, masks, labels, age_bands = _truth(catalog), _masks(catalog), _truth_labels(catalog), _age_bands(catalog)
+        task = settings.task if settings is not None else None
+
+        def write(partial: Path) -> None:
+            relevance = open_relevance(layout.relevance)
+            dataset = store.open_cohort(layout.images)
+            sanity = self._start_sanity(catalog, ensemble, settings, relevance, dataset, execution)
             partial.mkdir()
+            predictions = pd.read_parquet(layout.models.predictions) if layout.models.predictions.is_file() else None
             if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
                 indices = features.lesion_relevance(dataset[masks["lesion"].modality], relevance.relevance_mean)
                 table = indices.compute().to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-                table[["method", "participant_id", *indices.data_vars]].to_parquet(
+                table[["attribution", "participant_id", *indices.data_vars]].to_parquet(
                     partial / layout.lesion_relevance.name, index=False)
-            for name, mask in masks.items():  # the seed study's indices and comparison
-                indices, comparison = self._mask_indices(layout, settings, dataset, relevance, name, mask)
+            for name, mask_settings in masks.items():  # Hofmann & Goltermann et al.'s indices and comparison
+                mask = dataset[mask_settings.modality]
+                if name == "pvs":
+                    mask = mask_relevance.pvs_mask(mask, Masker.of(dataset), mask_settings.threshold,
+                                                   mask_settings.min_cluster, mask_settings.dilate)
+                predicted = None
+                if predictions is not None and task == "regression":
+                    ensemble_rows = predictions[predictions.member == ENSEMBLE]
+                    predicted = ensemble_rows.set_index("participant_id")["predicted"]
+                indices, comparison = mask_relevance.index_tables(mask, relevance.relevance_mean,
+                                                                  mask_settings.min_voxels, predicted)
                 indices.to_parquet(partial / layout.mask_indices(name).name, index=False)
                 comparison.to_parquet(partial / layout.mask_comparison(name).name, index=False)
             atlas = catalog.atlas.load(dataset)
             if truth is not None:
-                scores = self._score(relevance, atlas, dataset, truth, labels)
-                scores.to_parquet(partial / layout.scores.name, index=False)
-                summary["scores"] = _method_scores(scores)
+                truth_mask = validation.truth_mask(truth, dataset, labels)
+                validation.score_table(relevance, truth_mask, atlas).to_parquet(partial / layout.scores.name,
+                                                                                index=False)
             if relevance.sizes["member"] > 1:
-                predictions = pd.read_parquet(layout.models.predictions) if settings.task == "classification" \
-                    else None
-                robustness = self._robustness(relevance, atlas, predictions, age_bands)
-                robustness.to_parquet(partial / layout.robustness.name, index=False)
+                classified = predictions if task == "classification" else None
+                validation.robustness_table(relevance, atlas, classified, age_bands).to_parquet(
+                    partial / layout.robustness.name, index=False)
             table = sanity()
             if table is not None:
                 table.to_parquet(partial / layout.sanity.name, index=False)
-        mark_current(out, key)
-        return {**summary, "computed": 1}
 
-    def _mask_indices(self, layout: Layout, settings, dataset, relevance, name: str, mask_settings) -> tuple[
-            pd.DataFrame, pd.DataFrame]:
-        """Hofmann & Goltermann et al.'s indices of the ensemble-mean maps inside lesion or PVS masks, per method
-        and participant with age and predicted age, and their per-voxel comparison with each one's average."""
-        mask = dataset[mask_settings.modality]
-        if name == "pvs":
-            mask = mask_relevance.pvs_mask(mask, Masker.of(dataset), mask_settings.threshold,
-                                           mask_settings.min_cluster, mask_settings.dilate)
-        indices = mask_relevance.mask_indices(mask, relevance.relevance_mean).compute()
-        table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-        table = table.reindex(columns=["method", "participant_id", "age", *indices.data_vars])  # age: a coordinate
-        if layout.models.predictions.is_file() and settings is not None and settings.task == "regression":
-            predictions = pd.read_parquet(layout.models.predictions)
-            predicted = predictions[predictions.member == ENSEMBLE].set_index("participant_id")["predicted"]
-            table.insert(3, "predicted", table["participant_id"].map(predicted))
-        comparison = mask_relevance.compare_to_average(table, mask_settings.min_voxels)
-        return table, comparison.assign(min_voxels=mask_settings.min_voxels)
-
-    def _score(self, relevance, atlas, dataset, truth: Path, labels) -> pd.DataFrame:
-        mask = validation.truth_mask(truth, dataset, labels)
-        tables = []
-        for absolute in (False, True):  # signed relevance, and its magnitude (for maps whose sign flips)
-            ensemble = validation.score_methods(relevance.relevance_mean, mask, atlas, absolute=absolute).reset_index()
-            members = validation.score_methods(relevance.relevance, mask, atlas, absolute=absolute).reset_index()
-            tables += [ensemble.assign(member=ENSEMBLE, scored="|R|" if absolute else "R"),
-                       members.assign(member=members["member"].astype(str), scored="|R|" if absolute else "R")]
-        return pd.concat(tables, ignore_index=True)
+        computed = self.produce(
+            layout.validation,
+            {"truth_labels": labels, "atlas": catalog.atlas.model_dump(mode="json"),
+             "masks": {name: mask.model_dump() for name, mask in masks.items()}, "age_bands": age_bands,
+             "sanity_subjects": SANITY_SUBJECTS},
+            {"relevance": relevance_key(layout.relevance), "images": store.content_fingerprint(layout.images),
+             "predictions": files_sha256([layout.models.predictions]),
+             "truth": file_sha256(truth) if truth is not None else None}, write)
+        summary = {"folder": str(layout.validation), "computed": int(computed)}
+        if truth is not None:
+            summary["scores"] = _method_scores(pd.read_parquet(layout.scores))
+        return summary
 
     def _start_sanity(self, catalog: Catalog, ensemble: str | None, settings, relevance, dataset,
-                      client) -> Callable[[], pd.DataFrame | None]:
+                      execution: Execution) -> Callable[[], pd.DataFrame | None]:
         """Adebayo et al.'s parameter randomisation test of every method (but noise_model, whose noise network
         belongs to the trained member) on member 0 and up to SANITY_SUBJECTS explained participants, started as a
         task; call the result for its table (``None`` for imported maps, which have no model, or without such
         methods)."""
-        methods = tuple(method for method in relevance.method.values if method != "noise_model")
+        methods = tuple(method for method in relevance.attribution.values if method != "noise_model")
         if settings is None or not methods:
             return lambda: None
         layout = catalog.layout.for_ensemble(ensemble)
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in methods else None
-        item = (str(layout.models.member(0)), str(layout.images), methods,
-                tuple(relevance.subject.values[:SANITY_SUBJECTS]), catalog.explain.ensemble(ensemble).options,
-                region_labels)
-        return start_task(_parameter_randomisation, item, client=client)
-
-    def _robustness(self, relevance, atlas, predictions: pd.DataFrame | None, age_bands) -> pd.DataFrame:
-        """Eitel & Ritter's robustness per method, for the true positives and true negatives of a binary
-        classification (gain: patients over controls) or per age band (gain: over the youngest band)."""
-        if predictions is not None:
-            predictions = predictions[predictions.member == ENSEMBLE]
-        age = relevance["age"].values if "age" in relevance.coords else None
-        groups = validation.subject_groups(relevance.subject.values, age, predictions, age_bands)
-        masks = {name: mask for name, mask in groups.masks.items() if name in ("TP", "TN")} \
-            if predictions is not None else groups.masks
-        table = validation.member_robustness(relevance.relevance, atlas, masks, controls=groups.gain_denominator)
-        return table.reset_index().assign(gain_definition=groups.gain_description)
+        test = validation.RandomisationTest(
+            str(layout.models.member(0)), str(layout.images), methods, tuple(relevance.subject.values[:SANITY_SUBJECTS]),
+            catalog.explain.ensemble(ensemble).options, region_labels)
+        return execution.start(validation.randomisation_test, test)
 
     def status(self, layout: Layout) -> str | None:
         lines = [f"{validated}: " + ", ".join(path.name for path in sorted(validated.glob("*.parquet")))
                  for validated in (layout.for_ensemble(name).validation for name in layout.ensemble_names())
                  if stored_key(validated) is not None]
         return "\n".join(lines) or None
-
-
-def _parameter_randomisation(item) -> pd.DataFrame:
-    """The randomisation test of ``methods`` on one member over some participants (a task of the validate stage)."""
-    member, images, methods, subjects, options, region_labels = item
-    model, card = training.load_member(member)
-    volumes = CohortVolumes(images, card["config"]["modalities"], card["config"]["input_scaling"])
-    positions = [list(volumes.subjects).index(subject) for subject in subjects]
-    inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
-    return validation.parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), list(methods),
-                                              options=options, inside=inside, region_labels=region_labels)
 
 
 def _explained_ensembles(catalog: Catalog) -> dict:
@@ -478,9 +463,9 @@ def _explained_ensembles(catalog: Catalog) -> dict:
     return {**trained, **dict.fromkeys(catalog.relevance or {})}
 
 
-def _region_labels(catalog: Catalog, dataset) -> np.ndarray:
+def _region_labels(catalog: Catalog, dataset):
     """The catalog's atlas in the model inputs' box (what region occlusion removes region by region)."""
-    return Masker.of(dataset).box().inverse_transform(catalog.atlas.load(dataset).voxel_labels.astype(np.int64))
+    return Masker.of(dataset).box().inverse_transform(catalog.atlas.load(dataset).voxel_labels.astype("int64"))
 
 
 def _age_bands(catalog: Catalog) -> list[float]:
@@ -510,8 +495,9 @@ def _masks(catalog: Catalog) -> dict:
 def _method_scores(scores: pd.DataFrame) -> dict:
     """ROC-AUC and mass accuracy of each method's ensemble-mean signed maps (for the run summary)."""
     ensemble = scores[(scores.member == ENSEMBLE) & (scores.scored == "R")]
-    return {row["method"]: {"roc_auc": round(float(row["roc_auc"]), 3),
-                            "mass_accuracy": round(float(row["mass_accuracy"]), 3)} for _, row in ensemble.iterrows()}
+    return {row["attribution"]: {"roc_auc": round(float(row["roc_auc"]), 3),
+                                 "mass_accuracy": round(float(row["mass_accuracy"]), 3)}
+            for _, row in ensemble.iterrows()}
 
 
 def describe_problem(problem: dict) -> str:
@@ -520,17 +506,7 @@ def describe_problem(problem: dict) -> str:
     return f"{who}: {problem['file'] or ''}: {problem['problem']}"
 
 
-def _joined_tables(paths, dataset) -> pd.DataFrame:
-    participants = pd.DataFrame({"participant_id": list(dataset.subject.values)})
-    joined = participants
-    for path in paths:
-        table = features.read_feature_table(path)
-        joined = joined.merge(features.join_on_participant(table, participants, source=str(path)),
-                              on="participant_id", how="left")
-    return joined
-
-
-class AssociateStage:
+class AssociateStage(Stage):
     """The catalog's association analyses, one folder each in ``associations/`` (``engine.analysis.association``)."""
 
     name = "associate"
@@ -538,12 +514,12 @@ class AssociateStage:
     def applies(self, catalog: Catalog) -> bool:
         return bool(catalog.associate)
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         layout = catalog.layout
-        sources = _association_sources(catalog)
-        inputs = _association_inputs(catalog)
+        sources = Workspace(layout.root).sources()
+        read = _association_inputs(catalog)
         done, summary = 0, {"folder": str(layout.associations), "analyses": {}}
-        atlases = {}  # each atlas resampled once per run, on first use
+        atlases = {}  # each atlas on the cohort's voxels once per run, on first use
 
         def atlas_of(settings: AtlasSettings) -> Atlas:
             key = settings.model_dump_json()
@@ -554,109 +530,35 @@ class AssociateStage:
         for analysis in catalog.associate:
             out = layout.association(analysis.name)
             table = catalog.modalities[analysis.labels].labels if analysis.labels else None
-            key = output_key({"analysis": analysis.model_dump(mode="json"),
-                              "atlas": catalog.atlas.model_dump(mode="json"), "label_table": table},
-                             {**inputs, **files_sha256([table] if table else [])})
-            if not is_current(out.root, key):
-                self._run_one(catalog, sources, atlas_of, analysis, out.root)
-                mark_current(out.root, key)
-                done += 1
+
+            def write(partial: Path, analysis=analysis) -> None:
+                regions = self._regions(catalog, sources, analysis, atlas_of) if analysis.scope == "roi" else None
+                atlas = atlas_of(catalog.atlas) if analysis.scope == "voxel" else None  # names the clusters
+                association.analyse(sources, analysis, partial, regions=regions, atlas=atlas)
+
+            done += self.produce(out.root, {"analysis": analysis.model_dump(mode="json"),
+                                            "atlas": catalog.atlas.model_dump(mode="json"), "label_table": table},
+                                 {**read, **files_sha256([table] if table else [])}, write)
             summary["analyses"][analysis.name] = json.loads(out.summary.read_text())["significant"]
-            progress("associate", len(summary["analyses"]), len(catalog.associate))
+            execution.report("associate", len(summary["analyses"]), len(catalog.associate))
         summary["computed"] = done
         return summary
 
-    def _run_one(self, catalog: Catalog, sources, atlas_of, analysis, out: Path) -> None:
-        """Write one analysis into a fresh folder, then swap it in: a failure leaves the old results whole."""
-        started = time.perf_counter()
-        with atomic_output(out) as partial:
-            partial.mkdir()
-            written = AssociationLayout(partial)
-            try:
-                details = {"voxel": self._voxel, "roi": self._roi, "similarity": self._similarity,
-                           "subject": self._subject}[analysis.scope](
-                    catalog, sources, atlas_of, analysis, written)
-            except ValueError as error:
-                raise association.AnalysisError(f"associate analysis {analysis.name!r}: {error}") from error
-            written.summary.write_text(json.dumps({
-                **analysis.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
-                                                            "alpha", "labels", "native"}),
-                **details, "seconds": round(time.perf_counter() - started, 2)}, indent=2))
-
-    def _voxel(self, catalog, sources, atlas_of, analysis, out) -> dict:
-        result = association.voxel_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
-                                            analysis.correction, analysis.permutations, analysis.seed,
-                                            analysis.min_coverage)
-        masker = Masker.of(sources.images)
-        for name in result.data_vars:
-            if result[name].dims == ("voxel",):
-                masker.to_nifti(result[name].astype(np.float32), fill=np.nan).to_filename(out.map(name))
-        if "max_t_null" in result:
-            pd.DataFrame({"max_abs_t": result["max_t_null"].values}).to_parquet(out.max_t_null, index=False)
-        significant = {correction: int((association.corrected_p(result, correction) < analysis.alpha).sum())
-                       for correction in analysis.correction}
-        threshold = analysis.correction[0]
-        mask = (association.corrected_p(result, threshold) < analysis.alpha).values
-        association.cluster_table(result["t"], mask, masker, atlas_of(catalog.atlas)).to_parquet(out.clusters,
-                                                                                                 index=False)
-        return {"n": result.attrs["n"], "df": result.attrs["df"], "min_coverage": analysis.min_coverage,
-                "voxels_tested": int(np.isfinite(result["t"].values).sum()), "correction": analysis.correction,
-                "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
-                "seed": analysis.seed, "significant": significant,
-                "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
-
-    def _roi(self, catalog, sources, atlas_of, analysis, out) -> dict:
-        if analysis.native:  # each participant's own parcels on their native scan
+    @staticmethod
+    def _regions(catalog: Catalog, sources: association.Sources, analysis,
+                 atlas_of: Callable[[AtlasSettings], Atlas]) -> Atlas | ParticipantLabels | NativeLabels:
+        """What an roi analysis reduces over: each participant's own parcels (on the template grid, or on their
+        native label volumes through the registration), or an atlas."""
+        if analysis.native:
             modality = next(m for m in catalog.modality_list() if m.name == analysis.labels)
             participants = inputs.read_participants(catalog.participants_file)
             files, _ = inputs.resolve_files(catalog.cohort_root, participants, [modality])
-            atlas = NativeLabels(analysis.labels, {pid: paths[modality.name] for pid, paths in files.items()},
-                                 label_table(modality.labels), catalog.layout.registered)
-        elif analysis.labels is not None:  # each participant's own parcels, on the template grid
-            atlas = ParticipantLabels(analysis.labels, sources.images[analysis.labels],
-                                      label_table(catalog.modalities[analysis.labels].labels))
-        else:
-            atlas = atlas_of(analysis.atlas or catalog.atlas)
-        if analysis.statistic != "regression":
-            table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
-                                             atlas, analysis.region_statistic, correlation=analysis.statistic,
-                                             permutations=analysis.permutations, seed=analysis.seed)
-            table.to_parquet(out.correlations, index=False)
-            table.to_csv(out.correlations_csv, index=False)
-            column = {"bonferroni": "p_bonferroni", "fdr_bh": "p_fdr"}
-            return {"n": int(table["n"].max()) if len(table) else 0, "regions": len(table),
-                    "correction": analysis.correction, "model": analysis.statistic,
-                    "significant": {correction: int((table[column[correction]] < analysis.alpha).sum())
-                                    for correction in analysis.correction}}
-        table = association.roi_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates, atlas,
-                                         analysis.region_statistic, analysis.robust, analysis.random_intercept)
-        skipped = table.attrs.get("skipped", {})
-        table.to_parquet(out.regions, index=False)
-        table.to_csv(out.regions_csv, index=False)
-        tested = table[table["term"] == analysis.predictor.text]
-        significant = {correction: int((stats.adjust_p(tested["p"].to_numpy(), correction) < analysis.alpha).sum())
-                       for correction in analysis.correction}
-        return {"n": int(tested["n"].max()) if len(tested) else 0, "regions": int(tested["region"].nunique()),
-                "correction": analysis.correction, "significant": significant,
-                "model": "mixed" if analysis.random_intercept else ("ols_hc3" if analysis.robust else "ols"),
-                "skipped_regions": skipped}
-
-    def _subject(self, catalog, sources, atlas_of, analysis, out) -> dict:
-        model, data = association.subject_analysis(sources, analysis.outcome, analysis.predictor, analysis.covariates,
-                                                   analysis.robust)
-        model.to_parquet(out.model, index=False)
-        data.to_parquet(out.data, index=False)
-        tested = model[model["term"] == analysis.predictor.text].iloc[0]
-        return {"n": int(tested["n"]), "model": "ols_hc3" if analysis.robust else "ols",
-                "significant": {"p": float(f"{tested['p']:.3g}"), "partial_r": round(float(tested["partial_r"]), 4)}}
-
-    def _similarity(self, catalog, sources, atlas_of, analysis, out) -> dict:
-        subjects = association.analysis_subjects(sources, [analysis.outcome, analysis.predictor])
-        table = stats.map_similarity(sources.map(analysis.outcome, subjects), sources.map(analysis.predictor, subjects))
-        table.to_parquet(out.similarity, index=False)
-        return {"n": int(table["pearson_r"].notna().sum()),
-                "significant": {"mean_pearson_r": round(float(table["pearson_r"].mean()), 4),
-                                "mean_cosine": round(float(table["cosine"].mean()), 4)}}
+            return NativeLabels(analysis.labels, {pid: paths[modality.name] for pid, paths in files.items()},
+                                label_table(modality.labels), catalog.layout.registered)
+        if analysis.labels is not None:
+            return ParticipantLabels(analysis.labels, sources.images[analysis.labels],
+                                     label_table(catalog.modalities[analysis.labels].labels))
+        return atlas_of(analysis.atlas or catalog.atlas)
 
     def status(self, layout: Layout) -> str | None:
         names = layout.association_names()
@@ -667,24 +569,6 @@ class AssociateStage:
             summary = json.loads(layout.association(name).summary.read_text())
             parts.append(f"{summary['name']} ({summary['scope']}, n={summary['n']}: {summary['significant']})")
         return f"{layout.associations}: " + "; ".join(parts)
-
-
-def _association_sources(catalog: Catalog) -> association.Sources:
-    layout = catalog.layout
-    images = store.load_coordinates(store.open_cohort(layout.images))
-    participants = pd.DataFrame({name: images[name].values for name in images.coords
-                                 if images[name].dims == ("subject",) and name != "subject"},
-                                index=pd.Index(images["subject"].values, name="participant_id"))
-    tables = {name: pd.read_parquet(path) for name, path in layout.feature_tables().items()}
-    relevance, predictions = {}, {}
-    for name in catalog.ensemble_names():
-        ensemble = layout.for_ensemble(name)
-        if ensemble.relevance.exists():
-            relevance[name] = open_relevance(ensemble.relevance)
-        if ensemble.models.predictions.is_file():
-            table = pd.read_parquet(ensemble.models.predictions)
-            predictions[name] = table[table["member"] == ENSEMBLE]
-    return association.Sources(images, participants, relevance, tables, predictions)
 
 
 def _association_inputs(catalog: Catalog) -> dict:
@@ -700,7 +584,7 @@ def _association_inputs(catalog: Catalog) -> dict:
     return inputs
 
 
-class ReportStage:
+class ReportStage(Stage):
     """The HTML report of everything the workspace holds: ``report.html`` (see ``engine.outputs.report``)."""
 
     name = "report"
@@ -708,23 +592,18 @@ class ReportStage:
     def applies(self, catalog: Catalog) -> bool:
         return catalog.report is not None and catalog.report.enabled
 
-    def run(self, catalog: Catalog, cluster: RunningCluster, progress: Progress) -> dict:
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
         settings, layout = catalog.report, catalog.layout
-        out = layout.report
-        key = output_key(settings.model_dump(mode="json"), _report_inputs(layout))
-        summary = {"report": str(out)}
-        if not is_current(out, key):
-            forget(out)
-            # each section a task drawing its figures, its small reductions inside that worker
-            build_report(layout.root, methods=settings.methods, age_bands=settings.age_bands, top_k=settings.top_k,
-                         client=cluster.client, progress=progress)
-            mark_current(out, key)
-            summary["built"] = 1
-        else:
-            summary["built"] = 0
+        built = self.produce(layout.report, settings.model_dump(mode="json"), _report_inputs(layout),
+                             lambda partial: build_report(layout.root, methods=settings.methods,
+                                                          age_bands=settings.age_bands, top_k=settings.top_k,
+                                                          execution=execution, out=partial))
+        summary = {"report": str(layout.report), "built": int(built)}
         if settings.screenshot:
+            from engine.outputs.browser import screenshot_sections
+
             try:
-                shots = screenshot_sections(out, layout.report_screenshots)
+                shots = screenshot_sections(layout.report, layout.report_screenshots)
                 summary["screenshots"] = str(next(iter(shots.values())).parent)
             except FileNotFoundError as error:
                 summary["screenshots"] = f"not taken: {error}"
@@ -752,5 +631,5 @@ def _report_inputs(layout: Layout) -> dict:
     return inputs
 
 
-STAGES = [SynthStage(), RegisterStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(), ValidateStage(),
-          AssociateStage(), ReportStage()]
+STAGES: list[Stage] = [SynthStage(), RegisterStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(),
+                       ValidateStage(), AssociateStage(), ReportStage()]

@@ -106,8 +106,8 @@ def test_relevance_terms_are_raw_sum_normalised_or_absolute(effects_sources):
     rng = np.random.default_rng(3)
     values = rng.normal(0.2, 1.0, (1, 4, sources.images.sizes["voxel"]))
     subjects = list(sources.images.subject.values[:4])
-    relevance = xr.Dataset({"relevance_mean": (("method", "subject", "voxel"), values)},
-                           coords={"method": ["lrp"], "subject": subjects})
+    relevance = xr.Dataset({"relevance_mean": (("attribution", "subject", "voxel"), values)},
+                           coords={"attribution": ["lrp"], "subject": subjects})
     with_relevance = Sources(sources.images, sources.participants, relevance)
     raw = with_relevance.map(Term.parse("relevance.lrp")).values
     normalised = with_relevance.map(Term.parse("relevance.lrp.normalised")).values

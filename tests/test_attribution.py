@@ -1,13 +1,17 @@
 """Attribution methods against hand-computed references, and relevance.zarr written by Dask tasks."""
 
 import itertools
+import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 import zarr
 from torch import nn
 
+from engine.tasks import Execution
 from engine.models import relevance as relevance_module
 from engine.models.attribution import METHODS, AttributionOptions, attribute
 from engine.models.relevance import explain, open_relevance, relevance_key
@@ -16,6 +20,7 @@ from engine.models.networks import ModelSpec, build_model
 from engine.models.training import TrainingConfig, load_member
 from engine.models.ensembles import train_ensemble
 from engine.models.volumes import CohortVolumes
+from engine.data.store import open_cohort
 
 SHAPE = (16, 18, 14)
 
@@ -170,21 +175,66 @@ def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(tr
     store, models, subjects = trained
     methods = ["lrp", "gradient_x_input"]
     relevance = explain(tmp_path / "relevance.zarr", images=store, models=models, methods=methods, members=[0, 1],
-                        subjects=subjects, subjects_per_chunk=4, client=client)
-    assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
-    assert list(relevance.method.values) == methods and list(relevance.subject.values) == subjects
+                        subjects=subjects, subjects_per_chunk=4, execution=Execution(client))
+    assert relevance.relevance.dims == ("attribution", "member", "subject", "voxel")
+    assert list(relevance.attribution.values) == methods and list(relevance.subject.values) == subjects
     assert relevance.relevance.notnull().all()
     volumes = CohortVolumes(store, ["T1"])
     positions = [list(volumes.subjects).index(subject) for subject in subjects[:3]]
     model, _ = load_member(models / "member_1")
     expected = volumes.box.transform(attribute(model, torch.from_numpy(volumes.read(positions)), "lrp").numpy())
-    np.testing.assert_allclose(relevance.relevance.sel({"method": "lrp", "member": 1}).isel(subject=slice(0, 3)).values,
+    np.testing.assert_allclose(relevance.relevance.sel(attribution="lrp", member=1).isel(subject=slice(0, 3)).values,
                                expected, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(relevance.relevance_mean.values, relevance.relevance.mean("member").values,
                                rtol=1e-6)
     assert (relevance.i.values == volumes.dataset.i.values).all()
     assert relevance.age.dims == ("subject",)
     assert set(relevance.split.values) <= {"validation", "test"}
+
+
+def test_a_notebook_selects_a_methods_maps_by_name_and_plain_xarray_opens_both_stores(trained, tmp_path):
+    store, models, subjects = trained
+    out = tmp_path / "relevance.zarr"
+    explain(out, images=store, models=models, methods=["lrp", "gradient"], members=[0, 1], subjects=subjects)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated metadata: xarray's default open needs no fallback
+        relevance, images = xr.open_zarr(out), xr.open_zarr(store)
+    maps = relevance.relevance_mean.sel(attribution="lrp")
+    assert maps.dims == ("subject", "voxel") and maps.sizes["subject"] == len(subjects)
+    np.testing.assert_array_equal(maps.values, open_relevance(out).relevance_mean.values[0])
+    np.testing.assert_array_equal(images.T1.values, open_cohort(store).T1.values)
+
+
+def test_a_relevance_store_of_the_earlier_layout_is_named_and_rewritten_by_explain(trained, tmp_path):
+    store, models, subjects = trained
+    out = tmp_path / "relevance.zarr"
+    plan = {"images": store, "models": models, "methods": ["gradient"], "members": [0], "subjects": subjects[:2]}
+    explain(out, **plan)
+    zarr.open_group(out, mode="r+").attrs["layout"] = "relcohort.relevance/1"  # written before the rename
+    with pytest.raises(ValueError, match=r"another relcohort version \(layout relcohort.relevance/1.*run the catalog"):
+        open_relevance(out)
+    assert relevance_key(out) is None  # what depends on it is not current either
+    assert explain(out, **plan).relevance.dims[0] == "attribution"
+
+
+def test_each_member_is_loaded_and_made_canonical_for_lrp_once_for_all_its_blocks_and_methods(trained, tmp_path,
+                                                                                               monkeypatch):
+    from engine.models import lrp as lrp_module
+
+    store, models, subjects = trained
+    made = []
+    canonical = lrp_module.canonical
+    monkeypatch.setattr(lrp_module, "canonical", lambda model: made.append(model) or canonical(model))
+    monkeypatch.setattr(relevance_module, "_LAST_MEMBER", threading.local())  # no member kept from other tests
+    relevance = explain(tmp_path / "relevance.zarr", images=store, models=models, members=[0, 1],
+                        methods=["lrp", "lrp_epsilon", "gradient"], subjects=subjects, subjects_per_chunk=2)
+    assert len(subjects) > 2 and len(made) == 2  # two members, each over several blocks and two LRP methods
+    volumes = CohortVolumes(store, ["T1"])
+    positions = [list(volumes.subjects).index(subject) for subject in subjects[-2:]]
+    model, _ = load_member(models / "member_0")
+    fresh = attribute(model, torch.from_numpy(volumes.read(positions)), "lrp_epsilon").numpy()
+    np.testing.assert_array_equal(relevance.relevance.sel(attribution="lrp_epsilon", member=0).values[-2:],
+                                  volumes.box.transform(fresh))
 
 
 def test_explain_trains_a_noise_network_per_member_once(trained, tmp_path):

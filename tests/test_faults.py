@@ -20,6 +20,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from engine.tasks import Execution
 from engine.models.relevance import open_relevance
 from engine.models.training import TrainingConfig
 from engine.models.ensembles import train_ensemble
@@ -92,7 +93,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undis
 
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        undisturbed = train_ensemble(store, config, 2, tmp_path / "undisturbed", split, client=client)
+        undisturbed = train_ensemble(store, config, 2, tmp_path / "undisturbed", split, Execution(client))
         pids = client.run(os.getpid)
         killed = {}
 
@@ -110,7 +111,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undis
 
         killer = threading.Thread(target=kill_a_training_worker)
         killer.start()
-        disturbed = train_ensemble(store, config, 2, tmp_path / "disturbed", split, client=client)
+        disturbed = train_ensemble(store, config, 2, tmp_path / "disturbed", split, Execution(client))
         killer.join()
         assert killed, "no worker was seen training"
         with pytest.raises(ProcessLookupError):

@@ -11,6 +11,7 @@ import pytest
 import xarray as xr
 from scipy import stats
 
+from engine.tasks import Execution
 from engine.analysis.atlas import cohort_atlas
 from engine.analysis import features
 from engine.data.labels import label_table
@@ -119,11 +120,11 @@ def test_freesurfer_table_over_a_subjects_dir(tmp_path, client, monkeypatch):
     assert sorted(thickness.hemisphere) == ["lh", "lh", "rh", "rh"]
     monkeypatch.setattr(features, "STATS_PARTICIPANTS_PER_TASK", 2)  # two tasks on the workers, the same table
     ids = ["sub-03", "sub-01", "sub-02"]
-    pd.testing.assert_frame_equal(freesurfer_table(tmp_path, ids, client=client), freesurfer_table(tmp_path, ids))
+    pd.testing.assert_frame_equal(freesurfer_table(tmp_path, ids, execution=Execution(client)), freesurfer_table(tmp_path, ids))
     (tmp_path / "sub-02/stats/rh.aparc.stats").unlink()
     for on in (None, client):
         with pytest.raises(FileNotFoundError, match="participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
-            freesurfer_table(tmp_path, ["sub-01", "sub-02"], client=on)
+            freesurfer_table(tmp_path, ["sub-01", "sub-02"], execution=Execution(on))
 
 
 def test_freesurfer_measures_are_named_as_freesurfer_labels_name_the_parcels(tmp_path):

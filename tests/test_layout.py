@@ -72,3 +72,32 @@ def test_layout_names_every_output_once_and_provenance_reads_typed(tmp_path):
     provenance.write(layout)
     again = Provenance.read(layout)
     assert again == provenance and again.last.error == "ValueError: x" and not list(tmp_path.glob(".*.part"))
+
+
+def test_a_stage_produces_an_output_once_per_key_and_a_failed_write_leaves_the_old_one_not_current(tmp_path):
+    from pipelines.stages import Stage
+
+    folder, writes = tmp_path / "validation", []
+
+    def write(partial, text="first"):
+        writes.append(partial)
+        partial.mkdir()
+        (partial / "scores.txt").write_text(text)
+
+    assert Stage.produce(folder, {"atlas": "a"}, {"maps": "1"}, write)
+    assert (folder / "scores.txt").read_text() == "first" and writes[0] != folder  # written beside, then renamed
+    assert is_current(folder, output_key({"atlas": "a"}, {"maps": "1"}))
+    assert not Stage.produce(folder, {"atlas": "a"}, {"maps": "1"}, write) and len(writes) == 1  # current: kept
+
+    def killed(partial):
+        partial.mkdir()
+        (partial / "scores.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Stage.produce(folder, {"atlas": "a"}, {"maps": "2"}, killed)  # new maps, and the write dies
+    assert (folder / "scores.txt").read_text() == "first"  # the old output whole ...
+    assert not is_current(folder, output_key({"atlas": "a"}, {"maps": "1"}))  # ... but no longer current
+    assert Stage.produce(folder, {"atlas": "a"}, {"maps": "1"}, lambda partial: write(partial, "again"))
+    assert (folder / "scores.txt").read_text() == "again" and sorted(path.name for path in tmp_path.iterdir()) == [
+        "validation"]

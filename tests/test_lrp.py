@@ -13,7 +13,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from engine.models.attribution import AttributionOptions, attribute
-from engine.models.lrp import AlphaBeta, Epsilon, ZPlus, lrp, prepare
+from engine.models.lrp import (COMPOSITES, AlphaBeta, AlphaBetaEverywhere, Epsilon, EpsilonAlphaBeta, EpsilonEverywhere,
+                               PresetA, PresetB, ZPlus, ZPlusEverywhere, canonical, composite, lrp)
 from engine.models.networks import ModelSpec, build_model, place
 
 SHAPE = (12, 14, 10)
@@ -192,17 +193,17 @@ def test_biases_change_the_study_presets_relevance():
         for module in model.modules():
             if isinstance(module, (nn.Conv3d, nn.Linear)):
                 module.bias.normal_(0, 0.5)
-    with_bias, without = lrp(model, x, "study"), lrp(model, x, "study_ignore_bias")
+    with_bias, without = lrp(model, x, "preset_a"), lrp(model, x, PresetA(bias=False))
     assert (with_bias - without).abs().max() > 0.01 * without.abs().max()
     model = _model(bias_free=True)
-    assert torch.allclose(lrp(model, x, "study"), lrp(model, x, "study_ignore_bias"), rtol=1e-10)
+    assert torch.allclose(lrp(model, x, "preset_a"), lrp(model, x, PresetA(bias=False)), rtol=1e-10)
 
 
 def test_folding_the_output_scale_keeps_the_function():
     model, x = _model(), _inputs()
     with torch.no_grad():
         model.output_scale.fill_(7.0)
-    prepared = prepare(model)
+    prepared = canonical(model).model
     assert float(prepared.output_scale[0]) == 1.0 and float(model.output_scale[0]) == 7.0
     assert torch.allclose(prepared(x), model(x), rtol=1e-12)
 
@@ -231,7 +232,7 @@ def test_epsilon_rule_conserves_relevance_as_epsilon_vanishes_and_absorbs_it_oth
     assert (lrp(model, x, large).sum(dim=(1, 2, 3, 4)).abs() < output.abs()).all()
 
 
-@pytest.mark.parametrize("preset", ["epsilon", "study"])
+@pytest.mark.parametrize("preset", ["epsilon", "preset_a"])
 def test_lrp_equals_captum_where_both_apply(preset):
     """captum's z⁺ ignores biases: compared with ε (bias included) on dense layers and z⁺ on convolutions."""
     model, x = _model(), _inputs()
@@ -262,7 +263,7 @@ def _with_kept_gates(model):
     return kept
 
 
-@pytest.mark.parametrize("preset", ["study", "study_ignore_bias", "alpha2beta1", "epsilon", "zero"])
+@pytest.mark.parametrize("preset", ["preset_a", PresetA(bias=False), "alpha2beta1", "epsilon", "zero"])
 def test_relus_absorbed_by_the_rule_before_them_change_no_relevance(preset):
     """Rules clamp z and zero their scale where z ≤ 0 in place of the ReLU that follows; the
     relevance equals that with the ReLU and autograd's own gate."""
@@ -279,7 +280,7 @@ def test_absorbed_relus_are_put_back_even_when_lrp_fails():
     model, x = _model(), _inputs()
     relus = [module for module in model.modules() if type(module) is nn.ReLU]
     with pytest.raises(IndexError):
-        lrp(model, x, "study", target=3)  # the model has one output
+        lrp(model, x, "preset_a", target=3)  # the model has one output
     assert [module for module in model.modules() if type(module) is nn.ReLU] == relus
     assert not any(isinstance(module, nn.Identity) for module in model.modules())
 
@@ -290,7 +291,7 @@ def test_a_layer_used_twice_does_not_absorb_its_relu():
     conv = nn.Conv3d(2, 2, 3, padding=1)
     model = nn.Sequential(conv, nn.ReLU(), conv, nn.Identity(), nn.Flatten(), nn.Linear(2 * 6 * 6 * 6, 1)).double()
     x = torch.randn(2, 2, 6, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    relevance, reference = lrp(model.eval(), x, "study"), lrp(_with_kept_gates(model), x, "study")
+    relevance, reference = lrp(model.eval(), x, "preset_a"), lrp(_with_kept_gates(model), x, "preset_a")
     assert torch.allclose(relevance, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
 
 
@@ -312,7 +313,7 @@ def test_merged_batchnorm_keeps_the_function_and_lrp_runs_on_sfcn():
             nn.init.normal_(module.weight, 1, 0.2)
             nn.init.normal_(module.bias, 0, 0.2)
     x = _inputs()
-    merged = prepare(model)
+    merged = canonical(model).model
     assert not any(isinstance(module, nn.BatchNorm3d) for module in merged.modules())
     assert torch.allclose(merged(x), model(x), rtol=1e-10)
     relevance = lrp(merged, x, "zplus")
@@ -322,7 +323,7 @@ def test_merged_batchnorm_keeps_the_function_and_lrp_runs_on_sfcn():
 def test_batchnorm_that_follows_no_convolution_is_refused():
     model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.BatchNorm3d(2)).eval()
     with pytest.raises(ValueError, match="do not directly follow a Conv3d"):
-        prepare(model)
+        canonical(model)
 
 
 def test_bad_rules_and_presets_are_refused():
@@ -330,13 +331,13 @@ def test_bad_rules_and_presets_are_refused():
         AlphaBeta(2.0, 0.5)
     with pytest.raises(ValueError, match="α − β = 1 and β ≥ 0"):
         AlphaBeta(0.5, -0.5)
-    with pytest.raises(ValueError, match="unknown LRP preset 'gamma'"):
+    with pytest.raises(ValueError, match="unknown LRP composite 'gamma'"):
         lrp(_model(), _inputs(), "gamma")
     with pytest.raises(ValueError, match="α − β = 1"):
         AttributionOptions(lrp_alpha=2.0)
 
 
-@pytest.mark.parametrize("preset", ["study", "alpha2beta1", "epsilon"])
+@pytest.mark.parametrize("preset", ["preset_a", "alpha2beta1", "epsilon"])
 def test_channels_last_placement_changes_no_relevance(preset):
     """The engine places models channels-last on CPU (engine.models.networks.place); outputs and LRP maps
     equal those of PyTorch's default layout, signed inputs included."""
@@ -347,3 +348,37 @@ def test_channels_last_placement_changes_no_relevance(preset):
     assert torch.allclose(placed(x), model(x), rtol=1e-12)
     relevance, reference = lrp(placed, x, preset), lrp(model, x, preset)
     assert torch.allclose(relevance, reference, rtol=1e-9, atol=1e-12 * reference.abs().max().item())
+
+
+def test_composites_are_named_classes_whose_parameters_are_the_rules_parameters():
+    """Each composite gives every weighted layer type the rule with its own ε, α, β and bias."""
+    assert PresetA().rules() == {nn.Linear: Epsilon(0.1), nn.Conv3d: AlphaBeta(1.0, 0.0)}  # sequential_preset_a
+    assert PresetB().rules() == {nn.Linear: Epsilon(0.1), nn.Conv3d: AlphaBeta(2.0, 1.0)}  # sequential_preset_b
+    assert EpsilonAlphaBeta(0.3, 3.0, 2.0, bias=False).rules() == {nn.Linear: Epsilon(0.3, False),
+                                                                   nn.Conv3d: AlphaBeta(3.0, 2.0, False)}
+    assert EpsilonEverywhere(0.7).rules() == {nn.Linear: Epsilon(0.7), nn.Conv3d: Epsilon(0.7)}
+    assert AlphaBetaEverywhere(3.0, 2.0).rules() == {nn.Linear: AlphaBeta(3.0, 2.0), nn.Conv3d: AlphaBeta(3.0, 2.0)}
+    assert ZPlusEverywhere().rules() == {nn.Linear: ZPlus(), nn.Conv3d: ZPlus()}
+    assert composite("zero").rules() == {nn.Linear: Epsilon(0.0), nn.Conv3d: Epsilon(0.0)}
+    assert set(COMPOSITES) == {"preset_a", "preset_b", "epsilon", "alpha2beta1", "zplus", "zero"}
+    model, x = _model(), _inputs(signed=True)
+    assert not torch.allclose(lrp(model, x, EpsilonEverywhere(0.1)), lrp(model, x, EpsilonEverywhere(5.0)))
+
+
+def test_the_former_name_of_preset_a_still_works_with_a_warning_naming_the_new_one():
+    model, x = _model(), _inputs()
+    with pytest.warns(DeprecationWarning, match="'study' is now called 'preset_a'"):
+        relevance = lrp(model, x, "study")
+    assert torch.equal(relevance, lrp(model, x, "preset_a"))
+
+
+def test_one_canonical_form_serves_every_composite_and_batch_and_leaves_the_model_alone():
+    model, x = _model(), _inputs(signed=True)
+    with torch.no_grad():
+        model.output_scale.fill_(7.0)
+    form = canonical(model)
+    assert form.model is not model and float(model.output_scale[0]) == 7.0
+    for rules in ("preset_a", "epsilon", "zero"):
+        for batch in (x[:1], x):
+            assert torch.equal(lrp(form, batch, rules), lrp(model, batch, rules))
+    assert [type(module) for module in form.model.modules()] == [type(module) for module in canonical(model).model.modules()]

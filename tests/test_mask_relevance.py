@@ -22,7 +22,7 @@ from engine.data.masker import Masker
 
 def _relevance(values, subjects, **coords) -> xr.DataArray:
     values = np.asarray(values, np.float32)
-    dims = ("method", "subject", "voxel")[-values.ndim:]
+    dims = ("attribution", "subject", "voxel")[-values.ndim:]
     return xr.DataArray(values, dims=dims, coords={"subject": subjects, **coords}, name="R")
 
 
@@ -54,8 +54,8 @@ def test_indices_equal_numpy_float64_with_methods_and_voxel_chunks():
     lesions = rng.random((subjects, voxels)) < 0.3
     lesions[4] = False  # no lesions: NaN lesion mean
     names = [f"sub-{n}" for n in range(subjects)]
-    relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 10)), dims=("method", "subject", "voxel"),
-                             coords={"method": ["lrp", "gradient"], "subject": names})
+    relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 10)), dims=("attribution", "subject", "voxel"),
+                             coords={"attribution": ["lrp", "gradient"], "subject": names})
     masks = xr.DataArray(da.from_array(lesions, chunks=(3, 20)), dims=("subject", "voxel"), coords={"subject": names})
     result = mask_indices(masks, relevance)
     assert isinstance(result["s_wml_voxel"].data, da.Array)  # lazy until asked
@@ -71,7 +71,7 @@ def test_indices_equal_numpy_float64_with_methods_and_voxel_chunks():
                     "p_voxel": mean_positive * n / positive.sum() if positive.size else np.nan}
         for name, value in expected.items():
             got = result[name].sel(subject=names[s])
-            got = got.isel(method=m) if "method" in got.dims else got
+            got = got.isel(attribution=m) if "attribution" in got.dims else got
             np.testing.assert_allclose(float(got), value, rtol=1e-12, atol=1e-12, err_msg=f"{name} {m} {s}")
 
 
@@ -92,7 +92,7 @@ def _table(rng, n, methods=("lrp", "gradient")) -> pd.DataFrame:
     parts = []
     for shift, method in enumerate(methods):
         average = rng.normal(1, 0.3, n)
-        parts.append(pd.DataFrame({"method": method, "subject": np.arange(n), "a_voxel": average,
+        parts.append(pd.DataFrame({"attribution": method, "subject": np.arange(n), "a_voxel": average,
                                    "a_wml_voxel": average + rng.normal(0.2 * shift, 0.5, n),
                                    "n_wml_voxel": rng.integers(0, 80, n)}))
     table = pd.concat(parts, ignore_index=True)
@@ -102,8 +102,8 @@ def _table(rng, n, methods=("lrp", "gradient")) -> pd.DataFrame:
 
 def test_comparison_equals_scipy_wilcoxon_and_excludes_small_lesion_loads():
     table = _table(np.random.default_rng(5), 60)
-    result = compare_to_average(table, min_voxels=30).set_index("method")
-    for method, group in table.groupby("method"):
+    result = compare_to_average(table, min_voxels=30).set_index("attribution")
+    for method, group in table.groupby("attribution"):
         chosen = group[group.n_wml_voxel > 30]
         expected = stats.wilcoxon(chosen.a_wml_voxel, chosen.a_voxel)
         row = result.loc[method]
@@ -120,7 +120,7 @@ def test_rank_biserial_and_hodges_lehmann_by_hand():
     difference = np.array([1, 2, 3, -4, 5, 6, 7.5, 0])
     table = pd.DataFrame({"a_voxel": np.full(8, 10.0), "a_wml_voxel": 10 + difference, "n_wml_voxel": 31})
     row = compare_to_average(table).iloc[0]
-    assert "method" not in compare_to_average(table).columns
+    assert "attribution" not in compare_to_average(table).columns
     # Ranks of |d| over the 7 nonzero d are 1..7: W⁺ = 24, W⁻ = 4.
     assert row["rank_biserial"] == pytest.approx((24 - 4) / 28)
     walsh = sorted((a + b) / 2 for a, b in itertools.combinations_with_replacement(difference, 2))
@@ -152,20 +152,20 @@ def test_too_few_participants_give_nan_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         row = compare_to_average(table).iloc[0]
-    assert row["n"] == 5 and row.drop(["method", "n"]).isna().all()
+    assert row["n"] == 5 and row.drop(["attribution", "n"]).isna().all()
 
 
 def test_comparison_figure_from_mask_indices():
     rng = np.random.default_rng(7)
     names = [f"sub-{n}" for n in range(12)]
-    relevance = _relevance(rng.normal(0, 1, (2, 12, 200)), names, method=["lrp", "gradient"])
+    relevance = _relevance(rng.normal(0, 1, (2, 12, 200)), names, attribution=["lrp", "gradient"])
     masks = xr.DataArray(rng.random((12, 200)) < 0.3, dims=("subject", "voxel"), coords={"subject": names})
     indices = mask_indices(masks, relevance)
     figure = comparison_figure(indices, min_voxels=30)
     result = compare_to_average(indices, min_voxels=30)
-    assert list(result["method"]) == ["lrp", "gradient"] and (result["n"] == 12).all()
+    assert list(result["attribution"]) == ["lrp", "gradient"] and (result["n"] == 12).all()
     titles = [axis.get_title() for axis in figure.axes]
-    assert titles == [f"{m}: Wilcoxon p = {p:.2g}, n = 12" for m, p in zip(result["method"], result["p"], strict=True)]
+    assert titles == [f"{m}: Wilcoxon p = {p:.2g}, n = 12" for m, p in zip(result["attribution"], result["p"], strict=True)]
     figure.savefig(io.BytesIO(), format="png")
     with pytest.raises(ValueError, match="one per method"):
         comparison_figure(indices, ax=figure.axes[0])

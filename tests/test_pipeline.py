@@ -166,12 +166,12 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert {"0", "1", "ensemble", "predict_train_mean"} <= set(metrics.member)
     split = pd.read_csv(workspace / "models/split.tsv", sep="\t")
     relevance = open_relevance(workspace / "relevance.zarr")
-    assert relevance.relevance.dims == ("method", "member", "subject", "voxel")
-    assert list(relevance.method.values) == ["lrp", "gradient", "region_occlusion"] and relevance.sizes["member"] == 2
+    assert relevance.relevance.dims == ("attribution", "member", "subject", "voxel")
+    assert list(relevance.attribution.values) == ["lrp", "gradient", "region_occlusion"] and relevance.sizes["member"] == 2
     assert sorted(relevance.subject.values) == sorted(split.participant_id)  # subjects: all
     assert relevance.relevance.notnull().all()
     scores = pd.read_parquet(workspace / "validation/scores.parquet")
-    assert set(scores.method) == {"lrp", "gradient", "region_occlusion"}
+    assert set(scores.attribution) == {"lrp", "gradient", "region_occlusion"}
     assert set(scores.member) == {"ensemble", "0", "1"}
     assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 3 * 3
     assert scores.roc_auc.between(0, 1).all()
@@ -182,7 +182,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert len(robustness) == 3 * len(present) and set(robustness.group) == set(present)
     assert dict(zip(robustness.group, robustness.n, strict=True)) == {name: bands[name].sum() for name in present}
     sanity = pd.read_parquet(workspace / "validation/sanity.parquet")
-    assert list(sanity.method) == ["lrp", "gradient", "region_occlusion"] and sanity.spearman.between(-1, 1).all()
+    assert list(sanity.attribution) == ["lrp", "gradient", "region_occlusion"] and sanity.spearman.between(-1, 1).all()
     lesion_relevance = pd.read_parquet(workspace / "validation/lesion_relevance.parquet")
     assert len(lesion_relevance) == 3 * relevance.sizes["subject"]
     assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
@@ -190,7 +190,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
         indices = pd.read_parquet(workspace / f"validation/{mask}_indices.parquet")
         assert len(indices) == 3 * relevance.sizes["subject"] and {"age", "predicted", "p_wml_voxel"} <= set(indices)
         comparison = pd.read_parquet(workspace / f"validation/{mask}_comparison.parquet")
-        assert list(comparison.method) == ["lrp", "gradient", "region_occlusion"]
+        assert list(comparison.attribution) == ["lrp", "gradient", "region_occlusion"]
         assert (comparison.min_voxels == 30).all()
     relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}
 
@@ -217,7 +217,7 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     # the seed study's way, by hand: LRP summed in each participant's own hippocampus (its aparc+aseg in the
     # store) against that participant's aseg.stats volume, Pearson r across participants
     labels = ds.APARC_ASEG.sel(subject=relevance.subject.values).values
-    lrp = relevance.relevance_mean.sel({"method": "lrp"}).values
+    lrp = relevance.relevance_mean.sel(attribution="lrp").values
     aseg = pd.read_parquet(workspace / "features/freesurfer.parquet").query("structure == 'Left-Hippocampus'")
     volume = aseg.set_index("participant_id").loc[relevance.subject.values, "value"]
     expected = stats.pearsonr(np.where(labels == 17, lrp, 0).sum(axis=1), volume)
@@ -421,13 +421,13 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
         card = json.loads((ensemble / "models/member_0.json").read_text())
         assert card["config"]["modalities"] == channels
         relevance = open_relevance(ensemble / "relevance.zarr")
-        assert relevance.sizes["member"] == members and list(relevance.method.values) == methods
-        assert sorted(pd.read_parquet(ensemble / "validation/sanity.parquet")["method"].unique()) == sorted(methods)
+        assert relevance.sizes["member"] == members and list(relevance.attribution.values) == methods
+        assert sorted(pd.read_parquet(ensemble / "validation/sanity.parquet")["attribution"].unique()) == sorted(methods)
         assert (ensemble / "validation/scores.parquet").is_file()
         assert (ensemble / "validation/robustness.parquet").is_file() == (members > 1)
     flair = open_relevance(workspace / "ensembles/flair/relevance.zarr")
     correlations = pd.read_parquet(workspace / "associations/flair_lrp_age/correlations.parquet").set_index("region")
-    hippocampus = flair.relevance_mean.sel({"method": "lrp"}).values[:, np.flatnonzero(
+    hippocampus = flair.relevance_mean.sel(attribution="lrp").values[:, np.flatnonzero(
         open_workspace(workspace).atlas().voxel_labels == 48)].sum(axis=1)  # Neuromorphometrics Left Hippocampus
     expected = stats.pearsonr(hippocampus, flair.age.values).statistic
     assert abs(correlations.loc["Left_Hippocampus", "r"] - expected) < 1e-6
@@ -476,19 +476,19 @@ def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(coho
     assert result.returncode == 0, result.stderr[-3000:]
     workspace = tmp_path / "ws"
     relevance = open_relevance(workspace / "ensembles/study/relevance.zarr")
-    assert relevance.sizes["member"] == 1 and list(relevance.method.values) == ["lrp"]
+    assert relevance.sizes["member"] == 1 and list(relevance.attribution.values) == ["lrp"]
     images = open_cohort(workspace / "images.zarr")
     assert list(relevance.subject.values) == list(images.subject.values)
     masker = Masker.of(images)
     for pid in relevance.subject.values[:3]:
-        stored = masker.to_nifti(relevance.relevance_mean.sel({"method": "lrp", "subject": pid})).get_fdata()
+        stored = masker.to_nifti(relevance.relevance_mean.sel(attribution="lrp", subject=pid)).get_fdata()
         original = nib.load(cohort_copy / f"derivatives/innvestigate/{pid}_lrp.nii.gz").get_fdata()
         inside = np.asanyarray(masker.mask_image().dataobj) > 0
         np.testing.assert_array_equal(stored[inside], original[inside])
     assert (workspace / "ensembles/study/validation/lesion_indices.parquet").is_file()
     correlations = pd.read_parquet(workspace / "associations/study_subcortical/correlations.parquet")
     labels = images.APARC_ASEG.values
-    sums = np.where(labels == 53, relevance.relevance_mean.sel({"method": "lrp"}).values, 0).sum(axis=1)
+    sums = np.where(labels == 53, relevance.relevance_mean.sel(attribution="lrp").values, 0).sum(axis=1)
     aseg = pd.read_parquet(workspace / "features/freesurfer.parquet").query("structure == 'Right-Hippocampus'")
     expected = stats.pearsonr(sums, aseg.set_index("participant_id").loc[images.subject.values, "value"])
     assert abs(correlations.set_index("region").loc["Right-Hippocampus", "r"] - expected.statistic) < 1e-6

@@ -22,7 +22,7 @@ from engine.outputs.report import SECTIONS, build_report
 from engine.outputs.browser import browser_check, screenshot_sections
 from engine.data.masker import Masker
 from pipelines.catalog import load_catalog
-from cluster import RunningCluster
+from engine.tasks import INLINE
 from engine.layout import Layout
 from pipelines.stages import ReportStage
 
@@ -90,7 +90,7 @@ def test_run_writes_a_report_with_every_section(tiny_workspace):
 
     catalog, _ = load_catalog(tiny_workspace.parent / "catalog.yaml")
     written = report.stat().st_mtime_ns
-    unchanged = ReportStage().run(catalog, RunningCluster(None), lambda *_: None)
+    unchanged = ReportStage().run(catalog, INLINE)
     assert unchanged["built"] == 0  # inputs unchanged: nothing to do
     assert report.stat().st_mtime_ns == written
     assert "report.html" in ReportStage().status(Layout(tiny_workspace))
@@ -99,17 +99,17 @@ def test_run_writes_a_report_with_every_section(tiny_workspace):
 def test_workspace_api_gives_labelled_objects_and_images(tiny_workspace, tmp_path):
     ws = open_workspace(tiny_workspace)
     assert ws.images.T1.dims == ("subject", "voxel") and "age" in ws.images.coords
-    assert ws.relevance.relevance.dims == ("method", "member", "subject", "voxel")
+    assert ws.relevance.relevance.dims == ("attribution", "member", "subject", "voxel")
     assert {"regional_gm_volume", "lesion_load"} <= set(ws.features) and len(ws.lesion_relevance)
     assert {"ensemble", "0", "1"} == set(ws.predictions.member) and "ensemble" in set(ws.metrics.member)
-    assert set(ws.scores.method) == {"lrp", "gradient"} and len(ws.robustness) == 2 * 3  # methods × age bands
+    assert set(ws.scores.attribution) == {"lrp", "gradient"} and len(ws.robustness) == 2 * 3  # methods × age bands
     assert ws.associations == {} and ws.catalog["train"]["members"] == 2
 
-    mean_map = ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject")
+    mean_map = ws.relevance.relevance_mean.sel(attribution="lrp").mean("subject")
     volume = ws.to_nifti(mean_map).get_fdata()
     np.testing.assert_allclose(volume[mean_map.i, mean_map.j, mean_map.k], mean_map.values, rtol=1e-6)
     with pytest.raises(ValueError, match="select or reduce"):
-        ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}))
+        ws.to_nifti(ws.relevance.relevance_mean.sel(attribution="lrp"))
 
     atlas = ws.atlas()
     painted = ws.to_nifti(pd.Series({"Left_Hippocampus": 2.5})).get_fdata()

@@ -20,6 +20,7 @@ KILLED_INGEST = textwrap.dedent("""
     from distributed import Client, LocalCluster
     from engine.data.store import ingest
     from engine.data.inputs import read_participants
+    from engine.tasks import Execution
     from tests.conftest import MODALITIES
 
     cohort, store = sys.argv[1], sys.argv[2]
@@ -32,7 +33,7 @@ KILLED_INGEST = textwrap.dedent("""
         with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0") as cluster, \\
                 Client(cluster) as client:
             ingest(store, read_participants(f"{cohort}/participants.tsv"), cohort, MODALITIES,
-                   f"{cohort}/mask.nii.gz", subjects_per_chunk=1, client=client, progress=progress)
+                   f"{cohort}/mask.nii.gz", subjects_per_chunk=1, execution=Execution(client, progress))
 """)
 
 

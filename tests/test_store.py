@@ -15,6 +15,7 @@ import zarr
 from engine.data.store import IngestError, ingest, open_cohort, store_attributes
 from engine.data.inputs import InputError, Modality, read_participants
 from engine.data.masker import Masker
+from engine.tasks import Execution
 from tests.conftest import MODALITIES
 
 
@@ -30,7 +31,7 @@ def source(cohort, modality: Modality, pid: str):
 
 def test_round_trip_is_exact_inside_the_mask(tiny_cohort, tmp_path, client):
     store = tmp_path / "images.zarr"
-    report = run_ingest(tiny_cohort, store, client=client)
+    report = run_ingest(tiny_cohort, store, execution=Execution(client))
     assert report.appended == 24 and report.written == {m.name: 24 for m in MODALITIES}
     ds = open_cohort(store)
     mask = np.asanyarray(nib.load(tiny_cohort / "mask.nii.gz").dataobj) > 0
@@ -66,25 +67,25 @@ def test_store_is_lazy_chunked_and_labelled(tiny_cohort, tmp_path):
 def test_ingest_is_incremental(cohort_copy, tmp_path, client):
     store = tmp_path / "images.zarr"
     table = read_participants(cohort_copy / "participants.tsv")
-    first = run_ingest(cohort_copy, store, table.iloc[:10], on_error="skip", client=client)
+    first = run_ingest(cohort_copy, store, table.iloc[:10], on_error="skip", execution=Execution(client))
     assert first.appended == 10 and len(first.problems) == 14 * len(MODALITIES)  # files of unlisted participants
     before = open_cohort(store).T1.values.copy()
 
-    second = run_ingest(cohort_copy, store, client=client)
+    second = run_ingest(cohort_copy, store, execution=Execution(client))
     assert (second.appended, second.unchanged) == (14, 10)
     assert second.written == {m.name: 14 for m in MODALITIES}
     ds = open_cohort(store)
     assert list(ds.subject.values) == list(table.participant_id)
     assert np.array_equal(ds.T1.values[:10], before)
 
-    again = run_ingest(cohort_copy, store, client=client)
+    again = run_ingest(cohort_copy, store, execution=Execution(client))
     assert (again.appended, again.unchanged, again.written) == (0, 24, {})
 
     # a changed file is rewritten in place, only that modality of that participant
     path = cohort_copy / MODALITIES[0].template.format(participant_id="sub-0005")
     image = nib.load(path)
     nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) * 2, image.affine, image.header), path)
-    changed = run_ingest(cohort_copy, store, client=client)
+    changed = run_ingest(cohort_copy, store, execution=Execution(client))
     assert (changed.unchanged, changed.written) == (23, {"T1": 1})
     ds = open_cohort(store)
     np.testing.assert_array_equal(ds.T1.sel(subject="sub-0005").values, 2 * before[4])
@@ -93,7 +94,7 @@ def test_ingest_is_incremental(cohort_copy, tmp_path, client):
     # metadata edits reach the coordinates without rewriting images
     table.loc[table.participant_id == "sub-0002", "age"] = 99.0
     table["group"] = "control"
-    run_ingest(cohort_copy, store, table, client=client)
+    run_ingest(cohort_copy, store, table, execution=Execution(client))
     ds = open_cohort(store)
     assert float(ds.age.sel(subject="sub-0002")) == 99.0 and set(ds.group.values) == {"control"}
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 
+from engine.tasks import Execution
 from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.data.store import open_cohort
 from engine.models.training import soft_labels, value_bins, TrainingConfig, load_member, train_member
@@ -393,7 +394,7 @@ def test_training_is_deterministic_and_checkpoints_load_weights_only(tiny_store,
 
 def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store, tmp_path, client):
     split = cohort_split(tiny_store)
-    result = train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
+    result = train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, Execution(client))
     metrics = result["metrics"].set_index(["member", "split"])
     predictions = result["predictions"]
     test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]
@@ -420,7 +421,7 @@ def test_ensemble_writes_members_predictions_and_metrics_and_resumes(tiny_store,
     assert (pd.read_csv(tmp_path / "split.tsv", sep="\t").set_index("participant_id")["split"]
             .reindex(split.index).equals(split))
     stamps = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("member_*.safetensors")}
-    train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, client=client)
+    train_ensemble(tiny_store, CONFIG, 2, tmp_path, split, Execution(client))
     assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("member_*.safetensors")} == stamps
 
 

@@ -101,10 +101,10 @@ def test_roc_auc_equals_sklearn_with_ties(absolute):
     truth = rng.random(200) < 0.3
     values[1, 3, np.flatnonzero(truth)[0]] = np.nan  # a map with NaN inside the truth …
     values[0, 3, np.flatnonzero(~truth)[0]] = np.nan  # … and one with NaN outside it
-    relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 50)), dims=("method", "subject", "voxel"),
-                             coords={"method": ["a", "b"]})
+    relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 50)), dims=("attribution", "subject", "voxel"),
+                             coords={"attribution": ["a", "b"]})
     auc = voxel_roc_auc(relevance, truth, absolute=absolute)
-    assert auc.dims == ("method", "subject") and isinstance(auc.data, da.Array)
+    assert auc.dims == ("attribution", "subject") and isinstance(auc.data, da.Array)
     auc = auc.compute()
     assert np.isnan(auc.values[:, 3]).all()
     for method in range(2):
@@ -118,14 +118,14 @@ def test_planted_relevance_scores_near_one_and_random_near_chance():
     truth = np.zeros(5000, bool)
     truth[rng.choice(5000, 500, replace=False)] = True
     noise = rng.normal(0, 0.1, (2, 5000))
-    relevance = xr.DataArray(np.stack([truth + noise[0], noise[1]]), dims=("method", "voxel"),
-                             coords={"method": ["planted", "random"]})
+    relevance = xr.DataArray(np.stack([truth + noise[0], noise[1]]), dims=("attribution", "voxel"),
+                             coords={"attribution": ["planted", "random"]})
     auc = voxel_roc_auc(relevance, truth)
     accuracy = relevance_mass_accuracy(relevance, truth)
-    assert auc.sel({"method": "planted"}) > 0.99 and abs(auc.sel({"method": "random"}) - 0.5) < 0.05
-    assert accuracy.sel({"method": "planted"}) > 0.7  # the noise outside adds about 180 to the truth's 500
-    assert abs(accuracy.sel({"method": "random"}) - accuracy.attrs["uniform_expectation"]) < 0.03
-    assert voxel_roc_auc(-relevance, truth, absolute=True).sel({"method": "planted"}) > 0.99
+    assert auc.sel(attribution="planted") > 0.99 and abs(auc.sel(attribution="random") - 0.5) < 0.05
+    assert accuracy.sel(attribution="planted") > 0.7  # the noise outside adds about 180 to the truth's 500
+    assert abs(accuracy.sel(attribution="random") - accuracy.attrs["uniform_expectation"]) < 0.03
+    assert voxel_roc_auc(-relevance, truth, absolute=True).sel(attribution="planted") > 0.99
 
 
 def test_top_k_precision_by_hand():
@@ -162,14 +162,14 @@ def test_bad_maps_and_masks_are_named():
 
 def test_member_l2_distance_equals_numpy_float64():
     maps = np.random.default_rng(6).normal(size=(2, 4, 30)).astype(np.float32)
-    member_maps = xr.DataArray(maps, dims=("method", "member", "voxel"),
-                               coords={"method": ["x", "y"], "member": [10, 11, 12, 13]})
+    member_maps = xr.DataArray(maps, dims=("attribution", "member", "voxel"),
+                               coords={"attribution": ["x", "y"], "member": [10, 11, 12, 13]})
     distance = member_l2_distance(member_maps.chunk({"voxel": 10}))
     for method in range(2):
         scaled = [row / np.abs(row).max() for row in maps[method].astype(np.float64)]
         expected = np.mean([np.linalg.norm(a - b) for a, b in combinations(scaled, 2)])
-        assert distance.sel({"method": "xy"[method]}).values == pytest.approx(expected, rel=1e-12)
-    assert float(member_l2_distance(member_maps.isel(method=0, member=[0, 0]))) == 0.0
+        assert distance.sel(attribution="xy"[method]).values == pytest.approx(expected, rel=1e-12)
+    assert float(member_l2_distance(member_maps.isel(attribution=0, member=[0, 0]))) == 0.0
 
 
 def test_member_robustness_by_hand():
@@ -225,8 +225,8 @@ def test_member_robustness_equals_numpy_reference(hand_atlas):
     labels = atlas.voxel_labels
     rng = np.random.default_rng(7)
     values = rng.normal(0.5, 1, (3, 6, labels.size, 2))  # member, subject, voxel, method: voxel not last
-    relevance = xr.DataArray(da.from_array(values, chunks=(1, 3, 20, 1)), dims=("member", "subject", "voxel", "method"),
-                             coords={"method": ["lrp", "smoothgrad"]})
+    relevance = xr.DataArray(da.from_array(values, chunks=(1, 3, 20, 1)), dims=("member", "subject", "voxel", "attribution"),
+                             coords={"attribution": ["lrp", "smoothgrad"]})
     group = np.array([True, True, True, False, False, True])
     k = 3
     table = member_robustness(relevance, atlas, {"group": group}, controls=~group, k=k)
@@ -275,7 +275,7 @@ def test_parameter_randomisation_scores_maps_of_the_trained_and_the_redrawn_mode
     assert not any(torch.equal(a, b) for (name, a), b in zip(model.named_parameters(), redrawn.parameters(),
                                                               strict=True) if name.endswith("weight"))
     table = parameter_randomisation(model, inputs, ["gradient", "gradient_x_input"], inside=inside, seed=5)
-    assert list(table.method) == ["gradient", "gradient_x_input"] and list(table.n) == [3, 3]
+    assert list(table.attribution) == ["gradient", "gradient_x_input"] and list(table.n) == [3, 3]
     trained, shuffled = (attribute(network, inputs, "gradient").numpy()[:, inside] for network in (model, redrawn))
     expected = np.mean([spearmanr(np.abs(a), np.abs(b)).statistic for a, b in zip(trained, shuffled, strict=True)])
     assert table.loc[0, "spearman_abs"] == pytest.approx(expected, rel=1e-12)
@@ -310,8 +310,8 @@ def test_score_methods_tabulates_the_single_scores(hand_atlas):
     noise = rng.normal(0, 0.2, (2, 4, truth.size))
     values = np.stack([truth + noise[0], noise[1]])
     values[1, 2] = np.nan  # a missing map
-    relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 30)), dims=("method", "subject", "voxel"),
-                             coords={"method": ["planted", "random"]})
+    relevance = xr.DataArray(da.from_array(values, chunks=(1, 2, 30)), dims=("attribution", "subject", "voxel"),
+                             coords={"attribution": ["planted", "random"]})
     table = score_methods(relevance, truth, atlas, k=2)
     assert list(table.columns) == ["n_maps", "mass_accuracy", "mass_accuracy_uniform", "roc_auc", "top_k_precision",
                                    "top_k_precision_uniform"]
@@ -324,7 +324,7 @@ def test_score_methods_tabulates_the_single_scores(hand_atlas):
     assert table["top_k_precision_uniform"].iloc[0] == pytest.approx(2 / 4)  # of the four regions with voxels
 
     per_map = score_methods(relevance, truth, atlas, k=2, average_over=())
-    assert per_map.index.names == ["method", "subject"] and len(per_map) == 8
+    assert per_map.index.names == ["attribution", "subject"] and len(per_map) == 8
     assert per_map.loc[("random", 2), ["mass_accuracy", "roc_auc", "top_k_precision"]].isna().all()
     assert per_map.loc[("random", 2), "n_maps"] == 0
     regions = [label for label in atlas.regions.index if np.any(atlas.voxel_labels == label)]
@@ -334,7 +334,7 @@ def test_score_methods_tabulates_the_single_scores(hand_atlas):
         expected = len(best & {"Left_Hippocampus", "Right_Hippocampus"}) / 2
         assert per_map.loc[("planted", subject), "top_k_precision"] == expected
 
-    ensemble = score_methods(relevance.isel(method=0), truth)
+    ensemble = score_methods(relevance.isel(attribution=0), truth)
     assert list(ensemble.index) == ["planted"] and "top_k_precision" not in ensemble
     with pytest.raises(ValueError, match=r"number of regions \(4\), got 5"):
         score_methods(relevance, truth, atlas, k=5)

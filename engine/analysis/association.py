@@ -25,18 +25,24 @@ participant's own parcels) and fit :func:`engine.analysis.stats.region_models` o
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, model_validator
 from scipy import ndimage
 
-from engine.analysis.atlas import Atlas, NativeLabels, ParticipantLabels, region_reduce
+from engine.analysis.atlas import Atlas, AtlasSettings, NativeLabels, ParticipantLabels, region_reduce
 from engine.analysis.features import freesurfer_measure
-from engine.analysis.stats import adjust_p, region_correlations, region_models, voxelwise_ols
+from engine.analysis.stats import adjust_p, map_similarity, region_correlations, region_models, voxelwise_ols
 from engine.data.masker import Masker
+from engine.layout import AssociationLayout
 
 MAP_SOURCES = ("relevance", "images")
 #: The feature table of every participant's FreeSurfer stats (``features.freesurfer.<measure>``).
@@ -140,10 +146,10 @@ class Sources:
         source, name = term.source, term.name
         if source == "relevance":
             relevance = self.ensemble_relevance(term)
-            methods = list(relevance["method"].values)
+            methods = list(relevance["attribution"].values)
             if name not in methods:
                 raise ValueError(f"{term}: no relevance maps of method {name!r} (explained: {methods})")
-            values = relevance["relevance_mean"].sel({"method": name})
+            values = relevance["relevance_mean"].sel(attribution=name)
             if term.normalisation == "normalised":  # Σ R itself crosses zero: about prediction − output bias
                 total = abs(values).sum("voxel")
                 values = values / total.where(total != 0)
@@ -237,6 +243,90 @@ def analysis_subjects(sources: Sources, terms: Sequence[Term | str]) -> list[str
         return [str(subject) for subject in sources.images["subject"].values]
     relevance = [term for term in maps if term.source == "relevance"]
     return sources.subjects_of((relevance or maps)[0])
+
+
+def _term(value) -> Term:
+    if not isinstance(value, (str, Term)):
+        raise ValueError(f"a term is text such as 'relevance.lrp' or 'age', got {value!r}")
+    return Term.of(value)
+
+
+#: An analysis term (``engine.analysis.association.Term``), parsed once when the catalog is read; written as its text.
+TermText = Annotated[Term, PlainValidator(_term), PlainSerializer(str, return_type=str)]
+
+
+class AnalysisSettings(BaseModel):
+    """One association model: outcome ~ predictor + covariates, voxel- or ROI-wise (:func:`analyse`); the catalog's
+    ``associate:`` entries are this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under <workspace>/associations/")
+    outcome: TermText = Field(..., description="a term: relevance.<method>, images.<modality>, predictions.<column>, "
+                         "features.<table>.<column> or a participant column")
+    predictor: TermText = Field(..., description="a term, as for outcome")
+    covariates: list[TermText] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
+    scope: Literal["voxel", "roi", "similarity", "subject"] = Field(
+        "voxel", description="voxel-wise model, one model per atlas region, per-subject similarity of two maps, "
+        "or one model of per-participant values (e.g. lesion load ~ brain-age gap)")
+    correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
+        ["fdr_bh"], min_length=1, description="voxel p-value corrections; the first thresholds the cluster table")
+    permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe; "
+                              "roi correlations: a permutation p per region")
+    seed: int = Field(0, ge=0, description="seed of the permutations")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of maps and cluster tables")
+    min_coverage: float = Field(0.1, ge=0, le=1, description="voxel: test only voxels where at least this share of "
+                                "the participants has a nonzero value in every map term (1: SPM's implicit mask); "
+                                "elsewhere the few participants with a value would decide the fit")
+    region_statistic: Literal["mean", "sum", "abs_sum", "pos_sum"] = Field(
+        "mean", description="roi: how a map becomes one value per region (mean = relevance density)")
+    statistic: Literal["regression", "pearson", "spearman", "partial"] = Field(
+        "regression", description="roi: a regression model per region, or the study's correlation per region "
+        "(partial: controlling for the covariates), with Bonferroni and FDR across regions")
+    robust: bool = Field(False, description="roi and subject: HC3 standard errors")
+    random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
+                                         "participant column (e.g. site)")
+    atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
+    labels: str | None = Field(None, description="roi: a label-volume modality (with labels: in modalities, e.g. "
+                               "every participant's aparc+aseg): each participant's own parcels instead of an atlas")
+    native: bool = Field(False, description="roi with labels: take each participant's map back onto their native "
+                         "label volume (the registration's inverse transform) and reduce there, as the seed study "
+                         "did; needs a register section")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if "fwe" in self.correction and self.permutations == 0:
+            raise ValueError("correction fwe needs permutations (e.g. 1000)")
+        if self.scope == "roi" and "fwe" in self.correction:
+            raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
+        if self.scope != "roi" and (self.random_intercept or self.atlas or self.labels):
+            raise ValueError("random_intercept, atlas and labels apply to roi analyses only")
+        if self.atlas and self.labels:
+            raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
+        if self.native and not self.labels:
+            raise ValueError("native reduces in each participant's native label volume: it needs labels")
+        if self.min_coverage and self.scope != "voxel" and "min_coverage" in self.model_fields_set:
+            raise ValueError("min_coverage applies to voxel analyses only")
+        if self.robust and self.scope not in ("roi", "subject"):
+            raise ValueError("robust applies to roi and subject analyses only")
+        if self.scope == "subject" and any(term.is_map for term in (self.outcome, self.predictor, *self.covariates)):
+            raise ValueError("a subject analysis takes one value per participant (no relevance. or images. maps)")
+        maps = [term.is_map for term in (self.outcome, self.predictor)]
+        if self.scope == "similarity" and not all(maps):
+            raise ValueError("a similarity analysis compares two maps (relevance.<method> or images.<modality>)")
+        if self.scope == "voxel" and not any(maps):
+            raise ValueError("a voxel analysis needs a map (relevance.<method> or images.<modality>) as outcome "
+                             "or predictor")
+        if self.statistic != "regression":
+            if self.scope != "roi":
+                raise ValueError(f"statistic {self.statistic} applies to roi analyses only")
+            if self.statistic != "partial" and self.covariates:
+                raise ValueError(f"a {self.statistic} correlation takes no covariates; use statistic: partial")
+            if self.robust or self.random_intercept:
+                raise ValueError("robust and random_intercept apply to statistic: regression")
+        if self.robust and self.random_intercept:
+            raise ValueError("choose robust (OLS with HC3 errors) or random_intercept (mixed model), not both")
+        return self
 
 
 def covariate_frame(sources: Sources, covariates: list[Term], subjects: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -380,6 +470,102 @@ def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | st
              "partial_r": fit.tvalues[name] / np.sqrt(fit.tvalues[name] ** 2 + fit.df_resid), "n": int(fit.nobs)}
             for name in fit.params.index if name != "Intercept"]
     return pd.DataFrame(rows), data.reset_index()
+
+
+# ---------------------------------------------------------------------------------------
+# One analysis of the catalog, written to its folder
+
+
+def analyse(sources: Sources, settings: AnalysisSettings, out: str | Path,
+            regions: Atlas | ParticipantLabels | NativeLabels | None = None, atlas: Atlas | None = None) -> dict:
+    """Run one analysis and write its results into the folder ``out`` (``engine.layout.AssociationLayout``: maps,
+    tables and ``summary.json``); return the summary.
+
+    ``regions``: what an roi analysis reduces maps over (an atlas, or each participant's own parcels);
+    ``atlas``: the regions a voxel analysis's clusters are named by. A problem of the analysis (a term without
+    values, too few participants) is an :class:`AnalysisError` naming it.
+    """
+    files = AssociationLayout(Path(out))
+    files.root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run = {"voxel": _voxel_analysis, "roi": _roi_analysis, "similarity": _similarity_analysis,
+           "subject": _subject_analysis}[settings.scope]
+    try:
+        details = run(sources, settings, files, regions if settings.scope == "roi" else atlas)
+    except ValueError as error:
+        raise AnalysisError(f"associate analysis {settings.name!r}: {error}") from error
+    summary = {**settings.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
+                                                            "alpha", "labels", "native"}),
+               **details, "seconds": round(time.perf_counter() - started, 2)}
+    files.summary.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _voxel_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, atlas: Atlas | None) -> dict:
+    result = voxel_analysis(sources, settings.outcome, settings.predictor, settings.covariates, settings.correction,
+                            settings.permutations, settings.seed, settings.min_coverage)
+    masker = Masker.of(sources.images)
+    for name in result.data_vars:
+        if result[name].dims == ("voxel",):
+            masker.to_nifti(result[name].astype(np.float32), fill=np.nan).to_filename(out.map(name))
+    if "max_t_null" in result:
+        pd.DataFrame({"max_abs_t": result["max_t_null"].values}).to_parquet(out.max_t_null, index=False)
+    significant = {correction: int((corrected_p(result, correction) < settings.alpha).sum())
+                   for correction in settings.correction}
+    threshold = settings.correction[0]
+    mask = (corrected_p(result, threshold) < settings.alpha).values
+    cluster_table(result["t"], mask, masker, atlas).to_parquet(out.clusters, index=False)
+    return {"n": result.attrs["n"], "df": result.attrs["df"], "min_coverage": settings.min_coverage,
+            "voxels_tested": int(np.isfinite(result["t"].values).sum()), "correction": settings.correction,
+            "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
+            "seed": settings.seed, "significant": significant,
+            "t_threshold": float(np.abs(result["t"].values[mask]).min()) if mask.any() else None}
+
+
+def _roi_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout,
+                  regions: Atlas | ParticipantLabels | NativeLabels) -> dict:
+    if settings.statistic != "regression":
+        table = roi_analysis(sources, settings.outcome, settings.predictor, settings.covariates, regions,
+                             settings.region_statistic, correlation=settings.statistic,
+                             permutations=settings.permutations, seed=settings.seed)
+        table.to_parquet(out.correlations, index=False)
+        table.to_csv(out.correlations_csv, index=False)
+        column = {"bonferroni": "p_bonferroni", "fdr_bh": "p_fdr"}
+        return {"n": int(table["n"].max()) if len(table) else 0, "regions": len(table),
+                "correction": settings.correction, "model": settings.statistic,
+                "significant": {correction: int((table[column[correction]] < settings.alpha).sum())
+                                for correction in settings.correction}}
+    table = roi_analysis(sources, settings.outcome, settings.predictor, settings.covariates, regions,
+                         settings.region_statistic, settings.robust, settings.random_intercept)
+    skipped = table.attrs.get("skipped", {})
+    table.to_parquet(out.regions, index=False)
+    table.to_csv(out.regions_csv, index=False)
+    tested = table[table["term"] == settings.predictor.text]
+    significant = {correction: int((adjust_p(tested["p"].to_numpy(), correction) < settings.alpha).sum())
+                   for correction in settings.correction}
+    return {"n": int(tested["n"].max()) if len(tested) else 0, "regions": int(tested["region"].nunique()),
+            "correction": settings.correction, "significant": significant,
+            "model": "mixed" if settings.random_intercept else ("ols_hc3" if settings.robust else "ols"),
+            "skipped_regions": skipped}
+
+
+def _subject_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, _) -> dict:
+    model, data = subject_analysis(sources, settings.outcome, settings.predictor, settings.covariates,
+                                   settings.robust)
+    model.to_parquet(out.model, index=False)
+    data.to_parquet(out.data, index=False)
+    tested = model[model["term"] == settings.predictor.text].iloc[0]
+    return {"n": int(tested["n"]), "model": "ols_hc3" if settings.robust else "ols",
+            "significant": {"p": float(f"{tested['p']:.3g}"), "partial_r": round(float(tested["partial_r"]), 4)}}
+
+
+def _similarity_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, _) -> dict:
+    subjects = analysis_subjects(sources, [settings.outcome, settings.predictor])
+    table = map_similarity(sources.map(settings.outcome, subjects), sources.map(settings.predictor, subjects))
+    table.to_parquet(out.similarity, index=False)
+    return {"n": int(table["pearson_r"].notna().sum()),
+            "significant": {"mean_pearson_r": round(float(table["pearson_r"].mean()), 4),
+                            "mean_cosine": round(float(table["cosine"].mean()), 4)}}
 
 
 def _formula(table: pd.DataFrame, outcome: str, columns: Sequence[str]) -> str:

@@ -196,7 +196,7 @@ def _maximum_probability(image, table: pd.DataFrame, threshold: float):
                          f"{len(table)} labels")
     strongest = probabilities.max(axis=3)
     winner = np.zeros(strongest.shape, np.int16)  # the first volume holding the maximum, as argmax would give
-    for volume in range(probabilities.shape[3] - 1, -1, -1):  # (argmax over the strided last axis: 12× slower)
+    for volume in range(probabilities.shape[3] - 1, -1, -1):  # (argmax over the strided last axis is slow)
         winner[probabilities[..., volume] == strongest] = volume
     labels = np.where(strongest >= threshold, winner + 1, 0).astype(np.int16)
     relabelled = pd.DataFrame({"name": table["name"].to_numpy()}, index=pd.Index(np.arange(1, len(table) + 1),
@@ -280,8 +280,8 @@ def _block_region_sums(block: np.ndarray, labels: np.ndarray, n_labels: int) -> 
 
     Voxels in mask order come in runs of one label (about 25 voxels per run at 2 mm): one
     compiled pass sums each run's values and positive parts in float64 and adds them to the
-    run's label (numba: 2–5× faster than numpy's ``reduceat`` + ``bincount``; the tests compare
-    it with numpy in float64). Σ|v| = 2·Σmax(v, 0) − Σv.
+    run's label (numba: faster than numpy's ``reduceat`` + ``bincount``, ``benchmarks/region_reduction.py``;
+    the tests compare it with numpy in float64). Σ|v| = 2·Σmax(v, 0) − Σv.
     """
     labels = labels.ravel()
     starts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1, [labels.size]])

@@ -7,6 +7,7 @@ Every table comes out tidy (one row per participant × structure × measure) or 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import xarray as xr
 
 from engine.analysis.atlas import Atlas, region_reduce
 from engine.data.masker import grid_of
-from engine.tasks import run_tasks
+from engine.tasks import INLINE, Execution
 
 TIDY_COLUMNS = ["participant_id", "structure", "hemisphere", "measure", "value", "unit"]
 # Columns of ?h.aparc*.stats tables and the measure each holds.
@@ -116,33 +117,43 @@ def aparc_table(participant_id: str, path: str | Path) -> pd.DataFrame:
     return pd.concat([rows, header_rows], ignore_index=True)[TIDY_COLUMNS]
 
 
-#: Participants whose FreeSurfer stats one task reads (5 files each, ~40 ms): 240 one-participant tasks took 1.3×
-#: as long on 2 workers, their scheduling and small results outweighing the reading.
+#: Participants whose FreeSurfer stats one task reads (5 small files each): with one each, scheduling the tasks
+#: and gathering their small results outweighs the reading.
 STATS_PARTICIPANTS_PER_TASK = 16
 
 
-def freesurfer_table(subjects_dir: str | Path, participant_ids, parcellations=("aparc",), client=None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class _StatsFiles:
+    """Some participants' FreeSurfer stats files to read (a task of :func:`freesurfer_table`)."""
+
+    subjects_dir: Path
+    participant_ids: tuple[str, ...]
+    parcellations: tuple[str, ...]
+
+
+def freesurfer_table(subjects_dir: str | Path, participant_ids, parcellations=("aparc",),
+                     execution: Execution = INLINE) -> pd.DataFrame:
     """Tidy table of every participant's ``stats/aseg.stats`` and ``stats/?h.<parcellation>.stats``.
 
     ``parcellations`` may name ``aparc``, ``aparc.DKTatlas``, ``aparc.a2009s``. A listed
-    participant without its files is an error naming the file. With a Dask ``client`` the files
-    are read by tasks on the workers, ``STATS_PARTICIPANTS_PER_TASK`` participants each.
+    participant without its files is an error naming the file. The files are read by tasks of
+    ``execution``, ``STATS_PARTICIPANTS_PER_TASK`` participants each.
     """
     participant_ids, size = list(participant_ids), STATS_PARTICIPANTS_PER_TASK
-    items = [(Path(subjects_dir), tuple(participant_ids[start:start + size]), tuple(parcellations))
+    items = [_StatsFiles(Path(subjects_dir), tuple(participant_ids[start:start + size]), tuple(parcellations))
              for start in range(0, len(participant_ids), size)]
-    parts = dict(run_tasks(_read_freesurfer_stats, items, client=client))
+    parts = dict(execution.map(_read_freesurfer_stats, items))
     return pd.concat([parts[item] for item in items], ignore_index=True)
 
 
-def _read_freesurfer_stats(item) -> pd.DataFrame:
+def _read_freesurfer_stats(item: _StatsFiles) -> pd.DataFrame:
     """The rows of :func:`freesurfer_table` of some participants."""
-    subjects_dir, participant_ids, parcellations = item
     parts = []
-    for pid in participant_ids:
-        stats = subjects_dir / pid / "stats"
+    for pid in item.participant_ids:
+        stats = item.subjects_dir / pid / "stats"
         files = [(aseg_table, stats / "aseg.stats")] + [(aparc_table, stats / f"{hemi}.{parcellation}.stats")
-                                                        for parcellation in parcellations for hemi in ("lh", "rh")]
+                                                        for parcellation in item.parcellations
+                                                        for hemi in ("lh", "rh")]
         for reader, path in files:
             if not path.is_file():
                 raise FileNotFoundError(f"participant {pid}: FreeSurfer stats file {path} not found")

@@ -39,7 +39,7 @@ DILATION_STRUCTURE = ndimage.generate_binary_structure(3, 1)
 def mask_indices(mask: xr.DataArray, relevance: xr.DataArray) -> xr.Dataset:
     """The study's per-participant indices of ``relevance`` inside a (subject × voxel) ``mask`` (nonzero = inside).
 
-    Per subject and any other dim of ``relevance`` (e.g. ``method``), all sums in float64:
+    Per subject and any other dim of ``relevance`` (e.g. ``attribution``), all sums in float64:
     ``s_voxel`` Σ R; ``a_voxel`` Σ R / #(R ≠ 0); ``n_wml_voxel`` mask voxels; ``s_wml_voxel`` and
     ``a_wml_voxel`` sum and mean of R over the mask voxels; ``s_pos_voxel`` and ``s_neg_voxel`` the
     positive and negative sums; ``p_wml_voxel`` = s_wml / s_pos; ``ap_voxel`` Σ R⁺ / #(R > 0);
@@ -80,6 +80,20 @@ def _nan_if_zero(denominator: xr.DataArray) -> xr.DataArray:
 # Lesion voxels against the average voxel
 
 
+def index_tables(mask: xr.DataArray, relevance: xr.DataArray, min_voxels: int,
+                 predicted: pd.Series | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's indices (:func:`mask_indices`) as a table per method and participant, with age (where it is a
+    coordinate) and each participant's ``predicted`` value (by participant_id, e.g. the brain age), and their
+    comparison with each participant's average (:func:`compare_to_average`, over more than ``min_voxels``
+    mask voxels)."""
+    indices = mask_indices(mask, relevance).compute()
+    table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
+    table = table.reindex(columns=["attribution", "participant_id", "age", *indices.data_vars])
+    if predicted is not None:
+        table.insert(3, "predicted", table["participant_id"].map(predicted))
+    return table, compare_to_average(table, min_voxels).assign(min_voxels=min_voxels)
+
+
 def compare_to_average(indices: pd.DataFrame | xr.Dataset, min_voxels: int = 30) -> pd.DataFrame:
     """Per method: is the relevance per lesion voxel (``a_wml_voxel``) above the participant's average (``a_voxel``)?
 
@@ -93,12 +107,12 @@ def compare_to_average(indices: pd.DataFrame | xr.Dataset, min_voxels: int = 30)
     distribution up to 50 pairs and its normal approximation (continuity-corrected) beyond. The CI
     is the set of shifts the exact (resp. asymptotic) test does not reject. Fewer than
     ``MIN_PAIRS`` participants give NaNs beside ``n``. ``indices`` is :func:`mask_indices`' Dataset
-    or its table (columns a_voxel, a_wml_voxel, n_wml_voxel and optionally method).
+    or its table (columns a_voxel, a_wml_voxel, n_wml_voxel and optionally attribution).
     """
-    rows = [{"method": method, **_paired_comparison(average, lesion)}
+    rows = [{"attribution": method, **_paired_comparison(average, lesion)}
             for method, average, lesion in _pairs(indices, min_voxels)]
-    table = pd.DataFrame(rows, columns=["method", *COMPARISON])
-    return table if table["method"].notna().any() else table.drop(columns="method")
+    table = pd.DataFrame(rows, columns=["attribution", *COMPARISON])
+    return table if table["attribution"].notna().any() else table.drop(columns="attribution")
 
 
 def _pairs(indices: pd.DataFrame | xr.Dataset, min_voxels: int) -> list[tuple[str | None, np.ndarray, np.ndarray]]:
@@ -111,7 +125,7 @@ def _pairs(indices: pd.DataFrame | xr.Dataset, min_voxels: int) -> list[tuple[st
         missing, table = sorted(set(needed) - set(indices.columns)), indices
     if missing:
         raise ValueError(f"the indices lack {missing}: pass mask_indices' Dataset or its table")
-    groups = table.groupby("method", sort=False) if "method" in table.columns else [(None, table)]
+    groups = table.groupby("attribution", sort=False) if "attribution" in table.columns else [(None, table)]
     pairs = []
     for method, group in groups:
         chosen = group[group["n_wml_voxel"] > min_voxels].dropna(subset=needed[:2])

@@ -178,8 +178,8 @@ def load_image(path: Path):
     """Load a NIfTI (.nii, .nii.gz) or FreeSurfer (.mgh, .mgz) image from one read of the file.
 
     Returns ``(image, sha256 of the file)``. Compressed files are inflated in one call by
-    ISA-L (python-isal) rather than streamed through Python's gzip module (about 2× faster
-    than ``nib.load`` for whole volumes); other formats go through ``nib.load``.
+    ISA-L (python-isal) rather than streamed through Python's gzip module (faster than
+    ``nib.load`` for whole volumes: ``benchmarks/ingest_throughput.py``); other formats go through ``nib.load``.
     """
     raw = path.read_bytes()
     sha256 = hashlib.sha256(raw).hexdigest()

@@ -17,7 +17,9 @@ ingest was interrupted never shows a row that is not whole.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+import json
+import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +37,7 @@ from engine.data.grid import Grid
 from engine.data.inputs import InputError, MaskIndex, Modality, known_labels, read_masked, resolve_files, spatial_shape
 from engine.layout import atomic_output, file_sha256
 from engine.data.masker import VOXEL_COORDS
-from engine.tasks import run_tasks
+from engine.tasks import INLINE, Execution
 
 LAYOUT = "relcohort.images/1"
 #: Images are written and read far more often than disk is short: fast LZ4 with byte shuffling.
@@ -75,7 +77,7 @@ def _create_store(path: Path, mask_path: Path, space: str | None, voxels_per_chu
 
     with atomic_output(path) as partial:  # a store exists only once it is whole
         _write_empty_store(partial, indices, grid, mask_path, voxels_per_chunk)
-    return zarr.open_group(path, mode="r+", zarr_format=3)
+    return writable_group(path)
 
 
 def _write_empty_store(path: Path, indices: np.ndarray, grid: Grid, mask_path: Path, voxels_per_chunk: int) -> None:
@@ -105,7 +107,7 @@ def _open_for_ingest(path: Path, mask_path: Path, space: str | None, voxels_per_
         if path.exists():
             path.rmdir()
         return _create_store(path, mask_path, space, voxels_per_chunk)
-    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    group = writable_group(path)
     if group.attrs.get("layout") != LAYOUT:
         raise InputError(f"not a relcohort images store (layout {group.attrs.get('layout')!r})", file=path)
     if file_sha256(mask_path) != group.attrs["mask_sha256"]:
@@ -205,17 +207,29 @@ class IngestResult:
     n_subjects: int = 0
 
 
-@dataclass
-class _RowWork:
+@dataclass(frozen=True)
+class _RowFiles:
+    """One row of the store and its participant's files (modality → path)."""
+
     row: int
     participant_id: str
-    files: dict[str, str]  # modality -> path
+    files: dict[str, str]
 
 
-def _hash_participant(item):
-    """Dask task: sha256 of every file of one participant already in the store."""
-    pid, files = item
-    return {modality: file_sha256(path) for modality, path in files.items() if Path(path).is_file()}
+@dataclass(frozen=True)
+class _IngestBlock:
+    """The rows of one subject chunk to read, check and write (a task of :func:`ingest`); ``checks`` holds each
+    modality's stored dtype and, for label volumes, the labels it may hold."""
+
+    store: str
+    mask_sha256: str
+    checks: dict[str, tuple[str, np.ndarray | None]]
+    rows: list[_RowFiles]
+
+
+def _hash_files(item: _RowFiles) -> dict[str, str]:
+    """sha256 of every file of one participant already in the store (a task of :func:`ingest`)."""
+    return {modality: file_sha256(path) for modality, path in item.files.items() if Path(path).is_file()}
 
 
 @lru_cache(maxsize=8)
@@ -224,22 +238,22 @@ def _mask_index(store: str, mask_sha256: str) -> MaskIndex:
     return MaskIndex.from_indices([group[name][:] for name in VOXEL_COORDS], tuple(group.attrs["grid"]["shape"]))
 
 
-def _write_block(item):
-    """Dask task: read, check and write some rows of one subject chunk, then commit their hashes.
+def _write_block(item: _IngestBlock) -> tuple[dict[str, int], list[InputError]]:
+    """Read, check and write some rows of one subject chunk, then commit their hashes (a task of :func:`ingest`).
 
     Rows are written only once their file passed every check, so a bad replacement file never
     overwrites what is stored; a row being rewritten stops counting until its new hash lands.
     One modality's block is written (compressed by Zarr, off the GIL) while the next one's
     files are read.
     """
-    store, mask_sha256, checks, block = item
-    mask = _mask_index(store, mask_sha256)
-    group = zarr.open_group(store, mode="r+")
+    block = item.rows
+    mask = _mask_index(item.store, item.mask_sha256)
+    group = writable_group(item.store)
     grid = Grid.from_attrs(group.attrs["grid"])
     start, stop = min(work.row for work in block), max(work.row for work in block) + 1
     problems, written, pending = [], {}, []
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for modality, (dtype, known_labels) in checks.items():
+        for modality, (dtype, known_labels) in item.checks.items():
             rows, values, hashes = [], [], []
             for work in block:
                 if modality in work.files:
@@ -288,8 +302,7 @@ def ingest(
     subjects_per_chunk: int = 16,
     voxels_per_chunk: int = 65536,
     unlisted_files: str = "problem",
-    client=None,
-    progress: Callable[[str, int, int], None] | None = None,
+    execution: Execution = INLINE,
 ) -> IngestResult:
     """Ingest the participants' images into ``store`` (created on first use), incrementally.
 
@@ -299,8 +312,8 @@ def ingest(
     unwritten and raise :class:`IngestError` at the end, listing every problem. ``'skip'``
     leaves those participants out and records them in the store's ``ingest`` attribute.
     ``unlisted_files='ignore'``: files of participants not in the table are no problem (the
-    registered images of participants that registration left out). With a
-    Dask ``client`` every subject chunk is one task; ``progress(phase, done, total)`` reports.
+    registered images of participants that registration left out). Every subject chunk is one task of
+    ``execution`` (progress phases ``check`` and ``write``).
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -326,13 +339,11 @@ def ingest(
     stored = [pid for pid in listed if pid in rows]
     stored_hashes = {name: group[INGEST_GROUP][name][:] if name in group[INGEST_GROUP] else None for name in names}
     changed = {}
-    for done, ((pid, _), hashes) in enumerate(
-            run_tasks(_hash_participant, [(pid, files[pid]) for pid in stored], client=client), start=1):
-        row = rows[pid]
-        changed[pid] = [name for name in names
-                        if stored_hashes[name] is None or stored_hashes[name][row] != hashes.get(name)]
-        if progress:
-            progress("check", done, len(stored))
+    items = [_RowFiles(rows[pid], pid, files[pid]) for pid in stored]
+    for done, (item, hashes) in enumerate(execution.map(_hash_files, items), start=1):
+        changed[item.participant_id] = [name for name in names if stored_hashes[name] is None
+                                        or stored_hashes[name][item.row] != hashes.get(name)]
+        execution.report("check", done, len(stored))
 
     # 2. check everything that could refuse the run, then grow the store
     stored_modalities = group.attrs["modalities"]
@@ -357,20 +368,19 @@ def ingest(
         if modalities_to_write:
             row = rows[pid]
             paths = {name: str(files[pid][name]) for name in modalities_to_write}
-            work.setdefault(row // subjects_per_chunk, []).append(_RowWork(row, pid, paths))
+            work.setdefault(row // subjects_per_chunk, []).append(_RowFiles(row, pid, paths))
         else:
             result.unchanged += 1
     checks = {modality.name: (modality.dtype, known_labels(modality)) for modality in modalities}
-    blocks = [(str(store), group.attrs["mask_sha256"], checks, block) for block in work.values()]
+    blocks = [_IngestBlock(str(store), group.attrs["mask_sha256"], checks, block) for block in work.values()]
     group.attrs["ingest"] = {**group.attrs["ingest"], "state": "in progress", "started": started}
     total, done = sum(len(block) for block in work.values()), 0
-    for (_, _, _, block), (written, found) in run_tasks(_write_block, blocks, client=client):
+    for block, (written, found) in execution.map(_write_block, blocks):
         for name, count in written.items():
             result.written[name] = result.written.get(name, 0) + count
         problems += found
-        done += len(block)
-        if progress:
-            progress("write", done, total)
+        done += len(block.rows)
+        execution.report("write", done, total)
 
     result.problems = problems
     result.n_subjects = group.attrs["n_subjects"]
@@ -384,6 +394,7 @@ def ingest(
         "unchanged": result.unchanged,
         "appended": result.appended,
     }
+    consolidate(store)
     _fail_fast(problems, on_error)
     return result
 
@@ -398,14 +409,36 @@ def _fail_fast(problems: list[InputError], on_error: str) -> None:
 
 
 def open_layout_group(path: str | Path, layout: str, kind: str) -> zarr.Group:
-    """The Zarr group at ``path`` for reading, checked to be a relcohort store of ``layout``."""
+    """The Zarr group at ``path`` for reading, checked to be a relcohort store of ``layout`` (``<name>/<version>``);
+    a store of another version of the layout is an error that says how to rewrite it."""
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(f"no {kind} store at {path}")
-    group = zarr.open_group(path, mode="r")
-    if group.attrs.get("layout") != layout:
+    group = zarr.open_group(path, mode="r", use_consolidated=False)
+    found = str(group.attrs.get("layout"))
+    if found != layout:
+        if found.split("/")[0] == layout.split("/")[0]:
+            raise ValueError(f"{path} was written by another relcohort version (layout {found}; this one reads "
+                             f"{layout}); run the catalog again (relcohort run) to rewrite it")
         raise ValueError(f"{path} is not a relcohort {kind} store")
     return group
+
+
+def writable_group(path: str | Path) -> zarr.Group:
+    """A store's root group for writing. It is read without its consolidated metadata, which would not show the
+    writer's own changes, and that metadata is dropped until :func:`consolidate` records the store whole again."""
+    path = Path(path)
+    group = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
+    if json.loads((path / "zarr.json").read_text()).get("consolidated_metadata") is not None:
+        group.attrs.put(dict(group.attrs))  # rewrites the root metadata without the consolidated copy
+    return group
+
+
+def consolidate(path: str | Path) -> None:
+    """Consolidate a whole store's metadata into its root, so that ``xarray.open_zarr(path)`` opens it in one read."""
+    with warnings.catch_warnings():  # zarr notes that consolidated metadata is not part of the v3 specification
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+        zarr.consolidate_metadata(Path(path), zarr_format=3)
 
 
 def open_cohort(path: str | Path, include_incomplete: bool = False) -> xr.Dataset:

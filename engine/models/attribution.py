@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +33,6 @@ from engine.models import lrp, noise
 from engine.models.input_gradient import depthwise_input_gradients
 
 
-
 class AttributionOptions(BaseModel):
     """Settings of the methods that have any; the catalog's ``explain.options`` is this model."""
 
@@ -52,8 +52,8 @@ class AttributionOptions(BaseModel):
     noise_sparsity: float = Field(1.0, ge=0, description="noise_optimisation's λ: reward for mean noise against the "
                                   "squared prediction change (in target SDs)")
     lrp_epsilon: float = Field(0.1, ge=0, description="ε of LRP's ε-rules (lrp's dense layers, lrp_epsilon)")
-    lrp_alpha: float = Field(1.0, ge=1, description="α of lrp's convolutions (α − β = 1; 1: sequential_preset_a, "
-                             "2: sequential_preset_b)")
+    lrp_alpha: float = Field(1.0, ge=1, description="α of lrp's convolutions (α − β = 1; 1: iNNvestigate's "
+                             "sequential_preset_a, 2: sequential_preset_b)")
     lrp_beta: float = Field(0.0, ge=0, description="β of lrp's convolutions")
     target: int | None = Field(None, ge=0, description="output (class index) to explain; default: the last "
                                "output, i.e. the regression value or the last of the sorted classes (a binary "
@@ -69,90 +69,124 @@ class AttributionOptions(BaseModel):
         return self.model_dump()
 
 
+class ExplainedModel:
+    """A trained model ready for every attribution method: in eval mode, with its LRP form
+    (:func:`engine.models.lrp.canonical`) made on first use and kept for every later method and batch."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        self._canonical: lrp.Canonical | None = None
+
+    @property
+    def canonical(self) -> lrp.Canonical:
+        if self._canonical is None:
+            self._canonical = lrp.canonical(self.model)
+        return self._canonical
+
+
+@dataclass(frozen=True)
+class AttributionContext:
+    """What a method gets besides the inputs and options: the model, the output it explains, and what some
+    methods need (the LRP form of the model, the atlas volume of ``region_occlusion``, the noise network of
+    ``noise_model``)."""
+
+    model: nn.Module
+    target: int | torch.Tensor
+    canonical: lrp.Canonical | None = None
+    region_labels: np.ndarray | None = None
+    noise_model: nn.Module | None = None
+
+
+Method = Callable[[AttributionContext, torch.Tensor, AttributionOptions], torch.Tensor]
+
+
 def _channel_sum(maps: torch.Tensor) -> torch.Tensor:
     return maps.sum(dim=1)
 
 
-def _lrp(preset: str) -> Callable:
-    def method(model, inputs, options, context):
-        rules = lrp.preset(preset, options.lrp_epsilon, options.lrp_alpha, options.lrp_beta)
-        return _channel_sum(lrp.lrp(context["lrp_model"], inputs, rules, context["target"]))
+def _lrp(composite: Callable[[AttributionOptions], lrp.Composite]) -> Method:
+    """An LRP method: the composite the options give, on the model's canonical form."""
+    def method(context, inputs, options):
+        return _channel_sum(lrp.lrp(context.canonical, inputs, composite(options), context.target))
     return method
 
 
-def _gradient(model, inputs, options, context):
-    return _channel_sum(Saliency(model).attribute(inputs, target=context["target"], abs=False))
+def _gradient(context, inputs, options):
+    return _channel_sum(Saliency(context.model).attribute(inputs, target=context.target, abs=False))
 
 
-def _gradient_x_input(model, inputs, options, context):
-    return _channel_sum(InputXGradient(model).attribute(inputs, target=context["target"]))
+def _gradient_x_input(context, inputs, options):
+    return _channel_sum(InputXGradient(context.model).attribute(inputs, target=context.target))
 
 
-def _guided_backprop(model, inputs, options, context):
+def _guided_backprop(context, inputs, options):
     with warnings.catch_warnings():  # captum announces the ReLU hooks it sets (and removes) on every call
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU activations", category=UserWarning)
-        return _channel_sum(GuidedBackprop(model).attribute(inputs, target=context["target"]))
+        return _channel_sum(GuidedBackprop(context.model).attribute(inputs, target=context.target))
 
 
-def _smoothgrad(model, inputs, options, context):
-    noise = options.smoothgrad_noise * float(inputs.detach().max() - inputs.detach().min())
-    tunnel = NoiseTunnel(Saliency(model))
-    # one noise sample of the whole batch per pass: memory of one gradient pass (all samples at once: 2.1 GB at
-    # 4 mm, batch 8, 8 samples, against 0.8 GB), and no slower
+def _smoothgrad(context, inputs, options):
+    noise_sd = options.smoothgrad_noise * float(inputs.detach().max() - inputs.detach().min())
+    tunnel = NoiseTunnel(Saliency(context.model))
+    # one noise sample of the whole batch per pass: the memory of one gradient pass, and no slower
     return _channel_sum(tunnel.attribute(inputs, nt_type="smoothgrad", nt_samples=options.smoothgrad_samples,
-                                         nt_samples_batch_size=1, stdevs=noise, target=context["target"], abs=False))
+                                         nt_samples_batch_size=1, stdevs=noise_sd, target=context.target, abs=False))
 
 
-def _integrated_gradients(model, inputs, options, context):
-    return _channel_sum(IntegratedGradients(model).attribute(
-        inputs, baselines=torch.zeros_like(inputs), target=context["target"], n_steps=options.ig_steps,
+def _integrated_gradients(context, inputs, options):
+    return _channel_sum(IntegratedGradients(context.model).attribute(
+        inputs, baselines=torch.zeros_like(inputs), target=context.target, n_steps=options.ig_steps,
         internal_batch_size=max(len(inputs), 8)))
 
 
-def _grad_cam(model, inputs, options, context):
-    cam = LayerGradCam(model, model.last_conv).attribute(inputs, target=context["target"])
+def _grad_cam(context, inputs, options):
+    cam = LayerGradCam(context.model, context.model.last_conv).attribute(inputs, target=context.target)
     return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="trilinear")[:, 0]
 
 
-def _occlusion(model, inputs, options, context):
+def _occlusion(context, inputs, options):
     channels = inputs.shape[1]
     patch, stride = options.occlusion_patch, options.occlusion_stride
-    maps = Occlusion(model).attribute(inputs, sliding_window_shapes=(channels, patch, patch, patch),
-                                      strides=(channels, stride, stride, stride), baselines=0,
-                                      target=context["target"], perturbations_per_eval=8)
+    maps = Occlusion(context.model).attribute(inputs, sliding_window_shapes=(channels, patch, patch, patch),
+                                              strides=(channels, stride, stride, stride), baselines=0,
+                                              target=context.target, perturbations_per_eval=8)
     return maps.mean(dim=1)  # every channel of a window carries the window's whole effect
 
 
-def _region_occlusion(model, inputs, options, context):
-    if context.get("region_labels") is None:
+def _region_occlusion(context, inputs, options):
+    if context.region_labels is None:
         raise ValueError("region_occlusion needs an atlas (the explain stage passes the catalog's atlas)")
-    labels = torch.as_tensor(context["region_labels"], device=inputs.device)
+    labels = torch.as_tensor(context.region_labels, device=inputs.device)
     feature_mask = labels.expand(inputs.shape[0], inputs.shape[1], *labels.shape)
-    maps = FeatureAblation(model).attribute(inputs, baselines=0, target=context["target"], feature_mask=feature_mask,
-                                            perturbations_per_eval=8)
+    maps = FeatureAblation(context.model).attribute(inputs, baselines=0, target=context.target,
+                                                    feature_mask=feature_mask, perturbations_per_eval=8)
     return maps.mean(dim=1)
 
 
-def _noise_model(model, inputs, options, context):
-    if context.get("noise_model") is None:
+def _noise_model(context, inputs, options):
+    if context.noise_model is None:
         raise ValueError("noise_model needs the member's trained noise network (explain trains one per member over "
                          "the training split; engine.models.noise.train_noise_model)")
-    return noise.noise_model_importance(context["noise_model"], inputs)
+    return noise.noise_model_importance(context.noise_model, inputs)
 
 
-def _noise_optimisation(model, inputs, options, context):
-    return noise.noise_optimisation(model, inputs, steps=options.noise_steps, learning_rate=options.noise_learning_rate,
-                                    sparsity=options.noise_sparsity, target=context["target"], seed=options.seed)
+def _noise_optimisation(context, inputs, options):
+    return noise.noise_optimisation(context.model, inputs, steps=options.noise_steps,
+                                    learning_rate=options.noise_learning_rate, sparsity=options.noise_sparsity,
+                                    target=context.target, seed=options.seed)
 
 
-METHODS: dict[str, Callable] = {
-    "lrp": _lrp("study"),
-    "lrp_ignore_bias": _lrp("study_ignore_bias"),
-    "lrp_epsilon": _lrp("epsilon"),
-    "lrp_alpha2beta1": _lrp("alpha2beta1"),
-    "lrp_alpha2beta1_ignore_bias": _lrp("alpha2beta1_ignore_bias"),
-    "lrp_zplus": _lrp("zplus"),
-    "lrp_zero": _lrp("zero"),
+#: Every method by its catalog name. The LRP methods' composites (engine.models.lrp): ``lrp`` is iNNvestigate's
+#: sequential_preset_a with the options' ε, α and β (α2β1: sequential_preset_b).
+METHODS: dict[str, Method] = {
+    "lrp": _lrp(lambda options: lrp.EpsilonAlphaBeta(options.lrp_epsilon, options.lrp_alpha, options.lrp_beta)),
+    "lrp_ignore_bias": _lrp(lambda options: lrp.EpsilonAlphaBeta(options.lrp_epsilon, options.lrp_alpha,
+                                                                 options.lrp_beta, bias=False)),
+    "lrp_epsilon": _lrp(lambda options: lrp.EpsilonEverywhere(options.lrp_epsilon)),
+    "lrp_alpha2beta1": _lrp(lambda options: lrp.AlphaBetaEverywhere(2.0, 1.0)),
+    "lrp_alpha2beta1_ignore_bias": _lrp(lambda options: lrp.AlphaBetaEverywhere(2.0, 1.0, bias=False)),
+    "lrp_zplus": _lrp(lambda options: lrp.ZPlusEverywhere()),
+    "lrp_zero": _lrp(lambda options: lrp.EpsilonEverywhere(0.0)),
     "gradient": _gradient,
     "gradient_x_input": _gradient_x_input,
     "guided_backprop": _guided_backprop,
@@ -178,22 +212,25 @@ def _target(model: nn.Module, options: AttributionOptions, inputs: torch.Tensor)
     return 0 if layer is None else layer.weight.shape[0] - 1
 
 
-def attribute(model: nn.Module, inputs: torch.Tensor, method: str, options: AttributionOptions | None = None,
-              region_labels: np.ndarray | None = None, noise_model: nn.Module | None = None) -> torch.Tensor:
-    """Voxel maps ``(batch, x, y, z)`` of ``method`` for the eval-mode ``model`` on ``inputs``.
+def attribute(model: nn.Module | ExplainedModel, inputs: torch.Tensor, method: str,
+              options: AttributionOptions | None = None, region_labels: np.ndarray | None = None,
+              noise_model: nn.Module | None = None) -> torch.Tensor:
+    """Voxel maps ``(batch, x, y, z)`` of ``method`` for ``model`` on ``inputs``.
 
-    ``region_labels`` (an integer volume like the inputs' spatial shape) is needed by
-    ``region_occlusion``: one forward pass per region with the region set to zero; ``noise_model``
-    (:func:`~engine.models.noise.train_noise_model` for this model) by ``noise_model``.
+    ``model``: a trained model, or an :class:`ExplainedModel` of it (whose LRP form is made once for
+    every method and batch). ``region_labels`` (an integer volume like the inputs' spatial shape) is
+    needed by ``region_occlusion``: one forward pass per region with the region set to zero;
+    ``noise_model`` (:func:`~engine.models.noise.train_noise_model` for this model) by ``noise_model``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
     options = options or AttributionOptions()
-    model.eval()
-    context = {"region_labels": region_labels, "noise_model": noise_model, "target": _target(model, options, inputs)}
-    if method.startswith("lrp"):
-        context["lrp_model"] = lrp.prepare(model)
+    explained = model if isinstance(model, ExplainedModel) else ExplainedModel(model)
+    # the LRP form is copied from the model before the hooks below go on it (a copy would keep them)
+    canonical = explained.canonical if method.startswith("lrp") else None
+    context = AttributionContext(explained.model, _target(explained.model, options, inputs), canonical,
+                                 region_labels, noise_model)
     torch.manual_seed(options.seed)
     inputs = inputs.detach().requires_grad_(True)
-    with depthwise_input_gradients(model):  # LRP's rules route their own (engine.models.lrp)
-        return METHODS[method](model, inputs, options, context).detach().to(inputs.dtype)
+    with depthwise_input_gradients(explained.model):  # LRP's rules route their own (engine.models.lrp)
+        return METHODS[method](context, inputs, options).detach().to(inputs.dtype)

@@ -37,8 +37,8 @@ def gram_matrix(maps: xr.DataArray) -> np.ndarray:
     values = maps.transpose("subject", "voxel").data
     values = values if isinstance(values, da.Array) else da.from_array(np.asarray(values))
     # every subject in each block (aligned voxel blocks, no rechunking inside the product), blocks of
-    # about 64 MB: N × (2²³ / N) float64 values (benchmarks/ridge_baseline.py: 256 MB blocks held
-    # about 4× the cohort's float32 size at N = 1,000 and 2,000, while the threads kept several in flight)
+    # N × (2²³ / N) float64 values: larger ones held several times the cohort's size while the threads kept
+    # some in flight (benchmarks/ridge_baseline.py)
     values = values.astype(np.float64).rechunk({0: -1, 1: max(256, 2**23 // values.shape[0])})
     return np.asarray(da.dot(values, values.T).compute())
 

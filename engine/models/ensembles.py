@@ -4,7 +4,7 @@ over members) and metrics beside the baselines (the training mean, ridge on the 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from engine.models.metrics import bias_corrected_gap, classification_metrics, re
 from engine.models.splits import split_hash
 from engine.models.training import TrainingConfig, train_member
 from engine.models.volumes import scale_rows
-from engine.tasks import gpu_resources, run_tasks
+from engine.tasks import INLINE, Execution
 
 
 #: The ``member`` of the ensemble mean's rows in every table (members are "0", "1", ...).
@@ -31,10 +31,21 @@ BASELINE = "predict_train_mean"
 RIDGE = "ridge_voxels"
 
 
-def _train_member_task(item):
-    store, config, split, member, out_dir, classes = item
+@dataclass(frozen=True)
+class _MemberTraining:
+    """One member to train into ``out_dir`` (a task of :func:`train_ensembles`)."""
+
+    store: str
+    config: TrainingConfig
+    split: pd.Series
+    member: int
+    out_dir: str
+    classes: list | None
+
+
+def _train_member_task(item: _MemberTraining) -> dict:
     with heap_kept():
-        return train_member(store, config, split, member, out_dir, classes)
+        return train_member(item.store, item.config, item.split, item.member, item.out_dir, item.classes)
 
 
 @dataclass(frozen=True)
@@ -49,20 +60,15 @@ class EnsembleJob:
 
 
 def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
-                   split: pd.Series, client=None, progress: Callable[[str, int, int], None] | None = None,
-                   gpu_on_demand: bool = False, in_flight: int | None = None) -> dict:
+                   split: pd.Series, execution: Execution = INLINE) -> dict:
     """Train one ensemble: :func:`train_ensembles` of one job."""
-    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], client, progress, gpu_on_demand,
-                           in_flight)[0]
+    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], execution)[0]
 
 
-def train_ensembles(jobs: Sequence[EnsembleJob], client=None, progress: Callable[[str, int, int], None] | None = None,
-                    gpu_on_demand: bool = False, in_flight: int | None = None) -> list[dict]:
-    """Train every job's members as one pool of Dask tasks (one per member, a GPU per task where workers have
-    GPUs, or where the cluster starts GPU workers on demand: ``gpu_on_demand``), so a worker whose member
-    stopped early starts the next ensemble's member instead of waiting for its own ensemble's last one
-    (``in_flight``: the most members submitted at once, the cluster's worker threads; see
-    :func:`engine.tasks.run_tasks`).
+def train_ensembles(jobs: Sequence[EnsembleJob], execution: Execution = INLINE) -> list[dict]:
+    """Train every job's members as one pool of long tasks of ``execution`` (one per member, on a GPU where the
+    cluster has or starts one; progress phase ``train``), so a worker whose member stopped early starts the
+    next ensemble's member instead of waiting for its own ensemble's last one.
 
     Members whose card already holds this config and split are kept. Writes each job's ``split.tsv``,
     ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``; returns one
@@ -72,13 +78,10 @@ def train_ensembles(jobs: Sequence[EnsembleJob], client=None, progress: Callable
     items = [item for plan in plans for item in plan["items"]]
     total = sum(job.members for job in jobs)
     done = total - len(items)
-    if progress:
-        progress("train", done, total)
-    for _ in run_tasks(_train_member_task, items, client=client, resources=gpu_resources(client, gpu_on_demand),
-                       in_flight=in_flight):
+    execution.report("train", done, total)
+    for _ in execution.map(_train_member_task, items, long=True):
         done += 1
-        if progress:
-            progress("train", done, total)
+        execution.report("train", done, total)
     results = []
     for job, plan in zip(jobs, plans, strict=True):
         files = ModelsLayout(Path(job.out_dir))
@@ -119,7 +122,7 @@ def _plan_ensemble(job: EnsembleJob) -> dict:
         same_config = card["config"] == config.as_dict()
         return same_config and card.get("split") == split_hash(split)
 
-    items = [(str(job.store), config, split, member, str(files.root), classes)
+    items = [_MemberTraining(str(job.store), config, split, member, str(files.root), classes)
              for member in range(job.members) if not current(member)]
     return {"dataset": dataset, "classes": classes, "items": items}
 

@@ -3,8 +3,8 @@
 A 3D CNN step allocates and frees arrays of tens of MB: MRInet's first convolution output at
 4 mm, batch 8, is 62 MB, and its gradient as much again. glibc serves every block above its mmap
 threshold (which adapts up to 32 MiB, no further) as a fresh mapping, whose pages fault in on first
-touch, so each step pays for zeroing new pages: on the AMD EPYC a training step took 0.23 s, and
-0.13 s with the blocks reused. Inside :func:`heap_kept` large blocks come from the heap and freed
+touch, so each step pays for zeroing new pages (a large share of a training step on CPU:
+``benchmarks/attribution_cost.py`` keeps the heap as the tasks do). Inside :func:`heap_kept` large blocks come from the heap and freed
 ones stay in it for the next step; on leaving the outermost one, the trim threshold returns to its
 start value (``MALLOC_TRIM_THRESHOLD_``, or glibc's 128 KiB) and the heap is trimmed, so a worker's
 memory falls back between tasks. Elsewhere than glibc it does nothing. In a thread other than the

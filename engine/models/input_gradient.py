@@ -1,11 +1,11 @@
 """The gradient to a 3D CNN's input through its first convolution, as depthwise convolutions (CPU).
 
 oneDNN computes the gradient of a 3D convolution to an input of one or two channels far slower
-than the convolution itself: for MRInet's first layer at 4 mm, batch 8 (16 filters), 110 ms
-against 11 ms forward on the AMD EPYC, one thread, over half of a whole gradient pass. That
-gradient, a transposed convolution with one output channel per input channel, is also, per input
-channel, a depthwise convolution of the output gradient with that channel's flipped filters, summed
-over the filters: oneDNN vectorises a depthwise convolution over the channels, 24 ms per input channel.
+than the convolution itself: for MRInet's first layer it is over half of a whole gradient pass
+(``benchmarks/attribution_cost.py``). That gradient, a transposed convolution with one output
+channel per input channel, is also, per input channel, a depthwise convolution of the output
+gradient with that channel's flipped filters, summed over the filters, which oneDNN vectorises
+over the channels.
 
 :func:`depthwise_input_gradients` routes the input gradient of a model's few-channel convolutions this
 way (attribution asks for nothing else); :func:`convolution_with_depthwise_input_gradient` is one such

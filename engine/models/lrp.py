@@ -1,4 +1,10 @@
-"""Layer-wise Relevance Propagation for 3D CNNs: rules, composites, BatchNorm merging.
+"""Layer-wise Relevance Propagation for 3D CNNs: rules, composites, and the model rewritten once for them.
+
+In the manner of zennit: each rule (:class:`Epsilon`, :class:`AlphaBeta`) is a few declarative
+lines on one shared mechanism; a composite is a small named class saying which rule each weighted
+layer type gets (:class:`PresetA` is iNNvestigate's ``lrp.sequential_preset_a``); :func:`canonical`
+rewrites a model once (BatchNorms and the output scale folded in) before any rule runs, so one
+canonical form serves every composite and batch of a model.
 
 The rules are iNNvestigate's (the seed study's analyzer was its ``lrp.sequential_preset_a``),
 biases included unless a rule says ``bias=False`` (iNNvestigate's ``…IgnoreBias`` rules). Where a
@@ -26,6 +32,7 @@ and two passes over it) and changes no relevance.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -199,35 +206,128 @@ def ZPlus() -> AlphaBeta:
     return AlphaBeta(1.0, 0.0, bias=False)
 
 
-def _study(epsilon: float, alpha: float, beta: float, bias: bool = True) -> dict:
-    return {nn.Linear: Epsilon(epsilon, bias), nn.Conv3d: AlphaBeta(alpha, beta, bias)}
+#: A rule: the forward hook of a weighted layer (its module, inputs and output; whether it absorbs the ReLU after it).
+Rule = Callable[..., torch.Tensor]
 
 
-#: Composites (which rule each weighted layer type gets), named after iNNvestigate's analyzers;
-#: each takes the ε of its ε-rules and the α, β of the study presets' convolutions.
-_COMPOSITES: dict[str, Callable[[float, float, float], dict]] = {
-    # lrp.sequential_preset_a (α1β0) / _b (α2β1): ε on dense layers, αβ on convolutions
-    "study": _study,
-    "study_ignore_bias": partial(_study, bias=False),
-    "epsilon": lambda epsilon, alpha, beta: {nn.Linear: Epsilon(epsilon), nn.Conv3d: Epsilon(epsilon)},
-    "alpha2beta1": lambda epsilon, alpha, beta: {nn.Linear: AlphaBeta(2.0, 1.0), nn.Conv3d: AlphaBeta(2.0, 1.0)},
-    "alpha2beta1_ignore_bias": lambda epsilon, alpha, beta: {nn.Linear: AlphaBeta(2.0, 1.0, False),
-                                                             nn.Conv3d: AlphaBeta(2.0, 1.0, False)},
-    "zplus": lambda epsilon, alpha, beta: {nn.Linear: ZPlus(), nn.Conv3d: ZPlus()},
-    "zero": lambda epsilon, alpha, beta: {nn.Linear: Epsilon(0.0), nn.Conv3d: Epsilon(0.0)},
+# ---------------------------------------------------------------------------------------
+# Composites: which rule each weighted layer type gets
+
+
+class Composite:
+    """Rules by layer type: :meth:`rules` maps ``nn.Linear`` and ``nn.Conv3d`` (and their subclasses) to a rule."""
+
+    def rules(self) -> dict[type[nn.Module], Rule]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EpsilonAlphaBeta(Composite):
+    """The ε-rule on dense layers and the αβ-rule on convolutions, biases included unless ``bias=False``:
+    iNNvestigate's sequential presets (:class:`PresetA`, :class:`PresetB`) with any ε and α − β = 1."""
+
+    epsilon: float = 0.1
+    alpha: float = 1.0
+    beta: float = 0.0
+    bias: bool = True
+
+    def rules(self) -> dict[type[nn.Module], Rule]:
+        return {nn.Linear: Epsilon(self.epsilon, self.bias), nn.Conv3d: AlphaBeta(self.alpha, self.beta, self.bias)}
+
+
+@dataclass(frozen=True)
+class PresetA(EpsilonAlphaBeta):
+    """iNNvestigate's ``lrp.sequential_preset_a``: ε (0.1) on dense layers, α1β0 on convolutions, with biases."""
+
+
+@dataclass(frozen=True)
+class PresetB(EpsilonAlphaBeta):
+    """iNNvestigate's ``lrp.sequential_preset_b``: ε (0.1) on dense layers, α2β1 on convolutions, with biases."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class EpsilonEverywhere(Composite):
+    """The ε-rule on every weighted layer (iNNvestigate's ``lrp.epsilon``; ε = 0 is LRP-0)."""
+
+    epsilon: float = 0.1
+    bias: bool = True
+
+    def rules(self) -> dict[type[nn.Module], Rule]:
+        rule = Epsilon(self.epsilon, self.bias)
+        return {nn.Linear: rule, nn.Conv3d: rule}
+
+
+@dataclass(frozen=True)
+class AlphaBetaEverywhere(Composite):
+    """The αβ-rule on every weighted layer (iNNvestigate's ``lrp.alpha_2_beta_1`` with the defaults)."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    bias: bool = True
+
+    def rules(self) -> dict[type[nn.Module], Rule]:
+        rule = AlphaBeta(self.alpha, self.beta, self.bias)
+        return {nn.Linear: rule, nn.Conv3d: rule}
+
+
+@dataclass(frozen=True)
+class ZPlusEverywhere(Composite):
+    """The z⁺-rule on every weighted layer (iNNvestigate's ``lrp.z_plus``)."""
+
+    def rules(self) -> dict[type[nn.Module], Rule]:
+        rule = ZPlus()
+        return {nn.Linear: rule, nn.Conv3d: rule}
+
+
+#: Composites by name, each with its defaults; ``lrp(..., rules="preset_a")`` takes a name.
+COMPOSITES: dict[str, Callable[[], Composite]] = {
+    "preset_a": PresetA,
+    "preset_b": PresetB,
+    "epsilon": EpsilonEverywhere,
+    "alpha2beta1": AlphaBetaEverywhere,
+    "zplus": ZPlusEverywhere,
+    "zero": partial(EpsilonEverywhere, epsilon=0.0),
 }
-PRESETS = tuple(_COMPOSITES)
+#: Earlier names of composites: still understood, with a warning that names the new one.
+_RENAMED = {"study": "preset_a"}
 
 
-def preset(name: str, epsilon: float = 0.1, alpha: float = 1.0, beta: float = 0.0) -> dict[type, object]:
-    """The rules of composite ``name`` (one of :data:`PRESETS`) with these ε, α, β."""
-    if name not in _COMPOSITES:
-        raise ValueError(f"unknown LRP preset {name!r}; known: {', '.join(PRESETS)}")
-    return _COMPOSITES[name](epsilon, alpha, beta)
+def composite(name: str) -> Composite:
+    """The composite called ``name`` (one of :data:`COMPOSITES`) with its defaults."""
+    if name in _RENAMED:
+        warnings.warn(f"the LRP composite {name!r} is now called {_RENAMED[name]!r}", DeprecationWarning,
+                      stacklevel=3)
+        name = _RENAMED[name]
+    if name not in COMPOSITES:
+        raise ValueError(f"unknown LRP composite {name!r}; known: {', '.join(COMPOSITES)}")
+    return COMPOSITES[name]()
 
 
-def prepare(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode model computing the same function in the form LRP's rules act on.
+# ---------------------------------------------------------------------------------------
+# Canonicalisation: the model rewritten once into the form the rules act on
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A model in the form LRP's rules act on, made once and used for every composite and batch: a copy of the
+    eval-mode model with its BatchNorms and output scale folded in (:func:`canonical`), and the ReLUs that the
+    rules of the layers before them absorb (see the module's docstring)."""
+
+    model: nn.Module
+    absorbed_relus: dict[nn.Module, tuple[nn.Sequential, int]]
+
+
+def canonical(model: nn.Module) -> Canonical:
+    """``model`` (eval mode) rewritten for LRP: a folded copy (:func:`_folded`) and its absorbed ReLUs."""
+    folded = _folded(model)
+    return Canonical(folded, _following_relus(folded))
+
+
+def _folded(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model computing the same function with one linear map per weighted layer.
 
     Each BatchNorm3d is folded into the convolution before it: only BatchNorms that directly
     follow a Conv3d inside an ``nn.Sequential`` can be, any other raises ``ValueError`` (a rule
@@ -283,17 +383,15 @@ def _following_relus(model: nn.Module) -> dict[nn.Module, tuple[nn.Sequential, i
 
 
 @contextmanager
-def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Iterator[nn.Module]:
-    """Within the block, ``model``'s weighted layers propagate relevance by the composite's rules.
-
-    Each ReLU that a rule absorbs (see the module's docstring) is an ``nn.Identity`` in its
-    ``nn.Sequential`` until the block ends.
-    """
-    rules = preset(composite) if isinstance(composite, str) else composite
-    following_relus = _following_relus(model)
+def lrp_rules(model: Canonical, rules: Composite | Mapping[type, Rule]) -> Iterator[nn.Module]:
+    """Within the block, the canonical model's weighted layers propagate relevance by ``rules`` (a composite, or
+    rules by layer type) and each ReLU that a rule absorbs is an ``nn.Identity`` in its ``nn.Sequential``;
+    yields the network to run."""
+    rules = rules.rules() if isinstance(rules, Composite) else rules
+    following_relus = model.absorbed_relus
     handles, absorbed = [], []
     try:
-        for module in list(model.modules()):
+        for module in list(model.model.modules()):
             rule = next((rule for kind, rule in rules.items() if isinstance(module, kind)), None)
             if rule is None:
                 continue
@@ -303,7 +401,7 @@ def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Itera
                 sequential, index = place
                 absorbed.append((sequential, index, sequential[index]))
                 sequential[index] = nn.Identity()
-        yield model
+        yield model.model
     finally:
         for handle in handles:
             handle.remove()
@@ -311,16 +409,18 @@ def lrp_rules(model: nn.Module, composite: str | Mapping[type, object]) -> Itera
             sequential[index] = relu
 
 
-def lrp(model: nn.Module, inputs: torch.Tensor, composite: str | Mapping[type, object] = "study",
-        target: int | torch.Tensor = 0) -> torch.Tensor:
+def lrp(model: nn.Module | Canonical, inputs: torch.Tensor,
+        rules: str | Composite | Mapping[type, Rule] = "preset_a", target: int | torch.Tensor = 0) -> torch.Tensor:
     """Relevance of each input element for output ``target`` (one index, or one per input; raw,
     unnormalised), same shape as inputs.
 
-    ``model`` must be in eval mode with BatchNorms merged (see :func:`prepare`); ``composite`` is
-    a preset's name (its default ε, α, β) or rules from :func:`preset`.
+    ``model``: an eval-mode model, or its :func:`canonical` form (made once per model, for every composite and
+    batch); ``rules``: a composite (or its name in :data:`COMPOSITES`), or rules by layer type.
     """
+    model = model if isinstance(model, Canonical) else canonical(model)
+    rules = composite(rules) if isinstance(rules, str) else rules
     inputs = inputs.detach().clone().requires_grad_(True)
-    with lrp_rules(model, composite), torch.enable_grad():
-        output = selected_outputs(model(inputs), target)
+    with lrp_rules(model, rules) as network, torch.enable_grad():
+        output = selected_outputs(network(inputs), target)
         (gradient,) = torch.autograd.grad(output.sum(), inputs)
     return (inputs * gradient).detach()

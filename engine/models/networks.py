@@ -65,7 +65,7 @@ class MRInet(nn.Module):
     padding and max-pooling is 3×3×3 with stride 2 and padding 1, so each pool halves the grid
     (rounding up) and the model works at 1, 2 or 4 mm. Each ReLU follows its pool: max-pooling
     commutes with a ReLU, so the function (and every gradient) is the study's, with the ReLU on an
-    eighth of the voxels (a training step ≈ 30 % faster on CPU); guided backprop, which gates the
+    eighth of the voxels (a cheaper training step); guided backprop, which gates the
     backward pass at the ReLUs, now gates each overlapping pooling window's share before they add
     up. With ``patch_individual`` (``{"patches": [x, y, z], "overlap": voxels}``) the last (1×1×1)
     convolution learns separate filters per spatial patch (:class:`PatchIndividualConv3d`, the PIF
@@ -223,8 +223,7 @@ def predicted_values(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
 def place(model: nn.Module, device: torch.device | str) -> nn.Module:
     """``model`` moved to ``device`` with its convolution weights channels-last.
 
-    oneDNN's 3D convolutions run about 1.8× faster on channels-last weights (a training step of
-    MRInet, a gradient pass; ``benchmarks/attribution_cost.py``); their outputs follow the weights.
-    On a GPU, cuDNN's bfloat16 3D convolutions take the same layout (not yet measured here).
+    oneDNN's 3D convolutions are faster on channels-last weights (``benchmarks/attribution_cost.py``); their
+    outputs follow the weights. On a GPU, cuDNN's bfloat16 3D convolutions take the same layout.
     """
     return model.to(device).to(memory_format=torch.channels_last_3d)

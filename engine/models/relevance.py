@@ -1,21 +1,25 @@
 """``relevance.zarr``: every member's relevance maps of a cohort, computed as Dask tasks or imported.
 
-:func:`explain` runs ``method × member × subject`` as Dask tasks — one per (member, block of
-subjects), asking for a GPU where workers have one — into ``relevance.zarr``::
+:func:`explain` runs ``attribution method × member × subject`` as tasks — one per (member, block
+of subjects), on a GPU where the cluster has one — into ``relevance.zarr``::
 
-    relevance       (method, member, subject, voxel)  float32
-    relevance_mean  (method, subject, voxel)          the ensemble mean
-    explained       (member, subject)                 true once a task's rows are written
+    relevance       (attribution, member, subject, voxel)  float32
+    relevance_mean  (attribution, subject, voxel)          the ensemble mean
+    explained       (member, subject)                      true once a task's rows are written
 
 with the images store's voxels (``i, j, k``), grid and participant columns (plus each
 subject's training ``split``), so every atlas and statistic applies to relevance unchanged.
+The first dimension is ``attribution`` (its labels are method names such as ``lrp``), so
+``rel.relevance_mean.sel(attribution="lrp")`` selects one method's maps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -27,18 +31,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.data.masker import VOXEL_COORDS
-from engine.data.store import IMAGE_CODEC, content_fingerprint, load_coordinates, open_cohort, open_layout_group
+from engine.data.store import (IMAGE_CODEC, consolidate, content_fingerprint, load_coordinates, open_cohort,
+                               open_layout_group, writable_group)
 from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, mark_current, output_key
 from engine.models import noise
-from engine.models.attribution import METHODS, AttributionOptions, attribute
+from engine.models.attribution import METHODS, AttributionOptions, ExplainedModel, attribute
 from engine.models.heap import heap_kept
 from engine.models.networks import place
 from engine.models.splits import read_split
 from engine.models.training import TrainingConfig, load_member, targets_of
 from engine.models.volumes import CohortVolumes
-from engine.tasks import gpu_resources, run_tasks, torch_device
+from engine.tasks import INLINE, Execution, torch_device
 
-LAYOUT = "relcohort.relevance/1"
+#: Version 2 names the first dimension ``attribution`` (version 1 called it ``method``, which
+#: ``DataArray.sel`` takes as its own keyword).
+LAYOUT = "relcohort.relevance/2"
+#: The dimension of attribution methods.
+ATTRIBUTION = "attribution"
 
 
 def _create_store(path: Path, plan: dict, dataset: xr.Dataset, subjects_per_chunk: int,
@@ -52,18 +61,18 @@ def _create_store(path: Path, plan: dict, dataset: xr.Dataset, subjects_per_chun
     grid_attrs = {"grid": dataset.attrs["grid"]}
     group.create_array("relevance", shape=(n_methods, n_members, n_subjects, n_voxels), dtype="float32",
                        chunks=(1, 1, subjects_per_chunk, voxels_per_chunk), compressors=IMAGE_CODEC,
-                       dimension_names=("method", "member", "subject", "voxel"), fill_value=np.nan,
+                       dimension_names=(ATTRIBUTION, "member", "subject", "voxel"), fill_value=np.nan,
                        attributes=grid_attrs)
     group.create_array("relevance_mean", shape=(n_methods, n_subjects, n_voxels), dtype="float32",
                        chunks=(1, subjects_per_chunk, voxels_per_chunk), compressors=IMAGE_CODEC,
-                       dimension_names=("method", "subject", "voxel"), fill_value=np.nan, attributes=grid_attrs)
+                       dimension_names=(ATTRIBUTION, "subject", "voxel"), fill_value=np.nan, attributes=grid_attrs)
     group.create_array("explained", shape=(n_members, n_subjects), dtype="bool", chunks=(1, subjects_per_chunk),
                        dimension_names=("member", "subject"), fill_value=False)
-    coordinates = {"method": np.array(methods, dtype=object), "member": np.array(members),
+    coordinates = {ATTRIBUTION: np.array(methods, dtype=object), "member": np.array(members),
                    "subject": np.array(subjects, dtype=object),
                    **{axis: dataset[axis].values for axis in VOXEL_COORDS}}
     for name, values in {**coordinates, **subject_columns}.items():
-        dim = name if name in ("method", "member", "subject") else ("voxel" if name in VOXEL_COORDS else "subject")
+        dim = name if name in (ATTRIBUTION, "member", "subject") else ("voxel" if name in VOXEL_COORDS else "subject")
         values = np.asarray(values)
         if values.dtype.kind in "OUS":
             array = group.create_array(name, shape=values.shape, dtype=str, dimension_names=(dim,))
@@ -77,33 +86,57 @@ def _create_store(path: Path, plan: dict, dataset: xr.Dataset, subjects_per_chun
     return group
 
 
-def _member_inputs(store: str, models_dir: str, member: int, device) -> tuple[nn.Module, dict, CohortVolumes]:
-    model, card = load_member(ModelsLayout(Path(models_dir)).member(member), device)
-    return model, card, CohortVolumes(store, card["config"]["modalities"], card["config"]["input_scaling"])
+@dataclass(frozen=True)
+class _NoiseTraining:
+    """The noise network of one member to train and write (a task of :func:`explain`)."""
+
+    store: str
+    models_dir: str
+    member: int
+    options: AttributionOptions
+    key: dict
 
 
-def _train_noise_task(item):
+@dataclass(frozen=True)
+class _ExplainBlock:
+    """Every method's maps of one member for some subjects (a task of :func:`explain`): store ``rows``, from
+    ``positions`` of the images store; ``member_key`` identifies the member's weights and card."""
+
+    out: str
+    store: str
+    models_dir: str
+    member_index: int
+    member: int
+    member_key: str
+    methods: tuple[str, ...]
+    rows: list[int]
+    positions: list[int]
+    options: AttributionOptions
+    region_labels: np.ndarray | None
+
+
+def _train_noise_task(item: _NoiseTraining) -> int:
     """Train and write the noise network of one member over its training participants (Bintsi et al. 2021)."""
-    store, models_dir, member, options, key = item
-    files = ModelsLayout(Path(models_dir))
-    model, card, volumes = _member_inputs(store, models_dir, member, torch_device())
+    files = ModelsLayout(Path(item.models_dir))
+    model, card = load_member(files.member(item.member), torch_device())
+    volumes = CohortVolumes(item.store, card["config"]["modalities"], card["config"]["input_scaling"])
     train = np.flatnonzero(read_split(files.split).reindex(volumes.subjects).to_numpy() == "train")
-    classes = card["classes"]
+    classes, options = card["classes"], item.options
     targets = targets_of(volumes.dataset, TrainingConfig(**card["config"]), classes)[train]
     with heap_kept():
         noise_net = noise.train_noise_model(
             model, volumes.read, train, targets, sparsity=options.noise_model_sparsity,
             epochs=options.noise_model_epochs, learning_rate=options.noise_model_learning_rate,
-            classification=classes is not None, seed=1000 * options.seed + member)
-    path = files.noise_model(member)
+            classification=classes is not None, seed=1000 * options.seed + item.member)
+    path = files.noise_model(item.member)
     with atomic_output(path) as partial:
         save_file({name: value.contiguous() for name, value in noise_net.state_dict().items()}, partial)
-    mark_current(path, key)
-    return member
+    mark_current(path, item.key)
+    return item.member
 
 
 def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], options: AttributionOptions,
-                        client, progress, gpu_on_demand: bool, in_flight: int | None) -> None:
+                        execution: Execution) -> None:
     """The noise network of every member that lacks a current one (same member, images, split and settings)."""
     files = ModelsLayout(models_dir)
     settings = {name: value for name, value in options.as_dict().items()
@@ -113,15 +146,12 @@ def _train_noise_models(store: Path, models_dir: Path, members: Sequence[int], o
         key = output_key(settings, {"member": models_fingerprint(models_dir, [member]),
                                     "split": file_sha256(files.split), "images": content_fingerprint(store)})
         if not is_current(files.noise_model(member), key):
-            items.append((str(store), str(models_dir), member, options, key))
+            items.append(_NoiseTraining(str(store), str(models_dir), member, options, key))
     done = len(members) - len(items)
-    if progress:
-        progress("noise models", done, len(members))
-    for _ in run_tasks(_train_noise_task, items, client=client, resources=gpu_resources(client, gpu_on_demand),
-                       in_flight=in_flight):
+    execution.report("noise models", done, len(members))
+    for _ in execution.map(_train_noise_task, items, long=True):
         done += 1
-        if progress:
-            progress("noise models", done, len(members))
+        execution.report("noise models", done, len(members))
 
 
 def _noise_network_layout() -> dict:
@@ -136,19 +166,35 @@ def _load_noise_model(models_dir: str, member: int, in_channels: int, device) ->
     return place(noise_net, device).eval()
 
 
-def _explain_block(item):
-    out, store, models_dir, member_index, member, methods, rows, positions, options, region_labels = item
+#: The member a worker thread explained last, kept for its next block: loaded, and its LRP form made, once per
+#: member (one per thread: methods put hooks on the model while they run).
+_LAST_MEMBER = threading.local()
+
+
+def _explained_member(models_dir: str, member: int, key: str, device) -> tuple[ExplainedModel, dict]:
+    """Member ``member`` (weights and card identified by ``key``) ready for every method, and its card."""
+    wanted = (models_dir, member, key, str(device))
+    if getattr(_LAST_MEMBER, "key", None) != wanted:
+        model, card = load_member(ModelsLayout(Path(models_dir)).member(member), device)
+        _LAST_MEMBER.key, _LAST_MEMBER.member = wanted, (ExplainedModel(model), card)
+    return _LAST_MEMBER.member
+
+
+def _explain_block(item: _ExplainBlock) -> int:
     device = torch_device()
-    model, card, volumes = _member_inputs(store, models_dir, member, device)
-    inputs = torch.from_numpy(volumes.read(positions)).to(device)
-    noise_net = _load_noise_model(models_dir, member, inputs.shape[1], device) if "noise_model" in methods else None
-    group = zarr.open_group(out, mode="r+")
+    explained, card = _explained_member(item.models_dir, item.member, item.member_key, device)
+    volumes = CohortVolumes(item.store, card["config"]["modalities"], card["config"]["input_scaling"])
+    inputs = torch.from_numpy(volumes.read(item.positions)).to(device)
+    noise_net = (_load_noise_model(item.models_dir, item.member, inputs.shape[1], device)
+                 if "noise_model" in item.methods else None)
+    group = writable_group(item.out)
+    rows = slice(item.rows[0], item.rows[-1] + 1)
     with heap_kept():
-        for method_index, method in enumerate(methods):
-            maps = attribute(model, inputs, method, options, region_labels, noise_net).cpu().numpy()
-            group["relevance"][method_index, member_index, rows[0]:rows[-1] + 1] = volumes.box.transform(maps)
-    group["explained"][member_index, rows[0]:rows[-1] + 1] = True  # after the data: marks the block whole
-    return len(rows)
+        for method_index, method in enumerate(item.methods):
+            maps = attribute(explained, inputs, method, item.options, item.region_labels, noise_net).cpu().numpy()
+            group["relevance"][method_index, item.member_index, rows] = volumes.box.transform(maps)
+    group["explained"][item.member_index, rows] = True  # after the data: marks the block whole
+    return len(item.rows)
 
 
 def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
@@ -163,28 +209,27 @@ def models_fingerprint(models_dir: str | Path, members: Sequence[int]) -> str:
 
 def relevance_key(path: str | Path) -> str | None:
     """The key of a whole ``relevance.zarr`` (its plan: settings and inputs by content); ``None`` when it is
-    missing or incomplete. What later outputs record as their relevance input."""
+    missing, incomplete or of an earlier layout. What later outputs record as their relevance input."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         return None
     attributes = zarr.open_group(path, mode="r").attrs
-    return attributes["plan"]["key"] if attributes.get("state") == "complete" and "plan" in attributes else None
+    current = attributes.get("state") == "complete" and attributes.get("layout") == LAYOUT and "plan" in attributes
+    return attributes["plan"]["key"] if current else None
 
 
 def explain(out: str | Path, *, images: str | Path, models: str | Path, methods: Sequence[str],
             members: Sequence[int], subjects: Sequence[str], options: AttributionOptions | None = None,
             region_labels: np.ndarray | None = None, subjects_per_chunk: int = 8, voxels_per_chunk: int = 65536,
-            client=None, progress: Callable[[str, int, int], None] | None = None,
-            gpu_on_demand: bool = False, in_flight: int | None = None) -> xr.Dataset:
+            execution: Execution = INLINE) -> xr.Dataset:
     """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
 
-    ``images`` is the cohort store and ``models`` the trained members' folder. One Dask task per
-    (member, block of ``subjects_per_chunk`` subjects) writes whole chunks (of ``voxels_per_chunk``
-    voxels, as the images store's for aligned reductions) of every method; blocks
-    already explained for the same plan (settings, weights and images by content) are not redone.
-    The ensemble mean over members is written last. ``region_labels`` is the atlas volume for
-    region occlusion. Tasks ask for a GPU where workers have one or the cluster starts GPU workers on
-    demand (``gpu_on_demand``); ``in_flight`` caps the tasks submitted at once (:func:`engine.tasks.run_tasks`).
+    ``images`` is the cohort store and ``models`` the trained members' folder. One long task of
+    ``execution`` per (member, block of ``subjects_per_chunk`` subjects) writes whole chunks (of
+    ``voxels_per_chunk`` voxels, as the images store's for aligned reductions) of every method;
+    blocks already explained for the same plan (settings, weights and images by content) are not
+    redone. The ensemble mean over members is written last. ``region_labels`` is the atlas volume
+    for region occlusion.
     """
     out, store, models_dir = Path(out), Path(images), Path(models)
     options = options or AttributionOptions()
@@ -196,20 +241,22 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     missing = [subject for subject in subjects if subject not in positions_of]
     if missing:
         raise ValueError(f"participants {missing[:5]} are not complete in {store}")
-    plan = output_key({"methods": list(methods), "members": list(members), "subjects": list(subjects),
-                       "options": options.as_dict(),
+    member_keys = {member: models_fingerprint(models_dir, [member]) for member in members}
+    plan = output_key({"layout": LAYOUT, "methods": list(methods), "members": list(members),
+                       "subjects": list(subjects), "options": options.as_dict(),
                        **({"noise_network": _noise_network_layout()} if "noise_model" in methods else {})},
                       {"models": models_fingerprint(models_dir, members), "images": content_fingerprint(store)})
     existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
-    if existing is None or (existing.attrs.get("plan") or {}).get("key") != plan["key"]:
+    if existing is None or existing.attrs.get("layout") != LAYOUT or (
+            existing.attrs.get("plan") or {}).get("key") != plan["key"]:
         columns = _subject_columns(dataset, subjects)
         split_file = ModelsLayout(models_dir).split
         if split_file.is_file():
             columns["split"] = read_split(split_file).reindex(list(subjects)).fillna("").to_numpy(dtype=object)
         _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]), columns)
     if "noise_model" in methods:
-        _train_noise_models(store, models_dir, members, options, client, progress, gpu_on_demand, in_flight)
-    group = zarr.open_group(out, mode="r+")
+        _train_noise_models(store, models_dir, members, options, execution)
+    group = writable_group(out)
     chunk = group["relevance"].chunks[2]
     explained = group["explained"][:]
     items = []
@@ -217,19 +264,16 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
         for start in range(0, len(subjects), chunk):
             rows = list(range(start, min(start + chunk, len(subjects))))
             if not explained[member_index, rows].all():
-                items.append((str(out), str(store), str(models_dir), member_index, member, tuple(methods), rows,
-                              [positions_of[subjects[row]] for row in rows], options, region_labels))
+                items.append(_ExplainBlock(str(out), str(store), str(models_dir), member_index, member,
+                                           member_keys[member], tuple(methods), rows,
+                                           [positions_of[subjects[row]] for row in rows], options, region_labels))
     total = len(members) * len(subjects)
     done = int(explained.sum())
-    if progress:
-        progress("explain", done, total)
-    for _, count in run_tasks(_explain_block, items, client=client, resources=gpu_resources(client, gpu_on_demand),
-                              in_flight=in_flight):
+    execution.report("explain", done, total)
+    for _, count in execution.map(_explain_block, items, long=True):
         done += count
-        if progress:
-            progress("explain", done, total)
-    _write_ensemble_mean(group)
-    group.attrs["state"] = "complete"
+        execution.report("explain", done, total)
+    _finish(group, out)
     return open_relevance(out)
 
 
@@ -250,8 +294,8 @@ def import_relevance(out: str | Path, *, images: str | Path, maps: Mapping[str, 
         raise ValueError(f"imported relevance: no modality {missing} in {store} (modalities: "
                          f"{list(dataset.data_vars)})")
     subjects = [str(subject) for subject in dataset.subject.values]
-    plan = output_key({"methods": list(maps), "members": [0], "subjects": subjects, "imported": dict(maps)},
-                      {"images": content_fingerprint(store)})
+    plan = output_key({"layout": LAYOUT, "methods": list(maps), "members": [0], "subjects": subjects,
+                       "imported": dict(maps)}, {"images": content_fingerprint(store)})
     if relevance_key(out) == plan["key"]:
         return open_relevance(out)
     group = _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]),
@@ -262,8 +306,7 @@ def import_relevance(out: str | Path, *, images: str | Path, maps: Mapping[str, 
         da.store(values, target, regions=(slice(index, index + 1), slice(0, 1), slice(None), slice(None)),
                  lock=False)
     group["explained"][:] = True
-    _write_ensemble_mean(group)
-    group.attrs["state"] = "complete"
+    _finish(group, out)
     return open_relevance(out)
 
 
@@ -273,17 +316,17 @@ def _subject_columns(dataset: xr.Dataset, subjects: Sequence[str]) -> dict:
             if dataset[name].dims == ("subject",) and name != "subject"}
 
 
-def _write_ensemble_mean(group: zarr.Group) -> None:
+def _finish(group: zarr.Group, out: Path) -> None:
+    """The ensemble mean written, the store marked complete and its metadata consolidated."""
     relevance = da.from_zarr(group["relevance"])
     da.store(relevance.mean(axis=1), group["relevance_mean"], lock=False)
+    group.attrs["state"] = "complete"
+    consolidate(out)
 
 
 def open_relevance(path: str | Path) -> xr.Dataset:
-    """``relevance.zarr`` as a lazy Dataset: ``relevance`` (method, member, subject, voxel), ``relevance_mean``.
-
-    Select a method with a mapping, ``ds.sel({"method": "lrp"})``: ``sel(method=...)`` is
-    xarray's own keyword for inexact matching.
-    """
+    """``relevance.zarr`` as a lazy Dataset: ``relevance`` (attribution, member, subject, voxel) and
+    ``relevance_mean`` (attribution, subject, voxel); ``ds.sel(attribution="lrp")`` selects one method."""
     path = Path(path)
     group = open_layout_group(path, LAYOUT, "relevance")
     if group.attrs.get("state") != "complete":

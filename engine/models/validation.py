@@ -6,7 +6,7 @@ ROC-AUC and top-k region precision; :func:`score_methods` tabulates them per met
 follows Eitel & Ritter (2019): across the members of an ensemble (retrainings of one model), per
 group of subjects (:func:`subject_groups`), the L2 distance between their max-scaled mean |R| maps
 and the overlap of their top-k regions by sum, density and gain (Böhle et al. 2019). Relevance
-maps are DataArrays with a ``voxel`` dim and any leading dims (``method``, ``member``,
+maps are DataArrays with a ``voxel`` dim and any leading dims (``attribution``, ``member``,
 ``subject``), numpy or dask; voxel reductions stay lazy.
 """
 
@@ -30,7 +30,11 @@ from torch import nn
 from engine.analysis.atlas import STATISTICS, Atlas, region_reduce, top_k_overlap, top_regions
 from engine.data.masker import Masker
 from engine.data.inputs import load_image
+from engine.models.attribution import AttributionOptions, ExplainedModel, attribute
+from engine.models.ensembles import ENSEMBLE
 from engine.models.heap import heap_kept
+from engine.models.training import load_member
+from engine.models.volumes import CohortVolumes
 
 # ---------------------------------------------------------------------------------------
 # Ground truth
@@ -128,7 +132,7 @@ def voxel_roc_auc(relevance: xr.DataArray, truth: np.ndarray, absolute: bool = F
 
 def _rank_auc(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Mann–Whitney U ÷ (n_inside · n_outside) of each map (last axis): per inside voxel, the outside voxels below it
-    plus half those tied, counted on the sorted outside scores (3× faster than ranking every voxel)."""
+    plus half those tied, counted on the sorted outside scores (cheaper than ranking every voxel)."""
     flat = scores.reshape(-1, truth.size)
     auc = np.full(len(flat), np.nan)
     outside_sorted = np.sort(flat[:, ~truth], axis=-1)
@@ -183,7 +187,7 @@ def member_robustness(relevance: xr.DataArray, atlas: Atlas, groups: Mapping[str
     """Agreement of an ensemble's retrained members on absolute relevance (Eitel & Ritter 2019).
 
     ``relevance`` holds per-subject maps with dims ``member``, ``subject``, ``voxel`` and
-    optionally others such as ``method``; ``groups`` names boolean subject masks to score
+    optionally others such as ``attribution``; ``groups`` names boolean subject masks to score
     separately (their paper: true positives and true negatives; in regression, age bands).
     One row per method and group: ``n`` (subjects), ``l2_distance`` (mean pairwise L2 distance
     between the members' max-scaled mean |R| maps of the group) and the mean pairwise overlap
@@ -283,6 +287,21 @@ def subject_groups(subjects: Sequence[str], age: np.ndarray | None, predictions:
     return SubjectGroups("age band", masks, old, young, f"{oldest} over {youngest}")
 
 
+def robustness_table(relevance: xr.Dataset, atlas: Atlas, predictions: pd.DataFrame | None = None,
+                     age_bands: Sequence[float] = (40, 60)) -> pd.DataFrame:
+    """Eitel & Ritter's robustness of a relevance store's members per method (:func:`member_robustness`): for the
+    true positives and true negatives of a binary classification (``predictions``, the ensemble's; gain: patients
+    over controls) or per age band (gain: the oldest band over the youngest); ``gain_definition`` says which."""
+    if predictions is not None:
+        predictions = predictions[predictions.member == ENSEMBLE]
+    age = relevance["age"].values if "age" in relevance.coords else None
+    groups = subject_groups(relevance.subject.values, age, predictions, age_bands)
+    masks = ({name: mask for name, mask in groups.masks.items() if name in ("TP", "TN")} if predictions is not None
+             else groups.masks)
+    table = member_robustness(relevance.relevance, atlas, masks, controls=groups.gain_denominator)
+    return table.reset_index().assign(gain_definition=groups.gain_description)
+
+
 def _mean_pairwise_overlap(top: np.ndarray) -> float:
     return float(np.mean([top_k_overlap(first, second) for first, second in combinations(top, 2)]))
 
@@ -319,20 +338,43 @@ def parameter_randomisation(model: nn.Module, inputs: torch.Tensor, methods: Seq
     (a boolean volume, e.g. the brain mask; default all). Near 0 passes, near 1 fails.
     ``region_labels`` is the atlas volume ``region_occlusion`` needs.
     """
-    from engine.models.attribution import attribute
-
     randomised = randomised_copy(model, seed) if randomised is None else randomised
+    networks = (ExplainedModel(model), ExplainedModel(randomised))  # each one's LRP form made once
     inside = np.ones(inputs.shape[2:], bool) if inside is None else np.asarray(inside, bool)
     rows = []
     with heap_kept():
         for method in methods:
             trained, shuffled = (attribute(network, inputs, method, options, region_labels).cpu().numpy()[:, inside]
-                                 for network in (model, randomised))
+                                 for network in networks)
             signed = [spearmanr(a, b).statistic for a, b in zip(trained, shuffled, strict=True)]
             magnitude = [spearmanr(np.abs(a), np.abs(b)).statistic for a, b in zip(trained, shuffled, strict=True)]
-            rows.append({"method": method, "n": len(trained), "spearman": float(np.mean(signed)),
+            rows.append({"attribution": method, "n": len(trained), "spearman": float(np.mean(signed)),
                          "spearman_abs": float(np.mean(magnitude))})
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class RandomisationTest:
+    """The parameter randomisation test of ``methods`` on one trained member (``member``: its path without a
+    suffix, ``engine.layout.ModelsLayout.member``) over some ``subjects`` of the images store ``images``."""
+
+    member: str
+    images: str
+    methods: tuple[str, ...]
+    subjects: tuple[str, ...]
+    options: AttributionOptions
+    region_labels: np.ndarray | None = None
+
+
+def randomisation_test(test: RandomisationTest) -> pd.DataFrame:
+    """:func:`parameter_randomisation` of a :class:`RandomisationTest` (a task: it loads the member and its
+    subjects' inputs, the voxels inside the cohort mask scored)."""
+    model, card = load_member(test.member)
+    volumes = CohortVolumes(test.images, card["config"]["modalities"], card["config"]["input_scaling"])
+    positions = [list(volumes.subjects).index(subject) for subject in test.subjects]
+    inside = volumes.box.inverse_transform(np.ones(len(volumes.box), bool), fill=False)
+    return parameter_randomisation(model, torch.from_numpy(volumes.read(positions)), list(test.methods),
+                                   options=test.options, inside=inside, region_labels=test.region_labels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,7 +386,7 @@ def score_methods(relevance: xr.DataArray, truth: np.ndarray, atlas: Atlas | Non
                   average_over: Sequence[str] = ("subject",)) -> pd.DataFrame:
     """Ground-truth scores of every map, averaged over ``average_over``: one row per remaining index.
 
-    Rows are e.g. per ``method`` and ``member``; pass ``relevance.mean("member")`` to score the
+    Rows are e.g. per ``attribution`` method and ``member``; pass ``relevance.mean("member")`` to score the
     ensemble. Columns: ``n_maps`` (maps without NaN, which are the ones averaged),
     ``mass_accuracy`` and its ``mass_accuracy_uniform`` expectation, ``roc_auc`` (chance 0.5;
     of |R| if ``absolute``) and, with an ``atlas``, ``top_k_precision`` of the regions ranked by
@@ -382,6 +424,19 @@ def score_methods(relevance: xr.DataArray, truth: np.ndarray, atlas: Atlas | Non
     columns = ["n_maps", "mass_accuracy", "mass_accuracy_uniform", "roc_auc", "top_k_precision",
                "top_k_precision_uniform"]
     return _to_frame(table, relevance)[[column for column in columns if column in table]]
+
+
+def score_table(relevance: xr.Dataset, truth: np.ndarray, atlas: Atlas | None = None) -> pd.DataFrame:
+    """:func:`score_methods` of a relevance store's ensemble-mean maps (``member`` "ensemble") and of each member's,
+    on signed relevance (``scored`` "R") and on its magnitude ("|R|", for maps whose sign flips)."""
+    tables = []
+    for absolute in (False, True):
+        scored = "|R|" if absolute else "R"
+        ensemble = score_methods(relevance.relevance_mean, truth, atlas, absolute=absolute).reset_index()
+        members = score_methods(relevance.relevance, truth, atlas, absolute=absolute).reset_index()
+        tables += [ensemble.assign(member=ENSEMBLE, scored=scored),
+                   members.assign(member=members["member"].astype(str), scored=scored)]
+    return pd.concat(tables, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,9 +512,10 @@ def _region_reduce_maps(relevance: xr.DataArray, atlas: Atlas) -> xr.Dataset:
 
 
 def _to_frame(table: xr.Dataset, relevance: xr.DataArray) -> pd.DataFrame:
-    """A table of scores; with no dims left, one row named by the maps' scalar ``method`` or "relevance"."""
+    """A table of scores; with no dims left, one row named by the maps' scalar ``attribution`` or "relevance"."""
     table = table.reset_coords(drop=True)
     if not table.dims:
-        method = relevance.coords.get("method")
-        table = table.expand_dims(method=[method.item() if method is not None and method.ndim == 0 else "relevance"])
+        method = relevance.coords.get("attribution")
+        table = table.expand_dims(attribution=[method.item() if method is not None and method.ndim == 0
+                                               else "relevance"])
     return table.to_dataframe()

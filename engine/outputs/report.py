@@ -18,8 +18,8 @@ import base64
 import html
 import io
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from engine.models.training import TrainingConfig
 from engine.models.ensembles import ENSEMBLE
 from engine.models.validation import SubjectGroups, subject_groups
 from engine.outputs.workspace import Workspace, mni_template
-from engine.tasks import run_tasks
+from engine.tasks import INLINE, Execution
 
 #: Sections shown once per ensemble when a workspace holds several named ensembles.
 ENSEMBLE_SECTIONS = ("models", "relevance", "validation")
@@ -54,14 +54,14 @@ MAX_OVERLAYS = 6
 
 
 def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | None = None,
-                 age_bands: Sequence[float] = (40, 60), top_k: int = 10, client=None,
-                 progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write ``<workspace>/report.html`` (atomically) and return its path.
+                 age_bands: Sequence[float] = (40, 60), top_k: int = 10, execution: Execution = INLINE,
+                 out: str | Path | None = None) -> Path:
+    """Write the report (atomically) to ``out`` (default ``<workspace>/report.html``) and return its path.
 
     ``methods``: the attribution methods to show (default: all in ``relevance.zarr``);
     ``age_bands``: age cut points of the group maps (``(40, 60)``: < 40, 40–60, ≥ 60);
-    ``top_k``: regions in the bar charts. With a Dask ``client`` each section (of each ensemble) is drawn
-    by a task on the workers, the slowest first; ``progress("report", done, total)`` counts the sections.
+    ``top_k``: regions in the bar charts. Each section (of each ensemble) is drawn by a task of ``execution``,
+    the slowest first (progress phase ``report``, counting sections).
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     if list(age_bands) != sorted(set(age_bands)):
@@ -71,14 +71,14 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
     ensembles = ws.ensembles or [None]
     per_ensemble = ensembles != [None]
     settings = (tuple(methods) if methods is not None else None, tuple(age_bands), top_k)
-    items = [(str(ws.path), key, name if key in ENSEMBLE_SECTIONS and per_ensemble else ws.ensemble, settings)
+    items = [_Section(str(ws.path), key, name if key in ENSEMBLE_SECTIONS and per_ensemble else ws.ensemble,
+                      *settings)
              for key in sorted(SECTIONS, key=lambda key: key not in SLOW_SECTIONS)
              for name in (ensembles if key in ENSEMBLE_SECTIONS and per_ensemble else [None])]
     drawn = {}
-    for done, ((_, key, name, _), parts) in enumerate(run_tasks(_section, items, client=client), start=1):
-        drawn[key, name] = parts
-        if progress:
-            progress("report", done, len(items))
+    for done, (item, parts) in enumerate(execution.map(_section, items), start=1):
+        drawn[item.key, item.ensemble] = parts
+        execution.report("report", done, len(items))
     body = []
     for key, title in SECTIONS.items():
         if key in ENSEMBLE_SECTIONS and per_ensemble:  # one part per named ensemble, side by side
@@ -92,19 +92,31 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
     nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items())
     page = _PAGE.format(title=html.escape(f"relcohort report: {ws.path.name}"), path=html.escape(str(ws.path)),
                         stamp=stamp, nav=nav, body="\n".join(body))
-    with atomic_output(ws.layout.report) as partial:
+    out = Path(out) if out is not None else ws.layout.report
+    with atomic_output(out) as partial:
         partial.write_text(page, encoding="utf-8")
-    return ws.layout.report
+    return out
 
 
-def _section(item) -> list[str]:
-    """The HTML parts of one section of one ensemble's workspace (a task of :func:`build_report`)."""
-    path, key, ensemble, (methods, age_bands, top_k) = item
-    ws = Workspace(path, ensemble)
-    if key == "relevance":
-        return _relevance(ws, methods, list(age_bands), top_k)
+@dataclass(frozen=True)
+class _Section:
+    """One section of one ensemble's part of the report to draw (a task of :func:`build_report`)."""
+
+    workspace: str
+    key: str
+    ensemble: str | None
+    methods: tuple[str, ...] | None
+    age_bands: tuple[float, ...]
+    top_k: int
+
+
+def _section(item: _Section) -> list[str]:
+    """The HTML parts of one section."""
+    ws = Workspace(item.workspace, item.ensemble)
+    if item.key == "relevance":
+        return _relevance(ws, item.methods, list(item.age_bands), item.top_k)
     return {"cohort": _cohort, "registration": _registration, "models": _models, "validation": _validation,
-            "associations": _associations, "provenance": _provenance}[key](ws)
+            "associations": _associations, "provenance": _provenance}[item.key](ws)
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,7 +386,7 @@ def _relevance(ws: Workspace, methods, age_bands: list[float], top_k: int) -> li
     if not ws.has("relevance"):
         return [_note("No relevance.zarr: the explain stage has not run.")]
     relevance = ws.relevance
-    stored = list(relevance.method.values)
+    stored = list(relevance.attribution.values)
     methods = list(methods) if methods else stored
     absent = [method for method in methods if method not in stored]
     if absent:
@@ -383,10 +395,10 @@ def _relevance(ws: Workspace, methods, age_bands: list[float], top_k: int) -> li
     parts = [f"<p>Ensemble-mean relevance of {relevance.sizes['member']} member(s) over {subjects} participant(s), "
              f"methods {html.escape(', '.join(methods))}. Maps are thresholded at the 95th percentile of |R| "
              "and shown over the MNI152 template.</p>"]
-    maps = relevance.relevance_mean.sel({"method": methods})
+    maps = relevance.relevance_mean.sel(attribution=methods)
     mean_maps = maps.mean("subject").compute()
     for method in methods:
-        parts.append(_figure(_mean_map_figure(ws, mean_maps.sel({"method": method}), method),
+        parts.append(_figure(_mean_map_figure(ws, mean_maps.sel(attribution=method), method),
                              f"{method}: mean relevance (orthogonal slices and glass brain)"))
     groups = explanation_groups(ws, relevance, age_bands)
     if groups.masks:
@@ -398,7 +410,7 @@ def _relevance(ws: Workspace, methods, age_bands: list[float], top_k: int) -> li
     parts.append(f"<p>Top {top_k} regions of the {html.escape(atlas.name)} atlas by mean region sum, density "
                  f"(sum per voxel) and gain of |R| ({html.escape(groups.gain_description)}).</p>")
     for method in methods:
-        regions = region_reduce(maps.sel({"method": method}).drop_vars("method"), atlas).compute()
+        regions = region_reduce(maps.sel(attribution=method).drop_vars("attribution"), atlas).compute()
         parts.append(_figure(_top_regions_figure(regions, groups, top_k, method),
                              f"{method}: top regions by sum, density and gain"))
     return parts
@@ -441,7 +453,7 @@ def _group_figure(ws: Workspace, maps, groups: dict, methods: list[str]):
 
     fig, axes = _subplots(len(methods), len(groups), (2.6 * len(groups), 3.0 * len(methods)), squeeze=False)
     for row, method in enumerate(methods):
-        by_method = maps.sel({"method": method})
+        by_method = maps.sel(attribution=method)
         means = {name: by_method.isel(subject=np.flatnonzero(mask)).mean("subject").compute()
                  for name, mask in groups.items()}
         threshold, vmax = _robust_limit(np.concatenate([mean.values for mean in means.values()]))
@@ -485,7 +497,8 @@ def _validation(ws: Workspace) -> list[str]:
         parts = ["<p>Scores of the ensemble-mean maps against the ground truth (on R and on |R|): relevance-mass "
                  "accuracy against its uniform expectation, voxel ROC-AUC (0.5 = chance) and the precision of the "
                  "top regions by relevance density against chance.</p>",
-                 _table(ensemble[["method", "scored", *[c for c in ensemble if c not in ("method", "scored")]]],
+                 _table(ensemble[["attribution", "scored",
+                                  *[c for c in ensemble if c not in ("attribution", "scored")]]],
                         "Ground-truth scores (ensemble)"),
                  _figure(_scores_figure(scores), "ROC-AUC and relevance-mass accuracy per method (dots: members)")]
     if ws.layout.robustness.is_file():
@@ -525,19 +538,20 @@ def _mask_comparison(ws: Workspace, mask: str, described: str) -> list[str]:
 
 
 def _scores_figure(scores: pd.DataFrame):
-    methods = list(dict.fromkeys(scores.method))
+    methods = list(dict.fromkeys(scores.attribution))
     fig, axes = _subplots(1, 2, (11, 3.4))
     positions = np.arange(len(methods))
     for offset, (scored, colour) in zip((-0.2, 0.2), (("R", "#4c72b0"), ("|R|", "#dd8452")), strict=True):
         part = scores[scores.scored == scored]
-        ensemble = part[part.member == ENSEMBLE].set_index("method").reindex(methods)
+        ensemble = part[part.member == ENSEMBLE].set_index("attribution").reindex(methods)
         members = part[part.member != ENSEMBLE]
         ratio = ensemble.mass_accuracy / ensemble.mass_accuracy_uniform
         axes[0].bar(positions + offset, ensemble.roc_auc, width=0.4, color=colour, label=scored)
         axes[1].bar(positions + offset, ratio, width=0.4, color=colour, label=scored)
         for ax, values in ((axes[0], members.roc_auc),
                            (axes[1], members.mass_accuracy / members.mass_accuracy_uniform)):
-            ax.scatter(positions[[methods.index(m) for m in members.method]] + offset, values, s=8, color="black")
+            ax.scatter(positions[[methods.index(m) for m in members.attribution]] + offset, values, s=8,
+                       color="black")
     axes[0].axhline(0.5, color="grey", lw=1)
     axes[1].axhline(1, color="grey", lw=1)
     axes[0].set_title("voxel ROC-AUC", fontsize=9)

@@ -4,13 +4,13 @@
 
     ws = open_workspace("workspace/demo")   # several named ensembles: open_workspace(path, "flair"), ws.ensembles
     ws.images                    # xarray.Dataset (subject × voxel), images.zarr
-    ws.relevance                 # xarray.Dataset (method × member × subject × voxel), relevance.zarr
+    ws.relevance                 # xarray.Dataset (attribution × member × subject × voxel), relevance.zarr
     ws.features["tract_fa"]      # pandas tables of features/*.parquet
     ws.predictions, ws.metrics   # models/ (ws.training: how the members were trained)
     ws.scores, ws.robustness, ws.sanity   # validation/ (and ws.lesion_relevance, ws.mask_indices("pvs"), …)
     ws.associations["lrp_age"]   # associations/<name>/: summary, voxel maps, cluster or region tables
     ws.provenance, ws.catalog    # provenance.json (typed: engine.layout.Provenance) and the last run's catalog
-    ws.to_nifti(ws.relevance.relevance_mean.sel({"method": "lrp"}).mean("subject"))
+    ws.to_nifti(ws.relevance.relevance_mean.sel(attribution="lrp").mean("subject"))
     ws.plot(ws.associations["lrp_age"].map("t"), kind="glass")
 """
 
@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine.analysis.association import CORRECTED_P
+from engine.analysis.association import CORRECTED_P, Sources
 from engine.analysis.atlas import Atlas, AtlasSettings
 from engine.models.relevance import open_relevance
 from engine.layout import AssociationLayout, Layout, Provenance
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
+from engine.models.ensembles import ENSEMBLE
 from engine.models.training import TrainingConfig
 
 
@@ -190,7 +191,7 @@ class Workspace:
 
     @cached_property
     def relevance(self) -> xr.Dataset:
-        """``relevance.zarr``: ``relevance`` (method, member, subject, voxel) and ``relevance_mean``."""
+        """``relevance.zarr``: ``relevance`` (attribution, member, subject, voxel) and ``relevance_mean``."""
         return open_relevance(self.layout.relevance)
 
     @cached_property
@@ -262,6 +263,24 @@ class Workspace:
     def associations(self) -> dict[str, Association]:
         """Every ``associations/<name>/`` analysis by folder name."""
         return {name: Association(self.layout.association(name).root) for name in self.layout.association_names()}
+
+    def sources(self) -> Sources:
+        """What association terms resolve against (:func:`engine.analysis.association.analyse` and the analyses it
+        runs): the images with their participant columns, the feature tables, and every ensemble's relevance maps
+        and ensemble-mean predictions."""
+        images = self.images
+        participants = pd.DataFrame({name: images[name].values for name in images.coords
+                                     if images[name].dims == ("subject",) and name != "subject"},
+                                    index=pd.Index(images["subject"].values, name="participant_id"))
+        relevance, predictions = {}, {}
+        for name in self.ensembles:
+            ensemble = self.layout.for_ensemble(name)
+            if (ensemble.relevance / "zarr.json").is_file():
+                relevance[name] = open_relevance(ensemble.relevance)
+            if ensemble.models.predictions.is_file():
+                table = pd.read_parquet(ensemble.models.predictions)
+                predictions[name] = table[table["member"] == ENSEMBLE]
+        return Sources(images, participants, relevance, self.features, predictions)
 
     @cached_property
     def provenance(self) -> Provenance:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +24,7 @@ from engine.data.synth.freesurfer import (DKT_MERGES, CORTICAL_THICKNESS_MM, apa
                                           format_aseg_stats, region_intensities)
 from engine.data.synth.native import native_poses, native_scan
 from engine.data.synth.rendering import SITE_SCANNER, render_contrast, render_fa, render_pvs
-from engine.tasks import run_tasks
+from engine.tasks import INLINE, Execution
 
 MODALITY_PATHS = {
     "T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz",
@@ -137,16 +136,15 @@ def generate_cohort(
     voxel_size: float = 4.0,
     seed: int = 0,
     effects: PlantedEffects = PlantedEffects(),
-    client=None,
-    progress: Callable[[str, int, int], None] | None = None,
+    execution: Execution = INLINE,
     overwrite: bool = False,
     native_voxel_size: float | None = None,
 ) -> pd.DataFrame:
     """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table.
 
     ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
-    the template grid. Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. With a Dask
-    ``client`` each participant is one task; ``progress("synth", done, total)`` reports progress.
+    the template grid. Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. Each
+    participant is one task of ``execution``, whose progress phase is ``synth``.
     ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first.
     """
     if n_subjects < 1:
@@ -163,13 +161,12 @@ def generate_cohort(
         return write_participant(out_dir, grid, seed, index, effects, native_voxel_size)
 
     records = []
-    for done, (_, record) in enumerate(run_tasks(simulate, range(n_subjects), client=client), start=1):
+    for done, (_, record) in enumerate(execution.map(simulate, range(n_subjects)), start=1):
         records.append(record)
-        if progress:
-            progress("synth", done, n_subjects)
+        execution.report("synth", done, n_subjects)
 
     table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
-    ((_, (mask, truth)),) = run_tasks(_cohort_images, [grid], client=client)  # a worker has the templates loaded
+    ((_, (mask, truth)),) = execution.map(_cohort_images, [grid])  # a worker has the templates loaded
     _save(mask, grid, out_dir / "mask.nii.gz")
     _save(truth, grid, out_dir / TRUTH_REGIONS)
     demographics = ["participant_id", "age", "sex", "site"]
