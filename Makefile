@@ -21,6 +21,7 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
+# every test, the slow ones too (killed runs, real SLURM, headless Chromium, the native demo): what CI runs
 test-all: $(INSTALLED)
 	$(BIN)/python -m pytest -m "slow or not slow"
 

@@ -5,8 +5,9 @@
 An MRInet on the demo cohort's brain box (4 mm: 46×55×44, T1 input; the cost does not depend
 on the trained weights, so a freshly initialised model is used) explains a batch of random
 inputs with every method, best of three after a warm-up. The model is placed as the engine
-places it (``engine.models.networks.place``: channels-last weights), and the heap is kept as the
-explain tasks keep it (``engine.models.heap.heap_kept``). The reference is one forward
+places it (``engine.models.networks.place``: channels-last weights), its LRP form made once as the
+explain tasks make it once per member (``engine.models.attribution.ExplainedModel``), and the heap
+is kept as they keep it (``engine.models.heap.heap_kept``). The reference is one forward
 and one backward pass to the input (``torch.autograd.grad``) on that same model, as PyTorch
 computes it, timed again right before each method (the machine's speed drifts by
 10-20 % over minutes); the same pass on the model in PyTorch's default layout is reported too. The
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ingest_throughput import best_of, save_results  # sibling script
 
-from engine.models.attribution import METHODS, AttributionOptions, attribute
 from engine.data.grid import mni_grid
+from engine.models.attribution import METHODS, AttributionOptions, ExplainedModel, attribute
 from engine.models.heap import heap_kept
 from engine.models.networks import ModelSpec, build_model, place
 from engine.models.noise import NoiseNet
-from ingest_throughput import best_of, save_results  # sibling script
 
 #: The brain box of the demo cohort's mask at each voxel size (``CohortVolumes.shape``).
 BOX = {4.0: (46, 55, 44), 2.0: (91, 109, 87)}
@@ -49,6 +50,7 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
     shape = BOX.get(voxel_size) or mni_grid(voxel_size).shape
     default_model = build_model(ModelSpec("mrinet", shape, 1, 1), target_mean=50.0, target_scale=18.0).to(device)
     model = place(copy.deepcopy(default_model), device).eval()
+    explained = ExplainedModel(model)
     default_model.eval()
     inputs = torch.randn(batch, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     labels = (torch.arange(torch.tensor(shape).prod()).reshape(shape) // 800).numpy()  # ~150 blocky regions
@@ -65,8 +67,8 @@ def measure(voxel_size: float, batch: int, threads: int, device: torch.device) -
     rows = [{"method": "input gradient, default layout", "seconds_per_batch": default_layout}]
     for method in METHODS:  # the reference is timed right before each method: the machine's speed drifts
         reference = timed(lambda: input_gradient(model, inputs))
-        seconds = timed(lambda method=method: attribute(model, inputs, method, OPTIONS, region_labels=labels,
-                                                                 noise_model=noise_net))
+        seconds = timed(lambda method=method: attribute(explained, inputs, method, OPTIONS, region_labels=labels,
+                                                        noise_model=noise_net))
         rows.append({"method": method, "seconds_per_batch": seconds, "gradient_seconds_per_batch": reference,
                      "relative_to_gradient": seconds / reference})
         print(f"{threads} thread(s), {method}: {seconds:.2f} s per batch of {batch}, {seconds / reference:.2f}× "

@@ -17,18 +17,18 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from ingest_throughput import save_results  # sibling script
 
 from engine.layout import Layout
-from ingest_throughput import save_results  # sibling script
 
 
 def tables(layout: Layout) -> tuple[dict, str]:
     metrics = pd.read_parquet(layout.models.metrics)
     test = metrics[metrics["split"] == "test"].set_index("member")
     scores = pd.read_parquet(layout.scores)
-    ensemble = scores[scores["member"] == "ensemble"].pivot(index="method", columns="scored")
+    ensemble = scores[scores["member"] == "ensemble"].pivot(index="attribution", columns="scored")
     robustness = pd.read_parquet(layout.robustness)
-    sanity = pd.read_parquet(layout.sanity).set_index("method")
+    sanity = pd.read_parquet(layout.sanity).set_index("attribution")
     records = json.loads(json.dumps({"ensemble": layout.ensemble, "test": test.to_dict(orient="index"),
                                      "scores": scores.to_dict(orient="records"),
                                      "sanity": sanity.reset_index().to_dict(orient="records"),

@@ -25,10 +25,10 @@ import nibabel as nib
 import numpy as np
 
 from cluster import LocalProfile
-from engine.tasks import Execution
-from engine.data.store import ingest
 from engine.data.inputs import Modality, read_participants
+from engine.data.store import ingest
 from engine.data.synth import MODALITY_PATHS, generate_cohort
+from engine.tasks import Execution
 
 MODALITIES = [Modality(name, template, "uint8" if name == "WMH" else "float32")
               for name, template in MODALITY_PATHS.items()]

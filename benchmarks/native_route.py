@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from ingest_throughput import save_results  # sibling script
 
 from engine import open_workspace
 from engine.analysis.atlas import NativeLabels, ParticipantLabels, region_reduce
-from engine.data.labels import label_table
 from engine.data.inputs import Modality, read_participants, resolve_files
-from ingest_throughput import save_results  # sibling script
+from engine.data.labels import label_table
 
 LABELS = Modality("APARC_ASEG", "derivatives/freesurfer/{participant_id}/mri/aparc+aseg.mgz", "int16",
                   kind="label", labels="freesurfer")
@@ -37,7 +37,7 @@ LABELS = Modality("APARC_ASEG", "derivatives/freesurfer/{participant_id}/mri/apa
 
 def measure(workspace: Path) -> tuple[list[dict], dict]:
     ws = open_workspace(workspace)
-    lrp = ws.relevance.relevance_mean.sel({"method": "lrp"})
+    lrp = ws.relevance.relevance_mean.sel(attribution="lrp")
     table = label_table("freesurfer")
     started = time.perf_counter()
     template = region_reduce(lrp, ParticipantLabels("APARC_ASEG", ws.images["APARC_ASEG"], table)).compute()

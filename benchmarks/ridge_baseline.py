@@ -25,10 +25,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from ingest_throughput import save_results  # sibling script
 from sklearn.linear_model import RidgeCV
 
 from engine.models.baselines import DEFAULT_ALPHAS, ridge_baseline
-from ingest_throughput import save_results  # sibling script
 
 WORK = Path(__file__).parent / "work" / "ridge"
 

@@ -26,13 +26,13 @@ import dask
 import nibabel as nib
 import numpy as np
 import statsmodels.api as sm
+from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
 from nilearn.maskers import NiftiMasker
 from nilearn.mass_univariate import permuted_ols
 
 from engine.analysis.stats import design_matrix, voxelwise_ols
-from engine.data.store import ingest, load_coordinates, open_cohort
 from engine.data.inputs import read_participants
-from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
+from engine.data.store import ingest, load_coordinates, open_cohort
 
 STATSMODELS_VOXELS = 300
 

@@ -24,7 +24,6 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 
-
 class JobPool:
     """A pool's job options and bounds; ``gpu`` pools serve the tasks that need the GPU resource."""
 

@@ -12,18 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster import ClusterProfile, LocalProfile
 from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, AnalysisSettings, Term
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed, tract_atlas
-from engine.models.attribution import METHODS, AttributionOptions
-from engine.layout import Layout
-from engine.models.training import TrainingConfig
-from engine.models.splits import SplitSettings
-from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.data.inputs import Modality
+from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
+from engine.layout import Layout
+from engine.models.attribution import METHODS, AttributionOptions
+from engine.models.splits import SplitSettings
+from engine.models.training import TrainingConfig
 
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 ENSEMBLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

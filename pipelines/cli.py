@@ -43,9 +43,9 @@ def run(
     """Run every stage of a catalog (those already done are skipped)."""
     from cluster import ClusterSetupError
     from engine.analysis.association import AnalysisError
+    from engine.data.inputs import InputError
     from engine.data.registration import RegistrationError
     from engine.data.store import IngestError
-    from engine.data.inputs import InputError
     from pipelines.catalog import CatalogError
     from pipelines.runner import WorkspaceBusy, run_catalog
 

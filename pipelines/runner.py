@@ -231,7 +231,7 @@ def _per_ensemble(summary: dict | None) -> dict:
     """A stage's summary per ensemble name (``None``: the single unnamed ensemble)."""
     if summary is None:
         return {}
-    return summary["ensembles"] if "ensembles" in summary else {None: summary}
+    return summary.get("ensembles", {None: summary})
 
 
 def workspace_status(workspace: str | Path) -> list[tuple[str, str | None]]:

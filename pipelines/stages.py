@@ -26,8 +26,17 @@ from engine.data import inputs, registration, store, synth
 from engine.data.grid import MNI_SPACE
 from engine.data.labels import label_table
 from engine.data.masker import Masker
-from engine.layout import (Layout, atomic_output, file_sha256, files_sha256, forget, is_current, mark_current,
-                           output_key, stored_key)
+from engine.layout import (
+    Layout,
+    atomic_output,
+    file_sha256,
+    files_sha256,
+    forget,
+    is_current,
+    mark_current,
+    output_key,
+    stored_key,
+)
 from engine.models import validation
 from engine.models.ensembles import BASELINE, ENSEMBLE, RIDGE, EnsembleJob, train_ensembles
 from engine.models.relevance import explain, import_relevance, open_relevance, relevance_key
@@ -426,7 +435,7 @@ class ValidateStage(Stage):
              "masks": {name: mask.model_dump() for name, mask in masks.items()}, "age_bands": age_bands,
              "sanity_subjects": SANITY_SUBJECTS},
             {"relevance": relevance_key(layout.relevance), "images": store.content_fingerprint(layout.images),
-             "predictions": files_sha256([layout.models.predictions]),
+             "predictions": file_sha256(layout.models.predictions) if layout.models.predictions.is_file() else None,
              "truth": file_sha256(truth) if truth is not None else None}, write)
         summary = {"folder": str(layout.validation), "computed": int(computed)}
         if truth is not None:
@@ -444,9 +453,9 @@ class ValidateStage(Stage):
             return lambda: None
         layout = catalog.layout.for_ensemble(ensemble)
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in methods else None
-        test = validation.RandomisationTest(
-            str(layout.models.member(0)), str(layout.images), methods, tuple(relevance.subject.values[:SANITY_SUBJECTS]),
-            catalog.explain.ensemble(ensemble).options, region_labels)
+        subjects = tuple(relevance.subject.values[:SANITY_SUBJECTS])
+        test = validation.RandomisationTest(str(layout.models.member(0)), str(layout.images), methods, subjects,
+                                            catalog.explain.ensemble(ensemble).options, region_labels)
         return execution.start(validation.randomisation_test, test)
 
     def status(self, layout: Layout) -> str | None:

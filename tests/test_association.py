@@ -7,22 +7,19 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from engine.data import store
 from engine.analysis.association import Sources, Term, cluster_table, voxel_analysis
 from engine.analysis.atlas import Atlas
+from engine.analysis.stats import adjust_p, voxelwise_ols
+from engine.data import store
 from engine.data.grid import Grid
 from engine.data.masker import Masker
-from engine.analysis.stats import adjust_p, voxelwise_ols
 from engine.data.synth import TRUTH_REGIONS
 from engine.models.validation import truth_mask
-from tests.test_store import run_ingest
 
 
 @pytest.fixture(scope="module")
-def effects_sources(effects_cohort, tmp_path_factory):
-    path = tmp_path_factory.mktemp("association") / "images.zarr"
-    run_ingest(effects_cohort, path)
-    images = store.load_coordinates(store.open_cohort(path))
+def effects_sources(effects_cohort, effects_store):
+    images = store.open_cohort(effects_store)
     participants = pd.DataFrame({name: images[name].values for name in ("age", "sex", "site")},
                                 index=pd.Index(images["subject"].values, name="participant_id"))
     return Sources(images, participants), effects_cohort
@@ -89,13 +86,13 @@ def test_cluster_table_counts_sizes_peaks_and_regions_by_hand():
 
 def test_terms_that_name_nothing_are_refused_clearly(effects_sources):
     sources, _ = effects_sources
-    with pytest.raises(ValueError, match="relevance.lrp: the workspace has no relevance maps"):
+    with pytest.raises(ValueError, match=r"relevance.lrp: the workspace has no relevance maps"):
         voxel_analysis(sources, "relevance.lrp", "age", [], ["fdr_bh"])
     with pytest.raises(ValueError, match=r"images.T2: no modality 'T2' in the images store"):
         voxel_analysis(sources, "images.T2", "age", [], ["fdr_bh"])
     with pytest.raises(ValueError, match="handedness: no column 'handedness'"):
         voxel_analysis(sources, "images.GM", "handedness", [], ["fdr_bh"])
-    with pytest.raises(ValueError, match="features.lesions.volume: no feature table 'lesions'"):
+    with pytest.raises(ValueError, match=r"features.lesions.volume: no feature table 'lesions'"):
         voxel_analysis(sources, "images.GM", "features.lesions.volume", [], ["fdr_bh"])
     with pytest.raises(ValueError, match="needs a map as outcome or predictor"):
         voxel_analysis(sources, "age", "sex", [], ["fdr_bh"])

@@ -10,16 +10,24 @@ import pytest
 import xarray as xr
 from nilearn.maskers import NiftiLabelsMasker
 
-from engine.analysis.atlas import ParticipantLabels, cohort_atlas, load_atlas, region_gain, region_reduce, region_table, top_k_overlap, top_regions, without_hemisphere
-from engine.data.labels import label_table
+from engine.analysis.atlas import (
+    ParticipantLabels,
+    cohort_atlas,
+    load_atlas,
+    region_gain,
+    region_reduce,
+    region_table,
+    top_k_overlap,
+    top_regions,
+    without_hemisphere,
+)
 from engine.data.grid import Grid
+from engine.data.labels import label_table
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
-from tests.conftest import HAND_AFFINE as AFFINE
-from tests.conftest import HAND_SHAPE as SHAPE
-from tests.test_store import run_ingest
-
-GRID = Grid(SHAPE, AFFINE, "MNI152NLin2009aSym")
+from tests.helpers import HAND_AFFINE as AFFINE
+from tests.helpers import HAND_GRID as GRID
+from tests.helpers import HAND_SHAPE as SHAPE
 
 
 def test_user_atlas_on_the_same_grid_is_exact(hand_atlas):
@@ -64,7 +72,7 @@ def test_region_reduce_equals_numpy_float64(hand_atlas, offset):
 
 
 def test_merging_hemispheres_adds_up(hand_atlas):
-    labels, mask, folder = hand_atlas
+    _, mask, folder = hand_atlas
     indices = np.nonzero(mask)
     separate = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv")
     merged = load_atlas(str(folder / "labels.nii.gz"), GRID, indices, folder / "labels.tsv", merge_hemispheres=True)
@@ -79,9 +87,9 @@ def test_merging_hemispheres_adds_up(hand_atlas):
 
 
 def test_atlas_errors_are_clear(hand_atlas, tmp_path):
-    labels, mask, folder = hand_atlas
+    _, mask, folder = hand_atlas
     indices = np.nonzero(mask)
-    with pytest.raises(ValueError, match="unknown atlas 'brodmann'.*neuromorphometrics"):
+    with pytest.raises(ValueError, match=r"unknown atlas 'brodmann'.*neuromorphometrics"):
         load_atlas("brodmann", GRID, indices)
     short = tmp_path / "short.csv"
     pd.DataFrame({"index": [3, 4], "name": ["a", "b"]}).to_csv(short, index=False)
@@ -98,10 +106,8 @@ def test_atlas_errors_are_clear(hand_atlas, tmp_path):
         load_atlas(str(folder / "labels.nii.gz"), GRID, indices, bad_table)
 
 
-def test_bundled_atlases_match_nilearn_labels_masker(tiny_cohort, tmp_path):
-    store = tmp_path / "images.zarr"
-    run_ingest(tiny_cohort, store)
-    ds = open_cohort(store)
+def test_bundled_atlases_match_nilearn_labels_masker(tiny_cohort, tiny_store):
+    ds = open_cohort(tiny_store)
     atlas = cohort_atlas(ds, "neuromorphometrics")
     assert {"Left_Hippocampus", "Right_Thalamus_Proper"} <= set(atlas.region_names)
     result = region_reduce(ds.GM, atlas).compute()

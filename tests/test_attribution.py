@@ -11,16 +11,15 @@ import xarray as xr
 import zarr
 from torch import nn
 
-from engine.tasks import Execution
+from engine.data.store import open_cohort
 from engine.models import relevance as relevance_module
 from engine.models.attribution import METHODS, AttributionOptions, attribute
-from engine.models.relevance import explain, open_relevance, relevance_key
-from engine.models.noise import NoiseNet, noise_model_importance, noise_optimisation, train_noise_model
 from engine.models.networks import ModelSpec, build_model
-from engine.models.training import TrainingConfig, load_member
-from engine.models.ensembles import train_ensemble
+from engine.models.noise import NoiseNet, noise_model_importance, noise_optimisation, train_noise_model
+from engine.models.relevance import explain, open_relevance, relevance_key
+from engine.models.training import load_member
 from engine.models.volumes import CohortVolumes
-from engine.data.store import open_cohort
+from engine.tasks import Execution
 
 SHAPE = (16, 18, 14)
 
@@ -155,20 +154,6 @@ def test_a_binned_model_explains_each_inputs_most_probable_bin():
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown attribution method 'deeplift'"):
         attribute(_model(), _inputs(), "deeplift")
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_cohort, tmp_path_factory):
-    from tests.test_store import run_ingest
-    from tests.test_training import cohort_split
-
-    folder = tmp_path_factory.mktemp("explain")
-    store = folder / "images.zarr"
-    run_ingest(tiny_cohort, store)
-    split = cohort_split(store)
-    config = TrainingConfig(modalities=("T1",), epochs=2, batch_size=4, seed=3)
-    train_ensemble(store, config, 2, folder / "models", split)
-    return store, folder / "models", list(split.index[split != "train"])
 
 
 def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(trained, tmp_path, client):

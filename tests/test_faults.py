@@ -4,6 +4,7 @@ one workspace, and inputs that must not execute code. (A SLURM job cancelled mid
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,77 +18,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from rich.console import Console
 from safetensors.torch import load_file
 
-from engine.tasks import Execution
-from engine.models.relevance import open_relevance
-from engine.models.training import TrainingConfig
-from engine.models.ensembles import train_ensemble
 from engine.layout import Layout
-from pipelines.runner import WorkspaceBusy, workspace_lock
-from tests.test_store import run_ingest
-from tests.test_training import cohort_split
+from engine.models.ensembles import train_ensemble
+from engine.models.training import TrainingConfig
+from engine.tasks import Execution
+from pipelines.runner import WorkspaceBusy, run_catalog, workspace_lock
+from tests.helpers import assert_same_results, cohort_split, relcohort_process, wait_for, write_small_catalog
 
 REPO = Path(__file__).parents[1]
-
-#: A small end-to-end catalog: demo cohort, 2-member ensemble, 2 attribution methods.
-SMALL_RUN = {
-    "cohort": {"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
-    "modalities": {"T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz"},
-    "train": {"modalities": ["T1"], "members": 2, "epochs": 4, "batch_size": 4, "seed": 1},
-    "explain": {"methods": ["lrp", "gradient"], "subjects": "test", "subjects_per_chunk": 2},
-}
-
-
-def write_small_catalog(path: Path, workspace: str, cluster: dict, explain: dict | None = None,
-                        train: dict | None = None) -> Path:
-    run = {**SMALL_RUN, "explain": {**SMALL_RUN["explain"], **(explain or {})},
-           "train": {**SMALL_RUN["train"], **(train or {})}}
-    path.write_text(yaml.safe_dump({"workspace": workspace, **run, "cluster": cluster}))
-    return path
-
-
-def assert_same_results(workspace: Path, reference: Path) -> None:
-    """Models, predictions and relevance maps of two runs are identical."""
-    for member in range(SMALL_RUN["train"]["members"]):
-        weights = load_file(workspace / f"models/member_{member}.safetensors")
-        expected = load_file(reference / f"models/member_{member}.safetensors")
-        assert weights.keys() == expected.keys()
-        for name in weights:
-            assert (weights[name] == expected[name]).all(), f"member {member} {name} differs"
-    pd.testing.assert_frame_equal(pd.read_parquet(workspace / "models/predictions.parquet"),
-                                  pd.read_parquet(reference / "models/predictions.parquet"))
-    relevance, expected = open_relevance(workspace / "relevance.zarr"), open_relevance(reference / "relevance.zarr")
-    assert list(relevance.subject.values) == list(expected.subject.values)
-    np.testing.assert_array_equal(relevance.relevance.values, expected.relevance.values)
-    np.testing.assert_array_equal(relevance.relevance_mean.values, expected.relevance_mean.values)
-
-
-def relcohort_process(catalog: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(catalog), *args], cwd=catalog.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(condition, what: str, timeout: float = 300, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the run ended before {what}: {process.communicate()[1][-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout} s")
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------
 # A Dask worker killed with SIGKILL while it trains a member
 
 
-def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undisturbed_run(tiny_cohort, tmp_path):
+def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undisturbed_run(tiny_store, tmp_path):
     from distributed import Client, LocalCluster
 
-    store = tmp_path / "images.zarr"
-    run_ingest(tiny_cohort, store)
+    store = tiny_store
     split = cohort_split(store)
     config = TrainingConfig(modalities=("T1",), epochs=4, batch_size=4, seed=3)
 
@@ -142,9 +93,10 @@ def explained_blocks(workspace: Path) -> np.ndarray | None:
         return None
 
 
-def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run_is_refused(tmp_path):
-    longer = {"epochs": 40, "patience": 40}  # each member trains for seconds: the kill lands between them
-    catalog = write_small_catalog(tmp_path / "catalog.yaml", "ws", {"profile": "local", "n_workers": 1}, train=longer)
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run_is_refused(small_reference,
+                                                                                               tmp_path):
+    catalog = write_small_catalog(tmp_path / "catalog.yaml", "ws", {"profile": "local", "n_workers": 1})
     workspace = tmp_path / "ws"
     first = relcohort_process(catalog)
     try:
@@ -167,11 +119,10 @@ def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run
     assert len(kept) == 3  # weights, card, predictions
     assert Layout(workspace).lock.exists()  # left behind by the killed run ...
 
-    rerun = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(catalog)], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"taking over the lock of a run that ended without finishing (PID {first.pid}" in rerun.stdout  # not held
-    assert not Layout(workspace).lock.exists()
+    printed = io.StringIO()
+    run_catalog(catalog, Console(file=printed, soft_wrap=True))
+    assert f"taking over the lock of a run that ended without finishing (PID {first.pid}" in printed.getvalue()
+    assert not Layout(workspace).lock.exists()  # ... and not held by it
     provenance = json.loads((workspace / "provenance.json").read_text())
     killed = provenance["runs"][-2]  # it never got to record its end
     assert killed["finished"] is None and killed["state"] is None and "train" not in killed["stages"]
@@ -181,13 +132,7 @@ def test_a_killed_run_resumes_without_redoing_finished_work_and_a_concurrent_run
     assert stages["train"]["trained"] == 1  # member 1 only
     assert {path: path.stat().st_mtime_ns for path in kept} == kept  # member 0 was not redone
     assert explained_blocks(workspace).all()
-
-    reference = write_small_catalog(tmp_path / "reference.yaml", "reference", {"profile": "local", "n_workers": 1},
-                                    train=longer)
-    undisturbed = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(reference)], cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=600)
-    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
-    assert_same_results(workspace, tmp_path / "reference")
+    assert_same_results(workspace, small_reference)
 
 
 def test_the_workspace_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
@@ -196,9 +141,9 @@ def test_the_workspace_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_
     with workspace_lock(tmp_path) as path:
         holder = json.loads(path.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] and holder["started"]
-        with pytest.raises(WorkspaceBusy, match=rf"PID {os.getpid()} on .*lock file {re.escape(str(path))}"):
-            with workspace_lock(tmp_path):
-                pass
+        with pytest.raises(WorkspaceBusy, match=rf"PID {os.getpid()} on .*lock file {re.escape(str(path))}"), \
+                workspace_lock(tmp_path):
+            pass
     assert not path.exists()
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

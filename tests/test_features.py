@@ -11,16 +11,25 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from engine.tasks import Execution
-from engine.analysis.atlas import cohort_atlas
 from engine.analysis import features
-from engine.data.labels import label_table
-from engine.analysis.features import (aparc_table, aseg_table, freesurfer_measure, freesurfer_table,
-                                      join_on_participant, lesion_load, read_stats, regional_volume, tract_mean)
-from engine.data.store import open_cohort
+from engine.analysis.atlas import cohort_atlas
+from engine.analysis.features import (
+    aparc_table,
+    aseg_table,
+    freesurfer_measure,
+    freesurfer_table,
+    join_on_participant,
+    lesion_load,
+    read_stats,
+    regional_volume,
+    tract_mean,
+)
 from engine.data.inputs import read_participants
-from tests.test_atlas import GRID, SHAPE
-from tests.test_store import run_ingest
+from engine.data.labels import label_table
+from engine.data.store import open_cohort
+from engine.tasks import Execution
+from tests.helpers import HAND_GRID as GRID
+from tests.helpers import HAND_SHAPE as SHAPE
 
 # FreeSurfer 7.x output as written by mri_segstats / mris_anatomical_stats (abridged rows).
 ASEG = """\
@@ -123,7 +132,7 @@ def test_freesurfer_table_over_a_subjects_dir(tmp_path, client, monkeypatch):
     pd.testing.assert_frame_equal(freesurfer_table(tmp_path, ids, execution=Execution(client)), freesurfer_table(tmp_path, ids))
     (tmp_path / "sub-02/stats/rh.aparc.stats").unlink()
     for on in (None, client):
-        with pytest.raises(FileNotFoundError, match="participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
+        with pytest.raises(FileNotFoundError, match=r"participant sub-02: FreeSurfer stats file .*rh.aparc.stats"):
             freesurfer_table(tmp_path, ["sub-01", "sub-02"], execution=Execution(on))
 
 
@@ -192,10 +201,8 @@ def test_voxel_map_features_equal_numpy(hand_atlas):
     np.testing.assert_allclose(load.lesion_volume_mm3, (lesions.values > 0).sum(1) * 27.0)
 
 
-def test_planted_effects_show_in_regional_features(effects_cohort, tmp_path):
-    store = tmp_path / "images.zarr"
-    run_ingest(effects_cohort, store)
-    ds = open_cohort(store)
+def test_planted_effects_show_in_regional_features(effects_store):
+    ds = open_cohort(effects_store)
     gmv = regional_volume(ds.GM, cohort_atlas(ds, "neuromorphometrics", merge_hemispheres=True)).compute()
     assert stats.pearsonr(ds.age, gmv.sel(region="Hippocampus")).statistic < -0.4
     fa = tract_mean(ds.FA, cohort_atlas(ds, "juelich"), threshold=0.2).compute()

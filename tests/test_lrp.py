@@ -13,8 +13,21 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from engine.models.attribution import AttributionOptions, attribute
-from engine.models.lrp import (COMPOSITES, AlphaBeta, AlphaBetaEverywhere, Epsilon, EpsilonAlphaBeta, EpsilonEverywhere,
-                               PresetA, PresetB, ZPlus, ZPlusEverywhere, canonical, composite, lrp)
+from engine.models.lrp import (
+    COMPOSITES,
+    AlphaBeta,
+    AlphaBetaEverywhere,
+    Epsilon,
+    EpsilonAlphaBeta,
+    EpsilonEverywhere,
+    PresetA,
+    PresetB,
+    ZPlus,
+    ZPlusEverywhere,
+    canonical,
+    composite,
+    lrp,
+)
 from engine.models.networks import ModelSpec, build_model, place
 
 SHAPE = (12, 14, 10)
@@ -381,4 +394,5 @@ def test_one_canonical_form_serves_every_composite_and_batch_and_leaves_the_mode
     for rules in ("preset_a", "epsilon", "zero"):
         for batch in (x[:1], x):
             assert torch.equal(lrp(form, batch, rules), lrp(model, batch, rules))
-    assert [type(module) for module in form.model.modules()] == [type(module) for module in canonical(model).model.modules()]
+    kinds = [type(module) for module in form.model.modules()]
+    assert kinds == [type(module) for module in canonical(model).model.modules()]  # the ReLUs put back

@@ -14,8 +14,14 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from engine.analysis.mask_relevance import (INDICES, cluster_count, compare_to_average, comparison_figure,
-                                            mask_indices, pvs_mask)
+from engine.analysis.mask_relevance import (
+    INDICES,
+    cluster_count,
+    compare_to_average,
+    comparison_figure,
+    mask_indices,
+    pvs_mask,
+)
 from engine.data.grid import Grid
 from engine.data.masker import Masker
 
@@ -165,7 +171,8 @@ def test_comparison_figure_from_mask_indices():
     result = compare_to_average(indices, min_voxels=30)
     assert list(result["attribution"]) == ["lrp", "gradient"] and (result["n"] == 12).all()
     titles = [axis.get_title() for axis in figure.axes]
-    assert titles == [f"{m}: Wilcoxon p = {p:.2g}, n = 12" for m, p in zip(result["attribution"], result["p"], strict=True)]
+    assert titles == [f"{m}: Wilcoxon p = {p:.2g}, n = 12"
+                      for m, p in zip(result["attribution"], result["p"], strict=True)]
     figure.savefig(io.BytesIO(), format="png")
     with pytest.raises(ValueError, match="one per method"):
         comparison_figure(indices, ax=figure.axes[0])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -16,25 +14,14 @@ import yaml
 from scipy import stats
 
 from engine import open_workspace
-from engine.models.relevance import open_relevance
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
 from engine.data.synth.freesurfer import cortical_regions
+from engine.models.relevance import open_relevance
 from pipelines.catalog import CatalogError, load_catalog
-
-REPO = Path(__file__).parents[1]
-
-
-def relcohort(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
-def write_catalog(path: Path, **sections) -> Path:
-    base = yaml.safe_load((REPO / "catalog.yaml").read_text())
-    base.update(sections)
-    path.write_text(yaml.safe_dump(base))
-    return path
+from pipelines.runner import run_catalog
+from tests.conftest import DEMO_ANALYSES, quiet
+from tests.helpers import REPO, cli, relcohort, write_catalog
 
 
 def test_default_catalog_is_valid():
@@ -78,12 +65,12 @@ def test_feature_and_atlas_sections_are_checked(tmp_path):
     assert "features.fa.threshold" in text and "'brodmann' is not a bundled atlas" in text
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", features={"gray_matter": "NOPE"},
                             atlas={"name": "my_atlas.nii.gz", "labels": "my_atlas.tsv"})
-    with pytest.raises(CatalogError, match="features.gray_matter: 'NOPE' is not one of the modalities"):
+    with pytest.raises(CatalogError, match=r"features.gray_matter: 'NOPE' is not one of the modalities"):
         load_catalog(catalog)
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             atlas={"name": "my_atlas.nii.gz", "labels": "my_atlas.tsv"})
-    result = relcohort("validate", catalog)
-    assert result.returncode == 1
+    result = cli("validate", catalog)
+    assert result.exit_code == 1
     assert "atlas.name" in result.stderr and "my_atlas.nii.gz does not exist" in result.stderr
 
 
@@ -101,55 +88,23 @@ def test_unsafe_or_broken_yaml_is_refused(tmp_path):
 
 def test_directory_cohort_needs_its_files(tmp_path):
     path = write_catalog(tmp_path / "catalog.yaml", workspace="ws", cohort={"directory": "missing"})
-    result = relcohort("validate", path)
-    assert result.returncode == 1 and "cohort.directory" in result.stderr and "is not a folder" in result.stderr
+    result = cli("validate", path)
+    assert result.exit_code == 1 and "cohort.directory" in result.stderr and "is not a folder" in result.stderr
 
 
-#: The demo's kinds of analysis for one unnamed ensemble (the demo catalog names its two ensembles).
-ANALYSES = [
-    {"name": "relevance_age", "outcome": "relevance.lrp.normalised", "predictor": "age",
-     "covariates": ["predictions.predicted", "sex", "site"], "correction": ["fwe", "fdr_bh"], "permutations": 1000},
-    {"name": "relevance_gm", "outcome": "relevance.lrp.normalised", "predictor": "images.GM",
-     "covariates": ["age", "sex", "site"]},
-    {"name": "relevance_gmv_regions", "scope": "roi", "outcome": "relevance.lrp.normalised",
-     "predictor": "features.regional_gm_volume.volume_mm3", "covariates": ["age", "sex", "site"], "robust": True},
-    {"name": "subcortical_volume", "scope": "roi", "statistic": "pearson", "outcome": "relevance.lrp",
-     "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.volume",
-     "correction": ["bonferroni", "fdr_bh"]},
-    {"name": "cortical_thickness", "scope": "roi", "statistic": "pearson", "outcome": "relevance.lrp",
-     "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.aparc.thickness_mean",
-     "correction": ["bonferroni", "fdr_bh"]},
-    {"name": "lesions_gap", "scope": "subject", "outcome": "features.lesion_load.lesion_volume_mm3",
-     "predictor": "predictions.brain_age_gap", "covariates": ["age"]},
-    {"name": "pvs_age", "scope": "subject", "outcome": "features.pvs_load.pvs_count", "predictor": "age"},
-    {"name": "gm_age", "outcome": "images.GM", "predictor": "age", "covariates": ["sex", "site"],
-     "correction": ["fwe", "fdr_bh"], "permutations": 1000},
-    {"name": "relevance_gm_similarity", "scope": "similarity", "outcome": "relevance.lrp", "predictor": "images.GM"},
-]
-
-
-def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
-    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
-                            cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}},
-                            train={"modalities": ["T1", "FLAIR"], "members": 2, "epochs": 2, "batch_size": 4,
-                                   "split": {"fractions": [0.4, 0.2, 0.4]}},  # enough test participants for lesions_gap
-                            explain={"methods": ["lrp", "gradient", "region_occlusion"], "subjects": "all"},
-                            associate=ANALYSES, cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
-    assert relcohort("validate", catalog).returncode == 0
-    first = relcohort("run", catalog, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    workspace = tmp_path / "ws"
-    assert str(workspace / "images.zarr") in first.stdout and "open_cohort" in first.stdout
-
+def test_demo_run_writes_every_stage_of_both_ensembles(demo_workspace):
+    """The demo catalog, as ``relcohort run`` runs it: every stage's outputs, each named ensemble under
+    ensembles/<name>/, analyses over both, the report; tables checked against recomputation."""
+    workspace = demo_workspace / "ws"
     ds = open_cohort(workspace / "images.zarr")
     assert ds.sizes["subject"] == 16 and set(ds.data_vars) == {"T1", "FLAIR", "GM", "FA", "WMH", "PVS", "APARC_ASEG"}
     assert ds.T1.attrs["space"] == "MNI152NLin2009aSym"
     provenance = json.loads((workspace / "provenance.json").read_text())
     run = provenance["runs"][-1]
     assert run["state"] == "complete" and run["seeds"] == {"demo": 3}
-    assert run["catalog_sha256"] == hashlib.sha256(catalog.read_bytes()).hexdigest()
+    assert run["catalog_sha256"] == hashlib.sha256((demo_workspace / "catalog.yaml").read_bytes()).hexdigest()
     assert run["packages"]["zarr"] and run["packages"]["relcohort"] == "0.1.0"
-    assert set(run["stages"]) >= {"synth", "ingest", "features", "train", "explain", "validate", "associate"}
+    assert set(run["stages"]) == {"synth", "ingest", "features", "train", "explain", "validate", "associate", "report"}
     gmv = pd.read_parquet(workspace / "features/regional_gm_volume.parquet")
     assert set(gmv.columns) == {"participant_id", "region", "volume_mm3"} and gmv.participant_id.nunique() == 16
     assert "Left_Hippocampus" in set(gmv.region) and (gmv.volume_mm3 >= 0).all()
@@ -162,40 +117,48 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     assert list(pvs_load.columns) == ["participant_id", "pvs_count", "pvs_voxels"] and len(pvs_load) == 16
     assert (pvs_load.pvs_voxels >= 5 * pvs_load.pvs_count).all()  # clusters of at least 5 voxels
 
-    metrics = pd.read_parquet(workspace / "models/metrics.parquet")
-    assert {"0", "1", "ensemble", "predict_train_mean"} <= set(metrics.member)
-    split = pd.read_csv(workspace / "models/split.tsv", sep="\t")
-    relevance = open_relevance(workspace / "relevance.zarr")
-    assert relevance.relevance.dims == ("attribution", "member", "subject", "voxel")
-    assert list(relevance.attribution.values) == ["lrp", "gradient", "region_occlusion"] and relevance.sizes["member"] == 2
+    assert not (workspace / "models").exists()  # named ensembles only
+    for name, members, channels, methods in (("t1", 2, ["T1"], ["lrp", "gradient", "region_occlusion"]),
+                                             ("flair", 1, ["FLAIR"], ["lrp"])):
+        ensemble = workspace / "ensembles" / name
+        assert json.loads((ensemble / "models/member_0.json").read_text())["config"]["modalities"] == channels
+        metrics = pd.read_parquet(ensemble / "models/metrics.parquet")
+        assert {*map(str, range(members)), "ensemble", "predict_train_mean", "ridge_voxels"} <= set(metrics.member)
+        relevance = open_relevance(ensemble / "relevance.zarr")
+        assert relevance.relevance.dims == ("attribution", "member", "subject", "voxel")
+        assert list(relevance.attribution.values) == methods and relevance.sizes["member"] == members
+        assert relevance.relevance.notnull().all()
+        sanity = pd.read_parquet(ensemble / "validation/sanity.parquet")
+        assert list(sanity.attribution) == methods and sanity.spearman.between(-1, 1).all()
+        scores = pd.read_parquet(ensemble / "validation/scores.parquet")
+        assert set(scores.attribution) == set(methods) and set(scores.scored) == {"R", "|R|"}
+        assert set(scores.member) == {"ensemble", *map(str, range(members))} and scores.roc_auc.between(0, 1).all()
+        assert len(scores) == 2 * len(methods) * (members + 1)
+        assert (ensemble / "validation/robustness.parquet").is_file() == (members > 1)
+        lesion_relevance = pd.read_parquet(ensemble / "validation/lesion_relevance.parquet")
+        assert len(lesion_relevance) == len(methods) * relevance.sizes["subject"]
+        assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance)
+        for mask in ("lesion", "pvs"):
+            indices = pd.read_parquet(ensemble / f"validation/{mask}_indices.parquet")
+            assert len(indices) == len(methods) * relevance.sizes["subject"]
+            assert {"age", "predicted", "p_wml_voxel"} <= set(indices)
+            comparison = pd.read_parquet(ensemble / f"validation/{mask}_comparison.parquet")
+            assert list(comparison.attribution) == methods and (comparison.min_voxels == 30).all()
+
+    split = pd.read_csv(workspace / "ensembles/t1/models/split.tsv", sep="\t")
+    relevance = open_relevance(workspace / "ensembles/t1/relevance.zarr")
     assert sorted(relevance.subject.values) == sorted(split.participant_id)  # subjects: all
-    assert relevance.relevance.notnull().all()
-    scores = pd.read_parquet(workspace / "validation/scores.parquet")
-    assert set(scores.attribution) == {"lrp", "gradient", "region_occlusion"}
-    assert set(scores.member) == {"ensemble", "0", "1"}
-    assert set(scores.scored) == {"R", "|R|"} and len(scores) == 2 * 3 * 3
-    assert scores.roc_auc.between(0, 1).all()
-    robustness = pd.read_parquet(workspace / "validation/robustness.parquet")
+    flair = open_relevance(workspace / "ensembles/flair/relevance.zarr")
+    assert set(flair.subject.values) == set(split.participant_id[split.split == "test"])  # subjects: test
+    robustness = pd.read_parquet(workspace / "ensembles/t1/validation/robustness.parquet")
     ages = relevance.age.values
     bands = {"age < 40": ages < 40, "age 40–60": (ages >= 40) & (ages < 60), "age ≥ 60": ages >= 60}
     present = [name for name, mask in bands.items() if mask.any()]
     assert len(robustness) == 3 * len(present) and set(robustness.group) == set(present)
     assert dict(zip(robustness.group, robustness.n, strict=True)) == {name: bands[name].sum() for name in present}
-    sanity = pd.read_parquet(workspace / "validation/sanity.parquet")
-    assert list(sanity.attribution) == ["lrp", "gradient", "region_occlusion"] and sanity.spearman.between(-1, 1).all()
-    lesion_relevance = pd.read_parquet(workspace / "validation/lesion_relevance.parquet")
-    assert len(lesion_relevance) == 3 * relevance.sizes["subject"]
-    assert {"lesion_voxels", "lesion_positive_share", "uniform_share", "share_ratio"} <= set(lesion_relevance.columns)
-    for mask in ("lesion", "pvs"):
-        indices = pd.read_parquet(workspace / f"validation/{mask}_indices.parquet")
-        assert len(indices) == 3 * relevance.sizes["subject"] and {"age", "predicted", "p_wml_voxel"} <= set(indices)
-        comparison = pd.read_parquet(workspace / f"validation/{mask}_comparison.parquet")
-        assert list(comparison.attribution) == ["lrp", "gradient", "region_occlusion"]
-        assert (comparison.min_voxels == 30).all()
-    relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "relevance.zarr").rglob("c/*/*/*/*")}
 
     associations = workspace / "associations"
-    assert {path.name for path in associations.iterdir()} == {analysis["name"] for analysis in ANALYSES}
+    assert {path.name for path in associations.iterdir()} == {analysis["name"] for analysis in DEMO_ANALYSES}
     gm_age = json.loads((associations / "gm_age/summary.json").read_text())
     assert gm_age["n"] == 16 and gm_age["permutations"] == 1000 and set(gm_age["significant"]) == {"fwe", "fdr_bh"}
     t_map = nib.load(associations / "gm_age/t.nii.gz")
@@ -218,86 +181,103 @@ def test_demo_run_status_and_rerun_from_the_command_line(tmp_path):
     # store) against that participant's aseg.stats volume, Pearson r across participants
     labels = ds.APARC_ASEG.sel(subject=relevance.subject.values).values
     lrp = relevance.relevance_mean.sel(attribution="lrp").values
-    aseg = pd.read_parquet(workspace / "features/freesurfer.parquet").query("structure == 'Left-Hippocampus'")
-    volume = aseg.set_index("participant_id").loc[relevance.subject.values, "value"]
-    expected = stats.pearsonr(np.where(labels == 17, lrp, 0).sum(axis=1), volume)
+    volumes = aseg.query("structure == 'Left-Hippocampus'").set_index("participant_id").loc[relevance.subject.values]
+    expected = stats.pearsonr(np.where(labels == 17, lrp, 0).sum(axis=1), volumes["value"])
     assert abs(correlations.loc["Left-Hippocampus", "r"] - expected.statistic) < 1e-6
+    # an atlas analysis of the other ensemble, by hand: FLAIR LRP in Neuromorphometrics' Left Hippocampus
+    flair_age = pd.read_parquet(associations / "flair_lrp_age/correlations.parquet").set_index("region")
+    hippocampus = flair.relevance_mean.sel(attribution="lrp").values[:, np.flatnonzero(
+        open_workspace(workspace).atlas().voxel_labels == 48)].sum(axis=1)
+    assert abs(flair_age.loc["Left_Hippocampus", "r"] - stats.pearsonr(hippocampus, flair.age.values).statistic) < 1e-6
     thickness = pd.read_parquet(associations / "cortical_thickness/correlations.parquet")
     desikan_killiany = {f"ctx-{hemi}-{region}" for hemi in ("lh", "rh") for region in cortical_regions().values()}
     assert set(thickness.region) <= desikan_killiany and len(thickness) > 0.9 * len(desikan_killiany)
     model = pd.read_parquet(associations / "lesions_gap/model.parquet").set_index("term")
-    data = pd.read_parquet(associations / "lesions_gap/data.parquet")
-    test_split = set(split.participant_id[split.split == "test"])
-    assert set(data.participant_id) == test_split and model.loc["predictions.brain_age_gap", "n"] == len(data)
+    data = pd.read_parquet(associations / "lesions_gap/data.parquet").set_index("participant_id")
+    assert set(data.index) == set(split.participant_id[split.split == "test"])
+    assert model.loc["predictions.flair.brain_age_gap", "n"] == len(data)
+    predictions = pd.read_parquet(workspace / "ensembles/flair/models/predictions.parquet")
+    test = predictions[(predictions.member == "ensemble") & (predictions.split == "test")].set_index("participant_id")
+    np.testing.assert_allclose(data["predictions.flair.brain_age_gap"], test.loc[data.index, "brain_age_gap"])
     similarity = pd.read_parquet(associations / "relevance_gm_similarity/similarity.parquet")
     assert len(similarity) == relevance.sizes["subject"] and similarity.pearson_r.between(-1, 1).all()
-    association_files = {path: path.stat().st_mtime_ns for path in associations.rglob("*") if path.is_file()}
     report = (workspace / "report.html").read_text()  # the report shows the real association outputs
-    assert "report.html" in first.stdout and all(f"<h3>{path.name} (" in report for path in associations.iterdir())
+    assert all(f"<h3>{path.name} (" in report for path in associations.iterdir())
+    assert "<h3>Ensemble t1</h3>" in report and "<h3>Ensemble flair</h3>" in report
+    assert "Test metrics of every ensemble" in report
+    assert "flair, t1 side by side: pearson r per region" in report  # the two ensembles' tables in one figure
 
-    second = relcohort("run", catalog, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
+
+def test_a_rerun_does_nothing_status_tells_what_is_there_and_a_smaller_demo_keeps_the_store(demo_workspace,
+                                                                                              tmp_path):
+    folder = shutil.copytree(demo_workspace, tmp_path / "demo")
+    workspace = folder / "ws"
+    relevance_chunks = {path: path.stat().st_mtime_ns for path in (workspace / "ensembles").rglob("c/*/*/*/*")}
+    association_files = {path: path.stat().st_mtime_ns for path in (workspace / "associations").rglob("*")
+                         if path.is_file()}
+    again = relcohort("run", folder / "catalog.yaml", cwd=folder)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "report.html" in again.stdout and "open_cohort" in again.stdout
     rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
-    assert rerun["synth"]["generated"] == 0 and rerun["ingest"]["unchanged"] == 16
-    assert rerun["features"]["computed"] == 0 and rerun["train"]["trained"] == 0
-    assert {path: path.stat().st_mtime_ns for path in relevance_chunks} == relevance_chunks
-    assert rerun["ingest"]["written"] == {}
+    assert rerun["synth"]["generated"] == 0 and rerun["ingest"]["unchanged"] == 16 and rerun["ingest"]["written"] == {}
+    assert rerun["features"]["computed"] == 0
+    assert rerun["train"]["ensembles"]["t1"]["trained"] == rerun["train"]["ensembles"]["flair"]["trained"] == 0
+    assert all(summary["computed"] == 0 for summary in rerun["validate"]["ensembles"].values())
     assert rerun["associate"]["computed"] == 0 and rerun["report"]["built"] == 0
+    assert {path: path.stat().st_mtime_ns for path in relevance_chunks} == relevance_chunks
     assert {path: path.stat().st_mtime_ns for path in association_files} == association_files
 
     status = relcohort("status", workspace)
     assert status.returncode == 0
     assert "synth" in status.stdout and "16 synthetic participants" in status.stdout
-    assert "2 member(s)" in status.stdout and "3 method(s) (lrp, gradient, region_occlusion)" in status.stdout
+    assert "ensembles/t1/models: 2 member(s)" in status.stdout and "ensembles/flair/models: 1 member(s)" in \
+        status.stdout
+    assert "3 method(s) (lrp, gradient, region_occlusion)" in status.stdout
+    assert "16 complete subjects" in status.stdout and "regional_gm_volume.parquet (" in status.stdout
 
     # a smaller demo regenerates the cohort folder; what the store holds stays
-    smaller = write_catalog(tmp_path / "smaller.yaml", workspace="ws",
+    smaller = write_catalog(folder / "smaller.yaml", workspace="ws",
                             cohort={"demo": {"subjects": 8, "voxel_size": 8.0, "seed": 3}}, train=None, explain=None,
-                            associate=None, report=None,
-                            cluster={"profile": "local", "n_workers": 1})
-    result = relcohort("run", smaller, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not (workspace / "demo_cohort/sub-0009").exists()
+                            associate=None, report=None, cluster={"profile": "local", "n_workers": 1})
+    run_catalog(smaller, quiet())
+    assert not (workspace / "demo_cohort/sub-0009").exists() and (workspace / "demo_cohort/sub-0008").is_dir()
     assert open_cohort(workspace / "images.zarr").sizes["subject"] == 16
-    assert "16 complete subjects" in status.stdout and "regional_gm_volume.parquet (" in status.stdout
 
 
 def test_directory_run_with_skip_records_the_bad_participant(cohort_copy, tmp_path):
     (cohort_copy / "sub-0004/anat/sub-0004_FLAIR.nii.gz").write_bytes(b"\x1f\x8b broken")
     modalities = yaml.safe_load((REPO / "catalog.yaml").read_text())["modalities"]
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities,
-                            cohort={"directory": str(cohort_copy)},
+                            cohort={"directory": str(cohort_copy)}, features=None,
                             ingest={"on_error": "skip", "subjects_per_chunk": 4}, train=None, explain=None,
-                            associate=None, report=None,
-                            cluster={"profile": "local", "n_workers": 1})
-    result = relcohort("run", catalog)
-    assert result.returncode == 0, result.stderr[-3000:]
+                            associate=None, report=None, cluster={"profile": "local", "n_workers": 1})
+    result = cli("run", catalog)
+    assert result.exit_code == 0, result.stderr[-3000:]
     assert "skipped" in result.stdout and "sub-0004" in result.stdout
     ds = open_cohort(tmp_path / "ws/images.zarr")
     assert ds.sizes["subject"] == 23 and "sub-0004" not in ds.subject.values
-    status = relcohort("status", tmp_path / "ws")
+    status = cli("status", tmp_path / "ws")
     assert "skipped participant sub-0004" in status.stdout and "unreadable or truncated image" in status.stdout
     assert "not part of this workspace's catalog" in status.stdout  # no synth for a directory cohort
 
     failing = write_catalog(tmp_path / "failing.yaml", workspace="ws2", modalities=modalities,
-                            cohort={"directory": str(cohort_copy)}, train=None, explain=None, associate=None,
-                            report=None,
-                            cluster={"profile": "local", "n_workers": 1})
-    result = relcohort("run", failing)
-    assert result.returncode == 1
+                            cohort={"directory": str(cohort_copy)}, features=None, train=None, explain=None,
+                            associate=None, report=None, cluster={"profile": "local", "n_workers": 1})
+    result = cli("run", failing)
+    assert result.exit_code == 1
     assert "participant sub-0004" in result.stderr and "sub-0004_FLAIR.nii.gz" in result.stderr
     assert "Traceback" not in result.stderr
-    status = relcohort("status", tmp_path / "ws2")
+    status = cli("status", tmp_path / "ws2")
     assert "failed" in status.stdout and "IngestError" in status.stdout and "sub-0004_FLAIR" in status.stdout
 
 
 def test_synth_command_writes_a_cohort(tmp_path):
-    result = relcohort("synth", tmp_path / "cohort", "--subjects", 3, "--voxel-size", 8, "--seed", 4, "--workers", 1)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = cli("synth", tmp_path / "cohort", "--subjects", 3, "--voxel-size", 8, "--seed", 4, "--workers", 1)
+    assert result.exit_code == 0, result.stderr[-3000:]
     assert (tmp_path / "cohort/participants.tsv").read_text().count("\n") == 4
     assert np.all([(tmp_path / f"cohort/sub-000{n}/anat/sub-000{n}_T1w.nii.gz").is_file() for n in (1, 2, 3)])
-    again = relcohort("synth", tmp_path / "cohort", "--subjects", 2, "--voxel-size", 8, "--workers", 1)
-    assert again.returncode == 1 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+    again = cli("synth", tmp_path / "cohort", "--subjects", 2, "--voxel-size", 8, "--workers", 1)
+    assert again.exit_code == 1 and "is not empty" in again.stderr and "--overwrite" in again.stderr
     assert (tmp_path / "cohort/sub-0003").is_dir()
 
 
@@ -319,13 +299,13 @@ def test_train_and_explain_sections_are_checked(tmp_path):
         load_catalog(catalog)
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
                             associate=None)  # one unnamed ensemble: the demo's explain.ensembles names one no more
-    result = relcohort("validate", catalog)
-    assert result.returncode == 1 and "explain.ensembles: ['flair'] are not ensembles of the train section" in \
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "explain.ensembles: ['flair'] are not ensembles of the train section" in \
         result.stderr
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
                             explain={"methods": ["lrp"]}, associate=None)
-    result = relcohort("validate", catalog)
-    assert result.returncode == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
 
 
 def test_min_coverage_is_a_share_for_voxel_analyses(tmp_path):
@@ -342,7 +322,7 @@ def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
     base = yaml.safe_load((REPO / "catalog.yaml").read_text())
     modalities = {**base["modalities"], "APARC": {"path": "{participant_id}/aparc+aseg.mgz", "labels": "freesurfer"}}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities)
-    with pytest.raises(CatalogError, match="modalities.APARC: .*needs an integer dtype .* and kind: label"):
+    with pytest.raises(CatalogError, match=r"modalities.APARC: .*needs an integer dtype .* and kind: label"):
         load_catalog(catalog)
     modalities["APARC"].update(dtype="int16", kind="label")
     analysis = {"name": "parcels", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
@@ -359,18 +339,17 @@ def test_label_volumes_and_analyses_over_them_are_checked(tmp_path):
     features = {**base["features"], "freesurfer": None}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis],
                             features=features)
-    with pytest.raises(CatalogError, match="'features.freesurfer.volume' needs features.freesurfer"):
+    with pytest.raises(CatalogError, match=r"'features.freesurfer.volume' needs features.freesurfer"):
         load_catalog(catalog)
     modalities["APARC"]["labels"] = "my_labels.tsv"
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", modalities=modalities, associate=[analysis])
-    result = relcohort("validate", catalog)
-    assert result.returncode == 1 and "modalities.APARC.labels" in result.stderr and "my_labels.tsv does not exist" \
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "modalities.APARC.labels" in result.stderr and "my_labels.tsv does not exist" \
         in result.stderr
 
 
-def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_path):
-    """A T1 and a FLAIR ensemble in one workspace: each its models, relevance and validation under
-    ensembles/<name>/, analyses address relevance.<ensemble>.<method>, the report shows both."""
+def test_named_ensembles_are_checked(tmp_path):
+    """Analyses address relevance.<ensemble>.<method> of named ensembles, each explained with its own settings."""
     train = {"modalities": ["T1"], "members": 1, "epochs": 1, "batch_size": 4,
              "split": {"fractions": [0.4, 0.2, 0.4]},
              "ensembles": {"t1": {}, "flair": {"modalities": ["FLAIR"], "members": 2}}}
@@ -408,46 +387,6 @@ def test_named_ensembles_train_explain_associate_and_report_side_by_side(tmp_pat
     with pytest.raises(CatalogError, match=r"ensembles.t1: methods: .*unknown method\(s\) \['lpr'\]"):
         load_catalog(bad)
 
-    catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
-                            cohort={"demo": {"subjects": 16, "voxel_size": 8.0, "seed": 3}}, train=train,
-                            explain=explain, associate=analyses,
-                            cluster={"profile": "local", "n_workers": 1, "threads_per_worker": 2})
-    result = relcohort("run", catalog, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    workspace = tmp_path / "ws"
-    assert not (workspace / "models").exists()
-    for name, members, channels, methods in (("t1", 1, ["T1"], ["lrp"]), ("flair", 2, ["FLAIR"], ["lrp", "gradient"])):
-        ensemble = workspace / "ensembles" / name
-        card = json.loads((ensemble / "models/member_0.json").read_text())
-        assert card["config"]["modalities"] == channels
-        relevance = open_relevance(ensemble / "relevance.zarr")
-        assert relevance.sizes["member"] == members and list(relevance.attribution.values) == methods
-        assert sorted(pd.read_parquet(ensemble / "validation/sanity.parquet")["attribution"].unique()) == sorted(methods)
-        assert (ensemble / "validation/scores.parquet").is_file()
-        assert (ensemble / "validation/robustness.parquet").is_file() == (members > 1)
-    flair = open_relevance(workspace / "ensembles/flair/relevance.zarr")
-    correlations = pd.read_parquet(workspace / "associations/flair_lrp_age/correlations.parquet").set_index("region")
-    hippocampus = flair.relevance_mean.sel(attribution="lrp").values[:, np.flatnonzero(
-        open_workspace(workspace).atlas().voxel_labels == 48)].sum(axis=1)  # Neuromorphometrics Left Hippocampus
-    expected = stats.pearsonr(hippocampus, flair.age.values).statistic
-    assert abs(correlations.loc["Left_Hippocampus", "r"] - expected) < 1e-6
-    data = pd.read_parquet(workspace / "associations/t1_gap_lesions/data.parquet")
-    predictions = pd.read_parquet(workspace / "ensembles/t1/models/predictions.parquet")
-    test = predictions[(predictions.member == "ensemble") & (predictions.split == "test")].set_index("participant_id")
-    np.testing.assert_allclose(data.set_index("participant_id")["predictions.t1.brain_age_gap"],
-                               test.loc[data.participant_id, "brain_age_gap"])
-    report = (workspace / "report.html").read_text()
-    assert "<h3>Ensemble t1</h3>" in report and "<h3>Ensemble flair</h3>" in report
-    assert "Test metrics of every ensemble" in report
-    assert "flair, t1 side by side: pearson r per region" in report  # the two ensembles' tables in one figure
-    status = relcohort("status", workspace)
-    assert "ensembles/t1/models: 1 member(s)" in status.stdout and "ensembles/flair/models: 2 member(s)" in \
-        status.stdout
-    again = relcohort("run", catalog, cwd=tmp_path)
-    rerun = json.loads((workspace / "provenance.json").read_text())["runs"][-1]["stages"]
-    assert again.returncode == 0 and rerun["train"]["ensembles"]["flair"]["trained"] == 0
-    assert rerun["associate"]["computed"] == 0 and rerun["report"]["built"] == 0
-
 
 def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(cohort_copy, tmp_path):
     """Per-participant relevance NIfTIs from another tool, declared as a modality and imported as ensemble
@@ -472,9 +411,7 @@ def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(coho
                         associate=None)
     with pytest.raises(CatalogError, match=r"relevance.study.lrp: 'LRP' is not one of the modalities"):
         load_catalog(bad)
-    result = relcohort("run", catalog)
-    assert result.returncode == 0, result.stderr[-3000:]
-    workspace = tmp_path / "ws"
+    workspace = run_catalog(catalog, quiet())
     relevance = open_relevance(workspace / "ensembles/study/relevance.zarr")
     assert relevance.sizes["member"] == 1 and list(relevance.attribution.values) == ["lrp"]
     images = open_cohort(workspace / "images.zarr")

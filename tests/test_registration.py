@@ -2,10 +2,10 @@
 the way back, the unregistered arm against nilearn, QC, bad inputs and resuming."""
 
 import json
-from pathlib import Path
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,11 +16,21 @@ from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template, lo
 from nilearn.image import resample_to_img
 
 from engine import open_workspace
-from engine.data.registration import (RegistrationError, RegistrationSettings, _divergence, dice,
-                                      normalized_mutual_information, register_cohort, robust_z, to_ants, to_native,
-                                      to_nifti, to_template)
-from engine.data.store import open_cohort
 from engine.data.inputs import InputError, Modality
+from engine.data.registration import (
+    RegistrationError,
+    RegistrationSettings,
+    _divergence,
+    dice,
+    normalized_mutual_information,
+    register_cohort,
+    robust_z,
+    to_ants,
+    to_native,
+    to_nifti,
+    to_template,
+)
+from engine.data.store import open_cohort
 from engine.data.synth.native import native_scan, random_pose
 from engine.layout import RegisteredLayout
 
@@ -223,7 +233,7 @@ def test_bad_inputs_are_named_and_skipped_or_stop_without_losing_work(tmp_path, 
                             np.diag([3.0, 3.0, 3.0, 1.0]))
     noise.to_filename(tmp_path / "noise.nii.gz")
     files = {"sub-00": good, "sub-noise": {**good, "T1": tmp_path / "noise.nii.gz"}}
-    with pytest.raises(RegistrationError, match="sub-noise.*registration diverged: correlation") as failure:
+    with pytest.raises(RegistrationError, match=r"sub-noise.*registration diverged: correlation") as failure:
         register_cohort(layout, files, MODALITIES, SETTINGS.model_copy(update={"min_correlation": 0.5}))
     assert isinstance(failure.value.problems[0], InputError)
     assert layout.participant("sub-00").qc.is_file()  # what was registered is kept
@@ -257,9 +267,10 @@ def test_rerun_registers_only_what_changed(tmp_path, registered, template_brain)
     assert register_cohort(layout, copies, MODALITIES, other).registered == 3  # other settings: all again
 
 
+@pytest.mark.slow
 def test_native_demo_runs_from_catalog_to_report(tmp_path):
     """The command line on native scans: synth → register → ingest → features → report, then a rerun."""
-    from tests.test_pipeline import relcohort
+    from tests.helpers import relcohort
 
     catalog = tmp_path / "native.yaml"
     catalog.write_text(yaml.safe_dump({

@@ -18,12 +18,12 @@ import pytest
 import xarray as xr
 
 from engine import open_workspace
-from engine.outputs.report import SECTIONS, build_report
-from engine.outputs.browser import browser_check, screenshot_sections
 from engine.data.masker import Masker
-from pipelines.catalog import load_catalog
-from engine.tasks import INLINE
 from engine.layout import Layout
+from engine.outputs.browser import browser_check, screenshot_sections
+from engine.outputs.report import SECTIONS, build_report
+from engine.tasks import INLINE
+from pipelines.catalog import load_catalog
 from pipelines.stages import ReportStage
 
 REPO = Path(__file__).parents[1]
@@ -153,6 +153,7 @@ def write_associations(workspace: Path) -> None:
         "covariates": ["sex"], "correction": "fdr", "alpha": 0.05, "n": 24, "df": 21, "n_significant": 1}))
 
 
+@pytest.mark.slow
 def test_report_with_associations_renders_in_chromium(tiny_workspace, tmp_path, chromium):
     workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "ws"))
     write_associations(workspace)
@@ -196,9 +197,9 @@ def test_example_notebook_runs(tiny_workspace, monkeypatch):
 def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
     """A sex classifier: the relevance groups are TP/FP/TN/FN of the test participants."""
     import yaml
+    from rich.console import Console
 
     from pipelines.runner import run_catalog
-    from rich.console import Console
 
     modalities = yaml.safe_load((REPO / "catalog.yaml").read_text())["modalities"]
     catalog = tmp_path / "catalog.yaml"
@@ -207,7 +208,7 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
         "train": {"target": "sex", "task": "classification", "modalities": ["T1"], "members": 1, "epochs": 2,
                   "batch_size": 4},
         "explain": {"methods": ["lrp"], "subjects": "all"},
-        "cluster": {"n_workers": 1, "threads_per_worker": 2}, "report": {"top_k": 3}}))
+        "cluster": {"n_workers": 2, "threads_per_worker": 1}, "report": {"top_k": 3}}))
     workspace = run_catalog(catalog, Console(quiet=True))
     predictions = pd.read_parquet(workspace / "models/predictions.parquet").query("member == 'ensemble'")
     positive = predictions["observed"].astype(str) == "M"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from engine.data.store import open_cohort
 from engine.data.inputs import read_participants
-from tests.test_store import run_ingest
+from engine.data.store import open_cohort
+from tests.helpers import run_ingest
 
 KILLED_INGEST = textwrap.dedent("""
     import os, signal, sys
@@ -21,7 +21,7 @@ KILLED_INGEST = textwrap.dedent("""
     from engine.data.store import ingest
     from engine.data.inputs import read_participants
     from engine.tasks import Execution
-    from tests.conftest import MODALITIES
+    from tests.helpers import MODALITIES
 
     cohort, store = sys.argv[1], sys.argv[2]
 

@@ -17,8 +17,8 @@ from rich.console import Console
 from cluster import SlurmProfile
 from pipelines.catalog import CatalogError, load_catalog
 from pipelines.runner import run_catalog
+from tests.helpers import SMALL_RUN, assert_same_results, write_small_catalog
 from tests.slurm import LocalSlurm, ensure_installed
-from tests.test_faults import SMALL_RUN, assert_same_results, write_small_catalog
 
 pytestmark = pytest.mark.slurm
 
@@ -84,10 +84,10 @@ def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
     assert "cluster.slurm.cpu.memory: 'lots' is not a memory size" in text and "cluster.slurm.gpu.gpus" in text
 
 
-def test_pipeline_tasks_on_slurm_workers_equal_a_local_run_and_a_cancelled_job_is_replaced(local_slurm, tmp_path):
+@pytest.mark.slow
+def test_pipeline_tasks_on_slurm_workers_equal_a_local_run_and_a_cancelled_job_is_replaced(local_slurm,
+                                                                                         small_reference, tmp_path):
     quiet = Console(quiet=True)
-    run_catalog(write_small_catalog(tmp_path / "local.yaml", "local", {"profile": "local", "n_workers": 1}), quiet)
-
     catalog = write_small_catalog(tmp_path / "slurm.yaml", "on_slurm", slurm_profile(tmp_path))
     workspace = tmp_path / "on_slurm"
     cancelled = {}
@@ -127,7 +127,7 @@ def test_pipeline_tasks_on_slurm_workers_equal_a_local_run_and_a_cancelled_job_i
                                                         SMALL_RUN["explain"]["subjects_per_chunk"])
     assert usage["gpu"]["tasks_done"] >= SMALL_RUN["train"]["members"] + explain_blocks
     assert usage["cpu"]["tasks_done"] > 0 and usage["cpu"]["jobs_submitted"] >= 1
-    assert_same_results(workspace, tmp_path / "local")
+    assert_same_results(workspace, small_reference)
     assert not [job for job, (name, _) in local_slurm.jobs().items() if name.startswith("relcohort-")]
 
 

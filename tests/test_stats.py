@@ -5,12 +5,19 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 import xarray as xr
-
 from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 
-from engine.analysis.stats import (_two_sided_p, adjust_p, design_matrix, map_similarity, permutation,
-                                   region_correlations, region_models, voxelwise_ols)
+from engine.analysis.stats import (
+    _two_sided_p,
+    adjust_p,
+    design_matrix,
+    map_similarity,
+    permutation,
+    region_correlations,
+    region_models,
+    voxelwise_ols,
+)
 
 N, V = 60, 25
 
@@ -87,7 +94,7 @@ def test_bad_designs_are_refused(data):
         voxelwise_ols(_maps(y), x, collinear)
     with pytest.raises(ValueError, match="needs more subjects"):
         voxelwise_ols(_maps(y[:4]), x[:4], covariates.iloc[:4], categorical=["site", "sex"])
-    with pytest.raises(ValueError, match="'site'.*not numeric"):
+    with pytest.raises(ValueError, match=r"'site'.*not numeric"):
         voxelwise_ols(_maps(y), x, covariates[["age", "site"]])
     with pytest.raises(ValueError, match="needs a \\(subject, voxel\\) map"):
         voxelwise_ols(x, x, covariates[["age"]])

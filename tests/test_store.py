@@ -12,17 +12,11 @@ import pandas as pd
 import pytest
 import zarr
 
-from engine.data.store import IngestError, ingest, open_cohort, store_attributes
 from engine.data.inputs import InputError, Modality, read_participants
 from engine.data.masker import Masker
+from engine.data.store import IngestError, ingest, open_cohort, store_attributes
 from engine.tasks import Execution
-from tests.conftest import MODALITIES
-
-
-def run_ingest(cohort, store, participants=None, **options):
-    table = read_participants(cohort / "participants.tsv") if participants is None else participants
-    options.setdefault("subjects_per_chunk", 8)
-    return ingest(store, table, cohort, MODALITIES, cohort / "mask.nii.gz", **options)
+from tests.helpers import MODALITIES, run_ingest
 
 
 def source(cohort, modality: Modality, pid: str):
@@ -303,8 +297,8 @@ def test_incompatible_catalog_changes_are_refused_before_the_store_changes(tiny_
     ("a.mgz", nib.MGHImage, ">f4"), ("a.mgh", nib.MGHImage, ">i4"),
 ])
 def test_load_image_equals_nibabel(tmp_path, name, image_class, dtype):
-    from engine.layout import file_sha256
     from engine.data.inputs import load_image
+    from engine.layout import file_sha256
 
     rng = np.random.default_rng(0)
     affine = np.diag([-2.0, 2.0, 2.5, 1.0])

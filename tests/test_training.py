@@ -6,20 +6,21 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 import statsmodels.api as sm
 import torch
 from safetensors.torch import load_file
+from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 
-from engine.tasks import Execution
-from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.data.store import open_cohort
-from engine.models.training import soft_labels, value_bins, TrainingConfig, load_member, train_member
 from engine.models.ensembles import ENSEMBLE, train_ensemble
 from engine.models.metrics import bias_corrected_gap, classification_metrics, regression_metrics
+from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.models.splits import SplitSettings, stratified_split
+from engine.models.training import TrainingConfig, load_member, soft_labels, train_member, value_bins
 from engine.models.volumes import Augmentation, CohortVolumes, augment
+from engine.tasks import Execution
+from tests.helpers import cohort_split
 
 
 @pytest.mark.parametrize("name", ["mrinet", "mrinet_pif", "sfcn"])
@@ -137,26 +138,6 @@ def test_bias_corrected_gap_equals_the_residual_of_a_cubic_ols():
     assert abs(np.corrcoef(corrected[fit], age[fit])[0, 1]) < 1e-8
     with pytest.raises(ValueError, match="needs more than 4 participants"):
         bias_corrected_gap(predicted[:4], age[:4])
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tiny_cohort, tmp_path_factory):
-    from engine.data.store import ingest
-    from engine.data.inputs import read_participants
-    from tests.conftest import MODALITIES
-
-    path = tmp_path_factory.mktemp("train") / "images.zarr"
-    ingest(path, read_participants(tiny_cohort / "participants.tsv"), tiny_cohort, MODALITIES,
-           tiny_cohort / "mask.nii.gz", subjects_per_chunk=8)
-    return path
-
-
-def cohort_split(store, seed: int = 0):
-    """Half of the stored participants for training, a quarter each for validation and test."""
-    dataset = open_cohort(store)
-    table = pd.DataFrame({"participant_id": dataset.subject.values, "age": dataset.age.values,
-                          "sex": dataset.sex.values})
-    return stratified_split(table, SplitSettings(fractions=(0.5, 0.25, 0.25), seed=seed))
 
 
 CONFIG = TrainingConfig(modalities=("T1", "FLAIR"), epochs=3, batch_size=4, patience=2, seed=7)

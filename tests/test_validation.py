@@ -14,10 +14,18 @@ from sklearn.metrics import roc_auc_score
 
 from engine.analysis.atlas import Atlas, load_atlas
 from engine.data.grid import Grid
-from engine.models.validation import (atlas_truth_regions, member_l2_distance, member_robustness, subject_groups,
-                                      relevance_mass_accuracy, score_methods, top_k_precision, truth_mask,
-                                      voxel_roc_auc)
-from tests.conftest import HAND_AFFINE, HAND_SHAPE
+from engine.models.validation import (
+    atlas_truth_regions,
+    member_l2_distance,
+    member_robustness,
+    relevance_mass_accuracy,
+    score_methods,
+    subject_groups,
+    top_k_precision,
+    truth_mask,
+    voxel_roc_auc,
+)
+from tests.helpers import HAND_AFFINE, HAND_SHAPE
 
 GRID = Grid(HAND_SHAPE, HAND_AFFINE, "MNI152NLin2009aSym")
 
@@ -32,7 +40,7 @@ def store_array(mask: np.ndarray, values: np.ndarray | None = None) -> xr.DataAr
 
 
 def hand_regions(hand_atlas) -> Atlas:
-    labels, mask, folder = hand_atlas
+    _, mask, folder = hand_atlas
     return load_atlas(str(folder / "labels.nii.gz"), GRID, np.nonzero(mask), folder / "labels.tsv")
 
 
@@ -53,7 +61,7 @@ def test_truth_mask_reads_labels_onto_the_cohort_voxels(hand_atlas, tmp_path):
     shifted, affine = tmp_path / "shifted_truth.nii.gz", HAND_AFFINE.copy()
     affine[0, 3] += 2.0
     nib.save(nib.Nifti1Image(labels, affine), shifted)
-    with pytest.raises(ValueError, match="shifted_truth.nii.gz: grid differs"):
+    with pytest.raises(ValueError, match=r"shifted_truth.nii.gz: grid differs"):
         truth_mask(shifted, cohort)
     with pytest.raises(ValueError, match=r"no voxels labelled \[5\]"):
         truth_mask(folder / "labels.nii.gz", cohort, labels=[3, 5])
@@ -61,7 +69,7 @@ def test_truth_mask_reads_labels_onto_the_cohort_voxels(hand_atlas, tmp_path):
         truth_mask(folder / "labels.nii.gz", xr.DataArray(np.zeros((1, mask.sum())), dims=("subject", "voxel")))
     empty = tmp_path / "empty.nii.gz"
     nib.save(nib.Nifti1Image(np.where(mask, 0, 1).astype(np.uint8), HAND_AFFINE), empty)
-    with pytest.raises(ValueError, match="empty.nii.gz: none of the cohort's voxels"):
+    with pytest.raises(ValueError, match=r"empty.nii.gz: none of the cohort's voxels"):
         truth_mask(empty, cohort)
 
 
@@ -225,7 +233,8 @@ def test_member_robustness_equals_numpy_reference(hand_atlas):
     labels = atlas.voxel_labels
     rng = np.random.default_rng(7)
     values = rng.normal(0.5, 1, (3, 6, labels.size, 2))  # member, subject, voxel, method: voxel not last
-    relevance = xr.DataArray(da.from_array(values, chunks=(1, 3, 20, 1)), dims=("member", "subject", "voxel", "attribution"),
+    relevance = xr.DataArray(da.from_array(values, chunks=(1, 3, 20, 1)),
+                             dims=("member", "subject", "voxel", "attribution"),
                              coords={"attribution": ["lrp", "smoothgrad"]})
     group = np.array([True, True, True, False, False, True])
     k = 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -377,7 +378,7 @@ def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> 
     edges = np.linspace(0, permutations, groups + 1).astype(int)
     tasks = [da.blockwise(kernel, "pv", *arguments, new_axes={"p": int(stop - start)}, adjust_chunks={"v": 1},
                           meta=np.empty((0, 0)), concatenate=True, start=int(start), stop=int(stop), **common)
-             for start, stop in zip(edges[:-1], edges[1:], strict=True) if stop > start]
+             for start, stop in itertools.pairwise(edges) if stop > start]
     with _task_blas_threads():
         return np.concatenate([maxima.max(axis=1) for maxima in dask.compute(*tasks)])
 

@@ -31,15 +31,23 @@ from pathlib import Path
 from typing import Literal
 
 import nibabel as nib
-from isal import igzip
 import numpy as np
 import pandas as pd
+from isal import igzip
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.grid import MNI_SPACE, Grid, mni_grid
 from engine.data.inputs import InputError, Modality, load_image, spatial_shape
-from engine.layout import (ParticipantRegistration, RegisteredLayout, atomic_output, file_sha256, forget,
-                           is_current, mark_current, output_key)
+from engine.layout import (
+    ParticipantRegistration,
+    RegisteredLayout,
+    atomic_output,
+    file_sha256,
+    forget,
+    is_current,
+    mark_current,
+    output_key,
+)
 from engine.tasks import INLINE, Execution
 
 #: ANTs' names of the registrations.
@@ -206,7 +214,7 @@ def check_scan(image, participant: str, path: Path, modality: str, kind: str = "
 
 def _read_scan(path: Path, participant: str, modality: str, kind: str = "intensity"):
     try:
-        image, sha256 = load_image(path)
+        image, _ = load_image(path)
     except FileNotFoundError:
         raise InputError(f"no {modality} file", participant, path) from None
     except Exception as error:  # nibabel raises many types for a broken file
@@ -467,7 +475,7 @@ def to_native(image: nib.spatialimages.SpatialImage, registered: RegisteredLayou
     if participant.affine.exists():
         transforms, invert = [str(participant.affine)], [True]
     if participant.inverse_warp.exists():
-        transforms, invert = transforms + [str(participant.inverse_warp)], invert + [False]
+        transforms, invert = [*transforms, str(participant.inverse_warp)], [*invert, False]
     with _ants_environment(1):
         return to_nifti(_apply(fixed, to_ants(image), transforms, kind, invert))
 

@@ -35,8 +35,8 @@ from zarr.codecs import BloscCodec
 
 from engine.data.grid import Grid
 from engine.data.inputs import InputError, MaskIndex, Modality, known_labels, read_masked, resolve_files, spatial_shape
-from engine.layout import atomic_output, file_sha256
 from engine.data.masker import VOXEL_COORDS
+from engine.layout import atomic_output, file_sha256
 from engine.tasks import INLINE, Execution
 
 LAYOUT = "relcohort.images/1"

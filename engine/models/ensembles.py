@@ -22,7 +22,6 @@ from engine.models.training import TrainingConfig, train_member
 from engine.models.volumes import scale_rows
 from engine.tasks import INLINE, Execution
 
-
 #: The ``member`` of the ensemble mean's rows in every table (members are "0", "1", ...).
 ENSEMBLE = "ensemble"
 #: The ``member`` of the predict-the-training-mean baseline's rows in ``metrics.parquet``.

@@ -3,14 +3,14 @@
 A 3D CNN step allocates and frees arrays of tens of MB: MRInet's first convolution output at
 4 mm, batch 8, is 62 MB, and its gradient as much again. glibc serves every block above its mmap
 threshold (which adapts up to 32 MiB, no further) as a fresh mapping, whose pages fault in on first
-touch, so each step pays for zeroing new pages (a large share of a training step on CPU:
-``benchmarks/attribution_cost.py`` keeps the heap as the tasks do). Inside :func:`heap_kept` large blocks come from the heap and freed
-ones stay in it for the next step; on leaving the outermost one, the trim threshold returns to its
-start value (``MALLOC_TRIM_THRESHOLD_``, or glibc's 128 KiB) and the heap is trimmed, so a worker's
-memory falls back between tasks. Elsewhere than glibc it does nothing. In a thread other than the
-main one (a Dask task's) it needs the process to have one malloc arena (``MALLOC_ARENA_MAX=1``,
-which the cluster profiles set in their workers): a thread's own arena grows in heaps of at most
-64 MiB and serves larger blocks as fresh mappings whatever ``mallopt`` says.
+touch, so each step pays for zeroing new pages (a large share of a training step on CPU). Inside
+:func:`heap_kept` large blocks come from the heap and freed ones stay in it for the next step; on
+leaving the outermost one, the trim threshold returns to its start value (``MALLOC_TRIM_THRESHOLD_``,
+or glibc's 128 KiB) and the heap is trimmed, so a worker's memory falls back between tasks. Elsewhere
+than glibc it does nothing. In a thread other than the main one (a Dask task's) it needs the process
+to have one malloc arena (``MALLOC_ARENA_MAX=1``, which the cluster profiles set in their workers): a
+thread's own arena grows in heaps of at most 64 MiB and serves larger blocks as fresh mappings
+whatever ``mallopt`` says.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ A model is rebuilt from its :class:`ModelSpec`, which checkpoints store beside t
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -37,7 +38,7 @@ class PatchIndividualConv3d(nn.Module):
         per_axis = []  # each patch's (start, stop) along each axis, grown by the overlap
         for e, n in zip(edges, input_shape, strict=True):
             per_axis.append([(max(start - overlap, 0), min(stop + overlap, n))
-                             for start, stop in zip(e[:-1], e[1:], strict=True)])
+                             for start, stop in itertools.pairwise(e)])
         self.boxes = [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
         self.convs = nn.ModuleList(nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
                                    for _ in self.boxes)

@@ -31,8 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.data.masker import VOXEL_COORDS
-from engine.data.store import (IMAGE_CODEC, consolidate, content_fingerprint, load_coordinates, open_cohort,
-                               open_layout_group, writable_group)
+from engine.data.store import (
+    IMAGE_CODEC,
+    consolidate,
+    content_fingerprint,
+    load_coordinates,
+    open_cohort,
+    open_layout_group,
+    writable_group,
+)
 from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, mark_current, output_key
 from engine.models import noise
 from engine.models.attribution import METHODS, AttributionOptions, ExplainedModel, attribute

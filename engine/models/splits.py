@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
 SPLITS = ("train", "validation", "test")
 
 

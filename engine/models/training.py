@@ -26,7 +26,6 @@ from engine.models.splits import SPLITS, split_hash
 from engine.models.volumes import Augmentation, CohortVolumes, augment, epoch_batches
 from engine.tasks import torch_device
 
-
 # ---------------------------------------------------------------------------------------
 # Soft labels (Peng et al. 2021)
 

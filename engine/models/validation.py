@@ -16,20 +16,20 @@ import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, pairwise
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import xarray as xr
 import torch
+import xarray as xr
 from scipy.stats import spearmanr
 from torch import nn
 
 from engine.analysis.atlas import STATISTICS, Atlas, region_reduce, top_k_overlap, top_regions
-from engine.data.masker import Masker
 from engine.data.inputs import load_image
+from engine.data.masker import Masker
 from engine.models.attribution import AttributionOptions, ExplainedModel, attribute
 from engine.models.ensembles import ENSEMBLE
 from engine.models.heap import heap_kept
@@ -275,7 +275,7 @@ def subject_groups(subjects: Sequence[str], age: np.ndarray | None, predictions:
     age = np.asarray(age, dtype=float)
     edges = [-np.inf, *age_bands, np.inf]
     masks = {}
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in pairwise(edges):
         name = (f"age < {high:g}" if low == -np.inf else f"age ≥ {low:g}" if high == np.inf
                 else f"age {low:g}–{high:g}")
         mask = (age >= low) & (age < high)
@@ -283,7 +283,7 @@ def subject_groups(subjects: Sequence[str], age: np.ndarray | None, predictions:
             masks[name] = mask
     if len(masks) < 2:
         return SubjectGroups("age band", masks)
-    (youngest, young), (oldest, old) = list(masks.items())[0], list(masks.items())[-1]
+    (youngest, young), *_, (oldest, old) = masks.items()
     return SubjectGroups("age band", masks, old, young, f"{oldest} over {youngest}")
 
 

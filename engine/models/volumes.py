@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
 
-
 #: How each channel is scaled inside the mask, per participant and modality (``input_scaling``).
 SCALINGS = ("zscore", "zscore_brain", "minmax", "max")
 

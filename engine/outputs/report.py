@@ -35,8 +35,8 @@ from engine.analysis.association import Term
 from engine.analysis.atlas import fsaverage_labels, region_gain, region_reduce
 from engine.data.labels import label_table
 from engine.layout import atomic_output
-from engine.models.training import TrainingConfig
 from engine.models.ensembles import ENSEMBLE
+from engine.models.training import TrainingConfig
 from engine.models.validation import SubjectGroups, subject_groups
 from engine.outputs.workspace import Workspace, mni_template
 from engine.tasks import INLINE, Execution
@@ -337,7 +337,7 @@ def _ensembles_compared(ws: Workspace, ensembles: list[str]) -> list[str]:
         return []
     table = pd.concat(rows, ignore_index=True)
     first = ["ensemble", "inputs", "member"]
-    return [_table(table[first + [column for column in table.columns if column not in first + ["split"]]],
+    return [_table(table[first + [column for column in table.columns if column not in [*first, "split"]]],
                    "Test metrics of every ensemble (ensemble mean and baselines; members below)")]
 
 

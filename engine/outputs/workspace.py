@@ -27,11 +27,11 @@ import xarray as xr
 
 from engine.analysis.association import CORRECTED_P, Sources
 from engine.analysis.atlas import Atlas, AtlasSettings
-from engine.models.relevance import open_relevance
-from engine.layout import AssociationLayout, Layout, Provenance
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
+from engine.layout import AssociationLayout, Layout, Provenance
 from engine.models.ensembles import ENSEMBLE
+from engine.models.relevance import open_relevance
 from engine.models.training import TrainingConfig
 
 

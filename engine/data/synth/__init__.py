@@ -22,8 +22,15 @@ own anatomy. Files are written BIDS-like::
 """
 
 from engine.data.synth.anatomy import PlantedEffects
-from engine.data.synth.cohort import (FOCAL_TRUTH_LABELS, FREESURFER_LABEL_PATHS, MODALITY_PATHS, TRUTH_LABELS,
-                                      TRUTH_REGIONS, generate_cohort, write_participant)
+from engine.data.synth.cohort import (
+                                      FOCAL_TRUTH_LABELS,
+                                      FREESURFER_LABEL_PATHS,
+                                      MODALITY_PATHS,
+                                      TRUTH_LABELS,
+                                      TRUTH_REGIONS,
+                                      generate_cohort,
+                                      write_participant,
+)
 
 __all__ = ["FOCAL_TRUTH_LABELS", "FREESURFER_LABEL_PATHS", "MODALITY_PATHS", "TRUTH_LABELS", "TRUTH_REGIONS",
            "PlantedEffects", "generate_cohort", "write_participant"]

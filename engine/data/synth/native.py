@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+
 def native_poses(seed: int, index: int) -> dict[str, np.ndarray]:
     """Participant ``index``'s head pose (T1 and the maps in its space) and FLAIR's (a few degrees and mm off)."""
     rng = np.random.default_rng([seed, index, 3])
