@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CATALOG ?= catalog.yaml
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test test-all benchmark clean
+.PHONY: setup demo test test-all docs benchmark clean
 
 setup: $(INSTALLED)
 
@@ -24,6 +24,10 @@ test: $(INSTALLED)
 # every test, the slow ones too (killed runs, real SLURM, headless Chromium, the native demo): what CI runs
 test-all: $(INSTALLED)
 	$(BIN)/python -m pytest -m "slow or not slow"
+
+# the documentation site, offline, into workspace/site (open workspace/site/index.html)
+docs: $(INSTALLED)
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict -f docs/mkdocs.yml
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/ingest_throughput.py

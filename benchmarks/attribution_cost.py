@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ingest_throughput import best_of, save_results  # sibling script
+from record import best_of, save_results  # sibling script
 
 from engine.data.grid import mni_grid
 from engine.models.attribution import METHODS, AttributionOptions, ExplainedModel, attribute

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from ingest_throughput import save_results  # sibling script
+from record import save_results  # sibling script
 
 from engine.layout import Layout
 

@@ -14,15 +14,13 @@ Results go to ``<out>/ingest.json`` and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from record import save_results  # sibling script
 
 from cluster import LocalProfile
 from engine.data.inputs import Modality, read_participants
@@ -84,28 +82,6 @@ def measure(voxel_size: float, subjects: int, work: Path) -> dict:
     result["ratio_per_worker"] = result["relcohort_1w_subjects_per_s"] / result["nibabel_subjects_per_s"]
     result["ratio_2w_per_worker"] = result["relcohort_2w_subjects_per_s"] / 2 / result["nibabel_subjects_per_s"]
     return result
-
-
-def best_of(function, repeats: int = 3, warm_up: bool = False) -> float:
-    """Fastest of ``repeats`` timed calls; with ``warm_up`` one untimed call first, and a
-    function whose warm-up took over 10 s is timed once."""
-    if warm_up:
-        started = time.perf_counter()
-        function()
-        if time.perf_counter() - started > 10:
-            repeats = 1
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def save_results(path: Path, results: list[dict]) -> None:
-    """Raw benchmark numbers with the machine they were measured on."""
-    record = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results}
-    path.write_text(json.dumps(record, indent=2))
 
 
 def table(results: list[dict]) -> str:

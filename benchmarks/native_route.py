@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ingest_throughput import save_results  # sibling script
+from record import save_results  # sibling script
 
 from engine import open_workspace
 from engine.analysis.atlas import NativeLabels, ParticipantLabels, region_reduce

@@ -34,8 +34,9 @@ from pathlib import Path
 import dask
 import nibabel as nib
 import numpy as np
-from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
+from ingest_throughput import MODALITIES, ensure_cohort  # sibling script
 from nilearn.image import resample_to_img
+from record import best_of, save_results
 
 from engine.analysis.atlas import ParticipantLabels, region_reduce
 from engine.data.inputs import Modality, read_participants

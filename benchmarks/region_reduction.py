@@ -20,8 +20,9 @@ from pathlib import Path
 
 import dask
 import nibabel as nib
-from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
+from ingest_throughput import MODALITIES, ensure_cohort  # sibling script
 from nilearn.maskers import NiftiLabelsMasker
+from record import best_of, save_results
 
 from engine.analysis.atlas import cohort_atlas, region_reduce
 from engine.data.inputs import read_participants

@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
-from ingest_throughput import save_results  # sibling script
+from record import save_results  # sibling script
 from sklearn.linear_model import RidgeCV
 
 from engine.models.baselines import DEFAULT_ALPHAS, ridge_baseline

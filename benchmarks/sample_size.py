@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from ingest_throughput import save_results  # sibling script
+from record import save_results  # sibling script
 
 ROOT = Path(__file__).resolve().parent.parent
 

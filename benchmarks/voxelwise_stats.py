@@ -26,9 +26,10 @@ import dask
 import nibabel as nib
 import numpy as np
 import statsmodels.api as sm
-from ingest_throughput import MODALITIES, best_of, ensure_cohort, save_results  # sibling script
+from ingest_throughput import MODALITIES, ensure_cohort  # sibling script
 from nilearn.maskers import NiftiMasker
 from nilearn.mass_univariate import permuted_ols
+from record import best_of, save_results
 
 from engine.analysis.stats import design_matrix, voxelwise_ols
 from engine.data.inputs import read_participants

@@ -20,7 +20,7 @@ class LocalProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["local"] = "local"
+    profile: Literal["local"] = Field("local", description="this machine's worker processes")
     n_workers: int = Field(2, ge=1, description="worker processes")
     threads_per_worker: int = Field(1, ge=1, description="threads in each worker")
     memory_limit: MemoryLimit = Field("auto", description="per worker, e.g. '4GiB'; 'auto' splits the machine's memory")

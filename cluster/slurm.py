@@ -85,7 +85,7 @@ class SlurmProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["slurm"] = "slurm"
+    profile: Literal["slurm"] = Field("slurm", description="workers as SLURM jobs")
     queue: str | None = Field(None, description="partition for both pools (a pool's own queue wins)")
     account: str | None = Field(None, description="account for both pools")
     walltime: Walltime = Field(None, description="time limit for both pools")

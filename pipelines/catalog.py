@@ -75,8 +75,12 @@ class CohortSource(_Strict):
 
 
 class ModalitySpec(_Strict):
+    """One image modality of the cohort (``T1: "path template"`` is short for ``T1: {path: "path template"}``):
+    where each participant's file is, how it is stored and, for native scans, how it is registered."""
+
     path: str = Field(..., description="path template relative to the cohort root, with {participant_id}")
-    dtype: Literal[STORED_DTYPES] = "float32"
+    dtype: Literal[STORED_DTYPES] = Field("float32", description="how the values are stored (integers for labels "
+                                          "and masks)")
     space: Literal["reference", "own", "template"] = Field(
         "reference", description="register: the reference scan's space (FreeSurfer volumes), its own (co-registered "
         "rigidly first: FLAIR, FA) or the template grid already")
@@ -110,9 +114,13 @@ class ModalitySpec(_Strict):
 
 
 class IngestSettings(_Strict):
+    """How the images come into ``images.zarr``: what a bad input does, and the chunks of the store."""
+
     on_error: Literal["fail", "skip"] = Field("fail", description="stop on a bad input, or skip and record it")
-    subjects_per_chunk: int = Field(16, ge=1, le=4096)
-    voxels_per_chunk: int = Field(65536, ge=1024)
+    subjects_per_chunk: int = Field(16, ge=1, le=4096, description="participants per chunk (a task writes whole "
+                                    "chunks)")
+    voxels_per_chunk: int = Field(65536, ge=1024, description="voxels per chunk (relevance maps share it, so "
+                                  "reductions over both read aligned chunks)")
 
 
 class TractSettings(_Strict):
@@ -123,8 +131,12 @@ class TractSettings(_Strict):
 
 
 class FreeSurferSettings(_Strict):
+    """Every participant's FreeSurfer stats files (``stats/aseg.stats``, ``stats/?h.<parcellation>.stats``) as one
+    tidy table."""
+
     subjects_dir: Path = Field(..., description="FreeSurfer SUBJECTS_DIR, relative to the cohort root")
-    parcellations: list[Literal["aparc", "aparc.DKTatlas", "aparc.a2009s"]] = ["aparc"]
+    parcellations: list[Literal["aparc", "aparc.DKTatlas", "aparc.a2009s"]] = Field(
+        ["aparc"], description="cortical parcellations whose ?h.<parcellation>.stats are read")
 
 
 class LesionSettings(_Strict):
@@ -158,7 +170,8 @@ class FeatureSettings(_Strict):
     fa: TractSettings | None = Field(None, description="mean FA per white-matter tract")
     lesions: LesionSettings | None = Field(None, description="lesion-mask modality → lesion load per subject")
     pvs: PVSSettings | None = Field(None, description="PVS probability modality → PVS count per subject")
-    freesurfer: FreeSurferSettings | None = None
+    freesurfer: FreeSurferSettings | None = Field(None, description="FreeSurfer's stats files of every participant "
+                                                  "(features.freesurfer.<measure> in analyses)")
     tables: list[Path] = Field([], description="other per-subject tables (CSV/TSV/Parquet with participant_id)")
 
     def modalities_used(self) -> dict[str, str]:
@@ -220,7 +233,8 @@ class ExplainSettings(_Strict):
 
     methods: list[str] = Field(["lrp"], min_length=1, description="attribution methods: " + ", ".join(METHODS))
     subjects: Literal["test", "validation", "train", "all"] = Field("test", description="whose maps to compute")
-    subjects_per_chunk: int = Field(8, ge=1, le=1024)
+    subjects_per_chunk: int = Field(8, ge=1, le=1024, description="participants per task and per chunk of "
+                                    "relevance.zarr")
     options: AttributionOptions = Field(AttributionOptions(), description="method settings")
     truth: Path | None = Field(None, description="ground-truth label image for scoring (demo: planted regions)")
     truth_labels: list[int] | None = Field(None, description="labels of the truth image to score against")
@@ -251,7 +265,7 @@ class ExplainSettings(_Strict):
 class ReportSettings(_Strict):
     """The HTML report, <workspace>/report.html (see ``engine.outputs.report``)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no report")
     methods: list[str] | None = Field(None, description="attribution methods to show (default: all explained)")
     age_bands: list[float] = Field([40, 60], description="age cut points of the group maps: < 40, 40-60, >= 60")
     top_k: int = Field(10, ge=1, le=100, description="regions in the top-region bar charts")
@@ -287,7 +301,8 @@ class Catalog(_Strict):
     relevance: dict[str, dict[str, str]] | None = Field(
         None, description="relevance maps made elsewhere (e.g. iNNvestigate's NIfTIs, declared as modalities), as "
         "named ensembles: {name: {method: modality}}; analyses address them as relevance.<name>.<method>")
-    cluster: ClusterProfile = LocalProfile()
+    cluster: ClusterProfile = Field(LocalProfile(), description="where the tasks run: worker processes on this "
+                                    "machine (profile: local) or SLURM jobs (profile: slurm)")
     associate: list[AnalysisSettings] | None = Field(None, description="association analyses")
     report: ReportSettings | None = None
 

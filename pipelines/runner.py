@@ -146,7 +146,7 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
     finally:
         run.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         provenance.write(layout)
-    _print_results(console, layout, run)
+    print_results(console, layout, run)
     return workspace
 
 
@@ -173,7 +173,8 @@ def progress_callback(bar: Progress, stage: str):
     return update
 
 
-def _print_results(console: Console, layout: Layout, run: Run) -> None:
+def print_results(console: Console, layout: Layout, run: Run) -> None:
+    """What a finished run prints: each stage's summary, where the results are and how to open them."""
     for name, summary in run.stages.items():
         details = {key: value for key, value in summary.items() if key not in ("seconds", "skipped")}
         console.print(f"[green]✓[/] {name} ({summary['seconds']} s): {details}")

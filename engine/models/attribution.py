@@ -58,7 +58,7 @@ class AttributionOptions(BaseModel):
     target: int | None = Field(None, ge=0, description="output (class index) to explain; default: the last "
                                "output, i.e. the regression value or the last of the sorted classes (a binary "
                                "classification's positive class, as in the report's TP/FP/TN/FN)")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the methods that draw noise (SmoothGrad, noise_optimisation)")
 
     @model_validator(mode="after")
     def _alpha_minus_beta_is_one(self):

@@ -22,7 +22,7 @@ class SplitSettings(BaseModel):
     fractions: tuple[float, float, float] = Field((0.6, 0.2, 0.2), description="train, validation, test")
     stratify: tuple[str, ...] = Field(("age", "sex"), description="participant columns; numeric ones in "
                                       "5 quantile bands")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="the split is the same for the same participants and seed")
 
     @field_validator("fractions")
     @classmethod

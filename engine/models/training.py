@@ -59,7 +59,7 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: str = Field("age", description="participant column to predict")
-    task: Literal["regression", "classification"] = "regression"
+    task: Literal["regression", "classification"] = Field("regression", description="predict a number or a class")
     model: str = Field("mrinet", description="architecture: " + ", ".join(MODELS))
     model_options: dict = Field({}, description="architecture options, e.g. mrinet dropout, sfcn channels")
     modalities: tuple[str, ...] = Field(("T1",), min_length=1, description="input channels")
@@ -70,7 +70,7 @@ class TrainingConfig(BaseModel):
     augmentation: Augmentation = Field(Augmentation(), description="random shifts and left–right flips of "
                                        "training inputs")
     epochs: int = Field(25, ge=1, description="at most; early stopping keeps the best validation epoch")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="participants per training step")
     learning_rate: float = Field(5e-4, gt=0, description="the optimiser's initial rate")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam (AdamW with weight decay) or SGD")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")

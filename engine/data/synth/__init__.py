@@ -10,7 +10,7 @@ and noise. FreeSurfer-like label volumes and stats files are measured in each pa
 own anatomy. Files are written BIDS-like::
 
     OUT/participants.tsv                    participant_id, age, sex, site
-    OUT/mask.nii.gz                         cohort brain mask (union of the subjects' brains)
+    OUT/mask.nii.gz                         cohort brain mask (the template brain grown by 20 mm)
     OUT/planted_effects.json                what was planted where, and how strongly
     OUT/planted_effects.tsv                 per-participant latent values (atrophy, lesions, ...)
     OUT/truth_regions.nii.gz                template-space labels of the planted regions

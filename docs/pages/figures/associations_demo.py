@@ -1,6 +1,6 @@
-"""docs/figures/associations_demo.png: two of the demo's voxel-wise associations.
+"""docs/pages/figures/associations_demo.png: two of the demo's voxel-wise associations.
 
-    make demo && .venv/bin/python docs/figures/associations_demo.py
+    make demo && .venv/bin/python docs/pages/figures/associations_demo.py
 """
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from nilearn import plotting
 
 from engine.outputs.workspace import mni_template
 
-WORKSPACE = Path(__file__).parents[2] / "workspace" / "demo" / "associations"
+WORKSPACE = Path(__file__).parents[3] / "workspace" / "demo" / "associations"
 PANELS = [("gm_age", "p_fwe", "GM probability ~ age + sex + site, 240 participants: t where p_FWE < 0.05 "
            "(1,000 permutations)"),
           ("relevance_gm", "p_fdr", "T1 ensemble: LRP share (R / Σ|R|) ~ GM probability + age + sex + site, 48 test "

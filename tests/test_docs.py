@@ -1,0 +1,140 @@
+"""The documentation: the site builds in strict mode, its references come from the code, its examples run.
+
+A page's ```python blocks run, in order and in one namespace per page, against the demo workspace of the tests
+(``workspace/demo`` stands for it); ```py blocks are shown, not run. In ```bash blocks, ``relcohort status``
+and ``relcohort validate`` lines run too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.catalog import Catalog, load_catalog
+from pipelines.reference import catalog_fields, catalog_reference
+from tests.helpers import REPO, cli
+
+PAGES = sorted((REPO / "docs/pages").rglob("*.md"))
+DOCUMENTS = [REPO / "README.md", *PAGES]
+#: Banners of MkDocs' plugins about MkDocs' future, which a reader of the build cannot act on.
+QUIET = {"DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1"}
+
+
+def blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"^```{language}[^\n]*\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def test_the_site_builds_offline_in_strict_mode_with_its_generated_pages(tmp_path):
+    site = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "docs/mkdocs.yml"),
+                             "--site-dir", str(site)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, **QUIET})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNING" not in result.stderr
+    catalog = (site / "reference/catalog/index.html").read_text()
+    assert "subjects_per_chunk" in catalog and "finetune_from" in catalog
+    api = (site / "reference/api/models/index.html").read_text()
+    assert "open_relevance" in api and "PresetA" in api  # from the docstrings
+    benchmarks = (site / "benchmarks/index.html").read_text()
+    assert "attribution_cost" in benchmarks and "machine" in benchmarks
+    assert "relcohort validate" in (site / "reference/cli/index.html").read_text()
+
+
+def _models_in(node: dict) -> list[tuple[str, str]]:
+    """(path suffix, name in ``$defs``) of the settings models one JSON-schema property holds."""
+    found = []
+    for choice in node.get("anyOf", node.get("oneOf", [node])):
+        for key, suffix in (("$ref", ""), ("items", "[]"), ("additionalProperties", ".<name>")):
+            value = choice.get(key)
+            reference = value if key == "$ref" else value.get("$ref") if isinstance(value, dict) else None
+            if reference:
+                found.append((suffix, reference.rsplit("/", 1)[-1]))
+    return found
+
+
+def _schema_paths(schema: dict, node: dict, prefix: str, paths: set[str]) -> None:
+    """Every field path of pydantic's own JSON schema of the catalog (``$ref``s followed)."""
+    for name, field in node.get("properties", {}).items():
+        paths.add(prefix + name)
+        for suffix, model in _models_in(field):
+            _schema_paths(schema, schema["$defs"][model], f"{prefix}{name}{suffix}.", paths)
+
+
+def test_the_catalog_reference_holds_every_field_of_the_schema():
+    """The generated page against pydantic's own JSON schema of the catalog: the same fields, each with a
+    description, and each in the page."""
+    schema = Catalog.model_json_schema(by_alias=True)
+    expected: set[str] = set()
+    _schema_paths(schema, schema, "", expected)
+    fields = catalog_fields()
+    assert {field.path for field in fields} == expected
+    assert all(field.description for field in fields)
+    page = catalog_reference()
+    for field in fields:
+        section = f"## `{field.section}`" if field.section else "## Top level"
+        name = field.path.rsplit(".", 1)[-1] if field.section else field.path
+        assert f"| `{name}` |" in page.split(section, 1)[1].split("\n## ", 1)[0], field.path
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: str(path.relative_to(REPO)))
+def test_every_python_example_runs_on_the_demo_workspace(path, demo_workspace, tmp_path, monkeypatch):
+    code = blocks(path, "python")
+    if not code:
+        pytest.skip("no python example")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for block in code:
+        exec(compile(block.replace("workspace/demo", str(demo_workspace / "ws")), str(path), "exec"), namespace)
+
+
+def test_the_commands_shown_run():
+    """``relcohort validate`` of the catalogs the pages name, and ``relcohort status`` of a workspace."""
+    validated = set()
+    for path in DOCUMENTS:
+        for block in blocks(path, "bash"):
+            for line in block.splitlines():
+                words = line.split("#")[0].split()
+                if len(words) >= 3 and words[0].endswith("relcohort") and words[1] == "validate" and \
+                        (REPO / words[2]).is_file():
+                    validated.add(words[2])
+    assert validated  # the pages show it
+    for catalog in sorted(validated):
+        result = cli("validate", REPO / catalog)
+        assert result.exit_code == 0, (catalog, result.stderr)
+
+
+def test_status_as_the_pages_show_it(demo_workspace):
+    shown = [line for path in DOCUMENTS for block in blocks(path, "bash") for line in block.splitlines()
+             if re.search(r"relcohort status workspace/demo\b", line)]
+    assert shown
+    result = cli("status", demo_workspace / "ws")
+    assert result.exit_code == 0 and "ensembles/t1/relevance.zarr" in result.stdout
+
+
+def test_the_readme_is_short_and_its_catalog_is_a_valid_catalog(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    (catalog,) = blocks(REPO / "README.md", "yaml")
+    path = tmp_path / "my_study.yaml"
+    path.write_text(catalog)
+    parsed, _ = load_catalog(path)
+    assert parsed.train.target == "age" and list(parsed.modalities) == ["T1", "GM"]
+    assert yaml.safe_load(catalog)["cohort"]["space"] == "MNI152NLin2009cAsym"
+
+
+#: What narrating the project's development looks like: dates, machines, what was tried.
+NARRATION = [r"\b20\d\d-\d\d-\d\d\b", r"\b(AMD|EPYC|Xeon|Intel)\b", r"this session", r"\bwas tried\b",
+             r"\btried and\b", r"\bno longer\b", r"\bpreviously\b"]
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: str(path.relative_to(REPO)))
+def test_no_page_narrates_the_projects_development(path):
+    text = path.read_text()
+    found = [pattern for pattern in NARRATION if re.search(pattern, text)]
+    assert found == []
