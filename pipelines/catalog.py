@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from cluster import ClusterProfile, LocalProfile
 from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, AnalysisSettings, Term
-from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, system_atlas_installed, tract_atlas
+from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, tract_atlas
 from engine.data.inputs import Modality
 from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.layout import Layout
@@ -492,12 +492,20 @@ def load_catalog(path: str | Path) -> tuple[Catalog, str]:
     try:
         catalog = Catalog.model_validate(data)
     except ValidationError as error:
-        raise CatalogError(path, [(".".join(str(part) for part in item["loc"] if str(part) not in ("", "[key]"))
-                                   or "(top level)",
-                                   item["msg"].removeprefix("Value error, "))
-                                  for item in error.errors()]) from None
+        raise CatalogError(path, [_problem(item) for item in error.errors()]) from None
     catalog = _resolve_paths(catalog, path.parent)
     return catalog, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _problem(item: dict) -> tuple[str, str]:
+    """A schema error as (field, message); a check across sections names its field first (``train.target: …``)."""
+    field = ".".join(str(part) for part in item["loc"] if str(part) not in ("", "[key]"))
+    message = item["msg"].removeprefix("Value error, ")
+    named = re.match(r"^([A-Za-z_][\w.\[\]]*): (.+)$", message, flags=re.S)
+    if named and ("." in named.group(1) or not field):
+        inner, message = named.groups()
+        field = f"{field}.{inner}" if field and not inner.startswith(field) else inner
+    return field or "(top level)", message
 
 
 def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
@@ -529,54 +537,3 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
         fa = features.fa.model_copy(update={"atlas": resolve_atlas(features.fa.atlas)}) if features.fa else None
         update["features"] = features.model_copy(update={"fa": fa, "tables": [resolve(t) for t in features.tables]})
     return catalog.model_copy(update=update)
-
-
-def check_inputs(catalog: Catalog) -> list[tuple[str, str]]:
-    """Problems with the files a catalog names that can be seen before running (demo: none)."""
-    if catalog.cohort.demo is not None:
-        return _atlas_file_problems(catalog)
-    problems = []
-    if not catalog.cohort_root.is_dir():
-        problems.append(("cohort.directory", f"{catalog.cohort_root} is not a folder"))
-        return problems
-    if not catalog.participants_file.is_file():
-        problems.append(("cohort.participants", f"{catalog.participants_file} does not exist"))
-    if catalog.registration is None and not catalog.mask_file.is_file():
-        problems.append(("cohort.mask", f"{catalog.mask_file} does not exist (with native scans, add a register "
-                         "section: the mask then comes from the template)"))
-    if catalog.freesurfer_dir is not None and not catalog.freesurfer_dir.is_dir():
-        problems.append(("features.freesurfer.subjects_dir", f"{catalog.freesurfer_dir} is not a folder"))
-    return problems + _atlas_file_problems(catalog)
-
-
-def _atlas_file_problems(catalog: Catalog) -> list[tuple[str, str]]:
-    atlases = {"atlas": catalog.atlas}
-    if catalog.features is not None and catalog.features.fa is not None:
-        atlases["features.fa.atlas"] = catalog.features.fa.atlas
-    problems = []
-    for field, atlas in atlases.items():
-        if atlas.name in SYSTEM_ATLASES and not system_atlas_installed(atlas.name):
-            package = SYSTEM_ATLASES[atlas.name][2]
-            problems.append((f"{field}.name", f"atlas {atlas.name} comes with Debian's {package} package, not "
-                             f"installed here (apt-get install {package})"))
-        elif atlas.name not in BUNDLED_ATLASES and atlas.name not in SYSTEM_ATLASES:
-            for key, path in (("name", Path(atlas.name)), ("labels", atlas.labels)):
-                if not path.is_file():
-                    problems.append((f"{field}.{key}", f"{path} does not exist"))
-    if catalog.features is not None:
-        problems += [("features.tables", f"{table} does not exist")
-                     for table in catalog.features.tables if not table.is_file()]
-    problems += [(f"modalities.{name}.labels", f"{spec.labels} does not exist")
-                 for name, spec in catalog.modalities.items()
-                 if spec.labels not in (None, "freesurfer") and not Path(spec.labels).is_file()]
-    register = catalog.registration
-    if register is not None and register.template != BUNDLED_TEMPLATE:
-        for key, path in (("template", Path(register.template)), ("template_mask", register.template_mask)):
-            if path is not None and not path.is_file():
-                problems.append((f"register.{key}", f"{path} does not exist"))
-    finetune_from = catalog.train.finetune_from if catalog.train is not None else None
-    if finetune_from is not None and not finetune_from.exists():
-        problems.append(("train.finetune_from", f"{finetune_from} does not exist"))
-    if catalog.explain is not None and catalog.explain.truth is not None and not catalog.explain.truth.is_file():
-        problems.append(("explain.truth", f"{catalog.explain.truth} does not exist"))
-    return problems

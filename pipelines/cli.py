@@ -20,14 +20,16 @@ def _fail(message: str) -> None:
 
 @app.command()
 def validate(catalog: Annotated[Path, typer.Argument(help="catalog YAML file")]) -> None:
-    """Check a catalog against the schema and report every error with its field."""
-    from pipelines.catalog import CatalogError, check_inputs, load_catalog
+    """Check a catalog against the schema and against its data (the participants table, every file there, a sample
+    of each modality opened: grid, space) and report every problem with its field, before any work."""
+    from pipelines.catalog import CatalogError, load_catalog
+    from pipelines.preflight import preflight
 
     try:
         parsed, _ = load_catalog(catalog)
     except CatalogError as error:
         _fail(str(error))
-    problems = check_inputs(parsed)
+    problems = preflight(parsed)
     if problems:
         _fail(str(CatalogError(catalog.resolve(), problems)))
     console.print(f"{catalog}: valid (workspace {parsed.workspace}, modalities {', '.join(parsed.modalities)})")
@@ -39,23 +41,31 @@ def run(
     cluster: Annotated[str | None, typer.Option(
         "--cluster", help="run on this cluster profile instead of the catalog's: local or slurm "
         "(SLURM settings then come from the site's dask-jobqueue config)")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error too")] = False,
 ) -> None:
-    """Run every stage of a catalog (those already done are skipped)."""
+    """Check the catalog against its data, then run every stage (those already done are skipped)."""
     from cluster import ClusterSetupError
     from engine.analysis.association import AnalysisError
     from engine.data.inputs import InputError
     from engine.data.registration import RegistrationError
     from engine.data.store import IngestError
     from pipelines.catalog import CatalogError
-    from pipelines.runner import WorkspaceBusy, run_catalog
+    from pipelines.runner import StageError, WorkspaceBusy, run_catalog
 
     if cluster is not None and cluster not in ("local", "slurm"):
         _fail(f"--cluster must be local or slurm, not {cluster!r}")
     try:
         run_catalog(catalog, console, cluster=cluster)
     except (CatalogError, InputError, IngestError, RegistrationError, WorkspaceBusy, AnalysisError,
-            ClusterSetupError) as error:
+            ClusterSetupError, StageError) as error:  # a problem with the inputs or the catalog: one message
+        if debug:
+            errors.print_exception()
         _fail(str(error))
+    except Exception as error:
+        errors.print_exception()
+        _fail(f"relcohort met an error it has no message for, a bug rather than a problem with your inputs: "
+              f"{type(error).__name__}: {error}. Please report it in the project's issue tracker with the traceback "
+              "above and the workspace's provenance.json.")
 
 
 @app.command()

@@ -17,9 +17,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cluster import PROFILES
+from engine.analysis.association import AnalysisError
+from engine.data.inputs import InputError
+from engine.data.registration import RegistrationError
+from engine.data.store import IngestError
 from engine.layout import Layout, Provenance, Run
 from engine.tasks import Execution
-from pipelines.catalog import CatalogError, check_inputs, load_catalog
+from pipelines.catalog import CatalogError, load_catalog
+from pipelines.preflight import preflight
 from pipelines.stages import STAGES, describe_problem
 
 PACKAGES = ("relcohort", "numpy", "scipy", "pandas", "dask", "distributed", "xarray", "zarr", "nibabel",
@@ -38,6 +43,15 @@ def package_versions() -> dict[str, str | None]:
 
 class WorkspaceBusy(RuntimeError):
     """Another ``relcohort run`` holds the workspace's lock."""
+
+
+class StageError(RuntimeError):
+    """A stage met a problem with the inputs it reads (the engine's ``ValueError`` or a file it cannot use); the
+    message names the stage and the problem."""
+
+    def __init__(self, stage: str, error: Exception):
+        self.stage = stage
+        super().__init__(f"stage {stage}: {error}")
 
 
 @contextlib.contextmanager
@@ -102,7 +116,7 @@ def run_catalog(path: str | Path, console: Console | None = None, cluster: str |
             raise CatalogError(Path(path).resolve(), [("--cluster", f"unknown profile {cluster!r}; "
                                                                    f"known: {', '.join(PROFILES)}")])
         catalog = catalog.model_copy(update={"cluster": PROFILES[cluster]()})
-    problems = check_inputs(catalog)
+    problems = preflight(catalog)  # before the workspace or a cluster exists
     if problems:
         raise CatalogError(Path(path).resolve(), problems)
     workspace = catalog.workspace
@@ -134,7 +148,12 @@ def _run(catalog, catalog_sha256: str, path: str | Path, workspace: Path, consol
                 started = time.perf_counter()
                 execution = Execution(cluster.client, progress_callback(bar, stage.name), cluster.gpu_on_demand,
                                       cluster.task_slots)
-                summary = stage.run(catalog, execution)
+                try:
+                    summary = stage.run(catalog, execution)
+                except (InputError, IngestError, RegistrationError, AnalysisError):
+                    raise  # their messages name participant, file and analysis already
+                except (ValueError, OSError) as error:
+                    raise StageError(stage.name, error) from error
                 run.stages[stage.name] = {"seconds": round(time.perf_counter() - started, 2), **summary}
                 run.cluster_usage = cluster.usage()  # per pool jobs, workers and tasks (SLURM pools)
                 provenance.write(layout)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import yaml
@@ -127,3 +129,51 @@ def assert_same_results(workspace: Path, reference: Path) -> None:
     assert list(relevance.subject.values) == list(expected.subject.values)
     np.testing.assert_array_equal(relevance.relevance.values, expected.relevance.values)
     np.testing.assert_array_equal(relevance.relevance_mean.values, expected.relevance_mean.values)
+
+
+# ---------------------------------------------------------------------------------------
+# A study of one's own
+
+
+class Study:
+    """A copy of the tiny cohort with a diagnosis column (AD, CN), and a catalog that classifies it."""
+
+    def __init__(self, cohort: Path, folder: Path):
+        self.root = Path(shutil.copytree(cohort, folder / "study"))
+        self.folder = folder
+        table = pd.read_csv(self.participants, sep="\t")
+        table["group"] = np.where(np.arange(len(table)) % 2 == 0, "AD", "CN")
+        table.to_csv(self.participants, sep="\t", index=False)
+        self.catalog = {
+            "workspace": str(folder / "ws"),
+            "cohort": {"directory": str(self.root), "space": "MNI152NLin2009aSym"},
+            "modalities": {"T1": "{participant_id}/anat/{participant_id}_T1w.nii.gz",
+                           "GM": "derivatives/synth/{participant_id}/{participant_id}_label-GM_probseg.nii.gz"},
+            "train": {"target": "group", "task": "classification", "positive_class": "AD", "modalities": ["T1"],
+                      "members": 1, "epochs": 1, "batch_size": 4},
+            "explain": {"methods": ["lrp"]},
+            "associate": [{"name": "lrp_age", "outcome": "relevance.lrp", "predictor": "age",
+                           "covariates": ["sex"]}],
+            "cluster": {"n_workers": 1},
+        }
+
+    @property
+    def participants(self) -> Path:
+        return self.root / "participants.tsv"
+
+    @property
+    def workspace(self) -> Path:
+        return Path(self.catalog["workspace"])
+
+    def write(self) -> Path:
+        path = self.folder / "catalog.yaml"
+        path.write_text(yaml.safe_dump(self.catalog))
+        return path
+
+    def regrid(self, path: Path, voxel_size: float) -> None:
+        """Save an image (or the mask) on a grid of another voxel size."""
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[:3, :3] *= voxel_size / np.abs(np.diag(image.affine)[:3])
+        data = np.asanyarray(image.dataobj)[::2, ::2, ::2]
+        nib.save(nib.Nifti1Image(data, affine), path)

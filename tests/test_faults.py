@@ -35,6 +35,7 @@ REPO = Path(__file__).parents[1]
 # A Dask worker killed with SIGKILL while it trains a member
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undisturbed_run(tiny_store, tmp_path):
     from distributed import Client, LocalCluster
 

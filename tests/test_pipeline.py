@@ -237,10 +237,10 @@ def test_a_rerun_does_nothing_status_tells_what_is_there_and_a_smaller_demo_keep
 
     # a smaller demo regenerates the cohort folder; what the store holds stays
     smaller = write_catalog(folder / "smaller.yaml", workspace="ws",
-                            cohort={"demo": {"subjects": 8, "voxel_size": 8.0, "seed": 3}}, train=None, explain=None,
-                            associate=None, report=None, cluster={"profile": "local", "n_workers": 1})
+                            cohort={"demo": {"subjects": 4, "voxel_size": 8.0, "seed": 3}}, train=None, explain=None,
+                            associate=None, report=None, cluster={"profile": "local", "n_workers": 2})
     run_catalog(smaller, quiet())
-    assert not (workspace / "demo_cohort/sub-0009").exists() and (workspace / "demo_cohort/sub-0008").is_dir()
+    assert not (workspace / "demo_cohort/sub-0005").exists() and (workspace / "demo_cohort/sub-0004").is_dir()
     assert open_cohort(workspace / "images.zarr").sizes["subject"] == 16
 
 
@@ -405,7 +405,8 @@ def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(coho
                 "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.volume"}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", cohort={"directory": str(cohort_copy)},
                             modalities=modalities, train=None, explain=None, relevance={"study": {"lrp": "LRP_STUDY"}},
-                            associate=[analysis], cluster={"profile": "local", "n_workers": 1})
+                            features={"lesions": "WMH", "freesurfer": {"subjects_dir": "derivatives/freesurfer"}},
+                            associate=[analysis], cluster={"profile": "local", "n_workers": 2})
     bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", cohort={"directory": str(cohort_copy)},
                         modalities=modalities, train=None, explain=None, relevance={"study": {"lrp": "LRP"}},
                         associate=None)

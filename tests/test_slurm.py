@@ -7,6 +7,7 @@ is impossible, except in CI (``CI=true``), where it fails instead.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import threading
 import time
@@ -82,6 +83,37 @@ def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
     text = str(failure.value)
     assert "cluster.slurm.walltime: '2h' is not a SLURM time limit" in text
     assert "cluster.slurm.cpu.memory: 'lots' is not a memory size" in text and "cluster.slurm.gpu.gpus" in text
+
+
+def test_pools_start_jobs_for_waiting_tasks_and_replace_a_cancelled_one(local_slurm, tmp_path):
+    """The pooled cluster on its own: a CPU job for a CPU task, a GPU job for a GPU task, a cancelled job
+    replaced and its task run again, every job gone at the end (the whole pipeline on SLURM: the slow test below)."""
+    profile = SlurmProfile.model_validate(slurm_profile(tmp_path, idle_timeout=2.0))
+    with profile.start() as running:
+        client = running.client
+        assert client.submit(operator.add, 1, 2, pure=False).result(timeout=180) == 3  # a CPU job started for it
+        sleeping = client.submit(time.sleep, 6, resources={"GPU": 1}, pure=False)  # a GPU job starts for it
+        deadline, cancelled = time.monotonic() + 180, None
+        while cancelled is None and time.monotonic() < deadline:
+            processing = [worker for worker, keys in client.processing().items() if keys and
+                          running.client.scheduler_info(n_workers=-1)["workers"][worker]["name"].startswith("gpu-")]
+            jobs = [job for job, (name, state) in local_slurm.jobs().items()
+                    if name == "relcohort-gpu" and state == "RUNNING"]
+            if processing and jobs:
+                local_slurm.cancel(jobs[0])
+                cancelled = jobs[0]
+            time.sleep(0.2)
+        assert cancelled, "the GPU task never ran on a GPU job"
+        assert sleeping.result(timeout=240) is None  # on the job that replaced it
+        usage = running.usage()
+    assert usage["cpu"]["jobs_submitted"] >= 1 and usage["cpu"]["tasks_done"] >= 1
+    assert usage["gpu"]["jobs_replaced"] >= 1 and usage["gpu"]["tasks_rerun"] >= 1
+    assert usage["gpu"]["first_worker_seconds"] is not None
+    assert cancelled not in local_slurm.jobs()
+    deadline = time.monotonic() + 30  # closing the cluster cancels its jobs; SLURM lists them while they end
+    while [job for job, (name, _) in local_slurm.jobs().items() if name.startswith("relcohort-")]:
+        assert time.monotonic() < deadline, local_slurm.jobs()
+        time.sleep(0.2)
 
 
 @pytest.mark.slow

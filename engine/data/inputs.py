@@ -67,11 +67,12 @@ class Modality:
 
 
 def read_participants(path: str | Path) -> pd.DataFrame:
-    """Read a BIDS ``participants.tsv`` (or .csv); check IDs are present and unique, age numeric."""
+    """Read a BIDS ``participants.tsv`` (or .csv); check IDs are present and unique, age numeric. A byte-order mark
+    (as spreadsheets write UTF-8) and Windows line endings are read as any other table."""
     path = Path(path)
     separator = "," if path.suffix.lower() == ".csv" else "\t"
     try:
-        with open(path, newline="") as stream:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
             rows = list(csv.reader(stream, delimiter=separator))
     except FileNotFoundError:
         raise InputError("participants table not found", file=path) from None
@@ -84,7 +85,7 @@ def read_participants(path: str | Path) -> pd.DataFrame:
             raise InputError(f"malformed participants table: line {number} has {len(row)} fields, "
                              f"the header has {len(rows[0])}", file=path)
     table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=["", "n/a", "NA"],
-                        index_col=False)
+                        index_col=False, encoding="utf-8-sig")
     if "participant_id" not in table.columns:
         raise InputError(
             f"malformed participants table: no 'participant_id' column (columns: {list(table.columns)}; "

@@ -111,8 +111,13 @@ def _open_for_ingest(path: Path, mask_path: Path, space: str | None, voxels_per_
     if group.attrs.get("layout") != LAYOUT:
         raise InputError(f"not a relcohort images store (layout {group.attrs.get('layout')!r})", file=path)
     if file_sha256(mask_path) != group.attrs["mask_sha256"]:
-        raise InputError(f"the brain mask differs from the one this store was built with "
-                         f"({group.attrs['mask_file']}); use a new workspace for a new mask", file=mask_path)
+        raise InputError(f"the brain mask differs from the one the store {path} was built with "
+                         f"({group.attrs['mask_file']}): delete {path} (and what was computed from it) to rebuild it "
+                         "with this mask, or choose a new workspace", file=mask_path)
+    if space is not None and space != group.attrs["grid"]["space"]:  # declared since: the grid's name, not its voxels
+        group.attrs["grid"] = {**group.attrs["grid"], "space": space}
+        for name in group.attrs["modalities"]:
+            group[name].attrs["space"] = space
     _truncate_to_committed(group)
     return group
 
@@ -350,7 +355,8 @@ def ingest(
     for modality in modalities:
         if modality.name in stored_modalities and stored_modalities[modality.name]["dtype"] != modality.dtype:
             raise InputError(f"modality {modality.name} is stored as {stored_modalities[modality.name]['dtype']}, "
-                             f"the catalog asks for {modality.dtype}; use a new workspace to change it", file=store)
+                             f"the catalog asks for {modality.dtype}: delete {store} to rebuild it, or choose a new "
+                             "workspace", file=store)
     _check_participant_columns(group, participants, modalities, store)
     for modality in modalities:
         if modality.name not in stored_modalities:

@@ -35,15 +35,17 @@ class SplitSettings(BaseModel):
 
 def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None = None,
                      also_stratify: Sequence[str] = (), age_bands: int = 5) -> pd.Series:
-    """'train' / 'validation' / 'test' per participant, stratified by age bands and the other columns
-    (``settings.stratify``, default age and sex, then ``also_stratify``, e.g. the class of a classification).
+    """'train' / 'validation' / 'test' per participant, stratified first by ``also_stratify`` (the class of a
+    classification, whose balance across the splits matters most), then by age bands and the other columns of
+    ``settings.stratify`` (default age and sex).
 
     Participants are ordered by stratum (random order inside each) and dealt to the split that
-    lags its target fraction most, so every stratum and the whole cohort match the fractions to
-    within one participant. Deterministic given ``settings.seed``.
+    lags its target fraction most, so each value of the first stratum column and the whole cohort
+    match the fractions to within one participant, the later columns as nearly as the order allows.
+    Deterministic given ``settings.seed``.
     """
     settings = settings or SplitSettings()
-    strata, fractions = list(dict.fromkeys([*settings.stratify, *also_stratify])), settings.fractions
+    strata, fractions = list(dict.fromkeys([*also_stratify, *settings.stratify])), settings.fractions
     table = participants.set_index("participant_id") if "participant_id" in participants else participants
     missing = [column for column in strata if column not in table]
     if missing:
