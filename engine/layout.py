@@ -290,6 +290,11 @@ class ModelsLayout:
     def metrics(self) -> Path:
         return self.root / "metrics.parquet"
 
+    @property
+    def bias_correction(self) -> Path:
+        """How each member's brain-age gap was corrected for its age bias (method, split fitted on, coefficients)."""
+        return self.root / "bias_correction.json"
+
 
 @dataclass(frozen=True)
 class AssociationLayout:

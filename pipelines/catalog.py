@@ -21,6 +21,7 @@ from engine.data.inputs import Modality
 from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.layout import Layout
 from engine.models.attribution import METHODS, AttributionOptions
+from engine.models.metrics import BIAS_CORRECTIONS
 from engine.models.splits import SplitSettings
 from engine.models.training import TrainingConfig
 
@@ -140,10 +141,13 @@ class FreeSurferSettings(_Strict):
 
 
 class LesionSettings(_Strict):
-    """A binary lesion-mask modality: lesion load per participant, and the study's relevance indices inside it
-    (``lesions: WMH`` is short for ``lesions: {modality: WMH}``)."""
+    """A lesion modality, a binary mask or a lesion probability map with its threshold: lesion load per participant,
+    and the study's relevance indices inside it (``lesions: WMH`` is short for ``lesions: {modality: WMH}``)."""
 
-    modality: str = Field(..., description="binary lesion-mask modality")
+    modality: str = Field(..., description="lesion-mask or lesion-probability modality")
+    threshold: float | None = Field(None, gt=0, le=1, description="a probability modality: lesion where the "
+                                    "probability is at least this (the study's WML analysis: 0.8); none: a binary "
+                                    "mask, lesion where nonzero")
     min_voxels: int = Field(30, ge=0, description="relevance per lesion voxel against the participant's average: "
                             "participants with more mask voxels than this (the study's 30, at 1 mm)")
 
@@ -159,8 +163,22 @@ class PVSSettings(LesionSettings):
 
     threshold: float = Field(0.5, gt=0, le=1, description="PVS where the probability is at least this")
     min_cluster: int = Field(5, ge=1, description="keep 3D clusters (26-neighbourhood) of at least this many voxels")
-    dilate: int = Field(0, ge=0, le=3, description="grow the masks by this many voxels for the relevance indices "
-                        "(the study: 1 for T1-based maps, whose LRP relevance is near zero on dark PVS voxels)")
+    dilate: int | dict[str, int] = Field(0, description="grow the masks by this many voxels (0–3) for the relevance "
+                                         "indices, or per ensemble ({t1: 1, flair: 0}; ensembles not named: 0), as "
+                                         "the study dilated them for its T1-based maps (whose LRP relevance is near "
+                                         "zero on dark PVS voxels) and not for its FLAIR-based ones")
+
+    @field_validator("dilate")
+    @classmethod
+    def _dilations(cls, dilate):
+        for value in dilate.values() if isinstance(dilate, dict) else [dilate]:
+            if not 0 <= value <= 3:
+                raise ValueError(f"a dilation is 0 to 3 voxels, got {value}")
+        return dilate
+
+    def dilation(self, ensemble: str | None) -> int:
+        """The dilation of ensemble ``ensemble``'s masks."""
+        return self.dilate.get(ensemble, 0) if isinstance(self.dilate, dict) else self.dilate
 
 
 class FeatureSettings(_Strict):
@@ -202,6 +220,10 @@ class TrainSettings(TrainingConfig):
 
     members: int = Field(3, ge=1, le=100, description="ensemble members (differ by seed and batch order)")
     split: SplitSettings = SplitSettings()
+    bias_correction: Literal[BIAS_CORRECTIONS] = Field(
+        "validation", description="brain age: where the gap's age bias (cubic in age) is fitted: validation (the "
+        "validation split, applied to the others), cross_fit (each test fold by the other test folds), test (the "
+        "evaluated participants themselves: in-sample, the report warns), none")
     ensembles: dict[str, dict[str, Any]] | None = Field(
         None, description="several named ensembles in one workspace, each these settings with its own changes, "
         "e.g. {t1: {modalities: [T1]}, flair: {modalities: [FLAIR]}}; their relevance is relevance.<name>.<method>")
@@ -323,6 +345,12 @@ class Catalog(_Strict):
             raise ValueError(f"explain.ensembles: {unknown} are not ensembles of the train section "
                              f"({[name for name in self.ensembles() if name is not None]})")
         self._check_imported_relevance()
+        pvs = self.features.pvs if self.features is not None else None
+        if pvs is not None and isinstance(pvs.dilate, dict) and (self.train is not None or self.relevance):
+            unknown = sorted(set(pvs.dilate) - set(self.ensemble_names()))
+            if unknown:
+                raise ValueError(f"features.pvs.dilate: {unknown} are not ensembles "
+                                 f"({[name for name in self.ensemble_names() if name is not None]})")
         for index, analysis in enumerate(self.associate or []):
             self._check_terms(f"associate[{index}]", analysis)
         names = [analysis.name for analysis in self.associate or []]

@@ -211,8 +211,9 @@ class FeaturesStage(Stage):
             jobs["tract_fa"] = lambda: region_table(features.tract_mean(
                 dataset[settings.fa.modality], settings.fa.atlas.load(dataset), settings.fa.threshold))
         if settings.lesions:
-            jobs["lesion_load"] = lambda: features.lesion_load(dataset[settings.lesions.modality]).compute(
-            ).to_dataframe()[["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
+            jobs["lesion_load"] = lambda: features.lesion_load(features.lesion_mask(
+                dataset[settings.lesions.modality], settings.lesions.threshold)).compute().to_dataframe()[
+                ["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
         if settings.pvs:
             jobs["pvs_load"] = lambda: mask_relevance.cluster_count(
                 dataset[settings.pvs.modality], Masker.of(dataset), settings.pvs.threshold, settings.pvs.min_cluster
@@ -287,7 +288,8 @@ class TrainStage(Stage):
             for member in models.members():
                 models.card(member).unlink()
             mark_current(models.root, key)  # before training: members finished survive a kill
-        return EnsembleJob(layout.images, settings.member_config(), settings.members, models.root, split)
+        return EnsembleJob(layout.images, settings.member_config(), settings.members, models.root, split,
+                           settings.bias_correction)
 
     def status(self, layout: Layout) -> str | None:
         lines = []
@@ -389,7 +391,8 @@ class ValidateStage(Stage):
         """Every score of one ensemble's maps into its validation/ folder (the parameter randomisation test runs
         as a task meanwhile)."""
         layout = catalog.layout.for_ensemble(ensemble)
-        truth, masks, labels, age_bands = _truth(catalog), _masks(catalog), _truth_labels(catalog), _age_bands(catalog)
+        truth, labels, age_bands = _truth(catalog), _truth_labels(catalog), _age_bands(catalog)
+        masks = _masks(catalog, ensemble)
         task = settings.task if settings is not None else None
 
         def write(partial: Path) -> None:
@@ -399,7 +402,8 @@ class ValidateStage(Stage):
             partial.mkdir()
             predictions = pd.read_parquet(layout.models.predictions) if layout.models.predictions.is_file() else None
             if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
-                indices = features.lesion_relevance(dataset[masks["lesion"].modality], relevance.relevance_mean)
+                lesions = features.lesion_mask(dataset[masks["lesion"].modality], masks["lesion"].threshold)
+                indices = features.lesion_relevance(lesions, relevance.relevance_mean)
                 table = indices.compute().to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
                 table[["attribution", "participant_id", *indices.data_vars]].to_parquet(
                     partial / layout.lesion_relevance.name, index=False)
@@ -408,6 +412,8 @@ class ValidateStage(Stage):
                 if name == "pvs":
                     mask = mask_relevance.pvs_mask(mask, Masker.of(dataset), mask_settings.threshold,
                                                    mask_settings.min_cluster, mask_settings.dilate)
+                else:
+                    mask = features.lesion_mask(mask, mask_settings.threshold)
                 predicted = None
                 if predictions is not None and task == "regression":
                     ensemble_rows = predictions[predictions.member == ENSEMBLE]
@@ -494,11 +500,16 @@ def _truth_labels(catalog: Catalog) -> list[int] | None:
     return given or (synth.FOCAL_TRUTH_LABELS if catalog.cohort.demo else None)
 
 
-def _masks(catalog: Catalog) -> dict:
-    """The masks relevance is measured in (``lesion``, ``pvs``) and their settings, from the features section."""
+def _masks(catalog: Catalog, ensemble: str | None = None) -> dict:
+    """The masks relevance is measured in (``lesion``, ``pvs``) and their settings, from the features section (the
+    PVS masks' dilation that of ``ensemble``)."""
     settings = catalog.features
-    return {} if settings is None else {name: mask for name, mask in (("lesion", settings.lesions),
-                                                                      ("pvs", settings.pvs)) if mask is not None}
+    if settings is None:
+        return {}
+    masks = {name: mask for name, mask in (("lesion", settings.lesions), ("pvs", settings.pvs)) if mask is not None}
+    if "pvs" in masks:
+        masks["pvs"] = masks["pvs"].model_copy(update={"dilate": masks["pvs"].dilation(ensemble)})
+    return masks
 
 
 def _method_scores(scores: pd.DataFrame) -> dict:

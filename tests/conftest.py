@@ -136,7 +136,8 @@ DEMO_ANALYSES = [
      "predictor": "features.regional_gm_volume.volume_mm3", "covariates": ["age", "sex", "site"], "robust": True},
     {"name": "subcortical_volume", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
      "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.volume",
-     "correction": ["bonferroni", "fdr_bh"]},
+     "regions": {"include": ["subcortical_gray_matter", "*-Lateral-Ventricle"], "exclude": ["*-VentralDC"]},
+     "correction": ["bonferroni", "fdr_bh", "fwe"], "permutations": 200},
     {"name": "cortical_thickness", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
      "region_statistic": "sum", "labels": "APARC_ASEG", "predictor": "features.freesurfer.aparc.thickness_mean",
      "correction": ["bonferroni", "fdr_bh"]},
@@ -150,6 +151,10 @@ DEMO_ANALYSES = [
      "region_statistic": "sum", "predictor": "age"},
     {"name": "t1_lrp_age", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
      "region_statistic": "sum", "predictor": "age"},
+    {"name": "tract_fa", "scope": "roi", "statistic": "pearson", "outcome": "relevance.t1.lrp",
+     "atlas": {"name": "juelich"}, "predictor": "features.tract_fa.fa_mean", "regions": {"include": ["WM_*"]}},
+    {"name": "relevance_fa", "outcome": "relevance.t1.lrp.normalised", "predictor": "images.FA",
+     "covariates": ["age"], "within": {"name": "juelich"}, "regions": {"include": ["WM_*"]}},
 ]
 
 

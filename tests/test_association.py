@@ -217,9 +217,90 @@ def test_relevance_in_each_participants_parcels_against_freesurfer_volumes_equal
         assert abs(table.loc[name, "r"] - expected.statistic) < 1e-10
         assert abs(table.loc[name, "p"] - expected.pvalue) < 1e-10
         assert abs(table.loc[name, "p_bonferroni"] - min(1.0, 3 * expected.pvalue)) < 1e-10
+
+    # a parcel three participants do not have is missing for them (their sum is not 0): r over the other nine
+    absent = labels.copy()
+    absent[[2, 5, 7]] = np.where(absent[[2, 5, 7]] == 53, 17, absent[[2, 5, 7]])
+    images["APARC"] = (("subject", "voxel"), absent)
+    parcels = ParticipantLabels("APARC", images["APARC"], label_table("freesurfer"))
+    table = roi_analysis(Sources(images, participants, tables={"freesurfer": freesurfer}), "images.R",
+                         "features.freesurfer.volume", [], parcels, "sum", correlation="pearson").set_index("region")
+    having = [n for n in range(12) if n not in (2, 5, 7)]
+    relevance = [maps[n, absent[n] == 53].sum() for n in having]
+    volume = freesurfer[freesurfer.structure == "Right-Hippocampus"].set_index("participant_id")["value"]
+    expected = scipy_stats.pearsonr(relevance, volume.loc[[subjects[n] for n in having]])
+    assert table.loc["Right-Hippocampus", "n"] == 9 and table.loc["Left-Hippocampus", "n"] == 12
+    assert abs(table.loc["Right-Hippocampus", "r"] - expected.statistic) < 1e-10
     with pytest.raises(ValueError, match=r"features.freesurfer.aparc.thickness_mean: the FreeSurfer table has no "
                                          r"measure 'aparc.thickness_mean' \(available: eTIV, volume\)"):
         roi_analysis(sources, "images.R", "features.freesurfer.aparc.thickness_mean", [], parcels, "sum",
                      correlation="pearson")
     etiv = sources.subject_values(Term.parse("features.freesurfer.eTIV"), subjects[:2])
     assert list(etiv) == [1.5e6, 1.5e6]
+
+
+def _parcel_sources(labels: np.ndarray, maps: np.ndarray, volumes: dict[str, np.ndarray]):
+    """Participants' own parcels on a 20 × 20 × 1 grid of 2 mm voxels (8 mm³), a map and FreeSurfer volumes."""
+    from engine.analysis.atlas import ParticipantLabels
+    from engine.data.labels import label_table
+
+    subjects = [f"sub-{n:02d}" for n in range(len(labels))]
+    i, j = np.divmod(np.arange(400), 20)
+    images = xr.Dataset({"R": (("subject", "voxel"), maps), "APARC": (("subject", "voxel"), labels)},
+                        coords={"subject": subjects, "i": ("voxel", i), "j": ("voxel", j),
+                                "k": ("voxel", np.zeros(400, int))},
+                        attrs={"grid": Grid((20, 20, 1), np.diag([2.0, 2.0, 2.0, 1.0])).to_attrs()})
+    freesurfer = pd.DataFrame([{"participant_id": pid, "structure": name, "hemisphere": "lh", "measure": "volume",
+                                "value": values[n], "unit": "mm^3"}
+                               for name, values in volumes.items() for n, pid in enumerate(subjects)])
+    participants = pd.DataFrame({"age": np.arange(len(labels), dtype=float)},
+                                index=pd.Index(subjects, name="participant_id"))
+    return (Sources(images, participants, tables={"freesurfer": freesurfer}),
+            ParticipantLabels("APARC", images["APARC"], label_table("freesurfer")))
+
+
+def test_a_parcel_under_the_minimum_size_is_missing_and_the_family_is_declared():
+    """A participant's parcel under min_region_mm3 has no value (n per region falls, r is scipy's over the rest);
+    the family (FreeSurfer's subcortical gray matter group, less the amygdala) decides what is tested and the
+    Bonferroni factor, by hand; an entry matching no region is named."""
+    from scipy import stats as scipy_stats
+
+    from engine.analysis.association import RegionFamily, roi_analysis
+
+    rng = np.random.default_rng(8)
+    n = 14
+    structures = {"Left-Hippocampus": 17, "Left-Amygdala": 18, "Left-Thalamus": 10, "Left-Lateral-Ventricle": 4}
+    labels = rng.choice(list(structures.values()), size=(n, 400)).astype(np.int16)
+    labels[:4][labels[:4] == 17] = 4
+    labels[:4, :2] = 17  # participants 0-3: a two-voxel (16 mm³) hippocampus
+    maps = rng.normal(size=(n, 400))
+    volumes = {name: rng.normal(4000, 300, n) for name in structures}
+    sources, parcels = _parcel_sources(labels, maps, volumes)
+    family = RegionFamily(include=["subcortical_gray_matter"], exclude=["Left-Amygdala"])
+    table = roi_analysis(sources, "images.R", "features.freesurfer.volume", [], parcels, "sum",
+                         correlation="pearson", family=family, min_region_mm3=20).set_index("region")
+    assert sorted(table.index) == ["Left-Hippocampus", "Left-Thalamus"] == sorted(table.attrs["family"])
+    kept = np.arange(4, n)
+    expected = scipy_stats.pearsonr([maps[p, labels[p] == 17].sum() for p in kept], volumes["Left-Hippocampus"][kept])
+    assert table.loc["Left-Hippocampus", "n"] == n - 4 and table.loc["Left-Thalamus", "n"] == n
+    assert abs(table.loc["Left-Hippocampus", "r"] - expected.statistic) < 1e-10
+    assert (table["family_size"] == 2).all()
+    np.testing.assert_allclose(table["p_bonferroni"], np.minimum(2 * table["p"], 1), rtol=1e-12)
+    everything = roi_analysis(sources, "images.R", "features.freesurfer.volume", [], parcels, "sum",
+                              correlation="pearson").set_index("region")
+    assert len(everything) == 4 and everything.loc["Left-Hippocampus", "n"] == n  # 16 mm³ ≥ one voxel (8 mm³)
+    with pytest.raises(ValueError, match=r"regions: \['Left-Hipocampus'\] match no region of the analysis"):
+        roi_analysis(sources, "images.R", "features.freesurfer.volume", [], parcels, "sum", correlation="pearson",
+                     family=RegionFamily(include=["Left-Hipocampus"]))
+    # a regression per region carries every correction, and the predictor's Freedman–Lane p's are the partial
+    # correlation's (its OLS t is the partial correlation's t)
+    models = roi_analysis(sources, "images.R", "features.freesurfer.volume", ["age"], parcels, "sum",
+                          permutations=49, seed=1, family=family, min_region_mm3=20)
+    tested = models[models["term"] == "features.freesurfer.volume"].set_index("region")
+    partial = roi_analysis(sources, "images.R", "features.freesurfer.volume", ["age"], parcels, "sum",
+                           correlation="partial", permutations=49, seed=1, family=family,
+                           min_region_mm3=20).set_index("region")
+    assert {"p_bonferroni", "p_fdr", "p_permutation", "p_fwe", "family_size"} <= set(models.columns)
+    for column in ("p", "p_bonferroni", "p_fdr", "p_permutation", "p_fwe", "n"):
+        np.testing.assert_allclose(tested[column], partial.loc[tested.index, column], rtol=1e-9)
+    assert models.loc[models["term"] == "age", "p_fwe"].isna().all()

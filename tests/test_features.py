@@ -20,6 +20,7 @@ from engine.analysis.features import (
     freesurfer_table,
     join_on_participant,
     lesion_load,
+    lesion_mask,
     read_stats,
     regional_volume,
     tract_mean,
@@ -138,24 +139,40 @@ def test_freesurfer_table_over_a_subjects_dir(tmp_path, client, monkeypatch):
 
 def test_freesurfer_measures_are_named_as_freesurfer_labels_name_the_parcels(tmp_path):
     """aseg rows keep their names (FreeSurfer 6's Thalamus-Proper read as 7's Thalamus), aparc rows become the
-    ctx-lh-/ctx-rh- labels of aparc+aseg, header measures stay per participant; all are FreeSurfer label names."""
-    for pid, aseg in (("sub-01", ASEG), ("sub-02", ASEG.replace("Right-Hippocampus   ", "Left-Thalamus-Proper"))):
+    ctx-lh-/ctx-rh- labels of aparc+aseg (Destrieux's the ctx_lh_ labels of aparc.a2009s+aseg), header measures
+    stay per participant; all are FreeSurfer label names. A structure FreeSurfer found no voxel (or vertex) of is
+    missing, not 0."""
+    destrieux = {"bankssts ": "G_front_sup", "caudalanteriorcingulate": "S_central", "entorhinal": "Pole_temporal"}
+    absent = ASEG.replace("9281     9281.0", "   0        0.0")  # as aseg.stats lists a structure it did not find
+    for pid, aseg in (("sub-01", ASEG), ("sub-02", absent.replace("Right-Hippocampus   ", "Left-Thalamus-Proper"))):
         stats_dir = tmp_path / pid / "stats"
         stats_dir.mkdir(parents=True)
         (stats_dir / "aseg.stats").write_text(aseg)
-        for parcellation in ("aparc", "aparc.DKTatlas"):
-            (stats_dir / f"lh.{parcellation}.stats").write_text(LH_APARC)
+        for parcellation in ("aparc", "aparc.DKTatlas", "aparc.a2009s"):
+            text = LH_APARC
+            if parcellation == "aparc.a2009s":
+                for name, renamed in destrieux.items():
+                    text = text.replace(name, renamed.ljust(len(name)))
             (stats_dir / f"rh.{parcellation}.stats").write_text(
-                LH_APARC.replace("# hemi lh", "# hemi rh").replace("3.256", "3.111"))
-    table = freesurfer_table(tmp_path, ["sub-01", "sub-02"], parcellations=("aparc", "aparc.DKTatlas"))
+                text.replace("# hemi lh", "# hemi rh").replace("3.256", "3.111"))
+            if pid == "sub-02" and parcellation == "aparc":  # no vertex in this participant's left entorhinal
+                text = text.replace("entorhinal                                518", "entorhinal                                  0")
+            (stats_dir / f"lh.{parcellation}.stats").write_text(text)
+    table = freesurfer_table(tmp_path, ["sub-01", "sub-02"], parcellations=("aparc", "aparc.DKTatlas", "aparc.a2009s"))
     volume = freesurfer_measure(table, "volume").set_index(["participant_id", "region"])["value"]
     assert volume["sub-01", "Right-Hippocampus"] == 4201.1 and volume["sub-02", "Left-Thalamus"] == 4201.1
     thickness = freesurfer_measure(table, "aparc.DKTatlas.thickness_mean").set_index(["participant_id", "region"])
     assert thickness.loc[("sub-02", "ctx-lh-entorhinal"), "value"] == 3.256
     assert thickness.loc[("sub-02", "ctx-rh-entorhinal"), "value"] == 3.111
     assert len(thickness) == 2 * 2 * 3  # participants × hemispheres × regions, aparc's rows not mixed in
+    assert np.isnan(volume["sub-02", "Left-Lateral-Ventricle"]) and volume["sub-01", "Left-Lateral-Ventricle"] == 9281
+    aparc = freesurfer_measure(table, "aparc.thickness_mean").set_index(["participant_id", "region"])["value"]
+    assert np.isnan(aparc["sub-02", "ctx-lh-entorhinal"]) and aparc["sub-02", "ctx-rh-entorhinal"] == 3.111
+    a2009s = freesurfer_measure(table, "aparc.a2009s.thickness_mean").set_index(["participant_id", "region"])["value"]
+    assert a2009s["sub-01", "ctx_lh_Pole_temporal"] == 3.256 and a2009s["sub-01", "ctx_rh_G_front_sup"] == 2.729
     names = set(label_table("freesurfer")["name"])
-    assert set(volume.index.get_level_values("region")) | set(thickness.index.get_level_values("region")) <= names
+    for measure in (volume, thickness, a2009s):
+        assert set(measure.index.get_level_values("region")) <= names
     etiv = freesurfer_measure(table, "eTIV")
     assert list(etiv.columns) == ["participant_id", "value"] and (etiv["value"] == 1482637.11).all()
     with pytest.raises(ValueError, match=r"no measure 'aparc.thickness'.*aparc.thickness_mean"):
@@ -199,6 +216,10 @@ def test_voxel_map_features_equal_numpy(hand_atlas):
     load = lesion_load(lesions)
     np.testing.assert_array_equal(load.lesion_voxels, (lesions.values > 0).sum(1))
     np.testing.assert_allclose(load.lesion_volume_mm3, (lesions.values > 0).sum(1) * 27.0)
+    probability = _hand_data(rng.random((5, labels.size)))  # a lesion-probability map, thresholded as the study
+    load = lesion_load(lesion_mask(probability, threshold=0.8)).compute()
+    np.testing.assert_array_equal(load.lesion_voxels, (probability.values >= 0.8).sum(1))
+    assert load.lesion_voxels.min() > 0 and load.lesion_voxels.max() < labels.size / 3
 
 
 def test_planted_effects_show_in_regional_features(effects_store):

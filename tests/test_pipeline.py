@@ -14,6 +14,7 @@ import yaml
 from scipy import stats
 
 from engine import open_workspace
+from engine.analysis.mask_relevance import pvs_mask
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
 from engine.data.synth.freesurfer import cortical_regions
@@ -145,6 +146,14 @@ def test_demo_run_writes_every_stage_of_both_ensembles(demo_workspace):
             comparison = pd.read_parquet(ensemble / f"validation/{mask}_comparison.parquet")
             assert list(comparison.attribution) == methods and (comparison.min_voxels == 30).all()
 
+    # the PVS masks grown by a voxel for the T1 ensemble's maps (features.pvs.dilate: {t1: 1}), not for FLAIR's
+    pvs = {name: pd.read_parquet(workspace / f"ensembles/{name}/validation/pvs_indices.parquet").query(
+        "attribution == 'lrp'").set_index("participant_id")["n_wml_voxel"] for name in ("t1", "flair")}
+    for name, dilate in (("t1", 1), ("flair", 0)):
+        expected = pvs_mask(ds.PVS, Masker.of(ds), 0.5, 5, dilate).sum("voxel").to_series()
+        np.testing.assert_array_equal(pvs[name], expected.loc[pvs[name].index])
+    assert (pvs["t1"].loc[pvs["flair"].index] > pvs["flair"]).any()
+
     split = pd.read_csv(workspace / "ensembles/t1/models/split.tsv", sep="\t")
     relevance = open_relevance(workspace / "ensembles/t1/relevance.zarr")
     assert sorted(relevance.subject.values) == sorted(split.participant_id)  # subjects: all
@@ -173,10 +182,26 @@ def test_demo_run_writes_every_stage_of_both_ensembles(demo_workspace):
     assert regions.n.max() == relevance.sizes["subject"] and regions.p_fdr.between(0, 1).all()
     assert "features.regional_gm_volume.volume_mm3" in set(regions.term)
     correlations = pd.read_parquet(associations / "subcortical_volume/correlations.parquet").set_index("region")
-    assert list(correlations.columns) == ["r", "p", "p_bonferroni", "p_fdr", "n"]
-    assert correlations.r.dropna().between(-1, 1).all() and correlations.n.max() == relevance.sizes["subject"]
+    assert list(correlations.columns) == ["r", "p", "p_bonferroni", "p_fdr", "n", "family_size", "p_permutation",
+                                          "p_fwe"]
+    assert correlations.r.dropna().between(-1, 1).all() and correlations.n.max() <= relevance.sizes["subject"]
+    family = {f"{side}-{name}" for side in ("Left", "Right") for name in (
+        "Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala", "Accumbens-area", "Lateral-Ventricle")}
+    assert "Left-Hippocampus" in correlations.index and set(correlations.index) <= family  # declared, VentralDC out
+    summary = json.loads((associations / "subcortical_volume/summary.json").read_text())
+    assert summary["family"]["regions"] == list(correlations.index) and summary["permutations"] == 200
     tested = correlations.dropna(subset=["p"])  # regions without data are listed, not counted
     np.testing.assert_allclose(tested.p_bonferroni, np.minimum(tested.p * len(tested), 1))
+    assert (tested.family_size == len(tested)).all() and (tested.p_fwe >= tested.p_permutation).all()
+    # FA: relevance in Juelich's white-matter tracts, per tract and voxel-wise inside them
+    tracts = pd.read_parquet(associations / "tract_fa/correlations.parquet")
+    assert len(tracts) > 5 and tracts.region.str.startswith("WM_").all()
+    inside_tracts = json.loads((associations / "relevance_fa/summary.json").read_text())["within"]
+    atlas = open_workspace(workspace).atlas("juelich")
+    in_tracts = np.isin(atlas.voxel_labels, atlas.regions.index[atlas.regions.name.str.startswith("WM_")])
+    assert inside_tracts["voxels"] == in_tracts.sum() and inside_tracts["atlas"] == "juelich"
+    fa_t = nib.load(associations / "relevance_fa/t.nii.gz").get_fdata()[ds.i.values, ds.j.values, ds.k.values]
+    assert np.isnan(fa_t[~in_tracts]).all() and np.isfinite(fa_t[in_tracts]).mean() > 0.5
     # the seed study's way, by hand: LRP summed in each participant's own hippocampus (its aparc+aseg in the
     # store) against that participant's aseg.stats volume, Pearson r across participants
     labels = ds.APARC_ASEG.sel(subject=relevance.subject.values).values
@@ -298,12 +323,12 @@ def test_train_and_explain_sections_are_checked(tmp_path):
     with pytest.raises(CatalogError, match="explain: needs a train section"):
         load_catalog(catalog)
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
-                            associate=None)  # one unnamed ensemble: the demo's explain.ensembles names one no more
+                            features=None, associate=None)  # one unnamed ensemble: explain.ensembles names one no more
     result = cli("validate", catalog)
     assert result.exit_code == 1 and "explain.ensembles: ['flair'] are not ensembles of the train section" in \
         result.stderr
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"finetune_from": "pretrained"},
-                            explain={"methods": ["lrp"]}, associate=None)
+                            explain={"methods": ["lrp"]}, features=None, associate=None)
     result = cli("validate", catalog)
     assert result.exit_code == 1 and "train.finetune_from" in result.stderr and "does not exist" in result.stderr
 
@@ -432,3 +457,26 @@ def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(coho
     assert abs(correlations.set_index("region").loc["Right-Hippocampus", "r"] - expected.statistic) < 1e-6
     report = (workspace / "report.html").read_text()
     assert "<h3>Ensemble study</h3>" in report and "maps were made elsewhere and imported" in report
+
+
+def test_the_statistics_settings_are_checked(tmp_path):
+    """Settings that do not fit the analysis are named: a per-ensemble PVS dilation for an ensemble that is not
+    trained, within outside voxel analyses, a permutation test of robust region models, fwe without permutations,
+    an unknown bias correction."""
+    cases = [
+        ({"features": {"pvs": {"modality": "PVS", "dilate": {"t2": 1}}}},
+         r"features.pvs.dilate: \['t2'\] are not ensembles \(\['flair', 't1'\]\)"),
+        ({"associate": [{"name": "a", "scope": "roi", "outcome": "relevance.t1.lrp", "predictor": "age",
+                         "within": {"name": "juelich"}}]}, "within applies to voxel analyses only"),
+        ({"associate": [{"name": "a", "scope": "roi", "outcome": "relevance.t1.lrp", "predictor": "age",
+                         "robust": True, "permutations": 100}]}, "permutes OLS fits: not with robust"),
+        ({"associate": [{"name": "a", "scope": "roi", "outcome": "relevance.t1.lrp", "predictor": "age",
+                         "correction": ["fwe"]}]}, "correction fwe needs permutations"),
+        ({"associate": [{"name": "a", "scope": "subject", "outcome": "age", "predictor": "predictions.t1.predicted",
+                         "min_region_mm3": 50}]}, "min_region_mm3 apply to roi analyses only"),
+        ({"train": {**yaml.safe_load((REPO / "catalog.yaml").read_text())["train"], "bias_correction": "train"}},
+         r"train.bias_correction: Input should be 'validation', 'cross_fit', 'test' or 'none'"),
+    ]
+    for sections, message in cases:
+        with pytest.raises(CatalogError, match=message):
+            load_catalog(write_catalog(tmp_path / "catalog.yaml", workspace="ws", **sections))

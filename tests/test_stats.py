@@ -138,8 +138,9 @@ def test_permutation_null_equals_refitting_each_permutation(data, case):
 
 @pytest.mark.parametrize("case", ["map outcome", "map predictor", "both maps"])
 def test_voxels_too_few_participants_have_a_value_at_are_left_out_of_the_fit_and_the_null(data, case):
-    """Zeros planted at 5 voxels (a map nonzero for only 3, 20 or 40 of the 60 participants): coverage counts
-    the participants nonzero in every map; with min_coverage 0.5 the voxels under 30 are NaN and the max-T
+    """Zeros planted at 5 voxels (a map nonzero for only 3, 20 or 40 of the 60 participants), and with two maps
+    a voxel each map has 40 values at but both only 20: coverage counts the participants nonzero in every map at
+    once (numpy's count); with min_coverage 0.5 the voxels under 30 are NaN and the max-T
     null equals refitting each permutation on the covered voxels only."""
     covariates, x, x_map, y = data
     covariates = covariates[["age", "site"]]
@@ -148,15 +149,20 @@ def test_voxels_too_few_participants_have_a_value_at_are_left_out_of_the_fit_and
     for voxel, nonzero in zip((2, 7, 11, 18, 23), (3, 20, 40, 3, 29), strict=True):
         hidden = rng.permutation(N)[nonzero:]
         (x_map if voxel in (18, 23) and case != "map outcome" else y)[hidden, voxel] = 0
+    if case == "both maps":  # each map nonzero for 40 participants, both at once for only 20 of them
+        order = rng.permutation(N)
+        y[order[:20], 24], x_map[order[20:40], 24] = 0, 0
     outcome, predictor = {"map outcome": (y, x), "map predictor": (y[:, 0], x_map), "both maps": (y, x_map)}[case]
     maps = [values for values in (outcome, predictor) if values.ndim == 2]
-    expected_coverage = np.min([(values != 0).sum(axis=0) for values in maps], axis=0)
+    expected_coverage = np.logical_and.reduce([values != 0 for values in maps]).sum(axis=0)
     as_term = {True: _maps, False: lambda values: values}
     result = voxelwise_ols(as_term[outcome.ndim == 2](outcome), as_term[predictor.ndim == 2](predictor), covariates,
                            ["site"], permutations=12, seed=5, permutation_batch=5, min_coverage=0.5)
     np.testing.assert_array_equal(result.coverage.values, expected_coverage)
     covered = expected_coverage >= 30
     assert (~covered).sum() >= 2  # the planted voxels under 30 that this case's maps hold
+    if case == "both maps":
+        assert not covered[24] and ((y[:, 24] != 0).sum(), (x_map[:, 24] != 0).sum()) == (40, 40)
     assert np.isnan(result.t.values[~covered]).all() and np.isnan(result.p.values[~covered]).all()
     everything = voxelwise_ols(as_term[outcome.ndim == 2](outcome), as_term[predictor.ndim == 2](predictor),
                                covariates, ["site"])
@@ -169,6 +175,24 @@ def test_voxels_too_few_participants_have_a_value_at_are_left_out_of_the_fit_and
     np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-8 if case == "both maps" else 1e-4)
     with pytest.raises(ValueError, match="min_coverage is a share"):
         voxelwise_ols(_maps(y), x, covariates, ["site"], min_coverage=30)
+
+
+def test_within_tests_only_the_voxels_it_marks_and_the_max_t_null_runs_over_them(data):
+    """within (e.g. the tracts): outside, no statistics; inside, the unrestricted fit's t; the max-T null is the
+    brute-force refit of each permutation on the marked voxels alone."""
+    covariates, x, _, y = data
+    covariates = covariates[["age", "site"]]
+    within = np.zeros(V, bool)
+    within[[1, 4, 9, 16, 20]] = True
+    result = voxelwise_ols(_maps(y), x, covariates, ["site"], permutations=12, seed=5, within=within)
+    everything = voxelwise_ols(_maps(y), x, covariates, ["site"])
+    assert np.isnan(result.t.values[~within]).all() and np.isnan(result.p_fwe.values[~within]).all()
+    np.testing.assert_array_equal(result.t.values[within], everything.t.values[within])
+    orders = [permutation(5, k, N) for k in range(12)]
+    expected = _brute_force_max_t(y[:, within], x, covariates, orders, lambda r, order: r[np.argsort(order)])
+    np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="within marks 3 voxels, the maps have 25"):
+        voxelwise_ols(_maps(y), x, covariates, ["site"], within=within[:3])
 
 
 #: How far the max-T null may move when only the batching, chunking or BLAS threads change: float32
@@ -345,6 +369,60 @@ def test_region_correlation_permutation_p(region_table):
     again = region_correlations(region_table, "density", "volume", ["age", "site"], "partial", permutations=999,
                                 seed=3).set_index("region")
     assert again["p_permutation"].equals(table["p_permutation"])
+
+
+def test_region_permutation_is_freedman_lane_with_a_max_t_family_wise_p(region_table):
+    """Against a brute-force refit of every permutation (statsmodels OLS): the outcome's residuals given the
+    covariates permuted and added back to their fit, Y* = Ŷ_Z + P·e; a region with a missing row takes the others
+    in the order the permutation puts them. The family-wise p counts the largest |t| over the regions."""
+    import statsmodels.formula.api as smf
+
+    permutations, seed = 30, 7
+    table = region_correlations(region_table, "density", "volume", ["age", "site"], "partial",
+                                permutations=permutations, seed=seed).set_index("region")
+    people = pd.Index(pd.unique(region_table["participant_id"]))
+    null_t = {}
+    observed = {}
+    for name, data in region_table.groupby("region", sort=False):
+        data = data.dropna().reset_index(drop=True)
+        reduced = smf.ols("density ~ age + C(site)", data).fit()
+        observed[name] = abs(smf.ols("density ~ volume + age + C(site)", data).fit().tvalues["volume"])
+        position = people.get_indexer(data["participant_id"])
+        t = []
+        for index in range(permutations):
+            order = permutation(seed, index, len(people))
+            taken = [np.flatnonzero(position == p)[0] for p in order if p in set(position)]
+            permuted = data.assign(density=reduced.fittedvalues + reduced.resid.to_numpy()[taken])
+            t.append(abs(smf.ols("density ~ volume + age + C(site)", permuted).fit().tvalues["volume"]))
+        null_t[name] = np.array(t)
+    maxima = np.max(list(null_t.values()), axis=0)
+    for name, t in null_t.items():
+        assert table.loc[name, "p_permutation"] == pytest.approx((1 + np.sum(t >= observed[name] - 1e-9)) / 31)
+        assert table.loc[name, "p_fwe"] == pytest.approx((1 + np.sum(maxima >= observed[name] - 1e-9)) / 31)
+    assert (table["p_fwe"] >= table["p_permutation"]).all()
+
+
+def test_the_family_wise_p_holds_its_level_under_a_planted_null_where_per_region_p_does_not():
+    """250 cohorts without any effect, 20 correlated regions each: the share of cohorts with any region at p_fwe
+    < 0.05 lies within the 99.9 % binomial bounds of 0.05; any region at an uncorrected permutation p < 0.05
+    happens far more often."""
+    rng = np.random.default_rng(11)
+    cohorts, n, regions = 250, 30, 20
+    people = [f"sub-{i}" for i in range(n)]
+    any_fwe = any_uncorrected = 0
+    for cohort in range(cohorts):
+        shared = rng.normal(size=(n, 1))
+        volume = rng.normal(size=(n, regions))
+        relevance = 0.5 * shared + rng.normal(size=(n, regions))  # regions correlated, none with its volume
+        table = pd.DataFrame({"participant_id": np.repeat(people, regions), "region": np.tile(range(regions), n),
+                              "y": relevance.ravel(), "x": volume.ravel(),
+                              "age": np.repeat(rng.normal(size=n), regions)})
+        result = region_correlations(table, "y", "x", ["age"], "partial", permutations=99, seed=cohort)
+        any_fwe += (result["p_fwe"] < 0.05).any()
+        any_uncorrected += (result["p_permutation"] < 0.05).any()
+    low, high = stats.binom.ppf([0.0005, 0.9995], cohorts, 0.05) / cohorts
+    assert low <= any_fwe / cohorts <= high
+    assert any_uncorrected / cohorts > 0.5
 
 
 def test_region_mixed_models_with_a_site_intercept_equal_statsmodels(region_table):

@@ -330,8 +330,9 @@ def test_rewrites_land_on_their_own_rows_whatever_the_table_order(cohort_copy, t
 
 
 def test_label_volumes_hold_only_their_tables_labels(tiny_cohort, tmp_path):
-    """A label volume (FreeSurfer numbers) with a label its table lacks is refused naming the participant, the
-    file and the label; with on_error=skip the others are stored, as integers."""
+    """A label volume (FreeSurfer numbers: Desikan–Killiany's 1028 and Destrieux's 11116 are both known) with a
+    label its table lacks is refused naming the participant, the file and the label; with on_error=skip the
+    others are stored, as integers."""
     root = tmp_path / "labels"
     root.mkdir()
     shutil.copy(tiny_cohort / "mask.nii.gz", root / "mask.nii.gz")
@@ -339,7 +340,7 @@ def test_label_volumes_hold_only_their_tables_labels(tiny_cohort, tmp_path):
     table = read_participants(tiny_cohort / "participants.tsv").iloc[:3]
     for n, pid in enumerate(table.participant_id):
         labels = np.where(np.asanyarray(mask.dataobj) > 0, 17, 0).astype(np.int16)
-        labels[10, 10, 10] = 9999 if n == 1 else 1028
+        labels[10, 10, 10] = (1028, 9999, 11116)[n]
         nib.save(nib.MGHImage(labels.astype(np.int32), mask.affine), root / f"{pid}_aparc+aseg.mgz")
     modality = Modality("APARC", "{participant_id}_aparc+aseg.mgz", "int16", kind="label", labels="freesurfer")
     with pytest.raises(IngestError, match=r"sub-0002.*label\(s\) \[9999\] are not in the modality's label table"):
@@ -348,4 +349,4 @@ def test_label_volumes_hold_only_their_tables_labels(tiny_cohort, tmp_path):
     assert [problem.participant for problem in report.problems] == ["sub-0002"]
     assert "sub-0002_aparc+aseg.mgz" in str(report.problems[0].file)
     stored = open_cohort(tmp_path / "b.zarr")["APARC"]
-    assert stored.dtype == np.int16 and set(np.unique(stored.values)) <= {17, 1028}
+    assert stored.dtype == np.int16 and set(np.unique(stored.values)) == {17, 1028, 11116}

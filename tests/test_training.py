@@ -14,7 +14,7 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_sco
 
 from engine.data.store import open_cohort
 from engine.models.ensembles import ENSEMBLE, train_ensemble
-from engine.models.metrics import bias_corrected_gap, classification_metrics, regression_metrics
+from engine.models.metrics import bias_corrected_gap, classification_metrics, out_of_sample_gap, regression_metrics
 from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.models.splits import SplitSettings, stratified_split
 from engine.models.training import TrainingConfig, load_member, soft_labels, train_member, value_bins
@@ -138,6 +138,41 @@ def test_bias_corrected_gap_equals_the_residual_of_a_cubic_ols():
     assert abs(np.corrcoef(corrected[fit], age[fit])[0, 1]) < 1e-8
     with pytest.raises(ValueError, match="needs more than 4 participants"):
         bias_corrected_gap(predicted[:4], age[:4])
+
+
+@pytest.mark.parametrize("method", ["validation", "cross_fit", "test"])
+def test_the_age_bias_is_corrected_out_of_sample_unless_the_test_fit_is_asked_for(method):
+    """validation: numpy's polyfit on the validation split, polyval on the others (NaN for the fitted ones);
+    cross_fit: every test participant corrected by a fit they are not part of, so moving their prediction by δ
+    moves their corrected gap by exactly δ; test: the fit includes them, and the same δ moves it by less."""
+    rng = np.random.default_rng(4)
+    n = 150
+    age = rng.uniform(18, 82, n)
+    predicted = 30 + 0.4 * age + rng.normal(0, 4, n)
+    split = rng.choice(["train", "validation", "test"], n, p=[0.5, 0.25, 0.25])
+    corrected, record = out_of_sample_gap(predicted, age, split, method)
+    test = split == "test"
+    assert np.isfinite(corrected[test]).all() and record["method"] == method
+    if method == "validation":
+        fit = split == "validation"
+        scaled = (age - age[fit].mean()) / age[fit].std()
+        expected = (predicted - age) - np.polyval(np.polyfit(scaled[fit], (predicted - age)[fit], 3), scaled)
+        np.testing.assert_allclose(corrected[~fit], expected[~fit], rtol=1e-10, atol=1e-10)
+        assert np.isnan(corrected[fit]).all() and record["participants_fitted"] == fit.sum()
+    if method == "cross_fit":
+        assert np.isnan(corrected[~test]).all()
+    moved = {}
+    for participant in np.flatnonzero(test)[:10]:
+        nudged = predicted.copy()
+        nudged[participant] += 5.0
+        moved[participant] = out_of_sample_gap(nudged, age, split, method)[0][participant] - corrected[participant]
+    shifts = np.array(list(moved.values()))
+    if method == "test":
+        assert (shifts < 5.0 - 1e-6).all()  # in-sample: the fit follows the participant's own gap
+    else:
+        np.testing.assert_allclose(shifts, 5.0, rtol=1e-9)
+    with pytest.raises(ValueError, match="unknown bias correction 'train'"):
+        out_of_sample_gap(predicted, age, split, "train")
 
 
 CONFIG = TrainingConfig(modalities=("T1", "FLAIR"), epochs=3, batch_size=4, patience=2, seed=7)

@@ -41,6 +41,7 @@ from scipy import ndimage
 from engine.analysis.atlas import Atlas, AtlasSettings, NativeLabels, ParticipantLabels, region_reduce
 from engine.analysis.features import freesurfer_measure
 from engine.analysis.stats import adjust_p, map_similarity, region_correlations, region_models, voxelwise_ols
+from engine.data.labels import FREESURFER_GROUPS, matching_regions
 from engine.data.masker import Masker
 from engine.layout import AssociationLayout
 
@@ -187,15 +188,24 @@ class Sources:
         return table[column].reindex(subjects).rename(term.text)
 
     def region_values(self, term: Term, subjects: list[str], regions: Atlas | ParticipantLabels | NativeLabels,
-                      statistic: str) -> pd.DataFrame:
+                      statistic: str, min_region_mm3: float | None = None) -> pd.DataFrame:
         """(participant_id, region, value) of a region-level term: a map reduced per region (of one atlas, or of
         each participant's own labels), or a feature with regions (a table's ``region`` column, FreeSurfer's
-        structures)."""
-        if term.is_map:  # regions no participant has (a label table's unused labels) are left out
-            reduced = region_reduce(self.map(term, subjects), regions)[[statistic, "count"]].compute()
-            present = reduced["region"].values[(reduced["count"] > 0).any([d for d in reduced["count"].dims
-                                                                           if d != "region"]).values]
-            table = reduced[statistic].sel(region=present).to_dataframe(name=term.text).reset_index()
+        structures).
+
+        A participant's region of a map term smaller than ``min_region_mm3`` (default: one voxel of the cohort
+        grid; a parcel the participant does not have is always smaller) has no value (NaN), and regions no
+        participant has are left out."""
+        if term.is_map:
+            reduced = region_reduce(self.map(term, subjects), regions).compute()
+            kept = reduced["count"] > 0  # on the cohort grid: at least one voxel, one voxel's volume
+            if min_region_mm3 is not None or "volume_mm3" in reduced:
+                voxel_volume = Masker.of(self.images).grid.voxel_volume
+                volume = reduced["volume_mm3"] if "volume_mm3" in reduced else reduced["count"] * voxel_volume
+                kept = kept & (volume >= (voxel_volume if min_region_mm3 is None else min_region_mm3) * (1 - 1e-9))
+            values = reduced[statistic].where(kept)
+            present = reduced["region"].values[kept.any([d for d in kept.dims if d != "region"]).values]
+            table = values.sel(region=present).to_dataframe(name=term.text).reset_index()
             return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term.text]]
         if term.source != "features":
             raise ValueError(f"{term}: not a region-level term (a map, or features.<table>.<column> with regions)")
@@ -255,6 +265,33 @@ def _term(value) -> Term:
 TermText = Annotated[Term, PlainValidator(_term), PlainSerializer(str, return_type=str)]
 
 
+class RegionFamily(BaseModel):
+    """Which regions an roi analysis tests, and so the family its corrections run over. An entry is a region name,
+    a glob pattern (``ctx-lh-*``) or one of FreeSurfer's groups: """ + ", ".join(FREESURFER_GROUPS) + """."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include: list[str] = Field([], description="regions to test (empty: every region present)")
+    exclude: list[str] = Field([], description="regions left out")
+
+    def select(self, names: list[str]) -> list[str]:
+        """The family among ``names``; an entry that matches none of them is an error naming it."""
+        included, unmatched = matching_regions(names, self.include) if self.include else (names, [])
+        excluded, unmatched_excluded = matching_regions(names, self.exclude)
+        if unmatched or unmatched_excluded:
+            raise ValueError(f"regions: {unmatched + unmatched_excluded} match no region of the analysis "
+                             f"({', '.join(names[:6])}{', …' if len(names) > 6 else ''}; groups: "
+                             f"{', '.join(FREESURFER_GROUPS)})")
+        family = [name for name in included if name not in set(excluded)]
+        if not family:
+            raise ValueError(f"regions: include {self.include} and exclude {self.exclude} leave no region to test")
+        return family
+
+    def describe(self, family: list[str]) -> dict:
+        return {"include": self.include or ["every region present"], "exclude": self.exclude, "size": len(family),
+                "regions": family}
+
+
 class AnalysisSettings(BaseModel):
     """One association model: outcome ~ predictor + covariates, voxel- or ROI-wise (:func:`analyse`); the catalog's
     ``associate:`` entries are this model."""
@@ -270,14 +307,16 @@ class AnalysisSettings(BaseModel):
         "voxel", description="voxel-wise model, one model per atlas region, per-subject similarity of two maps, "
         "or one model of per-participant values (e.g. lesion load ~ brain-age gap)")
     correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
-        ["fdr_bh"], min_length=1, description="voxel p-value corrections; the first thresholds the cluster table")
-    permutations: int = Field(0, ge=0, le=100_000, description="max-T permutations (Freedman–Lane) for fwe; "
-                              "roi correlations: a permutation p per region")
+        ["fdr_bh"], min_length=1, description="p-value corrections across voxels, or across the regions of the "
+        "family (roi); fwe needs permutations; a voxel analysis's first correction thresholds the cluster table")
+    permutations: int = Field(0, ge=0, le=100_000, description="Freedman–Lane permutations: voxel, max-T over "
+                              "voxels for fwe; roi, a permutation p per region (p_permutation) and the max-|t| over "
+                              "the regions for fwe (p_fwe)")
     seed: int = Field(0, ge=0, description="seed of the permutations")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of maps and cluster tables")
     min_coverage: float = Field(0.1, ge=0, le=1, description="voxel: test only voxels where at least this share of "
-                                "the participants has a nonzero value in every map term (1: SPM's implicit mask); "
-                                "elsewhere the few participants with a value would decide the fit")
+                                "the participants has a nonzero value in every map term at once (1: SPM's implicit "
+                                "mask); elsewhere the few participants with a value would decide the fit")
     region_statistic: Literal["mean", "sum", "abs_sum", "pos_sum"] = Field(
         "mean", description="roi: how a map becomes one value per region (mean = relevance density)")
     statistic: Literal["regression", "pearson", "spearman", "partial"] = Field(
@@ -287,6 +326,16 @@ class AnalysisSettings(BaseModel):
     random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
                                          "participant column (e.g. site)")
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
+    within: AtlasSettings | None = Field(None, description="voxel: test only the voxels inside this atlas's regions "
+                                         "(those regions names), e.g. the white-matter tracts (the study's FA "
+                                         "analysis)")
+    regions: RegionFamily = Field(default_factory=RegionFamily, description="roi: the regions tested, and so the "
+                                  "family the corrections run over; voxel with within: the regions whose voxels are "
+                                  "tested (default: every region present)")
+    min_region_mm3: float | None = Field(None, ge=0, description="roi: a participant's region smaller than this "
+                                         "(mm³) has no value for them, left out of that region's test (default: one "
+                                         "voxel of the cohort grid); a parcel the participant does not have never "
+                                         "counts as 0")
     labels: str | None = Field(None, description="roi: a label-volume modality (with labels: in modalities, e.g. "
                                "every participant's aparc+aseg): each participant's own parcels instead of an atlas")
     native: bool = Field(False, description="roi with labels: take each participant's map back onto their native "
@@ -297,10 +346,15 @@ class AnalysisSettings(BaseModel):
     def _consistent(self):
         if "fwe" in self.correction and self.permutations == 0:
             raise ValueError("correction fwe needs permutations (e.g. 1000)")
-        if self.scope == "roi" and "fwe" in self.correction:
-            raise ValueError("roi analyses correct across regions with fdr_bh or bonferroni, not fwe")
-        if self.scope != "roi" and (self.random_intercept or self.atlas or self.labels):
-            raise ValueError("random_intercept, atlas and labels apply to roi analyses only")
+        if self.scope == "roi" and self.permutations and (self.robust or self.random_intercept):
+            raise ValueError("the roi permutation test permutes OLS fits: not with robust or random_intercept")
+        if self.within is not None and self.scope != "voxel":
+            raise ValueError("within applies to voxel analyses only")
+        roi_only = [name for name in ("random_intercept", "atlas", "labels", "regions", "min_region_mm3")
+                    if name in self.model_fields_set and getattr(self, name)
+                    and not (name == "regions" and self.within is not None)]
+        if self.scope != "roi" and roi_only:
+            raise ValueError(f"{', '.join(roi_only)} apply to roi analyses only")
         if self.atlas and self.labels:
             raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
         if self.native and not self.labels:
@@ -338,10 +392,11 @@ def covariate_frame(sources: Sources, covariates: list[Term], subjects: list[str
 
 def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
                    corrections: list[str], permutations: int = 0, seed: int = 0,
-                   min_coverage: float = 0.0) -> xr.Dataset:
+                   min_coverage: float = 0.0, within: np.ndarray | None = None) -> xr.Dataset:
     """One voxel-wise model with the requested corrections (``p_bonferroni``, ``p_fdr``, ``p_fwe``), at the voxels
     where at least the share ``min_coverage`` of the participants has a value (see
-    :func:`~engine.analysis.stats.voxelwise_ols`)."""
+    :func:`~engine.analysis.stats.voxelwise_ols`), and only those ``within`` marks (a boolean per voxel) if given;
+    :func:`region_voxels` marks an atlas's regions."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     if not (outcome.is_map or predictor.is_map):
         raise ValueError(f"a voxel analysis needs a map as outcome or predictor, got {outcome.text!r} and "
@@ -351,12 +406,19 @@ def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str,
              for term in (outcome, predictor)]
     frame, categorical = covariate_frame(sources, covariates, subjects)
     result = voxelwise_ols(*terms, frame, categorical, permutations=permutations if "fwe" in corrections else 0,
-                           seed=seed, min_coverage=min_coverage)
+                           seed=seed, min_coverage=min_coverage, within=within)
     if "bonferroni" in corrections:
         result["p_bonferroni"] = adjust_p(result["p"], "bonferroni")
     if "fdr_bh" in corrections:
         result["p_fdr"] = adjust_p(result["p"], "fdr_bh")
     return result
+
+
+def region_voxels(atlas: Atlas, family: RegionFamily | None = None) -> tuple[np.ndarray, list[str]]:
+    """The voxels inside the ``family``'s regions of ``atlas`` (every region present by default), and the family."""
+    present = atlas.regions[atlas.regions.index.isin(np.unique(atlas.voxel_labels))]
+    tested = (family or RegionFamily()).select(list(present["name"]))
+    return np.isin(atlas.voxel_labels, present.index[present["name"].isin(tested)]), tested
 
 
 def corrected_p(result: xr.Dataset, correction: str) -> xr.DataArray:
@@ -400,15 +462,19 @@ def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Mask
 def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
                  regions: Atlas | ParticipantLabels | NativeLabels, statistic: str = "mean", robust: bool = False,
                  groups: Term | str | None = None, correlation: str | None = None, permutations: int = 0,
-                 seed: int = 0) -> pd.DataFrame:
-    """Per region (of an atlas, or each participant's own labels): outcome ~ predictor + covariates (statsmodels),
-    FDR across regions; or, with ``correlation`` (pearson, spearman, partial),
-    :func:`~engine.analysis.stats.region_correlations`."""
+                 seed: int = 0, family: RegionFamily | None = None,
+                 min_region_mm3: float | None = None) -> pd.DataFrame:
+    """Per region of the ``family`` (of an atlas, or each participant's own labels): outcome ~ predictor +
+    covariates (statsmodels), or, with ``correlation`` (pearson, spearman, partial),
+    :func:`~engine.analysis.stats.region_correlations`; corrections across the family's regions, and with
+    ``permutations`` Freedman–Lane p-values per region and family-wise over it. A participant's region smaller
+    than ``min_region_mm3`` is missing (see :meth:`Sources.region_values`). ``attrs["family"]`` lists the
+    regions tested."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     subjects = analysis_subjects(sources, [outcome, predictor])
     names = {term.text: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
-    per_region = [sources.region_values(term, subjects, regions, statistic) for term in (outcome, predictor)
-                  if term.is_map or _has_regions(sources, term)]
+    per_region = [sources.region_values(term, subjects, regions, statistic, min_region_mm3)
+                  for term in (outcome, predictor) if term.is_map or _has_regions(sources, term)]
     if not per_region:
         raise ValueError(f"an roi analysis needs a region-level outcome or predictor, got {outcome.text!r}, "
                          f"{predictor.text!r}")
@@ -418,20 +484,43 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
     if table.empty:
         raise ValueError(f"{outcome} and {predictor} share no (participant, region) rows: are their regions named "
                          "alike (the same atlas, or labels named as the FreeSurfer table names them)?")
+    tested = (family or RegionFamily()).select(list(pd.unique(table["region"])))
+    table = table[table["region"].isin(tested)]
     subject_terms = [term for term in (outcome, predictor, *covariates) if term.text not in table.columns]
     for term in subject_terms:
         table[term.text] = table["participant_id"].map(sources.subject_values(term, subjects))
     table = table.rename(columns=names)
+    columns = [names[term.text] for term in (outcome, predictor, *covariates)]
     if correlation is not None:
-        return region_correlations(table, names[outcome.text], names[predictor.text],
-                                   [names[term.text] for term in covariates], correlation, permutations, seed)
+        result = region_correlations(table, *columns[:2], columns[2:], correlation, permutations, seed)
+    else:
+        result = _region_regressions(table, columns, robust, groups, sources, subjects, names, permutations, seed)
+    result.attrs["family"] = tested
+    return result
+
+
+def _region_regressions(table: pd.DataFrame, columns: list[str], robust: bool, groups: Term | str | None,
+                        sources: Sources, subjects: list[str], names: dict[str, str], permutations: int,
+                        seed: int) -> pd.DataFrame:
+    """:func:`~engine.analysis.stats.region_models` of ``columns`` (outcome, predictor, covariates) with readable
+    term names; with ``permutations``, the predictor's Freedman–Lane p (its OLS t is the partial correlation's)."""
     group_column = None
     if groups is not None:
         groups = Term.of(groups)
         group_column = names.setdefault(groups.text, "group")
         table[group_column] = table["participant_id"].map(sources.subject_values(groups, subjects))
-    formula = _formula(table, names[outcome.text], [names[term.text] for term in (predictor, *covariates)])
-    result = region_models(table, formula, robust=robust, groups=group_column)
+    outcome, predictor, covariates = columns[0], columns[1], columns[2:]
+    result = region_models(table, _formula(table, outcome, [predictor, *covariates]), robust=robust,
+                           groups=group_column)
+    if permutations:
+        if not pd.api.types.is_numeric_dtype(table[predictor]):
+            raise ValueError("the roi permutation test needs a numeric predictor (code two groups as 0 and 1)")
+        permuted = region_correlations(table, outcome, predictor, covariates, "partial", permutations, seed)
+        tests = permuted.set_index("region")[["p_permutation", "p_fwe"]]
+        rows = result["term"] == predictor
+        for column in tests:
+            result.loc[rows, column] = result.loc[rows, "region"].map(tests[column])
+        result.attrs["max_t_null"] = permuted.attrs["max_t_null"]
     readable = {value: key for key, value in names.items()}
     result["term"] = result["term"].replace(
         {term: _readable_term(term, readable) for term in result["term"].unique()})
@@ -502,8 +591,11 @@ def analyse(sources: Sources, settings: AnalysisSettings, out: str | Path,
 
 
 def _voxel_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, atlas: Atlas | None) -> dict:
+    within, tested = None, None
+    if settings.within is not None:
+        within, tested = region_voxels(settings.within.load(sources.images), settings.regions)
     result = voxel_analysis(sources, settings.outcome, settings.predictor, settings.covariates, settings.correction,
-                            settings.permutations, settings.seed, settings.min_coverage)
+                            settings.permutations, settings.seed, settings.min_coverage, within)
     masker = Masker.of(sources.images)
     for name in result.data_vars:
         if result[name].dims == ("voxel",):
@@ -516,6 +608,8 @@ def _voxel_analysis(sources: Sources, settings: AnalysisSettings, out: Associati
     mask = (corrected_p(result, threshold) < settings.alpha).values
     cluster_table(result["t"], mask, masker, atlas).to_parquet(out.clusters, index=False)
     return {"n": result.attrs["n"], "df": result.attrs["df"], "min_coverage": settings.min_coverage,
+            "within": None if within is None else {"atlas": settings.within.name, "voxels": int(within.sum()),
+                                                   **settings.regions.describe(tested)},
             "voxels_tested": int(np.isfinite(result["t"].values).sum()), "correction": settings.correction,
             "clusters_thresholded_by": threshold, "permutations": result.attrs.get("permutations", 0),
             "seed": settings.seed, "significant": significant,
@@ -524,29 +618,31 @@ def _voxel_analysis(sources: Sources, settings: AnalysisSettings, out: Associati
 
 def _roi_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout,
                   regions: Atlas | ParticipantLabels | NativeLabels) -> dict:
-    if settings.statistic != "regression":
-        table = roi_analysis(sources, settings.outcome, settings.predictor, settings.covariates, regions,
-                             settings.region_statistic, correlation=settings.statistic,
-                             permutations=settings.permutations, seed=settings.seed)
+    correlation = None if settings.statistic == "regression" else settings.statistic
+    table = roi_analysis(sources, settings.outcome, settings.predictor, settings.covariates, regions,
+                         settings.region_statistic, settings.robust, settings.random_intercept, correlation,
+                         settings.permutations, settings.seed, settings.regions, settings.min_region_mm3)
+    attrs = dict(table.attrs)  # the family, the max-|t| null, skipped regions: into summary.json, not the tables
+    table.attrs.clear()
+    if correlation:
         table.to_parquet(out.correlations, index=False)
         table.to_csv(out.correlations_csv, index=False)
-        column = {"bonferroni": "p_bonferroni", "fdr_bh": "p_fdr"}
-        return {"n": int(table["n"].max()) if len(table) else 0, "regions": len(table),
-                "correction": settings.correction, "model": settings.statistic,
-                "significant": {correction: int((table[column[correction]] < settings.alpha).sum())
-                                for correction in settings.correction}}
-    table = roi_analysis(sources, settings.outcome, settings.predictor, settings.covariates, regions,
-                         settings.region_statistic, settings.robust, settings.random_intercept)
-    skipped = table.attrs.get("skipped", {})
-    table.to_parquet(out.regions, index=False)
-    table.to_csv(out.regions_csv, index=False)
-    tested = table[table["term"] == settings.predictor.text]
-    significant = {correction: int((adjust_p(tested["p"].to_numpy(), correction) < settings.alpha).sum())
-                   for correction in settings.correction}
+        tested, model = table, correlation
+    else:
+        table.to_parquet(out.regions, index=False)
+        table.to_csv(out.regions_csv, index=False)
+        tested = table[table["term"] == settings.predictor.text]
+        model = "mixed" if settings.random_intercept else ("ols_hc3" if settings.robust else "ols")
+    if "max_t_null" in attrs:
+        pd.DataFrame({"max_abs_t": attrs["max_t_null"]}).to_parquet(out.max_t_null, index=False)
     return {"n": int(tested["n"].max()) if len(tested) else 0, "regions": int(tested["region"].nunique()),
-            "correction": settings.correction, "significant": significant,
-            "model": "mixed" if settings.random_intercept else ("ols_hc3" if settings.robust else "ols"),
-            "skipped_regions": skipped}
+            "family": settings.regions.describe(attrs["family"]), "min_region_mm3": settings.min_region_mm3,
+            "correction": settings.correction, "model": model, "permutations": settings.permutations,
+            "seed": settings.seed, "participants_per_region": {"min": int(tested["n"].min()) if len(tested) else 0,
+                                                                "max": int(tested["n"].max()) if len(tested) else 0},
+            "significant": {correction: int((tested[CORRECTED_P[correction]] < settings.alpha).sum())
+                            for correction in settings.correction},
+            **({"skipped_regions": attrs["skipped"]} if "skipped" in attrs else {})}
 
 
 def _subject_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, _) -> dict:

@@ -399,7 +399,8 @@ class NativeLabels:
 
 
 def _native_region_sums(values: np.ndarray, masker: Masker, parcels: NativeLabels, participant: str) -> np.ndarray:
-    """Sum, |sum|, positive sum and voxel count per region of one participant's map in their native parcels.
+    """Sum, |sum|, positive sum, voxel count and volume (mm³) per region of one participant's map in their native
+    parcels.
 
     The map is a density on its way: ``values`` / template voxel volume is interpolated (linearly) onto the
     label volume's grid and × its voxel volume, so a region's sum keeps its size in mm³, not in voxels."""
@@ -413,13 +414,14 @@ def _native_region_sums(values: np.ndarray, masker: Masker, parcels: NativeLabel
         raise ValueError(f"participant {participant}: cannot read label volume {path}: {error}") from None
     density = to_native(masker.to_nifti(values / masker.grid.voxel_volume), parcels.registered, participant,
                         grid=labels_image)
-    native = np.asanyarray(density.dataobj, np.float64) * float(np.abs(np.linalg.det(labels_image.affine[:3, :3])))
+    voxel_volume = float(np.abs(np.linalg.det(labels_image.affine[:3, :3])))
+    native = np.asanyarray(density.dataobj, np.float64) * voxel_volume
     n_regions = len(parcels.regions)
     slot = _region_slots(parcels.regions, int(labels.max(initial=0)))[np.clip(labels, 0, None)].ravel()
     total = np.bincount(slot, weights=native.ravel(), minlength=n_regions + 1)
     positive = np.bincount(slot, weights=np.clip(native, 0, None).ravel(), minlength=n_regions + 1)
     count = np.bincount(slot, minlength=n_regions + 1)
-    return np.stack([total, 2 * positive - total, positive, count], axis=-1)[:n_regions]
+    return np.stack([total, 2 * positive - total, positive, count, count * voxel_volume], axis=-1)[:n_regions]
 
 
 def _reduce_native_labels(data: xr.DataArray, parcels: NativeLabels) -> xr.Dataset:
@@ -433,7 +435,10 @@ def _reduce_native_labels(data: xr.DataArray, parcels: NativeLabels) -> xr.Datas
     rows = [dask.delayed(_native_region_sums)(row, masker, parcels, subject)
             for row, subject in zip(data.data if isinstance(data.data, da.Array) else data.values, subjects,
                                     strict=True)]
-    return _label_statistics(data, parcels.region_names, np.stack(dask.compute(*rows)))
+    sums = np.stack(dask.compute(*rows))
+    result = _label_statistics(data, parcels.region_names, sums[..., :-1])
+    result["volume_mm3"] = (("subject", "region"), sums[..., -1])
+    return result
 
 
 def _region_coords(data: xr.DataArray, region_names: list[str]) -> dict:
@@ -450,8 +455,8 @@ def region_reduce(data: xr.DataArray, atlas: Atlas | ParticipantLabels | NativeL
     accumulate in float64. ``atlas`` is one atlas for everyone, :class:`ParticipantLabels`
     (each participant's own parcels, read block by block beside the data; ``count`` then varies
     by participant), or :class:`NativeLabels` (each participant's map taken back to their native
-    parcels: one task per participant, computed at once). Returns a dataset with dims
-    (``subject``, ``region``).
+    parcels: one task per participant, computed at once; ``volume_mm3`` then gives each native parcel's
+    volume). Returns a dataset with dims (``subject``, ``region``).
     """
     if data.dims != ("subject", "voxel"):
         raise ValueError(f"region_reduce needs dims ('subject', 'voxel'), got {data.dims}")

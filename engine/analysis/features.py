@@ -177,7 +177,8 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
     (``aparc.thickness_mean``, ``aparc.DKTatlas.gray_matter_volume``: regions ``ctx-lh-superiorfrontal``;
     ``aparc.a2009s``: ``ctx_lh_G_front_sup``), or a header measure (``eTIV``, ``MeanThickness``: no region
     column, one value per participant; per hemisphere ones come from the aseg table).
-    Returns ``participant_id``, (``region``,) ``value``.
+    A structure a participant does not have (no voxel in aseg.stats, no vertex in a cortical table) is
+    missing (NaN), not 0. Returns ``participant_id``, (``region``,) ``value``.
     """
     parcellation, _, name = measure.rpartition(".")
     cortical = table["structure"].str.contains(":", regex=False)  # "<parcellation>:<region>" rows
@@ -186,15 +187,21 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
         if name == "volume":
             rows = aseg[aseg["measure"] == "volume"]
             region = rows["structure"].str.replace("-Thalamus-Proper", "-Thalamus", regex=False)
-            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": rows["value"]})
+            value = rows["value"].where(rows["value"] > 0)  # aseg.stats lists structures it found no voxel of
+            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": value})
         rows = aseg[(aseg["measure"] == "global") & (aseg["structure"] == name)]
     else:
-        rows = table[table["structure"].str.startswith(f"{parcellation}:") & (table["measure"] == name)]
+        parcels = table[table["structure"].str.startswith(f"{parcellation}:")]
+        rows = parcels[parcels["measure"] == name]
         if not rows.empty:
             separator = "_" if parcellation == "aparc.a2009s" else "-"
             region = ("ctx" + separator + rows["hemisphere"] + separator
                       + rows["structure"].str.slice(len(parcellation) + 1))
-            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": rows["value"]})
+            keys = ["participant_id", "hemisphere", "structure"]
+            vertices = parcels[parcels["measure"] == "vertices"].set_index(keys)["value"]
+            found = pd.MultiIndex.from_frame(rows[keys]).map(vertices.to_dict()).to_numpy() != 0  # no vertex: absent
+            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region,
+                                 "value": rows["value"].where(found)})
     if rows.empty:
         header = table.loc[~cortical & (table["measure"] == "global"), "structure"]
         regional = table[cortical & (table["measure"] != "global")]
@@ -220,6 +227,13 @@ def tract_mean(fa: xr.DataArray, atlas: Atlas, threshold: float = 0.2) -> xr.Dat
     reduced = region_reduce(above.fillna(0), atlas)["sum"]
     counts = region_reduce((fa > threshold).astype(np.float32), atlas)["sum"]
     return (reduced / counts.where(counts > 0)).rename("fa_mean").assign_attrs(threshold=threshold, atlas=atlas.name)
+
+
+def lesion_mask(lesions: xr.DataArray, threshold: float | None = None) -> xr.DataArray:
+    """A binary (uint8) lesion mask: where a lesion-probability map is at least ``threshold``, or where a mask is
+    nonzero (``None``). Lazy; the store's coordinates and grid stay."""
+    inside = lesions > 0 if threshold is None else lesions >= threshold
+    return inside.astype(np.uint8).assign_attrs(lesions.attrs).rename(lesions.name)
 
 
 def lesion_load(lesions: xr.DataArray) -> xr.Dataset:

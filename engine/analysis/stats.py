@@ -95,7 +95,8 @@ class _Model:
         return values - self.design @ (self.gram_inverse @ cross)[:, 0]
 
 
-def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0) -> tuple[_Model, xr.DataArray]:
+def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0,
+         within: np.ndarray | None = None) -> tuple[_Model, xr.DataArray]:
     maps = [term for term in (outcome, predictor) if isinstance(term, xr.DataArray) and "voxel" in term.dims]
     if not maps:
         raise ValueError("voxelwise_ols needs a (subject, voxel) map as outcome or predictor")
@@ -129,8 +130,8 @@ def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0)
         raise ValueError(f"the covariate design is rank-deficient (columns {list(design_frame.columns)})")
     gram_inverse = np.linalg.inv(design.T @ design)
     q = design.shape[1]
-    # per voxel, how many participants have a value (nonzero) in every map of the model
-    coverage = sums[-2:].min(axis=0) if y_map and x_map else sums[-1]
+    # per voxel, how many participants have a value (nonzero) in every map of the model at once
+    coverage = sums[-1]
     if y_map and x_map:
         cy, cx, xy, xx, yy = sums[:q], sums[q:2 * q], sums[2 * q], sums[2 * q + 1], sums[2 * q + 2]
     elif y_map:
@@ -150,6 +151,10 @@ def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0)
                 for sums_of_squares, total in ((sxx, xx), (syy, yy)))
     # a voxel that too few participants have a value at is not tested (the map's sums carry the NaN)
     covered = coverage >= math.ceil(min_coverage * n - 1e-9)
+    if within is not None:
+        if np.shape(within) != (n_voxels,):
+            raise ValueError(f"within marks {np.size(within)} voxels, the maps have {n_voxels}")
+        covered &= np.asarray(within, bool)
     if x_map:
         sxx = np.where(covered, sxx, np.nan)
     if y_map:
@@ -159,7 +164,7 @@ def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0)
 
 def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, categorical: Sequence[str] = (),
                   permutations: int = 0, seed: int = 0, permutation_batch: int = 64,
-                  min_coverage: float = 0.0) -> xr.Dataset:
+                  min_coverage: float = 0.0, within: np.ndarray | None = None) -> xr.Dataset:
     """Per voxel: β, SE, t, two-sided p and partial r of ``predictor`` on ``outcome`` given covariates.
 
     ``outcome`` and ``predictor`` are DataArrays with dims (``subject``, ``voxel``) or
@@ -174,6 +179,8 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     participants' images (its rule is ``min_coverage`` = 1) and lesion-symptom mapping voxels
     lesioned in too few patients: where a map is zero for most participants (gray matter outside
     the cortex, relevance outside the heads of ``zscore_brain`` inputs), the few others decide the fit.
+    ``within`` (a boolean per voxel) restricts the test to those voxels in the same way, e.g. to the
+    white-matter tracts.
 
     With ``permutations`` > 0, also ``p_fwe`` (two-sided max-T, Freedman–Lane) and the null
     distribution ``max_t_null``. Permutation k depends on (``seed``, k) only: the same settings on
@@ -183,7 +190,7 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     """
     if not 0 <= min_coverage <= 1:
         raise ValueError(f"min_coverage is a share of the participants, between 0 and 1; got {min_coverage}")
-    model, reference = _fit(outcome, predictor, covariates, categorical, min_coverage)
+    model, reference = _fit(outcome, predictor, covariates, categorical, min_coverage, within)
     df = model.df
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = model.sxy / model.sxx
@@ -258,7 +265,7 @@ def _cross_products(y, x, design: np.ndarray) -> np.ndarray:
 
     (y_blocks, y_index), (x_blocks, x_index) = aligned(y), aligned(x)
     q = design.shape[1]
-    rows = 2 * q + 5 if len(maps) == 2 else q + 3
+    rows = 2 * q + 4 if len(maps) == 2 else q + 3
     parts = da.blockwise(_task_cross_products, "skv", y_blocks, y_index, x_blocks, x_index,
                          da.from_array(design, chunks=(subjects, -1)), "sq", new_axes={"k": rows},
                          adjust_chunks={"s": 1}, meta=np.empty((0, 0, 0)), concatenate=True, step=step)
@@ -283,7 +290,7 @@ def _blas_controller() -> ThreadpoolController:
 def _task_cross_products(y, x, design, step):
     """One task's sums over its subjects in float64, as rows of a (1, k, voxel) array:
 
-    both maps: Cᵀy, Cᵀx, Σxy, Σx², Σy², then the number of nonzero values of y and of x; one map m and a
+    both maps: Cᵀy, Cᵀx, Σxy, Σx², Σy², then the number of subjects nonzero in both; one map m and a
     vector v: [C v]ᵀm, Σm², the number of nonzero values of m. ``step`` subjects at a time are cast into
     reused float64 buffers (a fresh buffer per block costs more in page faults than the products).
     """
@@ -291,7 +298,7 @@ def _task_cross_products(y, x, design, step):
     n_voxels = maps[0].shape[1]
     if len(maps) == 2:
         q = design.shape[1]
-        sums = np.zeros((2 * q + 5, n_voxels))
+        sums = np.zeros((2 * q + 4, n_voxels))
     else:
         design = np.column_stack([design, y if y.ndim == 1 else x])
         q = design.shape[1]
@@ -312,7 +319,7 @@ def _task_cross_products(y, x, design, step):
         else:
             sums[:q] += design[rows].T @ blocks[0]
             sums[q] += np.einsum("sv,sv->v", blocks[0], blocks[0])
-        sums[len(sums) - len(blocks):] += [np.count_nonzero(block, axis=0) for block in blocks]
+        sums[-1] += np.count_nonzero(np.logical_and.reduce([block != 0 for block in blocks]), axis=0)
     return sums[None]
 
 
@@ -484,21 +491,121 @@ def adjust_p(p: np.ndarray | xr.DataArray, method: str):
 #: Per-region statistics of an roi analysis besides the regression model.
 CORRELATIONS = ("pearson", "spearman", "partial")
 
+#: Permutations one matrix product of the roi permutation test takes (bounds its memory: permutations × participants).
+REGION_PERMUTATION_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class _RegionFit:
+    """One region's partial correlation of ``y`` and ``x`` given the design ``Z`` (intercept and covariates), kept
+    in the form the Freedman–Lane permutation test needs: the rows' participants, the outcome's residual ``e`` =
+    R_Z y, the predictor's residual R_Z x and an orthonormal basis of Z."""
+
+    region: object
+    rows: np.ndarray  # positions of the region's complete rows among all participants
+    residual: np.ndarray
+    predictor_residual: np.ndarray
+    basis: np.ndarray
+    df: int
+    r: float
+
+    @property
+    def t(self) -> float:
+        return self.r * math.sqrt(self.df / max(1 - self.r * self.r, 1e-300))
+
+    def null_t(self, permutations: np.ndarray) -> np.ndarray:
+        """t of each permuted outcome Ŷ_Z + P·e (``permutations``: rows of participant positions, the region's
+        rows taken in the order each permutation puts them); R_Z P e · R_Z x = P e · R_Z x, and
+        |R_Z P e|² = |e|² − |Qᵀ P e|²."""
+        local = np.full(int(permutations.max(initial=0)) + 1, -1)
+        local[self.rows] = np.arange(len(self.rows))
+        mine = local[permutations]
+        orders = mine[mine >= 0].reshape(len(permutations), len(self.rows))
+        permuted = self.residual[orders]
+        norm = (self.residual @ self.residual - ((permuted @ self.basis) ** 2).sum(axis=1))
+        r = permuted @ self.predictor_residual / np.sqrt(np.clip(norm, 1e-300, None)
+                                                         * (self.predictor_residual @ self.predictor_residual))
+        r = np.clip(r, -1, 1)
+        return r * np.sqrt(self.df / np.clip(1 - r * r, 1e-300, None))
+
+
+def _region_fits(table: pd.DataFrame, outcome: str, predictor: str, covariates: Sequence[str], ranks: bool,
+                 region: str, participants: pd.Index | None) -> list[_RegionFit | tuple]:
+    """Per region (in the table's order) a :class:`_RegionFit` on the complete rows, or ``(region, n)`` where the
+    correlation does not exist (too few rows for the design, a rank-deficient design, a constant term)."""
+    fits = []
+    for name, data in table.groupby(region, sort=False, observed=True):
+        columns = [outcome, predictor, *covariates]
+        data = data[columns + (["participant_id"] if participants is not None else [])].dropna(subset=columns)
+        y, x = data[outcome].to_numpy(np.float64), data[predictor].to_numpy(np.float64)
+        n = len(data)
+        if ranks:
+            y, x = pd.Series(y).rank().to_numpy(), pd.Series(x).rank().to_numpy()
+        design = np.ones((n, 1))
+        if covariates:
+            design = np.column_stack([design, pd.get_dummies(data[list(covariates)], drop_first=True,
+                                                              dtype=np.float64).to_numpy()])
+        df = n - 1 - design.shape[1]
+        if df < 1 or np.linalg.matrix_rank(design) < design.shape[1]:
+            fits.append((name, n))
+            continue
+        basis = np.linalg.qr(design)[0]
+        y_res, x_res = (values - basis @ (basis.T @ values) for values in (y, x))
+        scale = np.sqrt((y_res @ y_res) * (x_res @ x_res))
+        if not scale > 0:
+            fits.append((name, n))
+            continue
+        rows = np.arange(n) if participants is None else participants.get_indexer(data["participant_id"])
+        r = float(np.clip(y_res @ x_res / scale, -1, 1))  # rounding passes ±1, as in scipy
+        fits.append(_RegionFit(name, rows, y_res, x_res, basis, df, r))
+    return fits
+
+
+def region_permutation_test(fits: Sequence[_RegionFit], participants: int, permutations: int,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Freedman–Lane permutation p-values of the regions' t (partial correlations, or the predictor's OLS t):
+    per region uncorrected, and family-wise over the regions by the maximum |t| of each permutation.
+
+    Permutation k of all ``participants`` (:func:`permutation` with ``seed``) permutes every region's outcome
+    residuals at once, restricted to the region's participants (those of a region with missing values are taken
+    in the order the permutation puts them), so regions keep their dependence. p = (1 + #{null ≥ |t|}) /
+    (1 + permutations). Returns (p per region, family-wise p per region, the max-|t| null).
+    """
+    observed = np.abs([fit.t for fit in fits])
+    exceed = np.zeros(len(fits))
+    null = np.zeros(permutations)
+    for start in range(0, permutations, REGION_PERMUTATION_BATCH):
+        indices = range(start, min(start + REGION_PERMUTATION_BATCH, permutations))
+        orders = np.stack([permutation(seed, index, participants) for index in indices])
+        null_t = np.abs(np.stack([fit.null_t(orders) for fit in fits]))  # region × permutation
+        exceed += (null_t >= observed[:, None] * (1 - 1e-10)).sum(axis=1)
+        null[indices.start:indices.stop] = null_t.max(axis=0, initial=0)
+    fwe = np.array([(1 + np.sum(null >= t * (1 - 1e-10))) / (1 + permutations) for t in observed])
+    return (1 + exceed) / (1 + permutations), fwe, null
+
+
+def _participants(table: pd.DataFrame) -> pd.Index:
+    if "participant_id" not in table.columns:
+        raise ValueError("a permutation test needs the table's participant_id column (whom each row belongs to)")
+    return pd.Index(pd.unique(table["participant_id"]))
+
 
 def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covariates: Sequence[str] = (),
                         method: str = "pearson", permutations: int = 0, seed: int = 0,
                         region: str = "region") -> pd.DataFrame:
     """Per region the correlation of ``outcome`` and ``predictor`` across the table's rows (participants),
-    as the seed study tabulated it: region, r, p, p_bonferroni, p_fdr, n (and p_permutation).
+    as the seed study tabulated it: region, r, p, p_bonferroni, p_fdr, n, family_size (and p_permutation,
+    p_fwe).
 
     ``pearson`` and ``spearman`` (Pearson of the ranks) take no covariates; ``partial`` is the
     Pearson correlation of the two after least-squares removal of an intercept and the
     ``covariates`` (non-numeric ones dummy-coded), with df = n − 2 − (covariate columns), so its p
-    equals the predictor's OLS t-test in outcome ~ predictor + covariates. Bonferroni and
-    Benjamini–Hochberg run across regions. With ``permutations`` the (residualised) predictor is
-    permuted within each region (the same permutations for regions with the same participants,
-    from ``seed``) for a two-sided p = (1 + #{|r*| ≥ |r|}) / (1 + permutations). Rows with a
-    missing value are dropped per region.
+    equals the predictor's OLS t-test in outcome ~ predictor + covariates. Rows with a missing value
+    are left out per region (``n`` counts the rest); a region without a correlation has NaN. The
+    family is the table's regions: Bonferroni (× ``family_size``, the regions with a p) and
+    Benjamini–Hochberg run across them. With ``permutations`` (and a ``participant_id`` column),
+    :func:`region_permutation_test`: Freedman–Lane ``p_permutation`` per region and the family-wise
+    ``p_fwe`` of the maximum |t| over the regions.
     """
     if method not in CORRELATIONS:
         raise ValueError(f"unknown correlation {method!r}; known: {', '.join(CORRELATIONS)}")
@@ -507,40 +614,31 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
     missing = [column for column in (region, outcome, predictor, *covariates) if column not in table.columns]
     if missing:
         raise ValueError(f"region_correlations: columns {missing} are not in the table ({list(table.columns)})")
-    rng = np.random.default_rng(seed)
+    participants = _participants(table) if permutations else None
+    fits = _region_fits(table, outcome, predictor, covariates, method == "spearman", region, participants)
     rows = []
-    orders = None
-    for name, data in table.groupby(region, sort=False, observed=True):
-        data = data[[outcome, predictor, *covariates]].dropna()
-        y, x = data[outcome].to_numpy(np.float64), data[predictor].to_numpy(np.float64)
-        n = len(data)
-        if method == "spearman":
-            y, x = pd.Series(y).rank().to_numpy(), pd.Series(x).rank().to_numpy()
-        design = np.ones((n, 1))
-        if covariates:
-            design = np.column_stack([design, pd.get_dummies(data[list(covariates)], drop_first=True,
-                                                              dtype=np.float64).to_numpy()])
-        df = n - 1 - design.shape[1]
-        if df < 1 or np.linalg.matrix_rank(design) < design.shape[1]:
-            rows.append({"region": name, "r": np.nan, "p": np.nan, "n": n})
-            continue
-        y_res, x_res = (values - design @ np.linalg.lstsq(design, values, rcond=None)[0] for values in (y, x))
-        scale = np.sqrt((y_res @ y_res) * (x_res @ x_res))
-        r = float(np.clip(y_res @ x_res / scale, -1, 1)) if scale > 0 else np.nan  # rounding passes ±1, as in scipy
-        t = r * np.sqrt(df / max(1 - r * r, 1e-300))
-        row = {"region": name, "r": r, "p": float(2 * special.stdtr(df, -abs(t))) if np.isfinite(r) else np.nan,
-               "n": n}
-        if permutations:
-            if orders is None or orders.shape[1] != n:
-                orders = np.argsort(rng.random((permutations, n)), axis=1)
-            null = x_res[orders] @ y_res / scale
-            row["p_permutation"] = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + permutations))
-        rows.append(row)
-    result = pd.DataFrame(rows)
-    result["p_bonferroni"] = adjust_p(result["p"].to_numpy(), "bonferroni")
-    result["p_fdr"] = adjust_p(result["p"].to_numpy(), "fdr_bh")
-    columns = ["region", "r", "p", "p_bonferroni", "p_fdr", "n"] + (["p_permutation"] if permutations else [])
-    return result[columns]
+    for fit in fits:
+        if isinstance(fit, tuple):
+            rows.append({"region": fit[0], "r": np.nan, "p": np.nan, "n": fit[1]})
+        else:
+            rows.append({"region": fit.region, "r": fit.r, "p": float(2 * special.stdtr(fit.df, -abs(fit.t))),
+                         "n": len(fit.rows)})
+    result = _family_corrected(pd.DataFrame(rows, columns=["region", "r", "p", "n"]))
+    columns = ["region", "r", "p", "p_bonferroni", "p_fdr", "n", "family_size"]
+    if permutations:
+        fitted = [fit for fit in fits if isinstance(fit, _RegionFit)]
+        p, fwe, null = region_permutation_test(fitted, len(participants), permutations, seed)
+        tested = result["region"].isin([fit.region for fit in fitted]).to_numpy()
+        result.loc[tested, "p_permutation"], result.loc[tested, "p_fwe"] = p, fwe
+        result.attrs["max_t_null"] = null
+        columns += ["p_permutation", "p_fwe"]
+    return result.reindex(columns=columns)
+
+
+def _family_corrected(result: pd.DataFrame) -> pd.DataFrame:
+    """``result`` with Bonferroni and Benjamini–Hochberg across its rows with a p-value (the family), and its size."""
+    return result.assign(p_bonferroni=adjust_p(result["p"].to_numpy(), "bonferroni"),
+                         p_fdr=adjust_p(result["p"].to_numpy(), "fdr_bh"), family_size=int(result["p"].notna().sum()))
 
 
 def map_similarity(first: xr.DataArray, second: xr.DataArray, mask: np.ndarray | None = None) -> pd.DataFrame:
@@ -574,14 +672,15 @@ def map_similarity(first: xr.DataArray, second: xr.DataArray, mask: np.ndarray |
 
 def region_models(table: pd.DataFrame, formula: str, robust: bool = False, groups: str | None = None,
                   region: str = "region") -> pd.DataFrame:
-    """Per region: a statsmodels formula fit on that region's rows, FDR across regions per term.
+    """Per region: a statsmodels formula fit on that region's rows, Bonferroni and FDR across regions per term.
 
     ``table`` is long: one row per participant and region, with the region-level columns and the
     per-subject covariates the formula names. OLS by default, HC3 standard errors with
     ``robust``, or a linear mixed model with a random intercept per ``groups`` (e.g. site).
     Rows with a missing value are dropped per region and ``n`` reports the rows used; regions
-    that cannot be fitted are listed in ``attrs["skipped"]`` with the reason. Returns a tidy
-    table: region, term, estimate, se, statistic (t, or z for mixed models), p, p_fdr, n, converged.
+    that cannot be fitted are listed in ``attrs["skipped"]`` with the reason. The family of a term is
+    the regions it was fitted in (``family_size``). Returns a tidy table: region, term, estimate, se,
+    statistic (t, or z for mixed models), p, p_bonferroni, p_fdr, n, family_size, converged.
     """
     import re
     import warnings
@@ -624,8 +723,8 @@ def region_models(table: pd.DataFrame, formula: str, robust: bool = False, group
                          "converged": converged})
     if not rows:
         raise ValueError(f"region_models: no region had rows to fit {formula!r} ({next(iter(skipped.values()), '')})")
-    result = pd.DataFrame(rows)
-    result["p_fdr"] = result.groupby("term")["p"].transform(lambda p: adjust_p(p.to_numpy(), "fdr_bh"))
-    result = result[["region", "term", "estimate", "se", "statistic", "p", "p_fdr", "n", "converged"]]
+    result = pd.concat([_family_corrected(rows) for _, rows in pd.DataFrame(rows).groupby("term", sort=False)])
+    result = result.sort_index()[["region", "term", "estimate", "se", "statistic", "p", "p_bonferroni", "p_fdr", "n",
+                                  "family_size", "converged"]]
     result.attrs["skipped"] = skipped
     return result

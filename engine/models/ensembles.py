@@ -16,7 +16,7 @@ import xarray as xr
 from engine.data.store import open_cohort
 from engine.layout import ModelsLayout, atomic_output
 from engine.models.heap import heap_kept
-from engine.models.metrics import bias_corrected_gap, classification_metrics, regression_metrics
+from engine.models.metrics import classification_metrics, out_of_sample_gap, regression_metrics
 from engine.models.splits import split_hash
 from engine.models.training import TrainingConfig, train_member
 from engine.models.volumes import scale_rows
@@ -56,12 +56,13 @@ class EnsembleJob:
     members: int
     out_dir: str | Path
     split: pd.Series
+    bias_correction: str = "validation"  # where a brain-age gap's age bias is fitted (metrics.BIAS_CORRECTIONS)
 
 
 def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
-                   split: pd.Series, execution: Execution = INLINE) -> dict:
+                   split: pd.Series, execution: Execution = INLINE, bias_correction: str = "validation") -> dict:
     """Train one ensemble: :func:`train_ensembles` of one job."""
-    return train_ensembles([EnsembleJob(store, config, members, out_dir, split)], execution)[0]
+    return train_ensembles([EnsembleJob(store, config, members, out_dir, split, bias_correction)], execution)[0]
 
 
 def train_ensembles(jobs: Sequence[EnsembleJob], execution: Execution = INLINE) -> list[dict]:
@@ -88,8 +89,8 @@ def train_ensembles(jobs: Sequence[EnsembleJob], execution: Execution = INLINE) 
             if stale >= job.members:
                 for path in files.member_files(stale):
                     path.unlink(missing_ok=True)
-        results.append({**combine_members(files.root, plan["dataset"], job.config, job.members, plan["classes"]),
-                        "trained": len(plan["items"])})
+        results.append({**combine_members(files.root, plan["dataset"], job.config, job.members, plan["classes"],
+                                          job.bias_correction), "trained": len(plan["items"])})
     return results
 
 
@@ -142,8 +143,10 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
 
 
 def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
-                    classes: list | None) -> dict:
-    """Ensemble predictions (mean over members) and metrics per member and for the ensemble."""
+                    classes: list | None, bias_correction: str = "validation") -> dict:
+    """Ensemble predictions (mean over members) and metrics per member and for the ensemble; a brain-age model's
+    gap corrected for its age bias as ``bias_correction`` says (:func:`~engine.models.metrics.out_of_sample_gap`,
+    recorded per member in ``bias_correction.json``)."""
     files = ModelsLayout(Path(out_dir))
     tables = [pd.read_parquet(files.member_predictions(member)) for member in range(members)]
     value_columns = ["predicted"] if config.task == "regression" else [f"p_{name}" for name in classes]
@@ -157,12 +160,18 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
     if config.task == "regression" and config.target == "age":
         predictions["brain_age_gap"] = predictions["predicted"] - predictions["observed"]
         predictions["brain_age_gap_corrected"] = np.nan
-        for rows in predictions.groupby("member").groups.values():
+        corrections = {}
+        for member, rows in predictions.groupby("member").groups.items():
             part = predictions.loc[rows]
-            test = part["split"].to_numpy() == "test"
-            if test.sum() > 4:
-                corrected, _ = bias_corrected_gap(part["predicted"], part["observed"], fit=test)
-                predictions.loc[rows, "brain_age_gap_corrected"] = corrected
+            try:
+                corrected, corrections[member] = out_of_sample_gap(part["predicted"], part["observed"],
+                                                                   part["split"], bias_correction)
+            except ValueError as error:  # too few participants to fit the polynomial on
+                corrections[member] = {"method": bias_correction, "not_fitted": str(error)}
+                continue
+            predictions.loc[rows, "brain_age_gap_corrected"] = corrected
+        with atomic_output(files.bias_correction) as partial:
+            partial.write_text(json.dumps(corrections, indent=2))
     rows = []
     for member, part in predictions.groupby("member"):
         for split_name, subset in part.groupby("split"):

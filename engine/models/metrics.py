@@ -53,3 +53,44 @@ def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None =
     scaled = (age - centre) / spread
     coefficients = np.polyfit(scaled[fit], gap[fit], degree)
     return gap - np.polyval(coefficients, scaled), coefficients
+
+
+#: Where the brain-age gap's age bias is fitted: on the validation split and applied to the others, across folds of
+#: the test split (each fold corrected by a fit on the other folds), on the test split itself (in-sample: the
+#: evaluated participants are part of the fit), or not at all.
+BIAS_CORRECTIONS = ("validation", "cross_fit", "test", "none")
+
+
+def out_of_sample_gap(predicted, age, split, method: str = "validation", degree: int = 3, folds: int = 5,
+                      seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The bias-corrected brain-age gap (:func:`bias_corrected_gap`) of every participant whose correction was
+    fitted without them (NaN for the others), and a record of the fit: method, split fitted on, participants.
+
+    ``validation``: fitted on the validation split, applied to the train and test participants; ``cross_fit``:
+    the test split dealt into ``folds`` folds (from ``seed``), each corrected by the fit on the other folds;
+    ``test``: fitted on the test split and applied to everyone (in-sample for the test participants);
+    ``none``: no correction.
+    """
+    if method not in BIAS_CORRECTIONS:
+        raise ValueError(f"unknown bias correction {method!r}; known: {', '.join(BIAS_CORRECTIONS)}")
+    predicted, age, split = np.asarray(predicted, float), np.asarray(age, float), np.asarray(split, str)
+    corrected = np.full(len(age), np.nan)
+    record = {"method": method, "degree": degree}
+    if method == "none":
+        return corrected, record
+    if method in ("validation", "test"):
+        fit = split == method
+        gap, coefficients = bias_corrected_gap(predicted, age, degree, fit)
+        applied = ~fit if method == "validation" else np.ones(len(age), bool)
+        corrected[applied] = gap[applied]
+        return corrected, {**record, "fitted_on": method, "participants_fitted": int(fit.sum()),
+                           "coefficients": coefficients.tolist()}
+    test = np.flatnonzero(split == "test")
+    fold = np.random.default_rng(seed).permutation(len(test)) % folds
+    for k in range(folds):
+        fit = np.zeros(len(age), bool)
+        fit[test[fold != k]] = True
+        gap, _ = bias_corrected_gap(predicted, age, degree, fit)
+        corrected[test[fold == k]] = gap[test[fold == k]]
+    return corrected, {**record, "fitted_on": f"the other {folds - 1} of {folds} folds of the test split",
+                       "folds": folds, "seed": seed, "participants_fitted": int(len(test) - np.bincount(fold).max())}

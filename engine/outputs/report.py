@@ -291,9 +291,17 @@ def _models(ws: Workspace) -> list[str]:
                              f"Predicted against observed {target} per member and for the ensemble"))
         if predictions.get("brain_age_gap_corrected") is not None and \
                 predictions["brain_age_gap_corrected"].notna().any():
+            correction = (ws.bias_correction or {}).get(ENSEMBLE, {})
+            fitted_on = {"validation": "fitted on the validation split",
+                         "cross_fit": "fitted for each fold of the test split on the other folds",
+                         "test": "fitted on the test split itself"}.get(correction.get("method"), "")
+            if correction.get("method") == "test":
+                parts.append(_note("The age-bias correction was fitted on the test participants it corrects "
+                                   "(train.bias_correction: test): their corrected gaps are in-sample and "
+                                   "understate the gap's dependence on age in new participants."))
             parts.append(_figure(_gap_figure(predictions),
-                                 "Ensemble brain-age gap against age, before and after removing its age bias "
-                                 "(cubic in age, fitted on the test set)"))
+                                 "Ensemble brain-age gap of the test participants against age, before and after "
+                                 f"removing its age bias (cubic in age, {fitted_on})"))
     else:
         classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
         test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]

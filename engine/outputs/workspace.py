@@ -210,6 +210,13 @@ class Workspace:
         return _read_table(self.layout.models.metrics, "train")
 
     @cached_property
+    def bias_correction(self) -> dict | None:
+        """Per member (and ``"ensemble"``): how the brain-age gap's age bias was fitted (``bias_correction.json``);
+        ``None`` for models that are not brain-age models."""
+        path = self.layout.models.bias_correction
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @cached_property
     def registration_qc(self) -> pd.DataFrame | None:
         """QC per registered participant (``registered/qc.parquet``); ``None`` without a register stage."""
         path = self.layout.registered.qc
