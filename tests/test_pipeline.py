@@ -231,6 +231,14 @@ def test_demo_run_writes_every_stage_of_both_ensembles(demo_workspace):
     assert "<h3>Ensemble t1</h3>" in report and "<h3>Ensemble flair</h3>" in report
     assert "Test metrics of every ensemble" in report
     assert "flair, t1 side by side: pearson r per region" in report  # the two ensembles' tables in one figure
+    family = len(pd.read_parquet(associations / "subcortical_volume/correlations.parquet"))
+    assert f"family {family} regions (include subcortical_gray_matter, *-Lateral-Ventricle; exclude *-VentralDC)" \
+        in report
+    # three validation participants cannot fit a cubic: the corrected gap is missing, and the report says why
+    correction = json.loads((workspace / "ensembles/t1/models/bias_correction.json").read_text())["ensemble"]
+    assert correction["method"] == "validation" and "needs more than 4 participants, got 3" in correction["not_fitted"]
+    assert "No bias-corrected brain-age gap: bias correction of degree 3 needs more than 4 participants, got 3" in \
+        report
 
 
 def test_a_rerun_does_nothing_status_tells_what_is_there_and_a_smaller_demo_keeps_the_store(demo_workspace,

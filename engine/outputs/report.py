@@ -289,9 +289,12 @@ def _models(ws: Workspace) -> list[str]:
     if "predicted" in predictions:
         parts.append(_figure(_scatter_figure(predictions, target),
                              f"Predicted against observed {target} per member and for the ensemble"))
+        correction = (ws.bias_correction or {}).get(ENSEMBLE, {})
+        if "not_fitted" in correction:
+            parts.append(_note(f"No bias-corrected brain-age gap: {correction['not_fitted']} "
+                               f"(train.bias_correction: {correction['method']})."))
         if predictions.get("brain_age_gap_corrected") is not None and \
                 predictions["brain_age_gap_corrected"].notna().any():
-            correction = (ws.bias_correction or {}).get(ENSEMBLE, {})
             fitted_on = {"validation": "fitted on the validation split",
                          "cross_fit": "fitted for each fold of the test split on the other folds",
                          "test": "fitted on the test split itself"}.get(correction.get("method"), "")
@@ -584,6 +587,10 @@ def _associations(ws: Workspace) -> list[str]:
         fields = {key: summary[key] for key in ("outcome", "predictor", "covariates", "correction", "alpha", "n",
                                                 "df", "model", "permutations", "n_significant", "significant")
                   if key in summary}
+        if "family" in summary:  # the regions tested: what the corrections run over
+            family = summary["family"]
+            fields["family"] = (f"{family['size']} regions (include {', '.join(family['include'])}"
+                                + (f"; exclude {', '.join(family['exclude'])}" if family["exclude"] else "") + ")")
         described = "; ".join(f"{key} {_plain(value)}" for key, value in fields.items())
         parts.append(f"<h3>{html.escape(analysis.name)} ({html.escape(analysis.scope)})</h3>"
                      f"<p>{html.escape(described)}</p>")
@@ -699,7 +706,8 @@ def _roi_correlations(analysis, correlations: pd.DataFrame) -> list[str]:
     ordered = correlations.sort_values("r", ascending=False)
     statistic = analysis.summary.get("model", "correlation")
     parts = [_table(ordered, f"{analysis.name}: {statistic} r per region of {analysis.summary.get('outcome')} and "
-                             f"{analysis.summary.get('predictor')}, Bonferroni across regions", 3)]
+                             f"{analysis.summary.get('predictor')}, corrections across the "
+                             f"{len(correlations)} regions of the family", 3)]
     shown = ordered.dropna(subset=["r"])
     shown = pd.concat([shown.head(MAX_TABLE_ROWS // 2), shown.tail(MAX_TABLE_ROWS // 2)]).drop_duplicates("region")
     shown = shown.sort_values("r")
