@@ -7,6 +7,7 @@ and ``relcohort validate`` lines run too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -127,6 +128,19 @@ def test_the_readme_is_short_and_its_catalog_is_a_valid_catalog(tmp_path):
     parsed, _ = load_catalog(path)
     assert parsed.train.target == "age" and list(parsed.modalities) == ["T1", "GM"]
     assert yaml.safe_load(catalog)["cohort"]["space"] == "MNI152NLin2009cAsym"
+
+
+def test_the_readmes_family_wise_error_rates_are_the_benchmarks():
+    """The README's statistics paragraph states what benchmarks/roi_family_wise_error.py recorded."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    record = json.loads((REPO / "benchmarks/results/roi_family_wise_error.json").read_text())
+    rows = {row["p-value"]: row for row in record["results"]}
+    fwe, uncorrected = rows["p_fwe"], rows["p_permutation"]
+    assert (f"In {fwe['cohorts']} simulated cohorts without any effect ({fwe['participants']} participants, "
+            f"{fwe['regions']} correlated regions)") in readme
+    assert (f"{100 * fwe['family_wise_error_rate']:.1f} % of the cohorts (95 % CI {100 * fwe['ci_low']:.1f}–"
+            f"{100 * fwe['ci_high']:.1f} %)") in readme
+    assert f"did in {100 * uncorrected['family_wise_error_rate']:.0f} %" in readme
 
 
 def test_the_readmes_validate_example_is_what_validate_prints(tiny_cohort, tmp_path):
