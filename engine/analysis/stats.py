@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from dask.base import get_scheduler
-from scipy import special
+from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 from threadpoolctl import ThreadpoolController
 
@@ -532,19 +532,31 @@ class _RegionFit:
 def _region_fits(table: pd.DataFrame, outcome: str, predictor: str, covariates: Sequence[str], ranks: bool,
                  region: str, participants: pd.Index | None) -> list[_RegionFit | tuple]:
     """Per region (in the table's order) a :class:`_RegionFit` on the complete rows, or ``(region, n)`` where the
-    correlation does not exist (too few rows for the design, a rank-deficient design, a constant term)."""
+    correlation does not exist (too few rows for the design, a rank-deficient design, a constant term).
+
+    The design is an intercept, the numeric covariates and the dummies of each non-numeric one's levels present
+    in the region (all but one): the table is read into arrays once, then each region is a set of rows."""
+    terms = table[[outcome, predictor]].to_numpy(np.float64)
+    numeric = [name for name in covariates if pd.api.types.is_numeric_dtype(table[name])]
+    numeric_values = table[numeric].to_numpy(np.float64)
+    levels = [pd.factorize(table[name])[0] for name in covariates if name not in numeric]  # −1: missing
+    complete = np.isfinite(terms).all(axis=1) & np.isfinite(numeric_values).all(axis=1)
+    for codes in levels:
+        complete &= codes >= 0
+    region_codes, names = pd.factorize(table[region], sort=False)
+    people = participants.get_indexer(table["participant_id"]) if participants is not None else None
     fits = []
-    for name, data in table.groupby(region, sort=False, observed=True):
-        columns = [outcome, predictor, *covariates]
-        data = data[columns + (["participant_id"] if participants is not None else [])].dropna(subset=columns)
-        y, x = data[outcome].to_numpy(np.float64), data[predictor].to_numpy(np.float64)
-        n = len(data)
+    for index, name in enumerate(names):
+        rows = np.flatnonzero((region_codes == index) & complete)
+        n = len(rows)
+        y, x = terms[rows, 0], terms[rows, 1]
         if ranks:
-            y, x = pd.Series(y).rank().to_numpy(), pd.Series(x).rank().to_numpy()
-        design = np.ones((n, 1))
-        if covariates:
-            design = np.column_stack([design, pd.get_dummies(data[list(covariates)], drop_first=True,
-                                                              dtype=np.float64).to_numpy()])
+            y, x = stats.rankdata(y), stats.rankdata(x)
+        columns = [np.ones(n), *numeric_values[rows].T]
+        for codes in levels:
+            present = np.unique(codes[rows])
+            columns += [(codes[rows] == level).astype(np.float64) for level in present[1:]]
+        design = np.column_stack(columns)
         df = n - 1 - design.shape[1]
         if df < 1 or np.linalg.matrix_rank(design) < design.shape[1]:
             fits.append((name, n))
@@ -555,9 +567,8 @@ def _region_fits(table: pd.DataFrame, outcome: str, predictor: str, covariates: 
         if not scale > 0:
             fits.append((name, n))
             continue
-        rows = np.arange(n) if participants is None else participants.get_indexer(data["participant_id"])
         r = float(np.clip(y_res @ x_res / scale, -1, 1))  # rounding passes ±1, as in scipy
-        fits.append(_RegionFit(name, rows, y_res, x_res, basis, df, r))
+        fits.append(_RegionFit(name, np.arange(n) if people is None else people[rows], y_res, x_res, basis, df, r))
     return fits
 
 
