@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import matplotlib.image
@@ -21,7 +22,7 @@ from engine import open_workspace
 from engine.data.masker import Masker
 from engine.layout import Layout
 from engine.outputs.browser import browser_check, screenshot_sections
-from engine.outputs.report import SECTIONS, build_report
+from engine.outputs.report import SECTIONS, _mean_map_figure, _robust_limit, build_report
 from engine.tasks import INLINE
 from pipelines.catalog import load_catalog
 from pipelines.stages import ReportStage
@@ -220,3 +221,17 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
     for name, rows in expected.items():  # a group map for each outcome that occurs, none for the others
         assert (f"{name} (n={rows.sum()})" in html) == bool(rows.any()), name
     assert all(spread(image) > 0.01 for image in embedded_images(html))
+
+
+def test_a_blocky_mean_map_is_drawn_without_a_warning(demo_workspace):
+    """Region occlusion's mean map repeats its top value over more than 5 % of the voxels: the display threshold
+    falls below that value, so the figure shows those voxels and nilearn has no empty map to warn about."""
+    ws = open_workspace(demo_workspace / "ws").for_ensemble("t1")
+    mean = ws.relevance.relevance_mean.sel(attribution="region_occlusion").mean("subject").compute()
+    magnitude = np.abs(mean.values)
+    assert np.percentile(magnitude, 95) == magnitude.max()  # the case: the 95th percentile is the top value
+    threshold, _ = _robust_limit(mean.values)
+    assert (magnitude > threshold).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _mean_map_figure(ws, mean, "region_occlusion")

@@ -442,7 +442,10 @@ def _robust_limit(values: np.ndarray) -> tuple[float, float]:
     magnitude = np.abs(values[np.isfinite(values)])
     if not magnitude.size or magnitude.max() == 0:
         return 0.0, 1.0
-    return float(np.percentile(magnitude, 95)), float(np.percentile(magnitude, 99.5)) or float(magnitude.max())
+    threshold = float(np.percentile(magnitude, 95))
+    if threshold >= magnitude.max():  # a blocky map (region occlusion): its top value fills over 5 % of the voxels
+        threshold = float(magnitude[magnitude < magnitude.max()].max(initial=0.0))
+    return threshold, float(np.percentile(magnitude, 99.5)) or float(magnitude.max())
 
 
 def _mean_map_figure(ws: Workspace, mean_map, method: str):
@@ -471,7 +474,7 @@ def _group_figure(ws: Workspace, maps, groups: dict, methods: list[str]):
         for column, (name, mean) in enumerate(means.items()):
             ax = axes[row, column]
             ax.set_axis_off()
-            shown = bool((np.abs(np.nan_to_num(mean.values)) >= threshold).any())  # nilearn warns of an empty map
+            shown = bool((np.abs(np.nan_to_num(mean.values)) > threshold).any())  # nilearn warns of an empty map
             ax.set_title(f"{method}\n{name}" + ("" if shown else "\n(nothing above the threshold)"), fontsize=8)
             plotting.plot_glass_brain(ws.to_nifti(mean) if shown else None, axes=ax, display_mode="z",
                                       threshold=threshold if shown else None, vmax=vmax, vmin=-vmax,
