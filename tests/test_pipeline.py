@@ -260,8 +260,8 @@ def test_a_rerun_does_nothing_status_tells_what_is_there_and_a_smaller_demo_keep
     assert {path: path.stat().st_mtime_ns for path in relevance_chunks} == relevance_chunks
     assert {path: path.stat().st_mtime_ns for path in association_files} == association_files
 
-    status = relcohort("status", workspace)
-    assert status.returncode == 0
+    status = cli("status", workspace)
+    assert status.exit_code == 0
     assert "synth" in status.stdout and "16 synthetic participants" in status.stdout
     assert "ensembles/t1/models: 2 member(s)" in status.stdout and "ensembles/flair/models: 1 member(s)" in \
         status.stdout
@@ -270,8 +270,8 @@ def test_a_rerun_does_nothing_status_tells_what_is_there_and_a_smaller_demo_keep
 
     # a smaller demo regenerates the cohort folder; what the store holds stays
     smaller = write_catalog(folder / "smaller.yaml", workspace="ws",
-                            cohort={"demo": {"subjects": 4, "voxel_size": 8.0, "seed": 3}}, train=None, explain=None,
-                            associate=None, report=None, cluster={"profile": "local", "n_workers": 2})
+                            cohort={"demo": {"subjects": 4, "voxel_size": 8.0, "seed": 3}}, features=None, train=None,
+                            explain=None, associate=None, report=None, cluster={"profile": "local", "n_workers": 1})
     run_catalog(smaller, quiet())
     assert not (workspace / "demo_cohort/sub-0005").exists() and (workspace / "demo_cohort/sub-0004").is_dir()
     assert open_cohort(workspace / "images.zarr").sizes["subject"] == 16
@@ -439,7 +439,7 @@ def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(coho
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", cohort={"directory": str(cohort_copy)},
                             modalities=modalities, train=None, explain=None, relevance={"study": {"lrp": "LRP_STUDY"}},
                             features={"lesions": "WMH", "freesurfer": {"subjects_dir": "derivatives/freesurfer"}},
-                            associate=[analysis], cluster={"profile": "local", "n_workers": 2})
+                            associate=[analysis], cluster={"profile": "local", "n_workers": 1})
     bad = write_catalog(tmp_path / "bad.yaml", workspace="ws", cohort={"directory": str(cohort_copy)},
                         modalities=modalities, train=None, explain=None, relevance={"study": {"lrp": "LRP"}},
                         associate=None)

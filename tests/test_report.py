@@ -209,7 +209,7 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
         "train": {"target": "sex", "task": "classification", "modalities": ["T1"], "members": 1, "epochs": 2,
                   "batch_size": 4},
         "explain": {"methods": ["lrp"], "subjects": "all"},
-        "cluster": {"n_workers": 2, "threads_per_worker": 1}, "report": {"top_k": 3}}))
+        "cluster": {"n_workers": 1, "threads_per_worker": 1}, "report": {"top_k": 3}}))
     workspace = run_catalog(catalog, Console(quiet=True))
     predictions = pd.read_parquet(workspace / "models/predictions.parquet").query("member == 'ensemble'")
     positive = predictions["observed"].astype(str) == "M"

@@ -92,7 +92,7 @@ def test_pools_start_jobs_for_waiting_tasks_and_replace_a_cancelled_one(local_sl
     with profile.start() as running:
         client = running.client
         assert client.submit(operator.add, 1, 2, pure=False).result(timeout=180) == 3  # a CPU job started for it
-        sleeping = client.submit(time.sleep, 6, resources={"GPU": 1}, pure=False)  # a GPU job starts for it
+        sleeping = client.submit(time.sleep, 3, resources={"GPU": 1}, pure=False)  # a GPU job starts for it
         deadline, cancelled = time.monotonic() + 180, None
         while cancelled is None and time.monotonic() < deadline:
             processing = [worker for worker, keys in client.processing().items() if keys and
