@@ -11,12 +11,14 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pandas as pd
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster import ClusterProfile, LocalProfile
 from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, AnalysisSettings, Term
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, tract_atlas
+from engine.data import inputs
 from engine.data.inputs import Modality
 from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.layout import Layout
@@ -57,6 +59,8 @@ class DemoCohort(_Strict):
     seed: int = Field(0, ge=0, description="random seed; participant k is the same for a given seed")
     native_voxel_size: float | None = Field(None, gt=0, le=12, description="write native scans (each head in its "
                                             "own pose and grid; needs a register section) at this voxel size")
+    sessions: int | None = Field(None, ge=2, le=9, description="several scans per participant: 1 to this many BIDS "
+                                 "sessions each, the same head aged over 1–4-year follow-ups")
 
 
 class CohortSource(_Strict):
@@ -67,6 +71,9 @@ class CohortSource(_Strict):
     participants: Path = Field(Path("participants.tsv"), description="participants table, relative to the root")
     mask: Path = Field(Path("mask.nii.gz"), description="cohort brain mask NIfTI, relative to the root")
     space: str | None = Field(None, description="name of the template space, e.g. MNI152NLin2009cAsym")
+    per_session: list[str] = Field([], description="participants-table columns that BIDS sessions tables "
+                                   "(sub-X/sub-X_sessions.tsv) may give per scan, e.g. age at the scan; any other "
+                                   "column in both tables is an error")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -473,6 +480,10 @@ class Catalog(_Strict):
     @property
     def mask_file(self) -> Path:
         return self.cohort_root / self.cohort.mask
+
+    def read_scans(self) -> pd.DataFrame:
+        """The participants table, or with BIDS sessions one row per scan (:func:`engine.data.inputs.read_scans`)."""
+        return inputs.read_scans(self.cohort_root, self.cohort.participants, self.cohort.per_session)
 
     @property
     def freesurfer_dir(self) -> Path | None:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, system_atlas_installed
 from engine.data.grid import Grid
-from engine.data.inputs import InputError, read_participants, resolve_files, spatial_shape
+from engine.data.inputs import InputError, resolve_files, spatial_shape
 from engine.data.registration import BUNDLED_TEMPLATE
 from engine.data.store import LAYOUT, store_attributes
 from engine.layout import file_sha256
@@ -45,13 +45,14 @@ def preflight(catalog: Catalog) -> list[Problem]:
     if any(field in ("cohort.directory", "cohort.participants") for field, _ in problems):
         return problems
     try:
-        table = read_participants(catalog.participants_file)
+        table = catalog.read_scans()
     except InputError as error:
         return [*problems, ("cohort.participants", str(error))]
     if table.empty:
         return [*problems, ("cohort.participants", f"{catalog.participants_file} lists no participants (only a "
                                                    "header line)")]
     problems += _column_problems(catalog, table, str(catalog.participants_file))
+    problems += _session_problems(catalog, table)
     problems += _target_problems(catalog, table)
     problems += _image_problems(catalog, table)
     return problems + _store_problems(catalog)
@@ -124,12 +125,12 @@ def _workspace_problems(catalog: Catalog) -> list[Problem]:
 # The participants table
 
 
-def _columns_named(catalog: Catalog) -> list[tuple[str, str]]:
-    """(field, column) of every participants-table column the catalog names."""
+def _columns_named(catalog: Catalog, table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(field, column) of every participants-table (or scans-table) column the catalog names."""
     named = []
     for name, spec in catalog.modalities.items():
         named += [(f"modalities.{name}.path", field) for _, field, _, _ in string.Formatter().parse(spec.path)
-                  if field and field != "participant_id"]
+                  if field and field not in ("participant_id", "session_id" if "session_id" in table else "")]
     for ensemble, settings in catalog.ensembles().items():
         where = "train" if ensemble is None else f"train.ensembles.{ensemble}"
         named.append((f"{where}.target", settings.target))
@@ -148,7 +149,7 @@ def _columns_named(catalog: Catalog) -> list[tuple[str, str]]:
 def _column_problems(catalog: Catalog, table: pd.DataFrame, source: str) -> list[Problem]:
     columns = list(table.columns)
     problems = []
-    for field, column in _columns_named(catalog):
+    for field, column in _columns_named(catalog, table):
         if column not in columns:
             close = difflib.get_close_matches(column, columns, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -157,6 +158,8 @@ def _column_problems(catalog: Catalog, table: pd.DataFrame, source: str) -> list
 
 
 def _target_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
+    if "session_id" in table:  # participants are dealt to the splits by their first scan
+        table = table.drop_duplicates("participant_id").drop(columns="session_id")
     problems = []
     for ensemble, settings in catalog.ensembles().items():
         where = "train" if ensemble is None else f"train.ensembles.{ensemble}"
@@ -189,6 +192,21 @@ def _target_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
                                      f"participant(s) in the {split_name} split; every class needs at least two in "
                                      "each split (more participants of the class, or other split fractions)"))
     return problems
+
+
+#: The sections that take a cohort with sessions (several scans per participant).
+TAKE_SESSIONS = ("ingest",)
+
+
+def _session_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
+    if "session_id" not in table:
+        return []
+    sections = {"register": catalog.registration, "features": catalog.features, "train": catalog.train,
+                "relevance": catalog.relevance, "associate": catalog.associate}
+    scans = f"{len(table)} scans of {table['participant_id'].nunique()} participants"
+    return [(section, f"the cohort has sessions ({scans}); the {section} section does not take several scans per "
+                      f"participant yet, only {', '.join(TAKE_SESSIONS)} does: leave {section} out to build the "
+                      "store of every scan") for section, settings in sections.items() if settings]
 
 
 # ---------------------------------------------------------------------------------------

