@@ -143,6 +143,25 @@ def test_the_readmes_family_wise_error_rates_are_the_benchmarks():
     assert f"did in {100 * uncorrected['family_wise_error_rate']:.0f} %" in readme
 
 
+def test_the_readmes_repeated_scans_numbers_are_the_benchmarks():
+    """The README's sentences on several scans per participant state what benchmarks/block_permutation.py and
+    benchmarks/split_leakage.py recorded."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    blocks = json.loads((REPO / "benchmarks/results/block_permutation.json").read_text())["results"]
+    whole = next(row for row in blocks if row["permuted"] == "whole participants")
+    rows = next(row for row in blocks if row["predictor"] == "between-participant" and row["permuted"] != "whole "
+                "participants")
+    assert (f"In {whole['cohorts']} null cohorts of {whole['participants']} participants with 2–4 strongly "
+            "correlated scans each") in readme
+    assert (f"in {100 * whole['family_wise_error_rate']:.1f} % (95 % CI {100 * whole['ci_low']:.1f}–"
+            f"{100 * whole['ci_high']:.1f} %) with whole participants permuted and in "
+            f"{100 * rows['family_wise_error_rate']:.0f} % with scans permuted as if they were participants") in readme
+    leakage = {row["split_by"]: row for row in
+               json.loads((REPO / "benchmarks/results/split_leakage.json").read_text())["results"]}
+    assert (f"from {leakage['participant']['test_mae_mean']:.1f} years (split by participant) to "
+            f"{leakage['scan']['test_mae_mean']:.1f} years (split by scan)") in readme
+
+
 def test_the_readmes_validate_example_is_what_validate_prints(tiny_cohort, tmp_path):
     """A study broken as the README says (a misspelt target, one scan on another grid, a mask naming no space)."""
     study = Study(tiny_cohort, tmp_path)

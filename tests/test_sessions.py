@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.data.inputs import InputError, read_participants, read_scans, resolve_files, scan_ids
-from engine.data.store import open_cohort
-from engine.data.synth import MODALITY_PATHS, generate_cohort
+from engine.analysis.stats import region_models
+from engine.data.inputs import InputError, Modality, read_participants, read_scans, resolve_files, scan_ids
+from engine.data.store import ingest, open_cohort
+from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, generate_cohort
 from engine.data.synth.cohort import in_session
-from engine.models.splits import SplitSettings, stratified_split
+from engine.models.splits import SplitSettings, grouped_folds, stratified_split
 from tests.helpers import MODALITIES, cli, write_catalog
 
 SESSION_PATHS = {name: in_session(template) for name, template in MODALITY_PATHS.items()}
@@ -160,10 +161,26 @@ def test_every_scan_of_a_participant_lands_in_one_split_stratified_by_the_first_
                                    stratified_split(baseline, settings).rename_axis(None))
 
 
+def test_cross_fitting_folds_keep_participants_whole_and_balance_their_ages():
+    scans = tempting_cohort(n_participants=73)
+    folds = grouped_folds(scans, 5, SplitSettings(seed=2))
+    assert list(folds.index) == scan_ids(scans) and set(folds) == set(range(5))
+    per_participant = pd.Series(folds.to_numpy()).groupby(scans["participant_id"].to_numpy())
+    assert (per_participant.nunique() == 1).all()  # each participant's scans in one fold
+    sizes = per_participant.first().value_counts()
+    assert sizes.max() - sizes.min() <= 1  # 73 participants: folds of 14 and 15
+    baseline = scans.drop_duplicates("participant_id").set_index("participant_id")
+    bands = pd.qcut(baseline["age"].rank(method="first"), 5, labels=False)
+    spread = pd.crosstab(bands, per_participant.first().reindex(baseline.index))
+    assert (spread.max(axis=1) - spread.min(axis=1) <= 1).all()  # every age band spread evenly over the folds
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        grouped_folds(scans, 1)
+
+
 @pytest.fixture(scope="module")
 def session_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("sessions") / "cohort"
-    generate_cohort(out, 5, voxel_size=8.0, seed=21, max_sessions=3)
+    generate_cohort(out, 16, voxel_size=8.0, seed=21, max_sessions=3)
     return out
 
 
@@ -188,7 +205,7 @@ def test_the_synthetic_sessions_are_the_same_head_aged_over_its_follow_ups(sessi
 def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(session_cohort, tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
                             cohort={"directory": str(session_cohort)}, modalities=SESSION_PATHS,
-                            features=None, train=None, explain=None, associate=None, report=None,
+                            features=None, train=None, explain=None, associate=None, report={},
                             cluster={"profile": "local", "n_workers": 1})
     assert cli("validate", catalog).exit_code == 0
     result = cli("run", catalog)
@@ -203,6 +220,12 @@ def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(sessio
     for row in (0, len(scans) - 1):
         path = session_cohort / SESSION_PATHS["T1"].format(**scans.iloc[row][["participant_id", "session_id"]])
         np.testing.assert_array_equal(images.T1.values[row], nib.load(path).get_fdata(dtype=np.float32)[mask])
+    per_participant = scans.groupby("participant_id").size()
+    intervals = scans.groupby("participant_id")["age"].diff().dropna()
+    report = " ".join((tmp_path / "ws/report.html").read_text().split())
+    assert (f"<b>{len(scans)}</b> scans of <b>16</b> participants ({per_participant.min()}–{per_participant.max()} "
+            f"per participant, {(per_participant > 1).sum()} scanned more than once; follow-up intervals median "
+            f"{intervals.median():.1f} years") in report
 
 
 def test_a_session_cohort_names_what_it_cannot_take_yet_and_a_template_without_the_session(session_cohort,
@@ -215,5 +238,35 @@ def test_a_session_cohort_names_what_it_cannot_take_yet_and_a_template_without_t
                             features=None, explain=None, associate=None, report=None)
     result = cli("validate", catalog)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
-    assert "train" in result.stderr and f"{len(scans)} scans of 5 participants" in result.stderr
+    assert "train" in result.stderr and f"{len(scans)} scans of 16 participants" in result.stderr
 
+
+
+def test_the_mixed_model_recovers_the_ageing_planted_within_participants(session_cohort, tmp_path):
+    """Hippocampal gray matter per scan (GM summed over each scan's own aparc+aseg hippocampus labels), fitted with
+    a random intercept per participant (``region_models(..., groups="participant_id")``, statsmodels MixedLM): its
+    slope on the years since the first scan is negative, significant and within two standard errors of the
+    planted loss (each participant's first volume × the planted fraction lost per year, planted_effects.tsv)."""
+    import statsmodels.formula.api as smf
+
+    scans = read_scans(session_cohort, "participants.tsv")
+    modalities = [Modality("GM", SESSION_PATHS["GM"]),
+                  Modality("APARC_ASEG", in_session(FREESURFER_LABEL_PATHS["APARC_ASEG"]), "int16")]
+    ingest(tmp_path / "images.zarr", scans, session_cohort, modalities, session_cohort / "mask.nii.gz")
+    images = open_cohort(tmp_path / "images.zarr")
+    voxel_mm3 = float(np.prod(np.abs(np.diag(np.asarray(images.attrs["grid"]["affine"]))[:3])))
+    hippocampus = np.where(np.isin(images.APARC_ASEG.values, [17, 53]), images.GM.values, 0).sum(axis=1) * voxel_mm3
+    table = scans[["participant_id", "age"]].assign(volume=hippocampus, region="hippocampus")
+    table["baseline_age"] = table.groupby("participant_id")["age"].transform("first")
+    table["years"] = table["age"] - table["baseline_age"]
+    fit = region_models(table, "volume ~ years + baseline_age", groups="participant_id").set_index("term")
+    reference = smf.mixedlm("volume ~ years + baseline_age", table, groups="participant_id").fit(reml=True)
+    np.testing.assert_allclose(fit.loc["years", "estimate"], reference.fe_params["years"], rtol=1e-6)
+
+    planted = pd.read_csv(session_cohort / "planted_effects.tsv", sep="\t").assign(volume=hippocampus)
+    slopes = [(people.volume.iloc[0] * (people.hippocampus_loss.iloc[0] - people.hippocampus_loss.iloc[-1])
+               / (1 - people.hippocampus_loss.iloc[0]) / (people.age.iloc[-1] - people.age.iloc[0]))
+              for _, people in planted.groupby("participant_id") if len(people) > 1]
+    estimate, se, p = fit.loc["years", ["estimate", "se", "p"]]
+    assert estimate < 0 and p < 0.05
+    assert abs(estimate - np.mean(slopes)) <= 2 * se, (estimate, se, np.mean(slopes))

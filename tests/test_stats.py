@@ -9,6 +9,7 @@ from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 
 from engine.analysis.stats import (
+    ExchangeabilityBlocks,
     _two_sided_p,
     adjust_p,
     design_matrix,
@@ -134,6 +135,90 @@ def test_permutation_null_equals_refitting_each_permutation(data, case):
     expected = _brute_force_max_t(outcome, predictor, covariates, orders, permute)
     # products in float32 when one term is a vector (as FSL randomise), float64 for two maps
     np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-8 if case == "both maps" else 1e-4)
+
+
+def test_without_covariates_the_null_equals_refitting_each_permutation(data):
+    _, x, _, y = data
+    result = voxelwise_ols(_maps(y), x, None, permutations=8, seed=1)
+    orders = [permutation(1, k, N) for k in range(8)]
+    expected = _brute_force_max_t(y, x, pd.DataFrame(index=range(N), columns=["site"]).fillna("A"), orders,
+                                  lambda r, order: r[np.argsort(order)])
+    np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-4)
+
+
+#: Blocks of 2, 2, 1, 3, 3 and 1 rows (participants with that many scans), not in row order.
+BLOCK_LABELS = np.array(["a", "a", "b", "c", "b", "d", "d", "d", "e", "e", "e", "f"])
+
+
+def test_blocks_move_whole_or_their_rows_stay_inside_them():
+    whole, within = ExchangeabilityBlocks(BLOCK_LABELS), ExchangeabilityBlocks(BLOCK_LABELS, whole=False)
+    rows = {label: np.flatnonzero(np.equal(BLOCK_LABELS, label)) for label in "abcdef"}
+    seen_whole, seen_within = set(), set()
+    for index in range(300):
+        order = permutation(3, index, 12, whole)
+        assert sorted(order) == list(range(12))
+        for members in rows.values():  # a block's rows come from one block of as many rows, in its order
+            sources = [source for source in rows.values() if len(source) == len(members)]
+            assert any(np.array_equal(order[members], source) for source in sources)
+        seen_whole.add(tuple(order))
+    for index in range(3000):  # enough draws to meet each of the 144 orders (all met: p ≈ 1e-7 to fail)
+        order = permutation(3, index, 12, within)
+        assert (BLOCK_LABELS[order] == BLOCK_LABELS).all()
+        seen_within.add(tuple(order))
+    assert len(seen_whole) == 2 * 2 * 2  # a↔b, c↔f, d↔e: each pair swapped or not
+    assert len(seen_within) == 2 * 2 * 6 * 6  # 2!·2!·3!·3! orders inside the blocks
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_block_permutation_null_equals_refitting_each_permuted_design(data, whole):
+    covariates, x, _, y = data
+    covariates = covariates[["age", "site"]].copy()
+    covariates.loc[4, "age"] = np.nan  # row 4 is left out: its block keeps two scans
+    labels = np.repeat(np.arange(N // 3), 3)
+    blocks = ExchangeabilityBlocks(labels, whole)
+    result = voxelwise_ols(_maps(y), x, covariates, ["site"], permutations=10, seed=4, permutation_batch=3,
+                           blocks=blocks)
+    kept = np.flatnonzero(covariates["age"].notna())
+    orders = [permutation(4, k, len(kept), ExchangeabilityBlocks(labels[kept], whole)) for k in range(10)]
+    expected = _brute_force_max_t(y[kept], x[kept], covariates.iloc[kept].reset_index(drop=True), orders,
+                                  lambda r, order: r[np.argsort(order)])
+    np.testing.assert_allclose(result.max_t_null.values, expected, rtol=1e-4)
+    assert result.attrs["permuted"] == ("whole blocks" if whole else "within blocks")
+
+
+def test_designs_the_block_permutations_cannot_test_are_refused(data):
+    _, x, _, y = data
+    labels = np.repeat(np.arange(N // 3), 3)
+    between = np.repeat(x[::3], 3)  # one value per participant
+    with pytest.raises(ValueError, match="between-participant effect"):
+        voxelwise_ols(_maps(y), between, permutations=5, blocks=ExchangeabilityBlocks(labels, whole=False))
+    unique_sizes = np.repeat(np.arange(10), [*range(1, 10), 15])  # 60 rows in blocks of 1, 2, …, 9 and 15
+    with pytest.raises(ValueError, match="no two blocks have the same number of scans"):
+        voxelwise_ols(_maps(y), x, permutations=5, blocks=ExchangeabilityBlocks(unique_sizes))
+
+
+def repeated_null(rng, participants: int = 40, voxels: int = 20):
+    """A cohort without any effect: 2–4 scans per participant whose maps share the participant's own level
+    (intra-class correlation ≈ 0.9), a between-participant predictor unrelated to them."""
+    labels = np.repeat(np.arange(participants), rng.integers(2, 5, participants))
+    maps = rng.normal(size=(participants, voxels))[labels] + 0.3 * rng.normal(size=(len(labels), voxels))
+    return xr.DataArray(maps, dims=("subject", "voxel")), rng.normal(size=participants)[labels], labels
+
+
+def test_whole_block_permutation_holds_the_family_wise_error_where_row_permutation_does_not():
+    """200 null cohorts with strongly correlated repeated scans: the share with any voxel at p_fwe ≤ 0.05 lies
+    within the 99.9 % binomial bounds of 0.05 when participants are permuted whole; permuting scans as if they
+    were participants rejects far more often (pseudo-replication)."""
+    rng = np.random.default_rng(2)
+    cohorts, blocked, rowwise = 200, 0, 0
+    for cohort in range(cohorts):
+        maps, predictor, labels = repeated_null(rng)
+        blocked += float(voxelwise_ols(maps, predictor, permutations=49, seed=cohort,
+                                       blocks=ExchangeabilityBlocks(labels)).p_fwe.min()) <= 0.05
+        rowwise += float(voxelwise_ols(maps, predictor, permutations=49, seed=cohort).p_fwe.min()) <= 0.05
+    low, high = stats.binom.ppf([0.0005, 0.9995], cohorts, 0.05) / cohorts
+    assert low <= blocked / cohorts <= high
+    assert rowwise / cohorts > 0.5
 
 
 @pytest.mark.parametrize("case", ["map outcome", "map predictor", "both maps"])

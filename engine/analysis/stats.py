@@ -81,6 +81,7 @@ class _Model:
     sxx: np.ndarray
     syy: np.ndarray
     coverage: np.ndarray
+    rows: np.ndarray  # the subjects the model was fitted on (complete data), as positions in the inputs
 
     @property
     def n(self) -> int:
@@ -113,14 +114,15 @@ def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0,
         if not is_map:
             keep &= ~np.isnan(values)
     design_frame = design_matrix(covariates[keep], categorical)
+    rows = np.flatnonzero(keep)
     if not keep.all():
-        y, x = (values[np.flatnonzero(keep)] for values in (y, x))
+        y, x = (values[rows] for values in (y, x))
     # one pass over the subject blocks: every cross-product the FWL solution needs
     sums = _cross_products(y, x, design_frame.to_numpy())
     n_voxels = reference.sizes["voxel"]
     if np.isnan(sums).any():  # some maps are missing (NaN): drop those subjects and pass again
         complete = np.flatnonzero(_missing_voxels(y, x) == 0)
-        y, x, design_frame = y[complete], x[complete], design_frame.iloc[complete]
+        y, x, design_frame, rows = y[complete], x[complete], design_frame.iloc[complete], rows[complete]
         sums = _cross_products(y, x, design_frame.to_numpy())
     design = design_frame.to_numpy()
     n, p = design.shape[0], design.shape[1] + 1
@@ -159,12 +161,13 @@ def _fit(outcome, predictor, covariates, categorical, min_coverage: float = 0.0,
         sxx = np.where(covered, sxx, np.nan)
     if y_map:
         syy = np.where(covered, syy, np.nan)
-    return _Model(y, x, design, gram_inverse, cx, cy, sxy, sxx, syy, coverage.astype(np.int64)), reference
+    return _Model(y, x, design, gram_inverse, cx, cy, sxy, sxx, syy, coverage.astype(np.int64), rows), reference
 
 
 def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, categorical: Sequence[str] = (),
                   permutations: int = 0, seed: int = 0, permutation_batch: int = 64,
-                  min_coverage: float = 0.0, within: np.ndarray | None = None) -> xr.Dataset:
+                  min_coverage: float = 0.0, within: np.ndarray | None = None,
+                  blocks: ExchangeabilityBlocks | None = None) -> xr.Dataset:
     """Per voxel: β, SE, t, two-sided p and partial r of ``predictor`` on ``outcome`` given covariates.
 
     ``outcome`` and ``predictor`` are DataArrays with dims (``subject``, ``voxel``) or
@@ -187,10 +190,20 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
     the same machine give the same null bit for bit; another batch size, chunking, worker or BLAS
     thread count, or CPU rounds the float32 products differently (≈ 1e-7 relative; tested ≤ 1e-5),
     which moves ``p_fwe`` only at a voxel whose |t| lies that close to a null maximum.
+
+    ``blocks``: with several scans per participant, the permutations respect them
+    (:class:`ExchangeabilityBlocks`); a predictor that does not vary within the blocks (a between-participant
+    effect) cannot be tested by permuting within them, which is an error.
     """
     if not 0 <= min_coverage <= 1:
         raise ValueError(f"min_coverage is a share of the participants, between 0 and 1; got {min_coverage}")
     model, reference = _fit(outcome, predictor, covariates, categorical, min_coverage, within)
+    if blocks is not None:
+        if len(blocks.labels) != reference.sizes["subject"]:
+            raise ValueError(f"blocks label {len(blocks.labels)} rows, the maps have {reference.sizes['subject']}")
+        blocks = blocks.subset(model.rows)
+        if model.x.ndim == 1:
+            blocks.check_predictor(model.x)
     df = model.df
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = model.sxy / model.sxx
@@ -206,11 +219,13 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
                         coords=voxel_coords)
     result.attrs.update(n=int(model.n), df=int(df), min_coverage=float(min_coverage))
     if permutations:
-        null = max_t_null(model, permutations, seed, permutation_batch)
+        null = max_t_null(model, permutations, seed, permutation_batch, blocks)
         exceed = np.searchsorted(np.sort(null), np.abs(t), side="left")
         result["p_fwe"] = ("voxel", np.where(np.isnan(t), np.nan, (1 + permutations - exceed) / (1 + permutations)))
         result["max_t_null"] = ("permutation", null)
         result.attrs.update(permutations=int(permutations), seed=int(seed))
+        if blocks is not None:
+            result.attrs["permuted"] = "whole blocks" if blocks.whole else "within blocks"
     return result
 
 
@@ -330,9 +345,66 @@ def _missing_voxels(y, x) -> np.ndarray:
     return np.asarray(sum(dask.compute(*counts)))
 
 
-def permutation(seed: int, index: int, n: int) -> np.ndarray:
-    """Permutation number ``index`` of ``n`` subjects under ``seed`` (independent of batching)."""
-    return np.random.default_rng([seed, index]).permutation(n)
+def permutation(seed: int, index: int, n: int, blocks: ExchangeabilityBlocks | None = None) -> np.ndarray:
+    """Permutation number ``index`` of ``n`` subjects under ``seed`` (independent of batching), within the
+    exchangeability ``blocks`` where given: row i of the permuted data is row ``order[i]``."""
+    rng = np.random.default_rng([seed, index])
+    return rng.permutation(n) if blocks is None else blocks.permutation(rng)
+
+
+@dataclass(frozen=True)
+class ExchangeabilityBlocks:
+    """Which rows a permutation may exchange when a participant has several scans (Winkler et al. 2014; FSL
+    randomise's ``-e`` groups). ``labels``: each row's block, e.g. its ``participant_id``.
+
+    ``whole=True`` (randomise ``--permuteBlocks``): a block's rows move together, onto a block with as many rows,
+    in their order: for between-participant effects (diagnosis, sex), whose scans are not independent.
+    ``whole=False``: rows are permuted within their block only: for within-participant effects (time since the
+    first scan), with each participant's level kept.
+    """
+
+    labels: np.ndarray
+    whole: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", np.asarray(self.labels))
+
+    @functools.cached_property
+    def members(self) -> list[np.ndarray]:
+        """Each block's rows, blocks in order of first appearance."""
+        _, first, codes = np.unique(self.labels, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        return [np.flatnonzero(codes == code) for code in order]
+
+    def subset(self, rows: np.ndarray) -> ExchangeabilityBlocks:
+        """The blocks of the rows a model kept (complete data)."""
+        return ExchangeabilityBlocks(self.labels[rows], self.whole)
+
+    def permutation(self, rng: np.random.Generator) -> np.ndarray:
+        order = np.arange(len(self.labels))
+        if not self.whole:
+            for rows in self.members:
+                order[rows] = rows[rng.permutation(len(rows))]
+            return order
+        by_size: dict[int, list[np.ndarray]] = {}
+        for rows in self.members:
+            by_size.setdefault(len(rows), []).append(rows)
+        for same_size in by_size.values():
+            for rows, source in zip(same_size, rng.permutation(len(same_size)), strict=True):
+                order[rows] = same_size[source]
+        return order
+
+    def check_predictor(self, predictor: np.ndarray) -> None:
+        """Refuse a design the permutations cannot test."""
+        sizes = np.array([len(rows) for rows in self.members])
+        if self.whole and np.unique(sizes, return_counts=True)[1].max() < 2:
+            raise ValueError("whole-block permutation exchanges blocks with as many scans, but no two blocks have "
+                             "the same number of scans here: no permutation is possible")
+        varies = [np.ptp(predictor[rows]) > 0 for rows in self.members]
+        if not self.whole and not any(varies):
+            raise ValueError("the predictor is constant within every block (a between-participant effect): "
+                             "permuting scans within participants leaves it in place, so its test has no null "
+                             "distribution; permute whole blocks (participants) instead")
 
 
 #: Bytes of residual maps per task (every subject of a block of voxels), counted as float64; the
@@ -340,7 +412,8 @@ def permutation(seed: int, index: int, n: int) -> np.ndarray:
 PERMUTATION_BLOCK_BYTES = 2**26
 
 
-def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> np.ndarray:
+def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64,
+               blocks: ExchangeabilityBlocks | None = None) -> np.ndarray:
     """Largest |t| over voxels for each of ``permutations`` Freedman–Lane permutations.
 
     The outcome's covariate residuals are permuted (Y* = Ŷ_C + P·R_Y). For a unit-norm residual
@@ -364,7 +437,7 @@ def max_t_null(model: _Model, permutations: int, seed: int, batch: int = 64) -> 
     # an orthonormal basis of the covariates without the intercept's column: residuals sum to zero,
     # so the permuted residuals have no intercept component to remove
     basis = np.linalg.qr(model.design)[0][:, 1:]
-    common = {"basis": basis, "seed": seed, "batch": batch, "df": model.df}
+    common = {"basis": basis, "seed": seed, "batch": batch, "df": model.df, "blocks": blocks}
     if y_map and not x_map:
         residual_y = residuals(model.y, model.cy, np.float32)
         kernel, arguments = _design_side_maxima, [residual_y, "nv", _vector(model.syy, residual_y.chunks[1]), "v"]
@@ -409,9 +482,9 @@ def _max_abs_t(a, c2, syy, df):
     return np.sqrt(df * np.nanmax(t2, axis=1, initial=0.0))
 
 
-def _batches(seed, start, stop, batch, n):
+def _batches(seed, start, stop, batch, n, blocks):
     for first in range(start, stop, batch):
-        yield [permutation(seed, index, n) for index in range(first, min(first + batch, stop))]
+        yield [permutation(seed, index, n, blocks) for index in range(first, min(first + batch, stop))]
 
 
 def _residual(values, coefficients, design, precision):
@@ -425,31 +498,31 @@ def _residual(values, coefficients, design, precision):
 PRODUCT_VOXELS = 8192
 
 
-def _design_side_maxima(residual_y, syy, unit, basis, seed, batch, df, start, stop):
+def _design_side_maxima(residual_y, syy, unit, basis, seed, batch, df, start, stop, blocks):
     """Map outcome, vector predictor: permuted rows [u, Q] against the residual maps, batch by batch."""
     maxima = []
     width = basis.shape[1] + 1
     syy = syy.astype(np.float32)
-    for orders in _batches(seed, start, stop, batch, len(unit)):
+    for orders in _batches(seed, start, stop, batch, len(unit), blocks):
         permuted = np.concatenate([np.column_stack([unit[order], basis[order]]) for order in orders], axis=1).T
         permuted = permuted.astype(np.float32)
         best = np.zeros(len(orders))
         for first in range(0, residual_y.shape[1], PRODUCT_VOXELS):
             voxels = slice(first, first + PRODUCT_VOXELS)
             products = (permuted @ residual_y[:, voxels]).reshape(len(orders), width, -1)
-            c2 = products[:, 1] * products[:, 1]
-            for column in range(2, width):
+            c2 = np.zeros_like(products[:, 0])  # no covariates but the intercept: nothing to project out
+            for column in range(1, width):
                 c2 += products[:, column] * products[:, column]
             best = np.fmax(best, _max_abs_t(products[:, 0], c2, syy[voxels], df))
         maxima.append(best)
     return np.concatenate(maxima)[:, None]
 
 
-def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, df, start, stop):
+def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, df, start, stop, blocks):
     """Vector outcome, map predictor: the permuted outcome residuals against the residual maps."""
     maxima = []
     scale = (1 / np.sqrt(sxx)).astype(np.float32)
-    for orders in _batches(seed, start, stop, batch, len(residual_y)):
+    for orders in _batches(seed, start, stop, batch, len(residual_y), blocks):
         permuted = np.column_stack([residual_y[order] for order in orders])
         c2 = ((basis.T @ permuted) ** 2).sum(axis=0)[:, None].astype(np.float32)
         permuted = permuted.astype(np.float32)
@@ -463,11 +536,11 @@ def _outcome_side_maxima(residual_x, sxx, residual_y, syy, basis, seed, batch, d
     return np.concatenate(maxima)[:, None]
 
 
-def _map_map_maxima(residual_x, residual_y, sxx, syy, basis, seed, batch, df, start, stop):
+def _map_map_maxima(residual_x, residual_y, sxx, syy, basis, seed, batch, df, start, stop, blocks):
     """Both terms are maps: Σ_i r_x[σ(i)] r_y[i] pairs each subject's maps anew, voxel by voxel."""
     maxima = []
     scale = 1 / np.sqrt(sxx)
-    for orders in _batches(seed, start, stop, batch, len(residual_y)):
+    for orders in _batches(seed, start, stop, batch, len(residual_y), blocks):
         c = np.concatenate([basis[order] for order in orders], axis=1).T @ residual_y
         c2 = np.einsum("bkv,bkv->bv", *(c.reshape(len(orders), basis.shape[1], -1),) * 2)
         with np.errstate(invalid="ignore"):

@@ -51,12 +51,30 @@ def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None 
     Deterministic given ``settings.seed``.
     """
     settings = settings or SplitSettings()
-    if "session_id" in participants:  # several scans per participant: deal participants, by their baseline scan
+    strata = list(dict.fromkeys([*also_stratify, *settings.stratify]))
+    dealt = _deal_participants(participants, strata, settings.fractions, settings.seed, age_bands)
+    return pd.Series(np.asarray(SPLITS, object)[dealt.to_numpy()], index=dealt.index, name="split")
+
+
+def grouped_folds(participants: pd.DataFrame, folds: int, settings: SplitSettings | None = None,
+                  also_stratify: Sequence[str] = (), age_bands: int = 5) -> pd.Series:
+    """Each participant's (or, with sessions, each scan's) cross-fitting fold, 0 to ``folds`` − 1: participants
+    dealt to equal folds as :func:`stratified_split` deals them to splits (stratified by ``also_stratify`` and
+    ``settings.stratify``, seed ``settings.seed``), every scan of a participant in the participant's fold."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    settings = settings or SplitSettings()
+    strata = list(dict.fromkeys([*also_stratify, *settings.stratify]))
+    return _deal_participants(participants, strata, (1 / folds,) * folds, settings.seed, age_bands).rename("fold")
+
+
+def _deal_participants(participants: pd.DataFrame, strata: list[str], fractions: Sequence[float], seed: int,
+                       age_bands: int) -> pd.Series:
+    """The index of the share each row is dealt to; a scans table's participants dealt by their first scan."""
+    if "session_id" in participants:
         baseline = participants.drop_duplicates("participant_id").drop(columns="session_id")
-        split = stratified_split(baseline, settings, also_stratify, age_bands)
-        return pd.Series(split.reindex(participants["participant_id"]).to_numpy(), index=scan_ids(participants),
-                         name="split")
-    strata, fractions = list(dict.fromkeys([*also_stratify, *settings.stratify])), settings.fractions
+        dealt = _deal_participants(baseline, strata, fractions, seed, age_bands)
+        return pd.Series(dealt.reindex(participants["participant_id"]).to_numpy(), index=scan_ids(participants))
     table = participants.set_index("participant_id") if "participant_id" in participants else participants
     missing = [column for column in strata if column not in table]
     if missing:
@@ -67,16 +85,16 @@ def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None 
         if column == "age" or (pd.api.types.is_numeric_dtype(values) and values.nunique() > 10):
             values = pd.qcut(values.rank(method="first"), min(age_bands, len(values)), labels=False)
         keys.append(values.astype(str).to_numpy())
-    rng = np.random.default_rng(settings.seed)
+    rng = np.random.default_rng(seed)
     order = np.lexsort([rng.random(len(table)), *keys[::-1]])
     target = np.asarray(fractions, float)
-    counts = np.zeros(3)
-    split = np.empty(len(table), object)
-    for dealt, index in enumerate(order, start=1):
-        choice = int(np.argmax(target * dealt - counts))
+    counts = np.zeros(len(target))
+    dealt = np.empty(len(table), int)
+    for number, index in enumerate(order, start=1):
+        choice = int(np.argmax(target * number - counts))
         counts[choice] += 1
-        split[index] = SPLITS[choice]
-    return pd.Series(split, index=table.index, name="split")
+        dealt[index] = choice
+    return pd.Series(dealt, index=table.index)
 
 
 def read_split(path: str | Path) -> pd.Series:

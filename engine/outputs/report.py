@@ -166,15 +166,31 @@ def _participant_columns(ws: Workspace) -> list[str]:
     return [name for name in images.attrs.get("participant_columns", []) if name in images.coords]
 
 
+def _rows_described(images) -> str:
+    """'participants', or with sessions the scans per participant and the follow-up intervals."""
+    if "session_id" not in images.coords:
+        return "participants"
+    scans = pd.DataFrame({"participant_id": images.participant_id.values})
+    per_participant = scans.groupby("participant_id").size()
+    text = (f"scans of <b>{len(per_participant)}</b> participants ({per_participant.min()}–{per_participant.max()} "
+            f"per participant, {int((per_participant > 1).sum())} scanned more than once")
+    if "age" in images.coords:
+        intervals = pd.Series(images.age.values).groupby(scans["participant_id"]).diff().dropna()
+        if len(intervals):
+            text += (f"; follow-up intervals median {intervals.median():.1f} years, range "
+                     f"{intervals.min():.1f}–{intervals.max():.1f}")
+    return text + ")"
+
+
 def _cohort(ws: Workspace) -> list[str]:
     if not ws.has("images"):
         return [_note("No images.zarr in this workspace: the ingest stage has not run.")]
     images = ws.images
     attrs = images.attrs
-    parts = [f"<p><b>{images.sizes['subject']}</b> participants with complete images × "
+    parts = [f"<p><b>{images.sizes['subject']}</b> {_rows_described(images)} with complete images × "
              f"{images.sizes['voxel']} voxels; modalities {html.escape(', '.join(attrs['modalities']))}; "
              f"grid {tuple(attrs['grid']['shape'])} in {html.escape(attrs['grid']['space'])}.</p>"]
-    columns = _participant_columns(ws)
+    columns = [name for name in _participant_columns(ws) if name not in ("participant_id", "session_id")]
     rows = []
     for name in columns:
         values = pd.Series(images[name].values)
