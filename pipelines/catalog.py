@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cluster import ClusterProfile, LocalProfile
 from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, AnalysisSettings, Term
@@ -82,11 +91,33 @@ class CohortSource(_Strict):
         return self
 
 
+class BidsEntities(_Strict):
+    """The BIDS entities that name one modality's files (pybids' names), e.g. ``{suffix: T1w}`` or
+    ``{suffix: T1w, acquisition: mprage, run: 1}``."""
+
+    suffix: str = Field(..., description="e.g. T1w, FLAIR, T2w")
+    datatype: str | None = Field("anat", description="the files' folder (anat, dwi, …)")
+    acquisition: str | None = Field(None, description="acq-<label>: the acquisition (e.g. mprage)")
+    ceagent: str | None = Field(None, description="ce-<label>: the contrast agent")
+    reconstruction: str | None = Field(None, description="rec-<label>: the reconstruction (e.g. norm)")
+    run: int | None = Field(None, description="run-<index>: which of several runs of one session")
+    space: str | None = Field(None, description="space-<label>: the template space of a resampled image")
+    desc: str | None = Field(None, description="desc-<label>: the description (e.g. preproc)")
+    label: str | None = Field(None, description="label-<label>: the tissue of a probability map (e.g. GM)")
+    res: str | None = Field(None, description="res-<label>: the resolution of a resampled image")
+
+    def query(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
 class ModalitySpec(_Strict):
     """One image modality of the cohort (``T1: "path template"`` is short for ``T1: {path: "path template"}``):
     where each participant's file is, how it is stored and, for native scans, how it is registered."""
 
-    path: str = Field(..., description="path template relative to the cohort root, with {participant_id}")
+    path: str | None = Field(None, description="path template relative to the cohort root, with {participant_id} "
+                             "(and {session_id} with sessions)")
+    bids: BidsEntities | None = Field(None, description="instead of a path: the BIDS entities of the files, found "
+                                      "by pybids in the cohort folder (a BIDS dataset)")
     dtype: Literal[STORED_DTYPES] = Field("float32", description="how the values are stored (integers for labels "
                                           "and masks)")
     space: Literal["reference", "own", "template"] = Field(
@@ -97,6 +128,12 @@ class ModalitySpec(_Strict):
     modulate: bool = Field(False, description="register: a probability map × the Jacobian determinant (volumes)")
     labels: str | None = Field(None, description="a label volume's region table: freesurfer (aseg, aparc+aseg, "
                                "aparc.DKTatlas+aseg) or a TSV/CSV path (label, name); each participant's own parcels")
+
+    @model_validator(mode="after")
+    def _path_or_bids(self):
+        if (self.path is None) == (self.bids is None):
+            raise ValueError("give exactly one of path (a template) or bids (the files' BIDS entities)")
+        return self
 
     @model_validator(mode="after")
     def _modulate_probabilities(self):
@@ -316,6 +353,8 @@ class ReportSettings(_Strict):
 class Catalog(_Strict):
     """A whole run: workspace, cohort, modalities, ingest, atlas, features and cluster profile."""
 
+    _bids_index: inputs.BidsIndex | None = PrivateAttr(None)
+
     workspace: Path = Field(..., description="folder for everything the run produces")
     cohort: CohortSource
     modalities: dict[ModalityName, ModalitySpec] = Field(..., min_length=1)
@@ -496,8 +535,19 @@ class Catalog(_Strict):
         return self.train.ensemble_settings() if self.train is not None else {}
 
     def modality_list(self) -> list[Modality]:
-        return [Modality(name, spec.path, spec.dtype, spec.space, spec.kind, spec.modulate, spec.labels)
-                for name, spec in self.modalities.items()]
+        """The modalities; those given by BIDS entities with the files pybids found (one index per catalog)."""
+        modalities = []
+        for name, spec in self.modalities.items():
+            found, template = None, spec.path
+            if spec.bids is not None:
+                if self._bids_index is None:
+                    self._bids_index = inputs.BidsIndex(self.cohort_root)
+                query = spec.bids.query()
+                found = self._bids_index.files(name, query, self.read_scans())
+                template = "BIDS " + ", ".join(f"{key}-{value}" for key, value in query.items())
+            modalities.append(Modality(name, template, spec.dtype, spec.space, spec.kind, spec.modulate, spec.labels,
+                                       found))
+        return modalities
 
 
 class CatalogError(ValueError):

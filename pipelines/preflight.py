@@ -129,7 +129,7 @@ def _columns_named(catalog: Catalog, table: pd.DataFrame) -> list[tuple[str, str
     """(field, column) of every participants-table (or scans-table) column the catalog names."""
     named = []
     for name, spec in catalog.modalities.items():
-        named += [(f"modalities.{name}.path", field) for _, field, _, _ in string.Formatter().parse(spec.path)
+        named += [(f"modalities.{name}.path", field) for _, field, _, _ in string.Formatter().parse(spec.path or "")
                   if field and field not in ("participant_id", "session_id" if "session_id" in table else "")]
     for ensemble, settings in catalog.ensembles().items():
         where = "train" if ensemble is None else f"train.ensembles.{ensemble}"
@@ -225,8 +225,12 @@ def _uses_the_atlas(catalog: Catalog) -> bool:
 
 
 def _image_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
-    modalities = [modality for modality in catalog.modality_list()  # (a template naming a missing column: named)
-                  if {field for _, field, _, _ in string.Formatter().parse(modality.template) if field} <= set(table)]
+    try:
+        modalities = [modality for modality in catalog.modality_list()  # (a template naming a missing column: named)
+                      if {field for _, field, _, _ in string.Formatter().parse(modality.template) if field}
+                      <= set(table)]
+    except InputError as error:  # a BIDS dataset pybids cannot read
+        return [("cohort.directory", str(error))]
     try:
         files, missing = resolve_files(catalog.cohort_root, table, modalities)
     except InputError as error:

@@ -3,13 +3,23 @@ synthetic cohort's sessions the same head aged, the store's rows scans with part
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
 from engine.analysis.stats import region_models
-from engine.data.inputs import InputError, Modality, read_participants, read_scans, resolve_files, scan_ids
+from engine.data.inputs import (
+    BidsIndex,
+    InputError,
+    Modality,
+    read_participants,
+    read_scans,
+    resolve_files,
+    scan_ids,
+)
 from engine.data.store import ingest, open_cohort
 from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, generate_cohort
 from engine.data.synth.cohort import in_session
@@ -202,9 +212,15 @@ def test_the_synthetic_sessions_are_the_same_head_aged_over_its_follow_ups(sessi
             assert later.sum() < first.sum()  # less gray matter years later
 
 
-def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(session_cohort, tmp_path):
+#: The session cohort's scans named by templates, or found by pybids from their BIDS entities.
+FOUND_BY = {"templates": {"T1": SESSION_PATHS["T1"], "GM": SESSION_PATHS["GM"]},
+            "BIDS entities": {"T1": {"bids": {"suffix": "T1w"}}, "GM": SESSION_PATHS["GM"]}}
+
+
+@pytest.mark.parametrize("found_by", list(FOUND_BY))
+def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(session_cohort, tmp_path, found_by):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
-                            cohort={"directory": str(session_cohort)}, modalities=SESSION_PATHS,
+                            cohort={"directory": str(session_cohort)}, modalities=FOUND_BY[found_by],
                             features=None, train=None, explain=None, associate=None, report={},
                             cluster={"profile": "local", "n_workers": 1})
     assert cli("validate", catalog).exit_code == 0
@@ -270,3 +286,32 @@ def test_the_mixed_model_recovers_the_ageing_planted_within_participants(session
     estimate, se, p = fit.loc["years", ["estimate", "se", "p"]]
     assert estimate < 0 and p < 0.05
     assert abs(estimate - np.mean(slopes)) <= 2 * se, (estimate, se, np.mean(slopes))
+
+
+def test_pybids_finds_the_files_the_templates_name(session_cohort, tiny_cohort):
+    for root, templates in ((session_cohort, SESSION_PATHS), (tiny_cohort, MODALITY_PATHS)):
+        scans = read_scans(root, "participants.tsv")
+        index = BidsIndex(root)
+        for name, suffix in (("T1", "T1w"), ("FLAIR", "FLAIR")):
+            found = index.files(name, {"suffix": suffix, "datatype": "anat"}, scans)
+            expected, problems = resolve_files(root, scans, [Modality(name, templates[name])])
+            assert not found.problems and not problems
+            assert found.by_scan == {scan: paths[name] for scan, paths in expected.items()}
+
+
+def test_bids_files_that_cannot_be_told_apart_or_belong_to_nobody_are_named(session_cohort, tmp_path):
+    root = shutil.copytree(session_cohort, tmp_path / "cohort", ignore=shutil.ignore_patterns("derivatives"))
+    first = root / "sub-0001/ses-01/anat/sub-0001_ses-01_T1w.nii.gz"
+    shutil.copy(first, first.with_name("sub-0001_ses-01_run-2_T1w.nii.gz"))
+    shutil.copytree(root / "sub-0002", root / "sub-9999", ignore=shutil.ignore_patterns("*.tsv"))
+    for path in (root / "sub-9999").rglob("*.nii.gz"):
+        path.rename(path.with_name(path.name.replace("sub-0002", "sub-9999")))
+    found = BidsIndex(root).files("T1", {"suffix": "T1w"}, read_scans(root, "participants.tsv"))
+    messages = [str(problem) for problem in found.problems]
+    assert any("participant sub-0001" in text and "session ses-01" in text and "two files match" in text
+               and "run" in text for text in messages), messages
+    assert any("sub-9999" in text and "not in the participants" in text for text in messages), messages
+    assert found.by_scan["sub-0002_ses-01"].name == "sub-0002_ses-01_T1w.nii.gz"
+    (root / "dataset_description.json").write_text("{ not json")
+    with pytest.raises(InputError, match="pybids cannot read the BIDS dataset"):
+        BidsIndex(root)

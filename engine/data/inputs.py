@@ -70,6 +70,62 @@ class Modality:
     modulate: bool = False  # probability maps × Jacobian determinant: sums are native volumes
     #: for label volumes: their region table (``freesurfer`` or a TSV/CSV path); ingest checks every label is in it
     labels: str | None = None
+    #: found by pybids instead of a template (:class:`BidsIndex`): each scan's file, by scan ID, and the files of
+    #: scans that are not listed
+    found: BidsFiles | None = None
+
+
+@dataclass(frozen=True)
+class BidsFiles:
+    """A modality's files in a BIDS dataset (:meth:`BidsIndex.files`): by scan ID, and the problems found."""
+
+    by_scan: dict[str, Path]
+    problems: tuple[InputError, ...] = ()
+
+
+#: The BIDS entities a modality may name (pybids' names), besides ``suffix``.
+BIDS_ENTITIES = ("datatype", "acquisition", "ceagent", "reconstruction", "run", "space", "desc", "label", "res")
+
+
+class BidsIndex:
+    """One pybids index of a BIDS dataset, made once (without the JSON sidecars' metadata, the slow part of
+    indexing) and asked per modality: which file each scan has."""
+
+    def __init__(self, root: str | Path):
+        from bids import BIDSLayout, BIDSLayoutIndexer
+
+        self.root = Path(root)
+        try:
+            self.layout = BIDSLayout(self.root, indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+        except Exception as error:  # pybids raises many kinds for a tree it cannot read
+            raise InputError(f"pybids cannot read the BIDS dataset: {type(error).__name__}: {error}",
+                             file=self.root) from None
+
+    def files(self, modality: str, entities: dict[str, str], scans: pd.DataFrame) -> BidsFiles:
+        """The files of ``entities`` (``suffix`` and any of :data:`BIDS_ENTITIES`) for the scans of ``scans`` (the
+        participants or scans table). Two files for one scan (e.g. two runs) are a problem naming the entity to
+        add; a file of a participant or session not in the table is a problem too."""
+        query = {"extension": [".nii.gz", ".nii"], **entities}
+        found = self.layout.get(return_type="object", **query)
+        listed = set(scan_ids(scans))
+        by_scan, problems = {}, []
+        for item in found:
+            named = item.get_entities()
+            pid, session = f"sub-{named['subject']}", named.get("session")
+            scan = scan_id(pid, None if session is None else f"ses-{session}")
+            if scan not in listed:
+                problems.append(InputError(f"{modality} file of a participant or session not in the participants "
+                                           "(or sessions) tables", file=item.path))
+            elif scan in by_scan:
+                others = sorted(set(named) - {"subject", "session", "suffix", "extension", "datatype"})
+                problems.append(InputError(
+                    f"{modality}: two files match {entities} ({Path(by_scan[scan]).name}, {Path(item.path).name}); "
+                    f"name the one to use with more entities in modalities.{modality}.bids (the files differ in "
+                    f"{', '.join(others) or 'their extension'})", pid, item.path,
+                    None if session is None else f"ses-{session}"))
+            else:
+                by_scan[scan] = Path(item.path)
+        return BidsFiles(by_scan, tuple(problems))
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,6 +330,17 @@ def resolve_files(root: str | Path, table: pd.DataFrame, modalities: list[Modali
     listed = set(table["participant_id"])
     listed_scans = set(scan_ids(table))
     for modality in modalities:
+        if modality.found is not None:
+            for record in records:
+                pid, session = record["participant_id"], record.get("session_id")
+                path = modality.found.by_scan.get(scan_id(pid, session))
+                if path is None:
+                    problems.append(InputError(f"no {modality.name} file in the BIDS dataset ({modality.template})",
+                                               pid, root / pid, session))
+                else:
+                    files.setdefault(scan_id(pid, session), {})[modality.name] = path
+            problems += modality.found.problems
+            continue
         if "{participant_id}" not in modality.template:
             raise InputError(f"modality {modality.name}: path template {modality.template!r} must contain "
                              "{participant_id}")
