@@ -486,6 +486,14 @@ class Catalog(_Strict):
                     raise ValueError(f"{where}.{field}: {text!r} needs features.freesurfer (the stats files)")
                 if field == "covariates" and term.is_map:
                     raise ValueError(f"{where}.covariates: {text!r} is a map; covariates are per-subject values")
+        chosen = analysis.subjects
+        if chosen is not None and (chosen.split or chosen.outcome or chosen.ensemble):
+            if self.train is None:
+                raise ValueError(f"{where}.subjects: a split or outcome filter needs a train section")
+            if chosen.ensemble is not None:
+                self._check_ensemble(f"{where}.subjects.ensemble",
+                                     Term(f"predictions.{chosen.ensemble}.split", "predictions", "split",
+                                          ensemble=chosen.ensemble))
 
     @model_validator(mode="before")
     @classmethod

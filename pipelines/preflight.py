@@ -143,6 +143,8 @@ def _columns_named(catalog: Catalog, table: pd.DataFrame) -> list[tuple[str, str
                     named.append((f"associate[{index}].{field}", term.name))
         if analysis.random_intercept:
             named.append((f"associate[{index}].random_intercept", analysis.random_intercept))
+        if analysis.subjects is not None:
+            named += [(f"associate[{index}].subjects.where", column) for column in analysis.subjects.where]
     return named
 
 

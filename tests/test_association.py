@@ -304,3 +304,50 @@ def test_a_parcel_under_the_minimum_size_is_missing_and_the_family_is_declared()
     for column in ("p", "p_bonferroni", "p_fdr", "p_permutation", "p_fwe", "n"):
         np.testing.assert_allclose(tested[column], partial.loc[tested.index, column], rtol=1e-9)
     assert models.loc[models["term"] == "age", "p_fwe"].isna().all()
+
+
+def test_a_subject_filter_takes_a_split_an_outcome_and_column_values(effects_sources, tmp_path):
+    """SubjectFilter against the hand-picked participants, and an analysis of the filtered sources against the same
+    analysis of sources built from those participants alone."""
+    import nibabel as nib
+
+    from engine.analysis.association import AnalysisError, AnalysisSettings, SubjectFilter, analyse
+
+    sources, _ = effects_sources
+    subjects = np.array([str(subject) for subject in sources.images.subject.values])
+    rng = np.random.default_rng(3)
+    observed = rng.choice(["AD", "CN"], len(subjects))
+    p_cn = rng.uniform(size=len(subjects))
+    split = np.where(np.arange(len(subjects)) % 3 == 0, "test", "train")
+    predictions = pd.DataFrame({"participant_id": subjects, "split": split, "observed": observed,
+                                "p_AD": 1 - p_cn, "p_CN": p_cn})  # CN, the last class, is the positive one
+    with_predictions = Sources(sources.images, sources.participants, predictions=predictions)
+    age = sources.participants.loc[subjects, "age"].to_numpy()
+    female = sources.participants.loc[subjects, "sex"].to_numpy() == "F"
+    true_positive = (observed == "CN") & (p_cn >= 0.5)
+    chosen = SubjectFilter(split=["test"], outcome=["TP"], where={"age": {"min": 30}})
+    expected = subjects[(split == "test") & true_positive & (age >= 30)]
+    assert len(expected) and chosen.subjects(with_predictions, [Term.of("predictions.p_CN")]) == list(expected)
+    women_under_60 = SubjectFilter(where={"sex": ["F"], "age": {"max": 60}})
+    assert women_under_60.subjects(sources, []) == list(subjects[female & (age <= 60)])
+    with pytest.raises(ValueError, match="no participant meets"):
+        SubjectFilter(where={"age": {"min": 200}}).subjects(sources, [])
+    with pytest.raises(ValueError, match="need an ensemble"):
+        chosen.subjects(with_predictions, [Term.of("images.GM")])
+    with pytest.raises(ValueError, match="binary classification"):
+        SubjectFilter(outcome=["TP"]).subjects(
+            Sources(sources.images, sources.participants, predictions=predictions.drop(columns="p_AD")),
+            [Term.of("predictions.p_CN")])
+
+    settings = AnalysisSettings(name="older", outcome="images.GM", predictor="age", covariates=["sex"],
+                                correction=["fdr_bh"], subjects={"where": {"age": {"min": 50}}, "split": ["train"]})
+    with pytest.raises(AnalysisError, match="need an ensemble"):  # a split, but no relevance or predictions term
+        analyse(with_predictions, settings, tmp_path / "older")
+    settings = settings.model_copy(update={"subjects": SubjectFilter(where={"age": {"min": 50}})})
+    summary = analyse(with_predictions, settings, tmp_path / "older")
+    older = subjects[age >= 50]
+    assert summary["n"] == len(older) < len(subjects) and summary["subjects"]["where"] == {"age": {"min": 50.0}}
+    by_hand = voxel_analysis(Sources(sources.images.sel(subject=older), sources.participants.loc[older]),
+                             "images.GM", "age", ["sex"], ["fdr_bh"], min_coverage=settings.min_coverage)
+    t_map = Masker.of(sources.images).to_nifti(by_hand["t"].astype(np.float32), fill=np.nan).get_fdata()
+    np.testing.assert_array_equal(nib.load(tmp_path / "older/t.nii.gz").get_fdata(), t_map)

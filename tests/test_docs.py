@@ -55,9 +55,10 @@ def _models_in(node: dict) -> list[tuple[str, str]]:
     for choice in node.get("anyOf", node.get("oneOf", [node])):
         for key, suffix in (("$ref", ""), ("items", "[]"), ("additionalProperties", ".<name>")):
             value = choice.get(key)
-            reference = value if key == "$ref" else value.get("$ref") if isinstance(value, dict) else None
-            if reference:
-                found.append((suffix, reference.rsplit("/", 1)[-1]))
+            if key == "$ref" and value:
+                found.append((suffix, value.rsplit("/", 1)[-1]))
+            elif isinstance(value, dict):  # a list's or a mapping's values: a model, or a union holding models
+                found += [(suffix + inner, model) for inner, model in _models_in(value)]
     return found
 
 

@@ -87,6 +87,12 @@ CASES = {
     "an analysis term naming an ensemble that does not exist": (
         lambda study: study.catalog["associate"][0].update(outcome="relevance.t2.lrp"),
         ["associate[0].outcome", "names ensemble 't2'"]),
+    "a subject filter naming an unknown column": (
+        lambda study: study.catalog["associate"][0].update(subjects={"where": {"agee": {"min": 60}}}),
+        ["associate[0].subjects.where", "'agee' is not a column", "did you mean 'age'"]),
+    "a subject filter naming an ensemble that does not exist": (
+        lambda study: study.catalog["associate"][0].update(subjects={"ensemble": "t2", "split": ["test"]}),
+        ["associate[0].subjects.ensemble", "names ensemble 't2'"]),
     "a workspace inside the cohort folder": (
         lambda study: study.catalog.update(workspace=str(study.root / "derivatives" / "ws")),
         ["workspace", "is inside the cohort folder"]),

@@ -116,6 +116,22 @@ class Term:
         return self.source in MAP_SOURCES
 
 
+#: A binary classification's outcomes, the last of the sorted classes positive.
+OUTCOMES = ("TP", "FP", "TN", "FN")
+
+
+def classification_outcomes(predictions: pd.DataFrame) -> pd.Series | None:
+    """TP / FP / TN / FN per participant of a binary classification's ensemble predictions (``observed`` and one
+    ``p_<class>`` column per class, sorted; the last class positive, called at p ≥ 0.5); None for other tasks."""
+    classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
+    if len(classes) != 2:
+        return None
+    positive = predictions["observed"].astype(str).to_numpy() == classes[1]
+    called = predictions[f"p_{classes[1]}"].to_numpy() >= 0.5
+    outcome = np.select([positive & called, ~positive & called, ~positive & ~called], ["TP", "FP", "TN"], "FN")
+    return pd.Series(outcome, index=predictions["participant_id"].to_numpy(), name="outcome")
+
+
 @dataclass
 class Sources:
     """What terms resolve against: the images store, each ensemble's relevance store and predictions (keyed by
@@ -133,6 +149,21 @@ class Sources:
             value = getattr(self, name)
             if value is None or isinstance(value, (xr.Dataset, pd.DataFrame)):  # (a Dataset is a Mapping too)
                 setattr(self, name, {} if value is None else {None: value})
+
+    def restricted(self, subjects: Sequence[str]) -> Sources:
+        """These sources with only ``subjects``: the images, relevance maps, predictions and tables."""
+        kept = set(subjects)
+
+        def rows(table: pd.DataFrame) -> pd.DataFrame:
+            return table[table["participant_id"].isin(kept)] if "participant_id" in table.columns else table
+
+        return Sources(
+            self.images.sel(subject=[s for s in self.images.subject.values if s in kept]),
+            self.participants[self.participants.index.isin(kept)],
+            {name: data.sel(subject=[s for s in data.subject.values if s in kept])
+             for name, data in self.relevance.items()},
+            {name: rows(table) for name, table in self.tables.items()},
+            {name: rows(table) for name, table in self.predictions.items()})
 
     def ensemble_relevance(self, term: Term) -> xr.Dataset:
         """The relevance store of ``term``'s ensemble."""
@@ -292,6 +323,66 @@ class RegionFamily(BaseModel):
                 "regions": family}
 
 
+class Range(BaseModel):
+    """A numeric column's range, ends included (either may be left open)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: float | None = Field(None, description="the smallest value taken (none: no lower end)")
+    max: float | None = Field(None, description="the largest value taken (none: no upper end)")
+
+
+class SubjectFilter(BaseModel):
+    """Which participants an analysis takes (by default every one its terms have values for): a split and the
+    outcomes of an ensemble's predictions, and values of participant columns; every condition given must hold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ensemble: str | None = Field(None, description="whose split and outcomes (default: the ensemble of the "
+                                 "analysis's relevance or predictions term)")
+    split: list[Literal["train", "validation", "test"]] = Field([], description="only these splits")
+    outcome: list[Literal[OUTCOMES]] = Field([], description="only these outcomes of a binary classification "
+                                             "(the last of the sorted classes positive, as in the report)")
+    where: dict[str, str | float | list[str | float] | Range] = Field(
+        {}, description="participant columns: a value, a list of values, or a range {min, max}")
+
+    def subjects(self, sources: Sources, terms: Sequence[Term]) -> list[str]:
+        """The subjects of the images store that meet every condition."""
+        subjects = pd.Index([str(subject) for subject in sources.images["subject"].values])
+        keep = np.ones(len(subjects), bool)
+        if self.split or self.outcome:
+            named = [term for term in terms if term.source in ("relevance", "predictions")]
+            if self.ensemble is None and not named:
+                raise ValueError("subjects.split and subjects.outcome need an ensemble: name it (subjects.ensemble) "
+                                 "or use a relevance or predictions term")
+            term = (Term(f"predictions.{self.ensemble}.split", "predictions", "split", ensemble=self.ensemble)
+                    if self.ensemble else named[0])
+            predictions = sources.ensemble_predictions(term)
+            if self.split:
+                split = predictions.drop_duplicates("participant_id").set_index("participant_id")["split"]
+                keep &= split.reindex(subjects).isin(self.split).to_numpy()
+            if self.outcome:
+                outcome = classification_outcomes(predictions)
+                if outcome is None:
+                    raise ValueError("subjects.outcome needs a binary classification's predictions (TP/FP/TN/FN)")
+                keep &= outcome.reindex(subjects).isin(self.outcome).to_numpy()
+        for column, condition in self.where.items():
+            if column not in sources.participants.columns:
+                raise ValueError(f"subjects.where: {column!r} is not a participant column "
+                                 f"({sorted(map(str, sources.participants.columns))})")
+            values = sources.participants[column].reindex(subjects)
+            if isinstance(condition, Range):
+                numbers = pd.to_numeric(values, errors="coerce")
+                keep &= ((numbers >= (-np.inf if condition.min is None else condition.min))
+                         & (numbers <= (np.inf if condition.max is None else condition.max))).to_numpy()
+            else:
+                accepted = condition if isinstance(condition, list) else [condition]
+                keep &= values.isin(accepted).to_numpy() | values.astype(str).isin(map(str, accepted)).to_numpy()
+        if not keep.any():
+            raise ValueError(f"no participant meets subjects {self.model_dump(exclude_defaults=True)}")
+        return list(subjects[keep])
+
+
 class AnalysisSettings(BaseModel):
     """One association model: outcome ~ predictor + covariates, voxel- or ROI-wise (:func:`analyse`); the catalog's
     ``associate:`` entries are this model."""
@@ -338,6 +429,8 @@ class AnalysisSettings(BaseModel):
                                          "counts as 0")
     labels: str | None = Field(None, description="roi: a label-volume modality (with labels: in modalities, e.g. "
                                "every participant's aparc+aseg): each participant's own parcels instead of an atlas")
+    subjects: SubjectFilter | None = Field(None, description="only these participants: a split, a classifier's "
+                                           "outcomes, values of participant columns (an age band, a diagnosis)")
     native: bool = Field(False, description="roi with labels: take each participant's map back onto their native "
                          "label volume (the registration's inverse transform) and reduce there, as the seed study "
                          "did; needs a register section")
@@ -580,11 +673,15 @@ def analyse(sources: Sources, settings: AnalysisSettings, out: str | Path,
     run = {"voxel": _voxel_analysis, "roi": _roi_analysis, "similarity": _similarity_analysis,
            "subject": _subject_analysis}[settings.scope]
     try:
+        if settings.subjects is not None:
+            terms = [settings.outcome, settings.predictor, *settings.covariates]
+            sources = sources.restricted(settings.subjects.subjects(sources, terms))
         details = run(sources, settings, files, regions if settings.scope == "roi" else atlas)
     except ValueError as error:
         raise AnalysisError(f"associate analysis {settings.name!r}: {error}") from error
     summary = {**settings.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
-                                                            "alpha", "labels", "native"}),
+                                                            "alpha", "labels", "native", "subjects"},
+                                     exclude_none=True),
                **details, "seconds": round(time.perf_counter() - started, 2)}
     files.summary.write_text(json.dumps(summary, indent=2))
     return summary

@@ -27,6 +27,7 @@ import xarray as xr
 from scipy.stats import spearmanr
 from torch import nn
 
+from engine.analysis.association import OUTCOMES, classification_outcomes
 from engine.analysis.atlas import STATISTICS, Atlas, region_reduce, top_k_overlap, top_regions
 from engine.data.inputs import load_image
 from engine.data.masker import Masker
@@ -257,14 +258,13 @@ def subject_groups(subjects: Sequence[str], age: np.ndarray | None, predictions:
     defined it: patients (observed positive class) over healthy controls (observed negative class).
     Otherwise age bands cut at ``age_bands``, with gain of the oldest band over the youngest.
     """
-    if predictions is not None:
+    outcome = None if predictions is None else classification_outcomes(predictions)
+    if outcome is not None:
         classes = [column.removeprefix("p_") for column in predictions if column.startswith("p_")]
         if len(classes) == 2:
-            rows = predictions.set_index("participant_id").reindex(list(subjects))
-            positive = rows["observed"].astype(str).to_numpy() == classes[1]
-            called = rows[f"p_{classes[1]}"].to_numpy() >= 0.5
-            outcomes = {"TP": positive & called, "FP": ~positive & called, "TN": ~positive & ~called,
-                        "FN": positive & ~called}
+            outcome = outcome.reindex(list(subjects))
+            positive = outcome.isin(["TP", "FN"]).to_numpy()
+            outcomes = {name: (outcome == name).to_numpy() for name in OUTCOMES}
             has_both = positive.any() and (~positive).any()
             return SubjectGroups(
                 f"outcome (positive class {classes[1]})", {name: mask for name, mask in outcomes.items() if mask.any()},
