@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from engine.data.inputs import read_participants
@@ -37,6 +38,7 @@ KILLED_INGEST = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_ingest_resumes_without_redoing_committed_rows(tiny_cohort, tmp_path):
     store = tmp_path / "images.zarr"
     script = tmp_path / "killed_ingest.py"

@@ -85,6 +85,7 @@ def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
     assert "cluster.slurm.cpu.memory: 'lots' is not a memory size" in text and "cluster.slurm.gpu.gpus" in text
 
 
+@pytest.mark.slow
 def test_pools_start_jobs_for_waiting_tasks_and_replace_a_cancelled_one(local_slurm, tmp_path):
     """The pooled cluster on its own: a CPU job for a CPU task, a GPU job for a GPU task, a cancelled job
     replaced and its task run again, every job gone at the end (the whole pipeline on SLURM: the slow test below)."""

@@ -205,6 +205,7 @@ def repeated_null(rng, participants: int = 40, voxels: int = 20):
     return xr.DataArray(maps, dims=("subject", "voxel")), rng.normal(size=participants)[labels], labels
 
 
+@pytest.mark.slow
 def test_whole_block_permutation_holds_the_family_wise_error_where_row_permutation_does_not():
     """200 null cohorts with strongly correlated repeated scans: the share with any voxel at p_fwe ≤ 0.05 lies
     within the 99.9 % binomial bounds of 0.05 when participants are permuted whole; permuting scans as if they
@@ -487,6 +488,7 @@ def test_region_permutation_is_freedman_lane_with_a_max_t_family_wise_p(region_t
     assert (table["p_fwe"] >= table["p_permutation"]).all()
 
 
+@pytest.mark.slow
 def test_the_family_wise_p_holds_its_level_under_a_planted_null_where_per_region_p_does_not():
     """250 cohorts without any effect, 20 correlated regions each: the share of cohorts with any region at p_fwe
     < 0.05 lies within the 99.9 % binomial bounds of 0.05; any region at an uncorrected permutation p < 0.05
