@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from record import save_results  # sibling script
-from scipy import stats
+from record import rejection_rate, save_results  # sibling script
 
 from engine.analysis.stats import ExchangeabilityBlocks, voxelwise_ols
 
@@ -42,13 +41,10 @@ def simulate(cohorts: int, participants: int, voxels: int, permutations: int, se
             errors[effect, scheme] += bool(float(result.p_fwe.min()) <= 0.05)
     rows = []
     for (effect, scheme), count in errors.items():
-        interval = stats.binomtest(count, cohorts).proportion_ci(0.95)
         permuted = {"blocks": "whole participants" if effect == "between" else "scans within participants",
                     "rows": "scans as if participants"}[scheme]
-        rows.append({"predictor": f"{effect}-participant", "permuted": permuted,
-                     "family_wise_error_rate": count / cohorts, "ci_low": interval.low, "ci_high": interval.high,
-                     "cohorts": cohorts, "participants": participants, "voxels": voxels,
-                     "permutations": permutations})
+        rows.append({"predictor": f"{effect}-participant", "permuted": permuted, **rejection_rate(count, cohorts),
+                     "participants": participants, "voxels": voxels, "permutations": permutations})
     return rows
 
 

@@ -42,3 +42,13 @@ def save_results(path: Path, results, **extra) -> None:
     record = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": f"python {command}", **extra, "results": results}
     Path(path).write_text(json.dumps(record, indent=2))
+
+
+def rejection_rate(rejections: int, cohorts: int) -> dict:
+    """The share of simulated cohorts with a rejection (a family-wise error under a planted null) and its 95 %
+    Clopper–Pearson interval."""
+    from scipy import stats
+
+    interval = stats.binomtest(rejections, cohorts).proportion_ci(0.95)
+    return {"family_wise_error_rate": rejections / cohorts, "ci_low": interval.low, "ci_high": interval.high,
+            "cohorts": cohorts}

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from record import save_results  # sibling script
-from scipy import stats
+from record import rejection_rate, save_results  # sibling script
 
 from engine.analysis.stats import region_correlations
 
@@ -43,9 +42,7 @@ def simulate(cohorts: int, participants: int, regions: int, permutations: int, s
             errors[column] += bool((result[column] < 0.05).any())
     rows = []
     for column, what in P_VALUES.items():
-        interval = stats.binomtest(errors[column], cohorts).proportion_ci(0.95)
-        rows.append({"p-value": column, "what": what, "family_wise_error_rate": errors[column] / cohorts,
-                     "ci_low": interval.low, "ci_high": interval.high, "cohorts": cohorts,
+        rows.append({"p-value": column, "what": what, **rejection_rate(errors[column], cohorts),
                      "participants": participants, "regions": regions, "permutations": permutations})
     return rows
 
