@@ -212,15 +212,12 @@ def test_the_synthetic_sessions_are_the_same_head_aged_over_its_follow_ups(sessi
             assert later.sum() < first.sum()  # less gray matter years later
 
 
-#: The session cohort's scans named by templates, or found by pybids from their BIDS entities.
-FOUND_BY = {"templates": {"T1": SESSION_PATHS["T1"], "GM": SESSION_PATHS["GM"]},
-            "BIDS entities": {"T1": {"bids": {"suffix": "T1w"}}, "GM": SESSION_PATHS["GM"]}}
-
-
-@pytest.mark.parametrize("found_by", list(FOUND_BY))
-def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(session_cohort, tmp_path, found_by):
+def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(session_cohort, tmp_path):
+    """T1 found by pybids from its BIDS entities, GM by its template (the two find the same files:
+    test_pybids_finds_the_files_the_templates_name)."""
+    modalities = {"T1": {"bids": {"suffix": "T1w"}}, "GM": SESSION_PATHS["GM"]}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
-                            cohort={"directory": str(session_cohort)}, modalities=FOUND_BY[found_by],
+                            cohort={"directory": str(session_cohort)}, modalities=modalities,
                             features=None, train=None, explain=None, associate=None, report={},
                             cluster={"profile": "local", "n_workers": 1})
     assert cli("validate", catalog).exit_code == 0
