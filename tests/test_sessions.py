@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.analysis.stats import region_models
+from engine.analysis.stats import ExchangeabilityBlocks, region_models, voxelwise_ols
 from engine.data.inputs import (
     BidsIndex,
     InputError,
@@ -21,9 +21,10 @@ from engine.data.inputs import (
     scan_ids,
 )
 from engine.data.store import ingest, open_cohort
-from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, generate_cohort
+from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, TRUTH_REGIONS, generate_cohort
 from engine.data.synth.cohort import in_session
 from engine.models.splits import SplitSettings, grouped_folds, stratified_split
+from engine.models.validation import truth_mask
 from tests.helpers import MODALITIES, cli, write_catalog
 
 SESSION_PATHS = {name: in_session(template) for name, template in MODALITY_PATHS.items()}
@@ -312,3 +313,21 @@ def test_bids_files_that_cannot_be_told_apart_or_belong_to_nobody_are_named(sess
     (root / "dataset_description.json").write_text("{ not json")
     with pytest.raises(InputError, match="pybids cannot read the BIDS dataset"):
         BidsIndex(root)
+
+
+@pytest.mark.slow
+def test_whole_participant_permutation_finds_the_planted_between_participant_ageing(tmp_path):
+    """40 synthetic participants with 1–3 sessions: gray matter against the age at the first scan (a
+    between-participant effect), tested voxel-wise with whole participants permuted, is significant (p_fwe < 0.05)
+    and negative inside the planted hippocampal, amygdalar and thalamic loss."""
+    root = tmp_path / "cohort"
+    generate_cohort(root, 40, voxel_size=8.0, seed=21, max_sessions=3)
+    scans = read_scans(root, "participants.tsv")
+    ingest(tmp_path / "images.zarr", scans, root, [Modality("GM", SESSION_PATHS["GM"])], root / "mask.nii.gz")
+    images = open_cohort(tmp_path / "images.zarr")
+    first_age = scans.groupby("participant_id")["age"].transform("first").to_numpy()
+    result = voxelwise_ols(images.GM, first_age, permutations=499, seed=1,
+                           blocks=ExchangeabilityBlocks(scans["participant_id"].to_numpy()))
+    planted = truth_mask(root / TRUTH_REGIONS, images, [1, 2, 3])
+    assert np.median(result.t.values[planted]) < -3
+    assert ((result.p_fwe.values < 0.05) & planted & (result.t.values < 0)).any()

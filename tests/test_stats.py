@@ -457,16 +457,22 @@ def test_region_correlation_permutation_p(region_table):
     assert again["p_permutation"].equals(table["p_permutation"])
 
 
-def test_region_permutation_is_freedman_lane_with_a_max_t_family_wise_p(region_table):
+@pytest.mark.parametrize("blocks", [None, "whole", "within"])
+def test_region_permutation_is_freedman_lane_with_a_max_t_family_wise_p(region_table, blocks):
     """Against a brute-force refit of every permutation (statsmodels OLS): the outcome's residuals given the
     covariates permuted and added back to their fit, Y* = Ŷ_Z + P·e; a region with a missing row takes the others
-    in the order the permutation puts them. The family-wise p counts the largest |t| over the regions."""
+    in the order the permutation puts them. The family-wise p counts the largest |t| over the regions. With blocks
+    (the rows as 30 people's 3 scans each), the permutations move whole people or scans within them."""
     import statsmodels.formula.api as smf
 
     permutations, seed = 30, 7
+    region_table = region_table.assign(person=region_table["participant_id"].str[-2:].astype(int) // 3)
     table = region_correlations(region_table, "density", "volume", ["age", "site"], "partial",
-                                permutations=permutations, seed=seed).set_index("region")
+                                permutations=permutations, seed=seed, blocks=blocks and "person",
+                                whole_blocks=blocks == "whole").set_index("region")
     people = pd.Index(pd.unique(region_table["participant_id"]))
+    exchange = None if blocks is None else ExchangeabilityBlocks(
+        region_table.drop_duplicates("participant_id")["person"].to_numpy(), blocks == "whole")
     null_t = {}
     observed = {}
     for name, data in region_table.groupby("region", sort=False):
@@ -476,7 +482,7 @@ def test_region_permutation_is_freedman_lane_with_a_max_t_family_wise_p(region_t
         position = people.get_indexer(data["participant_id"])
         t = []
         for index in range(permutations):
-            order = permutation(seed, index, len(people))
+            order = permutation(seed, index, len(people), exchange)
             taken = [np.flatnonzero(position == p)[0] for p in order if p in set(position)]
             permuted = data.assign(density=reduced.fittedvalues + reduced.resid.to_numpy()[taken])
             t.append(abs(smf.ols("density ~ volume + age + C(site)", permuted).fit().tvalues["volume"]))

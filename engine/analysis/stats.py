@@ -646,21 +646,23 @@ def _region_fits(table: pd.DataFrame, outcome: str, predictor: str, covariates: 
 
 
 def region_permutation_test(fits: Sequence[_RegionFit], participants: int, permutations: int,
-                            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                            seed: int = 0, blocks: ExchangeabilityBlocks | None = None,
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Freedman–Lane permutation p-values of the regions' t (partial correlations, or the predictor's OLS t):
     per region uncorrected, and family-wise over the regions by the maximum |t| of each permutation.
 
     Permutation k of all ``participants`` (:func:`permutation` with ``seed``) permutes every region's outcome
     residuals at once, restricted to the region's participants (those of a region with missing values are taken
-    in the order the permutation puts them), so regions keep their dependence. p = (1 + #{null ≥ |t|}) /
-    (1 + permutations). Returns (p per region, family-wise p per region, the max-|t| null).
+    in the order the permutation puts them), so regions keep their dependence; with ``blocks`` (one label per
+    participant position) within their exchangeability blocks. p = (1 + #{null ≥ |t|}) / (1 + permutations).
+    Returns (p per region, family-wise p per region, the max-|t| null).
     """
     observed = np.abs([fit.t for fit in fits])
     exceed = np.zeros(len(fits))
     null = np.zeros(permutations)
     for start in range(0, permutations, REGION_PERMUTATION_BATCH):
         indices = range(start, min(start + REGION_PERMUTATION_BATCH, permutations))
-        orders = np.stack([permutation(seed, index, participants) for index in indices])
+        orders = np.stack([permutation(seed, index, participants, blocks) for index in indices])
         null_t = np.abs(np.stack([fit.null_t(orders) for fit in fits]))  # region × permutation
         exceed += (null_t >= observed[:, None] * (1 - 1e-10)).sum(axis=1)
         null[indices.start:indices.stop] = null_t.max(axis=0, initial=0)
@@ -676,7 +678,7 @@ def _participants(table: pd.DataFrame) -> pd.Index:
 
 def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covariates: Sequence[str] = (),
                         method: str = "pearson", permutations: int = 0, seed: int = 0,
-                        region: str = "region") -> pd.DataFrame:
+                        region: str = "region", blocks: str | None = None, whole_blocks: bool = True) -> pd.DataFrame:
     """Per region the correlation of ``outcome`` and ``predictor`` across the table's rows (participants),
     as the seed study tabulated it: region, r, p, p_bonferroni, p_fdr, n, family_size (and p_permutation,
     p_fwe).
@@ -689,13 +691,16 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
     family is the table's regions: Bonferroni (× ``family_size``, the regions with a p) and
     Benjamini–Hochberg run across them. With ``permutations`` (and a ``participant_id`` column),
     :func:`region_permutation_test`: Freedman–Lane ``p_permutation`` per region and the family-wise
-    ``p_fwe`` of the maximum |t| over the regions.
+    ``p_fwe`` of the maximum |t| over the regions. ``blocks``: a column naming each row's exchangeability block
+    when rows are not exchangeable one by one (several scans of a participant: ``participant_id`` holds the scan,
+    ``blocks`` the person), permuted whole (``whole_blocks``) or within (:class:`ExchangeabilityBlocks`).
     """
     if method not in CORRELATIONS:
         raise ValueError(f"unknown correlation {method!r}; known: {', '.join(CORRELATIONS)}")
     if method != "partial" and covariates:
         raise ValueError(f"a {method} correlation takes no covariates ({list(covariates)}); use partial")
-    missing = [column for column in (region, outcome, predictor, *covariates) if column not in table.columns]
+    missing = [column for column in (region, outcome, predictor, *covariates, *([blocks] if blocks else []))
+               if column not in table.columns]
     if missing:
         raise ValueError(f"region_correlations: columns {missing} are not in the table ({list(table.columns)})")
     participants = _participants(table) if permutations else None
@@ -711,7 +716,11 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
     columns = ["region", "r", "p", "p_bonferroni", "p_fdr", "n", "family_size"]
     if permutations:
         fitted = [fit for fit in fits if isinstance(fit, _RegionFit)]
-        p, fwe, null = region_permutation_test(fitted, len(participants), permutations, seed)
+        exchange = None
+        if blocks is not None:
+            labels = table.drop_duplicates("participant_id").set_index("participant_id")[blocks]
+            exchange = ExchangeabilityBlocks(labels.reindex(participants).to_numpy(), whole_blocks)
+        p, fwe, null = region_permutation_test(fitted, len(participants), permutations, seed, exchange)
         tested = result["region"].isin([fit.region for fit in fitted]).to_numpy()
         result.loc[tested, "p_permutation"], result.loc[tested, "p_fwe"] = p, fwe
         result.attrs["max_t_null"] = null
