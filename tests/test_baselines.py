@@ -1,4 +1,5 @@
-"""The streaming ridge baseline against scikit-learn's RidgeCV."""
+"""The streaming linear baselines against scikit-learn: RidgeCV, SVC with a linear kernel; the classification
+metrics against scikit-learn's."""
 
 import warnings
 
@@ -8,7 +9,8 @@ import xarray as xr
 from dask.array.core import PerformanceWarning
 from sklearn.linear_model import RidgeCV
 
-from engine.models.baselines import ridge_baseline
+from engine.models.baselines import linear_svm_baseline, ridge_baseline
+from engine.models.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("voxels", [300, 25])  # more voxels than subjects, and fewer
@@ -37,3 +39,49 @@ def test_ridge_baseline_refuses_bad_input():
         ridge_baseline(maps, np.arange(4.0), np.ones(4, bool))
     with pytest.raises(ValueError, match="at least 3 training subjects"):
         ridge_baseline(maps, np.arange(5.0), np.array([True, True, False, False, False]))
+
+
+def test_linear_svm_baseline_equals_sklearns_linear_svc_on_the_centred_voxels():
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(2)
+    n, voxels = 70, 200
+    labels = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, voxels)) + 0.6 * labels[:, None] * (np.arange(voxels) < 20) + 5.0
+    labels[3] = -1  # outside the two classes: not trained on
+    train = np.zeros(n, bool)
+    train[rng.permutation(n)[:50]] = True
+    maps = xr.DataArray(x.astype(np.float32), dims=("subject", "voxel")).chunk({"subject": 16})
+    cs = (1e-4, 1e-3, 1e-2, 1e-1)
+    ours = linear_svm_baseline(maps, labels, train, cs, seed=3)
+    rows = np.flatnonzero(train & (labels >= 0))
+    features = x.astype(np.float32).astype(np.float64)
+    centred = features - features[rows].mean(axis=0)
+    folds = StratifiedKFold(5, shuffle=True, random_state=3)
+    for c in cs:  # the cross-validation, by hand
+        predicted = np.empty(len(rows), int)
+        for fit, held_out in folds.split(rows, labels[rows]):
+            model = SVC(kernel="linear", C=c, class_weight="balanced").fit(centred[rows[fit]], labels[rows[fit]])
+            predicted[held_out] = model.predict(centred[rows[held_out]])
+        assert ours.cv_balanced_accuracy[c] == pytest.approx(balanced_accuracy_score(labels[rows], predicted))
+    reference = SVC(kernel="linear", C=ours.c, class_weight="balanced").fit(centred[rows], labels[rows])
+    np.testing.assert_allclose(ours.decision, reference.decision_function(centred), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="two classes with at least two training subjects"):
+        linear_svm_baseline(maps, np.where(np.arange(n) == 0, 1, 0), train, cs)
+
+
+def test_classification_metrics_equal_scikit_learns():
+    from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 80)
+    scores = rng.normal(size=80) + labels
+    probabilities = np.column_stack([1 - 1 / (1 + np.exp(-scores)), 1 / (1 + np.exp(-scores))])
+    ours = classification_metrics(labels, probabilities)
+    called = (probabilities[:, 1] > probabilities[:, 0]).astype(int)
+    assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, called))
+    assert ours["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]))
+    assert ours["sensitivity"] == pytest.approx(recall_score(labels, called, pos_label=1))
+    assert ours["specificity"] == pytest.approx(recall_score(labels, called, pos_label=0))

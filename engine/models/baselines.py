@@ -1,11 +1,12 @@
-"""Linear baselines for the CNNs: ridge regression on the stored voxels, streamed in its dual form.
+"""Linear baselines for the CNNs on the stored voxels, streamed in their dual forms: ridge regression and, for a
+classification, a linear support vector machine.
 
-:func:`ridge_baseline` needs the cohort only through its subject × subject Gram matrix
-``X Xᵀ``, one Dask reduction over voxel blocks (the cohort is never in memory). Centring on the
-training subjects, the leave-one-out choice of α and the predictions all follow from that matrix,
-as scikit-learn's ``RidgeCV`` (efficient leave-one-out, its "gram" mode) computes them. The Gram
-matrix holds N² float64 values: 32 MB at N = 2,000, 3.2 GB at N = 20,000; beyond that a primal
-solver over voxel blocks would be needed.
+Both need the cohort only through its subject × subject Gram matrix ``X Xᵀ``, one Dask reduction over voxel
+blocks (the cohort is never in memory). For :func:`ridge_baseline`, centring on the training subjects, the
+leave-one-out choice of α and the predictions all follow from that matrix, as scikit-learn's ``RidgeCV``
+(efficient leave-one-out, its "gram" mode) computes them; :func:`linear_svm_baseline` gives the centred matrix to
+scikit-learn's ``SVC(kernel="precomputed")``. The Gram matrix holds N² float64 values: 32 MB at N = 2,000, 3.2 GB
+at N = 20,000; beyond that a primal solver over voxel blocks would be needed.
 """
 
 from __future__ import annotations
@@ -43,6 +44,57 @@ def gram_matrix(maps: xr.DataArray) -> np.ndarray:
     return np.asarray(da.dot(values, values.T).compute())
 
 
+def centred_gram(gram: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """``Xc Xcᵀ`` of the maps centred on the training subjects (Xc = X − 1 μᵀ, μ their mean), from ``X Xᵀ``."""
+    n = int(train.sum())
+    towards_mean = gram[:, train].sum(axis=1) / n  # X μ
+    mean_norm = gram[np.ix_(train, train)].sum() / n**2  # μ·μ
+    return gram - towards_mean[:, None] - towards_mean[None, :] + mean_norm
+
+
+#: The C grid of :func:`linear_svm_baseline`.
+DEFAULT_CS = tuple(10.0 ** np.arange(-6, 1))
+
+
+@dataclass(frozen=True)
+class SvmBaseline:
+    """A fitted linear SVM: the C chosen by stratified 5-fold cross-validation on the training subjects (balanced
+    accuracy), each C's score, and the decision values of every subject (> 0: the second class)."""
+
+    c: float
+    cv_balanced_accuracy: dict[float, float]
+    decision: np.ndarray
+
+
+def linear_svm_baseline(maps: xr.DataArray, labels: np.ndarray, train: np.ndarray, cs=DEFAULT_CS,
+                        seed: int = 0) -> SvmBaseline:
+    """A linear SVM with balanced class weights (scikit-learn ``SVC`` on the precomputed, training-centred Gram
+    matrix) for two classes (``labels`` 0 and 1, −1 outside them); C by stratified 5-fold cross-validation on
+    the training subjects; decision values for all subjects."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import SVC
+
+    labels, train = np.asarray(labels), np.asarray(train, bool) & (np.asarray(labels) >= 0)
+    counts = np.bincount(labels[train], minlength=2)
+    if len(counts) != 2 or counts.min() < 2:
+        raise ValueError(f"linear SVM: needs two classes with at least two training subjects each, got {counts}")
+    centred = centred_gram(gram_matrix(maps), train)
+    rows = np.flatnonzero(train)
+    folds = StratifiedKFold(min(5, int(counts.min())), shuffle=True, random_state=seed)
+    scores = {}
+    for c in cs:
+        predicted = np.empty(len(rows), int)
+        for fit, held_out in folds.split(rows, labels[rows]):
+            model = SVC(kernel="precomputed", C=c, class_weight="balanced")
+            model.fit(centred[np.ix_(rows[fit], rows[fit])], labels[rows[fit]])
+            predicted[held_out] = model.predict(centred[np.ix_(rows[held_out], rows[fit])])
+        scores[float(c)] = float(balanced_accuracy_score(labels[rows], predicted))
+    best = max(scores, key=lambda c: (scores[c], -c))  # the most regularised of the best
+    model = SVC(kernel="precomputed", C=best, class_weight="balanced").fit(centred[np.ix_(rows, rows)], labels[rows])
+    return SvmBaseline(best, scores, model.decision_function(centred[:, rows]))
+
+
 def ridge_baseline(maps: xr.DataArray, target: np.ndarray, train: np.ndarray,
                    alphas=DEFAULT_ALPHAS) -> RidgeBaseline:
     """Ridge regression with an unpenalised intercept on the training subjects (``train``: boolean per
@@ -52,12 +104,8 @@ def ridge_baseline(maps: xr.DataArray, target: np.ndarray, train: np.ndarray,
         raise ValueError(f"ridge: target and train need one value per subject ({maps.sizes['subject']})")
     if train.sum() < 3 or not np.isfinite(target[train]).all():
         raise ValueError("ridge: needs at least 3 training subjects with a finite target")
-    gram = gram_matrix(maps)
-    # centre on the training subjects: Xc = X − 1 μᵀ with μ the training mean, all from X Xᵀ
+    centred = centred_gram(gram_matrix(maps), train)
     n = int(train.sum())
-    towards_mean = gram[:, train].sum(axis=1) / n  # X μ
-    mean_norm = gram[np.ix_(train, train)].sum() / n**2  # μ·μ
-    centred = gram - towards_mean[:, None] - towards_mean[None, :] + mean_norm
     kernel = centred[np.ix_(train, train)]
     y_mean = target[train].mean()
     y = target[train] - y_mean

@@ -18,7 +18,7 @@ from engine.layout import ModelsLayout, atomic_output
 from engine.models.heap import heap_kept
 from engine.models.metrics import classification_metrics, out_of_sample_gap, regression_metrics
 from engine.models.splits import split_hash
-from engine.models.training import TrainingConfig, train_member
+from engine.models.training import TrainingConfig, targets_of, train_member
 from engine.models.volumes import scale_rows
 from engine.tasks import INLINE, Execution
 
@@ -28,6 +28,8 @@ ENSEMBLE = "ensemble"
 BASELINE = "predict_train_mean"
 #: The ``member`` of the ridge baseline's rows: ridge regression on the members' stored input voxels.
 RIDGE = "ridge_voxels"
+#: A binary classification's linear baseline: a linear SVM on the same voxels (engine.models.baselines).
+LINEAR_SVM = "linear_svm_voxels"
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,20 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
     return regression_metrics(target[test], fit.predictions[test])
 
 
+def _svm_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame, classes: list) -> dict:
+    """Test metrics of a linear SVM on the members' inputs (as :func:`_ridge_metrics` takes them), C by
+    cross-validation on the training split (:func:`engine.models.baselines.linear_svm_baseline`)."""
+    from engine.models.baselines import linear_svm_baseline
+
+    split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
+    maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
+                                        for name in config.modalities], axis=1), dims=("subject", "voxel"))
+    labels = targets_of(dataset, config, classes).astype(int)
+    fit = linear_svm_baseline(maps, labels, split == "train", seed=config.seed)
+    test = (split == "test") & (labels >= 0)
+    return classification_metrics(labels[test], np.column_stack([-fit.decision, fit.decision])[test])
+
+
 def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
                     classes: list | None, bias_correction: str = "validation") -> dict:
     """Ensemble predictions (mean over members) and metrics per member and for the ensemble; a brain-age model's
@@ -190,6 +206,10 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
         ridge = _ridge_metrics(dataset, config, predictions[predictions.member == ENSEMBLE])
         metrics = pd.concat([metrics, pd.DataFrame([{"member": BASELINE, "split": "test", **baseline},
                                                     {"member": RIDGE, "split": "test", **ridge}])],
+                            ignore_index=True)
+    elif len(classes) == 2:
+        svm = _svm_metrics(dataset, config, predictions[predictions.member == ENSEMBLE], classes)
+        metrics = pd.concat([metrics, pd.DataFrame([{"member": LINEAR_SVM, "split": "test", **svm}])],
                             ignore_index=True)
     for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
         with atomic_output(path) as partial:

@@ -20,7 +20,9 @@ def regression_metrics(observed, predicted) -> dict:
 
 
 def classification_metrics(labels, probabilities) -> dict:
-    """Balanced accuracy and ROC-AUC (one-vs-rest, macro-averaged) from class probabilities."""
+    """Balanced accuracy and ROC-AUC (one-vs-rest, macro-averaged) from class probabilities (or scores); for two
+    classes also sensitivity and specificity, the second class positive (the last of the sorted classes, as in
+    the TP/FP/TN/FN groups)."""
     labels, probabilities = np.asarray(labels), np.asarray(probabilities, float)
     predicted = probabilities.argmax(axis=1)
     present = np.unique(labels)
@@ -32,8 +34,13 @@ def classification_metrics(labels, probabilities) -> dict:
             aucs.append(stats.mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
         if probabilities.shape[1] == 2:
             break  # binary: the positive class's AUC is the AUC
-    return {"n": len(labels), "balanced_accuracy": float(np.mean(recalls)),
-            "roc_auc": float(np.mean(aucs)) if aucs else math.nan}
+    metrics = {"n": len(labels), "balanced_accuracy": float(np.mean(recalls)),
+               "roc_auc": float(np.mean(aucs)) if aucs else math.nan}
+    if probabilities.shape[1] == 2:
+        positive, negative = labels == 1, labels == 0
+        metrics["sensitivity"] = float((predicted[positive] == 1).mean()) if positive.any() else math.nan
+        metrics["specificity"] = float((predicted[negative] == 0).mean()) if negative.any() else math.nan
+    return metrics
 
 
 def bias_corrected_gap(predicted, age, degree: int = 3, fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
