@@ -38,7 +38,7 @@ from engine.layout import (
     stored_key,
 )
 from engine.models import validation
-from engine.models.ensembles import BASELINE, ENSEMBLE, LINEAR_SVM, RIDGE, EnsembleJob, train_ensembles
+from engine.models.ensembles import BASELINE, ENSEMBLE, LINEAR_CLASSIFIERS, RIDGE, EnsembleJob, train_ensembles
 from engine.models.relevance import explain, import_relevance, open_relevance, relevance_key
 from engine.models.splits import read_split, stratified_split
 from engine.outputs.report import build_report
@@ -296,7 +296,7 @@ class TrainStage(Stage):
         for name in layout.ensemble_names():
             models = layout.for_ensemble(name).models
             metrics = pd.read_parquet(models.metrics)
-            members = sorted(set(metrics["member"]) - {ENSEMBLE, BASELINE, RIDGE, LINEAR_SVM})
+            members = sorted(set(metrics["member"]) - {ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values()})
             lines.append(f"{models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}")
         return "\n".join(lines) or None
 
@@ -307,7 +307,7 @@ def _by_ensemble(summaries: dict) -> dict:
 
 
 def _test_metrics(metrics: pd.DataFrame) -> dict:
-    baselines = [ENSEMBLE, BASELINE, RIDGE, LINEAR_SVM]
+    baselines = [ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values()]
     test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
     columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
                if column in test]

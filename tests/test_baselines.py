@@ -1,5 +1,5 @@
-"""The streaming linear baselines against scikit-learn: RidgeCV, SVC with a linear kernel; the classification
-metrics against scikit-learn's."""
+"""The streaming linear baselines against scikit-learn (RidgeCV, SVC with a linear kernel, LogisticRegression);
+the classification metrics against scikit-learn's."""
 
 import warnings
 
@@ -9,7 +9,7 @@ import xarray as xr
 from dask.array.core import PerformanceWarning
 from sklearn.linear_model import RidgeCV
 
-from engine.models.baselines import linear_svm_baseline, ridge_baseline
+from engine.models.baselines import linear_classifier_baseline, ridge_baseline
 from engine.models.metrics import classification_metrics
 
 
@@ -41,7 +41,11 @@ def test_ridge_baseline_refuses_bad_input():
         ridge_baseline(maps, np.arange(5.0), np.array([True, True, False, False, False]))
 
 
-def test_linear_svm_baseline_equals_sklearns_linear_svc_on_the_centred_voxels():
+@pytest.mark.parametrize("kind", ["svm", "logistic"])
+def test_linear_classifier_baselines_equal_scikit_learn_on_the_centred_voxels(kind):
+    """From the streamed Gram matrix, against scikit-learn fitted on the voxels themselves (centred on the training
+    subjects): SVC with a linear kernel, LogisticRegression; the same cross-validation scores and decisions."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold
     from sklearn.svm import SVC
@@ -55,7 +59,12 @@ def test_linear_svm_baseline_equals_sklearns_linear_svc_on_the_centred_voxels():
     train[rng.permutation(n)[:50]] = True
     maps = xr.DataArray(x.astype(np.float32), dims=("subject", "voxel")).chunk({"subject": 16})
     cs = (1e-4, 1e-3, 1e-2, 1e-1)
-    ours = linear_svm_baseline(maps, labels, train, cs, seed=3)
+    ours = linear_classifier_baseline(maps, labels, train, kind, cs, seed=3)
+
+    def reference(c):
+        return (SVC(kernel="linear", C=c, class_weight="balanced") if kind == "svm" else
+                LogisticRegression(C=c, class_weight="balanced", max_iter=10_000, tol=1e-8))
+
     rows = np.flatnonzero(train & (labels >= 0))
     features = x.astype(np.float32).astype(np.float64)
     centred = features - features[rows].mean(axis=0)
@@ -63,13 +72,13 @@ def test_linear_svm_baseline_equals_sklearns_linear_svc_on_the_centred_voxels():
     for c in cs:  # the cross-validation, by hand
         predicted = np.empty(len(rows), int)
         for fit, held_out in folds.split(rows, labels[rows]):
-            model = SVC(kernel="linear", C=c, class_weight="balanced").fit(centred[rows[fit]], labels[rows[fit]])
-            predicted[held_out] = model.predict(centred[rows[held_out]])
+            predicted[held_out] = reference(c).fit(centred[rows[fit]], labels[rows[fit]]).predict(
+                centred[rows[held_out]])
         assert ours.cv_balanced_accuracy[c] == pytest.approx(balanced_accuracy_score(labels[rows], predicted))
-    reference = SVC(kernel="linear", C=ours.c, class_weight="balanced").fit(centred[rows], labels[rows])
-    np.testing.assert_allclose(ours.decision, reference.decision_function(centred), rtol=1e-4, atol=1e-4)
+    expected = reference(ours.c).fit(centred[rows], labels[rows]).decision_function(centred)
+    np.testing.assert_allclose(ours.decision, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="two classes with at least two training subjects"):
-        linear_svm_baseline(maps, np.where(np.arange(n) == 0, 1, 0), train, cs)
+        linear_classifier_baseline(maps, np.where(np.arange(n) == 0, 1, 0), train, kind, cs)
 
 
 def test_classification_metrics_equal_scikit_learns():

@@ -52,47 +52,74 @@ def centred_gram(gram: np.ndarray, train: np.ndarray) -> np.ndarray:
     return gram - towards_mean[:, None] - towards_mean[None, :] + mean_norm
 
 
-#: The C grid of :func:`linear_svm_baseline`.
+#: The C grid of :func:`linear_classifier_baseline`.
 DEFAULT_CS = tuple(10.0 ** np.arange(-6, 1))
+#: The linear classifiers :func:`linear_classifier_baseline` fits.
+CLASSIFIERS = ("svm", "logistic")
 
 
 @dataclass(frozen=True)
-class SvmBaseline:
-    """A fitted linear SVM: the C chosen by stratified 5-fold cross-validation on the training subjects (balanced
-    accuracy), each C's score, and the decision values of every subject (> 0: the second class)."""
+class ClassifierBaseline:
+    """A fitted linear classifier: the C chosen by stratified 5-fold cross-validation on the training subjects
+    (balanced accuracy), each C's score, and the decision values of every subject (> 0: the second class)."""
 
+    kind: str
     c: float
     cv_balanced_accuracy: dict[float, float]
     decision: np.ndarray
 
 
-def linear_svm_baseline(maps: xr.DataArray, labels: np.ndarray, train: np.ndarray, cs=DEFAULT_CS,
-                        seed: int = 0) -> SvmBaseline:
-    """A linear SVM with balanced class weights (scikit-learn ``SVC`` on the precomputed, training-centred Gram
-    matrix) for two classes (``labels`` 0 and 1, −1 outside them); C by stratified 5-fold cross-validation on
-    the training subjects; decision values for all subjects."""
+def linear_classifier_baseline(maps: xr.DataArray, labels: np.ndarray, train: np.ndarray, kind: str = "svm",
+                               cs=DEFAULT_CS, seed: int = 0) -> ClassifierBaseline:
+    """A linear SVM or an L2-penalised logistic regression, both with balanced class weights (scikit-learn), on
+    the maps centred on the training subjects, for two classes (``labels`` 0 and 1, −1 outside them); C by
+    stratified 5-fold cross-validation on the training subjects; decision values for all subjects.
+
+    Both see the voxels only through the centred Gram matrix: the SVM as a precomputed kernel, the logistic
+    regression on each subject's coordinates in the span of the training subjects' maps (from the matrix's
+    eigenvectors), where an L2-penalised linear model's weights lie: the same fit as on the voxels themselves.
+    """
+    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold
     from sklearn.svm import SVC
 
+    if kind not in CLASSIFIERS:
+        raise ValueError(f"unknown linear classifier {kind!r}; known: {', '.join(CLASSIFIERS)}")
     labels, train = np.asarray(labels), np.asarray(train, bool) & (np.asarray(labels) >= 0)
     counts = np.bincount(labels[train], minlength=2)
     if len(counts) != 2 or counts.min() < 2:
-        raise ValueError(f"linear SVM: needs two classes with at least two training subjects each, got {counts}")
+        raise ValueError(f"linear {kind}: needs two classes with at least two training subjects each, got {counts}")
     centred = centred_gram(gram_matrix(maps), train)
     rows = np.flatnonzero(train)
+    if kind == "svm":
+        features = centred[:, rows]  # a subject's kernel values with the training subjects
+
+        def model(c):
+            return SVC(kernel="precomputed", C=c, class_weight="balanced")
+    else:
+        eigenvalues, eigenvectors = np.linalg.eigh(centred[np.ix_(rows, rows)])
+        kept = eigenvalues > 1e-10 * eigenvalues.max()
+        features = centred[:, rows] @ eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
+
+        def model(c):
+            return LogisticRegression(C=c, class_weight="balanced", max_iter=10_000, tol=1e-8)
+
+    def inputs(subjects: np.ndarray, fit: np.ndarray) -> np.ndarray:
+        """The subjects' inputs to a model fitted on the training subjects at positions ``fit``."""
+        return features[subjects][:, fit] if kind == "svm" else features[subjects]
+
     folds = StratifiedKFold(min(5, int(counts.min())), shuffle=True, random_state=seed)
     scores = {}
     for c in cs:
         predicted = np.empty(len(rows), int)
         for fit, held_out in folds.split(rows, labels[rows]):
-            model = SVC(kernel="precomputed", C=c, class_weight="balanced")
-            model.fit(centred[np.ix_(rows[fit], rows[fit])], labels[rows[fit]])
-            predicted[held_out] = model.predict(centred[np.ix_(rows[held_out], rows[fit])])
+            fitted = model(c).fit(inputs(rows[fit], fit), labels[rows[fit]])
+            predicted[held_out] = fitted.predict(inputs(rows[held_out], fit))
         scores[float(c)] = float(balanced_accuracy_score(labels[rows], predicted))
     best = max(scores, key=lambda c: (scores[c], -c))  # the most regularised of the best
-    model = SVC(kernel="precomputed", C=best, class_weight="balanced").fit(centred[np.ix_(rows, rows)], labels[rows])
-    return SvmBaseline(best, scores, model.decision_function(centred[:, rows]))
+    fitted = model(best).fit(features[rows], labels[rows])
+    return ClassifierBaseline(kind, best, scores, fitted.decision_function(features))
 
 
 def ridge_baseline(maps: xr.DataArray, target: np.ndarray, train: np.ndarray,

@@ -28,8 +28,8 @@ ENSEMBLE = "ensemble"
 BASELINE = "predict_train_mean"
 #: The ``member`` of the ridge baseline's rows: ridge regression on the members' stored input voxels.
 RIDGE = "ridge_voxels"
-#: A binary classification's linear baseline: a linear SVM on the same voxels (engine.models.baselines).
-LINEAR_SVM = "linear_svm_voxels"
+#: A binary classification's linear baselines on the same voxels (engine.models.baselines), by classifier.
+LINEAR_CLASSIFIERS = {"svm": "linear_svm_voxels", "logistic": "logistic_voxels"}
 
 
 @dataclass(frozen=True)
@@ -144,18 +144,24 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
     return regression_metrics(target[test], fit.predictions[test])
 
 
-def _svm_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame, classes: list) -> dict:
-    """Test metrics of a linear SVM on the members' inputs (as :func:`_ridge_metrics` takes them), C by
-    cross-validation on the training split (:func:`engine.models.baselines.linear_svm_baseline`)."""
-    from engine.models.baselines import linear_svm_baseline
+def _classifier_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame,
+                        classes: list) -> list[dict]:
+    """Test metrics of a linear SVM and a logistic regression on the members' inputs (as :func:`_ridge_metrics`
+    takes them), C by cross-validation on the training split (:func:`~engine.models.baselines.
+    linear_classifier_baseline`)."""
+    from engine.models.baselines import linear_classifier_baseline
 
     split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
     maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
-                                        for name in config.modalities], axis=1), dims=("subject", "voxel"))
+                                        for name in config.modalities], axis=1), dims=("subject", "voxel")).persist()
     labels = targets_of(dataset, config, classes).astype(int)
-    fit = linear_svm_baseline(maps, labels, split == "train", seed=config.seed)
     test = (split == "test") & (labels >= 0)
-    return classification_metrics(labels[test], np.column_stack([-fit.decision, fit.decision])[test])
+    rows = []
+    for kind, member in LINEAR_CLASSIFIERS.items():
+        fit = linear_classifier_baseline(maps, labels, split == "train", kind, seed=config.seed)
+        scores = np.column_stack([-fit.decision, fit.decision])[test]
+        rows.append({"member": member, "split": "test", **classification_metrics(labels[test], scores)})
+    return rows
 
 
 def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
@@ -208,9 +214,8 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
                                                     {"member": RIDGE, "split": "test", **ridge}])],
                             ignore_index=True)
     elif len(classes) == 2:
-        svm = _svm_metrics(dataset, config, predictions[predictions.member == ENSEMBLE], classes)
-        metrics = pd.concat([metrics, pd.DataFrame([{"member": LINEAR_SVM, "split": "test", **svm}])],
-                            ignore_index=True)
+        linear = _classifier_metrics(dataset, config, predictions[predictions.member == ENSEMBLE], classes)
+        metrics = pd.concat([metrics, pd.DataFrame(linear)], ignore_index=True)
     for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
         with atomic_output(path) as partial:
             table.to_parquet(partial, index=False)
