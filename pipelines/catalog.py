@@ -491,9 +491,7 @@ class Catalog(_Strict):
             if self.train is None:
                 raise ValueError(f"{where}.subjects: a split or outcome filter needs a train section")
             if chosen.ensemble is not None:
-                self._check_ensemble(f"{where}.subjects.ensemble",
-                                     Term(f"predictions.{chosen.ensemble}.split", "predictions", "split",
-                                          ensemble=chosen.ensemble))
+                self._check_ensemble(f"{where}.subjects.ensemble", chosen.predictions_term([]))
 
     @model_validator(mode="before")
     @classmethod
@@ -544,14 +542,15 @@ class Catalog(_Strict):
 
     def modality_list(self) -> list[Modality]:
         """The modalities; those given by BIDS entities with the files pybids found (one index per catalog)."""
-        modalities = []
+        modalities, scans = [], None
         for name, spec in self.modalities.items():
             found, template = None, spec.path
             if spec.bids is not None:
                 if self._bids_index is None:
                     self._bids_index = inputs.BidsIndex(self.cohort_root)
+                scans = self.read_scans() if scans is None else scans
                 query = spec.bids.query()
-                found = self._bids_index.files(name, query, self.read_scans())
+                found = self._bids_index.files(name, query, scans)
                 template = "BIDS " + ", ".join(f"{key}-{value}" for key, value in query.items())
             modalities.append(Modality(name, template, spec.dtype, spec.space, spec.kind, spec.modulate, spec.labels,
                                        found))

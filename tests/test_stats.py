@@ -186,15 +186,21 @@ def test_block_permutation_null_equals_refitting_each_permuted_design(data, whol
     assert result.attrs["permuted"] == ("whole blocks" if whole else "within blocks")
 
 
-def test_designs_the_block_permutations_cannot_test_are_refused(data):
-    _, x, _, y = data
+def test_designs_the_block_permutations_cannot_test_are_refused(data, region_table):
+    _, x, x_map, y = data
     labels = np.repeat(np.arange(N // 3), 3)
     between = np.repeat(x[::3], 3)  # one value per participant
     with pytest.raises(ValueError, match="between-participant effect"):
         voxelwise_ols(_maps(y), between, permutations=5, blocks=ExchangeabilityBlocks(labels, whole=False))
     unique_sizes = np.repeat(np.arange(10), [*range(1, 10), 15])  # 60 rows in blocks of 1, 2, …, 9 and 15
+    for outcome, predictor in ((_maps(y), x), (y[:, 0], _maps(x_map))):  # a vector or a map predictor
+        with pytest.raises(ValueError, match="no two blocks have the same number of scans"):
+            voxelwise_ols(outcome, predictor, permutations=5, blocks=ExchangeabilityBlocks(unique_sizes))
+    people = region_table.drop_duplicates("participant_id")["participant_id"]
+    sizes = np.repeat(np.arange(12), [*range(1, 12), 24])  # 90 participants in blocks of 1, 2, …, 11 and 24
+    blocks = region_table["participant_id"].map(dict(zip(people, sizes, strict=True)))
     with pytest.raises(ValueError, match="no two blocks have the same number of scans"):
-        voxelwise_ols(_maps(y), x, permutations=5, blocks=ExchangeabilityBlocks(unique_sizes))
+        region_correlations(region_table.assign(block=blocks), "density", "volume", permutations=5, blocks="block")
 
 
 def repeated_null(rng, participants: int = 40, voxels: int = 20):

@@ -346,18 +346,23 @@ class SubjectFilter(BaseModel):
     where: dict[str, str | float | list[str | float] | Range] = Field(
         {}, description="participant columns: a value, a list of values, or a range {min, max}")
 
+    def predictions_term(self, terms: Sequence[Term]) -> Term:
+        """The term whose ensemble's predictions give the split and outcomes: ``ensemble``'s, or the first relevance
+        or predictions term's."""
+        if self.ensemble is not None:
+            return Term.parse(f"predictions.{self.ensemble}.split")
+        named = [term for term in terms if term.source in ("relevance", "predictions")]
+        if not named:
+            raise ValueError("subjects.split and subjects.outcome need an ensemble: name it (subjects.ensemble) "
+                             "or use a relevance or predictions term")
+        return named[0]
+
     def subjects(self, sources: Sources, terms: Sequence[Term]) -> list[str]:
         """The subjects of the images store that meet every condition."""
         subjects = pd.Index([str(subject) for subject in sources.images["subject"].values])
         keep = np.ones(len(subjects), bool)
         if self.split or self.outcome:
-            named = [term for term in terms if term.source in ("relevance", "predictions")]
-            if self.ensemble is None and not named:
-                raise ValueError("subjects.split and subjects.outcome need an ensemble: name it (subjects.ensemble) "
-                                 "or use a relevance or predictions term")
-            term = (Term(f"predictions.{self.ensemble}.split", "predictions", "split", ensemble=self.ensemble)
-                    if self.ensemble else named[0])
-            predictions = sources.ensemble_predictions(term)
+            predictions = sources.ensemble_predictions(self.predictions_term(terms))
             if self.split:
                 split = predictions.drop_duplicates("participant_id").set_index("participant_id")["split"]
                 keep &= split.reindex(subjects).isin(self.split).to_numpy()

@@ -202,6 +202,7 @@ def voxelwise_ols(outcome, predictor, covariates: pd.DataFrame | None = None, ca
         if len(blocks.labels) != reference.sizes["subject"]:
             raise ValueError(f"blocks label {len(blocks.labels)} rows, the maps have {reference.sizes['subject']}")
         blocks = blocks.subset(model.rows)
+        blocks.check_permutable()
         if model.x.ndim == 1:
             blocks.check_predictor(model.x)
     df = model.df
@@ -376,6 +377,14 @@ class ExchangeabilityBlocks:
         order = np.argsort(first)
         return [np.flatnonzero(codes == code) for code in order]
 
+    @functools.cached_property
+    def same_size(self) -> list[list[np.ndarray]]:
+        """The blocks grouped by their number of rows: whole-block permutation exchanges blocks within a group."""
+        by_size: dict[int, list[np.ndarray]] = {}
+        for rows in self.members:
+            by_size.setdefault(len(rows), []).append(rows)
+        return list(by_size.values())
+
     def subset(self, rows: np.ndarray) -> ExchangeabilityBlocks:
         """The blocks of the rows a model kept (complete data)."""
         return ExchangeabilityBlocks(self.labels[rows], self.whole)
@@ -386,22 +395,20 @@ class ExchangeabilityBlocks:
             for rows in self.members:
                 order[rows] = rows[rng.permutation(len(rows))]
             return order
-        by_size: dict[int, list[np.ndarray]] = {}
-        for rows in self.members:
-            by_size.setdefault(len(rows), []).append(rows)
-        for same_size in by_size.values():
-            for rows, source in zip(same_size, rng.permutation(len(same_size)), strict=True):
-                order[rows] = same_size[source]
+        for group in self.same_size:
+            for rows, source in zip(group, rng.permutation(len(group)), strict=True):
+                order[rows] = group[source]
         return order
 
-    def check_predictor(self, predictor: np.ndarray) -> None:
-        """Refuse a design the permutations cannot test."""
-        sizes = np.array([len(rows) for rows in self.members])
-        if self.whole and np.unique(sizes, return_counts=True)[1].max() < 2:
+    def check_permutable(self) -> None:
+        """Refuse blocks that no whole-block permutation can move."""
+        if self.whole and max(len(group) for group in self.same_size) < 2:
             raise ValueError("whole-block permutation exchanges blocks with as many scans, but no two blocks have "
                              "the same number of scans here: no permutation is possible")
-        varies = [np.ptp(predictor[rows]) > 0 for rows in self.members]
-        if not self.whole and not any(varies):
+
+    def check_predictor(self, predictor: np.ndarray) -> None:
+        """Refuse a per-subject predictor the permutations cannot test."""
+        if not self.whole and not any(np.ptp(predictor[rows]) > 0 for rows in self.members):
             raise ValueError("the predictor is constant within every block (a between-participant effect): "
                              "permuting scans within participants leaves it in place, so its test has no null "
                              "distribution; permute whole blocks (participants) instead")
@@ -720,6 +727,7 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
         if blocks is not None:
             labels = table.drop_duplicates("participant_id").set_index("participant_id")[blocks]
             exchange = ExchangeabilityBlocks(labels.reindex(participants).to_numpy(), whole_blocks)
+            exchange.check_permutable()
         p, fwe, null = region_permutation_test(fitted, len(participants), permutations, seed, exchange)
         tested = result["region"].isin([fit.region for fit in fitted]).to_numpy()
         result.loc[tested, "p_permutation"], result.loc[tested, "p_fwe"] = p, fwe

@@ -83,10 +83,6 @@ class BidsFiles:
     problems: tuple[InputError, ...] = ()
 
 
-#: The BIDS entities a modality may name (pybids' names), besides ``suffix``.
-BIDS_ENTITIES = ("datatype", "acquisition", "ceagent", "reconstruction", "run", "space", "desc", "label", "res")
-
-
 class BidsIndex:
     """One pybids index of a BIDS dataset, made once (without the JSON sidecars' metadata, the slow part of
     indexing) and asked per modality: which file each scan has."""
@@ -102,7 +98,7 @@ class BidsIndex:
                              file=self.root) from None
 
     def files(self, modality: str, entities: dict[str, str], scans: pd.DataFrame) -> BidsFiles:
-        """The files of ``entities`` (``suffix`` and any of :data:`BIDS_ENTITIES`) for the scans of ``scans`` (the
+        """The files of ``entities`` (``suffix`` and any other entity pybids names) for the scans of ``scans`` (the
         participants or scans table). Two files for one scan (e.g. two runs) are a problem naming the entity to
         add; a file of a participant or session not in the table is a problem too."""
         query = {"extension": [".nii.gz", ".nii"], **entities}
@@ -202,10 +198,15 @@ def scan_id(participant_id: str, session_id: str | None) -> str:
     return participant_id if session_id is None else f"{participant_id}_{session_id}"
 
 
+def scan_keys(table: pd.DataFrame) -> list[tuple[str, str | None]]:
+    """Each row's (participant_id, session_id); the session is None in a cohort without sessions."""
+    sessions = table["session_id"] if "session_id" in table else [None] * len(table)
+    return list(zip(table["participant_id"], sessions, strict=True))
+
+
 def scan_ids(table: pd.DataFrame) -> list[str]:
     """Each row's :func:`scan_id`."""
-    sessions = table["session_id"] if "session_id" in table else [None] * len(table)
-    return [scan_id(pid, session) for pid, session in zip(table["participant_id"], sessions, strict=True)]
+    return [scan_id(*key) for key in scan_keys(table)]
 
 
 def _natural(label: str) -> tuple:

@@ -44,6 +44,7 @@ from engine.data.inputs import (
     resolve_files,
     scan_id,
     scan_ids,
+    scan_keys,
     spatial_shape,
 )
 from engine.data.masker import VOXEL_COORDS
@@ -360,9 +361,7 @@ def ingest(
     group = _open_for_ingest(store, mask, space, voxels_per_chunk)
     result = IngestResult(store)
     bad = {problem.scan for problem in problems}
-    scans = {scan: (pid, session) for scan, pid, session in zip(
-        scan_ids(participants), participants["participant_id"],
-        participants["session_id"] if "session_id" in participants else [None] * len(participants), strict=True)}
+    scans = {scan_id(*key): key for key in scan_keys(participants)}
     listed = [scan for scan in scans if scan not in bad]
 
     # 1. which stored rows changed: hash the files of participants already in the store
@@ -373,7 +372,7 @@ def ingest(
     items = [_RowFiles(rows[scan], *scans[scan], files[scan]) for scan in stored]
     for done, (item, hashes) in enumerate(execution.map(_hash_files, items), start=1):
         changed[item.scan] = [name for name in names if stored_hashes[name] is None
-                                        or stored_hashes[name][item.row] != hashes.get(name)]
+                              or stored_hashes[name][item.row] != hashes.get(name)]
         execution.report("check", done, len(stored))
 
     # 2. check everything that could refuse the run, then grow the store

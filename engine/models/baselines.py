@@ -1,11 +1,11 @@
 """Linear baselines for the CNNs on the stored voxels, streamed in their dual forms: ridge regression and, for a
-classification, a linear support vector machine.
+classification, a linear support vector machine and a logistic regression.
 
 Both need the cohort only through its subject × subject Gram matrix ``X Xᵀ``, one Dask reduction over voxel
 blocks (the cohort is never in memory). For :func:`ridge_baseline`, centring on the training subjects, the
 leave-one-out choice of α and the predictions all follow from that matrix, as scikit-learn's ``RidgeCV``
-(efficient leave-one-out, its "gram" mode) computes them; :func:`linear_svm_baseline` gives the centred matrix to
-scikit-learn's ``SVC(kernel="precomputed")``. The Gram matrix holds N² float64 values: 32 MB at N = 2,000, 3.2 GB
+(efficient leave-one-out, its "gram" mode) computes them; :func:`linear_classifier_baseline` gives the centred
+matrix to scikit-learn's classifiers. The Gram matrix holds N² float64 values: 32 MB at N = 2,000, 3.2 GB
 at N = 20,000; beyond that a primal solver over voxel blocks would be needed.
 """
 

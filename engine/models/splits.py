@@ -51,8 +51,7 @@ def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None 
     Deterministic given ``settings.seed``.
     """
     settings = settings or SplitSettings()
-    strata = list(dict.fromkeys([*also_stratify, *settings.stratify]))
-    dealt = _deal_participants(participants, strata, settings.fractions, settings.seed, age_bands)
+    dealt = _deal_participants(participants, settings, settings.fractions, also_stratify, age_bands)
     return pd.Series(np.asarray(SPLITS, object)[dealt.to_numpy()], index=dealt.index, name="split")
 
 
@@ -64,17 +63,18 @@ def grouped_folds(participants: pd.DataFrame, folds: int, settings: SplitSetting
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
     settings = settings or SplitSettings()
-    strata = list(dict.fromkeys([*also_stratify, *settings.stratify]))
-    return _deal_participants(participants, strata, (1 / folds,) * folds, settings.seed, age_bands).rename("fold")
+    return _deal_participants(participants, settings, (1 / folds,) * folds, also_stratify, age_bands).rename("fold")
 
 
-def _deal_participants(participants: pd.DataFrame, strata: list[str], fractions: Sequence[float], seed: int,
-                       age_bands: int) -> pd.Series:
-    """The index of the share each row is dealt to; a scans table's participants dealt by their first scan."""
+def _deal_participants(participants: pd.DataFrame, settings: SplitSettings, fractions: Sequence[float],
+                       also_stratify: Sequence[str], age_bands: int) -> pd.Series:
+    """The index of the share of ``fractions`` each row is dealt to, stratified by ``also_stratify`` then
+    ``settings.stratify``; a scans table's participants dealt by their first scan."""
     if "session_id" in participants:
         baseline = participants.drop_duplicates("participant_id").drop(columns="session_id")
-        dealt = _deal_participants(baseline, strata, fractions, seed, age_bands)
+        dealt = _deal_participants(baseline, settings, fractions, also_stratify, age_bands)
         return pd.Series(dealt.reindex(participants["participant_id"]).to_numpy(), index=scan_ids(participants))
+    strata = list(dict.fromkeys([*also_stratify, *settings.stratify]))
     table = participants.set_index("participant_id") if "participant_id" in participants else participants
     missing = [column for column in strata if column not in table]
     if missing:
@@ -85,7 +85,7 @@ def _deal_participants(participants: pd.DataFrame, strata: list[str], fractions:
         if column == "age" or (pd.api.types.is_numeric_dtype(values) and values.nunique() > 10):
             values = pd.qcut(values.rank(method="first"), min(age_bands, len(values)), labels=False)
         keys.append(values.astype(str).to_numpy())
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings.seed)
     order = np.lexsort([rng.random(len(table)), *keys[::-1]])
     target = np.asarray(fractions, float)
     counts = np.zeros(len(target))
