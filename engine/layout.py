@@ -275,6 +275,18 @@ class ModelsLayout:
         """Numbers of the members whose card is written (the card is written last)."""
         return sorted(int(path.stem.removeprefix("member_")) for path in self.root.glob("member_*.json"))
 
+    def fold(self, fold: int) -> ModelsLayout:
+        """``fold_<k>/``: a cross-fitted ensemble's fold, a models folder of its own."""
+        return ModelsLayout(self.root / f"fold_{fold}")
+
+    def folds(self) -> list[int]:
+        """Numbers of the folds of a cross-fitted ensemble (none: one ensemble in this folder)."""
+        return sorted(int(path.name.removeprefix("fold_")) for path in self.root.glob("fold_*") if path.is_dir())
+
+    def trained(self) -> list[ModelsLayout]:
+        """The folders that hold members: this one, or each fold's of a cross-fitted ensemble."""
+        return [self.fold(fold) for fold in self.folds()] or [self]
+
     def noise_model(self, member: int) -> Path:
         """The noise network explaining member ``member`` (method ``noise_model``), written by the explain stage."""
         return self.root / f"noise_{member}.safetensors"

@@ -182,6 +182,25 @@ class FreeSurferSettings(_Strict):
     subjects_dir: Path = Field(..., description="FreeSurfer SUBJECTS_DIR, relative to the cohort root")
     parcellations: list[Literal["aparc", "aparc.DKTatlas", "aparc.a2009s"]] = Field(
         ["aparc"], description="cortical parcellations whose ?h.<parcellation>.stats are read")
+    subject: str | None = Field(None, description="each scan's FreeSurfer subject (folder in subjects_dir), from "
+                                "{participant_id} and {session_id}; default {participant_id}, with sessions the "
+                                "cross-sectional {participant_id}_{session_id} (the longitudinal stream's: "
+                                "'{participant_id}_{session_id}.long.{participant_id}')")
+
+    @field_validator("subject")
+    @classmethod
+    def _known_fields(cls, template: str | None) -> str | None:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template or "") if field is not None}
+        unknown = sorted(fields - {"participant_id", "session_id"})
+        if unknown:
+            raise ValueError(f"the FreeSurfer subject template may use {{participant_id}} and {{session_id}}, "
+                             f"not {unknown}")
+        return template
+
+    def subject_folders(self, keys: pd.DataFrame) -> list[str]:
+        """Each scan's FreeSurfer subject, for a table of key columns (participant_id [, session_id])."""
+        template = self.subject or ("{participant_id}_{session_id}" if "session_id" in keys else "{participant_id}")
+        return [template.format(**row) for row in keys.to_dict("records")]
 
 
 class LesionSettings(_Strict):

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from engine.analysis.association import BASELINE_AGE, YEARS
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, system_atlas_installed
 from engine.data.grid import Grid
 from engine.data.inputs import InputError, resolve_files, spatial_shape
@@ -40,7 +41,8 @@ def preflight(catalog: Catalog) -> list[Problem]:
     """Every problem of ``catalog`` with its files and its participants table that can be seen before a run."""
     problems = _file_problems(catalog) + _workspace_problems(catalog)
     if catalog.cohort.demo is not None:
-        table = pd.DataFrame(columns=list(DEMO_COLUMNS))
+        sessions = ["session_id"] if catalog.cohort.demo.sessions else []
+        table = pd.DataFrame(columns=[*DEMO_COLUMNS, *sessions])
         return problems + _column_problems(catalog, table, "the demo's participants table")
     if any(field in ("cohort.directory", "cohort.participants") for field, _ in problems):
         return problems
@@ -141,8 +143,7 @@ def _columns_named(catalog: Catalog, table: pd.DataFrame) -> list[tuple[str, str
             for term in terms if isinstance(terms, list) else [terms]:
                 if term.source == "participants":
                     named.append((f"associate[{index}].{field}", term.name))
-        if analysis.random_intercept:
-            named.append((f"associate[{index}].random_intercept", analysis.random_intercept))
+        named += [(f"associate[{index}].random_intercept", column) for column in analysis.random_intercepts]
         if analysis.subjects is not None:
             named += [(f"associate[{index}].subjects.where", column) for column in analysis.subjects.where]
     return named
@@ -150,6 +151,8 @@ def _columns_named(catalog: Catalog, table: pd.DataFrame) -> list[tuple[str, str
 
 def _column_problems(catalog: Catalog, table: pd.DataFrame, source: str) -> list[Problem]:
     columns = list(table.columns)
+    if "session_id" in table and "age" in table:  # age parted into between and within participants
+        columns += [BASELINE_AGE, YEARS]
     problems = []
     for field, column in _columns_named(catalog, table):
         if column not in columns:
@@ -196,19 +199,14 @@ def _target_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
     return problems
 
 
-#: The sections that take a cohort with sessions (several scans per participant).
-TAKE_SESSIONS = ("ingest",)
-
-
 def _session_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
+    """A cohort with sessions: every analysis says which scans it takes."""
     if "session_id" not in table:
         return []
-    sections = {"register": catalog.registration, "features": catalog.features, "train": catalog.train,
-                "relevance": catalog.relevance, "associate": catalog.associate}
     scans = f"{len(table)} scans of {table['participant_id'].nunique()} participants"
-    return [(section, f"the cohort has sessions ({scans}); the {section} section does not take several scans per "
-                      f"participant yet, only {', '.join(TAKE_SESSIONS)} does: leave {section} out to build the "
-                      "store of every scan") for section, settings in sections.items() if settings]
+    return [(f"associate.{analysis.name}.scans", f"the cohort has sessions ({scans}): say which scans the analysis "
+                                                 "takes (baseline, last, mean or all)")
+            for analysis in catalog.associate or [] if analysis.scans is None]
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ per participant, ingest per file, training per member, attribution per block of 
 from __future__ import annotations
 
 import json
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +39,17 @@ from engine.layout import (
     stored_key,
 )
 from engine.models import validation
-from engine.models.ensembles import BASELINE, ENSEMBLE, LINEAR_CLASSIFIERS, RIDGE, EnsembleJob, train_ensembles
+from engine.models.ensembles import (
+    BASELINE,
+    ENSEMBLE,
+    LINEAR_CLASSIFIERS,
+    RIDGE,
+    EnsembleJob,
+    combine_folds,
+    train_ensembles,
+)
 from engine.models.relevance import explain, import_relevance, open_relevance, relevance_key
-from engine.models.splits import read_split, stratified_split
+from engine.models.splits import cross_fitting_splits, read_split, stratified_split
 from engine.outputs.report import build_report
 from engine.outputs.workspace import Workspace
 from engine.tasks import Execution
@@ -119,12 +128,14 @@ class RegisterStage(Stage):
         settings, registered = catalog.registration, catalog.layout.registered
         participants = catalog.read_scans()
         files, problems = inputs.resolve_files(catalog.cohort_root, participants, catalog.modality_list())
-        missing = {problem.participant for problem in problems}
+        missing = {problem.scan for problem in problems}
         if settings.on_error == "fail" and problems:
             raise registration.RegistrationError(problems)
+        sessions = (dict(zip(inputs.scan_ids(participants), inputs.scan_keys(participants), strict=True))
+                    if "session_id" in participants else None)
         result = registration.register_cohort(
-            registered, {pid: by_modality for pid, by_modality in files.items() if pid not in missing},
-            catalog.modality_list(), settings, problems, execution)
+            registered, {scan: by_modality for scan, by_modality in files.items() if scan not in missing},
+            catalog.modality_list(), settings, problems, execution, sessions)
         return {"folder": str(registered.root), "registered": result.registered, "unchanged": result.unchanged,
                 "flagged": result.flagged, "skipped": [problem.as_dict() for problem in result.problems]}
 
@@ -133,18 +144,22 @@ class RegisterStage(Stage):
         if not registered.qc.is_file():
             return None
         qc = pd.read_parquet(registered.qc)
-        lines = [f"{registered.root}: {len(qc)} participant(s) on the template grid "
+        unit = "scan(s)" if "session_id" in qc else "participant(s)"
+        lines = [f"{registered.root}: {len(qc)} {unit} on the template grid "
                  f"({', '.join(sorted(qc['transform'].unique()))}), {int(qc['diverged'].sum())} diverged and left "
                  f"out; QC in {registered.qc.name}"]
-        for _, row in qc[qc["flagged"] | qc["diverged"]].iterrows():
+        for scan, (_, row) in zip(inputs.scan_ids(qc), qc.iterrows(), strict=True):
+            if not (row["flagged"] or row["diverged"]):
+                continue
             state = "diverged" if row["diverged"] else "flagged"
-            lines.append(f"  {state} {row['participant_id']}: correlation {row['correlation']:.3f} "
+            lines.append(f"  {state} {scan}: correlation {row['correlation']:.3f} "
                          f"(z {row['z_correlation']:.1f}), NMI {row['nmi']:.3f} (z {row['z_nmi']:.1f}), "
                          f"Dice {row['dice']:.3f} (z {row['z_dice']:.1f})")
         if registered.problems.is_file():  # diverged ones are listed above
             problems = json.loads(registered.problems.read_text())
+            registered_scans = set(inputs.scan_ids(qc))
             lines += [f"  skipped {describe_problem(problem)}" for problem in problems
-                      if problem["participant_id"] not in set(qc["participant_id"])]
+                      if inputs.scan_id(problem["participant_id"], problem.get("session_id")) not in registered_scans]
         return "\n".join(lines)
 
 
@@ -161,9 +176,10 @@ class IngestStage(Stage):
             registered = catalog.layout.registered
             root, mask, space = registered.root / "participants", registered.mask, catalog.registration.space_name
             qc = pd.read_parquet(registered.qc)
-            usable = set(qc.loc[~qc["diverged"], "participant_id"])
-            participants = participants[participants["participant_id"].isin(usable)].reset_index(drop=True)
-            modalities = [inputs.Modality(m.name, f"{{participant_id}}/{m.name}.nii.gz", m.dtype) for m in modalities]
+            usable = set(inputs.scan_ids(qc[~qc["diverged"]]))
+            participants = participants[pd.Index(inputs.scan_ids(participants)).isin(usable)].reset_index(drop=True)
+            folder = "{participant_id}_{session_id}" if "session_id" in participants else "{participant_id}"
+            modalities = [inputs.Modality(m.name, f"{folder}/{m.name}.nii.gz", m.dtype) for m in modalities]
             unlisted = "ignore"  # folders of participants left out this run
         result = store.ingest(
             catalog.layout.images, participants, root, modalities,
@@ -213,14 +229,13 @@ class FeaturesStage(Stage):
         if settings.lesions:
             jobs["lesion_load"] = lambda: features.lesion_load(features.lesion_mask(
                 dataset[settings.lesions.modality], settings.lesions.threshold)).compute().to_dataframe()[
-                ["lesion_voxels", "lesion_volume_mm3"]].rename_axis("participant_id").reset_index()
+                ["lesion_voxels", "lesion_volume_mm3"]].pipe(_keyed_rows, dataset)
         if settings.pvs:
             jobs["pvs_load"] = lambda: mask_relevance.cluster_count(
                 dataset[settings.pvs.modality], Masker.of(dataset), settings.pvs.threshold, settings.pvs.min_cluster
-            ).compute().to_dataframe()[["pvs_count", "pvs_voxels"]].rename_axis("participant_id").reset_index()
+            ).compute().to_dataframe()[["pvs_count", "pvs_voxels"]].pipe(_keyed_rows, dataset)
         if settings.freesurfer:
-            jobs["freesurfer"] = lambda: features.freesurfer_table(
-                catalog.freesurfer_dir, dataset.subject.values, settings.freesurfer.parcellations, execution)
+            jobs["freesurfer"] = lambda: _freesurfer_table(catalog, dataset, execution)
         if settings.tables:
             jobs["subject_features"] = lambda: _joined_tables(settings.tables, dataset)
 
@@ -245,13 +260,27 @@ class FeaturesStage(Stage):
                                                   for path in layout.feature_tables().values())
 
 
+def _keyed_rows(table: pd.DataFrame, dataset) -> pd.DataFrame:
+    """A per-row table indexed by store row label, keyed as the cohort is (participant_id [, session_id])."""
+    return store.keyed(table.rename_axis("subject").reset_index(), dataset)
+
+
+def _freesurfer_table(catalog: Catalog, dataset, execution: Execution) -> pd.DataFrame:
+    """Every scan's FreeSurfer stats, read from its FreeSurfer subject's folder, keyed by the scan."""
+    keys = store.row_keys(dataset)
+    folders = catalog.features.freesurfer.subject_folders(keys)
+    table = features.freesurfer_table(catalog.freesurfer_dir, folders, catalog.features.freesurfer.parcellations,
+                                      execution)
+    rows = dict(zip(folders, keys.index, strict=True))
+    return store.keyed(table.rename(columns={"participant_id": "subject"}).assign(
+        subject=lambda frame: frame["subject"].map(rows)), dataset)
+
+
 def _joined_tables(paths, dataset) -> pd.DataFrame:
-    participants = pd.DataFrame({"participant_id": list(dataset.subject.values)})
-    joined = participants
+    joined = store.row_keys(dataset).reset_index(drop=True)
     for path in paths:
         table = features.read_feature_table(path)
-        joined = joined.merge(features.join_on_participant(table, participants, source=str(path)),
-                              on="participant_id", how="left")
+        joined = features.join_on_participant(table, joined, source=str(path))
     return joined
 
 
@@ -265,31 +294,49 @@ class TrainStage(Stage):
 
     def run(self, catalog: Catalog, execution: Execution) -> dict:
         dataset = store.open_cohort(catalog.layout.images)
-        participants = pd.DataFrame({name: dataset[name].values for name in dataset.coords
-                                     if dataset[name].dims == ("subject",)})
-        participants = participants.rename(columns={"subject": "participant_id"})
+        participants = store.row_columns(dataset).reset_index(drop=True)
         ensembles = catalog.ensembles()
-        jobs = [self._job(catalog.layout.for_ensemble(name), settings, participants)
-                for name, settings in ensembles.items()]
-        results = train_ensembles(jobs, execution)
-        return _by_ensemble({name: {"folder": str(job.out_dir), "members": job.members, "trained": result["trained"],
-                                    "test": _test_metrics(result["metrics"])}
-                             for name, job, result in zip(ensembles, jobs, results, strict=True)})
+        jobs = {name: self._jobs(catalog.layout.for_ensemble(name), settings, participants)
+                for name, settings in ensembles.items()}
+        results = iter(train_ensembles([job for ensemble in jobs.values() for job in ensemble], execution))
+        summaries = {}
+        for name, settings in ensembles.items():
+            models = catalog.layout.for_ensemble(name).models
+            fitted = [next(results) for _ in jobs[name]]
+            result = (combine_folds(models.root, settings.split.folds, settings.task) if settings.split.folds
+                      else fitted[0])
+            summaries[name] = {"folder": str(models.root), "members": settings.members,
+                               "trained": sum(part["trained"] for part in fitted),
+                               **({"folds": settings.split.folds} if settings.split.folds else {}),
+                               "test": _test_metrics(result["metrics"])}
+        return _by_ensemble(summaries)
 
-    def _job(self, layout: Layout, settings, participants: pd.DataFrame) -> EnsembleJob:
-        """The ensemble's split and training job; members trained on other images are made stale first."""
-        split = stratified_split(participants, settings.split,
-                                 also_stratify=[settings.target] if settings.task == "classification" else [])
+    def _jobs(self, layout: Layout, settings, participants: pd.DataFrame) -> list[EnsembleJob]:
+        """The ensemble's training jobs, one per fold with cross-fitting; members trained on other images, and
+        those of a layout with other folds, are made stale first."""
+        stratify = [settings.target] if settings.task == "classification" else []
+        folds = settings.split.folds
         models = layout.models
         models.root.mkdir(parents=True, exist_ok=True)
-        # the folder's key holds the images; each member's card holds its config and split
+        for fold in models.folds():  # folds the split no longer has
+            if not folds or fold >= folds:
+                shutil.rmtree(models.fold(fold).root)
+        folders = [models.fold(fold) for fold in range(folds)] if folds else [models]
+        if folds:  # an earlier ensemble without folds
+            for path in [*models.root.glob("member_*"), *models.root.glob("noise_*"), models.bias_correction]:
+                path.unlink(missing_ok=True)
+        splits = (cross_fitting_splits(participants, settings.split, stratify) if folds
+                  else [stratified_split(participants, settings.split, also_stratify=stratify)])
+        # each folder's key holds the images; each member's card holds its config and split
         key = output_key({}, {"images": store.content_fingerprint(layout.images)})
-        if not is_current(models.root, key):  # other images: every member is stale
-            for member in models.members():
-                models.card(member).unlink()
-            mark_current(models.root, key)  # before training: members finished survive a kill
-        return EnsembleJob(layout.images, settings.member_config(), settings.members, models.root, split,
-                           settings.bias_correction)
+        for folder in folders:
+            folder.root.mkdir(parents=True, exist_ok=True)
+            if not is_current(folder.root, key):  # other images: every member is stale
+                for member in folder.members():
+                    folder.card(member).unlink()
+                mark_current(folder.root, key)  # before training: members finished survive a kill
+        return [EnsembleJob(layout.images, settings.member_config(), settings.members, folder.root, split,
+                            settings.bias_correction) for folder, split in zip(folders, splits, strict=True)]
 
     def status(self, layout: Layout) -> str | None:
         lines = []
@@ -307,8 +354,14 @@ def _by_ensemble(summaries: dict) -> dict:
 
 
 def _test_metrics(metrics: pd.DataFrame) -> dict:
+    """Test metrics of the ensemble and the baselines (a cross-fitted ensemble's pooled over its folds, the
+    baselines' averaged over them)."""
     baselines = [ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values()]
     test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
+    if "fold" in test:
+        pooled = test[test["fold"].isna()]
+        test = pd.concat([pooled, test[~test["member"].isin(pooled["member"])].groupby(
+            "member", as_index=False).mean(numeric_only=True)], ignore_index=True)
     columns = [column for column in ("mae", "r", "r2", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
                if column in test]
     return {row["member"]: {column: round(float(row[column]), 4) for column in columns} for _, row in test.iterrows()}
@@ -405,8 +458,7 @@ class ValidateStage(Stage):
             if "lesion" in masks:  # Eitel et al.'s share of positive relevance in lesions
                 lesions = features.lesion_mask(dataset[masks["lesion"].modality], masks["lesion"].threshold)
                 indices = features.lesion_relevance(lesions, relevance.relevance_mean)
-                table = indices.compute().to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-                table[["attribution", "participant_id", *indices.data_vars]].to_parquet(
+                store.row_table(indices.compute(), ["attribution", *indices.data_vars]).to_parquet(
                     partial / layout.lesion_relevance.name, index=False)
             for name, mask_settings in masks.items():  # Hofmann & Goltermann et al.'s indices and comparison
                 mask = dataset[mask_settings.modality]
@@ -418,7 +470,7 @@ class ValidateStage(Stage):
                 predicted = None
                 if predictions is not None and task == "regression":
                     ensemble_rows = predictions[predictions.member == ENSEMBLE]
-                    predicted = ensemble_rows.set_index("participant_id")["predicted"]
+                    predicted = inputs.by_scan(ensemble_rows)["predicted"]
                 indices, comparison = mask_relevance.index_tables(mask, relevance.relevance_mean,
                                                                   mask_settings.min_voxels, predicted)
                 indices.to_parquet(partial / layout.mask_indices(name).name, index=False)
@@ -460,8 +512,12 @@ class ValidateStage(Stage):
             return lambda: None
         layout = catalog.layout.for_ensemble(ensemble)
         region_labels = _region_labels(catalog, dataset) if "region_occlusion" in methods else None
-        subjects = tuple(relevance.subject.values[:SANITY_SUBJECTS])
-        test = validation.RandomisationTest(str(layout.models.member(0)), str(layout.images), methods, subjects,
+        models, subjects = layout.models, relevance.subject.values
+        if "fold" in relevance.coords:  # cross-fitted: the first fold's member 0 on subjects it tested
+            fold = relevance.fold.values[0]
+            models, subjects = models.fold(int(fold)), subjects[relevance.fold.values == fold]
+        subjects = tuple(subjects[:SANITY_SUBJECTS])
+        test = validation.RandomisationTest(str(models.member(0)), str(layout.images), methods, subjects,
                                             catalog.explain.ensemble(ensemble).options, region_labels)
         return execution.start(validation.randomisation_test, test)
 

@@ -3,6 +3,7 @@ synthetic cohort's sessions the same head aged, the store's rows scans with part
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import nibabel as nib
@@ -23,9 +24,10 @@ from engine.data.inputs import (
 from engine.data.store import ingest, open_cohort
 from engine.data.synth import FREESURFER_LABEL_PATHS, MODALITY_PATHS, TRUTH_REGIONS, generate_cohort
 from engine.data.synth.cohort import in_session
+from engine.models.relevance import open_relevance
 from engine.models.splits import SplitSettings, grouped_folds, stratified_split
 from engine.models.validation import truth_mask
-from tests.helpers import MODALITIES, cli, write_catalog
+from tests.helpers import MODALITIES, REPO, cli, write_catalog
 
 SESSION_PATHS = {name: in_session(template) for name, template in MODALITY_PATHS.items()}
 
@@ -242,18 +244,104 @@ def test_each_scan_is_a_row_of_the_store_with_its_participant_and_session(sessio
             f"{intervals.median():.1f} years") in report
 
 
-def test_a_session_cohort_names_what_it_cannot_take_yet_and_a_template_without_the_session(session_cohort,
-                                                                                           tmp_path):
+def test_a_template_without_the_session_and_an_analysis_that_does_not_say_which_scans_are_named(session_cohort,
+                                                                                                 tmp_path):
     scans = read_scans(session_cohort, "participants.tsv")
     with pytest.raises(InputError, match=r"must contain \{session_id\}"):
         resolve_files(session_cohort, scans, MODALITIES[:1])  # templates without {session_id}
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
                             cohort={"directory": str(session_cohort)}, modalities=SESSION_PATHS,
-                            features=None, explain=None, associate=None, report=None)
+                            features=None, explain=None, report=None,
+                            associate=[{"name": "gm_age", "outcome": "images.GM", "predictor": "age"}])
     result = cli("validate", catalog)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
-    assert "train" in result.stderr and f"{len(scans)} scans of 16 participants" in result.stderr
+    assert "associate.gm_age.scans" in result.stderr and f"{len(scans)} scans of 16 participants" in result.stderr
 
+
+@pytest.mark.parametrize(("analysis", "message"), [
+    ({"scope": "voxel"}, "set permute"),
+    ({"scope": "subject", "outcome": "predictions.predicted"}, "random_intercept: participant_id"),
+    ({"scope": "voxel", "permute": "participants", "permutations": 9, "correction": ["fdr_bh"]},
+     "use correction: \\[fwe\\]"),
+    ({"scope": "voxel", "scans": "baseline", "permute": "participants", "permutations": 9}, "needs scans: all"),
+])
+def test_inference_that_takes_repeated_scans_as_independent_is_refused(analysis, message):
+    from engine.analysis.association import AnalysisSettings
+
+    with pytest.raises(ValueError, match=message):
+        AnalysisSettings(**{"name": "a", "outcome": "images.GM", "predictor": "age", "scans": "all", **analysis})
+
+
+SESSION_ANALYSES = [
+    {"name": "hippocampus_mixed", "scope": "roi", "outcome": "images.GM", "labels": "APARC_ASEG",
+     "region_statistic": "sum", "predictor": "years_since_baseline", "covariates": ["baseline_age"],
+     "regions": {"include": ["*-Hippocampus"]}, "scans": "all", "random_intercept": "participant_id"},
+    {"name": "prediction_mixed", "scope": "subject", "outcome": "predictions.predicted", "predictor": "age",
+     "scans": "all", "random_intercept": "participant_id"},
+    {"name": "prediction_baseline", "scope": "subject", "outcome": "predictions.predicted", "predictor": "age",
+     "scans": "baseline"},
+    {"name": "gm_blocks", "outcome": "images.GM", "predictor": "baseline_age", "scans": "all",
+     "permute": "participants", "permutations": 19, "correction": ["fwe"]},
+    {"name": "gm_mean", "scope": "roi", "statistic": "pearson", "outcome": "images.GM", "predictor": "age",
+     "scans": "mean"},
+    {"name": "relevance_last", "scope": "similarity", "outcome": "relevance.gradient_x_input",
+     "predictor": "images.GM", "scans": "last"},
+]
+
+
+def test_a_session_cohort_runs_cross_fitted_with_repeated_measures_statistics(session_cohort, tmp_path):
+    """Train (3 participant-grouped folds), explain every scan out of sample, and associate with each choice of
+    scans; the mixed model is statsmodels' MixedLM on the analysis's own data."""
+    import statsmodels.formula.api as smf
+
+    modalities = {**{name: SESSION_PATHS[name] for name in ("T1", "GM")},
+                  "APARC_ASEG": {"path": in_session(FREESURFER_LABEL_PATHS["APARC_ASEG"]), "dtype": "int16",
+                                 "kind": "label", "labels": "freesurfer"}}
+    catalog = write_catalog(
+        tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"), cohort={"directory": str(session_cohort)},
+        modalities=modalities, features=None, report=None, cluster={"profile": "local", "n_workers": 1},
+        train={"target": "age", "modalities": ["T1"], "members": 1, "epochs": 2, "batch_size": 4,
+               "split": {"folds": 3, "fractions": [0.6, 0.2, 0.2]}},
+        explain={"methods": ["gradient_x_input"], "subjects": "test"}, associate=SESSION_ANALYSES)
+    result = cli("run", catalog)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    scans = read_scans(session_cohort, "participants.tsv")
+    models = tmp_path / "ws/models"
+    folds = pd.read_csv(models / "split.tsv", sep="\t")
+    assert scan_ids(folds.sort_values(["participant_id", "session_id"])) == scan_ids(scans)
+    assert (folds.groupby("participant_id")["fold"].nunique() == 1).all()
+    for fold in range(3):  # a fold's test participants are in no other split of that fold
+        split = pd.read_csv(models / f"fold_{fold}/split.tsv", sep="\t")
+        tested = set(split.loc[split.split == "test", "participant_id"])
+        assert tested == set(folds.loc[folds.fold == fold, "participant_id"])
+        assert not tested & set(split.loc[split.split != "test", "participant_id"])
+    predictions = pd.read_parquet(models / "predictions.parquet")
+    ensemble = predictions[predictions.member == "ensemble"].set_index(["participant_id", "session_id"])
+    assert len(ensemble) == len(scans) and (ensemble["split"] == "test").all()
+    assert (ensemble["fold"] == folds.set_index(["participant_id", "session_id"])["fold"].reindex(
+        ensemble.index)).all()
+    relevance = open_relevance(tmp_path / "ws/relevance.zarr")
+    assert sorted(relevance.subject.values) == sorted(scan_ids(scans))
+    np.testing.assert_array_equal(relevance.fold.values, ensemble["fold"].reindex(
+        list(zip(relevance.participant_id.values, relevance.session_id.values, strict=True))).to_numpy())
+
+    associations = tmp_path / "ws/associations"
+    data = pd.read_parquet(associations / "prediction_mixed/data.parquet")
+    model = pd.read_parquet(associations / "prediction_mixed/model.parquet").set_index("term")
+    reference = smf.mixedlm("predicted ~ age", data.rename(columns={"predictions.predicted": "predicted"}),
+                            groups=data["participant_id"]).fit(reml=True)
+    assert len(data) == len(scans)
+    for column, value in (("estimate", reference.fe_params["age"]), ("se", reference.bse["age"]),
+                          ("p", reference.pvalues["age"])):
+        np.testing.assert_allclose(model.loc["age", column], value, rtol=1e-6)
+    baseline = pd.read_parquet(associations / "prediction_baseline/data.parquet")
+    first = scans.groupby("participant_id", sort=False).head(1)
+    assert scan_ids(baseline) == scan_ids(first)
+    summaries = {analysis["name"]: json.loads((associations / analysis["name"] / "summary.json").read_text())
+                 for analysis in SESSION_ANALYSES}
+    assert summaries["gm_blocks"]["n"] == len(scans) and summaries["gm_blocks"]["permutations"] == 19
+    assert summaries["gm_mean"]["n"] == 16 and summaries["hippocampus_mixed"]["model"] == "mixed"
+    assert summaries["relevance_last"]["n"] == 16
 
 
 def test_the_mixed_model_recovers_the_ageing_planted_within_participants(session_cohort, tmp_path):
@@ -331,3 +419,77 @@ def test_whole_participant_permutation_finds_the_planted_between_participant_age
     planted = truth_mask(root / TRUTH_REGIONS, images, [1, 2, 3])
     assert np.median(result.t.values[planted]) < -3
     assert ((result.p_fwe.values < 0.05) & planted & (result.t.values < 0)).any()
+
+
+def test_the_sessions_catalog_in_docs_is_valid():
+    result = cli("validate", REPO / "docs" / "catalog-sessions.yaml")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_scans_baseline_last_and_mean_take_the_scans_they_name(session_cohort, tmp_path):
+    """``chosen_scans``: the first or last scan of each participant, or their scans averaged (maps against
+    numpy's mean of the participant's rows, ages and a per-scan table's values against pandas'); a per-participant
+    table joins every scan of its participant."""
+    from engine.analysis.association import Sources, chosen_scans
+    from engine.analysis.features import join_on_participant
+    from engine.data.store import row_columns
+
+    scans = read_scans(session_cohort, "participants.tsv")
+    ingest(tmp_path / "images.zarr", scans, session_cohort, [Modality("GM", SESSION_PATHS["GM"])],
+           session_cohort / "mask.nii.gz")
+    images = open_cohort(tmp_path / "images.zarr")
+    per_scan = scans[["participant_id", "session_id"]].assign(value=np.arange(len(scans), dtype=float))
+    trait = pd.DataFrame({"participant_id": scans.participant_id.unique()}).assign(trait=lambda t: t.index * 10.0)
+    joined = join_on_participant(trait, scans[["participant_id", "session_id"]])
+    assert (joined.set_index("participant_id")["trait"] == trait.set_index("participant_id")["trait"]
+            .reindex(scans.participant_id)).all()
+    sources = Sources(images, row_columns(images), tables={"extra": per_scan})
+
+    first, last = (scans.groupby("participant_id", sort=False).nth(end) for end in (0, -1))
+    assert list(chosen_scans(sources, "baseline").images.subject.values) == scan_ids(first)
+    assert list(chosen_scans(sources, "last").images.subject.values) == scan_ids(last)
+    assert chosen_scans(sources, "all") is sources
+
+    mean = chosen_scans(sources, "mean")
+    people = list(mean.images.subject.values)
+    assert sorted(people) == sorted(scans.participant_id.unique())
+    gm = images.GM.values.astype(np.float64)
+    expected = np.stack([gm[(scans.participant_id == person).to_numpy()].mean(axis=0) for person in people])
+    np.testing.assert_allclose(mean.images.GM.values, expected, rtol=1e-6)
+    np.testing.assert_allclose(mean.participants.loc[people, "age"], scans.groupby("participant_id")["age"].mean()
+                               .reindex(people))
+    np.testing.assert_allclose(mean.tables["extra"].set_index("participant_id")["value"].reindex(people),
+                               per_scan.groupby("participant_id")["value"].mean().reindex(people))
+    with pytest.raises(ValueError, match="choose scans: baseline, last or mean"):
+        chosen_scans(sources, None)
+
+
+def test_each_scans_freesurfer_subject_comes_from_a_template():
+    from pipelines.catalog import FreeSurferSettings
+
+    keys = pd.DataFrame({"participant_id": ["sub-01", "sub-01"], "session_id": ["ses-1", "ses-2"]})
+    assert FreeSurferSettings(subjects_dir="fs").subject_folders(keys) == ["sub-01_ses-1", "sub-01_ses-2"]
+    longitudinal = FreeSurferSettings(subjects_dir="fs", subject="{participant_id}_{session_id}.long.{participant_id}")
+    assert longitudinal.subject_folders(keys) == ["sub-01_ses-1.long.sub-01", "sub-01_ses-2.long.sub-01"]
+    assert FreeSurferSettings(subjects_dir="fs").subject_folders(keys[["participant_id"]]) == ["sub-01", "sub-01"]
+    with pytest.raises(ValueError, match="not \\['site'\\]"):
+        FreeSurferSettings(subjects_dir="fs", subject="{site}_{participant_id}")
+
+
+def test_each_scan_is_registered_on_its_own_and_ingested_as_its_row(tmp_path):
+    """Native scans with sessions: one registration per scan (QC keyed by participant and session), the store's
+    rows the registered scans."""
+    catalog = write_catalog(
+        tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
+        cohort={"demo": {"subjects": 4, "voxel_size": 8.0, "seed": 3, "native_voxel_size": 6.0, "sessions": 2}},
+        register={"transform": "affine", "voxel_size": 8.0, "on_error": "skip"},
+        modalities={"T1": SESSION_PATHS["T1"]}, features=None, train=None, explain=None, associate=None,
+        report=None, cluster={"profile": "local", "n_workers": 1})
+    result = cli("run", catalog)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    scans = read_scans(tmp_path / "ws/demo_cohort", "participants.tsv")
+    qc = pd.read_parquet(tmp_path / "ws/registered/qc.parquet")
+    assert sorted(scan_ids(qc)) == sorted(scan_ids(scans)) and list(qc.columns[:2]) == ["participant_id",
+                                                                                        "session_id"]
+    assert sorted(open_cohort(tmp_path / "ws/images.zarr").subject.values) == sorted(scan_ids(scans))
+    assert all((tmp_path / "ws/registered/participants" / scan / "T1.nii.gz").is_file() for scan in scan_ids(scans))

@@ -533,7 +533,7 @@ def test_region_mixed_models_with_a_site_intercept_equal_statsmodels(region_tabl
     row = result.set_index(["region", "term"]).loc[("thalamus", "age")]
     assert row.estimate == pytest.approx(fit.params["age"], rel=1e-8)
     assert row.statistic == pytest.approx(fit.tvalues["age"], rel=1e-8)
-    with pytest.raises(ValueError, match="grouping column 'scanner'"):
+    with pytest.raises(ValueError, match=r"grouping columns \['scanner'\]"):
         region_models(region_table, "density ~ volume", groups="scanner")
 
 
@@ -548,3 +548,23 @@ def test_two_sided_p_equals_scipy_student_t(df):
     finite = np.isfinite(reference) & (reference > 0)
     np.testing.assert_allclose(p[finite], reference[finite], rtol=1e-11, atol=0)
     assert p[np.isinf(t)].tolist() == [0.0, 0.0] and np.isnan(p[np.isnan(t)]).all() and p[t == 0].max() == 1.0
+
+
+def test_participants_nested_in_sites_equal_statsmodels_variance_components():
+    """``groups=[site, participant_id]``: a random intercept per site and per participant within it, statsmodels'
+    MixedLM with the participants as a variance component."""
+    import statsmodels.formula.api as smf
+
+    rng = np.random.default_rng(7)
+    people = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(30)],
+                           "site": np.repeat(["A", "B", "C"], 10), "level": rng.normal(0, 2, 30)})
+    scans = people.loc[np.repeat(people.index, 3)].reset_index(drop=True).assign(
+        region="hippocampus", years=np.tile([0.0, 1.5, 3.0], 30))
+    scans["volume"] = (scans["site"].map({"A": 0.0, "B": 3.0, "C": -2.0}) + scans["level"] - 0.8 * scans["years"]
+                       + rng.normal(0, 0.5, len(scans)))
+    result = region_models(scans, "volume ~ years", groups=["site", "participant_id"]).set_index("term")
+    reference = smf.mixedlm("volume ~ years", scans, groups="site",
+                            vc_formula={"participant_id": "0 + C(participant_id)"}).fit(reml=True)
+    assert result.loc["years", "estimate"] == pytest.approx(reference.fe_params["years"], rel=1e-6)
+    assert result.loc["years", "se"] == pytest.approx(reference.bse["years"], rel=1e-6)
+    assert result.loc["years", "estimate"] == pytest.approx(-0.8, abs=0.1)

@@ -40,9 +40,19 @@ from scipy import ndimage
 
 from engine.analysis.atlas import Atlas, AtlasSettings, NativeLabels, ParticipantLabels, region_reduce
 from engine.analysis.features import freesurfer_measure
-from engine.analysis.stats import adjust_p, map_similarity, region_correlations, region_models, voxelwise_ols
+from engine.analysis.stats import (
+    ExchangeabilityBlocks,
+    adjust_p,
+    map_similarity,
+    mixed_model,
+    region_correlations,
+    region_models,
+    voxelwise_ols,
+)
+from engine.data.inputs import by_scan, key_columns, scan_ids
 from engine.data.labels import FREESURFER_GROUPS, matching_regions
 from engine.data.masker import Masker
+from engine.data.store import keyed
 from engine.layout import AssociationLayout
 
 MAP_SOURCES = ("relevance", "images")
@@ -116,6 +126,13 @@ class Term:
         return self.source in MAP_SOURCES
 
 
+#: With several scans per participant, the terms that part age into between (the age at the participant's first
+#: scan) and within participants (years since then).
+BASELINE_AGE, YEARS = "baseline_age", "years_since_baseline"
+
+#: The roi table's column naming each row's exchangeability block (its participant).
+BLOCK = "block"
+
 #: A binary classification's outcomes, the last of the sorted classes positive.
 OUTCOMES = ("TP", "FP", "TN", "FN")
 
@@ -129,7 +146,7 @@ def classification_outcomes(predictions: pd.DataFrame) -> pd.Series | None:
     positive = predictions["observed"].astype(str).to_numpy() == classes[1]
     called = predictions[f"p_{classes[1]}"].to_numpy() >= 0.5
     outcome = np.select([positive & called, ~positive & called, ~positive & ~called], ["TP", "FP", "TN"], "FN")
-    return pd.Series(outcome, index=predictions["participant_id"].to_numpy(), name="outcome")
+    return pd.Series(outcome, index=scan_ids(predictions), name="outcome")
 
 
 @dataclass
@@ -139,23 +156,27 @@ class Sources:
     tables."""
 
     images: xr.Dataset
-    participants: pd.DataFrame  # index participant_id
+    participants: pd.DataFrame  # index: the store's row labels; columns participant_id (, session_id), age, …
     relevance: Mapping[str | None, xr.Dataset] | xr.Dataset | None = None
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # feature tables by name
-    predictions: Mapping[str | None, pd.DataFrame] | pd.DataFrame | None = None  # ensemble rows: participant_id, …
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # feature tables by name, keyed by participant_id
+    predictions: Mapping[str | None, pd.DataFrame] | pd.DataFrame | None = None  # ensemble rows, keyed alike
 
     def __post_init__(self):
         for name in ("relevance", "predictions"):
             value = getattr(self, name)
             if value is None or isinstance(value, (xr.Dataset, pd.DataFrame)):  # (a Dataset is a Mapping too)
                 setattr(self, name, {} if value is None else {None: value})
+        people = self.participants
+        if "session_id" in people and "age" in people and BASELINE_AGE not in people:  # within / between terms
+            baseline = people.groupby("participant_id", sort=False)["age"].transform("first")
+            self.participants = people.assign(**{BASELINE_AGE: baseline, YEARS: people["age"] - baseline})
 
     def restricted(self, subjects: Sequence[str]) -> Sources:
         """These sources with only ``subjects``: the images, relevance maps, predictions and tables."""
         kept = set(subjects)
 
         def rows(table: pd.DataFrame) -> pd.DataFrame:
-            return table[table["participant_id"].isin(kept)] if "participant_id" in table.columns else table
+            return table[pd.Index(scan_ids(table)).isin(kept)] if "participant_id" in table.columns else table
 
         return Sources(
             self.images.sel(subject=[s for s in self.images.subject.values if s in kept]),
@@ -164,6 +185,33 @@ class Sources:
              for name, data in self.relevance.items()},
             {name: rows(table) for name, table in self.tables.items()},
             {name: rows(table) for name, table in self.predictions.items()})
+
+    def averaged(self) -> Sources:
+        """These sources with one row per participant, labelled by participant_id: each participant's scans averaged
+        — maps voxel by voxel, numeric columns of the participants, feature and prediction tables (per region
+        where they have regions) —, other columns the first scan's."""
+        people = self.participants["participant_id"]
+
+        def maps(data: xr.Dataset) -> xr.Dataset:
+            labels = xr.DataArray(people.reindex(data["subject"].values).to_numpy(), dims="subject", name="subject")
+            per_subject = [name for name in data.coords if data[name].dims == ("subject",) and name != "subject"]
+            averaged = data.drop_vars(per_subject).groupby(labels).mean(keep_attrs=True)
+            columns = participants.reindex(averaged["subject"].values)
+            return averaged.assign_coords({name: ("subject", columns[name].to_numpy()) for name in columns})
+
+        def rows(table: pd.DataFrame) -> pd.DataFrame:
+            if "participant_id" not in table.columns:
+                return table
+            keys = ["participant_id", *(["region"] if "region" in table.columns else [])]
+            return _first_or_mean(table.drop(columns="session_id", errors="ignore"), keys).reset_index()
+
+        participants = _first_or_mean(self.participants.drop(columns="session_id"), ["participant_id"])
+        participants.index = participants.index.rename("subject")
+        participants.insert(0, "participant_id", participants.index)
+        return Sources(maps(self.images), participants,
+                       {name: maps(data) for name, data in self.relevance.items()},
+                       {name: rows(table) for name, table in self.tables.items()},
+                       {name: rows(table) for name, table in self.predictions.items()})
 
     def ensemble_relevance(self, term: Term) -> xr.Dataset:
         """The relevance store of ``term``'s ensemble."""
@@ -204,12 +252,12 @@ class Sources:
     def subject_values(self, term: Term, subjects: list[str]) -> pd.Series:
         """One value per subject (NaN where missing) for a participant, prediction or feature column."""
         if term.source == "predictions":
-            table, column = self.ensemble_predictions(term).set_index("participant_id"), term.name
+            table, column = by_scan(self.ensemble_predictions(term)), term.name
         elif term.source == "features":
             table, column = self.feature(term), term.text
             if "region" in table.columns:
                 raise ValueError(f"{term}: table {term.name!r} has one value per region: use it in an roi analysis")
-            table = table.set_index("participant_id")
+            table = by_scan(table)
         elif term.source == "participants":
             table, column = self.participants, term.text
         else:
@@ -220,7 +268,7 @@ class Sources:
 
     def region_values(self, term: Term, subjects: list[str], regions: Atlas | ParticipantLabels | NativeLabels,
                       statistic: str, min_region_mm3: float | None = None) -> pd.DataFrame:
-        """(participant_id, region, value) of a region-level term: a map reduced per region (of one atlas, or of
+        """(subject, region, value) of a region-level term: a map reduced per region (of one atlas, or of
         each participant's own labels), or a feature with regions (a table's ``region`` column, FreeSurfer's
         structures).
 
@@ -237,13 +285,14 @@ class Sources:
             values = reduced[statistic].where(kept)
             present = reduced["region"].values[kept.any([d for d in kept.dims if d != "region"]).values]
             table = values.sel(region=present).to_dataframe(name=term.text).reset_index()
-            return table.rename(columns={"subject": "participant_id"})[["participant_id", "region", term.text]]
+            return table[["subject", "region", term.text]]
         if term.source != "features":
             raise ValueError(f"{term}: not a region-level term (a map, or features.<table>.<column> with regions)")
         table = self.feature(term)
         if "region" not in table.columns:
             raise ValueError(f"{term}: table {term.name!r} has no 'region' column: one value per participant")
-        return table[table["participant_id"].isin(subjects)]
+        table = by_scan(table).rename_axis("subject").reset_index()
+        return table.loc[table["subject"].isin(subjects), ["subject", "region", term.text]]
 
     def feature(self, term: Term) -> pd.DataFrame:
         """``participant_id``, (``region``,) and the term's values (column named by the term) of a feature term.
@@ -259,8 +308,36 @@ class Sources:
                 raise ValueError(f"{term}: {error}") from None
         if column not in table.columns:
             raise ValueError(f"{term}: no column {column!r} in table {name!r} (columns: {list(table.columns)})")
-        keys = [key for key in ("participant_id", "region") if key in table.columns]
+        keys = [*key_columns(table), *(["region"] if "region" in table.columns else [])]
         return table[[*keys, column]].rename(columns={column: term.text})
+
+
+def chosen_scans(sources: Sources, scans: str | None) -> Sources:
+    """The sources with the scans an analysis takes (``scans``: baseline, last, mean or all, see
+    :class:`AnalysisSettings`); a cohort without sessions as it is."""
+    if "session_id" not in sources.participants.columns:
+        return sources
+    people = sources.participants["participant_id"]
+    if scans is None:
+        raise ValueError(f"the cohort has several scans per participant ({len(people)} scans of {people.nunique()} "
+                         "participants): choose scans: baseline, last or mean (one per participant), or all (with a "
+                         "model that respects repeated scans)")
+    if scans == "all":
+        return sources
+    if scans == "mean":
+        return sources.averaged()
+    one = people.groupby(people, sort=False)
+    return sources.restricted(list((one.head(1) if scans == "baseline" else one.tail(1)).index))
+
+
+def _first_or_mean(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per ``keys``: the mean of the numeric columns, the first value of the others."""
+    groups = table.groupby(keys, sort=False)
+    numeric = [column for column in table.columns
+               if column not in keys and pd.api.types.is_numeric_dtype(table[column])]
+    others = [column for column in table.columns if column not in keys and column not in numeric]
+    return pd.concat([groups[numeric].mean(), groups[others].first()], axis=1)[
+        [column for column in table.columns if column not in keys]]
 
 
 def _of_ensemble(term: Term, by_ensemble: Mapping, what: str):
@@ -364,7 +441,7 @@ class SubjectFilter(BaseModel):
         if self.split or self.outcome:
             predictions = sources.ensemble_predictions(self.predictions_term(terms))
             if self.split:
-                split = predictions.drop_duplicates("participant_id").set_index("participant_id")["split"]
+                split = by_scan(predictions)["split"]
                 keep &= split.reindex(subjects).isin(self.split).to_numpy()
             if self.outcome:
                 outcome = classification_outcomes(predictions)
@@ -419,8 +496,20 @@ class AnalysisSettings(BaseModel):
         "regression", description="roi: a regression model per region, or the study's correlation per region "
         "(partial: controlling for the covariates), with Bonferroni and FDR across regions")
     robust: bool = Field(False, description="roi and subject: HC3 standard errors")
-    random_intercept: str | None = Field(None, description="roi: mixed model with a random intercept per this "
-                                         "participant column (e.g. site)")
+    random_intercept: str | list[str] | None = Field(
+        None, description="roi and subject: a linear mixed model (statsmodels MixedLM) with a random intercept per "
+        "this participant column (participant_id for several scans per participant, site), or per each of a list, "
+        "outermost first ([site, participant_id]: participants nested in sites)")
+    scans: Literal["baseline", "last", "mean", "all"] | None = Field(
+        None, description="with several scans per participant (needed then): which enter — each participant's "
+        "baseline or last scan, the mean of their scans (maps voxel by voxel, numeric values), or all scans, with "
+        "a model that respects their dependence (roi and subject: random_intercept with participant_id; voxel and "
+        "roi permutations: permute); the subjects filter applies after. Age then parts into the participant columns "
+        "baseline_age (between participants) and years_since_baseline (within)")
+    permute: Literal["participants", "within_participants"] | None = Field(
+        None, description="scans: all: permutations exchange whole participants, their scans together (a "
+        "between-participant effect: diagnosis, sex, age at baseline), or scans within each participant (a "
+        "within-participant effect: time since baseline), as FSL randomise's exchangeability blocks")
     atlas: AtlasSettings | None = Field(None, description="roi: regions (default: the catalog's atlas)")
     within: AtlasSettings | None = Field(None, description="voxel: test only the voxels inside this atlas's regions "
                                          "(those regions names), e.g. the white-matter tracts (the study's FA "
@@ -446,15 +535,25 @@ class AnalysisSettings(BaseModel):
             raise ValueError("correction fwe needs permutations (e.g. 1000)")
         if self.scope == "roi" and self.permutations and (self.robust or self.random_intercept):
             raise ValueError("the roi permutation test permutes OLS fits: not with robust or random_intercept")
+        if self.permute and (self.scans != "all" or not self.permutations):
+            raise ValueError("permute chooses how permutations treat several scans per participant: it needs "
+                             "scans: all and permutations")
+        if self.scans == "all":
+            self._respects_repeated_scans()
         if self.within is not None and self.scope != "voxel":
             raise ValueError("within applies to voxel analyses only")
-        roi_only = [name for name in ("random_intercept", "atlas", "labels", "regions", "min_region_mm3")
+        if self.random_intercept and self.scope not in ("roi", "subject"):
+            raise ValueError("random_intercept applies to roi and subject analyses only")
+        roi_only = [name for name in ("atlas", "labels", "regions", "min_region_mm3")
                     if name in self.model_fields_set and getattr(self, name)
                     and not (name == "regions" and self.within is not None)]
         if self.scope != "roi" and roi_only:
             raise ValueError(f"{', '.join(roi_only)} apply to roi analyses only")
         if self.atlas and self.labels:
             raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
+        if self.scans == "mean" and self.labels:
+            raise ValueError("scans: mean averages maps across a participant's scans, but labels takes each scan's "
+                             "own parcels: take baseline, last or all scans")
         if self.native and not self.labels:
             raise ValueError("native reduces in each participant's native label volume: it needs labels")
         if self.min_coverage and self.scope != "voxel" and "min_coverage" in self.model_fields_set:
@@ -480,21 +579,50 @@ class AnalysisSettings(BaseModel):
             raise ValueError("choose robust (OLS with HC3 errors) or random_intercept (mixed model), not both")
         return self
 
+    @property
+    def random_intercepts(self) -> list[str]:
+        """The grouping columns of the mixed model, outermost first (none: OLS)."""
+        value = self.random_intercept
+        return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+    def _respects_repeated_scans(self) -> None:
+        """With every scan of a participant in the analysis, refuse inference that takes scans as independent."""
+        mixed = "participant_id" in self.random_intercepts
+        permuted = bool(self.permute)
+        parametric = sorted(set(self.correction) - {"fwe"})
+        if self.scope == "voxel" and not permuted:
+            raise ValueError("scans: all in a voxel analysis: its scans are not independent, so its p-values come "
+                             "from permutations that respect them: set permute (participants or "
+                             "within_participants), permutations and correction: [fwe]")
+        if self.scope == "subject" and not mixed:
+            raise ValueError("scans: all in a subject analysis: add random_intercept: participant_id (a mixed model "
+                             "with a random intercept per participant), or take one scan each (scans: baseline, "
+                             "last or mean)")
+        if self.scope == "roi" and not (mixed or permuted):
+            raise ValueError("scans: all in an roi analysis: a mixed model (random_intercept: participant_id) or "
+                             "permutations that respect the scans (permute, permutations, correction: [fwe])")
+        if permuted and parametric:
+            raise ValueError(f"scans: all with permutations: corrections {parametric} would adjust p-values that "
+                             "take the scans as independent; use correction: [fwe]")
+
 
 def covariate_frame(sources: Sources, covariates: list[Term], subjects: list[str]) -> tuple[pd.DataFrame, list[str]]:
     """Per-subject covariates (columns named by the terms' text) and which of them are categorical."""
-    frame = pd.DataFrame({term.text: sources.subject_values(term, subjects).to_numpy() for term in covariates})
+    frame = pd.DataFrame({term.text: sources.subject_values(term, subjects).to_numpy() for term in covariates},
+                         index=pd.RangeIndex(len(subjects)))
     categorical = [name for name in frame.columns if not pd.api.types.is_numeric_dtype(frame[name])]
     return frame, categorical
 
 
 def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
                    corrections: list[str], permutations: int = 0, seed: int = 0,
-                   min_coverage: float = 0.0, within: np.ndarray | None = None) -> xr.Dataset:
+                   min_coverage: float = 0.0, within: np.ndarray | None = None,
+                   permute: str | None = None) -> xr.Dataset:
     """One voxel-wise model with the requested corrections (``p_bonferroni``, ``p_fdr``, ``p_fwe``), at the voxels
     where at least the share ``min_coverage`` of the participants has a value (see
     :func:`~engine.analysis.stats.voxelwise_ols`), and only those ``within`` marks (a boolean per voxel) if given;
-    :func:`region_voxels` marks an atlas's regions."""
+    :func:`region_voxels` marks an atlas's regions. ``permute`` (``participants`` or ``within_participants``):
+    the permutations keep each participant's scans together (:func:`participant_blocks`)."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     if not (outcome.is_map or predictor.is_map):
         raise ValueError(f"a voxel analysis needs a map as outcome or predictor, got {outcome.text!r} and "
@@ -504,7 +632,8 @@ def voxel_analysis(sources: Sources, outcome: Term | str, predictor: Term | str,
              for term in (outcome, predictor)]
     frame, categorical = covariate_frame(sources, covariates, subjects)
     result = voxelwise_ols(*terms, frame, categorical, permutations=permutations if "fwe" in corrections else 0,
-                           seed=seed, min_coverage=min_coverage, within=within)
+                           seed=seed, min_coverage=min_coverage, within=within,
+                           blocks=participant_blocks(sources, subjects, permute))
     if "bonferroni" in corrections:
         result["p_bonferroni"] = adjust_p(result["p"], "bonferroni")
     if "fdr_bh" in corrections:
@@ -559,15 +688,16 @@ def cluster_table(statistic: xr.DataArray, significant: np.ndarray, masker: Mask
 
 def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, covariates: Sequence[Term | str],
                  regions: Atlas | ParticipantLabels | NativeLabels, statistic: str = "mean", robust: bool = False,
-                 groups: Term | str | None = None, correlation: str | None = None, permutations: int = 0,
-                 seed: int = 0, family: RegionFamily | None = None,
-                 min_region_mm3: float | None = None) -> pd.DataFrame:
+                 groups: Sequence[Term | str] | Term | str | None = None, correlation: str | None = None,
+                 permutations: int = 0, seed: int = 0, family: RegionFamily | None = None,
+                 min_region_mm3: float | None = None, permute: str | None = None) -> pd.DataFrame:
     """Per region of the ``family`` (of an atlas, or each participant's own labels): outcome ~ predictor +
     covariates (statsmodels), or, with ``correlation`` (pearson, spearman, partial),
     :func:`~engine.analysis.stats.region_correlations`; corrections across the family's regions, and with
     ``permutations`` Freedman–Lane p-values per region and family-wise over it. A participant's region smaller
-    than ``min_region_mm3`` is missing (see :meth:`Sources.region_values`). ``attrs["family"]`` lists the
-    regions tested."""
+    than ``min_region_mm3`` is missing (see :meth:`Sources.region_values`). ``groups``: a mixed model's random
+    intercepts (:func:`~engine.analysis.stats.mixed_model`); ``permute``: permutations keep each participant's
+    scans together (:func:`participant_blocks`). ``attrs["family"]`` lists the regions tested."""
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
     subjects = analysis_subjects(sources, [outcome, predictor])
     names = {term.text: f"term{index}" for index, term in enumerate([outcome, predictor, *covariates])}
@@ -578,7 +708,7 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
                          f"{predictor.text!r}")
     table = per_region[0]
     for other in per_region[1:]:
-        table = table.merge(other, on=["participant_id", "region"], how="inner")
+        table = table.merge(other, on=["subject", "region"], how="inner")
     if table.empty:
         raise ValueError(f"{outcome} and {predictor} share no (participant, region) rows: are their regions named "
                          "alike (the same atlas, or labels named as the FreeSurfer table names them)?")
@@ -586,34 +716,36 @@ def roi_analysis(sources: Sources, outcome: Term | str, predictor: Term | str, c
     table = table[table["region"].isin(tested)]
     subject_terms = [term for term in (outcome, predictor, *covariates) if term.text not in table.columns]
     for term in subject_terms:
-        table[term.text] = table["participant_id"].map(sources.subject_values(term, subjects))
+        table[term.text] = table["subject"].map(sources.subject_values(term, subjects))
     table = table.rename(columns=names)
     columns = [names[term.text] for term in (outcome, predictor, *covariates)]
+    blocks = {}
+    if permute is not None:
+        table[BLOCK] = table["subject"].map(sources.participants["participant_id"])
+        blocks = {"blocks": BLOCK, "whole_blocks": permute == "participants"}
     if correlation is not None:
-        result = region_correlations(table, *columns[:2], columns[2:], correlation, permutations, seed)
+        result = region_correlations(table, *columns[:2], columns[2:], correlation, permutations, seed, **blocks)
     else:
-        result = _region_regressions(table, columns, robust, groups, sources, subjects, names, permutations, seed)
+        result = _region_regressions(table, columns, robust, groups, sources, subjects, names, permutations, seed,
+                                     blocks)
     result.attrs["family"] = tested
     return result
 
 
-def _region_regressions(table: pd.DataFrame, columns: list[str], robust: bool, groups: Term | str | None,
-                        sources: Sources, subjects: list[str], names: dict[str, str], permutations: int,
-                        seed: int) -> pd.DataFrame:
+def _region_regressions(table: pd.DataFrame, columns: list[str], robust: bool,
+                        groups: Sequence[Term | str] | Term | str | None, sources: Sources, subjects: list[str],
+                        names: dict[str, str], permutations: int, seed: int, blocks: dict) -> pd.DataFrame:
     """:func:`~engine.analysis.stats.region_models` of ``columns`` (outcome, predictor, covariates) with readable
     term names; with ``permutations``, the predictor's Freedman–Lane p (its OLS t is the partial correlation's)."""
-    group_column = None
-    if groups is not None:
-        groups = Term.of(groups)
-        group_column = names.setdefault(groups.text, "group")
-        table[group_column] = table["participant_id"].map(sources.subject_values(groups, subjects))
+    group_columns = _group_columns(table, groups, sources, subjects, names)
     outcome, predictor, covariates = columns[0], columns[1], columns[2:]
     result = region_models(table, _formula(table, outcome, [predictor, *covariates]), robust=robust,
-                           groups=group_column)
+                           groups=group_columns or None)
     if permutations:
         if not pd.api.types.is_numeric_dtype(table[predictor]):
             raise ValueError("the roi permutation test needs a numeric predictor (code two groups as 0 and 1)")
-        permuted = region_correlations(table, outcome, predictor, covariates, "partial", permutations, seed)
+        permuted = region_correlations(table, outcome, predictor, covariates, "partial", permutations, seed,
+                                       **blocks)
         tests = permuted.set_index("region")[["p_permutation", "p_fwe"]]
         rows = result["term"] == predictor
         for column in tests:
@@ -626,11 +758,14 @@ def _region_regressions(table: pd.DataFrame, columns: list[str], robust: bool, g
 
 
 def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | str,
-                     covariates: Sequence[Term | str] = (), robust: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One value per participant on both sides: outcome ~ predictor + covariates (statsmodels OLS, HC3 with
-    ``robust``). Participants with a missing value are dropped; with a ``predictions`` term only the test split
-    enters (the others' predictions were fitted). Returns the model table (term, estimate, se, t, p, partial_r,
-    n) and the data it was fitted on (participant_id and one column per term)."""
+                     covariates: Sequence[Term | str] = (), robust: bool = False,
+                     groups: Sequence[Term | str] | Term | str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One value per participant (or scan) on both sides: outcome ~ predictor + covariates (statsmodels OLS, HC3
+    with ``robust``; with ``groups``, a mixed model with those random intercepts,
+    :func:`~engine.analysis.stats.mixed_model`). Rows with a missing value are dropped; with a ``predictions``
+    term only the test split enters (the others' predictions were fitted). Returns the model table (term,
+    estimate, se, t, p, partial_r — OLS only —, n) and the data it was fitted on (the key columns and one column
+    per term)."""
     import statsmodels.formula.api as smf
 
     outcome, predictor, covariates = Term.of(outcome), Term.of(predictor), [Term.of(term) for term in covariates]
@@ -641,22 +776,52 @@ def subject_analysis(sources: Sources, outcome: Term | str, predictor: Term | st
     subjects = [str(subject) for subject in sources.images["subject"].values]
     predicted = [term for term in terms if term.source == "predictions"]
     if predicted:
-        split = sources.ensemble_predictions(predicted[0]).set_index("participant_id")["split"]
+        split = by_scan(sources.ensemble_predictions(predicted[0]))["split"]
         subjects = [subject for subject in subjects if split.get(subject) == "test"]
     data = pd.DataFrame({term.text: sources.subject_values(term, subjects).to_numpy() for term in terms},
-                        index=pd.Index(subjects, name="participant_id")).dropna()
+                        index=pd.Index(subjects, name="subject")).dropna()
     names = {term.text: f"term{index}" for index, term in enumerate(terms)}
     frame = data.rename(columns=names)
     formula = _formula(frame, names[outcome.text], [names[term.text] for term in (predictor, *covariates)])
     if len(frame) <= len(terms) + 1:
         raise ValueError(f"{len(frame)} participant(s) with every value of {[term.text for term in terms]}: too few")
-    fit = smf.ols(formula, frame).fit(cov_type="HC3" if robust else "nonrobust")
+    grouped = frame.reset_index()
+    group_columns = _group_columns(grouped, groups, sources, list(frame.index), names)
+    if group_columns:
+        fit = mixed_model(formula, grouped, group_columns)
+        parameters, df = fit.fe_params.index, None
+    else:
+        fit = smf.ols(formula, frame).fit(cov_type="HC3" if robust else "nonrobust")
+        parameters, df = fit.params.index, fit.df_resid
     readable = {value: key for key, value in names.items()}
     rows = [{"term": _readable_term(name, readable), "estimate": fit.params[name], "se": fit.bse[name],
              "t": fit.tvalues[name], "p": fit.pvalues[name],
-             "partial_r": fit.tvalues[name] / np.sqrt(fit.tvalues[name] ** 2 + fit.df_resid), "n": int(fit.nobs)}
-            for name in fit.params.index if name != "Intercept"]
-    return pd.DataFrame(rows), data.reset_index()
+             "partial_r": np.nan if df is None else fit.tvalues[name] / np.sqrt(fit.tvalues[name] ** 2 + df),
+             "n": int(fit.nobs)}
+            for name in parameters if name != "Intercept"]
+    return pd.DataFrame(rows), keyed(data.reset_index(), sources.images)
+
+
+def _group_columns(table: pd.DataFrame, groups: Sequence[Term | str] | Term | str | None, sources: Sources,
+                   subjects: list[str], names: dict[str, str]) -> list[str]:
+    """The random intercepts' grouping columns added to ``table`` (rows named by its ``subject`` column)."""
+    groups = [] if groups is None else [groups] if isinstance(groups, (str, Term)) else list(groups)
+    columns = []
+    for index, term in enumerate(map(Term.of, groups)):
+        column = names.setdefault(term.text, f"group{index}")
+        table[column] = table["subject"].map(sources.subject_values(term, subjects))
+        columns.append(column)
+    return columns
+
+
+def participant_blocks(sources: Sources, subjects: Sequence[str], permute: str | None) -> ExchangeabilityBlocks | None:
+    """The exchangeability blocks of ``subjects`` (the store's rows) by participant: whole participants exchanged
+    (``permute="participants"``) or scans within each participant (``"within_participants"``); None: rows
+    exchange freely."""
+    if permute is None:
+        return None
+    people = sources.participants["participant_id"].reindex(list(subjects)).to_numpy()
+    return ExchangeabilityBlocks(people, whole=permute == "participants")
 
 
 # ---------------------------------------------------------------------------------------
@@ -678,6 +843,7 @@ def analyse(sources: Sources, settings: AnalysisSettings, out: str | Path,
     run = {"voxel": _voxel_analysis, "roi": _roi_analysis, "similarity": _similarity_analysis,
            "subject": _subject_analysis}[settings.scope]
     try:
+        sources = chosen_scans(sources, settings.scans)
         if settings.subjects is not None:
             terms = [settings.outcome, settings.predictor, *settings.covariates]
             sources = sources.restricted(settings.subjects.subjects(sources, terms))
@@ -685,7 +851,8 @@ def analyse(sources: Sources, settings: AnalysisSettings, out: str | Path,
     except ValueError as error:
         raise AnalysisError(f"associate analysis {settings.name!r}: {error}") from error
     summary = {**settings.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
-                                                            "alpha", "labels", "native", "subjects"},
+                                                            "alpha", "labels", "native", "subjects", "scans",
+                                                            "permute", "random_intercept"},
                                      exclude_none=True),
                **details, "seconds": round(time.perf_counter() - started, 2)}
     files.summary.write_text(json.dumps(summary, indent=2))
@@ -697,7 +864,7 @@ def _voxel_analysis(sources: Sources, settings: AnalysisSettings, out: Associati
     if settings.within is not None:
         within, tested = region_voxels(settings.within.load(sources.images), settings.regions)
     result = voxel_analysis(sources, settings.outcome, settings.predictor, settings.covariates, settings.correction,
-                            settings.permutations, settings.seed, settings.min_coverage, within)
+                            settings.permutations, settings.seed, settings.min_coverage, within, settings.permute)
     masker = Masker.of(sources.images)
     for name in result.data_vars:
         if result[name].dims == ("voxel",):
@@ -722,8 +889,9 @@ def _roi_analysis(sources: Sources, settings: AnalysisSettings, out: Association
                   regions: Atlas | ParticipantLabels | NativeLabels) -> dict:
     correlation = None if settings.statistic == "regression" else settings.statistic
     table = roi_analysis(sources, settings.outcome, settings.predictor, settings.covariates, regions,
-                         settings.region_statistic, settings.robust, settings.random_intercept, correlation,
-                         settings.permutations, settings.seed, settings.regions, settings.min_region_mm3)
+                         settings.region_statistic, settings.robust, settings.random_intercepts, correlation,
+                         settings.permutations, settings.seed, settings.regions, settings.min_region_mm3,
+                         settings.permute)
     attrs = dict(table.attrs)  # the family, the max-|t| null, skipped regions: into summary.json, not the tables
     table.attrs.clear()
     if correlation:
@@ -749,12 +917,15 @@ def _roi_analysis(sources: Sources, settings: AnalysisSettings, out: Association
 
 def _subject_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, _) -> dict:
     model, data = subject_analysis(sources, settings.outcome, settings.predictor, settings.covariates,
-                                   settings.robust)
+                                   settings.robust, settings.random_intercepts)
     model.to_parquet(out.model, index=False)
     data.to_parquet(out.data, index=False)
     tested = model[model["term"] == settings.predictor.text].iloc[0]
-    return {"n": int(tested["n"]), "model": "ols_hc3" if settings.robust else "ols",
-            "significant": {"p": float(f"{tested['p']:.3g}"), "partial_r": round(float(tested["partial_r"]), 4)}}
+    kind = "mixed" if settings.random_intercept else "ols_hc3" if settings.robust else "ols"
+    return {"n": int(tested["n"]), "model": kind, "participants": int(data["participant_id"].nunique()),
+            "significant": {"p": float(f"{tested['p']:.3g}"), **(
+                {"estimate": float(f"{tested['estimate']:.4g}")} if settings.random_intercept
+                else {"partial_r": round(float(tested["partial_r"]), 4)})}}
 
 
 def _similarity_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, _) -> dict:

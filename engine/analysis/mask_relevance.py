@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage, stats
 
 from engine.data.masker import Masker
+from engine.data.store import keyed
 
 INDICES = ("a_voxel", "s_voxel", "n_wml_voxel", "a_wml_voxel", "s_wml_voxel", "s_pos_voxel", "s_neg_voxel",
            "p_wml_voxel", "p_voxel", "ap_voxel")
@@ -83,14 +84,14 @@ def _nan_if_zero(denominator: xr.DataArray) -> xr.DataArray:
 def index_tables(mask: xr.DataArray, relevance: xr.DataArray, min_voxels: int,
                  predicted: pd.Series | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The study's indices (:func:`mask_indices`) as a table per method and participant, with age (where it is a
-    coordinate) and each participant's ``predicted`` value (by participant_id, e.g. the brain age), and their
+    coordinate) and each scan's ``predicted`` value (indexed by store row, e.g. the brain age), and their
     comparison with each participant's average (:func:`compare_to_average`, over more than ``min_voxels``
     mask voxels)."""
     indices = mask_indices(mask, relevance).compute()
-    table = indices.to_dataframe().reset_index().rename(columns={"subject": "participant_id"})
-    table = table.reindex(columns=["attribution", "participant_id", "age", *indices.data_vars])
+    table = indices.to_dataframe().reset_index().reindex(columns=["subject", "attribution", "age", *indices.data_vars])
     if predicted is not None:
-        table.insert(3, "predicted", table["participant_id"].map(predicted))
+        table.insert(3, "predicted", table["subject"].map(predicted))
+    table = keyed(table, indices)
     return table, compare_to_average(table, min_voxels).assign(min_voxels=min_voxels)
 
 

@@ -32,6 +32,8 @@ from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 from threadpoolctl import ThreadpoolController
 
+from engine.data.store import keyed
+
 
 def design_matrix(covariates: pd.DataFrame, categorical: Sequence[str] = ()) -> pd.DataFrame:
     """Intercept, numeric covariates, and dummy codes (first level dropped) of ``categorical`` ones."""
@@ -624,7 +626,7 @@ def _region_fits(table: pd.DataFrame, outcome: str, predictor: str, covariates: 
     for codes in levels:
         complete &= codes >= 0
     region_codes, names = pd.factorize(table[region], sort=False)
-    people = participants.get_indexer(table["participant_id"]) if participants is not None else None
+    people = participants.get_indexer(table[_row_column(table)]) if participants is not None else None
     fits = []
     for index, name in enumerate(names):
         rows = np.flatnonzero((region_codes == index) & complete)
@@ -677,10 +679,17 @@ def region_permutation_test(fits: Sequence[_RegionFit], participants: int, permu
     return (1 + exceed) / (1 + permutations), fwe, null
 
 
-def _participants(table: pd.DataFrame) -> pd.Index:
+def _row_column(table: pd.DataFrame) -> str:
+    """The column naming whose row it is: ``subject`` (the store's row, a scan), else ``participant_id``."""
+    if "subject" in table.columns:
+        return "subject"
     if "participant_id" not in table.columns:
-        raise ValueError("a permutation test needs the table's participant_id column (whom each row belongs to)")
-    return pd.Index(pd.unique(table["participant_id"]))
+        raise ValueError("a permutation test needs the table's subject or participant_id column (whose row it is)")
+    return "participant_id"
+
+
+def _participants(table: pd.DataFrame) -> pd.Index:
+    return pd.Index(pd.unique(table[_row_column(table)]))
 
 
 def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covariates: Sequence[str] = (),
@@ -696,10 +705,11 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
     equals the predictor's OLS t-test in outcome ~ predictor + covariates. Rows with a missing value
     are left out per region (``n`` counts the rest); a region without a correlation has NaN. The
     family is the table's regions: Bonferroni (× ``family_size``, the regions with a p) and
-    Benjamini–Hochberg run across them. With ``permutations`` (and a ``participant_id`` column),
+    Benjamini–Hochberg run across them. With ``permutations`` (and a ``subject`` or ``participant_id`` column
+    naming each row's scan or participant),
     :func:`region_permutation_test`: Freedman–Lane ``p_permutation`` per region and the family-wise
     ``p_fwe`` of the maximum |t| over the regions. ``blocks``: a column naming each row's exchangeability block
-    when rows are not exchangeable one by one (several scans of a participant: ``participant_id`` holds the scan,
+    when rows are not exchangeable one by one (several scans of a participant: ``subject`` holds the scan,
     ``blocks`` the person), permuted whole (``whole_blocks``) or within (:class:`ExchangeabilityBlocks`).
     """
     if method not in CORRELATIONS:
@@ -725,7 +735,7 @@ def region_correlations(table: pd.DataFrame, outcome: str, predictor: str, covar
         fitted = [fit for fit in fits if isinstance(fit, _RegionFit)]
         exchange = None
         if blocks is not None:
-            labels = table.drop_duplicates("participant_id").set_index("participant_id")[blocks]
+            labels = table.drop_duplicates(_row_column(table)).set_index(_row_column(table))[blocks]
             exchange = ExchangeabilityBlocks(labels.reindex(participants).to_numpy(), whole_blocks)
             exchange.check_permutable()
         p, fwe, null = region_permutation_test(fitted, len(participants), permutations, seed, exchange)
@@ -767,17 +777,30 @@ def map_similarity(first: xr.DataArray, second: xr.DataArray, mask: np.ndarray |
         covariance = sab - sa * sb / count
         pearson = covariance / np.sqrt((saa - sa**2 / count) * (sbb - sb**2 / count))
         cosine = sab / np.sqrt(saa * sbb)
-    return pd.DataFrame({"participant_id": sums["subject"].values, "pearson_r": pearson, "cosine": cosine,
-                         "voxels": count})
+    table = pd.DataFrame({"subject": sums["subject"].values, "pearson_r": pearson, "cosine": cosine, "voxels": count})
+    return keyed(table, first)
 
 
-def region_models(table: pd.DataFrame, formula: str, robust: bool = False, groups: str | None = None,
+def mixed_model(formula: str, data: pd.DataFrame, groups: str | Sequence[str]):
+    """statsmodels MixedLM (REML) of ``formula`` with a random intercept per ``groups`` column, or per each of a
+    list, outermost first (``[site, participant_id]``: the inner ones as variance components nested in the first);
+    rows with a missing value are dropped."""
+    import statsmodels.formula.api as smf
+
+    groups = [groups] if isinstance(groups, str) else list(groups)
+    nested = {name: f"0 + C({name})" for name in groups[1:]} or None
+    return smf.mixedlm(formula, data.dropna(subset=groups), groups=groups[0], vc_formula=nested,
+                       missing="drop").fit(reml=True)
+
+
+def region_models(table: pd.DataFrame, formula: str, robust: bool = False, groups: str | Sequence[str] | None = None,
                   region: str = "region") -> pd.DataFrame:
     """Per region: a statsmodels formula fit on that region's rows, Bonferroni and FDR across regions per term.
 
     ``table`` is long: one row per participant and region, with the region-level columns and the
     per-subject covariates the formula names. OLS by default, HC3 standard errors with
-    ``robust``, or a linear mixed model with a random intercept per ``groups`` (e.g. site).
+    ``robust``, or a linear mixed model with a random intercept per ``groups`` (:func:`mixed_model`: participant_id
+    with several scans per participant, site).
     Rows with a missing value are dropped per region and ``n`` reports the rows used; regions
     that cannot be fitted are listed in ``attrs["skipped"]`` with the reason. The family of a term is
     the regions it was fitted in (``family_size``). Returns a tidy table: region, term, estimate, se,
@@ -791,8 +814,9 @@ def region_models(table: pd.DataFrame, formula: str, robust: bool = False, group
 
     if region not in table.columns:
         raise ValueError(f"region_models: the table has no {region!r} column (columns {list(table.columns)})")
-    if groups is not None and groups not in table.columns:
-        raise ValueError(f"region_models: grouping column {groups!r} is not in the table")
+    missing = [name for name in ([groups] if isinstance(groups, str) else groups or []) if name not in table.columns]
+    if missing:
+        raise ValueError(f"region_models: grouping columns {missing} are not in the table")
     used = [column for column in table.columns if re.search(rf"\b{re.escape(str(column))}\b", formula)]
     rows, skipped = [], {}
     for name, data in table.groupby(region, sort=False, observed=True):
@@ -806,8 +830,7 @@ def region_models(table: pd.DataFrame, formula: str, robust: bool = False, group
                     fit = smf.ols(formula, data).fit(cov_type="HC3" if robust else "nonrobust")
                     parameters = fit.params.index
                 else:
-                    fit = smf.mixedlm(formula, data.dropna(subset=[groups]), groups=groups,
-                                      missing="drop").fit(reml=True)
+                    fit = mixed_model(formula, data, groups)
                     parameters = fit.fe_params.index
             except (ValueError, np.linalg.LinAlgError) as error:  # e.g. a region without complete rows
                 skipped[name] = f"{type(error).__name__}: {error}"

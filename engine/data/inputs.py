@@ -209,6 +209,16 @@ def scan_ids(table: pd.DataFrame) -> list[str]:
     return [scan_id(*key) for key in scan_keys(table)]
 
 
+def key_columns(table: pd.DataFrame | Sequence[str]) -> list[str]:
+    """The columns that name a table's scan: ``participant_id``, and ``session_id`` in a cohort with sessions."""
+    return ["participant_id", "session_id"] if "session_id" in table else ["participant_id"]
+
+
+def by_scan(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` indexed by its rows' :func:`scan_id` (the store's row labels, index name ``subject``)."""
+    return table.set_axis(pd.Index(scan_ids(table), name="subject"))
+
+
 def _natural(label: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label))
 

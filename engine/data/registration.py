@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +37,7 @@ from isal import igzip
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.grid import MNI_SPACE, Grid, mni_grid
-from engine.data.inputs import InputError, Modality, load_image, spatial_shape
+from engine.data.inputs import InputError, Modality, load_image, scan_ids, spatial_shape
 from engine.layout import (
     ParticipantRegistration,
     RegisteredLayout,
@@ -509,12 +509,13 @@ class RegistrationResult:
 
     @property
     def flagged(self) -> list[str]:
-        return self.qc.loc[self.qc["flagged"], "participant_id"].tolist()
+        """The scans (:func:`~engine.data.inputs.scan_id`) flagged."""
+        return scan_ids(self.qc[self.qc["flagged"]])
 
     @property
     def usable(self) -> list[str]:
-        """Participants whose registered images go on to ingest."""
-        return self.qc.loc[~self.qc["diverged"], "participant_id"].tolist()
+        """The scans whose registered images go on to ingest."""
+        return scan_ids(self.qc[~self.qc["diverged"]])
 
 
 class RegistrationError(RuntimeError):
@@ -540,12 +541,14 @@ def participant_key(settings: RegistrationSettings, files: dict[str, Path], moda
 
 def register_cohort(registered: RegisteredLayout, files: dict[str, dict[str, Path]], modalities: list[Modality],
                     settings: RegistrationSettings, problems: list[InputError] | None = None,
-                    execution: Execution = INLINE) -> RegistrationResult:
-    """Register every participant of ``files`` (``{participant: {modality: path}}``) whose folder is not current,
-    one task of ``execution`` each (progress phase ``register``).
+                    execution: Execution = INLINE,
+                    sessions: Mapping[str, tuple[str, str]] | None = None) -> RegistrationResult:
+    """Register every scan of ``files`` (``{scan_id: {modality: path}}``, a participant's only scan or one of their
+    sessions') whose folder is not current, one task of ``execution`` each (progress phase ``register``).
 
     ``problems`` are those found before (missing files); with ``on_error: fail`` any problem raises
-    :class:`RegistrationError` after the other participants are done. Writes ``qc.parquet``.
+    :class:`RegistrationError` after the other scans are done. ``sessions``: in a cohort with sessions, each
+    scan's (participant_id, session_id), the key columns of ``qc.parquet``, which this writes.
     """
     problems = list(problems or [])
     template_key = write_template(settings, registered)
@@ -573,8 +576,13 @@ def register_cohort(registered: RegisteredLayout, files: dict[str, dict[str, Pat
     qc["diverged"] = (qc["correlation"] < settings.min_correlation) | (z < -settings.fail_z).any(axis=1)
     qc = qc.sort_values("participant_id").reset_index(drop=True)
     for _, row in qc[qc["diverged"]].iterrows():
+        person, session = (sessions or {}).get(row["participant_id"], (row["participant_id"], None))
         problems.append(InputError(f"{row['reference']}: registration diverged: {_divergence(row, settings)}",
-                                   row["participant_id"], files[row["participant_id"]][row["reference"]]))
+                                   person, files[row["participant_id"]][row["reference"]], session))
+    if sessions:  # the scan's label parted into its key columns
+        keys = pd.DataFrame([sessions[label] for label in qc["participant_id"]], columns=["participant_id",
+                                                                                          "session_id"])
+        qc = pd.concat([keys, qc.drop(columns="participant_id")], axis=1)
     with atomic_output(registered.qc) as partial:
         qc.to_parquet(partial, index=False)
     with atomic_output(registered.problems) as partial:

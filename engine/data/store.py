@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -502,6 +502,39 @@ def load_coordinates(dataset: xr.Dataset, names=None) -> xr.Dataset:
 
 def _plain(values: np.ndarray) -> np.ndarray:
     return values.astype(object) if values.dtype.kind in "TUS" else values
+
+
+def row_keys(rows: xr.Dataset | xr.DataArray) -> pd.DataFrame:
+    """Each store row's key columns (:func:`~engine.data.inputs.key_columns`), indexed by the row's label."""
+    labels = pd.Index(rows["subject"].values, name="subject")
+    if "session_id" in rows.coords:
+        return pd.DataFrame({"participant_id": rows["participant_id"].values, "session_id": rows["session_id"].values},
+                            index=labels)
+    return pd.DataFrame({"participant_id": labels}, index=labels)
+
+
+def row_columns(rows: xr.Dataset) -> pd.DataFrame:
+    """The store rows' key columns, then their other columns (age, sex, …), indexed by the row label."""
+    keys = row_keys(rows)
+    columns = {name: rows[name].values for name in rows.coords
+               if rows[name].dims == ("subject",) and name not in ("subject", *keys.columns)}
+    return keys.assign(**columns)
+
+
+def keyed(table: pd.DataFrame, rows: xr.Dataset | xr.DataArray, column: str = "subject") -> pd.DataFrame:
+    """``table`` with its ``column`` of store row labels replaced by the rows' key columns, which come first."""
+    keys = row_keys(rows).reindex(table[column].to_numpy())
+    if keys.isna().any().any():
+        raise KeyError(f"rows not in the store: {sorted(set(table[column]) - set(rows['subject'].values))[:5]}")
+    rest = table.drop(columns=[column, *keys.columns], errors="ignore").reset_index(drop=True)
+    return pd.concat([keys.reset_index(drop=True), rest], axis=1)
+
+
+def row_table(frame: xr.Dataset, columns: Sequence[str]) -> pd.DataFrame:
+    """A Dataset over the store's rows (a reduction over voxels) as a table: the rows' key columns, then
+    ``columns`` (its other dimensions and variables)."""
+    table = frame.reset_coords([name for name in frame.coords if name not in frame.dims], drop=True)
+    return keyed(table.to_dataframe().reset_index()[["subject", *columns]], frame)
 
 
 def content_fingerprint(path: str | Path) -> str:

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from engine.data.store import open_cohort
+from engine.data.inputs import by_scan, key_columns, scan_ids
+from engine.data.store import keyed, open_cohort
 from engine.layout import ModelsLayout, atomic_output
 from engine.models.heap import heap_kept
 from engine.models.metrics import classification_metrics, out_of_sample_gap, regression_metrics
-from engine.models.splits import split_hash
+from engine.models.splits import SPLITS, split_hash
 from engine.models.training import TrainingConfig, targets_of, train_member
 from engine.models.volumes import scale_rows
 from engine.tasks import INLINE, Execution
@@ -114,7 +115,7 @@ def _plan_ensemble(job: EnsembleJob) -> dict:
                                  f"({[str(value) for value in classes]})")
             classes = [value for value in classes if value != positive[0]] + positive
     with atomic_output(files.split) as partial:
-        split.rename_axis("participant_id").reset_index().to_csv(partial, sep="\t", index=False)
+        keyed(split.rename_axis("subject").reset_index(), dataset).to_csv(partial, sep="\t", index=False)
 
     def current(member: int) -> bool:
         path = files.card(member)
@@ -135,7 +136,7 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
     leave-one-out (:mod:`engine.models.baselines`)."""
     from engine.models.baselines import ridge_baseline
 
-    split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
+    split = by_scan(ensemble)["split"].reindex(dataset.subject.values).to_numpy()
     maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
                                         for name in config.modalities], axis=1), dims=("subject", "voxel"))
     target = dataset[config.target].values.astype(np.float64)
@@ -151,7 +152,7 @@ def _classifier_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: p
     linear_classifier_baseline`)."""
     from engine.models.baselines import linear_classifier_baseline
 
-    split = ensemble.set_index("participant_id")["split"].reindex(dataset.subject.values).to_numpy()
+    split = by_scan(ensemble)["split"].reindex(dataset.subject.values).to_numpy()
     maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
                                         for name in config.modalities], axis=1), dims=("subject", "voxel")).persist()
     labels = targets_of(dataset, config, classes).astype(int)
@@ -164,6 +165,51 @@ def _classifier_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: p
     return rows
 
 
+def prediction_metrics(predictions: pd.DataFrame, task: str, classes: list | None) -> pd.DataFrame:
+    """Metrics per member and split of a predictions table (scans :data:`~engine.models.splits.EXCLUDED` from
+    the splits are not counted)."""
+    rows = []
+    for (member, split_name), subset in predictions.groupby(["member", "split"]):
+        if split_name not in SPLITS:
+            continue
+        if task == "regression":
+            metrics = regression_metrics(subset["observed"], subset["predicted"])
+        else:
+            labels = subset["observed"].map({name: index for index, name in enumerate(classes)})
+            metrics = classification_metrics(labels, subset[[f"p_{name}" for name in classes]])
+        rows.append({"member": member, "split": split_name, **metrics})
+    return pd.DataFrame(rows)
+
+
+def combine_folds(out_dir: str | Path, folds: int, task: str) -> dict:
+    """A cross-fitted ensemble's tables in ``out_dir`` from its folds' (``fold_<k>/``): ``split.tsv`` with each
+    scan's ``fold`` (the one whose test set holds its participant), ``predictions.parquet`` of each scan by the
+    fold that did not train on its participant (with ``fold``), and ``metrics.parquet``: those pooled
+    out-of-sample predictions' metrics (``fold`` missing) and every fold's own rows."""
+    files = ModelsLayout(Path(out_dir))
+    splits, predictions, metrics = [], [], []
+    classes = None
+    for fold in range(folds):
+        part = files.fold(fold)
+        split = pd.read_csv(part.split, sep="\t", dtype={"participant_id": str, "session_id": str})
+        tested = set(split.loc[split["split"] == "test", "participant_id"])  # with every scan (some excluded)
+        splits.append(split[split["participant_id"].isin(tested)].assign(fold=fold))
+        table = pd.read_parquet(part.predictions)
+        predictions.append(table[table["participant_id"].isin(tested)].assign(fold=fold))
+        metrics.append(pd.read_parquet(part.metrics).assign(fold=fold))
+        classes = classes or json.loads(part.card(0).read_text())["classes"]
+    split = pd.concat(splits, ignore_index=True)
+    predictions = pd.concat(predictions, ignore_index=True)
+    pooled = prediction_metrics(predictions, task, classes)
+    metrics = pd.concat([pooled.assign(fold=pd.NA), *metrics], ignore_index=True).astype({"fold": "Int64"})
+    for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
+        with atomic_output(path) as partial:
+            table.to_parquet(partial, index=False)
+    with atomic_output(files.split) as partial:
+        split.to_csv(partial, sep="\t", index=False)
+    return {"members": int(pooled["member"].nunique()), "metrics": metrics, "predictions": predictions}
+
+
 def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
                     classes: list | None, bias_correction: str = "validation") -> dict:
     """Ensemble predictions (mean over members) and metrics per member and for the ensemble; a brain-age model's
@@ -172,13 +218,13 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
     files = ModelsLayout(Path(out_dir))
     tables = [pd.read_parquet(files.member_predictions(member)) for member in range(members)]
     value_columns = ["predicted"] if config.task == "regression" else [f"p_{name}" for name in classes]
-    ensemble = tables[0][["participant_id", "split"]].copy()
+    ensemble = tables[0][[*key_columns(tables[0]), "split"]].copy()
     ensemble["member"] = ENSEMBLE
     for column in value_columns:
         ensemble[column] = np.mean([table[column].to_numpy() for table in tables], axis=0)
     predictions = pd.concat([*tables, ensemble], ignore_index=True)
     observed = pd.Series(dataset[config.target].values, index=dataset.subject.values)
-    predictions["observed"] = observed.reindex(predictions["participant_id"]).to_numpy()
+    predictions["observed"] = observed.reindex(scan_ids(predictions)).to_numpy()
     if config.task == "regression" and config.target == "age":
         predictions["brain_age_gap"] = predictions["predicted"] - predictions["observed"]
         predictions["brain_age_gap_corrected"] = np.nan
@@ -187,24 +233,15 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
             part = predictions.loc[rows]
             try:
                 corrected, corrections[member] = out_of_sample_gap(part["predicted"], part["observed"],
-                                                                   part["split"], bias_correction)
+                                                                   part["split"], bias_correction,
+                                                                   participants=part["participant_id"])
             except ValueError as error:  # too few participants to fit the polynomial on
                 corrections[member] = {"method": bias_correction, "not_fitted": str(error)}
                 continue
             predictions.loc[rows, "brain_age_gap_corrected"] = corrected
         with atomic_output(files.bias_correction) as partial:
             partial.write_text(json.dumps(corrections, indent=2))
-    rows = []
-    for member, part in predictions.groupby("member"):
-        for split_name, subset in part.groupby("split"):
-            if config.task == "regression":
-                metrics = regression_metrics(subset["observed"], subset["predicted"])
-            else:
-                labels = subset["observed"].map({name: index for index, name in enumerate(classes)})
-                metrics = classification_metrics(labels, subset[value_columns])
-            rows.append({"member": member, "split": split_name,
-                         **metrics})
-    metrics = pd.DataFrame(rows)
+    metrics = prediction_metrics(predictions, config.task, classes)
     if config.task == "regression":
         train = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "train")]
         test = predictions[(predictions.member == ENSEMBLE) & (predictions.split == "test")]

@@ -69,12 +69,13 @@ BIAS_CORRECTIONS = ("validation", "cross_fit", "test", "none")
 
 
 def out_of_sample_gap(predicted, age, split, method: str = "validation", degree: int = 3, folds: int = 5,
-                      seed: int = 0) -> tuple[np.ndarray, dict]:
+                      seed: int = 0, participants=None) -> tuple[np.ndarray, dict]:
     """The bias-corrected brain-age gap (:func:`bias_corrected_gap`) of every participant whose correction was
     fitted without them (NaN for the others), and a record of the fit: method, split fitted on, participants.
 
     ``validation``: fitted on the validation split, applied to the train and test participants; ``cross_fit``:
-    the test split dealt into ``folds`` folds (from ``seed``), each corrected by the fit on the other folds;
+    the test split dealt into ``folds`` folds (from ``seed``; by ``participants``, one label per row, where a
+    participant has several scans), each corrected by the fit on the other folds;
     ``test``: fitted on the test split and applied to everyone (in-sample for the test participants);
     ``none``: no correction.
     """
@@ -93,7 +94,9 @@ def out_of_sample_gap(predicted, age, split, method: str = "validation", degree:
         return corrected, {**record, "fitted_on": method, "participants_fitted": int(fit.sum()),
                            "coefficients": coefficients.tolist()}
     test = np.flatnonzero(split == "test")
-    fold = np.random.default_rng(seed).permutation(len(test)) % folds
+    people = np.arange(len(test)) if participants is None else np.asarray(participants)[test]
+    _, person = np.unique(people, return_inverse=True)  # several scans of a participant: one fold
+    fold = (np.random.default_rng(seed).permutation(person.max(initial=-1) + 1) % folds)[person]
     for k in range(folds):
         fit = np.zeros(len(age), bool)
         fit[test[fold != k]] = True

@@ -107,14 +107,15 @@ class _NoiseTraining:
 @dataclass(frozen=True)
 class _ExplainBlock:
     """Every method's maps of one member for some subjects (a task of :func:`explain`): store ``rows``, from
-    ``positions`` of the images store; ``member_key`` identifies the member's weights and card."""
+    ``positions`` of the images store, each by the member in its ``models_dirs`` entry (a cross-fitted ensemble's
+    fold); ``member_keys`` identify the members' weights and cards by folder."""
 
     out: str
     store: str
-    models_dir: str
+    models_dirs: tuple[str, ...]
     member_index: int
     member: int
-    member_key: str
+    member_keys: dict[str, str]
     methods: tuple[str, ...]
     rows: list[int]
     positions: list[int]
@@ -189,17 +190,22 @@ def _explained_member(models_dir: str, member: int, key: str, device) -> tuple[E
 
 def _explain_block(item: _ExplainBlock) -> int:
     device = torch_device()
-    explained, card = _explained_member(item.models_dir, item.member, item.member_key, device)
-    volumes = CohortVolumes(item.store, card["config"]["modalities"], card["config"]["input_scaling"])
-    inputs = torch.from_numpy(volumes.read(item.positions)).to(device)
-    noise_net = (_load_noise_model(item.models_dir, item.member, inputs.shape[1], device)
-                 if "noise_model" in item.methods else None)
     group = writable_group(item.out)
+    maps = np.empty((len(item.methods), len(item.rows), group["relevance"].shape[-1]), np.float32)
+    for models_dir in dict.fromkeys(item.models_dirs):
+        mine = [index for index, folder in enumerate(item.models_dirs) if folder == models_dir]
+        explained, card = _explained_member(models_dir, item.member, item.member_keys[models_dir], device)
+        volumes = CohortVolumes(item.store, card["config"]["modalities"], card["config"]["input_scaling"])
+        inputs = torch.from_numpy(volumes.read([item.positions[index] for index in mine])).to(device)
+        noise_net = (_load_noise_model(models_dir, item.member, inputs.shape[1], device)
+                     if "noise_model" in item.methods else None)
+        with heap_kept():
+            for method_index, method in enumerate(item.methods):
+                attributed = attribute(explained, inputs, method, item.options, item.region_labels, noise_net)
+                maps[method_index, mine] = volumes.box.transform(attributed.cpu().numpy())
     rows = slice(item.rows[0], item.rows[-1] + 1)
-    with heap_kept():
-        for method_index, method in enumerate(item.methods):
-            maps = attribute(explained, inputs, method, item.options, item.region_labels, noise_net).cpu().numpy()
-            group["relevance"][method_index, item.member_index, rows] = volumes.box.transform(maps)
+    for method_index in range(len(item.methods)):
+        group["relevance"][method_index, item.member_index, rows] = maps[method_index]
     group["explained"][item.member_index, rows] = True  # after the data: marks the block whole
     return len(item.rows)
 
@@ -231,7 +237,8 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
             execution: Execution = INLINE) -> xr.Dataset:
     """Relevance maps of ``methods`` for ``members`` × ``subjects`` into ``out`` (``relevance.zarr``).
 
-    ``images`` is the cohort store and ``models`` the trained members' folder. One long task of
+    ``images`` is the cohort store and ``models`` the trained members' folder (a cross-fitted ensemble's: each
+    subject explained by the members of the fold that tested it, as its ``split.tsv`` says). One long task of
     ``execution`` per (member, block of ``subjects_per_chunk`` subjects) writes whole chunks (of
     ``voxels_per_chunk`` voxels, as the images store's for aligned reductions) of every method;
     blocks already explained for the same plan (settings, weights and images by content) are not
@@ -248,11 +255,15 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     missing = [subject for subject in subjects if subject not in positions_of]
     if missing:
         raise ValueError(f"participants {missing[:5]} are not complete in {store}")
-    member_keys = {member: models_fingerprint(models_dir, [member]) for member in members}
+    folders = _folders_of(models_dir, subjects)
+    member_keys = {member: {folder: models_fingerprint(folder, [member]) for folder in set(folders)}
+                   for member in members}
     plan = output_key({"layout": LAYOUT, "methods": list(methods), "members": list(members),
                        "subjects": list(subjects), "options": options.as_dict(),
                        **({"noise_network": _noise_network_layout()} if "noise_model" in methods else {})},
-                      {"models": models_fingerprint(models_dir, members), "images": content_fingerprint(store)})
+                      {"models": [models_fingerprint(folder.root, members)
+                                  for folder in ModelsLayout(models_dir).trained()],
+                       "images": content_fingerprint(store)})
     existing = zarr.open_group(out, mode="r") if (out / "zarr.json").exists() else None
     if existing is None or existing.attrs.get("layout") != LAYOUT or (
             existing.attrs.get("plan") or {}).get("key") != plan["key"]:
@@ -260,9 +271,13 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
         split_file = ModelsLayout(models_dir).split
         if split_file.is_file():
             columns["split"] = read_split(split_file).reindex(list(subjects)).fillna("").to_numpy(dtype=object)
+            folds = read_split(split_file, "fold")
+            if folds is not None:
+                columns["fold"] = folds.reindex(list(subjects)).to_numpy()
         _create_store(out, plan, dataset, subjects_per_chunk, min(voxels_per_chunk, dataset.sizes["voxel"]), columns)
     if "noise_model" in methods:
-        _train_noise_models(store, models_dir, members, options, execution)
+        for folder in ModelsLayout(models_dir).trained():
+            _train_noise_models(store, folder.root, members, options, execution)
     group = writable_group(out)
     chunk = group["relevance"].chunks[2]
     explained = group["explained"][:]
@@ -271,8 +286,8 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
         for start in range(0, len(subjects), chunk):
             rows = list(range(start, min(start + chunk, len(subjects))))
             if not explained[member_index, rows].all():
-                items.append(_ExplainBlock(str(out), str(store), str(models_dir), member_index, member,
-                                           member_keys[member], tuple(methods), rows,
+                items.append(_ExplainBlock(str(out), str(store), tuple(folders[row] for row in rows), member_index,
+                                           member, member_keys[member], tuple(methods), rows,
                                            [positions_of[subjects[row]] for row in rows], options, region_labels))
     total = len(members) * len(subjects)
     done = int(explained.sum())
@@ -282,6 +297,18 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
         execution.report("explain", done, total)
     _finish(group, out)
     return open_relevance(out)
+
+
+def _folders_of(models_dir: Path, subjects: Sequence[str]) -> list[str]:
+    """Each subject's members' folder: ``models_dir``, or with cross-fitting the fold that tested the subject."""
+    models = ModelsLayout(models_dir)
+    folds = read_split(models.split, "fold") if models.folds() else None
+    if folds is None:
+        return [str(models_dir)] * len(subjects)
+    untested = [subject for subject in subjects if subject not in folds.index]
+    if untested:
+        raise ValueError(f"subjects {untested[:5]} are in no fold's test set of {models_dir}")
+    return [str(models.fold(int(folds[subject])).root) for subject in subjects]
 
 
 def import_relevance(out: str | Path, *, images: str | Path, maps: Mapping[str, str], subjects_per_chunk: int = 8,

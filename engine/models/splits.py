@@ -5,14 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.data.inputs import scan_ids
+from engine.data.inputs import by_scan, scan_ids
 
 SPLITS = ("train", "validation", "test")
+#: The label of a scan left out of training and evaluation by ``train_scans`` / ``test_scans`` (it is predicted,
+#: not counted).
+EXCLUDED = "excluded"
+#: Which of a participant's scans a split takes.
+SCAN_CHOICES = ("all", "baseline", "last")
 
 
 class SplitSettings(BaseModel):
@@ -25,6 +31,15 @@ class SplitSettings(BaseModel):
     stratify: tuple[str, ...] = Field(("age", "sex"), description="participant columns; numeric ones in "
                                       "5 quantile bands")
     seed: int = Field(0, ge=0, description="the split is the same for the same participants and seed")
+    folds: int | None = Field(None, ge=2, le=20, description="cross-fitting: participants dealt to this many folds, "
+                              "an ensemble trained per fold with the fold as its test set (the others dealt to "
+                              "train and validation as fractions' first two say), so every scan gets an "
+                              "out-of-sample prediction and relevance maps")
+    train_scans: Literal[SCAN_CHOICES] = Field("all", description="with several scans per participant: which of a "
+                                               "training (and validation) participant's scans the members learn "
+                                               "from: all (follow-ups as augmentation) or one")
+    test_scans: Literal[SCAN_CHOICES] = Field("all", description="with several scans per participant: which of a "
+                                              "test participant's scans are evaluated (and explained)")
 
     @field_validator("fractions")
     @classmethod
@@ -49,10 +64,44 @@ def stratified_split(participants: pd.DataFrame, settings: SplitSettings | None 
     lags its target fraction most, so each value of the first stratum column and the whole cohort
     match the fractions to within one participant, the later columns as nearly as the order allows.
     Deterministic given ``settings.seed``.
+    With ``settings.train_scans`` or ``test_scans`` other than ``all``, the scans they leave out are labelled
+    :data:`EXCLUDED`.
     """
     settings = settings or SplitSettings()
     dealt = _deal_participants(participants, settings, settings.fractions, also_stratify, age_bands)
-    return pd.Series(np.asarray(SPLITS, object)[dealt.to_numpy()], index=dealt.index, name="split")
+    return _scans_taken(participants, pd.Series(np.asarray(SPLITS, object)[dealt.to_numpy()], index=dealt.index,
+                                                name="split"), settings)
+
+
+def cross_fitting_splits(participants: pd.DataFrame, settings: SplitSettings,
+                         also_stratify: Sequence[str] = (), age_bands: int = 5) -> list[pd.Series]:
+    """One split per fold of ``settings.folds`` (:func:`grouped_folds`): the fold's participants are its test set,
+    the others are dealt to train and validation in the ratio of the first two ``fractions`` (stratified alike)."""
+    folds = grouped_folds(participants, settings.folds, settings, also_stratify, age_bands)
+    train, validation = settings.fractions[:2]
+    splits = []
+    for fold in range(settings.folds):
+        rest = participants[(folds != fold).to_numpy()]
+        dealt = _deal_participants(rest, settings, (train / (train + validation), validation / (train + validation)),
+                                   also_stratify, age_bands)
+        split = pd.Series("test", index=folds.index, name="split", dtype=object)
+        split[dealt.index] = np.asarray(SPLITS[:2], object)[dealt.to_numpy()]
+        splits.append(_scans_taken(participants, split, settings))
+    return splits
+
+
+def _scans_taken(participants: pd.DataFrame, split: pd.Series, settings: SplitSettings) -> pd.Series:
+    """``split`` with the scans ``train_scans`` and ``test_scans`` leave out labelled :data:`EXCLUDED` (a
+    participant's scans in the table's order: session order)."""
+    if "session_id" not in participants or (settings.train_scans, settings.test_scans) == ("all", "all"):
+        return split
+    people = pd.Series(participants["participant_id"].to_numpy(), index=split.index)
+    ordered = people.groupby(people, sort=False)
+    kept = {"all": pd.Series(True, index=split.index),
+            "baseline": pd.Series(~ordered.cumcount().astype(bool).to_numpy(), index=split.index),
+            "last": pd.Series(~ordered.cumcount(ascending=False).astype(bool).to_numpy(), index=split.index)}
+    taken = np.where(split.isin(SPLITS[:2]), kept[settings.train_scans], kept[settings.test_scans])
+    return split.where(taken, EXCLUDED)
 
 
 def grouped_folds(participants: pd.DataFrame, folds: int, settings: SplitSettings | None = None,
@@ -97,9 +146,11 @@ def _deal_participants(participants: pd.DataFrame, settings: SplitSettings, frac
     return pd.Series(dealt, index=table.index)
 
 
-def read_split(path: str | Path) -> pd.Series:
-    """``models/split.tsv`` (as :func:`train_ensemble` writes it): each participant's split, by participant_id."""
-    return pd.read_csv(path, sep="\t", dtype={"participant_id": str}).set_index("participant_id")["split"]
+def read_split(path: str | Path, column: str = "split") -> pd.Series | None:
+    """A column of ``models/split.tsv`` (as :func:`train_ensemble` writes it): each scan's split, or with
+    cross-fitting its ``fold``, by store row label; None for a column the file does not have."""
+    table = by_scan(pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str}))
+    return table.get(column)
 
 
 def split_hash(split: pd.Series) -> str:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safetensors.torch import load_file, save_file
 from scipy import stats
 
+from engine.data.store import keyed
 from engine.layout import ModelsLayout, atomic_output
 from engine.models.metrics import classification_metrics
 from engine.models.networks import MODELS, ModelSpec, build_model, place, predicted_values
@@ -278,6 +279,7 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
     predictions = predict(model, volumes, np.arange(len(volumes.subjects)), config.task, classes)
     predictions.insert(1, "split", subject_split)
     predictions.insert(2, "member", str(member))
+    predictions = keyed(predictions, volumes.dataset)
     with atomic_output(files.member_predictions(member)) as partial:
         predictions.to_parquet(partial, index=False)
     card = {"member": member, "seed": seed, "spec": fit["spec"].as_dict(), "config": config.as_dict(),
@@ -396,7 +398,8 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
 
 def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarray, task: str,
             classes: list | None = None, batch_size: int = 16) -> pd.DataFrame:
-    """Predictions for the given store positions: ``predicted`` or one ``p_<class>`` column per class."""
+    """Predictions for the given store positions (column ``subject``, the store rows' labels): ``predicted`` or one
+    ``p_<class>`` column per class."""
     device = next(model.parameters()).device
     model.eval()
     outputs = []
@@ -405,7 +408,7 @@ def predict(model: torch.nn.Module, volumes: CohortVolumes, positions: np.ndarra
             batch = positions[start:start + batch_size]
             outputs.append(model(torch.from_numpy(volumes.read(batch)).to(device)).cpu().double().numpy())
     output = np.concatenate(outputs)
-    table = pd.DataFrame({"participant_id": volumes.subjects[positions]})
+    table = pd.DataFrame({"subject": volumes.subjects[positions]})
     if task == "regression":
         table["predicted"] = predicted_values(model, torch.from_numpy(output)).numpy()
     else:

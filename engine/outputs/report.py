@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from engine.analysis import mask_relevance
 from engine.analysis.association import Term
 from engine.analysis.atlas import fsaverage_labels, region_gain, region_reduce
+from engine.data.inputs import scan_id
 from engine.data.labels import label_table
 from engine.layout import atomic_output
 from engine.models.ensembles import ENSEMBLE
@@ -233,7 +234,7 @@ def _registration(ws: Workspace) -> list[str]:
                         "Lowest correlation with the template (none flagged)"))
     shown = flagged if len(flagged) else qc.nsmallest(1, "correlation")
     for _, row in shown.head(MAX_OVERLAYS).iterrows():
-        parts.append(_figure(_overlay_figure(ws, row), f"{html.escape(row['participant_id'])}: registered "
+        parts.append(_figure(_overlay_figure(ws, row), f"{html.escape(_scan_of(row))}: registered "
                              f"{html.escape(row['reference'])} scan with the template brain's outline"))
     return parts
 
@@ -254,13 +255,18 @@ def _qc_figure(qc: pd.DataFrame):
     return fig
 
 
+def _scan_of(row: pd.Series) -> str:
+    """A QC row's scan: its participant, or participant and session."""
+    return scan_id(row["participant_id"], row.get("session_id"))
+
+
 def _overlay_figure(ws: Workspace, row: pd.Series):
     from nilearn import plotting
 
-    participant = ws.layout.registered.participant(row["participant_id"])
+    participant = ws.layout.registered.participant(_scan_of(row))
     fig = Figure(figsize=(8, 2.6), dpi=FIGURE_DPI)
     display = plotting.plot_anat(str(participant.image(row["reference"])), figure=fig, display_mode="ortho",
-                                 title=f"{row['participant_id']} (r {row['correlation']:.2f})", draw_cross=False)
+                                 title=f"{_scan_of(row)} (r {row['correlation']:.2f})", draw_cross=False)
     display.add_contours(str(ws.layout.registered.mask), levels=[0.5], colors="r", linewidths=1)
     return fig
 
@@ -335,10 +341,14 @@ def _training_table(ws: Workspace) -> str:
     """How each member's training went, from its card: kept and last epoch, restarts and why, whether it learned
     anything (its kept validation loss at least 5 % below predicting a constant), seconds."""
     rows = []
-    for member in ws.layout.models.members():
-        card = json.loads(ws.layout.models.card(member).read_text())
+    folds = ws.layout.models.folds()
+    members = [(fold, models, member) for fold, models in zip(folds or [None], ws.layout.models.trained(), strict=True)
+               for member in models.members()]
+    for fold, models, member in members:
+        card = json.loads(models.card(member).read_text())
         kept = card["history"][card["best_epoch"] - 1]
-        rows.append({"member": member, "seed": card["seed"], "kept epoch": card["best_epoch"],
+        rows.append({**({"fold": fold} if folds else {}), "member": member, "seed": card["seed"],
+                     "kept epoch": card["best_epoch"],
                      "epochs run": card["epochs_run"], "validation loss": kept["validation_loss"],
                      "constant's loss": card.get("constant_loss"),
                      "restarts": "; ".join(f"seed {restart['seed']}: {restart.get('reason', 'constant output')} at "
@@ -603,8 +613,9 @@ def _associations(ws: Workspace) -> list[str]:
     parts = _ensembles_side_by_side(list(ws.associations.values()))
     for analysis in ws.associations.values():
         summary = analysis.summary
-        fields = {key: summary[key] for key in ("outcome", "predictor", "covariates", "correction", "alpha", "n",
-                                                "df", "model", "permutations", "n_significant", "significant")
+        fields = {key: summary[key] for key in ("outcome", "predictor", "covariates", "scans", "random_intercept",
+                                                "permute", "correction", "alpha", "n", "participants", "df", "model",
+                                                "permutations", "n_significant", "significant")
                   if key in summary}
         if "family" in summary:  # the regions tested: what the corrections run over
             family = summary["family"]

@@ -28,7 +28,7 @@ import xarray as xr
 from engine.analysis.association import CORRECTED_P, Sources
 from engine.analysis.atlas import Atlas, AtlasSettings
 from engine.data.masker import Masker
-from engine.data.store import open_cohort
+from engine.data.store import open_cohort, row_columns
 from engine.layout import AssociationLayout, Layout, Provenance
 from engine.models.ensembles import ENSEMBLE
 from engine.models.relevance import open_relevance
@@ -232,10 +232,11 @@ class Workspace:
     @cached_property
     def training(self) -> TrainingConfig | None:
         """How the members were trained (their cards' config); ``None`` before the train stage."""
-        members = self.layout.models.members()
+        models = self.layout.models.trained()[0]
+        members = models.members()
         if not members:
             return None
-        return TrainingConfig.model_validate(json.loads(self.layout.models.card(members[0]).read_text())["config"])
+        return TrainingConfig.model_validate(json.loads(models.card(members[0]).read_text())["config"])
 
     @cached_property
     def scores(self) -> pd.DataFrame:
@@ -276,9 +277,7 @@ class Workspace:
         runs): the images with their participant columns, the feature tables, and every ensemble's relevance maps
         and ensemble-mean predictions."""
         images = self.images
-        participants = pd.DataFrame({name: images[name].values for name in images.coords
-                                     if images[name].dims == ("subject",) and name != "subject"},
-                                    index=pd.Index(images["subject"].values, name="participant_id"))
+        participants = row_columns(images)
         relevance, predictions = {}, {}
         for name in self.ensembles:
             ensemble = self.layout.for_ensemble(name)
