@@ -29,6 +29,7 @@ from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIO
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, tract_atlas
 from engine.data import inputs
 from engine.data.inputs import Modality
+from engine.data.lesion_filling import MNI152, LesionFilling
 from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.layout import Layout
 from engine.models.attribution import METHODS, AttributionOptions
@@ -166,6 +167,9 @@ class IngestSettings(_Strict):
                                     "chunks)")
     voxels_per_chunk: int = Field(65536, ge=1024, description="voxels per chunk (relevance maps share it, so "
                                   "reductions over both read aligned chunks)")
+    fill_lesions: dict[str, LesionFilling] = Field(
+        {}, description="modalities derived in the store: name → an image with its lesions filled from the "
+        "participant's own normal-appearing white matter (e.g. FLAIR_FILLED: {image: FLAIR, lesions: WMH})")
 
 
 class TractSettings(_Strict):
@@ -399,9 +403,15 @@ class Catalog(_Strict):
         for ensemble, settings in (self.ensembles() or {}).items():
             where = "train" if ensemble is None else f"train.ensembles.{ensemble}"
             used.update({f"{where}.modalities[{index}]": name for index, name in enumerate(settings.modalities)})
+        for name, filling in self.ingest.fill_lesions.items():
+            if name in self.modalities or not valid_ensemble_name(name):
+                raise ValueError(f"ingest.fill_lesions.{name}: a derived modality's name must be an identifier and "
+                                 "not one of the modalities")
+            used.update({f"ingest.fill_lesions.{name}.{field}": getattr(filling, field)
+                         for field in ("image", "lesions", "white_matter") if getattr(filling, field) != MNI152})
         for field, name in used.items():
-            if name not in self.modalities:
-                raise ValueError(f"{field}: {name!r} is not one of the modalities {list(self.modalities)}")
+            if name not in self.store_modalities():
+                raise ValueError(f"{field}: {name!r} is not one of the modalities {self.store_modalities()}")
         self._check_registration()
         if self.explain is not None and self.train is None:
             raise ValueError("explain: needs a train section (the models it explains)")
@@ -453,6 +463,10 @@ class Catalog(_Strict):
                     raise ValueError(f"relevance.{name}.{method}: {modality!r} is not one of the modalities "
                                      f"{list(self.modalities)}")
 
+    def store_modalities(self) -> list[str]:
+        """The modalities of ``images.zarr``: those read from files and those derived in the store."""
+        return [*self.modalities, *self.ingest.fill_lesions]
+
     def ensemble_names(self) -> list[str | None]:
         """Every ensemble with relevance maps: the trained ones (``None``: a single unnamed one) and the imported."""
         return [*self.ensembles(), *(self.relevance or {})]
@@ -489,8 +503,8 @@ class Catalog(_Strict):
             terms = getattr(analysis, field)
             for term in terms if isinstance(terms, list) else [terms]:
                 source, name, text = term.source, term.name, term.text
-                if source == "images" and name not in self.modalities:
-                    raise ValueError(f"{where}.{field}: {text!r} names no modality of {list(self.modalities)}")
+                if source == "images" and name not in self.store_modalities():
+                    raise ValueError(f"{where}.{field}: {text!r} names no modality of {self.store_modalities()}")
                 if source == "relevance" and term.ensemble not in (self.relevance or {}):
                     methods = self.explain.ensemble(term.ensemble).methods if self.explain else []
                     if name not in methods:

@@ -25,7 +25,7 @@ from engine.data.inputs import InputError, resolve_files, spatial_shape
 from engine.data.registration import BUNDLED_TEMPLATE
 from engine.data.store import LAYOUT, store_attributes
 from engine.layout import file_sha256
-from engine.models.splits import SPLITS, stratified_split
+from engine.models.splits import SPLITS, cross_fitting_splits, stratified_split
 from pipelines.catalog import Catalog
 
 Problem = tuple[str, str]
@@ -186,16 +186,21 @@ def _target_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
             problems.append((f"{where}.positive_class", f"{settings.positive_class!r} is not a value of "
                              f"{settings.target!r} (values: {', '.join(classes)})"))
         labelled = table[values.notna()].assign(**{settings.target: values.dropna().astype(str)})
-        split = stratified_split(labelled, settings.split, also_stratify=[settings.target])
-        counts = pd.crosstab(split, labelled.set_index("participant_id")[settings.target]).reindex(
-            index=[name for name, fraction in zip(SPLITS, settings.split.fractions, strict=True) if fraction > 0],
-            columns=classes, fill_value=0)
-        for split_name, row in counts.iterrows():
-            for name, count in row.items():
-                if count < 2:
-                    problems.append((f"{where}.split", f"class {name!r} of {settings.target!r} has {count} "
-                                     f"participant(s) in the {split_name} split; every class needs at least two in "
-                                     "each split (more participants of the class, or other split fractions)"))
+        folds = settings.split.folds
+        splits = (cross_fitting_splits(labelled, settings.split, [settings.target]) if folds
+                  else [stratified_split(labelled, settings.split, also_stratify=[settings.target])])
+        dealt = [name for name, fraction in zip(SPLITS, settings.split.fractions, strict=True) if fraction > 0]
+        for fold, split in enumerate(splits):
+            counts = pd.crosstab(split, labelled.set_index("participant_id")[settings.target]).reindex(
+                index=[*dealt, "test"] if folds else dealt, columns=classes, fill_value=0)
+            for split_name, row in counts.iterrows():
+                for name, count in row.items():
+                    if count < 2:
+                        problems.append((f"{where}.split", f"class {name!r} of {settings.target!r} has {count} "
+                                         f"participant(s) in the {split_name} split"
+                                         + (f" of fold {fold}" if folds else "") + "; every class needs at least "
+                                         "two in each split (more participants of the class, other split fractions "
+                                         "or fewer folds)"))
     return problems
 
 

@@ -26,6 +26,7 @@ from engine.analysis.atlas import Atlas, AtlasSettings, NativeLabels, Participan
 from engine.data import inputs, registration, store, synth
 from engine.data.grid import MNI_SPACE
 from engine.data.labels import label_table
+from engine.data.lesion_filling import derive_filled
 from engine.data.masker import Masker
 from engine.layout import (
     Layout,
@@ -187,8 +188,10 @@ class IngestStage(Stage):
             subjects_per_chunk=catalog.ingest.subjects_per_chunk, voxels_per_chunk=catalog.ingest.voxels_per_chunk,
             unlisted_files=unlisted, execution=execution,
         )
+        derived = {name: derive_filled(str(catalog.layout.images), name, filling, execution)
+                   for name, filling in catalog.ingest.fill_lesions.items()}
         return {"store": str(result.store), "subjects": result.n_subjects, "appended": result.appended,
-                "unchanged": result.unchanged, "written": result.written,
+                "unchanged": result.unchanged, "written": {**result.written, **derived},
                 "skipped": [problem.as_dict() for problem in result.problems]}
 
     def status(self, layout: Layout) -> str | None:

@@ -333,6 +333,32 @@ def test_merged_batchnorm_keeps_the_function_and_lrp_runs_on_sfcn():
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
 
 
+def test_the_four_block_cnn_folds_its_batchnorms_and_conserves_relevance():
+    """Böhle et al.'s network: Conv → BatchNorm → ReLU → MaxPool blocks. Folding keeps the function with any
+    BatchNorm statistics; with BatchNorms that add no offset (and no biases) z⁺ conserves the output."""
+    model = _model("cnn4")
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm3d)]
+    assert len(norms) == 4
+    for module in norms:
+        module.running_var.uniform_(0.5, 2)
+        nn.init.normal_(module.weight, 1, 0.2)
+    x = _inputs()
+    for offset in (False, True):
+        for module in norms:
+            module.running_mean.normal_(0, 0.3) if offset else module.running_mean.zero_()
+            nn.init.normal_(module.bias, 0, 0.2) if offset else nn.init.zeros_(module.bias)
+        merged = canonical(model).model
+        assert not any(isinstance(module, nn.BatchNorm3d) for module in merged.modules())
+        assert torch.allclose(merged(x), model(x), rtol=1e-10)
+    bias_free = _model("cnn4", bias_free=True)
+    for module in bias_free.modules():
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_var.uniform_(0.5, 2)
+            nn.init.normal_(module.weight, 1, 0.2)
+    output = bias_free(x)[:, 0].detach()
+    assert torch.allclose(lrp(bias_free, x, "zplus").sum(dim=(1, 2, 3, 4)), output, rtol=1e-6)
+
+
 def test_batchnorm_that_follows_no_convolution_is_refused():
     model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.BatchNorm3d(2)).eval()
     with pytest.raises(ValueError, match="do not directly follow a Conv3d"):

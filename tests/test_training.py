@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,9 +11,10 @@ import statsmodels.api as sm
 import torch
 from safetensors.torch import load_file
 from scipy import stats
-from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, mean_absolute_error, r2_score, roc_auc_score
 
 from engine.data.store import open_cohort
+from engine.layout import file_sha256
 from engine.models.ensembles import ENSEMBLE, train_ensemble
 from engine.models.metrics import bias_corrected_gap, classification_metrics, out_of_sample_gap, regression_metrics
 from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
@@ -23,7 +25,7 @@ from engine.tasks import Execution
 from tests.helpers import cohort_split
 
 
-@pytest.mark.parametrize("name", ["mrinet", "mrinet_pif", "sfcn"])
+@pytest.mark.parametrize("name", ["mrinet", "mrinet_pif", "sfcn", "cnn4"])
 @pytest.mark.parametrize("outputs", [1, 3])
 def test_registry_builds_each_model_for_several_channels_and_heads(name, outputs):
     options = {"channels": [4, 8, 8, 4]} if name == "sfcn" else {}
@@ -479,6 +481,16 @@ def test_finetuning_loads_weights_and_keeps_frozen_layers_fixed(tiny_store, tmp_
         train_member(tiny_store, TrainingConfig(modalities=("T1",), epochs=1, freeze=("backbone",)), split, 0,
                      tmp_path / "tuned")
     assert json.loads((tmp_path / "tuned" / "member_0.json").read_text())["config"]["task"] == "classification"
+    source_file = tmp_path / "source" / "member_0.safetensors"
+    written = json.loads((tmp_path / "tuned" / "member_0.json").read_text())
+    assert written["finetuned_from"] == {"file": str(source_file.resolve()), "sha256": file_sha256(source_file),
+                                         "modalities": list(CONFIG.modalities), "target": CONFIG.target,
+                                         "classes": None, "grid": written["spec"]["input_shape"],
+                                         "input_scaling": CONFIG.input_scaling}
+    for change, named in (({"input_scaling": "minmax"}, "input_scaling zscore (here minmax)"),
+                          ({"modalities": ("T1",)}, "input channels 2 (here 1)")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            train_member(tiny_store, config.model_copy(update=change), split, 0, tmp_path / "other", classes=["F", "M"])
 
 
 def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, tmp_path):
@@ -497,6 +509,9 @@ def test_classification_ensemble_reports_balanced_accuracy_and_auc(tiny_store, t
     labels = (test["observed"] == "M").astype(int)
     expected = balanced_accuracy_score(labels, (test["p_M"] > test["p_F"]).astype(int))
     assert metrics.loc[("ensemble", "test"), "balanced_accuracy"] == pytest.approx(expected)
+    # each scan's confusion group (M positive, called at p ≥ 0.5) against scikit-learn's confusion matrix
+    (tn, fp), (fn, tp) = confusion_matrix(labels, (test["p_M"] >= 0.5).astype(int), labels=[0, 1])
+    assert test["outcome"].value_counts().reindex(["TN", "FP", "FN", "TP"], fill_value=0).tolist() == [tn, fp, fn, tp]
 
 
 def test_a_chosen_positive_class_comes_last(tiny_store, tmp_path):

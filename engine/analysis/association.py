@@ -146,6 +146,7 @@ def classification_outcomes(predictions: pd.DataFrame) -> pd.Series | None:
     positive = predictions["observed"].astype(str).to_numpy() == classes[1]
     called = predictions[f"p_{classes[1]}"].to_numpy() >= 0.5
     outcome = np.select([positive & called, ~positive & called, ~positive & ~called], ["TP", "FP", "TN"], "FN")
+    outcome = np.where(predictions["observed"].isna().to_numpy(), None, outcome)  # unlabelled: no outcome
     return pd.Series(outcome, index=scan_ids(predictions), name="outcome")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -428,6 +428,67 @@ def ingest(
     consolidate(store)
     _fail_fast(problems, on_error)
     return result
+
+
+@dataclass(frozen=True)
+class _DerivedBlock:
+    """Rows of one subject chunk of a derived modality to compute and write (a task of :func:`derive_modality`)."""
+
+    store: str
+    name: str
+    sources: tuple[str, ...]
+    compute: Callable[[dict[str, np.ndarray], list[str]], np.ndarray]
+    rows: list[int]
+    hashes: list[str]
+
+
+def _derive_block(item: _DerivedBlock) -> int:
+    group = writable_group(item.store)
+    start, stop = min(item.rows), max(item.rows) + 1
+    local = [row - start for row in item.rows]
+    values = {source: group[source][start:stop][local] for source in item.sources}
+    subjects = [str(subject) for subject in group["subject"][start:stop][local]]
+    _write_rows(group, item.name, (start, stop), local, list(item.compute(values, subjects)), item.hashes)
+    return len(item.rows)
+
+
+def derive_modality(store: str | Path, name: str, sources: Sequence[str], compute, settings: dict,
+                    dtype: str = "float32", execution: Execution = INLINE) -> int:
+    """A modality of the store computed from others (``compute(values by source, subjects) → rows``, a picklable
+    callable), kept current row by row: a row is recomputed when its sources' ingest hashes or ``settings``
+    change, and counts once written, as an ingested one does. Returns the number of rows computed."""
+    group = writable_group(store)
+    missing = [source for source in sources if source not in group.attrs["modalities"]]
+    if missing:
+        raise ValueError(f"modality {name}: its sources {missing} are not in {store}")
+    if name not in group.attrs["modalities"]:
+        chunks = group[sources[0]].chunks
+        _add_modality(group, Modality(name, f"derived from {', '.join(sources)}", dtype), chunks[0], chunks[1])
+    elif group.attrs["modalities"][name].get("dtype") != dtype:
+        raise ValueError(f"modality {name} is stored as {group.attrs['modalities'][name]['dtype']}, not {dtype}")
+    source_hashes = [group[INGEST_GROUP][source][:] for source in sources]
+    stored = group[INGEST_GROUP][name][:]
+    setting = json.dumps(settings, sort_keys=True)
+    blocks: dict[int, tuple[list[int], list[str]]] = {}
+    chunk = group[name].chunks[0]
+    for row in range(group.attrs["n_subjects"]):
+        inputs_of_row = [hashes[row] for hashes in source_hashes]
+        if not all(inputs_of_row):
+            continue  # a source row not (yet) written
+        wanted = hashlib.sha256("\0".join([setting, *inputs_of_row]).encode()).hexdigest()
+        if stored[row] != wanted:
+            rows, hashes = blocks.setdefault(row // chunk, ([], []))
+            rows.append(row)
+            hashes.append(wanted)
+    items = [_DerivedBlock(str(store), name, tuple(sources), compute, rows, hashes)
+             for rows, hashes in blocks.values()]
+    total, done = sum(len(item.rows) for item in items), 0
+    execution.report(name, done, total)
+    for _, count in execution.map(_derive_block, items):
+        done += count
+        execution.report(name, done, total)
+    consolidate(store)
+    return total
 
 
 def _fail_fast(problems: list[InputError], on_error: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from engine.analysis.association import classification_outcomes
 from engine.data.inputs import by_scan, key_columns, scan_ids
 from engine.data.store import keyed, open_cohort
 from engine.layout import ModelsLayout, atomic_output
@@ -225,6 +226,9 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
     predictions = pd.concat([*tables, ensemble], ignore_index=True)
     observed = pd.Series(dataset[config.target].values, index=dataset.subject.values)
     predictions["observed"] = observed.reindex(scan_ids(predictions)).to_numpy()
+    outcomes = classification_outcomes(predictions) if config.task == "classification" else None
+    if outcomes is not None:  # each scan's confusion group, by member and for the ensemble
+        predictions["outcome"] = outcomes.to_numpy()
     if config.task == "regression" and config.target == "age":
         predictions["brain_age_gap"] = predictions["predicted"] - predictions["observed"]
         predictions["brain_age_gap_corrected"] = np.nan

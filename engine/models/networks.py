@@ -143,11 +143,51 @@ class SFCN(nn.Module):
         return self.features[-3]
 
 
+class FourBlockCNN(nn.Module):
+    """The Alzheimer's-disease classifier of Böhle et al. 2019 and Eitel & Ritter 2019: four blocks of
+    3×3×3 convolution ('same' padding; 8, 16, 32, 64 filters) → BatchNorm → ReLU → max-pooling (windows 2, 3,
+    2, 3, rounding up), then dropout 0.4 → dense 128 → ReLU → dropout 0.4 → dense ``n_outputs``. The papers
+    trained it with Adam (learning rate 1e-4, weight decay 1e-4) and early stopping after 8 epochs; LRP folds
+    each BatchNorm into the convolution before it."""
+
+    def __init__(self, input_shape: tuple[int, int, int], in_channels: int = 1, n_outputs: int = 2,
+                 channels: tuple[int, ...] = (8, 16, 32, 64), pools: tuple[int, ...] = (2, 3, 2, 3),
+                 hidden: int = 128, dropout: float = 0.4):
+        super().__init__()
+        if len(channels) != len(pools):
+            raise ValueError(f"{len(channels)} blocks' channels but {len(pools)} pooling windows")
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width, pool in zip(channels, pools, strict=True):
+            layers += [nn.Conv3d(previous, width, 3, padding=1), nn.BatchNorm3d(width), nn.ReLU(),
+                       nn.MaxPool3d(pool, ceil_mode=True)]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        shape = tuple(input_shape)
+        for pool in pools:
+            shape = tuple(math.ceil(n / pool) for n in shape)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(previous * math.prod(shape), hidden), nn.ReLU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden, n_outputs))
+        self.register_buffer("output_scale", torch.ones(n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).reshape(x.shape[0], -1)) * self.output_scale
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.head[-1]
+
+    @property
+    def last_conv(self) -> nn.Module:
+        return self.features[-4]
+
+
 MODELS = {
     "mrinet": MRInet,
     "mrinet_pif": lambda input_shape, patch_individual=None, **options: MRInet(
         input_shape, patch_individual=patch_individual or {"patches": (2, 2, 2), "overlap": 1}, **options),
     "sfcn": SFCN,
+    "cnn4": FourBlockCNN,
 }
 
 

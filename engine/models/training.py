@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from engine.data.store import keyed
-from engine.layout import ModelsLayout, atomic_output
+from engine.layout import ModelsLayout, atomic_output, file_sha256
 from engine.models.metrics import classification_metrics
 from engine.models.networks import MODELS, ModelSpec, build_model, place, predicted_values
 from engine.models.splits import SPLITS, split_hash
@@ -145,9 +145,11 @@ def _member_seed(config: TrainingConfig, member: int) -> int:
     return config.seed * 1000 + member
 
 
-def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) -> list[str]:
-    """Load fine-tuning weights (layers whose shape differs stay fresh) and freeze the named layers."""
-    fresh = []
+def _start_weights(model: torch.nn.Module, spec: ModelSpec, config: TrainingConfig, member: int) -> dict:
+    """Load fine-tuning weights (layers whose shape differs stay fresh) and freeze the named layers. Returns the
+    fresh layers and, when fine-tuned, the source member's provenance (file, sha256, its modalities, grid and
+    scaling). A source trained on another grid, input scaling or number of input channels is an error."""
+    fresh, source_record = [], None
     if config.finetune_from:
         source = Path(config.finetune_from)
         if source.is_dir():
@@ -155,11 +157,25 @@ def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) 
             if not members:
                 raise FileNotFoundError(f"finetune_from: no member_*.safetensors in {source}")
             source = members[member % len(members)]
+        card_path = source.with_suffix(".json")
+        if card_path.is_file():
+            card = json.loads(card_path.read_text())
+            theirs = {"grid": tuple(card["spec"]["input_shape"]), "input_scaling": card["config"]["input_scaling"],
+                      "input channels": len(card["config"]["modalities"])}
+            ours = {"grid": tuple(spec.input_shape), "input_scaling": config.input_scaling,
+                    "input channels": len(config.modalities)}
+            differing = [f"{name} {theirs[name]} (here {ours[name]})" for name in ours if theirs[name] != ours[name]]
+            if differing:
+                raise ValueError(f"finetune_from: {source} was trained on other inputs: {'; '.join(differing)}")
+            source_record = {"modalities": card["config"]["modalities"], "target": card["config"]["target"],
+                             "classes": card.get("classes"), **{key: value for key, value in theirs.items()
+                                                                 if key != "input channels"}}
         state = load_file(source)
         own = model.state_dict()
         usable = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
         fresh = sorted(set(own) - set(usable))
         model.load_state_dict(usable, strict=False)
+        source_record = {"file": str(source.resolve()), "sha256": file_sha256(source), **(source_record or {})}
     names = [name for name, _ in model.named_parameters()]
     for prefix in config.freeze:
         matched = [name for name in names if name == prefix or name.startswith(prefix + ".")]
@@ -168,7 +184,7 @@ def _start_weights(model: torch.nn.Module, config: TrainingConfig, member: int) 
         for name, parameter in model.named_parameters():
             if name in matched:
                 parameter.requires_grad_(False)
-    return fresh
+    return {"fresh_layers": fresh, "finetuned_from": source_record}
 
 
 def _schedule(optimiser: torch.optim.Optimizer, config: TrainingConfig):
@@ -286,7 +302,7 @@ def train_member(store: str | Path, config: TrainingConfig, split: pd.Series, me
             "classes": classes, "split": split_hash(split), "best_epoch": best["epoch"],
             "epochs_run": len(fit["history"]), "history": fit["history"], "restarts": restarts,
             "learned_nothing": fit["learned_nothing"], "constant_loss": fit["constant_loss"],
-            "fresh_layers": fit["fresh_layers"], "device": str(fit["device"]),
+            "fresh_layers": fit["fresh_layers"], "finetuned_from": fit["finetuned_from"], "device": str(fit["device"]),
             "seconds": time.perf_counter() - started}
     with atomic_output(files.card(member)) as partial:  # written last: marks the member done
         partial.write_text(json.dumps(card, indent=1))
@@ -313,7 +329,7 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
         spec = ModelSpec(config.model, volumes.shape, len(config.modalities), n_outputs, dict(config.model_options))
         model = build_model(spec, target_mean=float(targets[train].mean()) if regression else None,
                             target_scale=float(targets[train].std()) if regression else None)
-    fresh_layers = _start_weights(model, config, member)
+    start = _start_weights(model, spec, config, member)
     model = place(model, device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if config.optimizer == "sgd":
@@ -392,7 +408,7 @@ def _fit(volumes: CohortVolumes, targets: np.ndarray, train: np.ndarray, validat
     else:
         failure = None
     return {"model": model, "spec": spec, "best": best, "history": history, "failure": failure,
-            "learned_nothing": learned_nothing, "constant_loss": constant_loss, "fresh_layers": fresh_layers,
+            "learned_nothing": learned_nothing, "constant_loss": constant_loss, **start,
             "device": device}
 
 
