@@ -14,6 +14,7 @@ writing stage::
     ensembles/<name>/         train, explain, validate: models/, relevance.zarr and validation/ of each named
                                          ensemble (``train: ensembles:``); a single unnamed one uses the above
     associations/<name>/      associate  one folder per analysis (summary.json, maps, tables)
+    experiments/<name>/       experiment <condition>/repeat_<r>/ models folders, results.parquet, comparisons.parquet
     report.html               report     the HTML report (and report_screenshots/)
     provenance.json           the runner: catalog, versions, seeds, stage times of every run
 
@@ -147,6 +148,17 @@ class Layout:
     def association_names(self) -> list[str]:
         """Analyses with a finished summary, by folder name."""
         return [path.parent.name for path in sorted(self.associations.glob(f"*/{AssociationLayout.SUMMARY}"))]
+
+    @property
+    def experiments(self) -> Path:
+        return self.root / "experiments"
+
+    def experiment(self, name: str) -> ExperimentLayout:
+        return ExperimentLayout(self.experiments / name)
+
+    def experiment_names(self) -> list[str]:
+        """Experiments with finished results, by folder name."""
+        return [path.parent.name for path in sorted(self.experiments.glob(f"*/{ExperimentLayout.RESULTS}"))]
 
     @property
     def report(self) -> Path:
@@ -511,3 +523,27 @@ class Provenance:
     @property
     def last(self) -> Run | None:
         return self.runs[-1] if self.runs else None
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """``experiments/<name>/``: each condition's ensemble per repeat, the tidy results and the paired tests."""
+
+    RESULTS = "results.parquet"
+
+    root: Path
+
+    def run(self, condition: str, repeat: int) -> ModelsLayout:
+        return ModelsLayout(self.root / condition / f"repeat_{repeat}")
+
+    @property
+    def results(self) -> Path:
+        return self.root / self.RESULTS
+
+    @property
+    def comparisons(self) -> Path:
+        return self.root / "comparisons.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"

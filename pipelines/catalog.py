@@ -317,6 +317,53 @@ class TrainSettings(TrainingConfig):
         return TrainingConfig(**{name: getattr(self, name) for name in TrainingConfig.model_fields})
 
 
+class ExperimentSettings(_Strict):
+    """A training recipe repeated under several conditions (``experiments/<name>/``): each condition's ensemble on
+    R participant-grouped, stratified splits (or R retrainings on one split), a paired Wilcoxon test per pair of
+    conditions over the repeats."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="folder name under <workspace>/experiments/")
+    ensemble: str | None = Field(None, description="the train section's ensemble whose recipe the conditions "
+                                 "change (default: the single or first one)")
+    conditions: dict[str, dict[str, Any]] = Field(..., min_length=2, description="name → changes to the recipe, "
+                                                  "e.g. {scratch: {}, pretrained: {finetune_from: ../ad/models}}")
+    repeats: int = Field(6, ge=2, le=100, description="splits (seeds split.seed + r), or retrainings with "
+                         "same_split; with 5 the smallest two-sided Wilcoxon p is 0.0625, with 6 it is 0.031")
+    same_split: bool = Field(False, description="robustness over retrainings: one split, each repeat new seeds "
+                             "(initialisation and batch order)")
+    metric: str | None = Field(None, description="the test metric compared (default: mae for regression, roc_auc "
+                               "for classification)")
+
+    @field_validator("conditions")
+    @classmethod
+    def _condition_names(cls, conditions: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [name for name in conditions if not re.fullmatch(r"[A-Za-z0-9_.-]+", name)]
+        if bad:
+            raise ValueError(f"condition names {bad} must be folder names (letters, digits, _ . -)")
+        return conditions
+
+    def recipes(self, train: TrainSettings) -> dict[str, TrainSettings]:
+        """Each condition's settings: the recipe with the condition's changes."""
+        names = list(train.ensemble_settings())
+        if self.ensemble is not None and self.ensemble not in names:
+            raise ValueError(f"experiments.{self.name}.ensemble: {self.ensemble!r} is not an ensemble of the train "
+                             f"section ({[name for name in names if name is not None]})")
+        recipe = train.ensemble(self.ensemble if self.ensemble is not None else names[0])
+        recipes = {}
+        for condition, changes in self.conditions.items():
+            fixed = sorted(set(changes) & {"ensembles", "members", "split"})
+            if fixed:
+                raise ValueError(f"experiments.{self.name}.conditions.{condition}: {fixed} are the experiment's, "
+                                 "not a condition's")
+            try:
+                recipes[condition] = TrainSettings.model_validate({**recipe.model_dump(exclude={"ensembles"}),
+                                                                   **changes})
+            except ValidationError as error:
+                problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())
+                raise ValueError(f"experiments.{self.name}.conditions.{condition}: {problems}") from None
+        return recipes
+
+
 class ExplainSettings(_Strict):
     """Relevance maps of the trained members into <workspace>/relevance.zarr, scored in <workspace>/validation/."""
 
@@ -395,6 +442,7 @@ class Catalog(_Strict):
     cluster: ClusterProfile = Field(LocalProfile(), description="where the tasks run: worker processes on this "
                                     "machine (profile: local) or SLURM jobs (profile: slurm)")
     associate: list[AnalysisSettings] | None = Field(None, description="association analyses")
+    experiments: list[ExperimentSettings] | None = Field(None, description="repeated experiments over conditions")
     report: ReportSettings | None = None
 
     @model_validator(mode="after")
@@ -431,7 +479,23 @@ class Catalog(_Strict):
         names = [analysis.name for analysis in self.associate or []]
         if len(names) != len(set(names)):
             raise ValueError(f"associate: analysis names must be unique, got {names}")
+        self._check_experiments()
         return self
+
+    def _check_experiments(self) -> None:
+        if not self.experiments:
+            return
+        if self.train is None:
+            raise ValueError("experiments: need a train section (the recipe they change)")
+        names = [experiment.name for experiment in self.experiments]
+        if len(names) != len(set(names)):
+            raise ValueError(f"experiments: names must be unique, got {names}")
+        for experiment in self.experiments:
+            for condition, settings in experiment.recipes(self.train).items():
+                unknown = [name for name in settings.modalities if name not in self.store_modalities()]
+                if unknown:
+                    raise ValueError(f"experiments.{experiment.name}.conditions.{condition}.modalities: {unknown} "
+                                     f"are not modalities of {self.store_modalities()}")
 
     def _check_registration(self) -> None:
         register = self.registration

@@ -224,6 +224,13 @@ def print_results(console: Console, layout: Layout, run: Run) -> None:
     if "associate" in stages:
         line(layout.associations, "; ".join(f"{name} {significant}"
                                             for name, significant in stages["associate"]["analyses"].items()))
+    if "experiment" in stages:
+        described = []
+        for name, record in stages["experiment"]["experiments"].items():
+            means = ", ".join(f"{condition} {values['mean']:.3f}" for condition, values in record.items()
+                              if condition != "metric")
+            described.append(f"{name} ({record['metric']}: {means})")
+        line(layout.experiments, "; ".join(described))
     line(layout.provenance, "catalog hash, package versions, seeds, stage times")
     if "report" in stages:
         line(layout.report, f"the report with every figure; open it in a browser: {layout.report.as_uri()}")

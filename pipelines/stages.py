@@ -49,6 +49,7 @@ from engine.models.ensembles import (
     combine_folds,
     train_ensembles,
 )
+from engine.models.experiments import DEFAULT_METRIC, compare_conditions, experiment_runs, run_experiment
 from engine.models.relevance import explain, import_relevance, open_relevance, relevance_key
 from engine.models.splits import cross_fitting_splits, read_split, stratified_split
 from engine.outputs.report import build_report
@@ -664,6 +665,57 @@ def _association_inputs(catalog: Catalog) -> dict:
     return inputs
 
 
+class ExperimentStage(Stage):
+    """The catalog's repeated experiments, one folder each in ``experiments/`` (``engine.models.experiments``)."""
+
+    name = "experiment"
+
+    def applies(self, catalog: Catalog) -> bool:
+        return bool(catalog.experiments)
+
+    def run(self, catalog: Catalog, execution: Execution) -> dict:
+        dataset = store.open_cohort(catalog.layout.images)
+        participants = store.row_columns(dataset).reset_index(drop=True)
+        summary = {"folder": str(catalog.layout.experiments), "experiments": {}}
+        for settings in catalog.experiments:
+            files = catalog.layout.experiment(settings.name)
+            recipes = settings.recipes(catalog.train)
+            recipe = next(iter(recipes.values()))
+            stratify = [recipe.target] if recipe.task == "classification" else []
+            seeds = [recipe.split.seed] * settings.repeats if settings.same_split else [
+                recipe.split.seed + repeat for repeat in range(settings.repeats)]
+            splits = [stratified_split(participants, recipe.split.model_copy(update={"seed": seed}), stratify)
+                      for seed in seeds]
+            runs = experiment_runs(files.root, {name: (recipe.member_config(), recipe.members, recipe.bias_correction)
+                                                for name, recipe in recipes.items()}, splits, settings.same_split)
+            results = run_experiment(catalog.layout.images, runs, execution)
+            metric = settings.metric or DEFAULT_METRIC[recipe.task]
+            comparisons = compare_conditions(results, metric, conditions=list(recipes))
+            for table, path in ((results, files.results), (comparisons, files.comparisons)):
+                with atomic_output(path) as partial:
+                    table.to_parquet(partial, index=False)
+            chosen = results[(results["metric"] == metric) & (results["member"] == ENSEMBLE)]
+            described = {condition: {"mean": round(float(values.mean()), 4), "sd": round(float(values.std()), 4)}
+                         for condition, values in chosen.groupby("condition", sort=False)["value"]}
+            record = {"name": settings.name, "metric": metric, "repeats": settings.repeats,
+                      "same_split": settings.same_split, "conditions": settings.conditions, "by_condition": described,
+                      "comparisons": comparisons[["first", "second", "median_difference", "p", "p_holm",
+                                                  "rank_biserial"]].round(4).to_dict("records")}
+            with atomic_output(files.summary) as partial:
+                partial.write_text(json.dumps(record, indent=2))
+            summary["experiments"][settings.name] = {"metric": metric, **described}
+        return summary
+
+    def status(self, layout: Layout) -> str | None:
+        lines = []
+        for name in layout.experiment_names():
+            record = json.loads(layout.experiment(name).summary.read_text())
+            lines.append(f"{layout.experiment(name).root}: {record['metric']} over {record['repeats']} repeats: "
+                         + ", ".join(f"{condition} {values['mean']:.3f} ± {values['sd']:.3f}"
+                                     for condition, values in record["by_condition"].items()))
+        return "\n".join(lines) or None
+
+
 class ReportStage(Stage):
     """The HTML report of everything the workspace holds: ``report.html`` (see ``engine.outputs.report``)."""
 
@@ -699,7 +751,10 @@ def _report_inputs(layout: Layout) -> dict:
     """What the report reads, by content: the images' data, every ensemble's relevance maps and every table and
     map."""
     paths = [*layout.feature_tables().values(), *sorted(path for path in layout.associations.rglob("*")
-                                                         if path.is_file())]
+                                                         if path.is_file()),
+             *[path for name in layout.experiment_names() for path in (layout.experiment(name).summary,
+                                                                        layout.experiment(name).results,
+                                                                        layout.experiment(name).comparisons)]]
     inputs = {}
     for name in layout.ensemble_names():
         ensemble = layout.for_ensemble(name)
@@ -712,4 +767,4 @@ def _report_inputs(layout: Layout) -> dict:
 
 
 STAGES: list[Stage] = [SynthStage(), RegisterStage(), IngestStage(), FeaturesStage(), TrainStage(), ExplainStage(),
-                       ValidateStage(), AssociateStage(), ReportStage()]
+                       ValidateStage(), AssociateStage(), ExperimentStage(), ReportStage()]

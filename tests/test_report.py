@@ -22,7 +22,7 @@ from engine import open_workspace
 from engine.data.masker import Masker
 from engine.layout import Layout
 from engine.outputs.browser import browser_check, screenshot_sections
-from engine.outputs.report import SECTIONS, _mean_map_figure, _robust_limit, build_report
+from engine.outputs.report import OPTIONAL_SECTIONS, SECTIONS, _mean_map_figure, _robust_limit, build_report
 from engine.tasks import INLINE
 from pipelines.catalog import load_catalog
 from pipelines.stages import ReportStage
@@ -72,7 +72,7 @@ def coloured_pixels(pixels: np.ndarray) -> int:
 def test_run_writes_a_report_with_every_section(tiny_workspace):
     report = tiny_workspace / "report.html"
     html = report.read_text()
-    for section in SECTIONS:
+    for section in set(SECTIONS) - set(OPTIONAL_SECTIONS):
         assert f'<section id="{section}">' in html
     assert "No association analyses" in html  # the tiny run has none: the section says so
     for expected in ("Metrics per member and split", "Ground-truth scores", "Robustness across ensemble members",
@@ -171,7 +171,7 @@ def test_report_with_associations_renders_in_chromium(tiny_workspace, tmp_path, 
     assert total == len(figures) and loaded == total  # every embedded image decoded in the browser
 
     shots = screenshot_sections(report, workspace / "report_screenshots", chromium)
-    assert set(shots) == set(SECTIONS)
+    assert set(shots) == set(SECTIONS) - set(OPTIONAL_SECTIONS)
     for section, path in shots.items():
         pixels = matplotlib.image.imread(path)
         assert pixels.shape[0] > 150 and spread(pixels) > 0.05, section

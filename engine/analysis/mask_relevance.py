@@ -19,8 +19,9 @@ import pandas as pd
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from scipy import ndimage, stats
+from scipy import ndimage
 
+from engine.analysis.stats import paired_wilcoxon
 from engine.data.masker import Masker
 from engine.data.store import keyed
 
@@ -30,8 +31,6 @@ COMPARISON = ("n", "median_a_voxel", "median_a_wml_voxel", "median_difference", 
               "hodges_lehmann", "ci_low", "ci_high")
 #: The fewest pairs with an exact two-sided 95 % signed-rank CI (2 · 2⁻⁶ ≤ 0.05); fewer give NaNs.
 MIN_PAIRS = 6
-#: Up to this many pairs the CI uses the exact signed-rank distribution (as scipy's and R's tests do).
-EXACT_PAIRS = 50
 #: 26-neighbourhood for clusters, faces only (6-neighbourhood) for the dilation.
 CLUSTER_STRUCTURE = np.ones((3, 3, 3), bool)
 DILATION_STRUCTURE = ndimage.generate_binary_structure(3, 1)
@@ -135,34 +134,12 @@ def _pairs(indices: pd.DataFrame | xr.Dataset, min_voxels: int) -> list[tuple[st
 
 
 def _paired_comparison(average: np.ndarray, lesion: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
-    difference = lesion - average
-    n = difference.size
+    n = len(average)
     if n < MIN_PAIRS:
         return {"n": n, **dict.fromkeys(COMPARISON[1:], np.nan)}
-    test = stats.wilcoxon(lesion, average)
-    nonzero = difference[difference != 0]
-    ranks = stats.rankdata(np.abs(nonzero))
-    rank_biserial = (ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum()
-    first, second = np.triu_indices(n)
-    walsh = np.sort((difference[first] + difference[second]) / 2)
-    k = _ci_order(n, 1 - confidence)
-    return {"n": n, "median_a_voxel": np.median(average), "median_a_wml_voxel": np.median(lesion),
-            "median_difference": np.median(difference), "statistic": float(test.statistic),
-            "p": float(test.pvalue), "rank_biserial": rank_biserial,
-            "hodges_lehmann": np.median(walsh), "ci_low": walsh[k - 1], "ci_high": walsh[-k]}
-
-
-def _ci_order(n: int, alpha: float) -> int:
-    """The largest k with P(T⁺ ≤ k − 1) ≤ α/2 for the signed-rank sum T⁺ of n pairs (0: no CI)."""
-    total = n * (n + 1) // 2
-    if n > EXACT_PAIRS:
-        spread = stats.norm.ppf(1 - alpha / 2) * np.sqrt(n * (n + 1) * (2 * n + 1) / 24)
-        return int(np.floor(total / 2 - spread + 0.5))
-    counts = np.zeros(total + 1, np.int64)  # sign patterns per value of T⁺, up to 2⁵⁰
-    counts[0] = 1
-    for rank in range(1, n + 1):
-        counts[rank:] = counts[rank:] + counts[:-rank]
-    return int(np.count_nonzero(np.cumsum(counts) / 2.0**n <= alpha / 2))
+    result = paired_wilcoxon(average, lesion, confidence)
+    return {"n": n, "median_a_voxel": result["median_first"], "median_a_wml_voxel": result["median_second"],
+            **{name: result[name] for name in COMPARISON[3:]}}
 
 
 def comparison_figure(indices: pd.DataFrame | xr.Dataset, min_voxels: int = 30,

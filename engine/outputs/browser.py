@@ -36,13 +36,15 @@ def browser_check(report: str | Path, chromium: str | None = None) -> tuple[int,
 
 def screenshot_sections(report: str | Path, out_dir: str | Path, chromium: str | None = None,
                         width: int = 1320, height: int = 16000) -> dict[str, Path]:
-    """A PNG screenshot of each section (``<out_dir>/<section>.png``), trailing blank space cut off."""
+    """A PNG screenshot of each section the report has (``<out_dir>/<section>.png``), trailing blank space cut
+    off."""
     from PIL import Image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shots = {}
-    for section in SECTIONS:
+    page = Path(report).read_text(encoding="utf-8")
+    for section in (section for section in SECTIONS if f'<section id="{section}">' in page):
         path = out_dir / f"{section}.png"
         result = subprocess.run([chromium or find_chromium(), *CHROMIUM_FLAGS, "--hide-scrollbars",
                                  f"--window-size={width},{height}", f"--screenshot={path}",

@@ -47,7 +47,10 @@ ENSEMBLE_SECTIONS = ("models", "relevance", "validation")
 #: Sections with many brain figures: drawn first when sections are tasks on a cluster.
 SLOW_SECTIONS = ("relevance", "associations")
 SECTIONS = {"cohort": "Cohort", "registration": "Registration", "models": "Models", "relevance": "Relevance",
-            "validation": "Validation", "associations": "Associations", "provenance": "Provenance"}
+            "validation": "Validation", "associations": "Associations", "experiments": "Experiments",
+            "provenance": "Provenance"}
+#: Sections shown only where the workspace has them.
+OPTIONAL_SECTIONS = ("experiments",)
 SPLIT_COLOURS = {"train": "#9ecae1", "validation": "#fdae6b", "test": "#d62728"}
 FIGURE_DPI = 80
 MAX_TABLE_ROWS = 25
@@ -71,17 +74,18 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     ensembles = ws.ensembles or [None]
     per_ensemble = ensembles != [None]
+    sections = {key: title for key, title in SECTIONS.items() if key not in OPTIONAL_SECTIONS or ws.has(key)}
     settings = (tuple(methods) if methods is not None else None, tuple(age_bands), top_k)
     items = [_Section(str(ws.path), key, name if key in ENSEMBLE_SECTIONS and per_ensemble else ws.ensemble,
                       *settings)
-             for key in sorted(SECTIONS, key=lambda key: key not in SLOW_SECTIONS)
+             for key in sorted(sections, key=lambda key: key not in SLOW_SECTIONS)
              for name in (ensembles if key in ENSEMBLE_SECTIONS and per_ensemble else [None])]
     drawn = {}
     for done, (item, parts) in enumerate(execution.map(_section, items), start=1):
         drawn[item.key, item.ensemble] = parts
         execution.report("report", done, len(items))
     body = []
-    for key, title in SECTIONS.items():
+    for key, title in sections.items():
         if key in ENSEMBLE_SECTIONS and per_ensemble:  # one part per named ensemble, side by side
             parts = _ensembles_compared(ws, ensembles) if key == "models" else []
             for name in ensembles:
@@ -90,7 +94,7 @@ def build_report(workspace: str | Path | Workspace, *, methods: Sequence[str] | 
             parts = drawn[key, ws.ensemble]
         body.append(f'<section id="{key}"><h2>{title}</h2>\n' + "\n".join(parts) + "</section>")
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in SECTIONS.items())
+    nav = " · ".join(f'<a href="#{key}">{title}</a>' for key, title in sections.items())
     page = _PAGE.format(title=html.escape(f"relcohort report: {ws.path.name}"), path=html.escape(str(ws.path)),
                         stamp=stamp, nav=nav, body="\n".join(body))
     out = Path(out) if out is not None else ws.layout.report
@@ -117,7 +121,7 @@ def _section(item: _Section) -> list[str]:
     if item.key == "relevance":
         return _relevance(ws, item.methods, list(item.age_bands), item.top_k)
     return {"cohort": _cohort, "registration": _registration, "models": _models, "validation": _validation,
-            "associations": _associations, "provenance": _provenance}[item.key](ws)
+            "associations": _associations, "experiments": _experiments, "provenance": _provenance}[item.key](ws)
 
 
 # ---------------------------------------------------------------------------------------
@@ -693,6 +697,40 @@ def _subject_association(analysis) -> list[str]:
         ax.set_ylabel(outcome, fontsize=8)
         fig.tight_layout()
         parts.append(_figure(fig, f"{analysis.name}: {outcome} against {predictor} (n = {len(data)})"))
+    return parts
+
+
+def _experiments(ws: Workspace) -> list[str]:
+    """Per experiment: each condition's ensemble test metric on every repeat (a repeat's conditions joined: they
+    share its split), and the paired tests."""
+    parts = []
+    for experiment in ws.experiments.values():
+        summary, results = experiment.summary, experiment.results
+        metric = summary["metric"]
+        chosen = results[(results["metric"] == metric) & (results["member"] == ENSEMBLE)]
+        by_repeat = chosen.pivot_table(index="repeat", columns="condition", values="value")[
+            list(summary["by_condition"])]
+        repeats = "retrainings on one split" if summary["same_split"] else "participant-grouped splits"
+        conditions = "; ".join(f"{name}: {_plain(changes) or 'the recipe'}"
+                               for name, changes in summary["conditions"].items())
+        parts.append(f"<h3>{html.escape(experiment.name)}</h3><p>{html.escape(metric)} of the ensemble on the test "
+                     f"split, {summary['repeats']} {repeats}; conditions: {html.escape(conditions)}</p>")
+        fig, ax = _subplots(1, 1, (1.4 + 1.1 * by_repeat.shape[1], 3.4))
+        positions = np.arange(by_repeat.shape[1])
+        for _, row in by_repeat.iterrows():
+            ax.plot(positions, row.to_numpy(), color="#bbbbbb", lw=0.8, zorder=1)
+        for position, condition in enumerate(by_repeat.columns):
+            ax.scatter(np.full(len(by_repeat), position), by_repeat[condition], s=18, color=f"C{position}", zorder=2)
+            ax.hlines(by_repeat[condition].median(), position - 0.25, position + 0.25, color="black", lw=1.5)
+        ax.set_xticks(positions, by_repeat.columns, fontsize=8, rotation=20)
+        ax.set_ylabel(metric, fontsize=8)
+        fig.tight_layout()
+        parts.append(_figure(fig, f"{experiment.name}: {metric} per repeat (lines join a repeat's conditions; bars: "
+                                  "medians)"))
+        columns = ["first", "second", "n", "median_difference", "hodges_lehmann", "ci_low", "ci_high",
+                   "rank_biserial", "statistic", "p", "p_holm"]
+        parts.append(_table(experiment.comparisons[columns], f"{experiment.name}: paired Wilcoxon signed-rank test "
+                            "per pair of conditions (second − first), Holm-corrected over the pairs", 4))
     return parts
 
 

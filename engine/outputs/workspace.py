@@ -29,7 +29,7 @@ from engine.analysis.association import CORRECTED_P, Sources
 from engine.analysis.atlas import Atlas, AtlasSettings
 from engine.data.masker import Masker
 from engine.data.store import open_cohort, row_columns
-from engine.layout import AssociationLayout, Layout, Provenance
+from engine.layout import AssociationLayout, ExperimentLayout, Layout, Provenance
 from engine.models.ensembles import ENSEMBLE
 from engine.models.relevance import open_relevance
 from engine.models.training import TrainingConfig
@@ -165,7 +165,8 @@ class Workspace:
             raise ValueError(f"no ensemble {name!r} in {self.path} (ensembles: {self.ensembles})")
         return Workspace(self.path, name)
 
-    PARTS = ("images", "relevance", "features", "models", "validation", "associations", "provenance", "report")
+    PARTS = ("images", "relevance", "features", "models", "validation", "associations", "experiments", "provenance",
+             "report")
 
     def has(self, part: str) -> bool:
         """Whether the workspace holds ``part`` (one of ``Workspace.PARTS``)."""
@@ -176,6 +177,7 @@ class Workspace:
                    "models": lambda: layout.models.metrics.exists(),
                    "validation": lambda: any(layout.validation.glob("*.parquet")),
                    "associations": lambda: bool(layout.association_names()),
+                   "experiments": lambda: bool(layout.experiment_names()),
                    "provenance": lambda: layout.provenance.exists(),
                    "report": lambda: layout.report.exists()}
         if part not in present:
@@ -271,6 +273,11 @@ class Workspace:
     def associations(self) -> dict[str, Association]:
         """Every ``associations/<name>/`` analysis by folder name."""
         return {name: Association(self.layout.association(name).root) for name in self.layout.association_names()}
+
+    @cached_property
+    def experiments(self) -> dict[str, Experiment]:
+        """Every ``experiments/<name>/`` with results, by folder name."""
+        return {name: Experiment(self.layout.experiment(name)) for name in self.layout.experiment_names()}
 
     def sources(self) -> Sources:
         """What association terms resolve against (:func:`engine.analysis.association.analyse` and the analyses it
@@ -368,3 +375,26 @@ def open_workspace(path: str | Path, ensemble: str | None = None) -> Workspace:
     """The workspace of a catalog run (``workspace:`` in the catalog) for notebooks: see :class:`Workspace`;
     ``ensemble`` picks one of several named ensembles."""
     return Workspace(path).for_ensemble(ensemble)
+
+
+class Experiment:
+    """One repeated experiment's outputs in ``experiments/<name>/`` (``engine.models.experiments``)."""
+
+    def __init__(self, layout: ExperimentLayout):
+        self.layout = layout
+        self.name = layout.root.name
+
+    @cached_property
+    def summary(self) -> dict:
+        """Metric, repeats, conditions, each condition's mean and SD, the tests."""
+        return json.loads(self.layout.summary.read_text())
+
+    @cached_property
+    def results(self) -> pd.DataFrame:
+        """Tidy test metrics: condition, repeat, member, metric, value."""
+        return pd.read_parquet(self.layout.results)
+
+    @cached_property
+    def comparisons(self) -> pd.DataFrame:
+        """Per pair of conditions the paired Wilcoxon test over the repeats (and Holm's p over the pairs)."""
+        return pd.read_parquet(self.layout.comparisons)
