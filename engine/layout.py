@@ -363,6 +363,11 @@ class AssociationLayout:
         return self.root / "correlations.csv"
 
     @property
+    def fingerprints(self) -> Path:
+        """A gain analysis's per-participant region gains."""
+        return self.root / "fingerprints.parquet"
+
+    @property
     def similarity(self) -> Path:
         return self.root / "similarity.parquet"
 

@@ -613,7 +613,8 @@ class AssociateStage(Stage):
             table = catalog.modalities[analysis.labels].labels if analysis.labels else None
 
             def write(partial: Path, analysis=analysis) -> None:
-                regions = self._regions(catalog, sources, analysis, atlas_of) if analysis.scope == "roi" else None
+                regions = (self._regions(catalog, sources, analysis, atlas_of) if analysis.scope in ("roi", "gain")
+                           else None)
                 atlas = atlas_of(catalog.atlas) if analysis.scope == "voxel" else None  # names the clusters
                 association.analyse(sources, analysis, partial, regions=regions, atlas=atlas)
 

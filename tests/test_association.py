@@ -351,3 +351,43 @@ def test_a_subject_filter_takes_a_split_an_outcome_and_column_values(effects_sou
                              "images.GM", "age", ["sex"], ["fdr_bh"], min_coverage=settings.min_coverage)
     t_map = Masker.of(sources.images).to_nifti(by_hand["t"].astype(np.float32), fill=np.nan).get_fdata()
     np.testing.assert_array_equal(nib.load(tmp_path / "older/t.nii.gz").get_fdata(), t_map)
+
+
+def test_gain_density_and_sum_per_region_equal_numpy_on_a_constructed_case():
+    """Böhle et al.'s region table: per group the mean region sum, mean density (sum ÷ voxels) and gain (group's
+    mean sum ÷ the controls'), and each patient's fingerprint, against numpy; a region without voxels is left
+    out, a reference group with a zero sum gives no gain."""
+    from engine.analysis.association import gain_analysis
+    from engine.analysis.atlas import Atlas
+
+    rng = np.random.default_rng(5)
+    n, voxels = 9, 12
+    labels = np.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0, 4])  # region 5 has no voxel; region 4's controls sum to 0
+    maps = np.abs(rng.normal(1, 0.5, (n, voxels)))
+    diagnosis = np.array(["CN", "CN", "CN", "AD", "AD", "AD", "AD", "MCI", "MCI"])
+    maps[diagnosis == "CN", 11] = 0.0
+    subjects = [f"sub-{k}" for k in range(n)]
+    images = xr.Dataset({"R": (("subject", "voxel"), maps)}, coords={"subject": subjects},
+                        attrs={"grid": Grid((12, 1, 1), np.eye(4)).to_attrs()})
+    sources = Sources(images, pd.DataFrame({"diagnosis": diagnosis}, index=pd.Index(subjects, name="subject")))
+    atlas = Atlas("hand", labels, pd.DataFrame({"name": ["a", "b", "c", "d", "e"]}, index=[1, 2, 3, 4, 5]))
+    table, fingerprints = gain_analysis(sources, "images.R", "diagnosis", "CN", atlas)
+    table = table.set_index(["group", "region"])
+    assert set(table.index.get_level_values("region")) == {"a", "b", "c", "d"}
+    controls = diagnosis == "CN"
+    for group in ("CN", "AD", "MCI"):
+        members = diagnosis == group
+        for label, name in ((1, "a"), (2, "b"), (3, "c")):
+            region = labels == label
+            sums = maps[:, region].sum(axis=1)
+            row = table.loc[(group, name)]
+            assert row["n"] == members.sum()
+            np.testing.assert_allclose(row["sum"], sums[members].mean())
+            np.testing.assert_allclose(row["density"], (sums / region.sum())[members].mean())
+            np.testing.assert_allclose(row["gain"], sums[members].mean() / sums[controls].mean())
+        assert np.isnan(table.loc[(group, "d"), "gain"])
+    patients = fingerprints[fingerprints["region"] == "c"].set_index("participant_id")["gain"]
+    c = maps[:, labels == 3].sum(axis=1)
+    np.testing.assert_allclose(patients.reindex(np.array(subjects)[~controls]), c[~controls] / c[controls].mean())
+    with pytest.raises(ValueError, match="reference 'HC' is not a value of diagnosis"):
+        gain_analysis(sources, "images.R", "diagnosis", "HC", atlas)

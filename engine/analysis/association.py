@@ -477,9 +477,12 @@ class AnalysisSettings(BaseModel):
                          "features.<table>.<column> or a participant column")
     predictor: TermText = Field(..., description="a term, as for outcome")
     covariates: list[TermText] = Field([], description="terms; non-numeric ones (sex, site) are dummy-coded")
-    scope: Literal["voxel", "roi", "similarity", "subject"] = Field(
+    scope: Literal["voxel", "roi", "similarity", "subject", "gain"] = Field(
         "voxel", description="voxel-wise model, one model per atlas region, per-subject similarity of two maps, "
-        "or one model of per-participant values (e.g. lesion load ~ brain-age gap)")
+        "one model of per-participant values (e.g. lesion load ~ brain-age gap), or the relevance region table of "
+        "Böhle et al. 2019 (sum, density and gain of each group of the predictor against its reference)")
+    reference: str | float | None = Field(None, description="gain: the predictor's value of the reference group "
+                                          "(e.g. CN: the controls)")
     correction: list[Literal["bonferroni", "fdr_bh", "fwe"]] = Field(
         ["fdr_bh"], min_length=1, description="p-value corrections across voxels, or across the regions of the "
         "family (roi); fwe needs permutations; a voxel analysis's first correction thresholds the cluster table")
@@ -541,6 +544,12 @@ class AnalysisSettings(BaseModel):
                              "scans: all and permutations")
         if self.scans == "all":
             self._respects_repeated_scans()
+        if (self.scope == "gain") != (self.reference is not None):
+            raise ValueError("a gain analysis needs reference (the predictor's value of the reference group), and "
+                             "reference applies to gain analyses only")
+        if self.scope == "gain" and (not self.outcome.is_map or self.predictor.is_map or self.covariates):
+            raise ValueError("a gain analysis reduces a map (outcome) per region in the groups of a participant "
+                             "column (predictor), without covariates")
         if self.within is not None and self.scope != "voxel":
             raise ValueError("within applies to voxel analyses only")
         if self.random_intercept and self.scope not in ("roi", "subject"):
@@ -548,7 +557,7 @@ class AnalysisSettings(BaseModel):
         roi_only = [name for name in ("atlas", "labels", "regions", "min_region_mm3")
                     if name in self.model_fields_set and getattr(self, name)
                     and not (name == "regions" and self.within is not None)]
-        if self.scope != "roi" and roi_only:
+        if self.scope not in ("roi", "gain") and roi_only:
             raise ValueError(f"{', '.join(roi_only)} apply to roi analyses only")
         if self.atlas and self.labels:
             raise ValueError("choose atlas (one atlas for everyone) or labels (each participant's own), not both")
@@ -842,13 +851,13 @@ def analyse(sources: Sources, settings: AnalysisSettings, out: str | Path,
     files.root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     run = {"voxel": _voxel_analysis, "roi": _roi_analysis, "similarity": _similarity_analysis,
-           "subject": _subject_analysis}[settings.scope]
+           "subject": _subject_analysis, "gain": _gain_analysis}[settings.scope]
     try:
         sources = chosen_scans(sources, settings.scans)
         if settings.subjects is not None:
             terms = [settings.outcome, settings.predictor, *settings.covariates]
             sources = sources.restricted(settings.subjects.subjects(sources, terms))
-        details = run(sources, settings, files, regions if settings.scope == "roi" else atlas)
+        details = run(sources, settings, files, regions if settings.scope in ("roi", "gain") else atlas)
     except ValueError as error:
         raise AnalysisError(f"associate analysis {settings.name!r}: {error}") from error
     summary = {**settings.model_dump(mode="json", include={"name", "scope", "outcome", "predictor", "covariates",
@@ -927,6 +936,52 @@ def _subject_analysis(sources: Sources, settings: AnalysisSettings, out: Associa
             "significant": {"p": float(f"{tested['p']:.3g}"), **(
                 {"estimate": float(f"{tested['estimate']:.4g}")} if settings.random_intercept
                 else {"partial_r": round(float(tested["partial_r"]), 4)})}}
+
+
+def gain_analysis(sources: Sources, outcome: Term | str, groups: Term | str, reference, regions: Atlas
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Böhle et al.'s (2019) region table of a map: per region and group of ``groups`` (a participant column), the
+    participants' mean region ``sum``, mean ``density`` (sum ÷ the region's voxels) and the ``gain``, the group's
+    mean sum ÷ the ``reference`` group's (e.g. patients ÷ controls; NaN where the reference's is 0); and each
+    participant's fingerprint, their region sum ÷ the reference group's mean. Regions without voxels are left
+    out."""
+    outcome, groups = Term.of(outcome), Term.of(groups)
+    subjects = analysis_subjects(sources, [outcome])
+    labels = sources.subject_values(groups, subjects).dropna().astype(str)
+    if str(reference) not in set(labels):
+        raise ValueError(f"reference {reference!r} is not a value of {groups} among the analysis's participants "
+                         f"({sorted(set(labels))})")
+    reduced = region_reduce(sources.map(outcome, list(labels.index)), regions).compute()
+    counted = reduced["count"] > 0  # (region,) for an atlas, (subject, region) for each one's own parcels
+    present = reduced["region"].values[counted.any([dim for dim in counted.dims if dim != "region"]).values]
+    sums = reduced["sum"].sel(region=present).to_pandas()
+    density = reduced["mean"].sel(region=present).to_pandas()
+    reference_sum = sums[(labels == str(reference)).to_numpy()].mean()
+    baseline = reference_sum.where(reference_sum != 0)
+    rows = []
+    for group in [str(reference), *sorted(set(labels) - {str(reference)})]:
+        members = (labels == group).to_numpy()
+        rows.append(pd.DataFrame({"group": group, "region": present, "n": int(members.sum()),
+                                  "sum": sums[members].mean().to_numpy(), "density": density[members].mean().to_numpy(),
+                                  "gain": (sums[members].mean() / baseline).to_numpy()}))
+    table = pd.concat(rows, ignore_index=True)
+    others = labels[labels != str(reference)]
+    fingerprints = (sums.loc[others.index] / baseline).rename_axis(index="subject", columns=None).reset_index().melt(
+        id_vars="subject", var_name="region", value_name="gain")
+    fingerprints.insert(1, "group", fingerprints["subject"].map(labels))
+    return table, keyed(fingerprints, sources.images)
+
+
+def _gain_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, regions: Atlas) -> dict:
+    table, fingerprints = gain_analysis(sources, settings.outcome, settings.predictor, settings.reference, regions)
+    table.to_parquet(out.regions, index=False)
+    table.to_csv(out.regions_csv, index=False)
+    fingerprints.to_parquet(out.fingerprints, index=False)
+    groups = table[table["group"] != str(settings.reference)]
+    top = groups.sort_values("gain", ascending=False).groupby("group").head(5)
+    return {"n": int(table.drop_duplicates("group")["n"].sum()), "reference": settings.reference,
+            "regions": int(table["region"].nunique()),
+            "significant": {group: list(rows["region"]) for group, rows in top.groupby("group")}}
 
 
 def _similarity_analysis(sources: Sources, settings: AnalysisSettings, out: AssociationLayout, _) -> dict:

@@ -634,6 +634,12 @@ def _associations(ws: Workspace) -> list[str]:
             parts += _roi_association(analysis)
         elif analysis.scope == "subject" and analysis.model is not None:
             parts += _subject_association(analysis)
+        elif analysis.scope == "gain" and analysis.regions is not None:
+            reference = str(analysis.summary.get("reference"))
+            groups = analysis.regions[analysis.regions["group"] != reference]
+            top = groups.sort_values("gain", ascending=False).groupby("group").head(MAX_TABLE_ROWS // 2)
+            parts.append(_table(top, f"{analysis.name}: regions by gain against {reference} (mean region sum of the "
+                                     "group ÷ the reference's), with the groups' mean sum and density"))
         elif analysis.similarity is not None:
             parts.append(_table(analysis.similarity.describe().T.reset_index(names="measure"),
                                 f"{analysis.name}: per-participant similarity of the two maps"))

@@ -115,6 +115,11 @@ class Association:
         return _optional_table(self.files.regions)
 
     @cached_property
+    def fingerprints(self) -> pd.DataFrame | None:
+        """A gain analysis's per-participant region gains (their region sum ÷ the reference group's mean)."""
+        return _optional_table(self.files.fingerprints)
+
+    @cached_property
     def correlations(self) -> pd.DataFrame | None:
         """An roi analysis with a correlation statistic: region, r, p, p_bonferroni, p_fdr, n."""
         return _optional_table(self.files.correlations)
