@@ -71,6 +71,9 @@ class DemoCohort(_Strict):
                                             "own pose and grid; needs a register section) at this voxel size")
     sessions: int | None = Field(None, ge=2, le=9, description="several scans per participant: 1 to this many BIDS "
                                  "sessions each, the same head aged over 1–4-year follow-ups")
+    patients: float | None = Field(None, gt=0, lt=1, description="an Alzheimer-like cohort: this share of participants "
+                            "with diagnosis AD (the others CN), atrophy planted in hippocampus, amygdala and temporal "
+                            "cortex and growing over their sessions; ages 55–90")
 
 
 class CohortSource(_Strict):

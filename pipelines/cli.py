@@ -100,6 +100,8 @@ def synth(
     voxel_size: Annotated[float, typer.Option(min=0.5, max=12, help="isotropic voxel size in mm")] = 4.0,
     seed: Annotated[int, typer.Option(min=0, help="random seed")] = 0,
     sessions: Annotated[int, typer.Option(min=1, max=9, help="1 to this many BIDS sessions per participant")] = 1,
+    patients: Annotated[float, typer.Option(min=0, max=0.99, help="share of participants with an Alzheimer-like "
+                                            "diagnosis (AD; the others CN)")] = 0.0,
     workers: Annotated[int, typer.Option(min=1, help="local Dask worker processes")] = 2,
     overwrite: Annotated[bool, typer.Option(help="delete what OUT_DIR holds first")] = False,
 ) -> None:
@@ -114,7 +116,7 @@ def synth(
     with LocalProfile(n_workers=workers).start() as cluster, progress_bar(console) as bar:
         execution = Execution(cluster.client, progress_callback(bar, "synth"))
         table = generate_cohort(out_dir, subjects, voxel_size, seed, execution=execution, overwrite=overwrite,
-                                max_sessions=sessions)
+                                max_sessions=sessions, patients=patients)
     scans = f" ({len(table)} scans in ses- folders, sessions tables per participant)" if sessions > 1 else ""
     console.print(f"{subjects} participants{scans} in {out_dir} (participants.tsv, planted_effects.json, "
                   "mask.nii.gz)")

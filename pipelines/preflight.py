@@ -41,8 +41,9 @@ def preflight(catalog: Catalog) -> list[Problem]:
     """Every problem of ``catalog`` with its files and its participants table that can be seen before a run."""
     problems = _file_problems(catalog) + _workspace_problems(catalog)
     if catalog.cohort.demo is not None:
-        sessions = ["session_id"] if catalog.cohort.demo.sessions else []
-        table = pd.DataFrame(columns=[*DEMO_COLUMNS, *sessions])
+        demo = catalog.cohort.demo
+        extra = [*(["session_id"] if demo.sessions else []), *(["diagnosis"] if demo.patients else [])]
+        table = pd.DataFrame(columns=[*DEMO_COLUMNS, *extra])
         return problems + _column_problems(catalog, table, "the demo's participants table")
     if any(field in ("cohort.directory", "cohort.participants") for field, _ in problems):
         return problems

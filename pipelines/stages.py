@@ -104,7 +104,8 @@ class SynthStage(Stage):
         out = catalog.layout.demo_cohort
         generated = self.produce(out, settings.model_dump(exclude_none=True), {}, lambda partial: synth.generate_cohort(
             partial, settings.subjects, settings.voxel_size, settings.seed, execution=execution,
-            native_voxel_size=settings.native_voxel_size, max_sessions=settings.sessions or 1))
+            native_voxel_size=settings.native_voxel_size, max_sessions=settings.sessions or 1,
+            patients=settings.patients or 0.0))
         return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects if generated else 0}
 
     def status(self, layout: Layout) -> str | None:

