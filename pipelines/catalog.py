@@ -471,6 +471,12 @@ class Catalog(_Strict):
             raise ValueError(f"explain.ensembles: {unknown} are not ensembles of the train section "
                              f"({[name for name in self.ensembles() if name is not None]})")
         self._check_imported_relevance()
+        cross_fitted = [name for name, settings in self.ensembles().items() if settings.split.folds]
+        for name in cross_fitted if self.explain is not None else []:
+            if self.explain.ensemble(name).subjects in ("train", "validation"):
+                which = "the ensemble" if name is None else f"ensemble {name}"
+                raise ValueError(f"explain.subjects: {which} is cross-fitted (split.folds), so every scan is a test "
+                                 "scan of its fold: explain test (or all)")
         pvs = self.features.pvs if self.features is not None else None
         if pvs is not None and isinstance(pvs.dilate, dict) and (self.train is not None or self.relevance):
             unknown = sorted(set(pvs.dilate) - set(self.ensemble_names()))

@@ -44,7 +44,8 @@ def preflight(catalog: Catalog) -> list[Problem]:
         demo = catalog.cohort.demo
         extra = [*(["session_id"] if demo.sessions else []), *(["diagnosis"] if demo.patients else [])]
         table = pd.DataFrame(columns=[*DEMO_COLUMNS, *extra])
-        return problems + _column_problems(catalog, table, "the demo's participants table")
+        sessions = _session_problems(catalog, "the demo cohort has sessions") if demo.sessions else []
+        return problems + _column_problems(catalog, table, "the demo's participants table") + sessions
     if any(field in ("cohort.directory", "cohort.participants") for field, _ in problems):
         return problems
     try:
@@ -55,7 +56,9 @@ def preflight(catalog: Catalog) -> list[Problem]:
         return [*problems, ("cohort.participants", f"{catalog.participants_file} lists no participants (only a "
                                                    "header line)")]
     problems += _column_problems(catalog, table, str(catalog.participants_file))
-    problems += _session_problems(catalog, table)
+    if "session_id" in table:
+        problems += _session_problems(catalog, f"the cohort has sessions ({len(table)} scans of "
+                                               f"{table['participant_id'].nunique()} participants)")
     problems += _target_problems(catalog, table)
     problems += _image_problems(catalog, table)
     return problems + _store_problems(catalog)
@@ -205,13 +208,10 @@ def _target_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
     return problems
 
 
-def _session_problems(catalog: Catalog, table: pd.DataFrame) -> list[Problem]:
-    """A cohort with sessions: every analysis says which scans it takes."""
-    if "session_id" not in table:
-        return []
-    scans = f"{len(table)} scans of {table['participant_id'].nunique()} participants"
-    return [(f"associate.{analysis.name}.scans", f"the cohort has sessions ({scans}): say which scans the analysis "
-                                                 "takes (baseline, last, mean or all)")
+def _session_problems(catalog: Catalog, cohort: str) -> list[Problem]:
+    """A cohort with sessions (``cohort`` says so): every analysis says which scans it takes."""
+    return [(f"associate.{analysis.name}.scans", f"{cohort}: say which scans the analysis takes (baseline, last, "
+                                                 "mean or all)")
             for analysis in catalog.associate or [] if analysis.scans is None]
 
 

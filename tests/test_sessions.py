@@ -493,3 +493,19 @@ def test_each_scan_is_registered_on_its_own_and_ingested_as_its_row(tmp_path):
                                                                                         "session_id"]
     assert sorted(open_cohort(tmp_path / "ws/images.zarr").subject.values) == sorted(scan_ids(scans))
     assert all((tmp_path / "ws/registered/participants" / scan / "T1.nii.gz").is_file() for scan in scan_ids(scans))
+
+
+def test_a_cross_fitted_ensemble_explains_its_test_scans_and_demo_analyses_say_which_scans(tmp_path):
+    import yaml
+
+    catalog = yaml.safe_load((REPO / "docs/catalog-sessions.yaml").read_text())
+    catalog["workspace"] = str(tmp_path / "ws")
+    catalog["explain"]["subjects"] = "validation"
+    del catalog["associate"][0]["scans"]
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    result = cli("validate", tmp_path / "catalog.yaml")
+    assert result.exit_code == 1 and "the ensemble is cross-fitted (split.folds)" in result.stderr
+    catalog["explain"]["subjects"] = "test"
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    result = cli("validate", tmp_path / "catalog.yaml")
+    assert result.exit_code == 1 and "associate.hippocampus_within.scans: the demo cohort has sessions" in result.stderr
