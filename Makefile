@@ -21,8 +21,8 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
-# every test, the slow ones too (killed runs, real SLURM, headless Chromium, the native demo, planted-null
-# simulations): what CI runs
+# every test, the slow ones too (killed runs, real SLURM, headless Chromium, the demo and native demo end to end,
+# repeated experiments, planted-null simulations): what CI runs
 test-all: $(INSTALLED)
 	$(BIN)/python -m pytest -m "slow or not slow"
 

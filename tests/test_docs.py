@@ -86,6 +86,7 @@ def test_the_catalog_reference_holds_every_field_of_the_schema():
         assert f"| `{name}` |" in page.split(section, 1)[1].split("\n## ", 1)[0], field.path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [path for path in DOCUMENTS if blocks(path, "python")],
                          ids=lambda path: str(path.relative_to(REPO)))
 def test_every_python_example_runs_on_the_demo_workspace(path, demo_workspace, tmp_path, monkeypatch):
@@ -112,6 +113,7 @@ def test_the_commands_shown_run():
         assert result.exit_code == 0, (catalog, result.stderr)
 
 
+@pytest.mark.slow
 def test_status_as_the_pages_show_it(demo_workspace):
     shown = [line for path in DOCUMENTS for block in blocks(path, "bash") for line in block.splitlines()
              if re.search(r"relcohort status workspace/demo\b", line)]

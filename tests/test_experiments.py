@@ -21,6 +21,7 @@ TRAIN = {"target": "age", "modalities": ["T1"], "members": 1, "epochs": 1, "batc
          "split": {"fractions": [0.5, 0.25, 0.25], "stratify": ["age", "sex"], "seed": 0}}
 
 
+@pytest.mark.slow
 def test_an_experiment_trains_every_condition_on_every_repeat_and_tests_the_pairs(tiny_cohort, tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
                             cohort={"directory": str(tiny_cohort), "mask": "mask.nii.gz"}, train=TRAIN,

@@ -93,6 +93,7 @@ def test_directory_cohort_needs_its_files(tmp_path):
     assert result.exit_code == 1 and "cohort.directory" in result.stderr and "is not a folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_run_writes_every_stage_of_both_ensembles(demo_workspace):
     """The demo catalog, as ``relcohort run`` runs it: every stage's outputs, each named ensemble under
     ensembles/<name>/, analyses over both, the report; tables checked against recomputation."""
@@ -241,6 +242,7 @@ def test_demo_run_writes_every_stage_of_both_ensembles(demo_workspace):
         report
 
 
+@pytest.mark.slow
 def test_a_rerun_does_nothing_status_tells_what_is_there_and_a_smaller_demo_keeps_the_store(demo_workspace,
                                                                                               tmp_path):
     folder = shutil.copytree(demo_workspace, tmp_path / "demo")

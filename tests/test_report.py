@@ -223,6 +223,7 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
     assert all(spread(image) > 0.01 for image in embedded_images(html))
 
 
+@pytest.mark.slow
 def test_a_blocky_mean_map_is_drawn_without_a_warning(demo_workspace):
     """Region occlusion's mean map repeats its top value over more than 5 % of the voxels: the display threshold
     falls below that value, so the figure shows those voxels and nilearn has no empty map to warn about."""
