@@ -25,7 +25,13 @@ from pydantic import (
 )
 
 from cluster import ClusterProfile, LocalProfile
-from engine.analysis.association import FREESURFER_TABLE, RELEVANCE_NORMALISATIONS, AnalysisSettings, Term
+from engine.analysis.association import (
+    FREESURFER_TABLE,
+    RELEVANCE_NORMALISATIONS,
+    AnalysisSettings,
+    Term,
+    TermText,
+)
 from engine.analysis.atlas import BUNDLED_ATLASES, SYSTEM_ATLASES, AtlasSettings, tract_atlas
 from engine.data import inputs
 from engine.data.inputs import Modality
@@ -294,12 +300,19 @@ class TrainSettings(TrainingConfig):
         "validation", description="brain age: where the gap's age bias (cubic in age) is fitted: validation (the "
         "validation split, applied to the others), cross_fit (each test fold by the other test folds), test (the "
         "evaluated participants themselves: in-sample, the report warns), none")
+    baseline_features: list[TermText] = Field(
+        [], description="a two-class classification: also a linear SVM and a logistic regression on these "
+        "per-scan feature columns (features.<table>.<column>, e.g. features.lesion_load.lesion_volume_mm3), as the "
+        "studies' lesion-load baseline")
     ensembles: dict[str, dict[str, Any]] | None = Field(
         None, description="several named ensembles in one workspace, each these settings with its own changes, "
         "e.g. {t1: {modalities: [T1]}, flair: {modalities: [FLAIR]}}; their relevance is relevance.<name>.<method>")
 
     @model_validator(mode="after")
     def _valid_ensembles(self):
+        not_features = [term.text for term in self.baseline_features if term.source != "features"]
+        if not_features:
+            raise ValueError(f"baseline_features: {not_features} are not features.<table>.<column> terms")
         for name in self.ensembles or {}:
             if not valid_ensemble_name(name):
                 raise ValueError(f"ensemble name {name!r} must be an identifier and not a method or normalisation "

@@ -43,6 +43,7 @@ from engine.models import validation
 from engine.models.ensembles import (
     BASELINE,
     ENSEMBLE,
+    FEATURE_CLASSIFIERS,
     LINEAR_CLASSIFIERS,
     RIDGE,
     EnsembleJob,
@@ -340,17 +341,37 @@ class TrainStage(Stage):
                 for member in folder.members():
                     folder.card(member).unlink()
                 mark_current(folder.root, key)  # before training: members finished survive a kill
+        features = _baseline_features(layout, settings.baseline_features)
         return [EnsembleJob(layout.images, settings.member_config(), settings.members, folder.root, split,
-                            settings.bias_correction) for folder, split in zip(folders, splits, strict=True)]
+                            settings.bias_correction, features) for folder, split in zip(folders, splits, strict=True)]
 
     def status(self, layout: Layout) -> str | None:
         lines = []
         for name in layout.ensemble_names():
             models = layout.for_ensemble(name).models
             metrics = pd.read_parquet(models.metrics)
-            members = sorted(set(metrics["member"]) - {ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values()})
+            members = sorted(set(metrics["member"]) - {ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values(),
+                                                       *FEATURE_CLASSIFIERS.values()})
             lines.append(f"{models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}")
         return "\n".join(lines) or None
+
+
+def _baseline_features(layout: Layout, terms: list[association.Term]) -> pd.DataFrame | None:
+    """The feature columns a classification's feature baselines take, one row per scan (by store row label)."""
+    if not terms:
+        return None
+    columns = {}
+    for term in terms:
+        path = layout.feature_table(term.name)
+        if not path.is_file():
+            raise ValueError(f"train.baseline_features: {term}: no feature table {term.name!r} in {layout.features} "
+                             "(a features section that writes it)")
+        table = pd.read_parquet(path)
+        if term.column not in table.columns or "region" in table.columns:
+            raise ValueError(f"train.baseline_features: {term}: not a per-scan column of {path.name} (columns: "
+                             f"{list(table.columns)})")
+        columns[term.text] = inputs.by_scan(table)[term.column]
+    return pd.DataFrame(columns)
 
 
 def _by_ensemble(summaries: dict) -> dict:
@@ -361,7 +382,7 @@ def _by_ensemble(summaries: dict) -> dict:
 def _test_metrics(metrics: pd.DataFrame) -> dict:
     """Test metrics of the ensemble and the baselines (a cross-fitted ensemble's pooled over its folds, the
     baselines' averaged over them)."""
-    baselines = [ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values()]
+    baselines = [ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values(), *FEATURE_CLASSIFIERS.values()]
     test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
     if "fold" in test:
         pooled = test[test["fold"].isna()]

@@ -15,7 +15,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, mean_abso
 
 from engine.data.store import open_cohort
 from engine.layout import file_sha256
-from engine.models.ensembles import ENSEMBLE, train_ensemble
+from engine.models.ensembles import ENSEMBLE, EnsembleJob, train_ensemble, train_ensembles
 from engine.models.metrics import bias_corrected_gap, classification_metrics, out_of_sample_gap, regression_metrics
 from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.models.splits import SplitSettings, stratified_split
@@ -526,3 +526,31 @@ def test_a_chosen_positive_class_comes_last(tiny_store, tmp_path):
         train_ensemble(tiny_store, config.model_copy(update={"positive_class": "X"}), 1, tmp_path / "x", split)
     with pytest.raises(ValueError, match="positive_class needs task: classification"):
         TrainingConfig(positive_class="F")
+
+
+def test_a_classification_adds_linear_baselines_on_a_feature_table(tiny_store, tmp_path):
+    """baseline_features: an SVM and a logistic regression on per-scan columns, z-scored on the training scans.
+    On one planted column the linear decision is monotone in it, so the ROC AUC is scikit-learn's of the column
+    itself on the test scans."""
+    split = cohort_split(tiny_store, seed=1)
+    dataset = open_cohort(tiny_store)
+    rng = np.random.default_rng(0)
+    signal = (dataset.sex.values == "M") + rng.normal(0, 0.7, dataset.sizes["subject"])
+    features = pd.DataFrame({"load": 1000 * signal + 5000}, index=dataset.subject.values)
+    config = TrainingConfig(modalities=("T1",), target="sex", task="classification", epochs=1, batch_size=4)
+    job = EnsembleJob(tiny_store, config, 1, tmp_path, split, baseline_features=features)
+    metrics = train_ensembles([job])[0]["metrics"].set_index("member")
+    test = (split.reindex(dataset.subject.values) == "test").to_numpy()
+    labels = (dataset.sex.values[test] == "M").astype(int)
+    for member in ("linear_svm_features", "logistic_features"):
+        assert metrics.loc[member, "roc_auc"] == pytest.approx(roc_auc_score(labels, signal[test]))
+    assert {"linear_svm_voxels", "logistic_voxels"} <= set(metrics.index)
+
+
+def test_feature_baselines_take_feature_columns_only():
+    from pipelines.catalog import TrainSettings
+
+    assert TrainSettings(baseline_features=["features.lesion_load.lesion_volume_mm3"]).baseline_features[0].column \
+        == "lesion_volume_mm3"
+    with pytest.raises(ValueError, match=r"baseline_features: \['age'\] are not features"):
+        TrainSettings(baseline_features=["age"])

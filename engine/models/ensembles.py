@@ -32,6 +32,8 @@ BASELINE = "predict_train_mean"
 RIDGE = "ridge_voxels"
 #: A binary classification's linear baselines on the same voxels (engine.models.baselines), by classifier.
 LINEAR_CLASSIFIERS = {"svm": "linear_svm_voxels", "logistic": "logistic_voxels"}
+#: … and on a per-scan feature table (``baseline_features``: lesion load, regional volumes).
+FEATURE_CLASSIFIERS = {"svm": "linear_svm_features", "logistic": "logistic_features"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class EnsembleJob:
     out_dir: str | Path
     split: pd.Series
     bias_correction: str = "validation"  # where a brain-age gap's age bias is fitted (metrics.BIAS_CORRECTIONS)
+    baseline_features: pd.DataFrame | None = None  # per scan (store row): a two-class classification's baselines
 
 
 def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_dir: str | Path,
@@ -94,7 +97,8 @@ def train_ensembles(jobs: Sequence[EnsembleJob], execution: Execution = INLINE) 
                 for path in files.member_files(stale):
                     path.unlink(missing_ok=True)
         results.append({**combine_members(files.root, plan["dataset"], job.config, job.members, plan["classes"],
-                                          job.bias_correction), "trained": len(plan["items"])})
+                                          job.bias_correction, job.baseline_features),
+                        "trained": len(plan["items"])})
     return results
 
 
@@ -147,22 +151,33 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
 
 
 def _classifier_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame,
-                        classes: list) -> list[dict]:
+                        classes: list, features: pd.DataFrame | None = None) -> list[dict]:
     """Test metrics of a linear SVM and a logistic regression on the members' inputs (as :func:`_ridge_metrics`
     takes them), C by cross-validation on the training split (:func:`~engine.models.baselines.
-    linear_classifier_baseline`)."""
+    linear_classifier_baseline`); with ``features`` (per scan, indexed by store row) the same two on those
+    columns, z-scored with the training scans' means and SDs (the studies' SVM on lesion load)."""
     from engine.models.baselines import linear_classifier_baseline
 
     split = by_scan(ensemble)["split"].reindex(dataset.subject.values).to_numpy()
     maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
                                         for name in config.modalities], axis=1), dims=("subject", "voxel")).persist()
     labels = targets_of(dataset, config, classes).astype(int)
-    test = (split == "test") & (labels >= 0)
+    inputs = {"voxels": (maps, labels)}
+    if features is not None:
+        values = features.reindex(dataset.subject.values).to_numpy(np.float64)
+        complete = np.isfinite(values).all(axis=1)  # a scan without its features is left out
+        train = (split == "train") & complete
+        spread = values[train].std(axis=0)
+        scaled = np.nan_to_num((values - values[train].mean(axis=0)) / np.where(spread > 0, spread, 1))
+        inputs["features"] = (xr.DataArray(scaled, dims=("subject", "voxel")), np.where(complete, labels, -1))
     rows = []
-    for kind, member in LINEAR_CLASSIFIERS.items():
-        fit = linear_classifier_baseline(maps, labels, split == "train", kind, seed=config.seed)
-        scores = np.column_stack([-fit.decision, fit.decision])[test]
-        rows.append({"member": member, "split": "test", **classification_metrics(labels[test], scores)})
+    for source, (data, targets) in inputs.items():
+        test = (split == "test") & (targets >= 0)
+        for kind, member in LINEAR_CLASSIFIERS.items():
+            fit = linear_classifier_baseline(data, targets, split == "train", kind, seed=config.seed)
+            scores = np.column_stack([-fit.decision, fit.decision])[test]
+            rows.append({"member": member if source == "voxels" else FEATURE_CLASSIFIERS[kind], "split": "test",
+                         **classification_metrics(targets[test], scores)})
     return rows
 
 
@@ -212,7 +227,8 @@ def combine_folds(out_dir: str | Path, folds: int, task: str) -> dict:
 
 
 def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, members: int,
-                    classes: list | None, bias_correction: str = "validation") -> dict:
+                    classes: list | None, bias_correction: str = "validation",
+                    baseline_features: pd.DataFrame | None = None) -> dict:
     """Ensemble predictions (mean over members) and metrics per member and for the ensemble; a brain-age model's
     gap corrected for its age bias as ``bias_correction`` says (:func:`~engine.models.metrics.out_of_sample_gap`,
     recorded per member in ``bias_correction.json``)."""
@@ -255,7 +271,8 @@ def combine_members(out_dir: Path, dataset: xr.Dataset, config: TrainingConfig, 
                                                     {"member": RIDGE, "split": "test", **ridge}])],
                             ignore_index=True)
     elif len(classes) == 2:
-        linear = _classifier_metrics(dataset, config, predictions[predictions.member == ENSEMBLE], classes)
+        linear = _classifier_metrics(dataset, config, predictions[predictions.member == ENSEMBLE], classes,
+                                     baseline_features)
         metrics = pd.concat([metrics, pd.DataFrame(linear)], ignore_index=True)
     for table, path in ((predictions, files.predictions), (metrics, files.metrics)):
         with atomic_output(path) as partial:
