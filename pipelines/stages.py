@@ -709,7 +709,7 @@ class ExperimentStage(Stage):
                 recipe.split.seed + repeat for repeat in range(settings.repeats)]
             splits = [stratified_split(participants, recipe.split.model_copy(update={"seed": seed}), stratify)
                       for seed in seeds]
-            runs = experiment_runs(files.root, {name: (recipe.member_config(), recipe.members, recipe.bias_correction)
+            runs = experiment_runs(files, {name: (recipe.member_config(), recipe.members, recipe.bias_correction)
                                                 for name, recipe in recipes.items()}, splits, settings.same_split)
             results = run_experiment(catalog.layout.images, runs, execution)
             metric = settings.metric or DEFAULT_METRIC[recipe.task]

@@ -49,7 +49,7 @@ from engine.analysis.stats import (
     region_models,
     voxelwise_ols,
 )
-from engine.data.inputs import by_scan, key_columns, scan_ids
+from engine.data.inputs import by_scan, key_columns, one_scan_each, scan_ids
 from engine.data.labels import FREESURFER_GROUPS, matching_regions
 from engine.data.masker import Masker
 from engine.data.store import keyed
@@ -327,8 +327,7 @@ def chosen_scans(sources: Sources, scans: str | None) -> Sources:
         return sources
     if scans == "mean":
         return sources.averaged()
-    one = people.groupby(people, sort=False)
-    return sources.restricted(list((one.head(1) if scans == "baseline" else one.tail(1)).index))
+    return sources.restricted(list(people.index[one_scan_each(people, scans)]))
 
 
 def _first_or_mean(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

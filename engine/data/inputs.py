@@ -209,6 +209,14 @@ def scan_ids(table: pd.DataFrame) -> list[str]:
     return [scan_id(*key) for key in scan_keys(table)]
 
 
+def one_scan_each(participant_ids: Sequence[str], which: str) -> np.ndarray:
+    """Whether each row (scans in session order) is its participant's ``baseline`` (first) or ``last`` scan."""
+    people = pd.Series(np.asarray(participant_ids, dtype=object))
+    if which not in ("baseline", "last"):
+        raise ValueError(f"one scan each is the baseline or the last, not {which!r}")
+    return (people.groupby(people, sort=False).cumcount(ascending=which == "baseline") == 0).to_numpy()
+
+
 def key_columns(table: pd.DataFrame | Sequence[str]) -> list[str]:
     """The columns that name a table's scan: ``participant_id``, and ``session_id`` in a cohort with sessions."""
     return ["participant_id", "session_id"] if "session_id" in table else ["participant_id"]

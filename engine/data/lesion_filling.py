@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.masker import Masker
-from engine.data.store import derive_modality, open_cohort, writable_group
+from engine.data.store import derive_modality, open_cohort, store_attributes
 from engine.tasks import INLINE, Execution
 
 #: The white matter from the MNI152 2009 prior, not from a modality.
@@ -91,7 +91,7 @@ def derive_filled(store: str, name: str, settings: LesionFilling, execution: Exe
 
 
 def _mni152_white_matter(store: str, threshold: float) -> np.ndarray:
-    return _prior_on(str(store), str(writable_group(store).attrs["mask_sha256"]), threshold)
+    return _prior_on(str(store), str(store_attributes(store)["mask_sha256"]), threshold)
 
 
 @lru_cache(maxsize=4)

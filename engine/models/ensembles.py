@@ -19,7 +19,7 @@ from engine.data.store import keyed, open_cohort
 from engine.layout import ModelsLayout, atomic_output
 from engine.models.heap import heap_kept
 from engine.models.metrics import classification_metrics, out_of_sample_gap, regression_metrics
-from engine.models.splits import SPLITS, split_hash
+from engine.models.splits import SPLITS, read_split_table, split_hash
 from engine.models.training import TrainingConfig, targets_of, train_member
 from engine.models.volumes import scale_rows
 from engine.tasks import INLINE, Execution
@@ -142,12 +142,17 @@ def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.Dat
     from engine.models.baselines import ridge_baseline
 
     split = by_scan(ensemble)["split"].reindex(dataset.subject.values).to_numpy()
-    maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
-                                        for name in config.modalities], axis=1), dims=("subject", "voxel"))
     target = dataset[config.target].values.astype(np.float64)
-    fit = ridge_baseline(maps, target, split == "train")
+    fit = ridge_baseline(_member_inputs(dataset, config), target, split == "train")
     test = split == "test"
     return regression_metrics(target[test], fit.predictions[test])
+
+
+def _member_inputs(dataset: xr.Dataset, config: TrainingConfig) -> xr.DataArray:
+    """The members' inputs as (subject × voxel) maps: the stored voxels of their modalities side by side, each
+    scaled per participant as the members' are."""
+    return xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
+                                        for name in config.modalities], axis=1), dims=("subject", "voxel"))
 
 
 def _classifier_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame,
@@ -159,10 +164,8 @@ def _classifier_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: p
     from engine.models.baselines import linear_classifier_baseline
 
     split = by_scan(ensemble)["split"].reindex(dataset.subject.values).to_numpy()
-    maps = xr.DataArray(da.concatenate([scale_rows(dataset[name].data.astype(np.float32), config.input_scaling)
-                                        for name in config.modalities], axis=1), dims=("subject", "voxel")).persist()
     labels = targets_of(dataset, config, classes).astype(int)
-    inputs = {"voxels": (maps, labels)}
+    inputs = {"voxels": (_member_inputs(dataset, config).persist(), labels)}
     if features is not None:
         values = features.reindex(dataset.subject.values).to_numpy(np.float64)
         complete = np.isfinite(values).all(axis=1)  # a scan without its features is left out
@@ -207,7 +210,7 @@ def combine_folds(out_dir: str | Path, folds: int, task: str) -> dict:
     classes = None
     for fold in range(folds):
         part = files.fold(fold)
-        split = pd.read_csv(part.split, sep="\t", dtype={"participant_id": str, "session_id": str})
+        split = read_split_table(part.split)
         tested = set(split.loc[split["split"] == "test", "participant_id"])  # with every scan (some excluded)
         splits.append(split[split["participant_id"].isin(tested)].assign(fold=fold))
         table = pd.read_parquet(part.predictions)

@@ -18,7 +18,7 @@ import pandas as pd
 from statsmodels.stats.multitest import multipletests
 
 from engine.analysis.stats import paired_wilcoxon
-from engine.layout import ModelsLayout
+from engine.layout import ExperimentLayout
 from engine.models.ensembles import ENSEMBLE, EnsembleJob, train_ensembles
 from engine.models.training import TrainingConfig
 from engine.tasks import INLINE, Execution
@@ -79,14 +79,15 @@ def compare_conditions(results: pd.DataFrame, metric: str, member: str = ENSEMBL
     return table
 
 
-def experiment_runs(out_dir: Path, conditions: dict[str, tuple[TrainingConfig, int, str]], splits: list[pd.Series],
-                    same_split: bool = False) -> list[ExperimentRun]:
-    """Every (condition, repeat) run: condition → (config, members, bias correction); ``splits`` one per repeat.
-    ``same_split`` (robustness over retrainings): one split, each repeat a new seed of the members."""
+def experiment_runs(files: ExperimentLayout, conditions: dict[str, tuple[TrainingConfig, int, str]],
+                    splits: list[pd.Series], same_split: bool = False) -> list[ExperimentRun]:
+    """Every (condition, repeat) run into its folder of ``files``: condition → (config, members, bias correction);
+    ``splits`` one per repeat. ``same_split`` (robustness over retrainings): one split, each repeat a new seed of
+    the members."""
     runs = []
     for condition, (config, members, bias_correction) in conditions.items():
         for repeat, split in enumerate(splits):
             seeded = config.model_copy(update={"seed": config.seed + repeat}) if same_split else config
-            runs.append(ExperimentRun(condition, repeat, seeded, members, split,
-                                      ModelsLayout(out_dir / condition / f"repeat_{repeat}").root, bias_correction))
+            runs.append(ExperimentRun(condition, repeat, seeded, members, split, files.run(condition, repeat).root,
+                                      bias_correction))
     return runs

@@ -58,7 +58,21 @@ class PatchIndividualConv3d(nn.Module):
         return output / self.coverage.to(output)
 
 
-class MRInet(nn.Module):
+class _FlatHeadCNN(nn.Module):
+    """A CNN whose ``features`` are flattened into a dense ``head``, its output scaled by ``output_scale``."""
+
+    features: nn.Sequential
+    head: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).reshape(x.shape[0], -1)) * self.output_scale
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.head[-1]
+
+
+class MRInet(_FlatHeadCNN):
     """The seed study's base model "MRInet" (Hofmann et al. 2022, a Keras 3D CNN; Adam lr 5e-4, MSE loss).
 
     Conv 16 → pool → Conv 16 → pool → Conv 32 → pool → Conv 64 → pool → Conv 32 (1×1×1) → pool →
@@ -93,13 +107,6 @@ class MRInet(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels * math.prod(shape), 64), nn.ReLU(),
                                   nn.Linear(64, n_outputs))
         self.register_buffer("output_scale", torch.ones(n_outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).reshape(x.shape[0], -1)) * self.output_scale
-
-    @property
-    def output_layer(self) -> nn.Linear:
-        return self.head[-1]
 
     @property
     def last_conv(self) -> nn.Module:
@@ -143,7 +150,7 @@ class SFCN(nn.Module):
         return self.features[-3]
 
 
-class FourBlockCNN(nn.Module):
+class FourBlockCNN(_FlatHeadCNN):
     """The Alzheimer's-disease classifier of Böhle et al. 2019 and Eitel & Ritter 2019: four blocks of
     3×3×3 convolution ('same' padding; 8, 16, 32, 64 filters) → BatchNorm → ReLU → max-pooling (windows 2, 3,
     2, 3, rounding up), then dropout 0.4 → dense 128 → ReLU → dropout 0.4 → dense ``n_outputs``. The papers
@@ -169,13 +176,6 @@ class FourBlockCNN(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(previous * math.prod(shape), hidden), nn.ReLU(),
                                   nn.Dropout(dropout), nn.Linear(hidden, n_outputs))
         self.register_buffer("output_scale", torch.ones(n_outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).reshape(x.shape[0], -1)) * self.output_scale
-
-    @property
-    def output_layer(self) -> nn.Linear:
-        return self.head[-1]
 
     @property
     def last_conv(self) -> nn.Module:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.data.inputs import by_scan, scan_ids
+from engine.data.inputs import by_scan, one_scan_each, scan_ids
 
 SPLITS = ("train", "validation", "test")
 #: The label of a scan left out of training and evaluation by ``train_scans`` / ``test_scans`` (it is predicted,
@@ -95,12 +95,10 @@ def _scans_taken(participants: pd.DataFrame, split: pd.Series, settings: SplitSe
     participant's scans in the table's order: session order)."""
     if "session_id" not in participants or (settings.train_scans, settings.test_scans) == ("all", "all"):
         return split
-    people = pd.Series(participants["participant_id"].to_numpy(), index=split.index)
-    ordered = people.groupby(people, sort=False)
-    kept = {"all": pd.Series(True, index=split.index),
-            "baseline": pd.Series(~ordered.cumcount().astype(bool).to_numpy(), index=split.index),
-            "last": pd.Series(~ordered.cumcount(ascending=False).astype(bool).to_numpy(), index=split.index)}
-    taken = np.where(split.isin(SPLITS[:2]), kept[settings.train_scans], kept[settings.test_scans])
+    def kept(which: str) -> np.ndarray:
+        return np.ones(len(split), bool) if which == "all" else one_scan_each(participants["participant_id"], which)
+
+    taken = np.where(split.isin(SPLITS[:2]), kept(settings.train_scans), kept(settings.test_scans))
     return split.where(taken, EXCLUDED)
 
 
@@ -146,11 +144,15 @@ def _deal_participants(participants: pd.DataFrame, settings: SplitSettings, frac
     return pd.Series(dealt, index=table.index)
 
 
+def read_split_table(path: str | Path) -> pd.DataFrame:
+    """``models/split.tsv`` as :func:`train_ensemble` writes it: each scan's key columns, split (and ``fold``)."""
+    return pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str})
+
+
 def read_split(path: str | Path, column: str = "split") -> pd.Series | None:
-    """A column of ``models/split.tsv`` (as :func:`train_ensemble` writes it): each scan's split, or with
-    cross-fitting its ``fold``, by store row label; None for a column the file does not have."""
-    table = by_scan(pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str}))
-    return table.get(column)
+    """A column of ``models/split.tsv``: each scan's split, or with cross-fitting its ``fold``, by store row label;
+    None for a column the file does not have."""
+    return by_scan(read_split_table(path)).get(column)
 
 
 def split_hash(split: pd.Series) -> str:
