@@ -77,9 +77,18 @@ class DemoCohort(_Strict):
                                             "own pose and grid; needs a register section) at this voxel size")
     sessions: int | None = Field(None, ge=2, le=9, description="several scans per participant: 1 to this many BIDS "
                                  "sessions each, the same head aged over 1–4-year follow-ups")
-    patients: float | None = Field(None, gt=0, lt=1, description="an Alzheimer-like cohort: this share of participants "
-                            "with diagnosis AD (the others CN), atrophy planted in hippocampus, amygdala and temporal "
-                            "cortex and growing over their sessions; ages 55–90")
+    patients: float | None = Field(None, gt=0, lt=1, description="a cohort with this share of patients (diagnosis AD "
+                            "or MS, the others CN): see disease")
+    disease: Literal["alzheimer", "ms"] | None = Field(
+        None, description="the patients' disease: alzheimer (the default; atrophy planted in hippocampus, amygdala "
+        "and temporal cortex, growing over their sessions; ages 55–90) or ms (lesions in periventricular white "
+        "matter and the corpus callosum, in FLAIR, T1 and the WMH mask, and enlarged ventricles; ages 20–60)")
+
+    @model_validator(mode="after")
+    def _disease_needs_patients(self):
+        if self.disease is not None and self.patients is None:
+            raise ValueError("cohort.demo.disease needs patients (their share of the participants)")
+        return self
 
 
 class CohortSource(_Strict):
@@ -345,10 +354,15 @@ class ExperimentSettings(_Strict):
                                                   "e.g. {scratch: {}, pretrained: {finetune_from: ../ad/models}}")
     repeats: int = Field(6, ge=2, le=100, description="splits (seeds split.seed + r), or retrainings with "
                          "same_split; with 5 the smallest two-sided Wilcoxon p is 0.0625, with 6 it is 0.031")
+    members: int | None = Field(None, ge=1, le=64, description="each run's ensemble size (default: the recipe's "
+                                "members)")
     same_split: bool = Field(False, description="robustness over retrainings: one split, each repeat new seeds "
                              "(initialisation and batch order)")
     metric: str | None = Field(None, description="the test metric compared (default: mae for regression, roc_auc "
                                "for classification)")
+    comparisons: list[tuple[str, str]] | None = Field(
+        None, description="the pairs of conditions tested, the declared family Holm's correction runs over, e.g. "
+        "[[scratch, pretrained]] (default: every pair)")
 
     @field_validator("conditions")
     @classmethod
@@ -357,6 +371,15 @@ class ExperimentSettings(_Strict):
         if bad:
             raise ValueError(f"condition names {bad} must be folder names (letters, digits, _ . -)")
         return conditions
+
+    @model_validator(mode="after")
+    def _pairs_of_conditions(self):
+        for first, second in self.comparisons or []:
+            unknown = [name for name in (first, second) if name not in self.conditions]
+            if unknown or first == second:
+                raise ValueError(f"comparisons: {[first, second]} must be two different conditions of "
+                                 f"{list(self.conditions)}")
+        return self
 
     def recipes(self, train: TrainSettings) -> dict[str, TrainSettings]:
         """Each condition's settings: the recipe with the condition's changes."""
@@ -535,6 +558,10 @@ class Catalog(_Strict):
             raise ValueError(f"modalities.{register.reference}: the reference scan's space is 'reference'")
         if register.brain_mask is not None and self.modalities[register.brain_mask].kind != "mask":
             raise ValueError(f"modalities.{register.brain_mask}: register.brain_mask needs kind 'mask'")
+        clashing = sorted(set(register.compared_modalities()) & set(self.modalities))
+        if clashing:
+            raise ValueError(f"register.compare: {clashing} would be the reference registered another way, but are "
+                             "modalities of their own; rename them")
 
     def _check_imported_relevance(self) -> None:
         trained = set(self.ensembles())
@@ -550,8 +577,10 @@ class Catalog(_Strict):
                                      f"{list(self.modalities)}")
 
     def store_modalities(self) -> list[str]:
-        """The modalities of ``images.zarr``: those read from files and those derived in the store."""
-        return [*self.modalities, *self.ingest.fill_lesions]
+        """The modalities of ``images.zarr``: those read from files (with the reference registered by each of
+        ``register.compare``) and those derived in the store."""
+        compared = self.registration.compared_modalities() if self.registration is not None else {}
+        return [*self.modalities, *compared, *self.ingest.fill_lesions]
 
     def ensemble_names(self) -> list[str | None]:
         """Every ensemble with relevance maps: the trained ones (``None``: a single unnamed one) and the imported."""
@@ -738,8 +767,22 @@ def _resolve_paths(catalog: Catalog, base: Path) -> Catalog:
                   if spec.labels not in (None, "freesurfer") else spec for name, spec in catalog.modalities.items()}
     update = {"workspace": resolve(catalog.workspace), "cohort": cohort, "atlas": resolve_atlas(catalog.atlas),
               "modalities": modalities}
-    if catalog.train is not None and catalog.train.finetune_from is not None:
-        update["train"] = catalog.train.model_copy(update={"finetune_from": resolve(catalog.train.finetune_from)})
+    def resolve_changes(changes: dict[str, Any]) -> dict[str, Any]:
+        """A named ensemble's or an experiment condition's changes, their fine-tuning source resolved."""
+        if changes.get("finetune_from") is None:
+            return changes
+        return {**changes, "finetune_from": str(resolve(Path(changes["finetune_from"])))}
+
+    if catalog.train is not None:
+        train = {"ensembles": {name: resolve_changes(changes) for name, changes in catalog.train.ensembles.items()}
+                 } if catalog.train.ensembles else {}
+        if catalog.train.finetune_from is not None:
+            train["finetune_from"] = resolve(catalog.train.finetune_from)
+        update["train"] = catalog.train.model_copy(update=train)
+    if catalog.experiments:
+        update["experiments"] = [experiment.model_copy(update={"conditions": {
+            name: resolve_changes(changes) for name, changes in experiment.conditions.items()}})
+            for experiment in catalog.experiments]
     if catalog.registration is not None and catalog.registration.template != BUNDLED_TEMPLATE:
         register = catalog.registration
         update["registration"] = register.model_copy(update={

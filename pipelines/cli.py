@@ -100,23 +100,27 @@ def synth(
     voxel_size: Annotated[float, typer.Option(min=0.5, max=12, help="isotropic voxel size in mm")] = 4.0,
     seed: Annotated[int, typer.Option(min=0, help="random seed")] = 0,
     sessions: Annotated[int, typer.Option(min=1, max=9, help="1 to this many BIDS sessions per participant")] = 1,
-    patients: Annotated[float, typer.Option(min=0, max=0.99, help="share of participants with an Alzheimer-like "
-                                            "diagnosis (AD; the others CN)")] = 0.0,
+    patients: Annotated[float, typer.Option(min=0, max=0.99, help="share of participants who are patients "
+                                            "(diagnosis AD or MS by --disease; the others CN)")] = 0.0,
+    disease: Annotated[str, typer.Option(help="the patients' disease: alzheimer (medial temporal atrophy) or ms "
+                                         "(periventricular and callosal lesions, enlarged ventricles)")] = "alzheimer",
     workers: Annotated[int, typer.Option(min=1, help="local Dask worker processes")] = 2,
     overwrite: Annotated[bool, typer.Option(help="delete what OUT_DIR holds first")] = False,
 ) -> None:
     """Generate a synthetic cohort with planted age effects (BIDS-like files)."""
     from cluster import LocalProfile
-    from engine.data.synth import generate_cohort
+    from engine.data.synth import DISEASES, generate_cohort
     from engine.tasks import Execution
     from pipelines.runner import progress_bar, progress_callback
 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         _fail(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    if disease not in DISEASES:
+        _fail(f"--disease must be one of {', '.join(sorted(DISEASES))}, got {disease!r}")
     with LocalProfile(n_workers=workers).start() as cluster, progress_bar(console) as bar:
         execution = Execution(cluster.client, progress_callback(bar, "synth"))
         table = generate_cohort(out_dir, subjects, voxel_size, seed, execution=execution, overwrite=overwrite,
-                                max_sessions=sessions, patients=patients)
+                                max_sessions=sessions, patients=patients, disease=disease)
     scans = f" ({len(table)} scans in ses- folders, sessions tables per participant)" if sessions > 1 else ""
     console.print(f"{subjects} participants{scans} in {out_dir} (participants.tsv, planted_effects.json, "
                   "mask.nii.gz)")

@@ -103,9 +103,15 @@ def _file_problems(catalog: Catalog) -> list[Problem]:
         for key, path in (("template", Path(register.template)), ("template_mask", register.template_mask)):
             if path is not None and not path.is_file():
                 problems.append((f"register.{key}", f"{path} does not exist"))
-    finetune_from = catalog.train.finetune_from if catalog.train is not None else None
-    if finetune_from is not None and not finetune_from.exists():
-        problems.append(("train.finetune_from", f"{finetune_from} does not exist"))
+    sources = {"train.finetune_from": catalog.train.finetune_from} if catalog.train is not None else {}
+    if catalog.train is not None:
+        sources.update({f"train.ensembles.{name}.finetune_from": changes.get("finetune_from")
+                        for name, changes in (catalog.train.ensembles or {}).items()})
+    sources.update({f"experiments.{experiment.name}.conditions.{name}.finetune_from": changes.get("finetune_from")
+                    for experiment in catalog.experiments or [] for name, changes in experiment.conditions.items()})
+    problems += [(field, f"{source} does not exist (the models folder of the workspace it was trained in; run "
+                         "that catalog first)")
+                 for field, source in sources.items() if source is not None and not Path(source).exists()]
     if catalog.explain is not None and catalog.explain.truth is not None and not catalog.explain.truth.is_file():
         problems.append(("explain.truth", f"{catalog.explain.truth} does not exist"))
     return problems

@@ -50,7 +50,7 @@ from engine.models.ensembles import (
     combine_folds,
     train_ensembles,
 )
-from engine.models.experiments import DEFAULT_METRIC, compare_conditions, experiment_runs, run_experiment
+from engine.models.experiments import DEFAULT_METRIC, Recipe, compare_conditions, experiment_runs, run_experiment
 from engine.models.relevance import explain, import_relevance, open_relevance, relevance_key
 from engine.models.splits import cross_fitting_splits, read_split, stratified_split
 from engine.outputs.report import build_report
@@ -106,7 +106,7 @@ class SynthStage(Stage):
         generated = self.produce(out, settings.model_dump(exclude_none=True), {}, lambda partial: synth.generate_cohort(
             partial, settings.subjects, settings.voxel_size, settings.seed, execution=execution,
             native_voxel_size=settings.native_voxel_size, max_sessions=settings.sessions or 1,
-            patients=settings.patients or 0.0))
+            patients=settings.patients or 0.0, disease=settings.disease or "alzheimer"))
         return {"cohort": str(out), "subjects": settings.subjects, "generated": settings.subjects if generated else 0}
 
     def status(self, layout: Layout) -> str | None:
@@ -183,7 +183,10 @@ class IngestStage(Stage):
             usable = set(inputs.scan_ids(qc[~qc["diverged"]]))
             participants = participants[pd.Index(inputs.scan_ids(participants)).isin(usable)].reset_index(drop=True)
             folder = "{participant_id}_{session_id}" if "session_id" in participants else "{participant_id}"
-            modalities = [inputs.Modality(m.name, f"{folder}/{m.name}.nii.gz", m.dtype) for m in modalities]
+            names = [*(m.name for m in modalities), *catalog.registration.compared_modalities()]
+            dtypes = {m.name: m.dtype for m in modalities}
+            modalities = [inputs.Modality(name, f"{folder}/{name}.nii.gz", dtypes.get(name, "float32"))
+                          for name in names]
             unlisted = "ignore"  # folders of participants left out this run
         result = store.ingest(
             catalog.layout.images, participants, root, modalities,
@@ -709,11 +712,13 @@ class ExperimentStage(Stage):
                 recipe.split.seed + repeat for repeat in range(settings.repeats)]
             splits = [stratified_split(participants, recipe.split.model_copy(update={"seed": seed}), stratify)
                       for seed in seeds]
-            runs = experiment_runs(files, {name: (recipe.member_config(), recipe.members, recipe.bias_correction)
-                                                for name, recipe in recipes.items()}, splits, settings.same_split)
+            runs = experiment_runs(files, {name: Recipe(recipe.member_config(), settings.members or recipe.members,
+                                                        recipe.bias_correction,
+                                                        _baseline_features(catalog.layout, recipe.baseline_features))
+                                           for name, recipe in recipes.items()}, splits, settings.same_split)
             results = run_experiment(catalog.layout.images, runs, execution)
             metric = settings.metric or DEFAULT_METRIC[recipe.task]
-            comparisons = compare_conditions(results, metric, conditions=list(recipes))
+            comparisons = compare_conditions(results, metric, conditions=list(recipes), pairs=settings.comparisons)
             for table, path in ((results, files.results), (comparisons, files.comparisons)):
                 with atomic_output(path) as partial:
                     table.to_parquet(partial, index=False)

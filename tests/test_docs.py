@@ -113,6 +113,14 @@ def test_the_commands_shown_run():
         assert result.exit_code == 0, (catalog, result.stderr)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "docs").glob("catalog-*.yaml")), ids=lambda path: path.stem)
+def test_every_catalog_in_docs_is_a_valid_catalog(path):
+    """The variants' catalogs parse and pass the schema's checks (the MS catalog's fine-tuning source is another
+    workspace's models, which validate checks once that catalog has run)."""
+    catalog, _ = load_catalog(path)
+    assert catalog.workspace.parent == REPO / "workspace"
+
+
 @pytest.mark.slow
 def test_status_as_the_pages_show_it(demo_workspace):
     shown = [line for path in DOCUMENTS for block in blocks(path, "bash") for line in block.splitlines()

@@ -79,6 +79,16 @@ def test_paired_wilcoxon_and_its_effect_sizes_equal_scipy_and_hand_counts():
                           "member": "ensemble", "metric": "mae", "value": np.r_[first, second]})
     compared = compare_conditions(table, "mae").iloc[0]
     assert compared["p"] == pytest.approx(reference.pvalue) and compared["p_holm"] == pytest.approx(reference.pvalue)
+    third = first + rng.normal(0.1, 1.0, 12)
+    table = pd.concat([table, table[table.condition == "a"].assign(condition="c", value=third)], ignore_index=True)
+    declared = compare_conditions(table, "mae", pairs=[("a", "c"), ("a", "b")])
+    assert list(zip(declared["first"], declared["second"], strict=True)) == [("a", "c"), ("a", "b")]
+    p_values = [stats.wilcoxon(third, first).pvalue, reference.pvalue]
+    smaller, larger = sorted(p_values)
+    holm = {smaller: min(1, 2 * smaller), larger: min(1, max(2 * smaller, larger))}  # Holm by hand, two tests
+    assert declared["p_holm"].tolist() == pytest.approx([holm[p] for p in p_values])
+    with pytest.raises(ValueError, match=r"pairs name conditions \['d'\]"):
+        compare_conditions(table, "mae", pairs=[("a", "d")])
 
 
 @pytest.mark.parametrize(("conditions", "message"), [
@@ -92,3 +102,76 @@ def test_a_condition_that_names_an_unknown_setting_is_a_catalog_error(conditions
     result = cli("validate", catalog)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_a_conditions_fine_tuning_source_is_found_from_the_catalogs_folder(tmp_path):
+    """``finetune_from`` in a condition is a path relative to the catalog, like the train section's; one that does
+    not exist is named by validate with its condition."""
+    from pipelines.catalog import load_catalog
+
+    conditions = {"scratch": {"finetune_from": None}, "pretrained": {"finetune_from": "../other/models"}}
+    (tmp_path / "cat").mkdir()
+    catalog = write_catalog(tmp_path / "cat/catalog.yaml", train=TRAIN, explain=None, associate=None, features=None,
+                            experiments=[{"name": "transfer", "members": 2, "conditions": conditions}])
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "experiments.transfer.conditions.pretrained.finetune_from" in result.stderr
+    assert "does not exist" in result.stderr
+    (tmp_path / "other/models").mkdir(parents=True)
+    loaded = load_catalog(catalog)[0]
+    experiment = loaded.experiments[0]
+    recipes = experiment.recipes(loaded.train)
+    assert recipes["pretrained"].finetune_from == tmp_path / "other/models"
+    assert recipes["scratch"].finetune_from is None and experiment.members == 2
+
+
+def test_a_demo_disease_needs_patients(tmp_path):
+    catalog = write_catalog(tmp_path / "catalog.yaml", cohort={"demo": {"subjects": 8, "disease": "ms"}})
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "cohort.demo.disease needs patients" in result.stderr
+    result = cli("synth", tmp_path / "out", "--subjects", "2", "--patients", "0.5", "--disease", "flu")
+    assert result.exit_code == 1 and "--disease must be one of alzheimer, ms, got 'flu'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_declared_comparisons_name_two_of_the_conditions(tmp_path):
+    experiment = {"name": "x", "conditions": {"a": {}, "b": {"input_scaling": "minmax"}},
+                  "comparisons": [["a", "c"]]}
+    catalog = write_catalog(tmp_path / "catalog.yaml", train=TRAIN, explain=None, associate=None, features=None,
+                            experiments=[experiment])
+    result = cli("validate", catalog)
+    assert result.exit_code == 1 and "comparisons: ['a', 'c'] must be two different conditions of ['a', 'b']" in \
+        result.stderr
+
+
+def test_the_experiment_stage_in_this_process_tests_the_declared_pairs(tiny_cohort, tiny_store, tmp_path):
+    """The stage with inline execution: every (condition, repeat) trained on that repeat's split, the declared
+    pair tested with scipy's Wilcoxon over the repeats, and status naming each condition's mean."""
+    import shutil
+
+    from engine.tasks import INLINE
+    from pipelines.catalog import load_catalog
+    from pipelines.stages import ExperimentStage
+
+    train = {**TRAIN, "epochs": 1}
+    experiment = {"name": "scaling", "repeats": 2, "conditions": {"zscore": {}, "minmax": {"input_scaling": "minmax"},
+                                                                   "max": {"input_scaling": "max"}},
+                  "comparisons": [["zscore", "minmax"]]}
+    catalog, _ = load_catalog(write_catalog(tmp_path / "catalog.yaml", workspace=str(tmp_path / "ws"),
+                                            cohort={"directory": str(tiny_cohort), "mask": "mask.nii.gz"},
+                                            train=train, features=None, explain=None, associate=None, report=None,
+                                            experiments=[experiment]))
+    shutil.copytree(tiny_store, catalog.layout.images)
+    summary = ExperimentStage().run(catalog, INLINE)
+    assert set(summary["experiments"]["scaling"]) == {"metric", "zscore", "minmax", "max"}
+    files = catalog.layout.experiment("scaling")
+    results = pd.read_parquet(files.results)
+    ensemble = results[(results.member == "ensemble") & (results.metric == "mae")]
+    assert len(ensemble) == 6 and set(results["member"]) >= {"0", "ensemble", "ridge_voxels"}
+    comparisons = pd.read_parquet(files.comparisons)
+    assert comparisons[["first", "second"]].values.tolist() == [["zscore", "minmax"]]
+    pivot = ensemble.pivot(index="repeat", columns="condition", values="value")
+    assert comparisons["p"].iloc[0] == pytest.approx(stats.wilcoxon(pivot["minmax"], pivot["zscore"]).pvalue)
+    status = ExperimentStage().status(catalog.layout)
+    mean = pivot["zscore"].mean()
+    assert "mae over 2 repeats:" in status and f"zscore {mean:.3f} ± {pivot['zscore'].std():.3f}" in status

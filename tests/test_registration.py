@@ -162,6 +162,39 @@ def test_unregistered_arm_equals_nilearn_resampling(tmp_path, template_brain):
     assert np.all(nib.load(layout.participant("sub-01").jacobian).get_fdata() == 1)
 
 
+def test_compared_transforms_are_the_reference_registered_as_bare_ants_does_it(tmp_path, template_brain):
+    """``compare``: the reference scan also on the grid by other transforms, as modalities T1_<transform>; rigid
+    equals ``ants.registration`` + ``ants.apply_transforms`` called directly, none equals nilearn's resampling, and
+    on a head planted 8 % larger and turned, the affine (the main transform) fits the template best, then rigid,
+    then none."""
+    import ants
+
+    from engine.data.registration import _ants_environment
+
+    pose = random_pose(np.random.default_rng(3), rotation_deg=8, scale=(1.08, 1.08), shift_mm=6)
+    native_scan(template_brain["T1"], pose, 2.5).to_filename(tmp_path / "t1.nii.gz")
+    layout = RegisteredLayout(tmp_path / "registered")
+    settings = RegistrationSettings(transform="affine", compare=["rigid", "none"], voxel_size=4.0)
+    assert settings.compared_modalities() == {"T1_rigid": "rigid", "T1_none": "none"}
+    register_cohort(layout, {"sub-01": {"T1": tmp_path / "t1.nii.gz"}}, [Modality("T1", "")], settings)
+    participant = layout.participant("sub-01")
+    images = {name: nib.load(participant.image(name)).get_fdata() for name in ("T1", "T1_rigid", "T1_none")}
+    template = ants.image_read(str(layout.template))
+    with _ants_environment(settings.seed):
+        moving = ants.image_read(str(tmp_path / "t1.nii.gz"))
+        fit = ants.registration(fixed=template, moving=moving, type_of_transform="Rigid")
+        bare = ants.apply_transforms(fixed=template, moving=moving, transformlist=fit["fwdtransforms"]).numpy()
+    inside = nib.load(layout.mask).get_fdata() > 0
+    assert np.corrcoef(images["T1_rigid"][inside], bare[inside])[0, 1] > 0.999
+    reference = resample_to_img(nib.load(tmp_path / "t1.nii.gz"), nib.load(layout.mask), interpolation="linear",
+                                force_resample=True, copy_header=True).get_fdata()
+    assert np.abs(images["T1_none"] - reference)[inside].max() < 1e-3 * np.abs(reference).max()
+    fits = {name: np.corrcoef(image[inside], template.numpy()[inside])[0, 1] for name, image in images.items()}
+    assert fits["T1"] > fits["T1_rigid"] > fits["T1_none"], fits
+    with pytest.raises(ValueError, match="compare: transforms other than the transform"):
+        RegistrationSettings(transform="affine", compare=["affine"])
+
+
 def test_ants_images_match_antspys_own_nibabel_reader():
     rng = np.random.default_rng(3)
     affine = random_pose(rng) @ np.diag([1.2, 0.9, 2.0, 1.0])
@@ -370,6 +403,11 @@ def test_catalog_checks_the_register_section_with_its_fields(tmp_path):
         cohort={"demo": {"subjects": 4, "native_voxel_size": 2.0}})
     assert "register.brain_mask needs kind 'mask'" in errors(
         register={"brain_mask": "BM"}, modalities={"T1": "{participant_id}_T1.nii.gz", "BM": "{participant_id}_m.nii"})
+    assert "register.compare: ['T1_none'] would be the reference registered another way" in errors(
+        register={"compare": ["none"]}, modalities={"T1": "{participant_id}_T1.nii.gz",
+                                                    "T1_none": "{participant_id}_T1_raw.nii.gz"})
+    assert "train.modalities[0]: 'T1_rigid' is not one of the modalities" in errors(
+        register={"compare": ["none"]}, train={"modalities": ["T1_rigid"]})
     catalog, _ = load_catalog(Path(__file__).parents[1] / "docs" / "catalog-native.yaml")
     assert catalog.registration.transform == "syn" and catalog.modalities["FLAIR"].space == "own"
 

@@ -22,7 +22,14 @@ from engine import open_workspace
 from engine.data.masker import Masker
 from engine.layout import Layout
 from engine.outputs.browser import browser_check, screenshot_sections
-from engine.outputs.report import OPTIONAL_SECTIONS, SECTIONS, _mean_map_figure, _robust_limit, build_report
+from engine.outputs.report import (
+    OPTIONAL_SECTIONS,
+    SECTIONS,
+    _mean_map_figure,
+    _robust_limit,
+    build_report,
+    individual_patients,
+)
 from engine.tasks import INLINE
 from pipelines.catalog import load_catalog
 from pipelines.stages import ReportStage
@@ -221,6 +228,13 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
     for name, rows in expected.items():  # a group map for each outcome that occurs, none for the others
         assert (f"{name} (n={rows.sum()})" in html) == bool(rows.any()), name
     assert all(spread(image) > 0.01 for image in embedded_images(html))
+    true_positives = predictions[positive & called].sort_values("p_M", ascending=False).head(4)
+    ws = open_workspace(workspace)
+    chosen = individual_patients(ws, ws.relevance)
+    assert list(chosen) == list(true_positives["participant_id"])
+    assert all(f"(p_M {p:.2f})" in chosen[pid] for pid, p in zip(true_positives["participant_id"],
+                                                                   true_positives["p_M"], strict=True))
+    assert (f"Individual patients: the {len(true_positives)} true positives" in html) == bool(len(true_positives))
 
 
 @pytest.mark.slow

@@ -294,3 +294,46 @@ def test_an_alzheimer_like_cohort_plants_atrophy_in_patients_that_grows_over_the
     fit = smf.ols("gm ~ age + C(diagnosis, Treatment('CN'))", scans.assign(gm=gm)).fit()
     effect = fit.params["C(diagnosis, Treatment('CN'))[T.AD]"]
     assert effect < 0 and fit.pvalues["C(diagnosis, Treatment('CN'))[T.AD]"] < 0.05
+
+
+def test_an_ms_cohort_plants_periventricular_and_callosal_lesions_in_patients(tmp_path):
+    """``disease: ms``: diagnosis MS or CN, ages 20–60, and in patients lesions that the WMH masks hold (many more
+    voxels than the controls'), lie by the lateral ventricles and the midline more than white matter does, and are
+    bright in FLAIR, and larger lateral ventricles at the same age — measured on the written files with nibabel,
+    scipy and statsmodels."""
+    table = generate_cohort(tmp_path / "ms", 16, voxel_size=4.0, seed=3, patients=0.5, disease="ms")
+    assert set(table["diagnosis"]) == {"MS", "CN"} and table["age"].between(20, 60).all()
+    planted = pd.read_csv(tmp_path / "ms/planted_effects.tsv", sep="\t").set_index("participant_id")
+    assert (planted.loc[planted.diagnosis == "CN", "ms_lesions"] == 0).all()
+    assert (planted.loc[planted.diagnosis == "MS", "ms_lesions"] >= 2).all()
+    cohort, rows = tmp_path / "ms", []
+    for pid in table.participant_id:
+        lesions = load(cohort, "WMH", pid) > 0
+        labels = np.asarray(load(cohort, "APARC_ASEG", pid))
+        image = nib.load(cohort / MODALITY_PATHS["WMH"].format(participant_id=pid))
+        voxel = float(abs(image.affine[0, 0]))
+        ventricle_mm = ndimage.distance_transform_edt(~np.isin(labels, (4, 43)), sampling=voxel)
+        x_mm = nib.affines.apply_affine(image.affine, np.argwhere(np.ones(labels.shape, bool)))[:, 0].reshape(
+            labels.shape)
+        white = np.isin(labels, (2, 41, 77))
+        flair = load(cohort, "FLAIR", pid)
+        rows.append({"participant_id": pid, "voxels": int(lesions.sum()),
+                     "near_ventricles": (ventricle_mm[lesions] <= 8).mean() if lesions.any() else np.nan,
+                     "white_near_ventricles": (ventricle_mm[white] <= 8).mean(),
+                     "midline": (np.abs(x_mm[lesions]) < 10).mean() if lesions.any() else np.nan,
+                     "white_midline": (np.abs(x_mm[white]) < 10).mean(),
+                     "contrast": flair[lesions].mean() / flair[white & ~lesions].mean() if lesions.any() else np.nan,
+                     "ventricles": int(np.isin(labels, (4, 43)).sum())})
+    measured = pd.DataFrame(rows).set_index("participant_id").join(planted["diagnosis"])
+    patients, controls = measured[measured.diagnosis == "MS"], measured[measured.diagnosis == "CN"]
+    assert stats.mannwhitneyu(patients["voxels"], controls["voxels"], alternative="greater").pvalue < 0.01
+    assert (patients["near_ventricles"] > patients["white_near_ventricles"]).all()
+    assert patients["midline"].mean() > 2 * patients["white_midline"].mean()
+    assert (patients["contrast"] > 1.1).all()
+    import statsmodels.formula.api as smf
+
+    fit = smf.ols("ventricles ~ age + C(diagnosis, Treatment('CN'))", measured.join(planted["age"])).fit()
+    effect = "C(diagnosis, Treatment('CN'))[T.MS]"  # atrophy: larger ventricles at the same age
+    assert fit.params[effect] > 0 and fit.pvalues[effect] < 0.1  # 16 participants
+    record = json.loads((cohort / "planted_effects.json").read_text())
+    assert [effect["kind"] for effect in record["effects"]].count("ms_lesions") == 1

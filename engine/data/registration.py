@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from isal import igzip
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.data.grid import MNI_SPACE, Grid, mni_grid
 from engine.data.inputs import InputError, Modality, load_image, scan_ids, spatial_shape
@@ -78,6 +78,9 @@ class RegistrationSettings(BaseModel):
     reference: str = Field("T1", description="the modality the transforms are estimated from")
     transform: Literal["none", "rigid", "affine", "syn"] = Field(
         "syn", description="none: resampled into the template box by the scanner affine only")
+    compare: list[Literal["none", "rigid", "affine", "syn"]] = Field(
+        [], description="the reference scan also brought onto the grid by these transforms, each as a modality of "
+        "its own, <reference>_<transform> (e.g. T1_affine): the registration study's conditions")
     voxel_size: float = Field(2.0, gt=0, le=12, description="isotropic voxel size of the output grid in mm")
     skull_strip: Literal["none", "deepbet"] = Field(
         "none", description="deepbet: extract the brain from the reference scan first; none: scans are "
@@ -93,6 +96,18 @@ class RegistrationSettings(BaseModel):
                                    "the registration diverged; the participant is left out")
     seed: int = Field(1, ge=1, description="ANTs' random seed (sampling of the metric; nonzero: ANTs takes 0 as "
                       "the clock); one ITK thread per task")
+
+    @field_validator("compare")
+    @classmethod
+    def _other_transforms(cls, compare: list[str], info) -> list[str]:
+        if len(set(compare)) != len(compare) or info.data.get("transform") in compare:
+            raise ValueError(f"compare: transforms other than the transform ({info.data.get('transform')}), each "
+                             f"once; got {compare}")
+        return compare
+
+    def compared_modalities(self) -> dict[str, str]:
+        """The modalities :attr:`compare` adds: name → transform."""
+        return {f"{self.reference}_{transform}": transform for transform in self.compare}
 
     @property
     def space_name(self) -> str:
@@ -372,6 +387,10 @@ def _register(job: RegistrationJob) -> dict:
                 values = values * jacobian
             nib.Nifti1Image(values.astype(modality.dtype if modality.kind in ("label", "mask") else np.float32),
                             grid.affine).to_filename(out.image(name))
+        for name, transform in settings.compared_modalities().items():
+            compared = _register_reference(template, moving, transform, f"{scratch}/{transform}_", pid, reference_file,
+                                           settings.reference)
+            nib.Nifti1Image(compared.numpy().astype(np.float32), grid.affine).to_filename(out.image(name))
         nib.Nifti1Image(jacobian.astype(np.float32), grid.affine).to_filename(out.jacobian)
         nib.Nifti1Image(brain_on_grid.astype(np.uint8), grid.affine).to_filename(out.brain_mask)
         out.native_grid.write_text(json.dumps({"shape": list(native.shape[:3]), "affine": native.affine.tolist(),
@@ -381,6 +400,21 @@ def _register(job: RegistrationJob) -> dict:
         out.qc.write_text(json.dumps(qc))
     mark_current(registered.participant(pid).root, job.key)
     return qc
+
+
+def _register_reference(template, moving, transform: str, prefix: str, pid: str, path: Path, reference: str):
+    """The reference scan on the template grid by ``transform`` (one of :attr:`RegistrationSettings.compare`)."""
+    import ants
+
+    if transform == "none":
+        return _apply(template, moving, [], "intensity")
+    try:
+        result = ants.registration(fixed=template, moving=moving, outprefix=prefix,
+                                   type_of_transform=TRANSFORMS[transform])
+    except Exception as error:
+        raise InputError(f"{reference}: registration ({transform}) failed ({type(error).__name__}: {error})",
+                         pid, path) from None
+    return _apply(template, moving, result["fwdtransforms"], "intensity")
 
 
 def _brain_mask(native: nib.spatialimages.SpatialImage, job: RegistrationJob) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,24 +28,33 @@ DEFAULT_METRIC = {"regression": "mae", "classification": "roc_auc"}
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """What a condition trains: its members' config and number, where a brain-age bias is fitted, and a two-class
+    classification's per-scan feature table for the feature baselines (or None)."""
+
+    config: TrainingConfig
+    members: int
+    bias_correction: str = "validation"
+    baseline_features: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
 class ExperimentRun:
-    """One condition's ensemble on one repeat: its members' config, ensemble size, split and folder."""
+    """One condition's ensemble on one repeat: its recipe, split and folder."""
 
     condition: str
     repeat: int
-    config: TrainingConfig
-    members: int
+    recipe: Recipe
     split: pd.Series
     out_dir: Path
-    bias_correction: str = "validation"
 
 
 def run_experiment(store: str | Path, runs: Sequence[ExperimentRun], execution: Execution = INLINE) -> pd.DataFrame:
     """Train every run's members as one pool of tasks (members already trained are kept) and return the tidy
     results: condition, repeat, member (the members and ``ensemble``, and the baselines), split, metric, value —
     test-split metrics only."""
-    jobs = [EnsembleJob(store, run.config, run.members, run.out_dir, run.split, run.bias_correction)
-            for run in runs]
+    jobs = [EnsembleJob(store, run.recipe.config, run.recipe.members, run.out_dir, run.split,
+                        run.recipe.bias_correction, run.recipe.baseline_features) for run in runs]
     results = train_ensembles(jobs, execution)
     rows = []
     for run, result in zip(runs, results, strict=True):
@@ -58,36 +67,42 @@ def run_experiment(store: str | Path, runs: Sequence[ExperimentRun], execution: 
 
 
 def compare_conditions(results: pd.DataFrame, metric: str, member: str = ENSEMBLE,
-                       conditions: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per pair of conditions (in order), the paired Wilcoxon signed-rank test of ``member``'s ``metric`` over the
-    repeats both have (:func:`~engine.analysis.stats.paired_wilcoxon`: second − first, rank-biserial effect size,
-    Hodges–Lehmann shift with its 95 % CI), and Holm's correction over the pairs (the declared family)."""
+                       conditions: Sequence[str] | None = None,
+                       pairs: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Per pair of conditions, the paired Wilcoxon signed-rank test of ``member``'s ``metric`` over the repeats both
+    have (:func:`~engine.analysis.stats.paired_wilcoxon`: second − first, rank-biserial effect size,
+    Hodges–Lehmann shift with its 95 % CI), and Holm's correction over the pairs (the declared family): ``pairs``,
+    or every pair of ``conditions`` in order (default: the results' conditions)."""
     chosen = results[(results["metric"] == metric) & (results["member"] == member)]
     if chosen.empty:
         raise ValueError(f"no {metric!r} of member {member!r} in the results (metrics: "
                          f"{sorted(results['metric'].unique())})")
     by_repeat = chosen.pivot_table(index="repeat", columns="condition", values="value")
     names = list(conditions) if conditions is not None else list(dict.fromkeys(chosen["condition"]))
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(names, 2))
+    unknown = sorted({name for pair in pairs for name in pair} - set(by_repeat.columns))
+    if unknown:
+        raise ValueError(f"pairs name conditions {unknown} without {metric!r} results (conditions: "
+                         f"{sorted(by_repeat.columns)})")
     rows = []
-    for first, second in itertools.combinations(names, 2):
-        pairs = by_repeat[[first, second]].dropna()
+    for first, second in pairs:
+        paired = by_repeat[[first, second]].dropna()
         rows.append({"metric": metric, "member": member, "first": first, "second": second,
-                     **paired_wilcoxon(pairs[first], pairs[second])})
+                     **paired_wilcoxon(paired[first], paired[second])})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_holm"] = multipletests(table["p"], method="holm")[1]
     return table
 
 
-def experiment_runs(files: ExperimentLayout, conditions: dict[str, tuple[TrainingConfig, int, str]],
-                    splits: list[pd.Series], same_split: bool = False) -> list[ExperimentRun]:
-    """Every (condition, repeat) run into its folder of ``files``: condition → (config, members, bias correction);
-    ``splits`` one per repeat. ``same_split`` (robustness over retrainings): one split, each repeat a new seed of
-    the members."""
+def experiment_runs(files: ExperimentLayout, conditions: dict[str, Recipe], splits: list[pd.Series],
+                    same_split: bool = False) -> list[ExperimentRun]:
+    """Every (condition, repeat) run into its folder of ``files``: condition → recipe; ``splits`` one per repeat.
+    ``same_split`` (robustness over retrainings): one split, each repeat a new seed of the members."""
     runs = []
-    for condition, (config, members, bias_correction) in conditions.items():
+    for condition, recipe in conditions.items():
         for repeat, split in enumerate(splits):
-            seeded = config.model_copy(update={"seed": config.seed + repeat}) if same_split else config
-            runs.append(ExperimentRun(condition, repeat, seeded, members, split, files.run(condition, repeat).root,
-                                      bias_correction))
+            seeded = replace(recipe, config=recipe.config.model_copy(update={"seed": recipe.config.seed + repeat})
+                             ) if same_split else recipe
+            runs.append(ExperimentRun(condition, repeat, seeded, split, files.run(condition, repeat).root))
     return runs

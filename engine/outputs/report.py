@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from engine.analysis import mask_relevance
 from engine.analysis.association import Term
 from engine.analysis.atlas import fsaverage_labels, region_gain, region_reduce
-from engine.data.inputs import scan_id
+from engine.data.inputs import scan_id, scan_ids
 from engine.data.labels import label_table
 from engine.layout import atomic_output
 from engine.models.ensembles import ENSEMBLE
@@ -447,6 +447,11 @@ def _relevance(ws: Workspace, methods, age_bands: list[float], top_k: int) -> li
                              f"Mean relevance by {groups.kind}: {', '.join(groups.masks)}"))
     else:
         parts.append(_note("No groups to compare (no age coordinate or classification predictions)."))
+    patients = individual_patients(ws, relevance)
+    if patients:
+        parts.append(_figure(_individual_figure(ws, maps, patients, methods),
+                             f"Individual patients: the {len(patients)} true positives called with the highest "
+                             "probability, each map thresholded at its own 95th percentile of |R|"))
     atlas = ws.atlas()
     parts.append(f"<p>Top {top_k} regions of the {html.escape(atlas.name)} atlas by mean region sum, density "
                  f"(sum per voxel) and gain of |R| ({html.escape(groups.gain_description)}).</p>")
@@ -465,6 +470,35 @@ def explanation_groups(ws: Workspace, relevance, age_bands: list[float]) -> Subj
     age = relevance.age.values if "age" in relevance.coords else None
     groups = subject_groups(relevance.subject.values, age, predictions, age_bands)
     return replace(groups, masks={f"{name} (n={mask.sum()})": mask for name, mask in groups.masks.items()})
+
+
+def individual_patients(ws: Workspace, relevance, count: int = 4) -> dict[str, str]:
+    """A binary classification's explained true positives with the highest ensemble probability of the positive
+    class (at most ``count``), as row label → caption; empty for other tasks."""
+    if ws.training is None or ws.training.task != "classification" or "outcome" not in ws.predictions:
+        return {}
+    ensemble = ws.predictions[ws.predictions.member == ENSEMBLE]
+    positive = [column for column in ensemble if column.startswith("p_")][-1]
+    rows = ensemble.assign(subject=scan_ids(ensemble))
+    rows = rows[(rows["outcome"] == "TP") & rows["subject"].isin(set(relevance.subject.values))]
+    chosen = rows.sort_values(positive, ascending=False).head(count)
+    return {row.subject: f"{row.subject} ({positive} {getattr(row, positive):.2f})" for row in chosen.itertuples()}
+
+
+def _individual_figure(ws: Workspace, maps, patients: dict[str, str], methods: list[str]):
+    from nilearn import plotting
+
+    fig, axes = _subplots(len(methods), len(patients), (2.6 * len(patients), 3.0 * len(methods)), squeeze=False)
+    for row, method in enumerate(methods):
+        for column, (subject, caption) in enumerate(patients.items()):
+            values = maps.sel(attribution=method, subject=subject).compute()
+            threshold, vmax = _robust_limit(values.values)
+            ax = axes[row, column]
+            ax.set_axis_off()
+            ax.set_title(f"{method}\n{caption}", fontsize=8)
+            plotting.plot_glass_brain(ws.to_nifti(values), axes=ax, display_mode="z", threshold=threshold, vmax=vmax,
+                                      vmin=-vmax, plot_abs=False, colorbar=False)
+    return fig
 
 
 def _robust_limit(values: np.ndarray) -> tuple[float, float]:

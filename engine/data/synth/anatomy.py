@@ -31,7 +31,10 @@ class PlantedEffects:
     participant's own rate varies log-normally with SD ``rate_variability``. ``ad_*_loss`` are the further
     fractions a patient (a cohort with ``patients``) has lost in :data:`AD_REGIONS` at their first scan (and
     ``ad_ventricle_dilation_mm`` their ventricles have grown), growing by ``ad_progression_per_year`` of that per
-    year after it. The ``*_sd
+    year after it. A multiple-sclerosis patient (a cohort with ``disease`` ms) has on average ``ms_lesions``
+    further lesions in periventricular white matter and the corpus callosum, and lateral ventricles grown by
+    ``ms_ventricle_dilation_mm`` (brain atrophy), both scaled by the patient's severity (log-normal with SD
+    ``ms_lesion_load_sd``). The ``*_sd
     fields set variation between people that is unrelated to age (regional volumes, baseline
     ventricle size, susceptibility to white-matter lesions and perivascular spaces, FA level,
     cortical surface area, head size, anatomy). The mean number of perivascular spaces is
@@ -62,6 +65,9 @@ class PlantedEffects:
     ad_temporal_loss: float = 0.25
     ad_ventricle_dilation_mm: float = 3.0
     ad_progression_per_year: float = 0.15
+    ms_lesions: float = 12.0
+    ms_lesion_load_sd: float = 0.6
+    ms_ventricle_dilation_mm: float = 2.0
 
 
 #: Neuromorphometrics labels of the Alzheimer-like atrophy planted in patients: hippocampus, amygdala, and the
@@ -229,13 +235,14 @@ def age_fraction(age: float) -> float:
 
 
 def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int, effects: PlantedEffects,
-                     disease_years: float | None = None) -> Anatomy:
+                     disease_years: float | None = None, ms_lesions: bool = False) -> Anatomy:
     """Deform the template into one participant and plant the age effects (and, with ``disease_years``, the years
-    since a patient's first scan, the Alzheimer-like atrophy).
+    since a patient's first scan, the Alzheimer-like atrophy; with ``ms_lesions``, a multiple-sclerosis patient's
+    lesions).
 
     Random draws come from the stream ``[seed, index, 1]``, the perivascular spaces from their
-    own ``[seed, index, 5]`` and a patient's atrophy from ``[seed, index, 8]`` (so adding them left the rest of
-    the anatomy as it was).
+    own ``[seed, index, 5]``, a patient's atrophy from ``[seed, index, 8]`` and MS lesions from ``[seed, index, 9]``
+    (so adding them left the rest of the anatomy as it was).
     """
     rng = np.random.default_rng([seed, index, 1])
     templates = smoothed_templates(float(grid.voxel_size.max()))
@@ -293,11 +300,16 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     wm = np.minimum(wm, 1 - gm)
 
     # Lateral ventricles grow outward by a distance that accelerates with age.
+    ms_severity = 0.0
+    if ms_lesions:  # lesion load and atrophy of a multiple-sclerosis patient grow together
+        ms_rng = np.random.default_rng([seed, index, 9])
+        ms_severity = latent["ms_severity"] = float(np.exp(ms_rng.normal(0, effects.ms_lesion_load_sd)))
     in_ventricle = np.isin(labels, LATERAL_VENTRICLES)
     voxel = float(grid.voxel_size.mean())
     own_size = max(0.0, effects.ventricle_size_sd_mm * (1 + rng.normal()))
     dilation = own_size + effects.ventricle_dilation_mm * max(t, 0) ** 1.5 * np.exp(
-        rng.normal(0, effects.rate_variability)) + effects.ad_ventricle_dilation_mm * severity
+        rng.normal(0, effects.rate_variability)) + effects.ad_ventricle_dilation_mm * severity \
+        + effects.ms_ventricle_dilation_mm * ms_severity
     latent["ventricle_dilation_mm"] = dilation
     distance = ndimage.distance_transform_edt(~in_ventricle, sampling=grid.voxel_size)
     ventricle = np.where(in_ventricle, 1.0, np.clip((dilation + voxel - distance) / voxel, 0, 1)) * brain
@@ -306,6 +318,9 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
 
     # White-matter hyperintensities: periventricular-weighted blobs, more and larger with age.
     lesion = _plant_lesions(rng, grid, world, wm, distance, participant.age, effects)
+    if ms_lesions:
+        ms_lesion, latent["ms_lesions"] = _plant_ms_lesions(ms_rng, grid, world, wm, distance, effects, ms_severity)
+        lesion = np.maximum(lesion, ms_lesion)
     latent["wmh_voxels"] = int((lesion >= 0.5).sum())
 
     # Perivascular spaces: fluid-filled tubes, more with age; part of their tissue becomes CSF.
@@ -349,6 +364,36 @@ def _plant_lesions(rng, grid, world, wm, ventricle_distance, age, effects) -> np
         distance = np.linalg.norm(world - center, axis=1).reshape(grid.shape)
         lesion = np.maximum(lesion, np.clip((radius + voxel / 2 - distance) / voxel, 0, 1))
     return lesion * (wm > 0.3)
+
+
+#: The corpus callosum as the MS lesions' second site: white matter this close to the midsagittal plane and to
+#: the lateral ventricles (mm).
+CALLOSAL_MIDLINE_MM = 10.0
+CALLOSAL_VENTRICLE_MM = 16.0
+
+
+def _plant_ms_lesions(rng, grid, world, wm, ventricle_distance, effects: PlantedEffects,
+                      severity: float) -> tuple[np.ndarray, int]:
+    """A multiple-sclerosis patient's lesions: 2 + Poisson(``ms_lesions`` × ``severity``) ovoid blobs of 2–5 mm
+    radius in white matter, their centres drawn mostly next to the lateral ventricles (weight e^(−d/5 mm)) and
+    three times as often in the corpus callosum (:data:`CALLOSAL_MIDLINE_MM`); returns the lesion probability and
+    the count."""
+    count = 2 + int(rng.poisson(effects.ms_lesions * severity))
+    distance = ventricle_distance.ravel()
+    candidates = np.flatnonzero((wm.ravel() > 0.6) & (distance < 30.0))
+    callosal = (np.abs(world[candidates, 0]) < CALLOSAL_MIDLINE_MM) & (distance[candidates] < CALLOSAL_VENTRICLE_MM)
+    weights = np.exp(-distance[candidates] / 5.0) * (1 + 3.0 * callosal)
+    lesion = np.zeros(grid.shape, np.float32)
+    if candidates.size == 0:
+        return lesion, 0
+    centers = world[rng.choice(candidates, size=count, p=weights / weights.sum())]
+    radii = rng.uniform(2.0, 5.0, count)
+    stretch = np.array([1.0, 1.4, 1.0])  # ovoid, longer front to back
+    voxel = float(grid.voxel_size.mean())
+    for center, radius in zip(centers, radii, strict=True):
+        distance_to = np.linalg.norm((world - center) / stretch, axis=1).reshape(grid.shape)
+        lesion = np.maximum(lesion, np.clip((radius + voxel / 2 - distance_to) / voxel, 0, 1))
+    return lesion * (wm > 0.3), count
 
 
 def _plant_pvs(rng, grid: Grid, world, labels, parenchyma, age, effects: PlantedEffects) -> tuple[np.ndarray, int]:

@@ -18,6 +18,8 @@ from engine.data.grid import Grid, mni_grid
 from engine.data.synth.anatomy import (
     AD_REGIONS,
     ATROPHY_REGIONS,
+    CALLOSAL_MIDLINE_MM,
+    CALLOSAL_VENTRICLE_MM,
     CEREBRAL_WHITE_MATTER,
     CORTEX_MIN_LABEL,
     LATERAL_VENTRICLES,
@@ -69,6 +71,12 @@ APARC_STATS_PATH = "derivatives/freesurfer/{participant_id}/stats/{hemi}.{parcel
 POSE_PATH = "derivatives/synth/{participant_id}/{participant_id}_pose.json"
 #: Ages of an Alzheimer-like cohort's participants at their first scan (uniform), as ADNI's.
 AD_COHORT_AGES = (55.0, 90.0)
+#: A cohort with patients: its disease → the patients' diagnosis label and the participants' ages at their first
+#: scan (uniform; an MS cohort's as Eitel et al. 2019's).
+DISEASES = {"alzheimer": ("AD", AD_COHORT_AGES), "ms": ("MS", (20.0, 60.0))}
+#: The disease's planted latents as a control has them (every scan of the cohort has the columns).
+_CONTROLS_LATENTS = {"alzheimer": {f"ad_{region}_loss": 0.0 for region in AD_REGIONS},
+                     "ms": {"ms_severity": 0.0, "ms_lesions": 0}}
 #: Follow-up intervals between a participant's sessions, in years (uniform).
 FOLLOW_UP_YEARS = (1.0, 4.0)
 
@@ -115,17 +123,19 @@ def _write(image: nib.spatialimages.SpatialImage, path: Path) -> None:
     partial.replace(path)
 
 
-def draw_diagnosis(seed: int, index: int, participant: Participant, patients: float) -> tuple[Participant, str]:
-    """In a cohort with ``patients`` (their share): participant ``index`` aged as ADNI's (55–90) and their
-    diagnosis, ``AD`` or ``CN``, from the stream ``[seed, index, 7]``."""
+def draw_diagnosis(seed: int, index: int, participant: Participant, patients: float,
+                   disease: str = "alzheimer") -> tuple[Participant, str]:
+    """In a cohort with ``patients`` (their share) of ``disease`` (:data:`DISEASES`): participant ``index`` aged as
+    the disease's cohort and their diagnosis (``AD`` or ``MS``, else ``CN``), from the stream ``[seed, index, 7]``."""
+    label, ages = DISEASES[disease]
     rng = np.random.default_rng([seed, index, 7])
-    aged = replace(participant, age=round(float(rng.uniform(*AD_COHORT_AGES)), 1))
-    return aged, "AD" if rng.random() < patients else "CN"
+    aged = replace(participant, age=round(float(rng.uniform(*ages)), 1))
+    return aged, label if rng.random() < patients else "CN"
 
 
 def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
                       native_voxel_size: float | None = None, max_sessions: int = 1,
-                      patients: float = 0.0) -> list[dict]:
+                      patients: float = 0.0, disease: str = "alzheimer") -> list[dict]:
     """Simulate and write every file of participant ``index``; return the demographics and latents of each scan.
 
     With ``native_voxel_size`` the images are written as native scans (:func:`native_scan`): each
@@ -137,31 +147,34 @@ def write_participant(out_dir: Path, grid: Grid, seed: int, index: int, effects:
     sessions table; each is the same head (the same draws) at the session's age, so the planted ageing happens
     within the person, with the scanner's noise and (for lesions) the lesions drawn anew.
 
-    ``patients`` > 0: an Alzheimer-like cohort (:func:`draw_diagnosis`), the patients' atrophy planted in
-    :data:`~engine.data.synth.anatomy.AD_REGIONS` and progressing over their sessions.
+    ``patients`` > 0: a cohort with that share of patients (:func:`draw_diagnosis`): for ``disease`` alzheimer
+    their atrophy planted in :data:`~engine.data.synth.anatomy.AD_REGIONS` and progressing over their sessions; for
+    ms their lesions in periventricular white matter and the corpus callosum (in FLAIR, T1 and the WMH mask).
     """
     participant, diagnosis = draw_participant(seed, index), None
     if patients:
-        participant, diagnosis = draw_diagnosis(seed, index, participant, patients)
+        participant, diagnosis = draw_diagnosis(seed, index, participant, patients, disease)
     if max_sessions == 1:
         return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size, participant,
-                            diagnosis=diagnosis)]
+                            diagnosis=diagnosis, disease=disease)]
     sessions = draw_sessions(seed, index, participant, max_sessions)
     folder = out_dir / participant.participant_id
     folder.mkdir(parents=True, exist_ok=True)
     sessions.to_csv(folder / f"{participant.participant_id}_sessions.tsv", sep="\t", index=False)
     return [_write_scan(out_dir, grid, seed, index, effects, native_voxel_size,
                         replace(participant, age=float(row.age)), (number, row.session_id), diagnosis,
-                        float(row.age) - participant.age)
+                        float(row.age) - participant.age, disease)
             for number, row in enumerate(sessions.itertuples())]
 
 
 def _write_scan(out_dir: Path, grid: Grid, seed: int, index: int, effects: PlantedEffects,
                 native_voxel_size: float | None, participant: Participant,
-                session: tuple[int, str] | None = None, diagnosis: str | None = None, years: float = 0.0) -> dict:
+                session: tuple[int, str] | None = None, diagnosis: str | None = None, years: float = 0.0,
+                disease: str = "alzheimer") -> dict:
     """One scan's files (the participant's only one, or ``session`` = (number, label), ``years`` after the first)
-    of a participant with ``diagnosis`` (in a cohort with patients)."""
-    anatomy = simulate_anatomy(participant, grid, seed, index, effects, years if diagnosis == "AD" else None)
+    of a participant with ``diagnosis`` (in a cohort with patients of ``disease``)."""
+    anatomy = simulate_anatomy(participant, grid, seed, index, effects, years if diagnosis == "AD" else None,
+                               ms_lesions=diagnosis == "MS")
     rng = np.random.default_rng([seed, index, 2] if session is None else [seed, index, 2, session[0]])
     pid = participant.participant_id
     session_id = None if session is None else session[1]
@@ -211,7 +224,7 @@ def _write_scan(out_dir: Path, grid: Grid, seed: int, index: int, effects: Plant
                                                         **asdict(participant)}
     if diagnosis is not None:
         scan["diagnosis"] = diagnosis
-        anatomy.latent = {**{f"ad_{region}_loss": 0.0 for region in AD_REGIONS}, **anatomy.latent}
+        anatomy.latent = {**_CONTROLS_LATENTS[disease], **anatomy.latent}
     return {**scan, **anatomy.latent, "voxels_outside_mask": outside}
 
 
@@ -242,6 +255,7 @@ def generate_cohort(
     native_voxel_size: float | None = None,
     max_sessions: int = 1,
     patients: float = 0.0,
+    disease: str = "alzheimer",
 ) -> pd.DataFrame:
     """Write a synthetic cohort of ``n_subjects`` to ``out_dir``; return the participants table (with
     ``max_sessions`` > 1: the scans, one row per session, as :func:`engine.data.inputs.read_scans` reads them).
@@ -249,8 +263,8 @@ def generate_cohort(
     ``native_voxel_size``: write native scans (see :func:`write_participant`) instead of images on
     the template grid. ``max_sessions``: 1 to that many sessions per participant, BIDS ``ses-`` folders and
     sessions tables, ages at the scans in the sessions tables. Participant ``k`` is the same for a given ``seed``
-    whatever ``n_subjects`` is. ``patients`` (0–1): an Alzheimer-like cohort of that share of patients, a
-    ``diagnosis`` column (AD, CN) and ADNI's ages (:func:`write_participant`). Each
+    whatever ``n_subjects`` is. ``patients`` (0–1): a cohort of that share of patients of ``disease`` (alzheimer:
+    diagnosis AD or CN and ADNI's ages; ms: MS or CN, ages 20–60; :func:`write_participant`). Each
     participant is one task of ``execution``, whose progress phase is ``synth``.
     ``out_dir`` must be empty or new; ``overwrite`` deletes what is in it first. ``effects``: the planted
     effects' strengths (default :class:`PlantedEffects`).
@@ -262,6 +276,8 @@ def generate_cohort(
         raise ValueError(f"--sessions must be at least 1, got {max_sessions}")
     if not 0 <= patients < 1:
         raise ValueError(f"--patients is a share of the participants, from 0 to below 1, got {patients}")
+    if disease not in DISEASES:
+        raise ValueError(f"--disease must be one of {sorted(DISEASES)}, got {disease!r}")
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
@@ -271,7 +287,8 @@ def generate_cohort(
     grid = mni_grid(voxel_size)
 
     def simulate(index):
-        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size, max_sessions, patients)
+        return write_participant(out_dir, grid, seed, index, effects, native_voxel_size, max_sessions, patients,
+                                 disease)
 
     records = []
     for done, (_, scans) in enumerate(execution.map(simulate, range(n_subjects)), start=1):
@@ -288,13 +305,14 @@ def generate_cohort(
     (people.drop(columns="age") if max_sessions > 1 else people).to_csv(out_dir / "participants.tsv", sep="\t",
                                                                          index=False)
     table.to_csv(out_dir / "planted_effects.tsv", sep="\t", index=False, float_format="%.6g")
-    record = _effects_record(seed, voxel_size, grid, effects, max_sessions > 1, patients)
+    record = _effects_record(seed, voxel_size, grid, effects, max_sessions > 1, patients, disease)
     (out_dir / "planted_effects.json").write_text(json.dumps(record, indent=2))
     (out_dir / "dataset_description.json").write_text(
         json.dumps({"Name": "relcohort synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
                     "GeneratedBy": [{"Name": "relcohort synth", "Seed": seed, "VoxelSize": voxel_size,
                                      "NativeVoxelSize": native_voxel_size, "MaxSessions": max_sessions,
-                                     "Patients": patients}]}, indent=2)
+                                     "Patients": patients, **({"Disease": disease} if patients else {})}]},
+                   indent=2)
     )
     return table[demographics] if max_sessions == 1 else table[["participant_id", "session_id", *demographics[1:]]]
 
@@ -323,7 +341,7 @@ def _truth_regions(grid: Grid) -> np.ndarray:
 
 
 def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEffects, sessions: bool,
-                    patients: float) -> dict:
+                    patients: float, disease: str = "alzheimer") -> dict:
     def where(template: str) -> str:
         return in_session(template) if sessions else template
 
@@ -359,7 +377,20 @@ def _effects_record(seed: int, voxel_size: float, grid: Grid, effects: PlantedEf
              "growth_per_year": effects.ad_progression_per_year, "who": "diagnosis AD",
              "latent": f"ad_{region}_loss", "modalities": ["GM", "T1", "FLAIR"]}
             for region, labels in AD_REGIONS.items()
-        ] if patients else [])
+        ] if patients and disease == "alzheimer" else [])
+        + ([
+            {"kind": "ms_lesions", "region": "periventricular white matter and corpus callosum",
+             "count": f"2 + Poisson({effects.ms_lesions} x ms_severity), ms_severity lognormal(sd "
+                      f"{effects.ms_lesion_load_sd})",
+             "radius_mm": [2.0, 5.0], "elongation_front_to_back": 1.4, "who": "diagnosis MS", "latent": "ms_lesions",
+             "placement": f"white matter within 30 mm of the lateral ventricles, weight exp(-distance / 5 mm), "
+                          f"x4 within {CALLOSAL_MIDLINE_MM} mm of the midline and {CALLOSAL_VENTRICLE_MM} mm of "
+                          f"the ventricles (corpus callosum)",
+             "modalities": ["FLAIR", "T1", "WMH", "FA"]},
+            {"kind": "ms_ventricle_enlargement", "region": "lateral_ventricles", "atlas": "neuromorphometrics",
+             "labels": list(LATERAL_VENTRICLES), "dilation_mm": f"{effects.ms_ventricle_dilation_mm} x ms_severity",
+             "who": "diagnosis MS", "latent": "ms_severity", "modalities": ["T1", "FLAIR", "GM"]},
+        ] if patients and disease == "ms" else [])
         + [
             {"kind": "cortical_thinning", "region": "cortex", "atlas": "neuromorphometrics",
              "labels": f">= {CORTEX_MIN_LABEL}", "fraction_lost_at_80": effects.cortical_thinning,
