@@ -22,6 +22,8 @@ from pathlib import Path
 
 from record import save_results  # sibling script
 
+from engine.models.ensembles import BASELINES, ENSEMBLE
+
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = ("ad", "ms", "robustness", "registration")
 #: Neuromorphometrics regions (hemispheres merged) of the atrophy planted in the Alzheimer-like patients.
@@ -35,14 +37,14 @@ def test_metrics(ws, ensemble: str | None = None) -> dict:
     test = metrics[metrics["split"] == "test"].set_index("member")
     columns = ["balanced_accuracy", "roc_auc", "sensitivity", "specificity"]
     return {member: {name: round(float(row[name]), 4) for name in columns}
-            for member, row in test[columns].iterrows() if not str(member).isdigit()}
+            for member, row in test[columns].iterrows() if member in (ENSEMBLE, *BASELINES)}
 
 
 def experiment_record(ws, name: str) -> dict:
     """Mean, SD and range over the repeats of each condition's ensemble and baselines, and the paired tests."""
     experiment = ws.experiments[name]
     results = experiment.results[experiment.results["metric"].isin(["balanced_accuracy", "roc_auc"])
-                                 & ~experiment.results["member"].astype(str).str.isdigit()]
+                                 & experiment.results["member"].isin([ENSEMBLE, *BASELINES])]
     by_condition = results.groupby(["condition", "member", "metric"], sort=False)["value"].agg(
         ["mean", "std", "min", "max"])
     comparisons = experiment.comparisons[["first", "second", "median_difference", "rank_biserial", "p", "p_holm"]]
@@ -78,7 +80,7 @@ def findings(study: str) -> dict:
                 "gain", ascending=False)["region"].head(5))
         return {**record, "transfer": experiment_record(ws, "transfer")}
     if study == "robustness":
-        members = ws.metrics[(ws.metrics["split"] == "test") & ws.metrics["member"].astype(str).str.isdigit()]
+        members = ws.metrics[(ws.metrics["split"] == "test") & ~ws.metrics["member"].isin([ENSEMBLE, *BASELINES])]
         return {"members_balanced_accuracy": [round(float(value), 4) for value in members["balanced_accuracy"]],
                 "test": test_metrics(ws), "robustness": ws.robustness.round(4).to_dict("records")}
     return {"registration": experiment_record(ws, "registration")}

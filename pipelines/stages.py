@@ -41,11 +41,8 @@ from engine.layout import (
 )
 from engine.models import validation
 from engine.models.ensembles import (
-    BASELINE,
+    BASELINES,
     ENSEMBLE,
-    FEATURE_CLASSIFIERS,
-    LINEAR_CLASSIFIERS,
-    RIDGE,
     EnsembleJob,
     combine_folds,
     train_ensembles,
@@ -353,8 +350,7 @@ class TrainStage(Stage):
         for name in layout.ensemble_names():
             models = layout.for_ensemble(name).models
             metrics = pd.read_parquet(models.metrics)
-            members = sorted(set(metrics["member"]) - {ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values(),
-                                                       *FEATURE_CLASSIFIERS.values()})
+            members = sorted(set(metrics["member"]) - {ENSEMBLE, *BASELINES})
             lines.append(f"{models.root}: {len(members)} member(s); test: {_test_metrics(metrics)}")
         return "\n".join(lines) or None
 
@@ -385,8 +381,7 @@ def _by_ensemble(summaries: dict) -> dict:
 def _test_metrics(metrics: pd.DataFrame) -> dict:
     """Test metrics of the ensemble and the baselines (a cross-fitted ensemble's pooled over its folds, the
     baselines' averaged over them)."""
-    baselines = [ENSEMBLE, BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values(), *FEATURE_CLASSIFIERS.values()]
-    test = metrics[(metrics["split"] == "test") & metrics["member"].isin(baselines)]
+    test = metrics[(metrics["split"] == "test") & metrics["member"].isin([ENSEMBLE, *BASELINES])]
     if "fold" in test:
         pooled = test[test["fold"].isna()]
         test = pd.concat([pooled, test[~test["member"].isin(pooled["member"])].groupby(

@@ -34,6 +34,8 @@ RIDGE = "ridge_voxels"
 LINEAR_CLASSIFIERS = {"svm": "linear_svm_voxels", "logistic": "logistic_voxels"}
 #: … and on a per-scan feature table (``baseline_features``: lesion load, regional volumes).
 FEATURE_CLASSIFIERS = {"svm": "linear_svm_features", "logistic": "logistic_features"}
+#: Every baseline's name in the ``member`` column of the metrics (the rows that are not trained members).
+BASELINES = (BASELINE, RIDGE, *LINEAR_CLASSIFIERS.values(), *FEATURE_CLASSIFIERS.values())
 
 
 @dataclass(frozen=True)

@@ -299,11 +299,12 @@ def simulate_anatomy(participant: Participant, grid: Grid, seed: int, index: int
     gm = np.clip(gm, 0, 1)
     wm = np.minimum(wm, 1 - gm)
 
-    # Lateral ventricles grow outward by a distance that accelerates with age.
     ms_severity = 0.0
     if ms_lesions:  # lesion load and atrophy of a multiple-sclerosis patient grow together
         ms_rng = np.random.default_rng([seed, index, 9])
         ms_severity = latent["ms_severity"] = float(np.exp(ms_rng.normal(0, effects.ms_lesion_load_sd)))
+
+    # Lateral ventricles grow outward by a distance that accelerates with age.
     in_ventricle = np.isin(labels, LATERAL_VENTRICLES)
     voxel = float(grid.voxel_size.mean())
     own_size = max(0.0, effects.ventricle_size_sd_mm * (1 + rng.normal()))
@@ -354,16 +355,23 @@ def _plant_lesions(rng, grid, world, wm, ventricle_distance, age, effects) -> np
     count = rng.poisson((0.5 + rate) * np.exp(rng.normal(0, effects.wmh_susceptibility_sd)))
     candidates = np.flatnonzero(wm.ravel() > 0.7)
     weights = np.exp(-ventricle_distance.ravel()[candidates] / 8.0) + 0.15
-    lesion = np.zeros(grid.shape, np.float32)
     if count == 0 or candidates.size == 0:
-        return lesion
+        return np.zeros(grid.shape, np.float32)
     centers = world[rng.choice(candidates, size=count, p=weights / weights.sum())]
     radii = rng.uniform(2.5, 5.0, count) + 2.0 * (age > 60) * rng.random(count)
+    return _blobs(grid, world, centers, radii) * (wm > 0.3)
+
+
+def _blobs(grid: Grid, world: np.ndarray, centers: np.ndarray, radii: np.ndarray,
+           stretch: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """The union of balls (ellipsoids, axes ``stretch`` × radius) at ``centers`` with a one-voxel soft edge: the
+    planted lesions' probability."""
+    lesion = np.zeros(grid.shape, np.float32)
     voxel = float(grid.voxel_size.mean())
     for center, radius in zip(centers, radii, strict=True):
-        distance = np.linalg.norm(world - center, axis=1).reshape(grid.shape)
+        distance = np.linalg.norm((world - center) / np.asarray(stretch), axis=1).reshape(grid.shape)
         lesion = np.maximum(lesion, np.clip((radius + voxel / 2 - distance) / voxel, 0, 1))
-    return lesion * (wm > 0.3)
+    return lesion
 
 
 #: The corpus callosum as the MS lesions' second site: white matter this close to the midsagittal plane and to
@@ -375,25 +383,19 @@ CALLOSAL_VENTRICLE_MM = 16.0
 def _plant_ms_lesions(rng, grid, world, wm, ventricle_distance, effects: PlantedEffects,
                       severity: float) -> tuple[np.ndarray, int]:
     """A multiple-sclerosis patient's lesions: 2 + Poisson(``ms_lesions`` × ``severity``) ovoid blobs of 2–5 mm
-    radius in white matter, their centres drawn mostly next to the lateral ventricles (weight e^(−d/5 mm)) and
-    three times as often in the corpus callosum (:data:`CALLOSAL_MIDLINE_MM`); returns the lesion probability and
-    the count."""
+    radius in white matter, their centres drawn mostly next to the lateral ventricles (weight e^(−d/5 mm)), the
+    weight four times as large in the corpus callosum (:data:`CALLOSAL_MIDLINE_MM`); returns the lesion
+    probability and the count."""
     count = 2 + int(rng.poisson(effects.ms_lesions * severity))
     distance = ventricle_distance.ravel()
     candidates = np.flatnonzero((wm.ravel() > 0.6) & (distance < 30.0))
     callosal = (np.abs(world[candidates, 0]) < CALLOSAL_MIDLINE_MM) & (distance[candidates] < CALLOSAL_VENTRICLE_MM)
     weights = np.exp(-distance[candidates] / 5.0) * (1 + 3.0 * callosal)
-    lesion = np.zeros(grid.shape, np.float32)
     if candidates.size == 0:
-        return lesion, 0
+        return np.zeros(grid.shape, np.float32), 0
     centers = world[rng.choice(candidates, size=count, p=weights / weights.sum())]
     radii = rng.uniform(2.0, 5.0, count)
-    stretch = np.array([1.0, 1.4, 1.0])  # ovoid, longer front to back
-    voxel = float(grid.voxel_size.mean())
-    for center, radius in zip(centers, radii, strict=True):
-        distance_to = np.linalg.norm((world - center) / stretch, axis=1).reshape(grid.shape)
-        lesion = np.maximum(lesion, np.clip((radius + voxel / 2 - distance_to) / voxel, 0, 1))
-    return lesion * (wm > 0.3), count
+    return _blobs(grid, world, centers, radii, stretch=(1.0, 1.4, 1.0)) * (wm > 0.3), count  # longer front to back
 
 
 def _plant_pvs(rng, grid: Grid, world, labels, parenchyma, age, effects: PlantedEffects) -> tuple[np.ndarray, int]:
