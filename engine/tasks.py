@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import itertools
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,30 +69,38 @@ def run_tasks(
     raised here, after the tasks that finished before it were yielded. ``in_flight`` caps the
     tasks submitted at once, the next going out as one finishes: with as many as the workers have
     threads, each long task starts on whichever worker frees first (Dask assigns a few tasks to
-    workers up front, so one worker may queue two long trainings while another idles).
+    workers up front, so one worker may queue two long trainings while another idles). ``items`` may be a
+    ``deque`` the caller appends to while iterating: a finished task's follow-up goes out when a slot frees.
     """
-    items = list(items)
+    queue = items if isinstance(items, deque) else deque(items)
     if client is None:
-        for item in items:
+        while queue:
+            item = queue.popleft()
             yield item, func(item)
         return
 
     from distributed import as_completed
 
-    first = items[:in_flight] if in_flight else items
-    waiting = iter(items[len(first):])
-    futures = {_submit(client, func, item, resources): item for item in first}
-    finished = as_completed(list(futures))
+    running: dict = {}
+    finished = as_completed()
+
+    def submit_waiting() -> None:
+        while queue and (in_flight is None or len(running) < in_flight):
+            item = queue.popleft()
+            future = _submit(client, func, item, resources)
+            running[future] = item
+            finished.add(future)
+
+    submit_waiting()
     try:
         for future in finished:
             result = future.result()
-            for item in itertools.islice(waiting, 1):  # the next task goes out before this one's result is used
-                following = _submit(client, func, item, resources)
-                futures[following] = item
-                finished.add(following)
-            yield futures[future], result
+            item = running.pop(future)
+            submit_waiting()  # the next task goes out before this one's result is used
+            yield item, result
+            submit_waiting()  # and those the caller queued on hearing of it
     finally:
-        client.cancel(list(futures))
+        client.cancel(list(running))
 
 
 def start_task(func: Callable, item, *, client=None) -> Callable[[], Any]:

@@ -295,6 +295,24 @@ def test_tasks_in_flight_are_capped_and_the_next_goes_out_as_one_finishes(client
     assert all(after[0] >= before[1] for before, after in itertools.pairwise(intervals))  # one at a time
 
 
+@pytest.mark.parametrize("distributed", [False, True])
+def test_follow_ups_queued_while_iterating_run_in_the_same_slots(client, distributed):
+    """A finished task's follow-up appended to the deque goes out when a slot frees, also after the last task."""
+    from collections import deque
+
+    from engine.tasks import run_tasks
+
+    queue = deque([0.2, 0.1])
+    seen = []
+    for item, interval in run_tasks(_timed_sleep, queue, client=client if distributed else None, in_flight=1):
+        seen.append((item, interval))
+        if item in (0.2, 0.1):
+            queue.append(item / 10)  # a follow-up of each first task, the second's queued after the last went out
+    assert sorted(item for item, _ in seen) == sorted([0.2, 0.1, 0.02, 0.01])
+    intervals = sorted(interval for _, interval in seen)
+    assert all(after[0] >= before[1] for before, after in itertools.pairwise(intervals))  # one slot: one at a time
+
+
 def test_a_started_task_runs_on_a_worker_while_this_process_goes_on(client):
     import time
 

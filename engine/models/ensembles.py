@@ -4,6 +4,7 @@ over members) and metrics beside the baselines (the training mean, ridge on the 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,31 +78,56 @@ def train_ensemble(store: str | Path, config: TrainingConfig, members: int, out_
 def train_ensembles(jobs: Sequence[EnsembleJob], execution: Execution = INLINE) -> list[dict]:
     """Train every job's members as one pool of long tasks of ``execution`` (one per member, on a GPU where the
     cluster has or starts one; progress phase ``train``), so a worker whose member stopped early starts the
-    next ensemble's member instead of waiting for its own ensemble's last one.
+    next ensemble's member instead of waiting for its own ensemble's last one. A job whose members are all
+    trained is combined (:func:`combine_members`) by a task of the same pool while the others train.
 
     Members whose card already holds this config and split are kept. Writes each job's ``split.tsv``,
     ``predictions.parquet`` (every member and the ensemble mean) and ``metrics.parquet``; returns one
     summary per job.
     """
     plans = [_plan_ensemble(job) for job in jobs]
-    items = [item for plan in plans for item in plan["items"]]
+    untrained = [len(plan["items"]) for plan in plans]
+    job_of = {str(Path(job.out_dir)): index for index, job in enumerate(jobs)}
+    tasks = deque(_Combination(index, job, plan["classes"])
+                  for index, (job, plan) in enumerate(zip(jobs, plans, strict=True)) if not untrained[index])
+    tasks.extend(item for plan in plans for item in plan["items"])
     total = sum(job.members for job in jobs)
-    done = total - len(items)
+    done = total - sum(untrained)
     execution.report("train", done, total)
-    for _ in execution.map(_train_member_task, items, long=True):
+    combined = {}
+    for task, result in execution.map(_ensemble_task, tasks, long=True):
+        if isinstance(task, _Combination):
+            combined[task.index] = result
+            continue
         done += 1
         execution.report("train", done, total)
-    results = []
-    for job, plan in zip(jobs, plans, strict=True):
-        files = ModelsLayout(Path(job.out_dir))
-        for stale in files.members():
-            if stale >= job.members:
-                for path in files.member_files(stale):
-                    path.unlink(missing_ok=True)
-        results.append({**combine_members(files.root, plan["dataset"], job.config, job.members, plan["classes"],
-                                          job.bias_correction, job.baseline_features),
-                        "trained": len(plan["items"])})
-    return results
+        index = job_of[task.out_dir]
+        untrained[index] -= 1
+        if not untrained[index]:
+            tasks.append(_Combination(index, jobs[index], plans[index]["classes"]))
+    return [{**combined[index], "trained": len(plan["items"])} for index, plan in enumerate(plans)]
+
+
+@dataclass(frozen=True)
+class _Combination:
+    """The ``index``-th job, its members trained, to combine (a task of :func:`train_ensembles`)."""
+
+    index: int
+    job: EnsembleJob
+    classes: list | None
+
+
+def _ensemble_task(task: _MemberTraining | _Combination) -> dict:
+    if isinstance(task, _MemberTraining):
+        return _train_member_task(task)
+    job = task.job
+    files = ModelsLayout(Path(job.out_dir))
+    for stale in files.members():
+        if stale >= job.members:
+            for path in files.member_files(stale):
+                path.unlink(missing_ok=True)
+    return combine_members(files.root, open_cohort(job.store), job.config, job.members, task.classes,
+                           job.bias_correction, job.baseline_features)
 
 
 def _plan_ensemble(job: EnsembleJob) -> dict:
@@ -134,7 +160,7 @@ def _plan_ensemble(job: EnsembleJob) -> dict:
 
     items = [_MemberTraining(str(job.store), config, split, member, str(files.root), classes)
              for member in range(job.members) if not current(member)]
-    return {"dataset": dataset, "classes": classes, "items": items}
+    return {"classes": classes, "items": items}
 
 
 def _ridge_metrics(dataset: xr.Dataset, config: TrainingConfig, ensemble: pd.DataFrame) -> dict:
