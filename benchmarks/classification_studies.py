@@ -106,13 +106,16 @@ def headline(row: dict) -> str:
     """The row's main findings in one cell."""
     study = row["study"]
     if study == "ad":
-        test, ranks = row["test"], row["gain_lrp"]["planted_ranks"]
-        ensemble, svm = test["ensemble"], test["linear_svm_voxels"]
+        ensemble, svm = row["test"]["ensemble"], row["test"]["linear_svm_voxels"]
+        methods = {"gain_lrp_beta0": "LRP β 0", "gain_lrp_beta0_5": "LRP β 0.5", "gain_lrp_beta1": "LRP β 1",
+                   "gain_guided_backprop": "guided backprop"}
+        sweep = "; ".join(f"{label}: " + ", ".join(f"{region.split('_')[0]} {rank}"
+                                                   for region, rank in row[name]["planted_ranks"].items())
+                          for name, label in methods.items() if name in row)
         return (f"ensemble balanced accuracy {100 * ensemble['balanced_accuracy']:.1f} %, AUC "
                 f"{100 * ensemble['roc_auc']:.1f} %; linear SVM {100 * svm['balanced_accuracy']:.1f} %, "
-                f"{100 * svm['roc_auc']:.1f} %; LRP-αβ gain ranks of the planted regions: "
-                + ", ".join(f"{region.split('_')[0]} {rank}" for region, rank in ranks.items())
-                + f" of {row['gain_lrp']['regions']}")
+                f"{100 * svm['roc_auc']:.1f} %; gain ranks of the planted regions (of "
+                f"{row['gain_lrp_beta1']['regions']}): {sweep}")
     if study == "ms":
         transfer = row["transfer"]
         tests = "; ".join(f"{c['first']} → {c['second']} p {c['p']:.3f} (Holm {c['p_holm']:.3f})"

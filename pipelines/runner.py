@@ -240,14 +240,17 @@ def print_results(console: Console, layout: Layout, run: Run) -> None:
     console.print(f"  ds = open_cohort({str(layout.images)!r})", markup=False)
     console.print("  old = ds.where(ds.age > 60, drop=True)        # lazy, labelled", markup=False)
     console.print("  masker = Masker.of(ds)                        # rows ⇄ volumes ⇄ NIfTI", markup=False)
-    console.print("  masker.to_nifti(ds.T1.isel(subject=0)).to_filename('sub.nii.gz')", markup=False)
+    modality = next(iter(stages["ingest"]["written"]), None) if "ingest" in stages else None
+    if modality is not None:
+        console.print(f"  masker.to_nifti(ds.{modality}.isel(subject=0)).to_filename('sub.nii.gz')", markup=False)
     if "features" in stages:
         console.print(f"  pandas.read_parquet({str(layout.feature_table('regional_gm_volume'))!r})", markup=False)
     if "explain" in stages:
-        first = next(iter(_per_ensemble(stages["explain"])))
+        first, explained = next(iter(_per_ensemble(stages["explain"]).items()))
+        method = explained["methods"][0]
         console.print("  from engine.models.relevance import open_relevance", markup=False)
         console.print(f"  rel = open_relevance({str(layout.for_ensemble(first).relevance)!r})", markup=False)
-        console.print("  masker.to_nifti(rel.relevance_mean.sel(attribution='lrp').mean('subject'))  # mean LRP map",
+        console.print(f"  masker.to_nifti(rel.relevance_mean.sel(attribution={method!r}).mean('subject'))  # mean map",
                       markup=False)
     console.print("  from engine import open_workspace               # everything above, labelled", markup=False)
     console.print(f"  ws = open_workspace({str(layout.root)!r})", markup=False)

@@ -1,6 +1,7 @@
 """Attribution methods against hand-computed references, and relevance.zarr written by Dask tasks."""
 
 import itertools
+import re
 import threading
 import warnings
 
@@ -151,9 +152,10 @@ def test_a_binned_model_explains_each_inputs_most_probable_bin():
     assert torch.allclose(torch.cat(by_bin), gradient.sum(dim=1))
 
 
-def test_unknown_method_is_named():
-    with pytest.raises(ValueError, match="unknown attribution method 'deeplift'"):
-        attribute(_model(), _inputs(), "deeplift")
+@pytest.mark.parametrize("name", ["deeplift", "lrp_beta", "lrp_beta0.5", "lrp_beta-1", "lrp_beta0_5x"])
+def test_unknown_method_is_named(name):
+    with pytest.raises(ValueError, match=f"unknown attribution method '{re.escape(name)}'.*lrp_beta0_5"):
+        attribute(_model(), _inputs(), name)
 
 
 def test_explain_writes_every_method_member_and_subject_and_the_ensemble_mean(trained, tmp_path, client):

@@ -174,6 +174,9 @@ REFERENCES = {  # method: (rule of the dense layers, rule of the convolutions, o
     "lrp_alpha2beta1_ignore_bias": (_alpha_beta(2, 1, False), _alpha_beta(2, 1, False), {}),
     "lrp_zplus": (_alpha_beta(1, 0, False), _alpha_beta(1, 0, False), {}),
     "lrp_zero": (_epsilon(0), _epsilon(0), {}),
+    # points of Böhle et al.'s β sweep: the αβ-rule with α = 1 + β on every layer
+    "lrp_beta0_5": (_alpha_beta(1.5, 0.5), _alpha_beta(1.5, 0.5), {}),
+    "lrp_beta0_25": (_alpha_beta(1.25, 0.25), _alpha_beta(1.25, 0.25), {}),
     # the catalog's ε, α, β: sequential_preset_b with ε = 0.5
     "lrp_preset_b": (_epsilon(0.5), _alpha_beta(2, 1), {"lrp_epsilon": 0.5, "lrp_alpha": 2.0, "lrp_beta": 1.0}),
 }

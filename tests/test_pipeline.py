@@ -319,12 +319,14 @@ def test_synth_command_writes_a_cohort(tmp_path):
 def test_train_and_explain_sections_are_checked(tmp_path):
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws",
                             train={"model": "resnet", "modalities": ["T2"], "split": {"fractions": [0.5, 0.5, 0.5]}},
-                            explain={"methods": ["lrp", "deeplift"], "options": {"ig_stepz": 3}})
+                            explain={"methods": ["lrp", "deeplift", "lrp_beta0_5", "lrp_beta0.5"],
+                                     "options": {"ig_stepz": 3}})
     with pytest.raises(CatalogError) as failure:
         load_catalog(catalog)
     text = str(failure.value)
-    for expected in ("train.model: unknown model 'resnet'", "train.split.fractions", "explain.methods: unknown method",
-                     "'deeplift'", "explain.options.ig_stepz: Extra inputs are not permitted"):
+    for expected in ("train.model: unknown model 'resnet'", "train.split.fractions",
+                     "explain.methods: unknown method(s) ['deeplift', 'lrp_beta0.5']",
+                     "explain.options.ig_stepz: Extra inputs are not permitted"):
         assert expected in text
     catalog = write_catalog(tmp_path / "catalog.yaml", workspace="ws", train={"modalities": ["T2"]})
     with pytest.raises(CatalogError, match=r"train.modalities\[0\]: 'T2' is not one of the modalities"):

@@ -102,7 +102,7 @@ class Masker:
             extra = [dim for dim in row.dims if dim != "voxel"]
             if "voxel" not in row.dims or any(row.sizes[dim] != 1 for dim in extra):
                 raise ValueError(f"to_nifti needs one map with dims ('voxel',), got {dict(row.sizes)}; select or "
-                                 "reduce the other dimensions first, e.g. .sel({'method': 'lrp'}).mean('subject')")
+                                 "reduce the other dimensions first, e.g. .sel(attribution='lrp').mean('subject')")
             row = row.squeeze(extra, drop=True) if extra else row
             own = zip(VOXEL_COORDS, self.indices, strict=True)
             if all(axis in row.coords for axis in VOXEL_COORDS) and not all(

@@ -9,6 +9,7 @@ from captum; the noise-based importance of Bintsi et al. (2021) is :mod:`engine.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,6 +201,29 @@ METHODS: dict[str, Method] = {
 }
 
 
+#: A point of Böhle et al.'s β sweep: ``lrp_beta<β>`` is the αβ-rule with α = 1 + β on every weighted layer, β's
+#: decimal point written "_" (``lrp_beta0_5``: α1.5β0.5; ``lrp_beta1`` is ``lrp_alpha2beta1``).
+BETA_SWEEP = re.compile(r"^lrp_beta(\d+(?:_\d+)?)$")
+
+
+def method_function(name: str) -> Method:
+    """The attribution method called ``name``: one of :data:`METHODS` or a point of the β sweep
+    (:data:`BETA_SWEEP`); a clear error for any other name."""
+    if name in METHODS:
+        return METHODS[name]
+    sweep = BETA_SWEEP.match(name)
+    if sweep is None:
+        raise ValueError(f"unknown attribution method {name!r}; known: {', '.join(METHODS)}, and lrp_beta<β> "
+                         "(the αβ-rule with α = 1 + β on every layer, e.g. lrp_beta0_5)")
+    beta = float(sweep.group(1).replace("_", "."))
+    return _lrp(lambda options: lrp.AlphaBetaEverywhere(1 + beta, beta))
+
+
+def is_method(name: str) -> bool:
+    """Whether ``name`` is an attribution method (:func:`method_function` knows it)."""
+    return name in METHODS or BETA_SWEEP.match(name) is not None
+
+
 def _target(model: nn.Module, options: AttributionOptions, inputs: torch.Tensor) -> int | torch.Tensor:
     """The output to explain: ``options.target``; else, for a model with value bins, each input's most
     probable bin (given ``inputs``), otherwise the model's last output (its output layer's last unit)."""
@@ -222,8 +246,7 @@ def attribute(model: nn.Module | ExplainedModel, inputs: torch.Tensor, method: s
     needed by ``region_occlusion``: one forward pass per region with the region set to zero;
     ``noise_model`` (:func:`~engine.models.noise.train_noise_model` for this model) by ``noise_model``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+    function = method_function(method)
     options = options or AttributionOptions()
     explained = model if isinstance(model, ExplainedModel) else ExplainedModel(model)
     # the LRP form is copied from the model before the hooks below go on it (a copy would keep them)
@@ -233,4 +256,4 @@ def attribute(model: nn.Module | ExplainedModel, inputs: torch.Tensor, method: s
     torch.manual_seed(options.seed)
     inputs = inputs.detach().requires_grad_(True)
     with depthwise_input_gradients(explained.model):  # LRP's rules route their own (engine.models.lrp)
-        return METHODS[method](context, inputs, options).detach().to(inputs.dtype)
+        return function(context, inputs, options).detach().to(inputs.dtype)

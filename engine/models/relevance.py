@@ -42,7 +42,7 @@ from engine.data.store import (
 )
 from engine.layout import ModelsLayout, atomic_output, file_sha256, is_current, mark_current, output_key
 from engine.models import noise
-from engine.models.attribution import METHODS, AttributionOptions, ExplainedModel, attribute
+from engine.models.attribution import AttributionOptions, ExplainedModel, attribute, method_function
 from engine.models.heap import heap_kept
 from engine.models.networks import place
 from engine.models.splits import read_split
@@ -247,9 +247,8 @@ def explain(out: str | Path, *, images: str | Path, models: str | Path, methods:
     """
     out, store, models_dir = Path(out), Path(images), Path(models)
     options = options or AttributionOptions()
-    unknown = [method for method in methods if method not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown attribution method(s) {unknown}; known: {', '.join(METHODS)}")
+    for method in methods:
+        method_function(method)  # an unknown name is an error before any work
     dataset = open_cohort(store)
     positions_of = {subject: position for position, subject in enumerate(dataset.subject.values)}
     missing = [subject for subject in subjects if subject not in positions_of]
