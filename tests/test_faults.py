@@ -54,7 +54,7 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_results_equal_an_undis
             while time.monotonic() < deadline:
                 running = {address: keys for address, keys in client.processing().items() if keys}
                 training = [address for address, keys in running.items()
-                            if any("_train_member_task" in str(key) for key in keys)]
+                            if any("_train_or_combine" in str(key) for key in keys)]  # combining waits for both
                 if training:
                     killed.update(address=training[0], pid=pids[training[0]], tasks=running[training[0]])
                     os.kill(pids[training[0]], signal.SIGKILL)  # a real kill -9 of the worker process

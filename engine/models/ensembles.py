@@ -95,7 +95,7 @@ def train_ensembles(jobs: Sequence[EnsembleJob], execution: Execution = INLINE) 
     done = total - sum(untrained)
     execution.report("train", done, total)
     combined = {}
-    for task, result in execution.map(_ensemble_task, tasks, long=True):
+    for task, result in execution.map(_train_or_combine, tasks, long=True):
         if isinstance(task, _Combination):
             combined[task.index] = result
             continue
@@ -117,7 +117,8 @@ class _Combination:
     classes: list | None
 
 
-def _ensemble_task(task: _MemberTraining | _Combination) -> dict:
+def _train_or_combine(task: _MemberTraining | _Combination) -> dict:
+    """A task of :func:`train_ensembles`: a member's training, or an ensemble's combination (stale members gone)."""
     if isinstance(task, _MemberTraining):
         return _train_member_task(task)
     job = task.job
