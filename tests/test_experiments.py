@@ -13,6 +13,7 @@ from scipy import stats
 
 from engine.analysis.stats import paired_wilcoxon
 from engine.models.experiments import compare_conditions
+from engine.outputs.report import build_report
 from tests.helpers import cli, write_catalog
 
 EXPERIMENT = {"name": "scaling", "repeats": 3, "conditions": {"zscore": {}, "minmax": {"input_scaling": "minmax"},
@@ -175,3 +176,7 @@ def test_the_experiment_stage_in_this_process_tests_the_declared_pairs(tiny_coho
     status = ExperimentStage().status(catalog.layout)
     mean = pivot["zscore"].mean()
     assert "mae over 2 repeats:" in status and f"zscore {mean:.3f} ± {pivot['zscore'].std():.3f}" in status
+    html = build_report(catalog.layout.root).read_text()  # the report's experiment section: dots and the test
+    assert "<h3>scaling</h3>" in html and "2 participant-grouped splits" in html
+    assert "minmax: input_scaling: minmax" in html and "Holm-corrected over the pairs" in html
+    assert f"<td>{comparisons['p'].iloc[0]:.4f}</td>" in html

@@ -161,11 +161,15 @@ def write_associations(workspace: Path) -> None:
         "covariates": ["sex"], "correction": "fdr", "alpha": 0.05, "n": 24, "df": 21, "n_significant": 1}))
 
 
-@pytest.mark.slow
-def test_report_with_associations_renders_in_chromium(tiny_workspace, tmp_path, chromium):
-    workspace = Path(shutil.copytree(tiny_workspace, tmp_path / "ws"))
+def report_with_associations(tiny_workspace: Path, folder: Path) -> tuple[Path, Path]:
+    """A copy of the tiny workspace with a voxel-wise and an ROI-wise analysis, and its report of LRP."""
+    workspace = Path(shutil.copytree(tiny_workspace, folder / "ws"))
     write_associations(workspace)
-    report = build_report(workspace, methods=["lrp"], top_k=5)
+    return workspace, build_report(workspace, methods=["lrp"], top_k=5)
+
+
+def test_report_draws_the_association_sections(tiny_workspace, tmp_path):
+    _, report = report_with_associations(tiny_workspace, tmp_path)
     html = report.read_text()
     assert "lrp_age (voxel)" in html and "gm_age (roi)" in html and "No association analyses" not in html
     text = html.replace("<wbr>", "")  # table cells may break after "_"
@@ -174,6 +178,11 @@ def test_report_with_associations_renders_in_chromium(tiny_workspace, tmp_path, 
     figures = embedded_images(html)
     assert len(figures) == 9 and all(spread(figure) > 0.05 for figure in figures)
 
+
+@pytest.mark.slow
+def test_report_with_associations_renders_in_chromium(tiny_workspace, tmp_path, chromium):
+    workspace, report = report_with_associations(tiny_workspace, tmp_path)
+    figures = embedded_images(report.read_text())
     loaded, total = browser_check(report, chromium)
     assert total == len(figures) and loaded == total  # every embedded image decoded in the browser
 
