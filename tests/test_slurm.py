@@ -1,4 +1,5 @@
-"""The SLURM profile against a real one-node SLURM on 127.0.0.1 (see tests/slurm.py).
+"""The SLURM profile against a real one-node SLURM on 127.0.0.1 (see tests/slurm.py), and the pools' scaling
+against stand-ins for sbatch, scancel and squeue that only record their calls.
 
 Installs Debian's slurm-wlm and munge when missing (as root); skips with the reason where that
 is impossible, except in CI (``CI=true``), where it fails instead.
@@ -11,6 +12,7 @@ import operator
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -18,7 +20,7 @@ from rich.console import Console
 from cluster import SlurmProfile
 from pipelines.catalog import CatalogError, load_catalog
 from pipelines.runner import run_catalog
-from tests.helpers import SMALL_RUN, assert_same_results, write_small_catalog
+from tests.helpers import SMALL_RUN, assert_same_results, wait_for, write_small_catalog
 from tests.slurm import LocalSlurm, ensure_installed
 
 pytestmark = pytest.mark.slurm
@@ -83,6 +85,53 @@ def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
     text = str(failure.value)
     assert "cluster.slurm.walltime: '2h' is not a SLURM time limit" in text
     assert "cluster.slurm.cpu.memory: 'lots' is not a memory size" in text and "cluster.slurm.gpu.gpus" in text
+
+
+def fake_slurm(folder: Path) -> Path:
+    """``sbatch``, ``scancel`` and ``squeue`` that only record: each submitted job script is kept as
+    ``submitted/<id>.sh``, every call is a line of ``calls``; ``squeue`` lists no job."""
+    commands = folder / "bin"
+    commands.mkdir()
+    calls, submitted = folder / "calls", folder / "submitted"
+    submitted.mkdir()
+    scripts = {
+        "sbatch": f'n=$(($(ls {submitted} | wc -l) + 1))\ncp "$1" {submitted}/$n.sh\necho "sbatch $n" >> {calls}\n'
+                  'echo "Submitted batch job $n"\n',
+        "scancel": f'echo "scancel $*" >> {calls}\n',
+        "squeue": f'echo "squeue $*" >> {calls}\n',
+    }
+    for name, text in scripts.items():
+        path = commands / name
+        path.write_text("#!/bin/sh\n" + text)
+        path.chmod(0o755)
+    return commands
+
+
+def test_each_pool_submits_jobs_for_its_waiting_tasks_within_its_bounds_and_cancels_idle_ones(tmp_path,
+                                                                                              monkeypatch):
+    """The pools' scaling without SLURM (sbatch and scancel only recorded; no worker ever joins): GPU tasks start
+    one GPU job (its max_jobs), a CPU task a CPU job, and once no task waits each job is cancelled."""
+    monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path)}:{os.environ['PATH']}")
+    submitted, calls = tmp_path / "submitted", tmp_path / "calls"
+    profile = SlurmProfile.model_validate(slurm_profile(tmp_path, idle_timeout=0.5, scale_interval=0.1))
+    with profile.start() as running:
+        client = running.client
+        gpu_tasks = [client.submit(time.sleep, 1, resources={"GPU": 1}, pure=False) for _ in range(3)]
+        wait_for(lambda: len(list(submitted.iterdir())) == 1, "GPU job", timeout=30)
+        script = (submitted / "1.sh").read_text()
+        assert "--gres=gpu:1" in script and "relcohort-gpu" in script
+        cpu_task = client.submit(operator.add, 1, 2, pure=False)
+        wait_for(lambda: len(list(submitted.iterdir())) == 2, "CPU job", timeout=30)
+        script = (submitted / "2.sh").read_text()
+        assert "--gres" not in script and "relcohort-cpu" in script
+        time.sleep(1)  # three GPU tasks wait, yet the GPU pool stays at its max_jobs
+        assert len(list(submitted.iterdir())) == 2
+        client.cancel([*gpu_tasks, cpu_task])
+        wait_for(lambda: {"scancel 1", "scancel 2"} <= set(calls.read_text().splitlines()), "idle jobs cancelled",
+                 timeout=30)
+        usage = running.usage()
+    assert usage["cpu"]["jobs_submitted"] == usage["gpu"]["jobs_submitted"] == 1
+    assert usage["gpu"]["workers_joined"] == usage["gpu"]["tasks_done"] == 0
 
 
 @pytest.mark.slow
