@@ -474,3 +474,16 @@ def test_native_parcels_sum_each_map_taken_back_to_its_own_scan(registered):
     with pytest.raises(ValueError, match=r"no native label volume for participant\(s\) \['sub-02'\]"):
         region_reduce(data, NativeLabels("tissue", {pid: files[pid]["tissue"] for pid in ("sub-00", "sub-01")},
                                          regions, layout))
+
+
+def test_the_report_shows_each_registration_qc_and_the_worst_scan_over_the_template(registered):
+    from engine.outputs.report import build_report
+
+    layout = registered[0]
+    html = build_report(layout.root.parent).read_text()  # a workspace holding only registered/
+    qc = pd.read_parquet(layout.qc)
+    worst = qc.nsmallest(1, "correlation").iloc[0]
+    assert f"<b>{len(qc)}</b> participant(s) registered to the template (affine)" in html
+    assert "Lowest correlation with the template (none flagged)" in html
+    assert f"{worst['participant_id']}: registered T1 scan with the template brain" in html
+    assert html.count("data:image/png;base64,") == 2  # the QC measures and the worst scan's overlay
