@@ -103,8 +103,9 @@ def _file_problems(catalog: Catalog) -> list[Problem]:
         for key, path in (("template", Path(register.template)), ("template_mask", register.template_mask)):
             if path is not None and not path.is_file():
                 problems.append((f"register.{key}", f"{path} does not exist"))
-    sources = {"train.finetune_from": catalog.train.finetune_from} if catalog.train is not None else {}
+    sources = {}
     if catalog.train is not None:
+        sources["train.finetune_from"] = catalog.train.finetune_from
         sources.update({f"train.ensembles.{name}.finetune_from": changes.get("finetune_from")
                         for name, changes in (catalog.train.ensembles or {}).items()})
     sources.update({f"experiments.{experiment.name}.conditions.{name}.finetune_from": changes.get("finetune_from")

@@ -355,12 +355,8 @@ def _register(job: RegistrationJob) -> dict:
         moving = to_ants(native_brain)
         forward: list[str] = []  # template → native points, ANTs order (last applied first)
         if settings.transform != "none":
-            try:
-                result = ants.registration(fixed=template, moving=moving, outprefix=f"{scratch}/",
-                                           type_of_transform=TRANSFORMS[settings.transform])
-            except Exception as error:
-                raise InputError(f"{settings.reference}: registration failed ({type(error).__name__}: {error})",
-                                 pid, reference_file) from None
+            result = _ants_registration(template, moving, settings.transform, f"{scratch}/", pid, reference_file,
+                                        settings.reference)
             affine = next(path for path in result["fwdtransforms"] if path.endswith(".mat"))
             shutil.copy(affine, out.affine)
             if settings.transform == "syn":
@@ -388,8 +384,10 @@ def _register(job: RegistrationJob) -> dict:
             nib.Nifti1Image(values.astype(modality.dtype if modality.kind in ("label", "mask") else np.float32),
                             grid.affine).to_filename(out.image(name))
         for name, transform in settings.compared_modalities().items():
-            compared = _register_reference(template, moving, transform, f"{scratch}/{transform}_", pid, reference_file,
-                                           settings.reference)
+            transforms = [] if transform == "none" else _ants_registration(
+                template, moving, transform, f"{scratch}/{transform}_", pid, reference_file,
+                settings.reference)["fwdtransforms"]
+            compared = _apply(template, moving, transforms, "intensity")
             nib.Nifti1Image(compared.numpy().astype(np.float32), grid.affine).to_filename(out.image(name))
         nib.Nifti1Image(jacobian.astype(np.float32), grid.affine).to_filename(out.jacobian)
         nib.Nifti1Image(brain_on_grid.astype(np.uint8), grid.affine).to_filename(out.brain_mask)
@@ -402,19 +400,17 @@ def _register(job: RegistrationJob) -> dict:
     return qc
 
 
-def _register_reference(template, moving, transform: str, prefix: str, pid: str, path: Path, reference: str):
-    """The reference scan on the template grid by ``transform`` (one of :attr:`RegistrationSettings.compare`)."""
+def _ants_registration(template, moving, transform: str, prefix: str, pid: str, path: Path, reference: str) -> dict:
+    """ANTs' registration of the reference scan to the template by ``transform`` (not ``none``); a failure is an
+    :class:`InputError` naming the participant and file."""
     import ants
 
-    if transform == "none":
-        return _apply(template, moving, [], "intensity")
     try:
-        result = ants.registration(fixed=template, moving=moving, outprefix=prefix,
-                                   type_of_transform=TRANSFORMS[transform])
+        return ants.registration(fixed=template, moving=moving, outprefix=prefix,
+                                 type_of_transform=TRANSFORMS[transform])
     except Exception as error:
         raise InputError(f"{reference}: registration ({transform}) failed ({type(error).__name__}: {error})",
                          pid, path) from None
-    return _apply(template, moving, result["fwdtransforms"], "intensity")
 
 
 def _brain_mask(native: nib.spatialimages.SpatialImage, job: RegistrationJob) -> np.ndarray:
