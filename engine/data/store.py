@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+import dask
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -556,9 +557,12 @@ def open_cohort(path: str | Path, include_incomplete: bool = False) -> xr.Datase
 
 def load_coordinates(dataset: xr.Dataset, names=None) -> xr.Dataset:
     """``dataset`` with the named coordinates (default: all) in memory and strings as Python objects,
-    so ``ds.where(ds.age > 60, drop=True)`` and ``ds.sel(subject="sub-01")`` work."""
-    names = dataset.coords if names is None else [name for name in names if name in dataset.coords]
-    return dataset.assign_coords({name: (dataset[name].dims, _plain(dataset[name].values)) for name in names})
+    so ``ds.where(ds.age > 60, drop=True)`` and ``ds.sel(subject="sub-01")`` work. They are read in this process
+    (small arrays: a cluster's round trips would cost more than the reads)."""
+    names = list(dataset.coords) if names is None else [name for name in names if name in dataset.coords]
+    values = dask.compute(*(dataset[name].data for name in names), scheduler="synchronous")
+    return dataset.assign_coords({name: (dataset[name].dims, _plain(np.asarray(value)))
+                                  for name, value in zip(names, values, strict=True)})
 
 
 def _plain(values: np.ndarray) -> np.ndarray:
