@@ -98,10 +98,14 @@ def compare_conditions(results: pd.DataFrame, metric: str, member: str = ENSEMBL
 def experiment_runs(files: ExperimentLayout, conditions: dict[str, Recipe], splits: list[pd.Series],
                     same_split: bool = False) -> list[ExperimentRun]:
     """Every (condition, repeat) run into its folder of ``files``: condition → recipe; ``splits`` one per repeat.
-    ``same_split`` (robustness over retrainings): one split, each repeat a new seed of the members."""
+    ``same_split`` (robustness over retrainings): one split, each repeat a new seed of the members.
+
+    Runs go repeat by repeat (every condition of repeat 0, then of repeat 1, …): the pool trains them in this
+    order, so the paired repeats complete one after the other, and a condition slower than the others (more
+    epochs before early stopping, restarts) is spread over the pool's time instead of making its tail."""
     runs = []
-    for condition, recipe in conditions.items():
-        for repeat, split in enumerate(splits):
+    for repeat, split in enumerate(splits):
+        for condition, recipe in conditions.items():
             seeded = replace(recipe, config=recipe.config.model_copy(update={"seed": recipe.config.seed + repeat})
                              ) if same_split else recipe
             runs.append(ExperimentRun(condition, repeat, seeded, split, files.run(condition, repeat).root))
