@@ -92,9 +92,10 @@ class PooledSLURMCluster(SLURMCluster):
     job_cls = PoolJob
 
     def __init__(self, pools: dict[str, JobPool], scale_interval: float = 1.0, idle_timeout: float = 60.0,
-                 **cluster_options):
+                 queue_check_interval: float = 10.0, **cluster_options):
         self.pools = pools
         self.scale_interval, self.idle_timeout = scale_interval, idle_timeout
+        self.queue_check_interval = queue_check_interval
         self.started = time.monotonic()
         self.jobs_submitted: Counter = Counter()
         self.jobs_replaced: Counter = Counter()
@@ -164,7 +165,7 @@ class PooledSLURMCluster(SLURMCluster):
         last_queue_check = 0.0
         while self.status == Status.running:
             try:
-                if time.monotonic() - last_queue_check > 10:
+                if time.monotonic() - last_queue_check > self.queue_check_interval:
                     last_queue_check = time.monotonic()
                     await self._forget_vanished_jobs()
                 await self._rescale()

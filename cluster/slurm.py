@@ -100,6 +100,9 @@ class SlurmProfile(BaseModel):
     dashboard: bool = Field(True, description="serve the Dask dashboard from the scheduler (port 8787 or free)")
     scale_interval: float = Field(1.0, gt=0, description="seconds between checks of each pool's size")
     idle_timeout: float = Field(60.0, ge=0, description="seconds a pool stays larger than it needs before shrinking")
+    queue_check_interval: float = Field(10.0, gt=0, description="seconds between checks of SLURM's queue (squeue) "
+                                        "for jobs that vanished before their worker joined (cancelled, failed to "
+                                        "start): they are submitted again")
 
     def job_options(self, pool: str) -> dict:
         """dask-jobqueue ``SLURMJob`` keywords for ``pool`` ('cpu' or 'gpu'): the catalog over the site."""
@@ -157,7 +160,8 @@ class SlurmProfile(BaseModel):
             scheduler_options["interface"] = self.interface
         with dask.config.set(settings), PooledSLURMCluster(
                 pools, interface=self.interface, scheduler_options=scheduler_options,
-                scale_interval=self.scale_interval, idle_timeout=self.idle_timeout) as cluster, \
+                scale_interval=self.scale_interval, idle_timeout=self.idle_timeout,
+                queue_check_interval=self.queue_check_interval) as cluster, \
                 Client(cluster) as client:
             yield RunningCluster(client, gpu_on_demand="gpu" in pools, usage=cluster.usage)
 

@@ -134,6 +134,22 @@ def test_each_pool_submits_jobs_for_its_waiting_tasks_within_its_bounds_and_canc
     assert usage["gpu"]["workers_joined"] == usage["gpu"]["tasks_done"] == 0
 
 
+def test_a_job_that_vanishes_from_the_queue_before_its_worker_joins_is_submitted_again(tmp_path, monkeypatch):
+    """SLURM lists no job (the stand-in squeue prints nothing: cancelled, or failed before its worker joined): at
+    the next queue check the waiting task's job is submitted again, and counted as replaced."""
+    monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path)}:{os.environ['PATH']}")
+    submitted, calls = tmp_path / "submitted", tmp_path / "calls"
+    profile = SlurmProfile.model_validate(slurm_profile(tmp_path, scale_interval=0.1, queue_check_interval=0.5))
+    with profile.start() as running:
+        task = running.client.submit(operator.add, 1, 2, pure=False)
+        wait_for(lambda: len(list(submitted.iterdir())) >= 2, "the vanished job submitted again", timeout=30)
+        assert any(line.startswith("squeue -h -o %i -j 1") for line in calls.read_text().splitlines())
+        assert "relcohort-cpu" in (submitted / "2.sh").read_text()
+        usage = running.usage()["cpu"]
+        assert usage["jobs_replaced"] >= 1 and usage["jobs_submitted"] == usage["jobs_replaced"] + 1
+        running.client.cancel(task)
+
+
 @pytest.mark.slow
 def test_pools_start_jobs_for_waiting_tasks_and_replace_a_cancelled_one(local_slurm, tmp_path):
     """The pooled cluster on its own: a CPU job for a CPU task, a GPU job for a GPU task, a cancelled job
