@@ -51,6 +51,15 @@ def _age_as_text(study: Study) -> None:
     table.to_csv(study.participants, sep="\t", index=False)
 
 
+def _four_dimensional(path) -> None:
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.stack([np.asanyarray(image.dataobj)] * 2, axis=-1), image.affine), path)
+
+
+def _garbled_t1(study: Study) -> None:
+    (study.root / "sub-0001/anat/sub-0001_T1w.nii.gz").write_bytes(b"not an image")
+
+
 def _read_only_workspace(study: Study) -> None:
     locked = study.folder / "locked"
     locked.mkdir()
@@ -97,6 +106,17 @@ CASES = {
         lambda study: study.catalog.update(workspace=str(study.root / "derivatives" / "ws")),
         ["workspace", "is inside the cohort folder"]),
     "a read-only workspace": (_read_only_workspace, ["workspace", "cannot write in"]),
+    "a FreeSurfer folder that does not exist": (
+        lambda study: study.catalog.update(features={"freesurfer": {"subjects_dir": "derivatives/freesurfr"}}),
+        ["features.freesurfer.subjects_dir", "derivatives/freesurfr is not a folder"]),
+    "a ground truth that does not exist": (
+        lambda study: study.catalog["explain"].update(truth=str(study.root / "truth.nii.gz")),
+        ["explain.truth", "truth.nii.gz does not exist"]),
+    "a 4D brain mask": (lambda study: _four_dimensional(study.root / "mask.nii.gz"),
+                        ["cohort.mask", "the brain mask must be 3D, got shape"]),
+    "a 4D image": (lambda study: _four_dimensional(study.root / "sub-0001/anat/sub-0001_T1w.nii.gz"),
+                   ["modalities.T1", "participant sub-0001", "expected a 3D image, got shape"]),
+    "an unreadable image": (_garbled_t1, ["modalities.T1", "participant sub-0001", "sub-0001_T1w.nii.gz: unreadable"]),
 }
 
 
@@ -112,6 +132,21 @@ def test_validate_names_the_problem_and_run_stops_before_any_work(study, case):
         for fragment in expected:
             assert fragment in result.stderr, (command, fragment, result.stderr)
     assert not study.workspace.exists()  # the run stopped before it made anything, its cluster never started
+
+
+def test_a_workspace_that_is_a_file_or_holds_another_store_is_named_and_left_as_it_is(study):
+    import zarr
+
+    catalog = study.write()
+    study.workspace.write_text("my notes")
+    result = cli("run", catalog)
+    assert result.exit_code == 1 and "is a file, not a folder" in result.stderr
+    assert study.workspace.read_text() == "my notes"
+    study.workspace.unlink()
+    zarr.open_group(study.workspace / "images.zarr", mode="w").attrs["layout"] = "someone-else/1"
+    result = cli("run", catalog)
+    assert result.exit_code == 1 and "images.zarr is not a relcohort images store" in result.stderr
+    assert zarr.open_group(study.workspace / "images.zarr").attrs["layout"] == "someone-else/1"
 
 
 def test_a_participants_table_with_a_byte_order_mark_and_windows_line_endings_is_read_as_any_other(study):

@@ -11,16 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from pydantic import ValidationError
 from scipy import stats
 
 from engine import open_workspace
+from engine.analysis.association import AnalysisSettings
 from engine.analysis.mask_relevance import pvs_mask
 from engine.data.masker import Masker
 from engine.data.store import open_cohort
 from engine.data.synth.freesurfer import cortical_regions
 from engine.models.relevance import open_relevance
 from pipelines.catalog import CatalogError, load_catalog
-from pipelines.runner import run_catalog
+from pipelines.runner import run_catalog, workspace_status
 from tests.conftest import DEMO_ANALYSES, quiet
 from tests.helpers import REPO, cli, relcohort, write_catalog
 
@@ -471,6 +473,25 @@ def test_relevance_maps_made_elsewhere_are_an_ensemble_every_analysis_takes(coho
     assert "<h3>Ensemble study</h3>" in report and "maps were made elsewhere and imported" in report
 
 
+def test_status_names_what_each_stage_holds(tiny_workspace):
+    """``relcohort status`` in this process: each stage's outputs, counted from the files themselves; the stages
+    the run did not have say nothing."""
+    status = dict(workspace_status(tiny_workspace))
+    assert status["synth"] is None and status["register"] is None and status["experiment"] is None
+    images = open_cohort(tiny_workspace / "images.zarr")
+    assert f"{images.sizes['subject']} complete subjects × {images.sizes['voxel']} voxels" in status["ingest"]
+    for table in ("lesion_load", "regional_gm_volume"):
+        rows = len(pd.read_parquet(tiny_workspace / f"features/{table}.parquet"))
+        assert f"{table}.parquet ({rows} rows)" in status["features"]
+    cards = sorted((tiny_workspace / "models").glob("member_*.json"))
+    assert f"models: {len(cards)} member(s); test: {{'ensemble': {{'mae': " in status["train"]
+    relevance = open_relevance(tiny_workspace / "relevance.zarr")
+    assert (f"{relevance.sizes['attribution']} method(s) ({', '.join(relevance.attribution.values)}) × "
+            f"{relevance.sizes['member']} member(s) × {relevance.sizes['subject']} subject(s)") in status["explain"]
+    assert all(f"{path.name}" in status["validate"] for path in (tiny_workspace / "validation").glob("*.parquet"))
+    assert "report.html: " in status["report"] and "open it in a browser" in status["report"]
+
+
 def test_the_statistics_settings_are_checked(tmp_path):
     """Settings that do not fit the analysis are named: a per-ensemble PVS dilation for an ensemble that is not
     trained, within outside voxel analyses, a permutation test of robust region models, fwe without permutations,
@@ -492,3 +513,32 @@ def test_the_statistics_settings_are_checked(tmp_path):
     for sections, message in cases:
         with pytest.raises(CatalogError, match=message):
             load_catalog(write_catalog(tmp_path / "catalog.yaml", workspace="ws", **sections))
+
+
+@pytest.mark.parametrize(("analysis", "message"), [
+    ({"scope": "gain", "outcome": "relevance.lrp", "predictor": "diagnosis"}, "a gain analysis needs reference"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "reference": "CN"},
+     "reference applies to gain analyses only"),
+    ({"scope": "gain", "outcome": "age", "predictor": "diagnosis", "reference": "CN"},
+     "a gain analysis reduces a map"),
+    ({"outcome": "relevance.lrp", "predictor": "age", "random_intercept": "site"},
+     "random_intercept applies to roi and subject analyses only"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "atlas": {"name": "juelich"},
+      "labels": "APARC_ASEG"}, "choose atlas .* or labels .*, not both"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "labels": "APARC_ASEG", "scans": "mean"},
+     "scans: mean averages maps across a participant's scans"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "native": True}, "native .* needs labels"),
+    ({"outcome": "relevance.lrp", "predictor": "age", "robust": True}, "robust applies to roi and subject"),
+    ({"scope": "subject", "outcome": "relevance.lrp", "predictor": "age"}, "a subject analysis takes one value"),
+    ({"scope": "similarity", "outcome": "relevance.lrp", "predictor": "age"}, "a similarity analysis compares two"),
+    ({"outcome": "age", "predictor": "sex"}, "a voxel analysis needs a map"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "statistic": "pearson", "robust": True},
+     "robust and random_intercept apply to statistic: regression"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "robust": True,
+      "random_intercept": "site"}, r"choose robust \(OLS with HC3 errors\) or random_intercept"),
+    ({"scope": "roi", "outcome": "relevance.lrp", "predictor": "age", "scans": "all"},
+     "scans: all in an roi analysis: a mixed model"),
+])
+def test_an_analysis_that_does_not_fit_its_scope_is_named(analysis, message):
+    with pytest.raises(ValidationError, match=message):
+        AnalysisSettings.model_validate({"name": "a", **analysis})

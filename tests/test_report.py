@@ -25,11 +25,13 @@ from engine.outputs.browser import browser_check, screenshot_sections
 from engine.outputs.report import (
     OPTIONAL_SECTIONS,
     SECTIONS,
+    _individual_figure,
     _mean_map_figure,
     _robust_limit,
     build_report,
     individual_patients,
 )
+from engine.outputs.workspace import Association
 from engine.tasks import INLINE
 from pipelines.catalog import load_catalog
 from pipelines.stages import ReportStage
@@ -130,8 +132,41 @@ def test_workspace_api_gives_labelled_objects_and_images(tiny_workspace, tmp_pat
     assert "No images.zarr" in build_report(empty).read_text()
 
 
+def test_the_workspace_api_names_what_is_missing_or_misspelt(tiny_workspace, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no workspace at .*nowhere"):
+        open_workspace(tmp_path / "nowhere")
+    ws = open_workspace(tiny_workspace)
+    with pytest.raises(ValueError, match=r"no ensemble 't2' in .* \(ensembles: \[None\]\)"):
+        ws.for_ensemble("t2")
+    with pytest.raises(ValueError, match="unknown workspace part 'relevnce'; known: images, relevance"):
+        ws.has("relevnce")
+    with pytest.raises(TypeError, match="to_nifti takes a DataArray, a Series by region or a NIfTI image, got list"):
+        ws.to_nifti([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"regions \['Left_Hipocampus'\] are not in atlas"):
+        ws.to_nifti(pd.Series({"Left_Hipocampus": 1.0}))
+    with pytest.raises(FileNotFoundError, match=r"provenance.json not found: the workspace was not made by"):
+        _ = open_workspace(tmp_path).provenance
+
+    analysis = tmp_path / "associations/age"
+    analysis.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"summary.json not found: not an association result"):
+        Association(analysis)
+    (analysis / "summary.json").write_text(json.dumps({"name": "age"}))
+    with pytest.raises(ValueError, match=r"summary.json: field 'scope' .* is missing"):
+        Association(analysis)
+    (analysis / "summary.json").write_text(json.dumps({"name": "age", "scope": "voxel"}))
+    voxel = Association(analysis)
+    assert repr(voxel) == "Association('age', scope='voxel', maps=[])"
+    with pytest.raises(FileNotFoundError, match=r"t.nii.gz not found; this analysis has maps \[\]"):
+        voxel.map("t")
+    with pytest.raises(FileNotFoundError, match="no p_fwe or p_fdr map to threshold with"):
+        voxel.thresholded()
+
+
 def write_associations(workspace: Path) -> None:
-    """Fixture files in the association stage's layout: one voxel-wise and one ROI-wise analysis."""
+    """Fixture files in the association stage's layout: a voxel-wise and an ROI-wise model, a gain table, a
+    similarity table, a per-participant model, and two ensembles' region correlations (cortical and subcortical)
+    with the same predictor."""
     images = open_workspace(workspace).images
     row = xr.zeros_like(images.T1.isel(subject=0), dtype=np.float32).compute()
     blob = np.flatnonzero((np.abs(row.i - row.i.mean()) < 2) & (np.abs(row.j - row.j.mean()) < 2)
@@ -159,6 +194,35 @@ def write_associations(workspace: Path) -> None:
     (roi / "summary.json").write_text(json.dumps({
         "name": "gm_age", "scope": "roi", "outcome": "regional_gm_volume", "predictor": "age",
         "covariates": ["sex"], "correction": "fdr", "alpha": 0.05, "n": 24, "df": 21, "n_significant": 1}))
+    analyses = {
+        "lrp_gain": ({"scope": "gain", "outcome": "relevance.lrp", "reference": "CN"},
+                     {"regions": pd.DataFrame({"group": ["CN", "CN", "AD", "AD"],
+                                               "region": ["Left_Hippocampus", "Left_Caudate"] * 2,
+                                               "gain": [1.0, 1.0, 1.8, 0.9], "mean_sum": [2.0, 3.0, 3.6, 2.7]})}),
+        "lrp_gm_similarity": ({"scope": "similarity", "outcome": "relevance.lrp", "predictor": "images.GM"},
+                              {"similarity": pd.DataFrame({"participant_id": ["sub-01", "sub-02"],
+                                                           "spearman": [0.25, 0.35]})}),
+        "lesions_age": ({"scope": "subject", "outcome": "lesion_volume_mm3", "predictor": "age"},
+                        {"model": pd.DataFrame({"term": ["age"], "estimate": [2.0], "se": [0.5], "t": [4.0],
+                                                "p": [0.001], "partial_r": [0.6], "n": [4]}),
+                         "data": pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
+                                               "age": [30.0, 45.0, 60.0, 75.0],
+                                               "lesion_volume_mm3": [60.0, 95.0, 118.0, 151.0]})}),
+    }
+    cortical = ["ctx-lh-precuneus", "ctx-rh-precuneus", "ctx-lh-superiorfrontal", "Left-Hippocampus"]
+    for ensemble, r in (("t1", [0.6, 0.5, -0.2, 0.4]), ("flair", [0.3, 0.2, -0.4, 0.1])):
+        analyses[f"{ensemble}_thickness"] = (
+            {"scope": "roi", "outcome": f"relevance.{ensemble}.lrp", "predictor": "features.freesurfer.thickness",
+             "labels": "APARC_ASEG", "model": "pearson"},
+            {"correlations": pd.DataFrame({"region": cortical, "r": r, "p": [0.001, 0.01, 0.3, 0.05],
+                                           "p_bonferroni": [0.004, 0.04, 1.0, 0.2], "p_fdr": [0.004, 0.02, 0.3, 0.07],
+                                           "n": [24] * 4})})
+    for name, (summary, tables) in analyses.items():
+        folder = workspace / "associations" / name
+        folder.mkdir(parents=True)
+        for table, frame in tables.items():
+            frame.to_parquet(folder / f"{table}.parquet")
+        (folder / "summary.json").write_text(json.dumps({"name": name, "alpha": 0.05, "n": 24, **summary}))
 
 
 def report_with_associations(tiny_workspace: Path, folder: Path) -> tuple[Path, Path]:
@@ -175,8 +239,20 @@ def test_report_draws_the_association_sections(tiny_workspace, tmp_path):
     text = html.replace("<wbr>", "")  # table cells may break after "_"
     assert "t where p_fdr &lt; 0.05" in text and "Right_Thalamus_Proper (40%)" in text and "Left_Hippocampus" in text
     assert "gradient: mean relevance" not in html  # only the methods asked for
+    gain = re.sub(r"\s+", "", text[text.index("lrp_gain (gain)"):])
+    gain = gain[:gain.index("</table>")]
+    assert "regionsbygainagainstCN" in gain and "<td>CN</td>" not in gain  # the reference is not a row of its own
+    assert gain.index("Left_Hippocampus</td><td>1.800") < gain.index("Left_Caudate</td><td>0.900")  # by gain
+    assert "lrp_gm_similarity: per-participant similarity of the two maps" in text
+    assert "lesions_age: lesion_volume_mm3 against age (n = 4)" in text
+    assert "<figcaption>flair, t1 side by side: pearson r per region of relevance.&lt;ensemble&gt;.lrp and " \
+           "features.freesurfer.thickness (flair_thickness, t1_thickness)" in text
+    for ensemble in ("t1", "flair"):
+        assert f"<figcaption>{ensemble}_thickness: r of the cortical (Desikan–Killiany) regions on fsaverage5" in text
     figures = embedded_images(html)
-    assert len(figures) == 9 and all(spread(figure) > 0.05 for figure in figures)
+    # 9 before the association section's further analyses: the model's scatter, the side-by-side bars, and
+    # per ensemble the ranked bars and the cortical surfaces
+    assert len(figures) == 9 + 6 and all(spread(figure) > 0.05 for figure in figures)
 
 
 @pytest.mark.slow
@@ -244,6 +320,23 @@ def test_classification_report_groups_maps_by_outcome(tiny_cohort, tmp_path):
     assert all(f"(p_M {p:.2f})" in chosen[pid] for pid, p in zip(true_positives["participant_id"],
                                                                    true_positives["p_M"], strict=True))
     assert (f"Individual patients: the {len(true_positives)} true positives" in html) == bool(len(true_positives))
+
+
+def test_individual_patients_are_drawn_one_map_per_method_and_patient(tiny_workspace):
+    """The individual-patient figure: a glass brain per method (rows) and patient (columns), titled with both,
+    each map in colour (a tiny regression run stands in for a classifier's true positives)."""
+    ws = open_workspace(tiny_workspace)
+    methods = ["lrp", "gradient"]
+    maps = ws.relevance.relevance_mean.sel(attribution=methods)
+    patients = {subject: f"{subject} (p_AD 0.9)" for subject in maps.subject.values[:3]}
+    figure = _individual_figure(ws, maps, patients, methods)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == [f"{method}\n{caption}" for method in methods for caption in patients.values()]
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    pixels = matplotlib.image.imread(io.BytesIO(image.getvalue()), format="png")
+    rgb = pixels[..., :3]
+    assert ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25).sum() > 200  # the maps' colours, not only outlines
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from engine.models.metrics import bias_corrected_gap, classification_metrics, ou
 from engine.models.networks import ModelSpec, PatchIndividualConv3d, build_model
 from engine.models.splits import SplitSettings, stratified_split
 from engine.models.training import TrainingConfig, load_member, soft_labels, train_member, value_bins
-from engine.models.volumes import Augmentation, CohortVolumes, augment
+from engine.models.volumes import Augmentation, CohortVolumes, augment, epoch_batches
 from engine.tasks import Execution
 from tests.helpers import cohort_split
 
@@ -192,6 +192,27 @@ def test_cohort_volumes_put_scaled_rows_back_on_the_grid(tiny_store):
     outside[i, j, k] = False
     assert not inputs[:, :, outside].any()
     np.testing.assert_array_equal(volumes.box.transform(inputs), volumes.rows([2, 5]))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_an_epoch_gives_every_participant_once_with_its_own_inputs(tiny_store, cached):
+    """Cached (the subjects fit in cache_bytes) or streamed in buffers of whole store chunks (they do not): each
+    epoch yields every position once, in batches of at most batch_size, each with its own volume."""
+    volumes = CohortVolumes(tiny_store, ["T1"])
+    positions = np.arange(3, 21)  # across the store's chunks of 8
+    per_subject = 4 * math.prod(volumes.shape)
+    cache_bytes = per_subject * (len(positions) if cached else 5)  # streamed: buffers of 5 or more subjects
+    rng, cache, orders = np.random.default_rng(0), {}, []
+    for _ in range(2):
+        seen = []
+        for batch, inputs in epoch_batches(volumes, positions, 4, rng, cache, cache_bytes):
+            assert len(batch) <= 4 and inputs.shape == (len(batch), 1, *volumes.shape)
+            np.testing.assert_array_equal(inputs, volumes.read(batch))
+            seen += batch.tolist()
+        assert sorted(seen) == positions.tolist()
+        orders.append(seen)
+    assert orders[0] != orders[1]  # shuffled anew each epoch
+    assert ("inputs" in cache) == cached
 
 
 @pytest.mark.parametrize("scaling", ["zscore_brain", "minmax", "max"])
