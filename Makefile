@@ -18,8 +18,9 @@ $(INSTALLED): pyproject.toml constraints-cpu.txt
 demo: $(INSTALLED)
 	$(BIN)/relcohort run $(CATALOG)
 
+# two test processes (pytest-xdist; each builds the session fixtures its tests use), idle ones taking tests from busy ones
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 # every test, the slow ones too (killed runs, real SLURM, headless Chromium, the demo and native demo end to end,
 # repeated experiments, planted-null simulations): what CI runs
