@@ -38,7 +38,7 @@ from engine.data.inputs import Modality
 from engine.data.lesion_filling import MNI152, LesionFilling
 from engine.data.registration import BUNDLED_TEMPLATE, RegistrationSettings
 from engine.layout import Layout
-from engine.models.attribution import METHODS, AttributionOptions, is_method
+from engine.models.attribution import KNOWN_METHODS, AttributionOptions, is_method
 from engine.models.metrics import BIAS_CORRECTIONS
 from engine.models.splits import SplitSettings
 from engine.models.training import TrainingConfig
@@ -406,8 +406,7 @@ class ExperimentSettings(_Strict):
 class ExplainSettings(_Strict):
     """Relevance maps of the trained members into <workspace>/relevance.zarr, scored in <workspace>/validation/."""
 
-    methods: list[str] = Field(["lrp"], min_length=1, description="attribution methods: " + ", ".join(METHODS)
-                               + ", lrp_beta<β> (the αβ-rule with α = 1 + β on every layer, e.g. lrp_beta0_5)")
+    methods: list[str] = Field(["lrp"], min_length=1, description="attribution methods: " + KNOWN_METHODS)
     subjects: Literal["test", "validation", "train", "all"] = Field("test", description="whose maps to compute")
     subjects_per_chunk: int = Field(8, ge=1, le=1024, description="participants per task and per chunk of "
                                     "relevance.zarr")
@@ -423,8 +422,7 @@ class ExplainSettings(_Strict):
     def _known_methods(cls, methods: list[str]) -> list[str]:
         unknown = [method for method in methods if not is_method(method)]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}, and lrp_beta<β> (e.g. "
-                             "lrp_beta0_5)")
+            raise ValueError(f"unknown method(s) {unknown}; known: {KNOWN_METHODS}")
         return methods
 
     @model_validator(mode="after")

@@ -205,6 +205,10 @@ METHODS: dict[str, Method] = {
 #: decimal point written "_" (``lrp_beta0_5``: α1.5β0.5; ``lrp_beta1`` is ``lrp_alpha2beta1``).
 BETA_SWEEP = re.compile(r"^lrp_beta(\d+(?:_\d+)?)$")
 
+#: Every method name :func:`method_function` knows, as descriptions and errors list them.
+KNOWN_METHODS = (", ".join(METHODS) + ", and lrp_beta<β> (the αβ-rule with α = 1 + β on every layer, e.g. "
+                 "lrp_beta0_5)")
+
 
 def method_function(name: str) -> Method:
     """The attribution method called ``name``: one of :data:`METHODS` or a point of the β sweep
@@ -213,8 +217,7 @@ def method_function(name: str) -> Method:
         return METHODS[name]
     sweep = BETA_SWEEP.match(name)
     if sweep is None:
-        raise ValueError(f"unknown attribution method {name!r}; known: {', '.join(METHODS)}, and lrp_beta<β> "
-                         "(the αβ-rule with α = 1 + β on every layer, e.g. lrp_beta0_5)")
+        raise ValueError(f"unknown attribution method {name!r}; known: {KNOWN_METHODS}")
     beta = float(sweep.group(1).replace("_", "."))
     return _lrp(lambda options: lrp.AlphaBetaEverywhere(1 + beta, beta))
 
