@@ -87,9 +87,11 @@ def test_job_scripts_carry_the_pools_resources_over_site_defaults(tmp_path):
     assert "cluster.slurm.cpu.memory: 'lots' is not a memory size" in text and "cluster.slurm.gpu.gpus" in text
 
 
-def fake_slurm(folder: Path) -> Path:
-    """``sbatch``, ``scancel`` and ``squeue`` that only record: each submitted job script is kept as
-    ``submitted/<id>.sh``, every call is a line of ``calls``; ``squeue`` lists no job."""
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """``sbatch``, ``scancel`` and ``squeue`` first on PATH, that only record: each submitted job script is kept as
+    ``submitted/<id>.sh`` of the returned folder, every call is a line of its ``calls``; ``squeue`` lists no job."""
+    folder = tmp_path
     commands = folder / "bin"
     commands.mkdir()
     calls, submitted = folder / "calls", folder / "submitted"
@@ -104,15 +106,14 @@ def fake_slurm(folder: Path) -> Path:
         path = commands / name
         path.write_text("#!/bin/sh\n" + text)
         path.chmod(0o755)
-    return commands
+    monkeypatch.setenv("PATH", f"{commands}:{os.environ['PATH']}")
+    return folder
 
 
-def test_each_pool_submits_jobs_for_its_waiting_tasks_within_its_bounds_and_cancels_idle_ones(tmp_path,
-                                                                                              monkeypatch):
+def test_each_pool_submits_jobs_for_its_waiting_tasks_within_its_bounds_and_cancels_idle_ones(tmp_path, fake_slurm):
     """The pools' scaling without SLURM (sbatch and scancel only recorded; no worker ever joins): GPU tasks start
     one GPU job (its max_jobs), a CPU task a CPU job, and once no task waits each job is cancelled."""
-    monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path)}:{os.environ['PATH']}")
-    submitted, calls = tmp_path / "submitted", tmp_path / "calls"
+    submitted, calls = fake_slurm / "submitted", fake_slurm / "calls"
     profile = SlurmProfile.model_validate(slurm_profile(tmp_path, idle_timeout=0.5, scale_interval=0.1))
     with profile.start() as running:
         client = running.client
@@ -134,11 +135,10 @@ def test_each_pool_submits_jobs_for_its_waiting_tasks_within_its_bounds_and_canc
     assert usage["gpu"]["workers_joined"] == usage["gpu"]["tasks_done"] == 0
 
 
-def test_a_job_that_vanishes_from_the_queue_before_its_worker_joins_is_submitted_again(tmp_path, monkeypatch):
+def test_a_job_that_vanishes_from_the_queue_before_its_worker_joins_is_submitted_again(tmp_path, fake_slurm):
     """SLURM lists no job (the stand-in squeue prints nothing: cancelled, or failed before its worker joined): at
     the next queue check the waiting task's job is submitted again, and counted as replaced."""
-    monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path)}:{os.environ['PATH']}")
-    submitted, calls = tmp_path / "submitted", tmp_path / "calls"
+    submitted, calls = fake_slurm / "submitted", fake_slurm / "calls"
     profile = SlurmProfile.model_validate(slurm_profile(tmp_path, scale_interval=0.1, queue_check_interval=0.5))
     with profile.start() as running:
         task = running.client.submit(operator.add, 1, 2, pure=False)
