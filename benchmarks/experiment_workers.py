@@ -8,12 +8,11 @@ stratified splits, one member each: 2 × repeats trainings, every one a task of 
 (``engine.models.experiments.run_experiment``). It runs in a fresh process on a LocalCluster of one worker, then of
 two (one thread each), each into an empty folder; the clock starts once the workers have started and imported
 the engine's training modules and torch (with what torch's first optimiser imports lazily: seconds, once per
-process); the speed-up is the
-ratio of the wall-clock seconds. A run's
-ensemble metrics and linear baselines are a task of the same pool, queued once its members are trained; a row
-per ``--epochs`` shows how the fixed costs (workers reading the store, model set-up, metrics) weigh against the
-trainings. A member that learns nothing is trained again from a new seed (``collapse_restarts``), so one
-training may take two or three times as long as the others: the last one to finish bounds the two workers' time.
+process); the speed-up is the ratio of the wall-clock seconds. A run's ensemble metrics and linear baselines are
+a task of the same pool, queued once its members are trained; a row per ``--epochs`` shows how the fixed costs
+(workers reading the store, model set-up, metrics) weigh against the trainings. A member that learns nothing is
+trained again from a new seed (``collapse_restarts``), so one training may take two or three times as long as the
+others: the last one to finish bounds the two workers' time.
 
 ``ceiling``: the speed-up two processes can reach on this machine at all, measured in the same sitting: the same
 four-block CNN training steps (one thread, the members' input box) in one process alone against two processes at once,
